@@ -1,0 +1,291 @@
+//! Command line (clap derive), kept apart from everything else.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+use thiserror::Error;
+
+use crate::device::config::{DeviceConfig, Limits};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ArgsError {
+    #[error("bad number {0:?}")]
+    BadNumber(String),
+    #[error("bad range {0:?}: expected START-END (inclusive, decimal or 0x-hex)")]
+    BadRange(String),
+    #[error("range {0:?} ends before it starts")]
+    EmptyRange(String),
+    #[error("bad endpoint {0:?}: expected ID, ID,vfio=PATH or ID,vfio-fd=FD")]
+    BadEndpoint(String),
+    #[error("endpoint {0:#x} is given twice")]
+    DuplicateEndpoint(u32),
+    #[error("endpoint {0:#x}: VFIO endpoints are not supported yet (they need the iommufd bridge)")]
+    VfioUnsupported(u32),
+    #[error("--page-size-mask must have at least one bit set")]
+    EmptyPageSizeMask,
+    #[error("--{0} must be at least 1")]
+    ZeroBound(&'static str),
+    #[error("one of --socket-path or --socket-fd is required")]
+    NoSocket,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// vhost-user backend serving a virtio-iommu device.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+#[command(group(ArgGroup::new("socket").args(["socket_path", "socket_fd"]).multiple(false)))]
+pub struct Args {
+    /// Unix socket to listen on for the frontend (the VMM).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+
+    /// An already listening unix socket, inherited as this file descriptor.
+    #[arg(long, value_name = "FD")]
+    pub socket_fd: Option<i32>,
+
+    /// Print the vhost-user capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// An endpoint the guest may attach: ID (a virtual endpoint served by the
+    /// software IOMMU), ID,vfio=CDEV_PATH or ID,vfio-fd=FD. Repeatable.
+    /// ID is decimal or 0x-hex (e.g. a PCI requester ID).
+    #[arg(long = "endpoint", value_name = "SPEC")]
+    pub endpoints: Vec<String>,
+
+    /// The iommufd for VFIO endpoints.
+    #[arg(long, value_name = "PATH", default_value = "/dev/iommu")]
+    pub iommufd: PathBuf,
+
+    /// An already open iommufd, inherited as this file descriptor.
+    #[arg(long, value_name = "FD")]
+    pub iommufd_fd: Option<i32>,
+
+    /// Control socket (JSON lines) for virtual endpoints' DMA and statistics.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Config page_size_mask: the lowest bit is the mapping granule.
+    #[arg(long, value_name = "MASK", default_value = "0xfffffffffffff000", value_parser = parse_u64)]
+    pub page_size_mask: u64,
+
+    /// Config input range START-END (inclusive).
+    #[arg(long, value_name = "START-END", default_value = "0-0xffffffffffff")]
+    pub input_range: String,
+
+    /// Config domain range START-END (inclusive).
+    #[arg(long, value_name = "START-END", default_value = "0-0xffffffff")]
+    pub domain_range: String,
+
+    /// Bypass of unattached endpoints at boot (the config byte's initial value).
+    #[arg(long, value_enum, default_value = "on")]
+    pub bypass: OnOff,
+
+    /// Most domains one guest may create (beyond: NOMEM).
+    #[arg(long, default_value_t = 1 << 16)]
+    pub max_domains: usize,
+
+    /// Most mappings in one domain (beyond: NOMEM).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_mappings: usize,
+
+    /// Most event records queued while the driver posts no buffer (beyond:
+    /// counted as lost and logged).
+    #[arg(long, default_value_t = 1024)]
+    pub max_events: usize,
+}
+
+/// Where the frontend connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketSpec {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// Validated options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub socket: SocketSpec,
+    pub endpoints: Vec<u32>,
+    pub control_socket: Option<PathBuf>,
+    pub config: DeviceConfig,
+    pub limits: Limits,
+}
+
+pub fn parse_u64(s: &str) -> Result<u64, ArgsError> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| ArgsError::BadNumber(s.into()))
+}
+
+fn parse_u32(s: &str) -> Result<u32, ArgsError> {
+    u32::try_from(parse_u64(s)?).map_err(|_| ArgsError::BadNumber(s.into()))
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), ArgsError> {
+    let (a, b) = s.split_once('-').ok_or_else(|| ArgsError::BadRange(s.into()))?;
+    let (a, b) = (
+        parse_u64(a).map_err(|_| ArgsError::BadRange(s.into()))?,
+        parse_u64(b).map_err(|_| ArgsError::BadRange(s.into()))?,
+    );
+    if b < a {
+        return Err(ArgsError::EmptyRange(s.into()));
+    }
+    Ok((a, b))
+}
+
+/// `ID`, `ID,vfio=PATH` or `ID,vfio-fd=FD`.
+pub fn parse_endpoint(s: &str) -> Result<u32, ArgsError> {
+    let mut parts = s.split(',');
+    let id = parse_u32(parts.next().unwrap_or("")).map_err(|_| ArgsError::BadEndpoint(s.into()))?;
+    match parts.next() {
+        None => Ok(id),
+        Some(p) if p.starts_with("vfio=") || p.starts_with("vfio-fd=") => {
+            Err(ArgsError::VfioUnsupported(id))
+        }
+        Some(_) => Err(ArgsError::BadEndpoint(s.into())),
+    }
+}
+
+impl Args {
+    pub fn options(&self) -> Result<Options, ArgsError> {
+        let socket = match (&self.socket_path, self.socket_fd) {
+            (Some(p), None) => SocketSpec::Path(p.clone()),
+            (None, Some(fd)) => SocketSpec::Fd(fd),
+            _ => return Err(ArgsError::NoSocket),
+        };
+        let mut endpoints = Vec::new();
+        for e in &self.endpoints {
+            let id = parse_endpoint(e)?;
+            if endpoints.contains(&id) {
+                return Err(ArgsError::DuplicateEndpoint(id));
+            }
+            endpoints.push(id);
+        }
+        if self.page_size_mask == 0 {
+            return Err(ArgsError::EmptyPageSizeMask);
+        }
+        let (input_start, input_end) = parse_range(&self.input_range)?;
+        let (ds, de) = parse_range(&self.domain_range)?;
+        let domain_start = u32::try_from(ds).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
+        let domain_end = u32::try_from(de).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
+        for (name, v) in [
+            ("max-domains", self.max_domains),
+            ("max-mappings", self.max_mappings),
+            ("max-events", self.max_events),
+        ] {
+            if v == 0 {
+                return Err(ArgsError::ZeroBound(name));
+            }
+        }
+        Ok(Options {
+            socket,
+            endpoints,
+            control_socket: self.control_socket.clone(),
+            config: DeviceConfig {
+                page_size_mask: self.page_size_mask,
+                input_start,
+                input_end,
+                domain_start,
+                domain_end,
+                boot_bypass: self.bypass == OnOff::On,
+            },
+            limits: Limits {
+                max_domains: self.max_domains,
+                max_mappings: self.max_mappings,
+                max_events: self.max_events,
+            },
+        })
+    }
+}
+
+/// The JSON object `--print-capabilities` prints (QEMU's vhost-user.rst,
+/// "Backend program conventions"). virtio-iommu has no type of its own in
+/// that list yet; "iommu" is ours.
+pub fn capabilities() -> &'static str {
+    "{\n  \"type\": \"iommu\"\n}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Options, ArgsError> {
+        let mut v = vec!["vhost-device-iommu"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap().options()
+    }
+
+    #[test]
+    fn defaults() {
+        let o = args(&["--socket-path", "/tmp/s", "--endpoint", "8", "--endpoint", "0x10"]).unwrap();
+        assert_eq!(o.socket, SocketSpec::Path("/tmp/s".into()));
+        assert_eq!(o.endpoints, vec![8, 16]);
+        assert_eq!(o.config, DeviceConfig::default());
+        assert_eq!(o.limits, Limits::default());
+    }
+
+    #[test]
+    fn ranges_and_bounds() {
+        let o = args(&[
+            "--socket-fd",
+            "3",
+            "--input-range",
+            "0x1000-0xffffffff",
+            "--domain-range",
+            "1-100",
+            "--bypass",
+            "off",
+            "--max-domains",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(o.socket, SocketSpec::Fd(3));
+        assert_eq!((o.config.input_start, o.config.input_end), (0x1000, 0xffff_ffff));
+        assert_eq!((o.config.domain_start, o.config.domain_end), (1, 100));
+        assert!(!o.config.boot_bypass);
+        assert_eq!(o.limits.max_domains, 4);
+    }
+
+    #[test]
+    fn errors_name_their_cause() {
+        assert_eq!(args(&[]).unwrap_err(), ArgsError::NoSocket);
+        assert_eq!(
+            args(&["--socket-fd", "3", "--endpoint", "1", "--endpoint", "0x1"]).unwrap_err(),
+            ArgsError::DuplicateEndpoint(1)
+        );
+        assert_eq!(
+            args(&["--socket-fd", "3", "--endpoint", "1,vfio=/dev/vfio/devices/vfio0"]).unwrap_err(),
+            ArgsError::VfioUnsupported(1)
+        );
+        assert!(matches!(
+            args(&["--socket-fd", "3", "--endpoint", "x"]).unwrap_err(),
+            ArgsError::BadEndpoint(_)
+        ));
+        assert!(matches!(
+            args(&["--socket-fd", "3", "--domain-range", "5-1"]).unwrap_err(),
+            ArgsError::EmptyRange(_)
+        ));
+        assert!(matches!(
+            args(&["--socket-fd", "3", "--domain-range", "0-0x100000000"]).unwrap_err(),
+            ArgsError::BadRange(_)
+        ));
+        assert_eq!(
+            args(&["--socket-fd", "3", "--page-size-mask", "0"]).unwrap_err(),
+            ArgsError::EmptyPageSizeMask
+        );
+        assert_eq!(
+            args(&["--socket-fd", "3", "--max-events", "0"]).unwrap_err(),
+            ArgsError::ZeroBound("max-events")
+        );
+        assert!(Args::try_parse_from(["x", "--socket-fd", "3", "--socket-path", "/a"]).is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! The control socket (protocol.md section 6): JSON lines that make a
+//! virtual endpoint issue DMA through the software IOMMU, and report stats.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use log::{debug, info, warn};
+use serde_json::{json, Value};
+use vm_memory::GuestAddressSpace;
+
+use crate::device::backend::IommuBackend;
+use crate::iommufd_bridge::model::{translate_dma, ModelError};
+
+/// Longest request line accepted; longer lines are refused.
+pub const MAX_LINE: usize = 4096;
+/// Clients served at once; more wait in the listen backlog.
+pub const MAX_CLIENTS: usize = 16;
+
+fn error(kind: &str, detail: impl ToString) -> Value {
+    json!({"ok": false, "error": kind, "detail": detail.to_string()})
+}
+
+fn field_u64(req: &Value, name: &str) -> Result<u64, Value> {
+    req.get(name)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| error("bad-request", format!("missing or bad \"{name}\"")))
+}
+
+fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
+    let endpoint = u32::try_from(field_u64(req, "endpoint")?)
+        .map_err(|_| error("bad-request", "endpoint is not a 32-bit number"))?;
+    let iova = field_u64(req, "iova")?;
+    let len = field_u64(req, "len")?;
+    let write = match req.get("write") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(error("bad-request", "\"write\" must be a boolean")),
+    };
+    let result = {
+        let s = backend.session();
+        let mem = s.mem.memory();
+        translate_dma(&s.iommu, &*mem, endpoint, iova, len, write)
+    };
+    match result {
+        Ok(pieces) => {
+            let ranges: Vec<Value> = pieces
+                .iter()
+                .map(|p| json!({"iova": p.iova, "gpa": p.gpa, "len": p.len}))
+                .collect();
+            Ok(json!({"ok": true, "ranges": ranges}))
+        }
+        Err(e) => {
+            if let Some(rec) = e.record() {
+                backend.events.send(rec);
+            }
+            let kind = match e {
+                ModelError::NoEndpoint(_) => "no-endpoint",
+                ModelError::Blocked { .. } => "blocked",
+                ModelError::Fault { .. } | ModelError::OutsideRam { .. } => "fault",
+                ModelError::BadRequest(_) => "bad-request",
+            };
+            Err(error(kind, e))
+        }
+    }
+}
+
+fn stats(backend: &IommuBackend) -> Value {
+    let requests = backend.session().stats.to_json();
+    let fifo = backend.events.fifo();
+    let c = fifo.counters;
+    json!({
+        "ok": true,
+        "requests": requests,
+        "faults_sent": c.delivered,
+        "records_queued": fifo.len(),
+        "records_lost": c.lost,
+        "records_discarded": c.discarded,
+        "page_requests_outstanding": 0,
+        "page_requests_completed_by_driver": 0,
+        "page_requests_completed_by_device": 0,
+    })
+}
+
+/// One request line in, one reply object out.
+pub fn handle_line(backend: &IommuBackend, line: &str) -> Value {
+    let req: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return error("bad-request", format!("not JSON: {e}")),
+    };
+    match req.get("op").and_then(Value::as_str) {
+        Some("dma") => dma(backend, &req).unwrap_or_else(|e| e),
+        Some("stats") => stats(backend),
+        Some(op) => error("bad-request", format!("unknown op {op:?}")),
+        None => error("bad-request", "missing \"op\""),
+    }
+}
+
+fn serve_client(backend: &IommuBackend, stream: UnixStream) -> io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        // Read at most MAX_LINE + 1 bytes so a client cannot grow our memory.
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = if line.last() != Some(&b'\n') && n > MAX_LINE {
+            // Skip the rest of the long line, then answer once.
+            let mut sink = Vec::new();
+            while !sink.ends_with(b"\n") {
+                sink.clear();
+                if (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut sink)? == 0 {
+                    break;
+                }
+            }
+            error("bad-request", format!("line longer than {MAX_LINE} bytes"))
+        } else {
+            match std::str::from_utf8(&line) {
+                Ok(text) => handle_line(backend, text.trim()),
+                Err(_) => error("bad-request", "not UTF-8"),
+            }
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        writer.write_all(out.as_bytes())?;
+    }
+}
+
+/// Listen on `path` and serve clients on named threads, at most MAX_CLIENTS
+/// at once.
+pub fn spawn(path: &Path, backend: Arc<IommuBackend>) -> io::Result<thread::JoinHandle<()>> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    info!("control socket on {}", path.display());
+    let active = Arc::new(AtomicUsize::new(0));
+    thread::Builder::new()
+        .name("viommu-control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("control socket accept: {e}");
+                        continue;
+                    }
+                };
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    let mut s = stream;
+                    let _ = s.write_all(
+                        format!("{}\n", error("bad-request", "too many control clients")).as_bytes(),
+                    );
+                    continue;
+                }
+                let (b, a) = (backend.clone(), active.clone());
+                let spawned = thread::Builder::new()
+                    .name("viommu-ctl-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_client(&b, stream) {
+                            debug!("control client: {e}");
+                        }
+                        a.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    warn!("cannot start a control client thread: {e}");
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        })
+}

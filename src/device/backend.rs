@@ -1,0 +1,379 @@
+//! vhost-user glue: the `VhostUserBackend` implementation. Queue plumbing
+//! only; the request semantics live in `dispatch` and `state`.
+
+use std::cell::Cell;
+use std::io;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::chain::{gather, scatter, Gathered};
+use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFIG_SIZE};
+use crate::device::dispatch::{handle, Reply, MAX_REPLY};
+use crate::device::state::IommuState;
+use crate::device::stats::Stats;
+use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
+
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+pub const REQUESTQ: u16 = 0;
+pub const EVENTQ: u16 = 1;
+const NUM_QUEUES: usize = 2;
+const QUEUE_SIZE: usize = 1024;
+/// epoll data of the "records pending" eventfd in the eventq worker; values
+/// up to NUM_QUEUES are the library's.
+pub const EVENTS_PENDING: u64 = NUM_QUEUES as u64 + 1;
+
+/// The guest-facing state, behind one lock with short critical sections.
+pub struct Session {
+    pub iommu: IommuState,
+    pub stats: Stats,
+    pub acked_features: u64,
+    pub mem: GuestMemory,
+}
+
+/// Records for the eventq and the eventfd that wakes its worker.
+pub struct EventChannel {
+    fifo: Mutex<EventFifo>,
+    notify: EventFd,
+}
+
+impl EventChannel {
+    fn new(capacity: usize) -> io::Result<Self> {
+        Ok(EventChannel {
+            fifo: Mutex::new(EventFifo::new(capacity)),
+            notify: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Queue a record and wake the eventq worker. False if it was lost
+    /// (the bound was hit; counted and logged by the FIFO).
+    pub fn send(&self, rec: EventRecord) -> bool {
+        let queued = self.fifo.lock().unwrap().push(rec);
+        if queued {
+            if let Err(e) = self.notify.write(1) {
+                warn!("cannot wake the eventq worker: {e}");
+            }
+        }
+        queued
+    }
+
+    pub fn fifo(&self) -> MutexGuard<'_, EventFifo> {
+        self.fifo.lock().unwrap()
+    }
+
+    pub fn notify_fd(&self) -> &EventFd {
+        &self.notify
+    }
+}
+
+pub struct IommuBackend {
+    session: Mutex<Session>,
+    pub events: EventChannel,
+    event_idx: AtomicBool,
+}
+
+thread_local! {
+    static NAMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The library names every worker "vring_worker"; give ours their role.
+fn name_worker_thread(thread_id: usize) {
+    if NAMED.with(|n| n.replace(true)) {
+        return;
+    }
+    let name: &[u8] = if thread_id == 0 {
+        b"viommu-reqq\0"
+    } else {
+        b"viommu-evtq\0"
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from a valid pointer; it only renames the calling thread.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}
+
+impl IommuBackend {
+    pub fn new(
+        config: DeviceConfig,
+        limits: Limits,
+        endpoints: &[u32],
+        mem: GuestMemory,
+    ) -> io::Result<Self> {
+        Ok(IommuBackend {
+            session: Mutex::new(Session {
+                iommu: IommuState::new(config, limits, endpoints),
+                stats: Stats::default(),
+                acked_features: 0,
+                mem,
+            }),
+            events: EventChannel::new(limits.max_events)?,
+            event_idx: AtomicBool::new(false),
+        })
+    }
+
+    pub fn session(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap()
+    }
+
+    /// A new frontend connected: fresh guest memory, state as at power-on.
+    pub fn begin_session(&self, mem: GuestMemory) {
+        let mut s = self.session();
+        s.iommu.reset_system();
+        s.acked_features = 0;
+        s.mem = mem;
+        self.event_idx.store(false, Ordering::Relaxed);
+    }
+
+    /// The frontend went away: drop everything that guest made us hold.
+    pub fn end_session(&self) {
+        let mut s = self.session();
+        s.iommu.reset_system();
+        s.acked_features = 0;
+        s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        drop(s);
+        self.events.fifo().discard_all();
+    }
+
+    fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mut vr = vring.get_mut();
+        let mut session = self.session();
+        let s = &mut *session;
+        let mem = s.mem.memory();
+        let mut g = Gathered::new();
+        let mut out = [0u8; MAX_REPLY];
+        loop {
+            vr.disable_notification().map_err(io::Error::other)?;
+            while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) {
+                let used = match gather(&chain, &mut g) {
+                    Ok(()) => {
+                        match handle(
+                            &mut s.iommu,
+                            &mut s.stats,
+                            s.acked_features,
+                            g.bytes(),
+                            g.writable_len,
+                            &mut out,
+                        ) {
+                            Reply::None => 0,
+                            Reply::Write { len } => scatter(&chain, &out[..len]).unwrap_or_else(|e| {
+                                debug!("request reply not written: {e}");
+                                0
+                            }),
+                        }
+                    }
+                    Err(e) => {
+                        debug!("unusable request chain: {e}");
+                        s.stats.count_unanswered(g.bytes().first().copied().unwrap_or(0));
+                        0
+                    }
+                };
+                vr.add_used(chain.head_index(), used as u32)
+                    .map_err(io::Error::other)?;
+            }
+            if !vr.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        drop(session);
+        if vr.needs_notification().map_err(io::Error::other)? {
+            vr.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Move queued records into the driver's eventq buffers, in order.
+    fn process_eventq(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mut vr = vring.get_mut();
+        if !vr.is_enabled() || !vr.get_queue().ready() {
+            return Ok(());
+        }
+        let mem = self.session().mem.memory();
+        let mut fifo = self.events.fifo();
+        let mut buf = [0u8; MAX_RECORD_LEN];
+        let mut used_any = false;
+        while let Some(rec) = fifo.front() {
+            let len = rec.encode(&mut buf);
+            let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) else {
+                // Out of buffers: ask to be kicked when the driver posts more.
+                if vr.enable_notification().map_err(io::Error::other)? {
+                    continue;
+                }
+                break;
+            };
+            let mut g = Gathered::new();
+            let used = match gather(&chain, &mut g) {
+                Ok(()) if g.writable_len >= len as u64 => match scatter(&chain, &buf[..len]) {
+                    Ok(n) => {
+                        fifo.delivered();
+                        n
+                    }
+                    Err(e) => {
+                        debug!("event buffer not written: {e}");
+                        0
+                    }
+                },
+                Ok(()) => {
+                    debug!(
+                        "eventq buffer of {} bytes is too small for a {len}-byte record",
+                        g.writable_len
+                    );
+                    0
+                }
+                Err(e) => {
+                    debug!("unusable eventq buffer: {e}");
+                    0
+                }
+            };
+            vr.add_used(chain.head_index(), used as u32)
+                .map_err(io::Error::other)?;
+            used_any = true;
+        }
+        drop(fifo);
+        if used_any && vr.needs_notification().map_err(io::Error::other)? {
+            vr.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for IommuBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | features::DEVICE_FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("driver accepted features {features:#x}");
+        self.session().acked_features = features;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        info!("device reset: all domains dropped");
+        self.session().iommu.reset();
+        self.events.fifo().discard_all();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let s = self.session();
+        let bytes = s.iommu.config.to_bytes(s.iommu.bypass);
+        let (off, len) = (offset as usize, size as usize);
+        match off.checked_add(len) {
+            Some(end) if end <= CONFIG_SIZE => bytes[off..end].to_vec(),
+            // An empty reply tells the frontend the read failed.
+            _ => {
+                warn!("GET_CONFIG {offset}+{size} is outside the {CONFIG_SIZE}-byte config");
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let off = offset as usize;
+        let end = off.checked_add(buf.len()).filter(|&e| e <= CONFIG_SIZE);
+        let Some(end) = end else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("SET_CONFIG {offset}+{} is outside the config", buf.len()),
+            ));
+        };
+        if !(off..end).contains(&BYPASS_OFFSET) || end - off != 1 {
+            // Guest writes to read-only fields are ignored, not fatal.
+            debug!("SET_CONFIG {offset}+{}: only the bypass byte is writable", buf.len());
+        }
+        if !(off..end).contains(&BYPASS_OFFSET) {
+            return Ok(());
+        }
+        let value = buf[BYPASS_OFFSET - off];
+        let mut s = self.session();
+        if s.acked_features & features::BYPASS_CONFIG == 0 {
+            debug!("bypass write without F_BYPASS_CONFIG ignored");
+        } else if value > 1 {
+            debug!("bypass write of {value} ignored (only 0 or 1)");
+        } else {
+            s.iommu.bypass = value == 1;
+            info!("bypass {}", if value == 1 { "on" } else { "off" });
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        debug!("guest memory table updated");
+        self.session().mem = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker for the requestq, one for the eventq and its sources.
+        vec![1 << REQUESTQ, 1 << EVENTQ]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        name_worker_thread(thread_id);
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?} on event {device_event}");
+            return Ok(());
+        }
+        // Each worker sees only its own vring, at index 0.
+        match (thread_id, u64::from(device_event)) {
+            (0, 0) => self.process_requestq(&vrings[0]),
+            (1, 0) => self.process_eventq(&vrings[0]),
+            (1, EVENTS_PENDING) => {
+                // Non-blocking: EAGAIN only means another wakeup drained it.
+                let _ = self.events.notify_fd().read();
+                self.process_eventq(&vrings[0])
+            }
+            (t, e) => {
+                warn!("unexpected event {e} on worker {t}");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Gathering a request out of a descriptor chain and scattering the reply
+//! back, without allocating: the guest may split a request at any byte,
+//! across direct or indirect descriptors.
+
+use std::ops::Deref;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::device::error::ChainError;
+use crate::device::request::MAX_READABLE;
+
+/// The readable part (its first MAX_READABLE bytes) and the writable size.
+pub struct Gathered {
+    pub readable: [u8; MAX_READABLE],
+    /// Bytes of `readable` that hold data.
+    pub copied: usize,
+    pub readable_len: u64,
+    pub writable_len: u64,
+}
+
+impl Gathered {
+    pub fn new() -> Self {
+        Gathered {
+            readable: [0; MAX_READABLE],
+            copied: 0,
+            readable_len: 0,
+            writable_len: 0,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.readable[..self.copied]
+    }
+}
+
+impl Default for Gathered {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Walk the chain once: copy the start of the readable part, check that every
+/// writable buffer lies in guest memory, and that no readable descriptor
+/// follows a writable one.
+pub fn gather<M>(chain: &DescriptorChain<M>, g: &mut Gathered) -> Result<(), ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mem = chain.memory();
+    g.copied = 0;
+    g.readable_len = 0;
+    g.writable_len = 0;
+    for desc in chain.clone() {
+        let len = u64::from(desc.len());
+        if desc.is_write_only() {
+            if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
+                return Err(ChainError::OutsideMemory(desc.addr().raw_value(), len));
+            }
+            g.writable_len += len;
+        } else {
+            if g.writable_len != 0 {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+            let n = (desc.len() as usize).min(MAX_READABLE - g.copied);
+            if n > 0 {
+                mem.read_slice(&mut g.readable[g.copied..g.copied + n], desc.addr())
+                    .map_err(|_| ChainError::OutsideMemory(desc.addr().raw_value(), len))?;
+                g.copied += n;
+            }
+            g.readable_len += len;
+        }
+    }
+    Ok(())
+}
+
+/// Write `data` at the start of the writable part. Returns the bytes written.
+pub fn scatter<M>(chain: &DescriptorChain<M>, data: &[u8]) -> Result<usize, ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mem = chain.memory();
+    let mut done = 0;
+    for desc in chain.clone().writable() {
+        if done == data.len() {
+            break;
+        }
+        let n = (desc.len() as usize).min(data.len() - done);
+        write_at(mem, desc.addr(), &data[done..done + n])?;
+        done += n;
+    }
+    if done < data.len() {
+        return Err(ChainError::ShortWritable(done, data.len()));
+    }
+    Ok(done)
+}
+
+fn write_at<G: GuestMemory + ?Sized>(
+    mem: &G,
+    addr: GuestAddress,
+    data: &[u8],
+) -> Result<(), ChainError> {
+    mem.write_slice(data, addr)
+        .map_err(|_| ChainError::OutsideMemory(addr.raw_value(), data.len() as u64))
+}

@@ -1,0 +1,124 @@
+//! Feature bits and the 40-byte configuration space.
+
+/// Device feature bits (virtio-iommu, ratified).
+pub mod features {
+    pub const INPUT_RANGE: u64 = 1 << 0;
+    pub const DOMAIN_RANGE: u64 = 1 << 1;
+    pub const MAP_UNMAP: u64 = 1 << 2;
+    pub const PROBE: u64 = 1 << 4;
+    pub const MMIO: u64 = 1 << 5;
+    pub const BYPASS_CONFIG: u64 = 1 << 6;
+    /// Legacy F_BYPASS (bit 3) is never offered.
+    pub const DEVICE_FEATURES: u64 =
+        INPUT_RANGE | DOMAIN_RANGE | MAP_UNMAP | PROBE | MMIO | BYPASS_CONFIG;
+}
+
+pub const CONFIG_SIZE: usize = 40;
+pub const BYPASS_OFFSET: usize = 36;
+/// Bytes of properties in each PROBE reply (QEMU uses the same value).
+pub const PROBE_SIZE: u32 = 512;
+
+/// The configuration-space values an operator chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub page_size_mask: u64,
+    pub input_start: u64,
+    pub input_end: u64,
+    pub domain_start: u32,
+    pub domain_end: u32,
+    /// Initial value of the bypass byte (restored when a new guest connects).
+    pub boot_bypass: bool,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            // 4 KiB granule; every larger power of two is fine for the model.
+            page_size_mask: !0xfff,
+            input_start: 0,
+            input_end: (1 << 48) - 1,
+            domain_start: 0,
+            domain_end: u32::MAX,
+            boot_bypass: true,
+        }
+    }
+}
+
+impl DeviceConfig {
+    /// The mapping granule: the lowest set bit of page_size_mask.
+    pub fn granule(&self) -> u64 {
+        1u64 << self.page_size_mask.trailing_zeros().min(63)
+    }
+
+    /// Serialize the config space with the current bypass byte.
+    pub fn to_bytes(&self, bypass: bool) -> [u8; CONFIG_SIZE] {
+        let mut b = [0u8; CONFIG_SIZE];
+        b[0..8].copy_from_slice(&self.page_size_mask.to_le_bytes());
+        b[8..16].copy_from_slice(&self.input_start.to_le_bytes());
+        b[16..24].copy_from_slice(&self.input_end.to_le_bytes());
+        b[24..28].copy_from_slice(&self.domain_start.to_le_bytes());
+        b[28..32].copy_from_slice(&self.domain_end.to_le_bytes());
+        b[32..36].copy_from_slice(&PROBE_SIZE.to_le_bytes());
+        b[BYPASS_OFFSET] = bypass as u8;
+        b
+    }
+}
+
+/// Bounds on what one guest may make us hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_domains: usize,
+    pub max_mappings: usize,
+    pub max_events: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_domains: 1 << 16,
+            max_mappings: 1 << 20,
+            max_events: 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_layout_is_the_ratified_40_bytes() {
+        let c = DeviceConfig {
+            page_size_mask: 0x1000,
+            input_start: 0x10,
+            input_end: 0x20,
+            domain_start: 3,
+            domain_end: 9,
+            boot_bypass: false,
+        };
+        let b = c.to_bytes(true);
+        assert_eq!(b.len(), 40);
+        assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 0x1000);
+        assert_eq!(u64::from_le_bytes(b[8..16].try_into().unwrap()), 0x10);
+        assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 0x20);
+        assert_eq!(u32::from_le_bytes(b[24..28].try_into().unwrap()), 3);
+        assert_eq!(u32::from_le_bytes(b[28..32].try_into().unwrap()), 9);
+        assert_eq!(u32::from_le_bytes(b[32..36].try_into().unwrap()), PROBE_SIZE);
+        assert_eq!(b[36], 1);
+        assert_eq!(&b[37..40], &[0, 0, 0]);
+    }
+
+    #[test]
+    fn granule_is_lowest_bit() {
+        let c = DeviceConfig {
+            page_size_mask: 0x4020_1000,
+            ..Default::default()
+        };
+        assert_eq!(c.granule(), 0x1000);
+    }
+
+    #[test]
+    fn legacy_bypass_is_never_offered() {
+        assert_eq!(features::DEVICE_FEATURES & (1 << 3), 0);
+    }
+}

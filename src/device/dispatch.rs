@@ -1,0 +1,209 @@
+//! One request in, one reply out: the pure core of the requestq.
+//!
+//! `handle` takes the readable bytes and the size of the writable part,
+//! changes the state, and fills the reply. The queue glue only gathers and
+//! scatters bytes.
+
+use log::debug;
+
+use crate::device::config::PROBE_SIZE;
+use crate::device::error::{RequestError, Status};
+use crate::device::request::{decode, Decoded, Request, TAIL_LEN};
+use crate::device::state::IommuState;
+use crate::device::stats::Stats;
+
+pub const PROBE_T_RESV_MEM: u16 = 1;
+const RESV_MEM_LEN: usize = 24;
+
+/// Largest reply: PROBE properties plus the tail.
+pub const MAX_REPLY: usize = PROBE_SIZE as usize + TAIL_LEN;
+
+/// What to write back for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// Write nothing, used length 0 (unknown type, or no room for a tail).
+    None,
+    /// Write `len` bytes of the reply buffer at the start of the writable part.
+    Write { len: usize },
+}
+
+/// Handle one request. `readable` holds up to MAX_READABLE bytes of the
+/// readable part; `writable_len` is the size of the writable part.
+pub fn handle(
+    state: &mut IommuState,
+    stats: &mut Stats,
+    acked: u64,
+    readable: &[u8],
+    writable_len: u64,
+    out: &mut [u8; MAX_REPLY],
+) -> Reply {
+    let (ty, result) = match decode(readable, acked) {
+        Decoded::Unknown(ty) => {
+            debug!("request type {ty}: unknown, no reply");
+            stats.count_unanswered(ty);
+            return Reply::None;
+        }
+        Decoded::Refused(ty, e) => (ty, Err(e)),
+        Decoded::Request(req) => (type_of(&req), execute(state, acked, &req, writable_len, out)),
+    };
+    let (status, body_len) = match result {
+        Ok(body_len) => (Status::Ok, body_len),
+        Err(e) => {
+            debug!("request type {ty}: {e} -> {:?}", e.status());
+            // PROBE's tail follows the whole properties area, even on error.
+            let body = if ty == crate::device::request::T_PROBE {
+                writable_len.saturating_sub(TAIL_LEN as u64).min(PROBE_SIZE as u64) as usize
+            } else {
+                0
+            };
+            out[..body].fill(0);
+            (e.status(), body)
+        }
+    };
+    if writable_len < (body_len + TAIL_LEN) as u64 {
+        // No room for the tail: the request cannot be answered.
+        debug!("request type {ty}: writable part of {writable_len} bytes has no room for the reply");
+        stats.count_unanswered(ty);
+        return Reply::None;
+    }
+    out[body_len..body_len + TAIL_LEN].copy_from_slice(&[status as u8, 0, 0, 0]);
+    stats.count(ty, status);
+    Reply::Write {
+        len: body_len + TAIL_LEN,
+    }
+}
+
+fn type_of(req: &Request) -> u8 {
+    use crate::device::request::*;
+    match req {
+        Request::Attach(_) => T_ATTACH,
+        Request::Detach(_) => T_DETACH,
+        Request::Map(_) => T_MAP,
+        Request::Unmap(_) => T_UNMAP,
+        Request::Probe(_) => T_PROBE,
+    }
+}
+
+/// Run a decoded request; Ok carries the length of the body written to
+/// `out` before the tail.
+fn execute(
+    state: &mut IommuState,
+    acked: u64,
+    req: &Request,
+    writable_len: u64,
+    out: &mut [u8; MAX_REPLY],
+) -> Result<usize, RequestError> {
+    match req {
+        Request::Attach(a) => state.attach(a, acked).map(|_| 0),
+        Request::Detach(d) => state.detach(d).map(|_| 0),
+        Request::Map(m) => state.map(m, acked).map(|_| 0),
+        Request::Unmap(u) => state.unmap(u).map(|_| 0),
+        Request::Probe(p) => {
+            let area = writable_len.saturating_sub(TAIL_LEN as u64);
+            let regions = state.probe(p.endpoint)?;
+            if area < PROBE_SIZE as u64 {
+                return Err(RequestError::ProbeBufferTooSmall {
+                    got: area,
+                    need: PROBE_SIZE,
+                });
+            }
+            let props = &mut out[..PROBE_SIZE as usize];
+            props.fill(0);
+            let mut off = 0;
+            for r in regions {
+                if off + RESV_MEM_LEN > props.len() {
+                    break;
+                }
+                let p = &mut props[off..off + RESV_MEM_LEN];
+                p[0..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
+                p[2..4].copy_from_slice(&((RESV_MEM_LEN - 4) as u16).to_le_bytes());
+                p[4] = r.subtype;
+                p[8..16].copy_from_slice(&r.start.to_le_bytes());
+                p[16..24].copy_from_slice(&r.end.to_le_bytes());
+                off += RESV_MEM_LEN;
+            }
+            Ok(PROBE_SIZE as usize)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::config::{features, DeviceConfig, Limits};
+    use crate::device::request::*;
+
+    const ACKED: u64 = features::DEVICE_FEATURES;
+
+    fn setup() -> (IommuState, Stats, Box<[u8; MAX_REPLY]>) {
+        (
+            IommuState::new(DeviceConfig::default(), Limits::default(), &[1]),
+            Stats::default(),
+            Box::new([0xaa; MAX_REPLY]),
+        )
+    }
+
+    fn probe_req(ep: u32) -> Vec<u8> {
+        let mut b = vec![T_PROBE, 0, 0, 0];
+        b.extend_from_slice(&ep.to_le_bytes());
+        b.resize(PROBE_LEN, 0);
+        b
+    }
+
+    #[test]
+    fn probe_reply_has_msi_region_zero_fill_and_tail_after_probe_size() {
+        let (mut s, mut st, mut out) = setup();
+        let r = handle(&mut s, &mut st, ACKED, &probe_req(1), 516, &mut out);
+        assert_eq!(r, Reply::Write { len: 516 });
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), PROBE_T_RESV_MEM);
+        assert_eq!(u16::from_le_bytes([out[2], out[3]]), 20);
+        assert_eq!(out[4], 1, "MSI subtype");
+        assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), 0xfee0_0000);
+        assert_eq!(u64::from_le_bytes(out[16..24].try_into().unwrap()), 0xfeef_ffff);
+        assert!(out[24..512].iter().all(|&b| b == 0), "zero-filled to probe_size");
+        assert_eq!(&out[512..516], &[0, 0, 0, 0]);
+        assert_eq!(st.get(T_PROBE, Status::Ok), 1);
+    }
+
+    #[test]
+    fn probe_short_buffer_is_inval_without_properties() {
+        let (mut s, mut st, mut out) = setup();
+        let r = handle(&mut s, &mut st, ACKED, &probe_req(1), 100, &mut out);
+        assert_eq!(r, Reply::Write { len: 100 });
+        assert!(out[..96].iter().all(|&b| b == 0));
+        assert_eq!(out[96], Status::Inval as u8);
+    }
+
+    #[test]
+    fn probe_unknown_endpoint_is_noent() {
+        let (mut s, mut st, mut out) = setup();
+        let r = handle(&mut s, &mut st, ACKED, &probe_req(9), 516, &mut out);
+        assert_eq!(r, Reply::Write { len: 516 });
+        assert_eq!(out[512], Status::NoEnt as u8);
+    }
+
+    #[test]
+    fn unknown_type_gets_no_reply_and_is_counted() {
+        let (mut s, mut st, mut out) = setup();
+        assert_eq!(handle(&mut s, &mut st, ACKED, &[9; 20], 4, &mut out), Reply::None);
+        assert_eq!(st.unanswered(9), 1);
+    }
+
+    #[test]
+    fn no_room_for_tail_is_no_reply() {
+        let (mut s, mut st, mut out) = setup();
+        let mut a = vec![T_ATTACH, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0];
+        a.resize(ATTACH_LEN, 0);
+        assert_eq!(handle(&mut s, &mut st, ACKED, &a, 3, &mut out), Reply::None);
+        assert_eq!(handle(&mut s, &mut st, ACKED, &a, 4, &mut out), Reply::Write { len: 4 });
+        assert_eq!(&out[..4], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn truncated_request_is_inval_with_zeroed_tail_reserved() {
+        let (mut s, mut st, mut out) = setup();
+        let r = handle(&mut s, &mut st, ACKED, &[T_MAP, 0, 0, 0, 1], 8, &mut out);
+        assert_eq!(r, Reply::Write { len: 4 });
+        assert_eq!(&out[..4], &[Status::Inval as u8, 0, 0, 0]);
+    }
+}

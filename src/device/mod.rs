@@ -1,0 +1,12 @@
+//! virtio-iommu semantics and the vhost-user glue.
+
+pub mod backend;
+pub mod chain;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod request;
+pub mod state;
+pub mod stats;
+
+pub use config::features;

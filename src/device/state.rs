@@ -1,0 +1,702 @@
+//! The virtio-iommu state of one guest: endpoints, domains, mappings, and
+//! the pure transitions that requests make on it.
+//!
+//! Every method is a function of (state, request) -> (state, result); a
+//! refused request leaves the state exactly as it was.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::device::config::{features, DeviceConfig, Limits};
+use crate::device::error::RequestError;
+use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
+use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
+
+/// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
+/// mappable (virtio-iommu.md P11).
+pub const MSI_START: u64 = 0xfee0_0000;
+pub const MSI_END: u64 = 0xfeef_ffff;
+
+pub const RESV_MEM_T_RESERVED: u8 = 0;
+pub const RESV_MEM_T_MSI: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedRegion {
+    pub start: u64,
+    pub end: u64,
+    pub subtype: u8,
+}
+
+/// One MAP: indivisible until an UNMAP covers it whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub end: u64,
+    pub phys: u64,
+    pub flags: u32,
+}
+
+#[derive(Debug, Default)]
+pub enum DomainKind {
+    /// MAP/UNMAP domain: mappings keyed by virt_start (inclusive ends).
+    Map(BTreeMap<u64, Mapping>),
+    #[default]
+    Bypass,
+}
+
+#[derive(Debug)]
+pub struct Domain {
+    pub kind: DomainKind,
+    /// Number of endpoints attached; the domain dies with the last one.
+    pub endpoints: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Endpoint {
+    pub domain: Option<u32>,
+}
+
+/// What a virtual endpoint's DMA resolves to, before guest-RAM checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    /// Identity (bypass).
+    Identity,
+    /// Not attached and bypass off.
+    Blocked,
+    /// `len` bytes from `iova` translate to `gpa` (a prefix of the request).
+    Mapped { gpa: u64, len: u64 },
+    /// No mapping, or the mapping forbids the access.
+    Miss,
+}
+
+#[derive(Debug)]
+pub struct IommuState {
+    pub config: DeviceConfig,
+    pub limits: Limits,
+    /// Live bypass byte (config offset 36).
+    pub bypass: bool,
+    endpoints: HashMap<u32, Endpoint>,
+    domains: HashMap<u32, Domain>,
+    reserved: Vec<ReservedRegion>,
+}
+
+impl IommuState {
+    pub fn new(config: DeviceConfig, limits: Limits, endpoint_ids: &[u32]) -> Self {
+        IommuState {
+            config,
+            limits,
+            bypass: config.boot_bypass,
+            endpoints: endpoint_ids.iter().map(|&id| (id, Endpoint::default())).collect(),
+            domains: HashMap::new(),
+            reserved: vec![ReservedRegion {
+                start: MSI_START,
+                end: MSI_END,
+                subtype: RESV_MEM_T_MSI,
+            }],
+        }
+    }
+
+    /// Device reset: every domain goes, endpoints come back unattached. The
+    /// bypass byte keeps its value (spec: it survives device reset).
+    pub fn reset(&mut self) {
+        self.domains.clear();
+        for ep in self.endpoints.values_mut() {
+            ep.domain = None;
+        }
+    }
+
+    /// A new guest (system reset): reset, and bypass back to its boot value.
+    pub fn reset_system(&mut self) {
+        self.reset();
+        self.bypass = self.config.boot_bypass;
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+
+    pub fn domain(&self, id: u32) -> Option<&Domain> {
+        self.domains.get(&id)
+    }
+
+    pub fn endpoint(&self, id: u32) -> Option<&Endpoint> {
+        self.endpoints.get(&id)
+    }
+
+    pub fn reserved_regions(&self, _endpoint: u32) -> &[ReservedRegion] {
+        &self.reserved
+    }
+
+    pub fn mapping_count(&self, domain: u32) -> usize {
+        match self.domains.get(&domain).map(|d| &d.kind) {
+            Some(DomainKind::Map(m)) => m.len(),
+            _ => 0,
+        }
+    }
+
+    fn check_domain_range(&self, domain: u32) -> Result<(), RequestError> {
+        if domain < self.config.domain_start || domain > self.config.domain_end {
+            return Err(RequestError::DomainOutOfRange(domain));
+        }
+        Ok(())
+    }
+
+    pub fn attach(&mut self, req: &Attach, acked: u64) -> Result<(), RequestError> {
+        let mut known = 0;
+        if acked & features::BYPASS_CONFIG != 0 {
+            known |= ATTACH_F_BYPASS;
+        }
+        if req.flags & !known != 0 {
+            return Err(RequestError::UnknownFlags(req.flags & !known));
+        }
+        if req.reserved_nonzero {
+            return Err(RequestError::ReservedNotZero);
+        }
+        let ep = *self
+            .endpoints
+            .get(&req.endpoint)
+            .ok_or(RequestError::NoEndpoint(req.endpoint))?;
+        self.check_domain_range(req.domain)?;
+        let bypass = req.flags & ATTACH_F_BYPASS != 0;
+        match self.domains.get(&req.domain) {
+            Some(d) => {
+                if matches!(d.kind, DomainKind::Bypass) != bypass {
+                    return Err(RequestError::DomainKindMismatch(req.domain));
+                }
+            }
+            None => {
+                // Moving the endpoint may free its old domain's slot.
+                let frees_old = ep
+                    .domain
+                    .and_then(|old| self.domains.get(&old))
+                    .is_some_and(|d| d.endpoints == 1);
+                if self.domains.len() - usize::from(frees_old) >= self.limits.max_domains {
+                    return Err(RequestError::TooManyDomains(self.limits.max_domains));
+                }
+            }
+        }
+        if ep.domain == Some(req.domain) {
+            return Ok(());
+        }
+        // An attached endpoint moves: detach first (spec 1.5, CH 3fa02b34c).
+        if let Some(old) = ep.domain {
+            self.release(req.endpoint, old);
+        }
+        let d = self.domains.entry(req.domain).or_insert_with(|| Domain {
+            kind: if bypass {
+                DomainKind::Bypass
+            } else {
+                DomainKind::Map(BTreeMap::new())
+            },
+            endpoints: 0,
+        });
+        d.endpoints += 1;
+        self.endpoints.get_mut(&req.endpoint).unwrap().domain = Some(req.domain);
+        Ok(())
+    }
+
+    /// Take `endpoint` out of `domain`; the domain dies with its last endpoint.
+    fn release(&mut self, endpoint: u32, domain: u32) {
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.endpoints -= 1;
+            if d.endpoints == 0 {
+                self.domains.remove(&domain);
+            }
+        }
+        if let Some(ep) = self.endpoints.get_mut(&endpoint) {
+            ep.domain = None;
+        }
+    }
+
+    pub fn detach(&mut self, req: &Detach) -> Result<(), RequestError> {
+        let ep = self
+            .endpoints
+            .get(&req.endpoint)
+            .ok_or(RequestError::NoEndpoint(req.endpoint))?;
+        if ep.domain != Some(req.domain) {
+            return Err(RequestError::NotAttached {
+                endpoint: req.endpoint,
+                domain: req.domain,
+            });
+        }
+        self.release(req.endpoint, req.domain);
+        Ok(())
+    }
+
+    pub fn map(&mut self, req: &Map, acked: u64) -> Result<(), RequestError> {
+        let mut known = MAP_F_READ | MAP_F_WRITE;
+        if acked & features::MMIO != 0 {
+            known |= MAP_F_MMIO;
+        }
+        if req.flags & !known != 0 {
+            return Err(RequestError::UnknownFlags(req.flags & !known));
+        }
+        let (start, end) = (req.virt_start, req.virt_end);
+        let limit = self.limits.max_mappings;
+        let granule_mask = self.config.granule() - 1;
+        let input = (self.config.input_start, self.config.input_end);
+        let reserved_hit = self
+            .reserved
+            .iter()
+            .any(|r| r.start <= end && start <= r.end);
+        let d = self
+            .domains
+            .get_mut(&req.domain)
+            .ok_or(RequestError::NoDomain(req.domain))?;
+        let DomainKind::Map(mappings) = &mut d.kind else {
+            return Err(RequestError::BypassDomain(req.domain));
+        };
+        if end < start {
+            return Err(RequestError::EmptyRange { start, end });
+        }
+        // virt_end + 1 wraps to 0 for a mapping that ends at 2^64 - 1: aligned.
+        for a in [start, end.wrapping_add(1), req.phys_start] {
+            if a & granule_mask != 0 {
+                return Err(RequestError::Misaligned(a));
+            }
+        }
+        if start < input.0 || end > input.1 {
+            return Err(RequestError::OutsideInputRange { start, end });
+        }
+        req.phys_start
+            .checked_add(end - start)
+            .ok_or(RequestError::PhysOverflow)?;
+        if reserved_hit {
+            return Err(RequestError::Reserved { start, end });
+        }
+        if let Some((&s, m)) = mappings.range(..=end).next_back() {
+            if m.end >= start {
+                return Err(RequestError::Overlap {
+                    start,
+                    end,
+                    existing: s,
+                });
+            }
+        }
+        if mappings.len() >= limit {
+            return Err(RequestError::TooManyMappings(limit));
+        }
+        mappings.insert(
+            start,
+            Mapping {
+                end,
+                phys: req.phys_start,
+                flags: req.flags,
+            },
+        );
+        Ok(())
+    }
+
+    /// UNMAP: removes every mapping inside [virt_start, virt_end]; refuses
+    /// with RANGE, removing nothing, if one would be split.
+    pub fn unmap(&mut self, req: &Unmap) -> Result<usize, RequestError> {
+        let d = self
+            .domains
+            .get_mut(&req.domain)
+            .ok_or(RequestError::NoDomain(req.domain))?;
+        let DomainKind::Map(mappings) = &mut d.kind else {
+            return Err(RequestError::BypassDomain(req.domain));
+        };
+        let (start, end) = (req.virt_start, req.virt_end);
+        if end < start {
+            return Err(RequestError::EmptyRange { start, end });
+        }
+        // A mapping that begins before `start` and reaches into the range.
+        if let Some((&s, m)) = mappings.range(..start).next_back() {
+            if m.end >= start {
+                return Err(RequestError::WouldSplit { start: s, end: m.end });
+            }
+        }
+        // The last mapping beginning inside the range must end inside it.
+        if let Some((&s, m)) = mappings.range(start..=end).next_back() {
+            if m.end > end {
+                return Err(RequestError::WouldSplit { start: s, end: m.end });
+            }
+        }
+        let mut removed = 0;
+        while let Some(&s) = mappings.range(start..=end).next().map(|(s, _)| s) {
+            mappings.remove(&s);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// PROBE: the endpoint must exist.
+    pub fn probe(&self, endpoint: u32) -> Result<&[ReservedRegion], RequestError> {
+        if !self.endpoints.contains_key(&endpoint) {
+            return Err(RequestError::NoEndpoint(endpoint));
+        }
+        Ok(self.reserved_regions(endpoint))
+    }
+
+    /// How an access of `len` bytes at `iova` by `endpoint` translates, for
+    /// the software model. Only the first piece is returned; the caller
+    /// walks on from `iova + len` for the rest (mappings may be adjacent).
+    pub fn translate(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Translation, RequestError> {
+        let ep = self
+            .endpoints
+            .get(&endpoint)
+            .ok_or(RequestError::NoEndpoint(endpoint))?;
+        let Some(domain) = ep.domain else {
+            return Ok(if self.bypass {
+                Translation::Identity
+            } else {
+                Translation::Blocked
+            });
+        };
+        let Some(d) = self.domains.get(&domain) else {
+            return Ok(Translation::Blocked);
+        };
+        let DomainKind::Map(mappings) = &d.kind else {
+            return Ok(Translation::Identity);
+        };
+        let Some((&s, m)) = mappings.range(..=iova).next_back() else {
+            return Ok(Translation::Miss);
+        };
+        if m.end < iova {
+            return Ok(Translation::Miss);
+        }
+        let need = if write { MAP_F_WRITE } else { MAP_F_READ };
+        // WRITE implies READ where write-only mappings are impossible: we can
+        // do write-only, so permissions are taken literally.
+        if m.flags & need == 0 {
+            return Ok(Translation::Miss);
+        }
+        let off = iova - s;
+        // Bytes left in this mapping from iova: (end - iova) + 1, saturating
+        // for a mapping that ends at 2^64 - 1.
+        let avail = (m.end - iova).saturating_add(1);
+        Ok(Translation::Mapped {
+            gpa: m.phys + off,
+            len: avail.min(len),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::error::Status;
+
+    const ACKED: u64 = features::DEVICE_FEATURES;
+
+    fn state() -> IommuState {
+        IommuState::new(DeviceConfig::default(), Limits::default(), &[1, 2, 3])
+    }
+
+    fn attach(s: &mut IommuState, domain: u32, endpoint: u32) -> Result<(), RequestError> {
+        s.attach(
+            &Attach {
+                domain,
+                endpoint,
+                flags: 0,
+                reserved_nonzero: false,
+            },
+            ACKED,
+        )
+    }
+
+    fn map(s: &mut IommuState, domain: u32, start: u64, end: u64) -> Result<(), RequestError> {
+        s.map(
+            &Map {
+                domain,
+                virt_start: start,
+                virt_end: end,
+                phys_start: start,
+                flags: MAP_F_READ | MAP_F_WRITE,
+            },
+            ACKED,
+        )
+    }
+
+    fn unmap(s: &mut IommuState, domain: u32, start: u64, end: u64) -> Result<usize, RequestError> {
+        s.unmap(&Unmap {
+            domain,
+            virt_start: start,
+            virt_end: end,
+        })
+    }
+
+    fn status<T>(r: Result<T, RequestError>) -> Status {
+        match r {
+            Ok(_) => Status::Ok,
+            Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn attach_creates_domain_and_unknown_endpoint_is_noent() {
+        let mut s = state();
+        assert_eq!(status(attach(&mut s, 10, 1)), Status::Ok);
+        assert_eq!(s.domain_count(), 1);
+        assert_eq!(status(attach(&mut s, 10, 99)), Status::NoEnt);
+    }
+
+    #[test]
+    fn attach_reserved_or_unknown_flags_is_inval() {
+        let mut s = state();
+        let mut a = Attach {
+            domain: 1,
+            endpoint: 1,
+            flags: 0,
+            reserved_nonzero: true,
+        };
+        assert_eq!(status(s.attach(&a, ACKED)), Status::Inval);
+        a.reserved_nonzero = false;
+        a.flags = 2;
+        assert_eq!(status(s.attach(&a, ACKED)), Status::Inval);
+        // ATTACH_F_BYPASS is unknown to a driver without BYPASS_CONFIG.
+        a.flags = ATTACH_F_BYPASS;
+        assert_eq!(
+            status(s.attach(&a, ACKED & !features::BYPASS_CONFIG)),
+            Status::Inval
+        );
+        assert_eq!(s.domain_count(), 0);
+    }
+
+    #[test]
+    fn attach_moves_endpoint_and_frees_old_domain() {
+        let mut s = state();
+        attach(&mut s, 1, 1).unwrap();
+        map(&mut s, 1, 0, 0xfff).unwrap();
+        attach(&mut s, 2, 1).unwrap();
+        assert!(s.domain(1).is_none(), "old domain died with its last endpoint");
+        assert_eq!(s.endpoint(1).unwrap().domain, Some(2));
+    }
+
+    #[test]
+    fn bypass_flag_mismatch_is_inval() {
+        let mut s = state();
+        attach(&mut s, 1, 1).unwrap();
+        let a = Attach {
+            domain: 1,
+            endpoint: 2,
+            flags: ATTACH_F_BYPASS,
+            reserved_nonzero: false,
+        };
+        assert_eq!(status(s.attach(&a, ACKED)), Status::Inval);
+        assert_eq!(s.endpoint(2).unwrap().domain, None);
+    }
+
+    #[test]
+    fn domain_outside_range_is_range() {
+        let mut s = state();
+        s.config.domain_start = 1;
+        s.config.domain_end = 5;
+        assert_eq!(status(attach(&mut s, 6, 1)), Status::Range);
+        assert_eq!(status(attach(&mut s, 0, 1)), Status::Range);
+        assert_eq!(status(attach(&mut s, 5, 1)), Status::Ok);
+    }
+
+    #[test]
+    fn domain_limit_is_nomem_but_moving_frees_a_slot() {
+        let mut s = state();
+        s.limits.max_domains = 1;
+        attach(&mut s, 1, 1).unwrap();
+        assert_eq!(status(attach(&mut s, 2, 2)), Status::NoMem);
+        // Endpoint 1 is alone in domain 1: moving it to a new domain is fine.
+        assert_eq!(status(attach(&mut s, 3, 1)), Status::Ok);
+        assert_eq!(s.domain_count(), 1);
+    }
+
+    #[test]
+    fn detach_rules() {
+        let mut s = state();
+        attach(&mut s, 1, 1).unwrap();
+        attach(&mut s, 1, 2).unwrap();
+        let d = |domain, endpoint| Detach { domain, endpoint };
+        assert_eq!(status(s.detach(&d(1, 99))), Status::NoEnt);
+        assert_eq!(status(s.detach(&d(7, 1))), Status::Inval);
+        assert_eq!(status(s.detach(&d(1, 3))), Status::Inval);
+        assert_eq!(status(s.detach(&d(1, 1))), Status::Ok);
+        assert!(s.domain(1).is_some(), "endpoint 2 still holds the domain");
+        assert_eq!(status(s.detach(&d(1, 2))), Status::Ok);
+        assert!(s.domain(1).is_none(), "last detach destroys the domain");
+        // Reattaching finds an empty domain: mappings died with it.
+        attach(&mut s, 1, 1).unwrap();
+        assert_eq!(s.mapping_count(1), 0);
+    }
+
+    #[test]
+    fn map_validation() {
+        let mut s = state();
+        attach(&mut s, 1, 1).unwrap();
+        assert_eq!(status(map(&mut s, 9, 0, 0xfff)), Status::NoEnt);
+        assert_eq!(status(map(&mut s, 1, 0x1000, 0xfff)), Status::Inval);
+        assert_eq!(status(map(&mut s, 1, 0x800, 0x17ff)), Status::Range);
+        assert_eq!(status(map(&mut s, 1, 0x1000, 0x1ffe)), Status::Range);
+        assert_eq!(status(map(&mut s, 1, 1 << 48, (1 << 48) + 0xfff)), Status::Range);
+        assert_eq!(status(map(&mut s, 1, MSI_START, MSI_START + 0xfff)), Status::Inval);
+        assert_eq!(status(map(&mut s, 1, 0x1000, 0x2fff)), Status::Ok);
+        assert_eq!(status(map(&mut s, 1, 0x2000, 0x3fff)), Status::Inval);
+        assert_eq!(status(map(&mut s, 1, 0x0, 0x1fff)), Status::Inval);
+        assert_eq!(status(map(&mut s, 1, 0x3000, 0x3fff)), Status::Ok);
+        let mut m = Map {
+            domain: 1,
+            virt_start: 0x8000,
+            virt_end: 0x8fff,
+            phys_start: 0x8800,
+            flags: MAP_F_READ,
+        };
+        assert_eq!(status(s.map(&m, ACKED)), Status::Range, "phys misaligned");
+        m.phys_start = 0x8000;
+        m.flags = 8;
+        assert_eq!(status(s.map(&m, ACKED)), Status::Inval, "unknown flag");
+        m.flags = MAP_F_MMIO;
+        assert_eq!(
+            status(s.map(&m, ACKED & !features::MMIO)),
+            Status::Inval,
+            "MMIO needs F_MMIO"
+        );
+        assert_eq!(status(s.map(&m, ACKED)), Status::Ok);
+        m.virt_start = 0x10000;
+        m.virt_end = 0x10fff;
+        m.phys_start = 0xffff_ffff_ffff_f000;
+        m.virt_end = 0x11fff;
+        assert_eq!(status(s.map(&m, ACKED)), Status::Range, "phys overflow");
+    }
+
+    #[test]
+    fn map_limit_is_nomem() {
+        let mut s = state();
+        s.limits.max_mappings = 2;
+        attach(&mut s, 1, 1).unwrap();
+        map(&mut s, 1, 0, 0xfff).unwrap();
+        map(&mut s, 1, 0x1000, 0x1fff).unwrap();
+        assert_eq!(status(map(&mut s, 1, 0x2000, 0x2fff)), Status::NoMem);
+    }
+
+    #[test]
+    fn map_on_bypass_domain_is_inval() {
+        let mut s = state();
+        s.attach(
+            &Attach {
+                domain: 1,
+                endpoint: 1,
+                flags: ATTACH_F_BYPASS,
+                reserved_nonzero: false,
+            },
+            ACKED,
+        )
+        .unwrap();
+        assert_eq!(status(map(&mut s, 1, 0, 0xfff)), Status::Inval);
+        assert_eq!(status(unmap(&mut s, 1, 0, 0xfff)), Status::Inval);
+    }
+
+    #[test]
+    fn whole_64_bit_space_maps_without_overflow() {
+        let mut s = state();
+        s.config.input_end = u64::MAX;
+        s.reserved.clear();
+        attach(&mut s, 1, 1).unwrap();
+        assert_eq!(status(map(&mut s, 1, 0, u64::MAX)), Status::Ok);
+        assert_eq!(
+            s.translate(1, u64::MAX, 1, true).unwrap(),
+            Translation::Mapped {
+                gpa: u64::MAX,
+                len: 1
+            }
+        );
+        assert_eq!(
+            s.translate(1, 0, u64::MAX, true).unwrap(),
+            Translation::Mapped {
+                gpa: 0,
+                len: u64::MAX
+            }
+        );
+        assert_eq!(unmap(&mut s, 1, 0, u64::MAX).unwrap(), 1);
+    }
+
+    /// The worked examples of the spec's UNMAP section, in units of 0x1000.
+    #[test]
+    fn unmap_spec_examples() {
+        let p = |n: u64| n * 0x1000;
+        let cases: &[(&[(u64, u64)], (u64, u64), Status, usize)] = &[
+            (&[], (0, 4), Status::Ok, 0),
+            (&[(0, 9)], (0, 9), Status::Ok, 0),
+            (&[(0, 4), (5, 9)], (0, 9), Status::Ok, 0),
+            (&[(0, 9)], (0, 4), Status::Range, 1),
+            (&[(0, 4), (5, 9)], (0, 4), Status::Ok, 1),
+            (&[(0, 4)], (0, 9), Status::Ok, 0),
+            (&[(0, 4), (10, 14)], (0, 14), Status::Ok, 0),
+        ];
+        for (maps, (us, ue), want, left) in cases {
+            let mut s = state();
+            attach(&mut s, 1, 1).unwrap();
+            for &(a, b) in maps.iter() {
+                map(&mut s, 1, p(a), p(b + 1) - 1).unwrap();
+            }
+            let got = status(unmap(&mut s, 1, p(*us), p(us.max(ue) + 1) - 1));
+            assert_eq!(got, *want, "maps {maps:?} unmap {us}-{ue}");
+            assert_eq!(s.mapping_count(1), *left, "maps {maps:?} unmap {us}-{ue}");
+        }
+    }
+
+    #[test]
+    fn unmap_split_at_end_removes_nothing() {
+        let mut s = state();
+        attach(&mut s, 1, 1).unwrap();
+        map(&mut s, 1, 0x0, 0xfff).unwrap();
+        map(&mut s, 1, 0x1000, 0x2fff).unwrap();
+        assert_eq!(status(unmap(&mut s, 1, 0, 0x1fff)), Status::Range);
+        assert_eq!(s.mapping_count(1), 2, "nothing removed on RANGE");
+        assert_eq!(status(unmap(&mut s, 9, 0, 0xfff)), Status::NoEnt);
+        assert_eq!(status(unmap(&mut s, 1, 0x1000, 0xfff)), Status::Inval);
+    }
+
+    #[test]
+    fn probe_unknown_endpoint_is_noent() {
+        let s = state();
+        assert_eq!(status(s.probe(42)), Status::NoEnt);
+        let r = s.probe(1).unwrap();
+        assert_eq!(r[0].subtype, RESV_MEM_T_MSI);
+        assert_eq!((r[0].start, r[0].end), (0xfee0_0000, 0xfeef_ffff));
+    }
+
+    #[test]
+    fn translation_follows_bypass_and_permissions() {
+        let mut s = state();
+        assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Identity);
+        s.bypass = false;
+        assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Blocked);
+        attach(&mut s, 1, 1).unwrap();
+        assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Miss);
+        s.map(
+            &Map {
+                domain: 1,
+                virt_start: 0x5000,
+                virt_end: 0x5fff,
+                phys_start: 0x9000,
+                flags: MAP_F_READ,
+            },
+            ACKED,
+        )
+        .unwrap();
+        assert_eq!(
+            s.translate(1, 0x5ff0, 0x100, false).unwrap(),
+            Translation::Mapped {
+                gpa: 0x9ff0,
+                len: 0x10
+            }
+        );
+        assert_eq!(s.translate(1, 0x5000, 8, true).unwrap(), Translation::Miss);
+        assert!(s.translate(77, 0, 1, false).is_err());
+    }
+
+    #[test]
+    fn reset_keeps_bypass_system_reset_restores_it() {
+        let mut s = state();
+        attach(&mut s, 1, 1).unwrap();
+        s.bypass = false;
+        s.reset();
+        assert_eq!(s.domain_count(), 0);
+        assert_eq!(s.endpoint(1).unwrap().domain, None);
+        assert!(!s.bypass);
+        s.reset_system();
+        assert!(s.bypass);
+    }
+}

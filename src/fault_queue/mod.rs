@@ -1,0 +1,189 @@
+//! Event records waiting for eventq buffers: a bounded FIFO, allocated once,
+//! and the counters that prove nothing is dropped silently.
+
+use std::collections::VecDeque;
+
+use log::warn;
+
+pub const REASON_UNKNOWN: u8 = 0;
+pub const REASON_DOMAIN: u8 = 1;
+pub const REASON_MAPPING: u8 = 2;
+
+pub const FLAG_READ: u32 = 1 << 0;
+pub const FLAG_WRITE: u32 = 1 << 1;
+pub const FLAG_ADDRESS: u32 = 1 << 8;
+
+/// Size of a ratified fault record.
+pub const FAULT_RECORD_LEN: usize = 24;
+/// Size of the largest record (extension page requests).
+pub const MAX_RECORD_LEN: usize = 48;
+
+/// One record for the eventq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRecord {
+    /// Unrecoverable fault (ratified 24-byte record).
+    Fault {
+        reason: u8,
+        flags: u32,
+        endpoint: u32,
+        address: u64,
+    },
+}
+
+impl EventRecord {
+    /// Encode into `out`; returns the record's length.
+    pub fn encode(&self, out: &mut [u8; MAX_RECORD_LEN]) -> usize {
+        match *self {
+            EventRecord::Fault {
+                reason,
+                flags,
+                endpoint,
+                address,
+            } => {
+                out[..FAULT_RECORD_LEN].fill(0);
+                out[0] = reason;
+                out[4..8].copy_from_slice(&flags.to_le_bytes());
+                out[8..12].copy_from_slice(&endpoint.to_le_bytes());
+                out[16..24].copy_from_slice(&address.to_le_bytes());
+                FAULT_RECORD_LEN
+            }
+        }
+    }
+}
+
+/// Counters of the event path, reported by `stats`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EventCounters {
+    /// Records written to the eventq.
+    pub delivered: u64,
+    /// Records refused because the FIFO was full.
+    pub lost: u64,
+    /// Records discarded because their guest went away.
+    pub discarded: u64,
+}
+
+/// Records in posting order, waiting for the driver's buffers.
+#[derive(Debug)]
+pub struct EventFifo {
+    queue: VecDeque<EventRecord>,
+    capacity: usize,
+    pub counters: EventCounters,
+}
+
+impl EventFifo {
+    pub fn new(capacity: usize) -> Self {
+        EventFifo {
+            queue: VecDeque::with_capacity(capacity),
+            capacity,
+            counters: EventCounters::default(),
+        }
+    }
+
+    /// Queue a record; when the bound is hit the record is counted as lost
+    /// and logged, and false is returned.
+    pub fn push(&mut self, rec: EventRecord) -> bool {
+        if self.queue.len() >= self.capacity {
+            self.counters.lost += 1;
+            warn!(
+                "event queue full ({} records): lost {rec:?} (lost so far: {})",
+                self.capacity, self.counters.lost
+            );
+            return false;
+        }
+        self.queue.push_back(rec);
+        true
+    }
+
+    pub fn front(&self) -> Option<&EventRecord> {
+        self.queue.front()
+    }
+
+    /// The front record was written to a buffer.
+    pub fn delivered(&mut self) {
+        if self.queue.pop_front().is_some() {
+            self.counters.delivered += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The guest went away: its records go with it, counted.
+    pub fn discard_all(&mut self) -> usize {
+        let n = self.queue.len();
+        if n > 0 {
+            warn!("discarding {n} undelivered event records of a departed guest");
+        }
+        self.counters.discarded += n as u64;
+        self.queue.clear();
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(addr: u64) -> EventRecord {
+        EventRecord::Fault {
+            reason: REASON_MAPPING,
+            flags: FLAG_READ | FLAG_ADDRESS,
+            endpoint: 7,
+            address: addr,
+        }
+    }
+
+    #[test]
+    fn fault_record_layout() {
+        let mut out = [0xffu8; MAX_RECORD_LEN];
+        assert_eq!(fault(0x1122_3344_5566_7788).encode(&mut out), 24);
+        assert_eq!(out[0], 2);
+        assert_eq!(&out[1..4], &[0, 0, 0]);
+        assert_eq!(u32::from_le_bytes(out[4..8].try_into().unwrap()), 0x101);
+        assert_eq!(u32::from_le_bytes(out[8..12].try_into().unwrap()), 7);
+        assert_eq!(&out[12..16], &[0, 0, 0, 0]);
+        assert_eq!(
+            u64::from_le_bytes(out[16..24].try_into().unwrap()),
+            0x1122_3344_5566_7788
+        );
+    }
+
+    #[test]
+    fn fifo_keeps_order_bounds_and_counts() {
+        let mut f = EventFifo::new(2);
+        assert!(f.push(fault(1)));
+        assert!(f.push(fault(2)));
+        assert!(!f.push(fault(3)));
+        assert_eq!(f.counters.lost, 1);
+        assert_eq!(f.front(), Some(&fault(1)));
+        f.delivered();
+        assert_eq!(f.front(), Some(&fault(2)));
+        assert_eq!(f.discard_all(), 1);
+        assert_eq!(
+            f.counters,
+            EventCounters {
+                delivered: 1,
+                lost: 1,
+                discarded: 1
+            }
+        );
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn fifo_never_grows_past_its_bound() {
+        let mut f = EventFifo::new(8);
+        let cap = f.queue.capacity();
+        for i in 0..10_000 {
+            f.push(fault(i));
+        }
+        assert_eq!(f.len(), 8);
+        assert_eq!(f.queue.capacity(), cap);
+        assert_eq!(f.counters.lost, 10_000 - 8);
+    }
+}

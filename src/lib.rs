@@ -1,0 +1,8 @@
+//! vhost-device-iommu: a virtio-iommu device served over vhost-user.
+
+pub mod args;
+pub mod control;
+pub mod device;
+pub mod fault_queue;
+pub mod iommufd_bridge;
+pub mod server;
