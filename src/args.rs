@@ -19,7 +19,9 @@ pub enum ArgsError {
     BadEndpoint(String),
     #[error("endpoint {0:#x} is given twice")]
     DuplicateEndpoint(u32),
-    #[error("endpoint {0:#x}: VFIO endpoints are not supported yet (they need the iommufd bridge)")]
+    #[error(
+        "endpoint {0:#x}: VFIO endpoints are not supported yet (they need the iommufd bridge)"
+    )]
     VfioUnsupported(u32),
     #[error("--page-size-mask must have at least one bit set")]
     EmptyPageSizeMask,
@@ -131,7 +133,9 @@ fn parse_u32(s: &str) -> Result<u32, ArgsError> {
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), ArgsError> {
-    let (a, b) = s.split_once('-').ok_or_else(|| ArgsError::BadRange(s.into()))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| ArgsError::BadRange(s.into()))?;
     let (a, b) = (
         parse_u64(a).map_err(|_| ArgsError::BadRange(s.into()))?,
         parse_u64(b).map_err(|_| ArgsError::BadRange(s.into()))?,
@@ -175,8 +179,10 @@ impl Args {
         }
         let (input_start, input_end) = parse_range(&self.input_range)?;
         let (ds, de) = parse_range(&self.domain_range)?;
-        let domain_start = u32::try_from(ds).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
-        let domain_end = u32::try_from(de).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
+        let domain_start =
+            u32::try_from(ds).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
+        let domain_end =
+            u32::try_from(de).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
         for (name, v) in [
             ("max-domains", self.max_domains),
             ("max-mappings", self.max_mappings),
@@ -226,7 +232,15 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let o = args(&["--socket-path", "/tmp/s", "--endpoint", "8", "--endpoint", "0x10"]).unwrap();
+        let o = args(&[
+            "--socket-path",
+            "/tmp/s",
+            "--endpoint",
+            "8",
+            "--endpoint",
+            "0x10",
+        ])
+        .unwrap();
         assert_eq!(o.socket, SocketSpec::Path("/tmp/s".into()));
         assert_eq!(o.endpoints, vec![8, 16]);
         assert_eq!(o.config, DeviceConfig::default());
@@ -249,7 +263,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.socket, SocketSpec::Fd(3));
-        assert_eq!((o.config.input_start, o.config.input_end), (0x1000, 0xffff_ffff));
+        assert_eq!(
+            (o.config.input_start, o.config.input_end),
+            (0x1000, 0xffff_ffff)
+        );
         assert_eq!((o.config.domain_start, o.config.domain_end), (1, 100));
         assert!(!o.config.boot_bypass);
         assert_eq!(o.limits.max_domains, 4);
@@ -263,7 +280,13 @@ mod tests {
             ArgsError::DuplicateEndpoint(1)
         );
         assert_eq!(
-            args(&["--socket-fd", "3", "--endpoint", "1,vfio=/dev/vfio/devices/vfio0"]).unwrap_err(),
+            args(&[
+                "--socket-fd",
+                "3",
+                "--endpoint",
+                "1,vfio=/dev/vfio/devices/vfio0"
+            ])
+            .unwrap_err(),
             ArgsError::VfioUnsupported(1)
         );
         assert!(matches!(

@@ -117,7 +117,11 @@ fn serve_client(backend: &IommuBackend, stream: UnixStream) -> io::Result<()> {
             let mut sink = Vec::new();
             while !sink.ends_with(b"\n") {
                 sink.clear();
-                if (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut sink)? == 0 {
+                if (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut sink)?
+                    == 0
+                {
                     break;
                 }
             }
@@ -156,7 +160,8 @@ pub fn spawn(path: &Path, backend: Arc<IommuBackend>) -> io::Result<thread::Join
                     active.fetch_sub(1, Ordering::AcqRel);
                     let mut s = stream;
                     let _ = s.write_all(
-                        format!("{}\n", error("bad-request", "too many control clients")).as_bytes(),
+                        format!("{}\n", error("bad-request", "too many control clients"))
+                            .as_bytes(),
                     );
                     continue;
                 }

@@ -1,15 +1,14 @@
 //! The serving loop: one frontend at a time, a fresh device for each.
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use log::{error, info};
 use thiserror::Error;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use std::os::fd::AsRawFd;
 
 use crate::args::{Options, SocketSpec};
 use crate::control;
@@ -27,6 +26,8 @@ pub enum ServerError {
         path: String,
         source: std::io::Error,
     },
+    #[error("--socket-fd {fd} is not a listening unix socket: {reason}")]
+    BadSocketFd { fd: i32, reason: String },
     #[error("cannot create the device: {0}")]
     Backend(std::io::Error),
     // vhost_user_backend::Error implements Display only, so no #[from].
@@ -42,16 +43,46 @@ impl From<vhost_user_backend::Error> for ServerError {
     }
 }
 
+/// Take ownership of an inherited listening unix socket, checking it is one.
+fn listener_from_fd(fd: i32) -> Result<Listener, ServerError> {
+    let bad = |reason: String| ServerError::BadSocketFd { fd, reason };
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a
+    // c_int we own; an fd that is not a socket only makes it fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            &mut accepting as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(std::io::Error::last_os_error().to_string()));
+    }
+    if accepting == 0 {
+        return Err(bad("it is not listening".into()));
+    }
+    // SAFETY: fd is an open, listening socket handed to us by the operator
+    // (systemd socket activation, or the VMM); from here on we own it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    if let Err(e) = listener.local_addr() {
+        // Not AF_UNIX: give the fd back untouched rather than closing it.
+        std::mem::forget(listener);
+        return Err(bad(e.to_string()));
+    }
+    Ok(Listener::from(listener))
+}
+
 pub fn run(opts: Options) -> Result<(), ServerError> {
     let mut listener = match &opts.socket {
         SocketSpec::Path(p) => Listener::new(p, true).map_err(|source| ServerError::Listen {
             path: p.display().to_string(),
             source,
         })?,
-        // SAFETY: the operator hands us this fd as a listening unix socket
-        // (systemd socket activation, or a VMM that created it); we own it
-        // from here on.
-        SocketSpec::Fd(fd) => unsafe { Listener::from_raw_fd(*fd) },
+        SocketSpec::Fd(fd) => listener_from_fd(*fd)?,
     };
     let backend = Arc::new(
         IommuBackend::new(
@@ -86,12 +117,15 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         daemon.start(&mut listener)?;
         info!("frontend connected");
         let result = daemon.wait();
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
+        // Dropping the daemon stops and joins its vring workers, so none of
+        // them touches the next guest's session.
+        drop(daemon);
         backend.end_session();
         match result {
-            Ok(()) => info!("frontend disconnected; waiting for the next one"),
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("frontend disconnected; waiting for the next one"),
             Err(e) => error!("connection ended: {e}; waiting for the next frontend"),
         }
     }

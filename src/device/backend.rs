@@ -17,7 +17,9 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::chain::{gather, scatter, Gathered};
@@ -156,7 +158,9 @@ impl IommuBackend {
         let mut out = [0u8; MAX_REPLY];
         loop {
             vr.disable_notification().map_err(io::Error::other)?;
+            let mut popped = 0usize;
             while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) {
+                popped += 1;
                 let used = match gather(&chain, &mut g) {
                     Ok(()) => {
                         match handle(
@@ -168,22 +172,28 @@ impl IommuBackend {
                             &mut out,
                         ) {
                             Reply::None => 0,
-                            Reply::Write { len } => scatter(&chain, &out[..len]).unwrap_or_else(|e| {
-                                debug!("request reply not written: {e}");
-                                0
-                            }),
+                            Reply::Write { len } => {
+                                scatter(&chain, &out[..len]).unwrap_or_else(|e| {
+                                    debug!("request reply not written: {e}");
+                                    0
+                                })
+                            }
                         }
                     }
                     Err(e) => {
                         debug!("unusable request chain: {e}");
-                        s.stats.count_unanswered(g.bytes().first().copied().unwrap_or(0));
+                        s.stats
+                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
                         0
                     }
                 };
                 vr.add_used(chain.head_index(), used as u32)
                     .map_err(io::Error::other)?;
             }
-            if !vr.enable_notification().map_err(io::Error::other)? {
+            // "More available" with nothing poppable means a broken avail
+            // ring (index beyond the queue size): stop until the next kick
+            // instead of spinning.
+            if !vr.enable_notification().map_err(io::Error::other)? || popped == 0 {
                 break;
             }
         }
@@ -204,15 +214,20 @@ impl IommuBackend {
         let mut fifo = self.events.fifo();
         let mut buf = [0u8; MAX_RECORD_LEN];
         let mut used_any = false;
+        let mut popped_since_enable = true;
         while let Some(rec) = fifo.front() {
             let len = rec.encode(&mut buf);
             let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) else {
                 // Out of buffers: ask to be kicked when the driver posts more.
-                if vr.enable_notification().map_err(io::Error::other)? {
+                // Retry once if some arrived meanwhile; never spin on a
+                // broken avail ring.
+                if popped_since_enable && vr.enable_notification().map_err(io::Error::other)? {
+                    popped_since_enable = false;
                     continue;
                 }
                 break;
             };
+            popped_since_enable = true;
             let mut g = Gathered::new();
             let used = match gather(&chain, &mut g) {
                 Ok(()) if g.writable_len >= len as u64 => match scatter(&chain, &buf[..len]) {
@@ -316,7 +331,10 @@ impl VhostUserBackend for IommuBackend {
         };
         if !(off..end).contains(&BYPASS_OFFSET) || end - off != 1 {
             // Guest writes to read-only fields are ignored, not fatal.
-            debug!("SET_CONFIG {offset}+{}: only the bypass byte is writable", buf.len());
+            debug!(
+                "SET_CONFIG {offset}+{}: only the bypass byte is writable",
+                buf.len()
+            );
         }
         if !(off..end).contains(&BYPASS_OFFSET) {
             return Ok(());
@@ -375,5 +393,55 @@ impl VhostUserBackend for IommuBackend {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> IommuBackend {
+        IommuBackend::new(
+            DeviceConfig::default(),
+            Limits::default(),
+            &[1],
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn get_config_is_bounds_checked() {
+        let b = backend();
+        assert_eq!(b.get_config(0, 40).len(), 40);
+        assert_eq!(b.get_config(36, 1), vec![1]);
+        assert!(
+            b.get_config(36, 8).is_empty(),
+            "past the end: failure reply"
+        );
+        assert!(b.get_config(u32::MAX, 2).is_empty(), "no overflow");
+    }
+
+    #[test]
+    fn set_config_changes_only_a_valid_bypass_byte() {
+        let b = backend();
+        b.acked_features(features::BYPASS_CONFIG);
+        assert!(b.set_config(36, &[0]).is_ok());
+        assert_eq!(b.get_config(36, 1), vec![0]);
+        assert!(
+            b.set_config(36, &[2]).is_ok(),
+            "a guest value is ignored, not fatal"
+        );
+        assert_eq!(b.get_config(36, 1), vec![0]);
+        assert!(b.set_config(0, &[0xff; 37]).is_ok());
+        assert_eq!(b.get_config(0, 8), (!0xfffu64).to_le_bytes().to_vec());
+        assert_eq!(b.get_config(36, 1), vec![0], "0xff is not 0 or 1: ignored");
+        assert!(
+            b.set_config(39, &[0, 0]).is_err(),
+            "outside the config: frontend error"
+        );
+        b.acked_features(0);
+        assert!(b.set_config(36, &[1]).is_ok());
+        assert_eq!(b.get_config(36, 1), vec![0], "needs BYPASS_CONFIG");
     }
 }

@@ -103,7 +103,10 @@ mod tests {
         assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 0x20);
         assert_eq!(u32::from_le_bytes(b[24..28].try_into().unwrap()), 3);
         assert_eq!(u32::from_le_bytes(b[28..32].try_into().unwrap()), 9);
-        assert_eq!(u32::from_le_bytes(b[32..36].try_into().unwrap()), PROBE_SIZE);
+        assert_eq!(
+            u32::from_le_bytes(b[32..36].try_into().unwrap()),
+            PROBE_SIZE
+        );
         assert_eq!(b[36], 1);
         assert_eq!(&b[37..40], &[0, 0, 0]);
     }

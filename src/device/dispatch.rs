@@ -44,7 +44,10 @@ pub fn handle(
             return Reply::None;
         }
         Decoded::Refused(ty, e) => (ty, Err(e)),
-        Decoded::Request(req) => (type_of(&req), execute(state, acked, &req, writable_len, out)),
+        Decoded::Request(req) => (
+            type_of(&req),
+            execute(state, acked, &req, writable_len, out),
+        ),
     };
     let (status, body_len) = match result {
         Ok(body_len) => (Status::Ok, body_len),
@@ -52,7 +55,9 @@ pub fn handle(
             debug!("request type {ty}: {e} -> {:?}", e.status());
             // PROBE's tail follows the whole properties area, even on error.
             let body = if ty == crate::device::request::T_PROBE {
-                writable_len.saturating_sub(TAIL_LEN as u64).min(PROBE_SIZE as u64) as usize
+                writable_len
+                    .saturating_sub(TAIL_LEN as u64)
+                    .min(PROBE_SIZE as u64) as usize
             } else {
                 0
             };
@@ -62,7 +67,9 @@ pub fn handle(
     };
     if writable_len < (body_len + TAIL_LEN) as u64 {
         // No room for the tail: the request cannot be answered.
-        debug!("request type {ty}: writable part of {writable_len} bytes has no room for the reply");
+        debug!(
+            "request type {ty}: writable part of {writable_len} bytes has no room for the reply"
+        );
         stats.count_unanswered(ty);
         return Reply::None;
     }
@@ -158,9 +165,18 @@ mod tests {
         assert_eq!(u16::from_le_bytes([out[0], out[1]]), PROBE_T_RESV_MEM);
         assert_eq!(u16::from_le_bytes([out[2], out[3]]), 20);
         assert_eq!(out[4], 1, "MSI subtype");
-        assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), 0xfee0_0000);
-        assert_eq!(u64::from_le_bytes(out[16..24].try_into().unwrap()), 0xfeef_ffff);
-        assert!(out[24..512].iter().all(|&b| b == 0), "zero-filled to probe_size");
+        assert_eq!(
+            u64::from_le_bytes(out[8..16].try_into().unwrap()),
+            0xfee0_0000
+        );
+        assert_eq!(
+            u64::from_le_bytes(out[16..24].try_into().unwrap()),
+            0xfeef_ffff
+        );
+        assert!(
+            out[24..512].iter().all(|&b| b == 0),
+            "zero-filled to probe_size"
+        );
         assert_eq!(&out[512..516], &[0, 0, 0, 0]);
         assert_eq!(st.get(T_PROBE, Status::Ok), 1);
     }
@@ -185,7 +201,10 @@ mod tests {
     #[test]
     fn unknown_type_gets_no_reply_and_is_counted() {
         let (mut s, mut st, mut out) = setup();
-        assert_eq!(handle(&mut s, &mut st, ACKED, &[9; 20], 4, &mut out), Reply::None);
+        assert_eq!(
+            handle(&mut s, &mut st, ACKED, &[9; 20], 4, &mut out),
+            Reply::None
+        );
         assert_eq!(st.unanswered(9), 1);
     }
 
@@ -195,7 +214,10 @@ mod tests {
         let mut a = vec![T_ATTACH, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0];
         a.resize(ATTACH_LEN, 0);
         assert_eq!(handle(&mut s, &mut st, ACKED, &a, 3, &mut out), Reply::None);
-        assert_eq!(handle(&mut s, &mut st, ACKED, &a, 4, &mut out), Reply::Write { len: 4 });
+        assert_eq!(
+            handle(&mut s, &mut st, ACKED, &a, 4, &mut out),
+            Reply::Write { len: 4 }
+        );
         assert_eq!(&out[..4], &[0, 0, 0, 0]);
     }
 

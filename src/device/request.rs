@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(decode(&[], ALL), Decoded::Unknown(0));
         let mut probe = vec![T_PROBE, 0, 0, 0];
         probe.resize(PROBE_LEN, 0);
-        assert_eq!(decode(&probe, features::MAP_UNMAP), Decoded::Unknown(T_PROBE));
+        assert_eq!(
+            decode(&probe, features::MAP_UNMAP),
+            Decoded::Unknown(T_PROBE)
+        );
         let mut map = vec![T_MAP, 0, 0, 0];
         map.resize(MAP_LEN, 0);
         assert_eq!(decode(&map, features::PROBE), Decoded::Unknown(T_MAP));

@@ -84,7 +84,10 @@ impl IommuState {
             config,
             limits,
             bypass: config.boot_bypass,
-            endpoints: endpoint_ids.iter().map(|&id| (id, Endpoint::default())).collect(),
+            endpoints: endpoint_ids
+                .iter()
+                .map(|&id| (id, Endpoint::default()))
+                .collect(),
             domains: HashMap::new(),
             reserved: vec![ReservedRegion {
                 start: MSI_START,
@@ -302,13 +305,19 @@ impl IommuState {
         // A mapping that begins before `start` and reaches into the range.
         if let Some((&s, m)) = mappings.range(..start).next_back() {
             if m.end >= start {
-                return Err(RequestError::WouldSplit { start: s, end: m.end });
+                return Err(RequestError::WouldSplit {
+                    start: s,
+                    end: m.end,
+                });
             }
         }
         // The last mapping beginning inside the range must end inside it.
         if let Some((&s, m)) = mappings.range(start..=end).next_back() {
             if m.end > end {
-                return Err(RequestError::WouldSplit { start: s, end: m.end });
+                return Err(RequestError::WouldSplit {
+                    start: s,
+                    end: m.end,
+                });
             }
         }
         let mut removed = 0;
@@ -464,7 +473,10 @@ mod tests {
         attach(&mut s, 1, 1).unwrap();
         map(&mut s, 1, 0, 0xfff).unwrap();
         attach(&mut s, 2, 1).unwrap();
-        assert!(s.domain(1).is_none(), "old domain died with its last endpoint");
+        assert!(
+            s.domain(1).is_none(),
+            "old domain died with its last endpoint"
+        );
         assert_eq!(s.endpoint(1).unwrap().domain, Some(2));
     }
 
@@ -529,8 +541,14 @@ mod tests {
         assert_eq!(status(map(&mut s, 1, 0x1000, 0xfff)), Status::Inval);
         assert_eq!(status(map(&mut s, 1, 0x800, 0x17ff)), Status::Range);
         assert_eq!(status(map(&mut s, 1, 0x1000, 0x1ffe)), Status::Range);
-        assert_eq!(status(map(&mut s, 1, 1 << 48, (1 << 48) + 0xfff)), Status::Range);
-        assert_eq!(status(map(&mut s, 1, MSI_START, MSI_START + 0xfff)), Status::Inval);
+        assert_eq!(
+            status(map(&mut s, 1, 1 << 48, (1 << 48) + 0xfff)),
+            Status::Range
+        );
+        assert_eq!(
+            status(map(&mut s, 1, MSI_START, MSI_START + 0xfff)),
+            Status::Inval
+        );
         assert_eq!(status(map(&mut s, 1, 0x1000, 0x2fff)), Status::Ok);
         assert_eq!(status(map(&mut s, 1, 0x2000, 0x3fff)), Status::Inval);
         assert_eq!(status(map(&mut s, 1, 0x0, 0x1fff)), Status::Inval);
@@ -615,7 +633,9 @@ mod tests {
     #[test]
     fn unmap_spec_examples() {
         let p = |n: u64| n * 0x1000;
-        let cases: &[(&[(u64, u64)], (u64, u64), Status, usize)] = &[
+        // (mappings, UNMAP range, expected status, mappings left)
+        type Case = (&'static [(u64, u64)], (u64, u64), Status, usize);
+        let cases: &[Case] = &[
             (&[], (0, 4), Status::Ok, 0),
             (&[(0, 9)], (0, 9), Status::Ok, 0),
             (&[(0, 4), (5, 9)], (0, 9), Status::Ok, 0),
@@ -660,9 +680,15 @@ mod tests {
     #[test]
     fn translation_follows_bypass_and_permissions() {
         let mut s = state();
-        assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Identity);
+        assert_eq!(
+            s.translate(1, 0x5000, 8, false).unwrap(),
+            Translation::Identity
+        );
         s.bypass = false;
-        assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Blocked);
+        assert_eq!(
+            s.translate(1, 0x5000, 8, false).unwrap(),
+            Translation::Blocked
+        );
         attach(&mut s, 1, 1).unwrap();
         assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Miss);
         s.map(

@@ -25,10 +25,7 @@ pub enum ModelError {
     #[error("endpoint {0} does not exist")]
     NoEndpoint(u32),
     #[error("endpoint {endpoint} is not attached and bypass is off")]
-    Blocked {
-        endpoint: u32,
-        record: EventRecord,
-    },
+    Blocked { endpoint: u32, record: EventRecord },
     #[error("no mapping allows {access} at iova {iova:#x}")]
     Fault {
         iova: u64,
@@ -100,7 +97,11 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
         match pieces.last_mut() {
             // Adjacent mappings that are contiguous in both spaces merge.
             Some(p) if p.gpa.checked_add(p.len) == Some(gpa) => p.len += n,
-            _ => pieces.push(Piece { iova: cur, gpa, len: n }),
+            _ => pieces.push(Piece {
+                iova: cur,
+                gpa,
+                len: n,
+            }),
         }
         left -= n;
         cur = cur.wrapping_add(n);

@@ -1,0 +1,938 @@
+//! Socket tier: the real binary on a real unix socket, driven by the vhost
+//! crate's frontend and the guest-driver harness in `tests/support/`.
+
+mod support;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::control::{dma_ranges, error_kind};
+use support::process::run_to_exit;
+use support::wire::{self, bit, EventRecord, S_INVAL, S_NOENT, S_NOMEM, S_OK, S_RANGE};
+use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem, RawDesc};
+
+const EP: u32 = 8;
+const EP2: u32 = 0x10;
+const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
+
+fn backend(extra: &[&str]) -> BackendProcess {
+    let mut args = vec!["--endpoint", "8", "--endpoint", "0x10"];
+    args.extend_from_slice(extra);
+    BackendProcess::spawn(&args).expect("backend starts")
+}
+
+fn connect(b: &BackendProcess) -> Frontend {
+    Frontend::connect_default(&b.socket).expect("frontend sets up")
+}
+
+fn connect_with(b: &BackendProcess, opts: FrontendOptions) -> Frontend {
+    let mem = Arc::new(GuestMem::default_size().unwrap());
+    Frontend::connect(&b.socket, mem, opts).expect("frontend sets up")
+}
+
+fn control(b: &BackendProcess) -> ControlClient {
+    ControlClient::connect(&b.control).expect("control socket")
+}
+
+fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
+    f.request_status(&req).expect("request answered")
+}
+
+/// Statuses of a batch, in order (None = used length 0).
+fn statuses<R: AsRef<[u8]>>(f: &mut Frontend, reqs: &[(R, u32)]) -> Vec<Option<u8>> {
+    f.submit_batch(reqs)
+        .expect("batch answered")
+        .into_iter()
+        .map(|(used, w)| (used > 0).then(|| w[0]))
+        .collect()
+}
+
+fn stat(v: &Value, ty: &str, st: &str) -> u64 {
+    v["requests"][ty][st].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn features_config_and_protocol_features() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    for want in [
+        wire::VIRTIO_F_VERSION_1,
+        wire::VIRTIO_RING_F_EVENT_IDX,
+        wire::VIRTIO_RING_F_INDIRECT_DESC,
+        wire::VHOST_USER_F_PROTOCOL_FEATURES,
+        wire::VIRTIO_IOMMU_F_INPUT_RANGE,
+        wire::VIRTIO_IOMMU_F_DOMAIN_RANGE,
+        wire::VIRTIO_IOMMU_F_MAP_UNMAP,
+        wire::VIRTIO_IOMMU_F_PROBE,
+        wire::VIRTIO_IOMMU_F_MMIO,
+        wire::VIRTIO_IOMMU_F_BYPASS_CONFIG,
+    ] {
+        assert_ne!(
+            f.offered_features & bit(want),
+            0,
+            "feature bit {want} offered"
+        );
+    }
+    assert_eq!(
+        f.offered_features & bit(wire::VIRTIO_IOMMU_F_BYPASS),
+        0,
+        "never legacy bypass"
+    );
+    // Extensions are not offered until they exist.
+    assert_eq!(
+        f.offered_features & bit(wire::VIRTIO_IOMMU_F_ATTACH_TABLE),
+        0
+    );
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    assert!(f
+        .offered_protocol
+        .contains(P::CONFIG | P::MQ | P::REPLY_ACK));
+    assert_eq!(f.queue_num, 2);
+
+    let c = f.config().unwrap();
+    assert_eq!(c.page_size_mask, 0xffff_ffff_ffff_f000);
+    assert_eq!((c.input_start, c.input_end), (0, (1 << 48) - 1));
+    assert_eq!((c.domain_start, c.domain_end), (0, u32::MAX));
+    assert_eq!(c.probe_size, 512);
+    assert_eq!(c.bypass, 1);
+    // Any window inside the 40 bytes. (A window outside gets the empty
+    // failure reply, unit-tested in device::backend: the vhost crate's
+    // frontend blocks on that reply instead of failing, QEMU does not.)
+    assert_eq!(f.get_config(36, 1).unwrap(), vec![1]);
+    assert_eq!(f.get_config(32, 4).unwrap(), 512u32.to_le_bytes());
+}
+
+#[test]
+fn config_options_reach_config_space() {
+    let b = backend(&[
+        "--page-size-mask",
+        "0x10000",
+        "--input-range",
+        "0x100000-0xffffffff",
+        "--domain-range",
+        "1-100",
+        "--bypass",
+        "off",
+    ]);
+    let mut f = connect(&b);
+    let c = f.config().unwrap();
+    assert_eq!(c.page_size_mask, 0x10000);
+    assert_eq!((c.input_start, c.input_end), (0x10_0000, 0xffff_ffff));
+    assert_eq!((c.domain_start, c.domain_end), (1, 100));
+    assert_eq!(c.bypass, 0);
+    assert_eq!(status(&mut f, wire::attach(101, EP, 0, 0)), S_RANGE);
+    assert_eq!(status(&mut f, wire::attach(100, EP, 0, 0)), S_OK);
+    assert_eq!(
+        status(&mut f, wire::map(100, 0x10_0000, 0x10_0fff, 0, RW)),
+        S_RANGE,
+        "granule 64K"
+    );
+    assert_eq!(
+        status(&mut f, wire::map(100, 0, 0xffff, 0, RW)),
+        S_RANGE,
+        "below input"
+    );
+    assert_eq!(
+        status(&mut f, wire::map(100, 0x10_0000, 0x10_ffff, 0, RW)),
+        S_OK
+    );
+}
+
+#[test]
+fn bypass_byte_is_the_only_writable_config() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    assert!(dma_ranges(&ctl.dma(EP, 0x1000, 8, false, None, None).unwrap()).is_ok());
+    f.set_bypass(false).unwrap();
+    assert_eq!(f.config().unwrap().bypass, 0);
+    let r = ctl.dma(EP, 0x1000, 8, false, None, None).unwrap();
+    assert_eq!(error_kind(&r), Some("blocked"));
+    // Values other than 0/1 and writes to read-only fields are ignored.
+    f.set_config(36, &[7]).unwrap();
+    f.set_config(0, &[0xff; 8]).unwrap();
+    let c = f.config().unwrap();
+    assert_eq!(c.bypass, 0);
+    assert_eq!(c.page_size_mask, 0xffff_ffff_ffff_f000);
+    f.set_bypass(true).unwrap();
+    assert!(dma_ranges(&ctl.dma(EP, 0x1000, 8, false, None, None).unwrap()).is_ok());
+}
+
+#[test]
+fn bypass_write_needs_bypass_config_negotiated() {
+    let b = backend(&[]);
+    let mut f = connect_with(
+        &b,
+        FrontendOptions::default().without(wire::VIRTIO_IOMMU_F_BYPASS_CONFIG),
+    );
+    f.set_bypass(false).unwrap();
+    assert_eq!(f.config().unwrap().bypass, 1);
+    // And ATTACH_F_BYPASS is an unknown flag to this driver.
+    assert_eq!(
+        status(&mut f, wire::attach(1, EP, wire::ATTACH_F_BYPASS, 0)),
+        S_INVAL
+    );
+}
+
+#[test]
+fn attach_map_unmap_detach_lifecycle() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    let got = statuses(
+        &mut f,
+        &[
+            wire::attach(1, EP, 0, 0),
+            wire::attach(1, EP2, 0, 0),
+            wire::attach(1, 77, 0, 0),
+            wire::attach(1, EP, 0, 1),
+            wire::attach(1, EP, 2, 0),
+            wire::attach(1, EP, wire::ATTACH_F_BYPASS, 0),
+        ],
+    );
+    assert_eq!(
+        got,
+        vec![
+            Some(S_OK),
+            Some(S_OK),
+            Some(S_NOENT),
+            Some(S_INVAL),
+            Some(S_INVAL),
+            Some(S_INVAL)
+        ]
+    );
+    let maps = [
+        wire::map(1, 0x10_0000, 0x10_ffff, 0x20_0000, RW),
+        wire::map(1, 0x11_0000, 0x11_0fff, 0x40_0000, wire::MAP_F_READ),
+        wire::map(1, 0x10_8000, 0x10_8fff, 0, RW),
+        wire::map(2, 0, 0xfff, 0, RW),
+        wire::map(1, 0x20_0000, 0x20_0fff, 0, 8),
+        wire::map(1, 0x20_0800, 0x20_17ff, 0, RW),
+        wire::map(1, 0xfee0_0000, 0xfee0_0fff, 0, RW),
+        wire::map(1, 0x30_0000, 0x30_0fff, 0, RW | wire::MAP_F_MMIO),
+    ];
+    assert_eq!(
+        statuses(&mut f, &maps),
+        vec![
+            Some(S_OK),
+            Some(S_OK),
+            Some(S_INVAL),
+            Some(S_NOENT),
+            Some(S_INVAL),
+            Some(S_RANGE),
+            Some(S_INVAL),
+            Some(S_OK)
+        ]
+    );
+    // Both endpoints share the domain's mappings.
+    for ep in [EP, EP2] {
+        let r = ctl.dma(ep, 0x10_fff0, 0x20, false, None, None).unwrap();
+        assert_eq!(
+            dma_ranges(&r).unwrap(),
+            vec![(0x10_fff0, 0x20_fff0, 0x10), (0x11_0000, 0x40_0000, 0x10)]
+        );
+    }
+    let r = ctl.dma(EP, 0x11_0000, 4, true, None, None).unwrap();
+    assert_eq!(
+        error_kind(&r),
+        Some("fault"),
+        "read-only mapping refuses a write"
+    );
+    // UNMAP never splits; DETACH of the last endpoint kills the domain.
+    assert_eq!(
+        status(&mut f, wire::unmap(1, 0x10_0000, 0x10_7fff)),
+        S_RANGE
+    );
+    assert!(dma_ranges(&ctl.dma(EP, 0x10_0000, 8, false, None, None).unwrap()).is_ok());
+    assert_eq!(status(&mut f, wire::unmap(1, 0x10_0000, 0x11_ffff)), S_OK);
+    let r = ctl.dma(EP, 0x10_0000, 8, false, None, None).unwrap();
+    assert_eq!(error_kind(&r), Some("fault"));
+    assert_eq!(status(&mut f, wire::detach(1, EP)), S_OK);
+    assert_eq!(status(&mut f, wire::detach(1, EP)), S_INVAL);
+    assert_eq!(status(&mut f, wire::detach(1, 77)), S_NOENT);
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x30_1000, 0x30_1fff, 0, RW)),
+        S_OK,
+        "EP2 holds it"
+    );
+    assert_eq!(status(&mut f, wire::detach(1, EP2)), S_OK);
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x30_1000, 0x30_1fff, 0, RW)),
+        S_NOENT
+    );
+    // Unattached again: bypass (on by default) is identity.
+    let r = ctl.dma(EP, 0x10_0000, 8, false, None, None).unwrap();
+    assert_eq!(dma_ranges(&r).unwrap(), vec![(0x10_0000, 0x10_0000, 8)]);
+    let s = ctl.stats().unwrap();
+    assert_eq!(stat(&s, "attach", "ok"), 2);
+    assert_eq!(stat(&s, "attach", "inval"), 3);
+    assert_eq!(stat(&s, "map", "ok"), 4);
+    assert_eq!(stat(&s, "unmap", "range"), 1);
+}
+
+#[test]
+fn attach_moves_endpoint_and_bypass_domains() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    f.set_bypass(false).unwrap();
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::map(1, 0, 0xfff, 0x5000, RW)), S_OK);
+    assert_eq!(
+        status(&mut f, wire::attach(2, EP, wire::ATTACH_F_BYPASS, 0)),
+        S_OK
+    );
+    // Domain 1 died with its only endpoint; domain 2 is identity.
+    assert_eq!(status(&mut f, wire::map(1, 0, 0xfff, 0x5000, RW)), S_NOENT);
+    assert_eq!(status(&mut f, wire::map(2, 0, 0xfff, 0x5000, RW)), S_INVAL);
+    assert_eq!(status(&mut f, wire::unmap(2, 0, 0xfff)), S_INVAL);
+    let r = ctl.dma(EP, 0x3000, 8, true, None, None).unwrap();
+    assert_eq!(dma_ranges(&r).unwrap(), vec![(0x3000, 0x3000, 8)]);
+    assert_eq!(
+        status(&mut f, wire::attach(2, EP2, 0, 0)),
+        S_INVAL,
+        "kind mismatch"
+    );
+}
+
+#[test]
+fn unmap_worked_examples_over_the_wire() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    let p = |n: u64| n * 0x1000;
+    // (mappings, unmap range, status, which mappings survive)
+    type Case = (&'static [(u64, u64)], (u64, u64), u8, &'static [bool]);
+    let cases: &[Case] = &[
+        (&[], (0, 4), S_OK, &[]),
+        (&[(0, 9)], (0, 9), S_OK, &[false]),
+        (&[(0, 4), (5, 9)], (0, 9), S_OK, &[false, false]),
+        (&[(0, 9)], (0, 4), S_RANGE, &[true]),
+        (&[(0, 4), (5, 9)], (0, 4), S_OK, &[false, true]),
+        (&[(0, 4)], (0, 9), S_OK, &[false]),
+        (&[(0, 4), (10, 14)], (0, 14), S_OK, &[false, false]),
+    ];
+    for (i, (maps, (us, ue), want, survive)) in cases.iter().enumerate() {
+        let dom = 100 + i as u32;
+        assert_eq!(status(&mut f, wire::attach(dom, EP, 0, 0)), S_OK);
+        for &(a, z) in maps.iter() {
+            assert_eq!(
+                status(&mut f, wire::map(dom, p(a), p(z + 1) - 1, p(a), RW)),
+                S_OK
+            );
+        }
+        assert_eq!(
+            status(&mut f, wire::unmap(dom, p(*us), p(ue + 1) - 1)),
+            *want,
+            "case {i}"
+        );
+        for (&(a, _), &alive) in maps.iter().zip(survive.iter()) {
+            let r = ctl.dma(EP, p(a), 1, false, None, None).unwrap();
+            assert_eq!(
+                r["ok"].as_bool(),
+                Some(alive),
+                "case {i} mapping at {a}: {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mapping_at_the_top_of_the_64_bit_space() {
+    let b = backend(&["--input-range", "0-0xffffffffffffffff"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let top = u64::MAX - 0xfff;
+    assert_eq!(
+        status(&mut f, wire::map(1, top, u64::MAX, 0x1000, RW)),
+        S_OK
+    );
+    let mut ctl = control(&b);
+    let r = ctl.dma(EP, u64::MAX - 7, 8, false, None, None).unwrap();
+    assert_eq!(dma_ranges(&r).unwrap(), vec![(u64::MAX - 7, 0x1ff8, 8)]);
+    assert_eq!(status(&mut f, wire::unmap(1, 0, u64::MAX)), S_OK);
+    // The whole input range minus the MSI window, as Linux's identity fallback
+    // maps it, in two requests.
+    assert_eq!(status(&mut f, wire::map(1, 0, 0xfedf_ffff, 0, RW)), S_OK);
+    assert_eq!(
+        status(&mut f, wire::map(1, 0xfef0_0000, u64::MAX, 0xfef0_0000, RW)),
+        S_OK
+    );
+}
+
+#[test]
+fn probe_reports_msi_window_and_sizes() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let p = f.probe(EP).unwrap();
+    assert_eq!((p.used_len, p.status), (516, S_OK));
+    assert_eq!(p.tail.reserved, [0, 0, 0]);
+    let resv = p.resv_mem().unwrap();
+    assert_eq!(resv.len(), 1);
+    assert_eq!(resv[0].subtype, wire::RESV_MEM_T_MSI);
+    assert_eq!((resv[0].start, resv[0].end), (0xfee0_0000, 0xfeef_ffff));
+    assert!(
+        p.raw[24..].iter().all(|&x| x == 0),
+        "zero-filled after the properties"
+    );
+    assert_eq!(f.probe(77).unwrap().status, S_NOENT);
+    // A properties area smaller than probe_size: INVAL, no properties.
+    let (r, _) = wire::probe(EP, 512);
+    let (used, w) = f.request(&r, 100).unwrap();
+    assert_eq!(used, 100);
+    assert!(w[..96].iter().all(|&x| x == 0));
+    assert_eq!(w[96], S_INVAL);
+}
+
+#[test]
+fn unnegotiated_request_types_are_unknown() {
+    let b = backend(&[]);
+    let mut f = connect_with(
+        &b,
+        FrontendOptions::default()
+            .without(wire::VIRTIO_IOMMU_F_PROBE)
+            .without(wire::VIRTIO_IOMMU_F_MMIO),
+    );
+    let (r, w) = wire::probe(EP, 512);
+    assert_eq!(
+        f.request(&r, w).unwrap().0,
+        0,
+        "PROBE without F_PROBE: used length 0"
+    );
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let mmio = wire::map(1, 0, 0xfff, 0, RW | wire::MAP_F_MMIO);
+    assert_eq!(status(&mut f, mmio), S_INVAL, "MMIO flag without F_MMIO");
+    for ty in [0u8, 6, 7, 8, 9, 0xff] {
+        let (r, w) = wire::raw_request(ty, 64, 4);
+        let (used, _) = f.request(&r, w).unwrap();
+        assert_eq!(used, 0, "type {ty} is unknown");
+    }
+    let mut ctl = control(&b);
+    assert_eq!(stat(&ctl.stats().unwrap(), "probe", "unanswered"), 1);
+}
+
+#[test]
+fn requests_split_across_many_and_indirect_descriptors() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let (att, _) = wire::attach(1, EP, 0, 0);
+    // One byte per readable descriptor, tail split 1+3.
+    let pieces: Vec<&[u8]> = att.chunks(1).collect();
+    let q = f.requestq();
+    let t = q.add(&pieces, &[1, 3]).unwrap();
+    q.kick().unwrap();
+    let used = q.wait_used(support::DEFAULT_TIMEOUT).unwrap();
+    assert_eq!(used, vec![(t, 4)]);
+    assert_eq!(&q.read_written(t).unwrap()[..4], &[S_OK, 0, 0, 0]);
+    // MAP split at odd offsets, through an indirect table.
+    let (m, _) = wire::map(1, 0x7000, 0x7fff, 0x9000, RW);
+    let t = q
+        .add_indirect(&[&m[..3], &m[3..17], &m[17..]], &[2, 2])
+        .unwrap();
+    q.kick().unwrap();
+    assert_eq!(q.wait_used(support::DEFAULT_TIMEOUT).unwrap(), vec![(t, 4)]);
+    assert_eq!(q.read_written(t).unwrap()[0], S_OK);
+    // PROBE with the properties area in 7 pieces and the tail in 2.
+    let (p, _) = wire::probe(EP, 512);
+    let t = q
+        .add(&[&p[..5], &p[5..]], &[100, 100, 100, 100, 100, 10, 2, 1, 3])
+        .unwrap();
+    q.kick().unwrap();
+    assert_eq!(
+        q.wait_used(support::DEFAULT_TIMEOUT).unwrap(),
+        vec![(t, 516)]
+    );
+    let w = q.read_written(t).unwrap();
+    assert_eq!(u16::from_le_bytes([w[0], w[1]]), wire::PROBE_T_RESV_MEM);
+    assert_eq!(w[512], S_OK);
+    // Extra readable bytes beyond the request are ignored.
+    let mut long = m.to_vec();
+    long.extend_from_slice(&[0xee; 64]);
+    long[8..16].copy_from_slice(&0x8000u64.to_le_bytes());
+    long[16..24].copy_from_slice(&0x8fffu64.to_le_bytes());
+    assert_eq!(f.request_status(&(long, 4)).unwrap(), S_OK);
+    let mut ctl = control(&b);
+    let r = ctl.dma(EP, 0x7ffc, 8, false, None, None).unwrap();
+    assert_eq!(
+        dma_ranges(&r).unwrap(),
+        vec![(0x7ffc, 0x9ffc, 4), (0x8000, 0x9000, 4)]
+    );
+}
+
+#[test]
+fn hostile_chains_get_used_length_zero_and_the_device_goes_on() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mem = f.mem.clone();
+    let outside = mem.unmapped_gpa() + 0x10_0000;
+    let (att, _) = wire::attach(1, EP, 0, 0);
+    let req = mem.alloc_bytes(&att, 8).unwrap();
+    let tail = mem.alloc(4, 8).unwrap();
+    let chains: Vec<Vec<RawDesc>> = vec![
+        // Writable buffer outside guest memory.
+        vec![
+            RawDesc::readable(req, 20).then(1),
+            RawDesc::writable(outside, 4),
+        ],
+        // Readable part outside guest memory.
+        vec![
+            RawDesc::readable(outside, 20).then(1),
+            RawDesc::writable(tail, 4),
+        ],
+        // Writable part too small for the tail.
+        vec![
+            RawDesc::readable(req, 20).then(1),
+            RawDesc::writable(tail, 3),
+        ],
+        // No writable part at all.
+        vec![RawDesc::readable(req, 20)],
+        // A readable descriptor after a writable one.
+        vec![
+            RawDesc::readable(req, 10).then(1),
+            RawDesc::writable(tail, 4).then(2),
+            RawDesc::readable(req + 10, 10),
+        ],
+        // A loop: the chain points back at itself.
+        vec![
+            RawDesc::readable(req, 20).then(1),
+            RawDesc::writable(tail, 4).then(0),
+        ],
+    ];
+    for (i, descs) in chains.iter().enumerate() {
+        let q = f.requestq();
+        let t = q.add_raw(descs).unwrap();
+        q.kick_forced().unwrap();
+        let used = q.wait_used(support::DEFAULT_TIMEOUT).unwrap();
+        assert_eq!(used.len(), 1, "chain {i} completed");
+        assert_eq!(used[0].0, t);
+        assert_eq!(used[0].1, 0, "chain {i}: used length 0");
+        // The device still serves well-formed requests.
+        assert_eq!(
+            status(&mut f, wire::attach(1, EP, 0, 0)),
+            S_OK,
+            "after chain {i}"
+        );
+    }
+    assert!(b.stderr().lines().all(|l| !l.contains("panicked")));
+}
+
+#[test]
+fn truncated_requests_are_inval() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    for (ty, full) in [
+        (wire::T_ATTACH, 20),
+        (wire::T_DETACH, 20),
+        (wire::T_MAP, 36),
+        (wire::T_UNMAP, 28),
+    ] {
+        for len in [1usize, 4, full - 1] {
+            let (r, w) = wire::raw_request(ty, len, 4);
+            assert_eq!(
+                status(&mut f, (r, w)),
+                S_INVAL,
+                "type {ty} with {len} bytes"
+            );
+        }
+    }
+    let (r, _) = wire::raw_request(wire::T_PROBE, 71, 0);
+    let (used, w) = f.request(&r, 516).unwrap();
+    assert_eq!((used, w[512]), (516, S_INVAL));
+}
+
+#[test]
+fn a_flood_of_requests_keeps_memory_flat() {
+    let b = backend(&["--max-mappings", "1000"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let mut reqs = Vec::with_capacity(256);
+    let mut round = |f: &mut Frontend, base: u64| {
+        reqs.clear();
+        for i in 0..256u64 {
+            let iova = (base + i) * 0x1000;
+            let r: Vec<u8> = match i % 4 {
+                0 => wire::map(1, iova, iova + 0xfff, iova, RW).0.to_vec(),
+                1 => wire::unmap(1, iova - 0x1000, iova - 1).0.to_vec(),
+                2 => wire::raw_request(0x42, 40, 4).0,
+                _ => wire::map(1, iova + 1, iova + 0xfff, 0, RW).0.to_vec(),
+            };
+            reqs.push((r, 4u32));
+        }
+        let replies = f.submit_batch(&reqs).unwrap();
+        assert_eq!(replies.len(), 256);
+    };
+    for k in 0..50 {
+        round(&mut f, k * 1000);
+    }
+    let rss0 = b.rss_kib().unwrap();
+    for k in 50..400 {
+        round(&mut f, k * 1000);
+    }
+    let rss1 = b.rss_kib().unwrap();
+    eprintln!("flood: rss {rss0} KiB -> {rss1} KiB over 89600 requests");
+    assert!(rss1 <= rss0 + 1024, "RSS grew from {rss0} to {rss1} KiB");
+    // The mapping bound held: NOMEM once 1000 mappings exist.
+    for k in 0..3u64 {
+        let iova = 0x1_0000_0000 + k * 0x1000;
+        let s = status(&mut f, wire::map(1, iova, iova + 0xfff, 0, RW));
+        assert_eq!(s, S_OK, "below the bound");
+    }
+    let mut n = 3;
+    loop {
+        let iova = 0x1_0000_0000 + n * 0x1000;
+        let s = status(&mut f, wire::map(1, iova, iova + 0xfff, 0, RW));
+        if s == S_NOMEM {
+            break;
+        }
+        assert_eq!(s, S_OK);
+        n += 1;
+        assert!(n < 2000, "the mapping bound was never hit");
+    }
+}
+
+#[test]
+fn domain_bound_is_nomem() {
+    let b = backend(&["--max-domains", "1"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::attach(2, EP2, 0, 0)), S_NOMEM);
+    assert_eq!(
+        status(&mut f, wire::attach(1, EP2, 0, 0)),
+        S_OK,
+        "joining is fine"
+    );
+}
+
+#[test]
+fn fault_records_reach_the_eventq_in_order() {
+    let b = backend(&["--bypass", "off"]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(
+        status(
+            &mut f,
+            wire::map(1, 0x1000, 0x1fff, 0x1000, wire::MAP_F_READ)
+        ),
+        S_OK
+    );
+    // No buffer posted yet: the records wait.
+    assert_eq!(
+        error_kind(&ctl.dma(EP2, 0x5000, 4, true, None, None).unwrap()),
+        Some("blocked")
+    );
+    assert_eq!(
+        error_kind(&ctl.dma(EP, 0x9000, 4, false, None, None).unwrap()),
+        Some("fault")
+    );
+    assert_eq!(
+        error_kind(&ctl.dma(EP, 0x1000, 4, true, None, None).unwrap()),
+        Some("fault")
+    );
+    assert_eq!(ctl.stats().unwrap()["records_queued"], 3);
+    f.post_event_buffers(4, 24).unwrap();
+    let ev = f.collect_events(3).unwrap();
+    let recs: Vec<EventRecord> = ev
+        .iter()
+        .map(|(used, bytes)| {
+            assert_eq!(*used, 24);
+            EventRecord::parse(&bytes[..24]).unwrap()
+        })
+        .collect();
+    let want = [
+        (wire::EVT_REASON_DOMAIN, wire::EVT_F_WRITE, EP2, 0x5000),
+        (wire::EVT_REASON_MAPPING, wire::EVT_F_READ, EP, 0x9000),
+        (wire::EVT_REASON_MAPPING, wire::EVT_F_WRITE, EP, 0x1000),
+    ];
+    for (r, (reason, access, ep, addr)) in recs.iter().zip(want) {
+        assert_eq!(r.reason, reason);
+        assert_eq!(r.reserved, [0; 3]);
+        assert_eq!(r.flags, access | wire::EVT_F_ADDRESS);
+        assert_eq!((r.endpoint, r.address), (ep, addr));
+    }
+    // The fourth buffer is used by the next record, at once.
+    assert_eq!(
+        error_kind(&ctl.dma(EP, 0xa000, 4, false, None, None).unwrap()),
+        Some("fault")
+    );
+    let ev = f.collect_events(1).unwrap();
+    assert_eq!(EventRecord::parse(&ev[0].1[..24]).unwrap().address, 0xa000);
+    let s = ctl.stats().unwrap();
+    assert_eq!(
+        (s["faults_sent"].as_u64(), s["records_lost"].as_u64()),
+        (Some(4), Some(0))
+    );
+    // Translation that lands outside guest RAM raises no record.
+    let r = ctl.dma(EP2, 0, 4, false, None, None).unwrap();
+    assert_eq!(error_kind(&r), Some("blocked"));
+    f.set_bypass(true).unwrap();
+    let r = ctl.dma(EP2, 0x7000_0000, 4, false, None, None).unwrap();
+    assert_eq!(error_kind(&r), Some("fault"));
+    assert_eq!(
+        ctl.stats().unwrap()["records_queued"],
+        1,
+        "only the blocked one"
+    );
+}
+
+#[test]
+fn small_event_buffers_are_returned_empty_and_the_record_waits() {
+    let b = backend(&["--bypass", "off"]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    f.post_event_buffers(2, 16).unwrap();
+    assert_eq!(
+        error_kind(&ctl.dma(EP, 0x5000, 4, false, None, None).unwrap()),
+        Some("blocked")
+    );
+    let ev = f.collect_events(2).unwrap();
+    assert!(
+        ev.iter().all(|(used, _)| *used == 0),
+        "too small: used length 0"
+    );
+    f.post_event_buffers(1, 24).unwrap();
+    let ev = f.collect_events(1).unwrap();
+    assert_eq!(ev[0].0, 24);
+    assert_eq!(EventRecord::parse(&ev[0].1).unwrap().address, 0x5000);
+}
+
+#[test]
+fn event_bound_counts_lost_records() {
+    let b = backend(&["--bypass", "off", "--max-events", "3"]);
+    let mut ctl = control(&b);
+    let _f = connect(&b);
+    for i in 0..5u64 {
+        ctl.dma(EP, i * 0x1000, 4, false, None, None).unwrap();
+    }
+    let s = ctl.stats().unwrap();
+    assert_eq!(s["records_queued"], 3);
+    assert_eq!(s["records_lost"], 2);
+    assert!(
+        b.stderr().contains("event queue full"),
+        "the loss is logged"
+    );
+}
+
+#[test]
+fn control_socket_errors() {
+    let b = backend(&[]);
+    let _f = connect(&b);
+    let mut ctl = control(&b);
+    let kind = |ctl: &mut ControlClient, line: &str| {
+        ctl.send_line(line).unwrap();
+        let r = ctl.read_reply().unwrap();
+        assert_eq!(r["ok"], false, "{line}: {r}");
+        r["error"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        kind(&mut ctl, r#"{"op":"dma","endpoint":99,"iova":0,"len":4}"#),
+        "no-endpoint"
+    );
+    assert_eq!(
+        kind(&mut ctl, r#"{"op":"dma","endpoint":8,"iova":0,"len":0}"#),
+        "bad-request"
+    );
+    assert_eq!(
+        kind(&mut ctl, r#"{"op":"dma","endpoint":8,"len":4}"#),
+        "bad-request"
+    );
+    assert_eq!(kind(&mut ctl, r#"{"op":"nope"}"#), "bad-request");
+    assert_eq!(kind(&mut ctl, "not json"), "bad-request");
+    let long = format!(r#"{{"op":"stats","pad":"{}"}}"#, "x".repeat(10_000));
+    assert_eq!(kind(&mut ctl, &long), "bad-request");
+    // The connection is still in sync after a long line.
+    assert_eq!(ctl.stats().unwrap()["ok"], true);
+}
+
+#[test]
+fn disconnect_drops_guest_state_and_the_next_frontend_is_served() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::map(1, 0, 0xfff, 0x3000, RW)), S_OK);
+    f.set_bypass(false).unwrap();
+    let mut f = f.reconnect().unwrap();
+    assert_eq!(
+        f.config().unwrap().bypass,
+        1,
+        "bypass back to its boot value"
+    );
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x1000, 0x1fff, 0, RW)),
+        S_NOENT,
+        "domain gone"
+    );
+    let r = ctl.dma(EP, 0, 4, false, None, None).unwrap();
+    assert_eq!(
+        dma_ranges(&r).unwrap(),
+        vec![(0, 0, 4)],
+        "unattached, bypass: identity"
+    );
+    // Several cycles, some mid-batch.
+    for i in 0..5 {
+        assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+        let q = f.requestq();
+        for _ in 0..10 {
+            let (m, w) = wire::map(1, 0x10_0000, 0x10_0fff, 0, RW);
+            q.add(&[&m], &[w]).unwrap();
+        }
+        q.kick().unwrap();
+        f = f
+            .reconnect()
+            .unwrap_or_else(|e| panic!("reconnect {i}: {e}"));
+    }
+    let mut f2 = f.reconnect().unwrap();
+    assert_eq!(status(&mut f2, wire::attach(1, EP, 0, 0)), S_OK);
+    assert!(b.stderr().contains("frontend disconnected"));
+}
+
+#[test]
+fn reset_device_drops_domains_but_keeps_bypass() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.set_bypass(false).unwrap();
+    use vhost::vhost_user::VhostUserFrontend;
+    f.vu.reset_device().unwrap();
+    let mut f = connect_after_reset(f);
+    assert_eq!(status(&mut f, wire::map(1, 0, 0xfff, 0, RW)), S_NOENT);
+    assert_eq!(f.config().unwrap().bypass, 0);
+}
+
+/// After RESET_DEVICE the frontend negotiates and sets up the queues again.
+fn connect_after_reset(mut f: Frontend) -> Frontend {
+    use vhost::VhostBackend;
+    f.vu.set_features(f.acked_features).unwrap();
+    f.setup_queues().unwrap();
+    f
+}
+
+#[test]
+fn paused_queues_keep_state() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.get_vring_base(0).unwrap();
+    f.get_vring_base(1).unwrap();
+    f.setup_queues().unwrap();
+    assert_eq!(
+        status(&mut f, wire::map(1, 0, 0xfff, 0, RW)),
+        S_OK,
+        "domain survived the pause"
+    );
+}
+
+#[test]
+fn socket_fd_is_served() {
+    let dir = support::process::fresh_temp_dir("sockfd").unwrap();
+    let path = dir.join("inherited.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: clears FD_CLOEXEC on an fd we own so the child inherits it.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let fd_s = fd.to_string();
+    let mut b = BackendProcess::spawn_raw(&["--socket-fd", &fd_s, "--endpoint", "8"]).unwrap();
+    let mut f = Frontend::connect_default(&path).unwrap();
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    drop(f);
+    b.kill();
+}
+
+#[test]
+fn bad_options_exit_with_one_line_naming_the_cause() {
+    let t = Duration::from_secs(10);
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "--socket-path or --socket-fd"),
+        (
+            &["--socket-path", "/nonexistent/dir/sock"],
+            "cannot listen on /nonexistent/dir/sock",
+        ),
+        (
+            &["--socket-fd", "0"],
+            "--socket-fd 0 is not a listening unix socket",
+        ),
+        (
+            &["--socket-path", "/tmp/x", "--endpoint", "zz"],
+            "bad endpoint",
+        ),
+        (
+            &[
+                "--socket-path",
+                "/tmp/x",
+                "--endpoint",
+                "1,vfio=/dev/vfio/devices/vfio0",
+            ],
+            "not supported yet",
+        ),
+        (
+            &["--socket-path", "/tmp/x", "--domain-range", "9-1"],
+            "ends before it starts",
+        ),
+    ];
+    for (args, want) in cases {
+        let (st, _out, err) = run_to_exit(args, t).unwrap();
+        assert!(!st.success(), "{args:?} must fail");
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr {err:?} lacks {want:?}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line, got {err:?}"
+        );
+    }
+    let (st, out, _) = run_to_exit(&["--print-capabilities"], t).unwrap();
+    assert!(st.success());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], "iommu");
+}
+
+#[test]
+fn a_garbage_avail_index_does_not_hang_the_device() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let q = f.requestq();
+    let idx = q.avail_idx();
+    q.set_avail_idx_raw(idx.wrapping_add(1000)).unwrap();
+    q.kick_forced().unwrap();
+    // The worker must not spin holding the state: the control socket still
+    // answers, and the next frontend is served.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ctl.stats().unwrap()["ok"], true);
+    let mut f = f.reconnect().unwrap();
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+}
+
+#[test]
+fn serving_threads_are_named() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.post_event_buffers(1, 24).unwrap();
+    let mut ctl = control(&b);
+    let _ = ctl.stats().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut names = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{}/task", b.pid())).unwrap() {
+        let comm = t.unwrap().path().join("comm");
+        names.push(std::fs::read_to_string(comm).unwrap().trim().to_string());
+    }
+    for want in [
+        "viommu-reqq",
+        "viommu-evtq",
+        "viommu-control",
+        "viommu-vhost",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no thread {want} in {names:?}"
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Running the backend binary under test.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{invalid, Error, Result};
+
+/// Path of the binary cargo built for these integration tests.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh, empty, uniquely named directory under the system temp dir.
+pub fn fresh_temp_dir(tag: &str) -> Result<PathBuf> {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir =
+        std::env::temp_dir().join(format!("viommu-{tag}-{}-{n}-{nanos:x}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Wait until `path` exists (e.g. a listening socket).
+pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout(format!(
+                "{} did not appear within {timeout:?}",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// VmRSS of a process in KiB (from /proc/PID/status).
+pub fn proc_rss_kib(pid: u32) -> Result<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in s.lines() {
+        if let Some(rest) = line.strip_prefix("VmRSS:") {
+            let num = rest.trim().trim_end_matches("kB").trim();
+            return num
+                .parse()
+                .or_else(|e| invalid(format!("bad VmRSS line {line:?}: {e}")));
+        }
+    }
+    invalid(format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Number of open fds of a process (entries of /proc/PID/fd).
+pub fn proc_fd_count(pid: u32) -> Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The running backend. Killed (and its temp dir removed) on drop; if the
+/// test is panicking, its stderr is printed first.
+pub struct BackendProcess {
+    /// The child process.
+    pub child: Child,
+    /// Its private temp directory (also its working directory).
+    pub dir: PathBuf,
+    /// `dir/vhost.sock`, passed as `--socket-path` by [`BackendProcess::spawn`].
+    pub socket: PathBuf,
+    /// `dir/control.sock`, passed as `--control-socket` by [`BackendProcess::spawn`].
+    pub control: PathBuf,
+    /// Where stderr goes.
+    pub stderr_path: PathBuf,
+    /// Keep the temp dir on drop.
+    pub keep_dir: bool,
+}
+
+impl BackendProcess {
+    /// Start the binary with `--socket-path DIR/vhost.sock --control-socket
+    /// DIR/control.sock` followed by `extra` (`{dir}` in an argument is
+    /// replaced by the temp dir), and wait for the vhost-user socket.
+    pub fn spawn(extra: &[&str]) -> Result<Self> {
+        let dir = fresh_temp_dir("backend")?;
+        let socket = dir.join("vhost.sock");
+        let control = dir.join("control.sock");
+        let mut args: Vec<String> = vec![
+            "--socket-path".into(),
+            socket.display().to_string(),
+            "--control-socket".into(),
+            control.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Self::spawn_in(dir, &args)?;
+        p.wait_for_socket(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// Start the binary with exactly `args` (after `{dir}` substitution) in
+    /// a fresh temp dir; does not wait for anything.
+    pub fn spawn_raw(args: &[&str]) -> Result<Self> {
+        let dir = fresh_temp_dir("backend")?;
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn_in(dir, &args)
+    }
+
+    fn spawn_in(dir: PathBuf, args: &[String]) -> Result<Self> {
+        let d = dir.display().to_string();
+        let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
+        let stderr_path = dir.join("stderr.log");
+        let stderr = File::create(&stderr_path)?;
+        let stdout = File::create(dir.join("stdout.log"))?;
+        let child = Command::new(BINARY)
+            .args(&args)
+            .current_dir(&dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| Error::Invalid(format!("cannot start {BINARY}: {e}")))?;
+        Ok(BackendProcess {
+            child,
+            socket: dir.join("vhost.sock"),
+            control: dir.join("control.sock"),
+            dir,
+            stderr_path,
+            keep_dir: false,
+        })
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the vhost-user socket file; fails early if the process exits.
+    pub fn wait_for_socket(&mut self, timeout: Duration) -> Result<()> {
+        let path = self.socket.clone();
+        self.wait_for_file(&path, timeout)
+    }
+
+    /// Wait for `path`; fails early (with stderr) if the process exits.
+    pub fn wait_for_file(&mut self, path: &Path, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if path.exists() {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return invalid(format!(
+                    "backend exited ({st}) before {} appeared; stderr:\n{}",
+                    path.display(),
+                    self.stderr()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "{} did not appear within {timeout:?}; stderr:\n{}",
+                    path.display(),
+                    self.stderr()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Wait up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "backend still running after {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Current VmRSS in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        proc_rss_kib(self.pid())
+    }
+
+    /// Current number of open fds.
+    pub fn fd_count(&self) -> Result<usize> {
+        proc_fd_count(self.pid())
+    }
+
+    /// Send SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run the binary with `args` to completion (e.g. `--print-capabilities`
+/// or a bad option): `(status, stdout, stderr)`, killed after `timeout`.
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, String, String)> {
+    let mut p = BackendProcess::spawn_raw(args)?;
+    let st = match p.wait_exit(timeout) {
+        Ok(st) => st,
+        Err(e) => {
+            p.kill();
+            return Err(e);
+        }
+    };
+    let out = fs::read_to_string(p.dir.join("stdout.log")).unwrap_or_default();
+    Ok((st, out, p.stderr()))
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- backend stderr ({}) ----\n{}\n---- end ----",
+                self.stderr_path.display(),
+                self.stderr()
+            );
+        }
+        if !self.keep_dir {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
