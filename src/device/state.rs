@@ -4,6 +4,7 @@
 //! Every method is a function of (state, request) -> (state, result); a
 //! refused request leaves the state exactly as it was.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::device::config::{features, DeviceConfig, Limits};
@@ -301,6 +302,14 @@ impl IommuState {
         let (start, end) = (req.virt_start, req.virt_end);
         if end < start {
             return Err(RequestError::EmptyRange { start, end });
+        }
+        // Fast path, what drivers send: exactly one whole mapping. Mappings
+        // never overlap, so nothing else can be in the range or straddle it.
+        if let Entry::Occupied(e) = mappings.entry(start) {
+            if e.get().end == end {
+                e.remove();
+                return Ok(1);
+            }
         }
         // A mapping that begins before `start` and reaches into the range.
         if let Some((&s, m)) = mappings.range(..start).next_back() {

@@ -56,6 +56,23 @@ pub fn proc_rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// Number of open fds of a process (entries of /proc/PID/fd).
+/// User + system CPU time of a process, in nanoseconds (from
+/// /proc/PID/stat; resolution one clock tick).
+pub fn proc_cpu_ns(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces; fields resume after its ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| Error::Invalid("bad /proc stat".into()))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3, so utime (14) and stime (15) are at 11, 12.
+    let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(ticks * 1_000_000_000 / hz)
+}
+
 pub fn proc_fd_count(pid: u32) -> Result<usize> {
     Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
