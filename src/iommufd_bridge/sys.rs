@@ -1,0 +1,408 @@
+//! The iommufd calls the device makes, in one place. What the
+//! `iommufd-ioctls` crate wraps is called through it; what it lacks
+//! (IOAS_IOVA_RANGES, IOAS_COPY, FAULT_QUEUE_ALLOC, and the selftest ABI)
+//! is issued here by hand, each `unsafe` with its reason.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::Path;
+
+use iommufd_bindings::iommufd::{
+    iommu_fault_alloc, iommu_hwpt_alloc, iommu_ioas_alloc, iommu_ioas_copy, iommu_ioas_iova_ranges,
+    iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range, IOMMUFD_TYPE,
+};
+use iommufd_ioctls::IommuFd;
+use thiserror::Error;
+use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::ioctl_io_nr;
+
+pub const IOAS_MAP_FIXED_IOVA: u32 = 1;
+pub const IOAS_MAP_WRITEABLE: u32 = 2;
+pub const IOAS_MAP_READABLE: u32 = 4;
+pub const HWPT_ALLOC_NEST_PARENT: u32 = 1;
+pub const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+
+ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, 0x83);
+ioctl_io_nr!(IOMMU_IOAS_IOVA_RANGES, IOMMUFD_TYPE as u32, 0x84);
+ioctl_io_nr!(IOMMU_FAULT_QUEUE_ALLOC, IOMMUFD_TYPE as u32, 0x8e);
+
+/// A refused host operation: which one, and the kernel's errno.
+#[derive(Debug, Error)]
+pub enum SysError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("{op} failed: {source}")]
+    Ioctl { op: &'static str, source: io::Error },
+    #[error("{op} failed: {source}")]
+    Crate {
+        op: &'static str,
+        source: iommufd_ioctls::IommufdError,
+    },
+}
+
+impl SysError {
+    /// The errno behind the failure, if the kernel gave one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            SysError::Open { source, .. } | SysError::Ioctl { source, .. } => source.raw_os_error(),
+            SysError::Crate { source, .. } => std::error::Error::source(source)
+                .and_then(|e| e.downcast_ref::<vmm_sys_util::errno::Error>())
+                .map(|e| e.errno()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SysError>;
+
+fn check(op: &'static str, rc: i32) -> Result<()> {
+    if rc < 0 {
+        return Err(SysError::Ioctl {
+            op,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn size_of<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
+}
+
+/// One open iommufd context.
+pub struct Iommufd {
+    fd: IommuFd,
+}
+
+impl AsRawFd for Iommufd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Iommufd {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| SysError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Iommufd {
+            fd: IommuFd::new_from_fd(file),
+        })
+    }
+
+    pub fn from_file(file: File) -> Self {
+        Iommufd {
+            fd: IommuFd::new_from_fd(file),
+        }
+    }
+
+    pub fn destroy(&self, id: u32) -> Result<()> {
+        self.fd
+            .destroy_iommu_object(id)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_DESTROY",
+                source,
+            })
+    }
+
+    pub fn ioas_alloc(&self) -> Result<u32> {
+        let mut a = iommu_ioas_alloc {
+            size: size_of::<iommu_ioas_alloc>(),
+            ..Default::default()
+        };
+        self.fd
+            .alloc_iommu_ioas(&mut a)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_IOAS_ALLOC",
+                source,
+            })?;
+        Ok(a.out_ioas_id)
+    }
+
+    /// Map `len` bytes of our address space at `va` to `iova` (fixed).
+    pub fn ioas_map(&self, ioas: u32, va: u64, len: u64, iova: u64, flags: u32) -> Result<()> {
+        let m = iommu_ioas_map {
+            size: size_of::<iommu_ioas_map>(),
+            flags: flags | IOAS_MAP_FIXED_IOVA,
+            ioas_id: ioas,
+            user_va: va,
+            length: len,
+            iova,
+            ..Default::default()
+        };
+        self.fd
+            .map_iommu_ioas(&m)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_IOAS_MAP",
+                source,
+            })
+    }
+
+    /// Unmap whole areas in [iova, iova + len); returns the bytes unmapped.
+    pub fn ioas_unmap(&self, ioas: u32, iova: u64, len: u64) -> Result<u64> {
+        let mut u = iommu_ioas_unmap {
+            size: size_of::<iommu_ioas_unmap>(),
+            ioas_id: ioas,
+            iova,
+            length: len,
+        };
+        self.fd
+            .unmap_iommu_ioas(&mut u)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_IOAS_UNMAP",
+                source,
+            })?;
+        Ok(u.length)
+    }
+
+    /// Map what `src` maps at `src_iova` into `dst` at `dst_iova`, sharing
+    /// the pages `src` already pinned.
+    pub fn ioas_copy(
+        &self,
+        dst: u32,
+        dst_iova: u64,
+        src: u32,
+        src_iova: u64,
+        len: u64,
+        flags: u32,
+    ) -> Result<()> {
+        let mut c = iommu_ioas_copy {
+            size: size_of::<iommu_ioas_copy>(),
+            flags: flags | IOAS_MAP_FIXED_IOVA,
+            dst_ioas_id: dst,
+            src_ioas_id: src,
+            length: len,
+            dst_iova,
+            src_iova,
+        };
+        // SAFETY: IOMMU_IOAS_COPY reads and writes back exactly one
+        // iommu_ioas_copy, which `c` is, with `size` set to its size.
+        check("IOMMU_IOAS_COPY", unsafe {
+            ioctl_with_mut_ref(self, IOMMU_IOAS_COPY(), &mut c)
+        })
+    }
+
+    /// The usable IOVA ranges of an IOAS (inclusive ends) and the alignment
+    /// that MAP and COPY need.
+    pub fn iova_ranges(&self, ioas: u32) -> Result<(Vec<(u64, u64)>, u64)> {
+        let mut ranges: Vec<iommu_iova_range> = vec![iommu_iova_range::default(); 8];
+        loop {
+            let mut r = iommu_ioas_iova_ranges {
+                size: size_of::<iommu_ioas_iova_ranges>(),
+                ioas_id: ioas,
+                num_iovas: ranges.len() as u32,
+                allowed_iovas: ranges.as_mut_ptr() as u64,
+                ..Default::default()
+            };
+            // SAFETY: the kernel writes `r` back and at most `num_iovas`
+            // iommu_iova_range entries to `allowed_iovas`, which points at
+            // `ranges`, a live Vec of exactly that many entries.
+            let rc = unsafe { ioctl_with_mut_ref(self, IOMMU_IOAS_IOVA_RANGES(), &mut r) };
+            if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EMSGSIZE) {
+                // Too small: the kernel said how many there are. Bounded by
+                // what the kernel reports, and tried again once per growth.
+                ranges.resize(r.num_iovas as usize, iommu_iova_range::default());
+                continue;
+            }
+            check("IOMMU_IOAS_IOVA_RANGES", rc)?;
+            ranges.truncate(r.num_iovas as usize);
+            let out = ranges.iter().map(|x| (x.start, x.last)).collect();
+            return Ok((out, r.out_iova_alignment));
+        }
+    }
+
+    /// IOMMU_HWPT_ALLOC: a HWPT for device `dev_id` on `pt_id` (an IOAS, or a
+    /// nesting parent when `data` describes a guest stage-1 table).
+    pub fn hwpt_alloc(
+        &self,
+        dev_id: u32,
+        pt_id: u32,
+        flags: u32,
+        data_type: u32,
+        data: &mut [u8],
+        fault_id: Option<u32>,
+    ) -> Result<u32> {
+        let mut h = iommu_hwpt_alloc {
+            size: size_of::<iommu_hwpt_alloc>(),
+            flags: flags | fault_id.map_or(0, |_| HWPT_FAULT_ID_VALID),
+            dev_id,
+            pt_id,
+            data_type,
+            data_len: data.len() as u32,
+            data_uptr: if data.is_empty() {
+                0
+            } else {
+                data.as_mut_ptr() as u64
+            },
+            fault_id: fault_id.unwrap_or(0),
+            ..Default::default()
+        };
+        self.fd
+            .alloc_iommu_hwpt(&mut h)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_HWPT_ALLOC",
+                source,
+            })?;
+        Ok(h.out_hwpt_id)
+    }
+
+    /// IOMMU_FAULT_QUEUE_ALLOC: a fault object and its fd (read page
+    /// requests, write responses).
+    pub fn fault_queue_alloc(&self) -> Result<(u32, File)> {
+        let mut f = iommu_fault_alloc {
+            size: size_of::<iommu_fault_alloc>(),
+            ..Default::default()
+        };
+        // SAFETY: IOMMU_FAULT_QUEUE_ALLOC reads and writes back one
+        // iommu_fault_alloc, which `f` is.
+        check("IOMMU_FAULT_QUEUE_ALLOC", unsafe {
+            ioctl_with_mut_ref(self, IOMMU_FAULT_QUEUE_ALLOC(), &mut f)
+        })?;
+        // SAFETY: on success the kernel installed a new fd in our table and
+        // handed its ownership to us in out_fault_fd.
+        let file = unsafe { File::from_raw_fd(f.out_fault_fd as RawFd) };
+        Ok((f.out_fault_id, file))
+    }
+}
+
+#[cfg(feature = "selftest")]
+pub use selftest::*;
+
+/// The kernel's iommufd selftest ABI (CONFIG_IOMMUFD_TEST): a mock device
+/// and checks of what the kernel really mapped. Tests only.
+#[cfg(feature = "selftest")]
+mod selftest {
+    use super::*;
+
+    ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, 0xa0);
+
+    pub const OP_MOCK_DOMAIN: u32 = 2;
+    pub const OP_MD_CHECK_MAP: u32 = 3;
+    pub const OP_MD_CHECK_REFS: u32 = 4;
+    pub const OP_MOCK_DOMAIN_REPLACE: u32 = 10;
+    pub const OP_MD_CHECK_IOTLB: u32 = 14;
+    pub const OP_TRIGGER_IOPF: u32 = 15;
+
+    /// struct iommu_test_cmd: 72 bytes on 6.12 and 7.x.
+    #[repr(C, align(8))]
+    struct TestCmd {
+        size: u32,
+        op: u32,
+        id: u32,
+        reserved: u32,
+        u: [u8; 48],
+        last: u32,
+    }
+
+    const _: () = assert!(std::mem::size_of::<TestCmd>() == 72);
+
+    impl TestCmd {
+        fn new(op: u32, id: u32) -> Self {
+            TestCmd {
+                size: size_of::<TestCmd>(),
+                op,
+                id,
+                reserved: 0,
+                u: [0; 48],
+                last: 0,
+            }
+        }
+        fn put32(&mut self, off: usize, v: u32) -> &mut Self {
+            self.u[off..off + 4].copy_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn put64(&mut self, off: usize, v: u64) -> &mut Self {
+            self.u[off..off + 8].copy_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn get32(&self, off: usize) -> u32 {
+            u32::from_le_bytes(self.u[off..off + 4].try_into().unwrap())
+        }
+    }
+
+    /// A mock device made by MOCK_DOMAIN.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct MockDevice {
+        /// Handle for REPLACE and for IOMMU_DESTROY of the device.
+        pub stdev_id: u32,
+        /// The HWPT it was attached to.
+        pub hwpt_id: u32,
+        /// The iommufd device id (dev_id for HWPT_ALLOC, faults).
+        pub dev_id: u32,
+    }
+
+    impl Iommufd {
+        fn test_cmd(&self, op: &'static str, cmd: &mut TestCmd) -> Result<()> {
+            // SAFETY: IOMMU_TEST_CMD reads and writes back one 72-byte
+            // iommu_test_cmd; `cmd` is one, with `size` set.
+            check(op, unsafe {
+                ioctl_with_mut_ref(self, IOMMU_TEST_CMD(), cmd)
+            })
+        }
+
+        /// Create a mock device attached to `pt_id` (an IOAS or a HWPT).
+        pub fn mock_domain(&self, pt_id: u32) -> Result<MockDevice> {
+            let mut c = TestCmd::new(OP_MOCK_DOMAIN, pt_id);
+            self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN", &mut c)?;
+            Ok(MockDevice {
+                stdev_id: c.get32(0),
+                hwpt_id: c.get32(4),
+                dev_id: c.get32(8),
+            })
+        }
+
+        /// Re-attach a mock device to `pt_id`; returns the HWPT it is on now.
+        pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> Result<u32> {
+            let mut c = TestCmd::new(OP_MOCK_DOMAIN_REPLACE, stdev_id);
+            c.put32(0, pt_id);
+            self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE", &mut c)?;
+            Ok(c.get32(0))
+        }
+
+        /// Ask the kernel whether `hwpt` maps [iova, iova + len) to the pages
+        /// at our address `uptr`.
+        pub fn md_check_map(&self, hwpt: u32, iova: u64, len: u64, uptr: u64) -> Result<()> {
+            let mut c = TestCmd::new(OP_MD_CHECK_MAP, hwpt);
+            c.put64(0, iova).put64(8, len).put64(16, uptr);
+            self.test_cmd("IOMMU_TEST_OP_MD_CHECK_MAP", &mut c)
+        }
+
+        /// Ask the kernel whether every page of [uptr, uptr + len) has
+        /// `refs` pins.
+        pub fn md_check_refs(&self, uptr: u64, len: u64, refs: u32) -> Result<()> {
+            let mut c = TestCmd::new(OP_MD_CHECK_REFS, 0);
+            c.put64(0, len).put64(8, uptr).put32(16, refs);
+            self.test_cmd("IOMMU_TEST_OP_MD_CHECK_REFS", &mut c)
+        }
+
+        /// Check one IOTLB slot of a mock nested HWPT.
+        pub fn md_check_iotlb(&self, hwpt: u32, slot: u32, value: u32) -> Result<()> {
+            let mut c = TestCmd::new(OP_MD_CHECK_IOTLB, hwpt);
+            c.put32(0, slot).put32(4, value);
+            self.test_cmd("IOMMU_TEST_OP_MD_CHECK_IOTLB", &mut c)
+        }
+
+        /// Inject one page request (LAST set) from a mock device.
+        pub fn trigger_iopf(
+            &self,
+            dev_id: u32,
+            pasid: u32,
+            grpid: u32,
+            perm: u32,
+            addr: u64,
+        ) -> Result<()> {
+            let mut c = TestCmd::new(OP_TRIGGER_IOPF, 0);
+            c.put32(0, dev_id)
+                .put32(4, pasid)
+                .put32(8, grpid)
+                .put32(12, perm)
+                .put64(16, addr);
+            self.test_cmd("IOMMU_TEST_OP_TRIGGER_IOPF", &mut c)
+        }
+    }
+}
