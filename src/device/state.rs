@@ -241,13 +241,7 @@ impl IommuState {
             .reserved
             .iter()
             .any(|r| r.start <= end && start <= r.end);
-        let d = self
-            .domains
-            .get_mut(&req.domain)
-            .ok_or(RequestError::NoDomain(req.domain))?;
-        let DomainKind::Map(mappings) = &mut d.kind else {
-            return Err(RequestError::BypassDomain(req.domain));
-        };
+        let mappings = self.mappings_mut(req.domain)?;
         if end < start {
             return Err(RequestError::EmptyRange { start, end });
         }
@@ -289,16 +283,19 @@ impl IommuState {
         Ok(())
     }
 
+    /// The mappings of a MAP/UNMAP domain.
+    fn mappings_mut(&mut self, domain: u32) -> Result<&mut BTreeMap<u64, Mapping>, RequestError> {
+        match self.domains.get_mut(&domain).map(|d| &mut d.kind) {
+            Some(DomainKind::Map(m)) => Ok(m),
+            Some(DomainKind::Bypass) => Err(RequestError::BypassDomain(domain)),
+            None => Err(RequestError::NoDomain(domain)),
+        }
+    }
+
     /// UNMAP: removes every mapping inside [virt_start, virt_end]; refuses
     /// with RANGE, removing nothing, if one would be split.
     pub fn unmap(&mut self, req: &Unmap) -> Result<usize, RequestError> {
-        let d = self
-            .domains
-            .get_mut(&req.domain)
-            .ok_or(RequestError::NoDomain(req.domain))?;
-        let DomainKind::Map(mappings) = &mut d.kind else {
-            return Err(RequestError::BypassDomain(req.domain));
-        };
+        let mappings = self.mappings_mut(req.domain)?;
         let (start, end) = (req.virt_start, req.virt_end);
         if end < start {
             return Err(RequestError::EmptyRange { start, end });
