@@ -1,11 +1,13 @@
 //! Command line (clap derive), kept apart from everything else.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use clap::{ArgGroup, Parser, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::device::config::{DeviceConfig, Limits};
+use crate::viot::{ViotError, ViotTable};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ArgsError {
@@ -40,6 +42,8 @@ pub enum OnOff {
 /// vhost-user backend serving a virtio-iommu device.
 #[derive(Debug, Parser)]
 #[command(version, about)]
+// A subcommand replaces the serving options rather than combining with them.
+#[command(args_conflicts_with_subcommands = true, disable_help_subcommand = true)]
 #[command(group(ArgGroup::new("socket").args(["socket_path", "socket_fd"]).multiple(false)))]
 pub struct Args {
     /// Unix socket to listen on for the frontend (the VMM).
@@ -100,6 +104,72 @@ pub struct Args {
     /// counted as lost and logged).
     #[arg(long, default_value_t = 1024)]
     pub max_events: usize,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the ACPI VIOT table that tells the guest which PCI devices this
+    /// IOMMU manages, for QEMU's `-acpitable file=PATH`, and exit.
+    Viot(ViotArgs),
+}
+
+/// Options of `viot`. Checked in `ViotArgs::table`, not by clap, so that a
+/// mistake is one line naming it, like the serving options.
+#[derive(Debug, clap::Args)]
+pub struct ViotArgs {
+    /// PCI address of this device in the guest, [SEGMENT:]BUS:DEVICE.FUNCTION
+    /// in hex (QEMU's `addr=03.0` on the root bus is 00:03.0).
+    #[arg(long, value_name = "ADDR")]
+    pub iommu: Option<String>,
+
+    /// Endpoints behind it: FIRST[-LAST][,ENDPOINT_START], PCI addresses as
+    /// for --iommu. LAST defaults to FIRST; ENDPOINT_START (decimal or 0x-hex)
+    /// defaults to FIRST's requester ID (bus << 8 | device << 3 | function).
+    /// Repeatable; ranges must not overlap.
+    #[arg(long = "range", value_name = "RANGE")]
+    pub ranges: Vec<String>,
+
+    /// Where to write the table; `-` or absent: stdout.
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+impl ViotArgs {
+    pub fn table(&self) -> Result<ViotTable, ViotError> {
+        let iommu = self.iommu.as_deref().ok_or(ViotError::NoIommu)?.parse()?;
+        if self.ranges.is_empty() {
+            return Err(ViotError::NoRange);
+        }
+        let ranges = self
+            .ranges
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<_, _>>()?;
+        Ok(ViotTable { iommu, ranges })
+    }
+
+    /// None: stdout.
+    pub fn output_path(&self) -> Option<&Path> {
+        self.output.as_deref().filter(|p| *p != Path::new("-"))
+    }
+
+    /// What `vhost-device-iommu viot` does. The table is built and checked
+    /// before the output is opened, so bad input leaves no file behind.
+    pub fn run(&self, stdout: &mut dyn Write, stdout_is_terminal: bool) -> Result<(), ViotError> {
+        let bytes = self.table()?.to_bytes()?;
+        match self.output_path() {
+            Some(path) => std::fs::write(path, &bytes)
+                .map_err(|e| ViotError::Write(path.display().to_string(), e.to_string())),
+            None if stdout_is_terminal => Err(ViotError::Terminal),
+            None => stdout
+                .write_all(&bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| ViotError::Write("stdout".into(), e.to_string())),
+        }
+    }
 }
 
 /// Where the frontend connects.
@@ -310,5 +380,107 @@ mod tests {
             ArgsError::ZeroBound("max-events")
         );
         assert!(Args::try_parse_from(["x", "--socket-fd", "3", "--socket-path", "/a"]).is_err());
+    }
+
+    fn viot(extra: &[&str]) -> ViotArgs {
+        let mut v = vec!["vhost-device-iommu", "viot"];
+        v.extend_from_slice(extra);
+        match Args::try_parse_from(v).unwrap().command {
+            Some(Command::Viot(a)) => a,
+            None => panic!("no subcommand"),
+        }
+    }
+
+    /// What main does for `viot`, with stdout captured.
+    fn viot_stdout(extra: &[&str]) -> Result<Vec<u8>, ViotError> {
+        let mut out = Vec::new();
+        viot(extra).run(&mut out, false).map(|()| out)
+    }
+
+    #[test]
+    fn viot_subcommand_leaves_serving_options_alone() {
+        let a = Args::try_parse_from(["x", "--socket-path", "S", "--endpoint", "8"]).unwrap();
+        assert!(a.command.is_none());
+        assert_eq!(a.options().unwrap().endpoints, vec![8]);
+        // The two do not mix, in either order.
+        assert!(Args::try_parse_from(["x", "--socket-path", "S", "viot"]).is_err());
+        assert!(Args::try_parse_from(["x", "viot", "--socket-path", "S"]).is_err());
+    }
+
+    #[test]
+    fn viot_subcommand_writes_the_table() {
+        let a = ["--iommu", "00:03.0", "--range", "00:04.0-00:05.0"];
+        let t = viot_stdout(&a).unwrap();
+        assert_eq!((t.len(), &t[0..4]), (88, &b"VIOT"[..]));
+        let mut dash = a.to_vec();
+        dash.extend(["--output", "-"]);
+        assert_eq!(viot_stdout(&dash).unwrap(), t);
+        assert_eq!(
+            viot(&dash).run(&mut Vec::new(), true),
+            Err(ViotError::Terminal)
+        );
+
+        let path = std::env::temp_dir().join(format!("viot-test-{}.bin", std::process::id()));
+        let p = path.to_str().unwrap();
+        let mut file = a.to_vec();
+        file.extend(["--range", "0001:00:00.0-00:1f.7,0x10000", "--output", p]);
+        let mut out = Vec::new();
+        viot(&file).run(&mut out, true).unwrap();
+        let written = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(written.len(), 112);
+        let want = ViotTable {
+            iommu: "00:03.0".parse().unwrap(),
+            ranges: vec![
+                "00:04.0-00:05.0".parse().unwrap(),
+                "0001:00:00.0-0001:00:1f.7,0x10000".parse().unwrap(),
+            ],
+        };
+        assert_eq!(written, want.to_bytes().unwrap());
+    }
+
+    #[test]
+    fn viot_subcommand_errors_name_their_cause() {
+        assert_eq!(viot_stdout(&[]), Err(ViotError::NoIommu));
+        assert_eq!(
+            viot_stdout(&["--iommu", "00:03.0"]),
+            Err(ViotError::NoRange)
+        );
+        assert_eq!(
+            viot_stdout(&["--iommu", "3.0", "--range", "00:04.0"]),
+            Err(ViotError::BadAddress("3.0".into()))
+        );
+        assert_eq!(
+            viot_stdout(&["--iommu", "00:03.0", "--range", "00:04.0-x"]),
+            Err(ViotError::BadRange("00:04.0-x".into()))
+        );
+        assert!(matches!(
+            viot_stdout(&["--iommu", "00:03.0", "--range", "00:05.0-00:04.0"]),
+            Err(ViotError::Backwards(_))
+        ));
+        // Nothing is written when the input is bad.
+        let path = std::env::temp_dir().join(format!("viot-bad-{}.bin", std::process::id()));
+        let bad = [
+            "--iommu", "00:03.0", "--range", "00:04.0", "--range", "00:04.0",
+        ];
+        let mut args = bad.to_vec();
+        args.extend(["--output", path.to_str().unwrap()]);
+        assert!(matches!(
+            viot(&args).run(&mut Vec::new(), false),
+            Err(ViotError::Overlap(..))
+        ));
+        assert!(!path.exists());
+        let dir = ["--iommu", "00:03.0", "--range", "00:04.0", "--output", "/"];
+        assert!(
+            matches!(viot(&dir).run(&mut Vec::new(), false), Err(ViotError::Write(p, _)) if p == "/")
+        );
+        for e in [
+            ViotError::NoIommu,
+            ViotError::Terminal,
+            ViotError::BadAddress("x".into()),
+        ] {
+            assert!(!e.to_string().contains('\n'));
+        }
     }
 }

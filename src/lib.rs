@@ -6,3 +6,4 @@ pub mod device;
 pub mod fault_queue;
 pub mod iommufd_bridge;
 pub mod server;
+pub mod viot;
