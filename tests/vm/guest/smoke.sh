@@ -1,0 +1,52 @@
+#!/bin/sh
+# Guest-side smoke test of the kernel tier (runs as /test.sh under /init, busybox sh).
+# Prints `PASS name` / `FAIL name` per check, then runs each program listed in /etc/viommu-tests
+# (one absolute path per line; exit status 0 = pass) as one more test. Exit status: failures > 0.
+passed=0 failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
+check() { # check NAME COMMAND...
+    name="$1"
+    shift
+    if "$@"; then pass "$name"; else fail "$name"; fi
+}
+have_glob() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
+
+echo "smoke: kernel $(uname -r), $(nproc) cpus"
+# iommufd core: the /dev/iommu character device (misc device registered by CONFIG_IOMMUFD)
+check dev-iommu-chardev test -c /dev/iommu
+# CONFIG_IOMMUFD_TEST: iommufd_test_init() in drivers/iommu/iommufd/selftest.c creates the
+# fail_iommufd fault-injection debugfs dir, registers the iommufd_mock bus and the
+# iommufd_selftest_iommu platform device. All three exist only on a selftest kernel.
+check iommufd-selftest-debugfs test -d /sys/kernel/debug/fail_iommufd
+check iommufd-selftest-mock-bus test -d /sys/bus/iommufd_mock
+check iommufd-selftest-iommu-device have_glob /sys/bus/platform/devices/iommufd_selftest_iommu*
+# VFIO (legacy container node; the cdev nodes appear per bound device under /dev/vfio/devices)
+check vfio-container-chardev test -c /dev/vfio/vfio
+# CONFIG_DMA_MAP_BENCHMARK registers a pci and a platform driver at boot; its debugfs file
+# /sys/kernel/debug/dma_map_benchmark appears only once a device is bound to it
+check dma-map-benchmark-driver test -d /sys/bus/pci/drivers/dma_map_benchmark
+# the virtio-iommu guest driver is registered on the virtio bus
+check virtio-iommu-driver test -d /sys/bus/virtio/drivers/virtio_iommu
+# the kernel log: no BUG, Oops, WARNING or panic so far
+bad="$(dmesg | grep -E 'BUG:|Oops|general protection fault|WARNING:|Call Trace:|Kernel panic|kernel BUG' || true)"
+if [ -z "$bad" ]; then
+    pass dmesg-no-bug-oops
+else
+    fail dmesg-no-bug-oops
+    echo "$bad" | head -n 40
+fi
+
+if [ -f /etc/viommu-tests ]; then
+    while IFS= read -r t; do
+        [ -n "$t" ] || continue
+        name="$(basename "$t")"
+        echo "smoke: running $t"
+        "$t" </dev/null
+        rc=$?
+        if [ "$rc" -eq 0 ]; then pass "$name"; else fail "$name" "exit $rc"; fi
+    done </etc/viommu-tests
+fi
+
+echo "smoke: ${passed} passed, ${failed} failed"
+[ "$failed" -eq 0 ]
