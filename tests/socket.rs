@@ -936,3 +936,22 @@ fn serving_threads_are_named() {
         );
     }
 }
+
+/// Found by the request_path fuzz target: an avail entry naming a head
+/// beyond the queue used to end the requestq worker for good.
+#[test]
+fn a_head_index_beyond_the_queue_does_not_stop_the_device() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let q = f.requestq();
+    let size = q.size();
+    q.push_avail_raw(size).unwrap();
+    q.push_avail_raw(size + 7).unwrap();
+    q.kick_forced().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The worker still serves the queue.
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::map(1, 0, 0xfff, 0, RW)), S_OK);
+    let mut ctl = control(&b);
+    assert_eq!(stat(&ctl.stats().unwrap(), "other", "unanswered"), 2);
+}

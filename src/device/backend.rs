@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -149,6 +149,9 @@ impl IommuBackend {
         self.events.fifo().discard_all();
     }
 
+    /// Serve every available request. Errors of the guest's ring (bad
+    /// addresses, indices) are logged and end this pass; they never reach
+    /// the worker loop, which would stop serving the queue for good.
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
         let mut vr = vring.get_mut();
         let mut session = self.session();
@@ -156,51 +159,38 @@ impl IommuBackend {
         let mem = s.mem.memory();
         let mut g = Gathered::new();
         let mut out = [0u8; MAX_REPLY];
-        loop {
-            vr.disable_notification().map_err(io::Error::other)?;
-            let mut popped = 0usize;
-            while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) {
-                popped += 1;
-                let used = match gather(&chain, &mut g) {
-                    Ok(()) => {
-                        match handle(
-                            &mut s.iommu,
-                            &mut s.stats,
-                            s.acked_features,
-                            g.bytes(),
-                            g.writable_len,
-                            &mut out,
-                        ) {
-                            Reply::None => 0,
-                            Reply::Write { len } => {
-                                scatter(&chain, &out[..len]).unwrap_or_else(|e| {
-                                    debug!("request reply not written: {e}");
-                                    0
-                                })
-                            }
-                        }
+        let size = vr.get_queue().size();
+        let result = (|| -> Result<(), virtio_queue::Error> {
+            loop {
+                vr.disable_notification()?;
+                let mut popped = 0usize;
+                while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) {
+                    popped += 1;
+                    if chain.head_index() >= size {
+                        // No used-ring entry can name it: the entry is lost.
+                        debug!(
+                            "requestq: head index {} beyond the queue",
+                            chain.head_index()
+                        );
+                        s.stats.count_unanswered(0);
+                        continue;
                     }
-                    Err(e) => {
-                        debug!("unusable request chain: {e}");
-                        s.stats
-                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-                        0
-                    }
-                };
-                vr.add_used(chain.head_index(), used as u32)
-                    .map_err(io::Error::other)?;
+                    let used = serve_request(s, &chain, &mut g, &mut out);
+                    vr.add_used(chain.head_index(), used as u32)?;
+                }
+                // "More available" with nothing poppable means a broken avail
+                // ring (index beyond the queue size): stop until the next kick
+                // instead of spinning.
+                if !vr.enable_notification()? || popped == 0 {
+                    return Ok(());
+                }
             }
-            // "More available" with nothing poppable means a broken avail
-            // ring (index beyond the queue size): stop until the next kick
-            // instead of spinning.
-            if !vr.enable_notification().map_err(io::Error::other)? || popped == 0 {
-                break;
-            }
-        }
+        })();
         drop(session);
-        if vr.needs_notification().map_err(io::Error::other)? {
-            vr.signal_used_queue()?;
+        if let Err(e) = result {
+            debug!("requestq ring unusable: {e}");
         }
+        signal_if_needed(&mut vr);
         Ok(())
     }
 
@@ -213,54 +203,103 @@ impl IommuBackend {
         let mem = self.session().mem.memory();
         let mut fifo = self.events.fifo();
         let mut buf = [0u8; MAX_RECORD_LEN];
-        let mut used_any = false;
-        let mut popped_since_enable = true;
-        while let Some(rec) = fifo.front() {
-            let len = rec.encode(&mut buf);
-            let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) else {
-                // Out of buffers: ask to be kicked when the driver posts more.
-                // Retry once if some arrived meanwhile; never spin on a
-                // broken avail ring.
-                if popped_since_enable && vr.enable_notification().map_err(io::Error::other)? {
-                    popped_since_enable = false;
+        let mut g = Gathered::new();
+        let size = vr.get_queue().size();
+        let result = (|| -> Result<(), virtio_queue::Error> {
+            let mut popped_since_enable = true;
+            while let Some(rec) = fifo.front() {
+                let len = rec.encode(&mut buf);
+                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) else {
+                    // Out of buffers: ask to be kicked when the driver posts
+                    // more. Retry once if some arrived meanwhile; never spin
+                    // on a broken avail ring.
+                    if popped_since_enable && vr.enable_notification()? {
+                        popped_since_enable = false;
+                        continue;
+                    }
+                    return Ok(());
+                };
+                popped_since_enable = true;
+                if chain.head_index() >= size {
+                    debug!("eventq: head index {} beyond the queue", chain.head_index());
                     continue;
                 }
-                break;
-            };
-            popped_since_enable = true;
-            let mut g = Gathered::new();
-            let used = match gather(&chain, &mut g) {
-                Ok(()) if g.writable_len >= len as u64 => match scatter(&chain, &buf[..len]) {
-                    Ok(n) => {
-                        fifo.delivered();
-                        n
-                    }
-                    Err(e) => {
-                        debug!("event buffer not written: {e}");
+                let used = match gather(&chain, &mut g) {
+                    Ok(()) if g.writable_len >= len as u64 => match scatter(&chain, &buf[..len]) {
+                        Ok(n) => {
+                            fifo.delivered();
+                            n
+                        }
+                        Err(e) => {
+                            debug!("event buffer not written: {e}");
+                            0
+                        }
+                    },
+                    Ok(()) => {
+                        debug!(
+                            "eventq buffer of {} bytes is too small for a {len}-byte record",
+                            g.writable_len
+                        );
                         0
                     }
-                },
-                Ok(()) => {
-                    debug!(
-                        "eventq buffer of {} bytes is too small for a {len}-byte record",
-                        g.writable_len
-                    );
-                    0
-                }
-                Err(e) => {
-                    debug!("unusable eventq buffer: {e}");
-                    0
-                }
-            };
-            vr.add_used(chain.head_index(), used as u32)
-                .map_err(io::Error::other)?;
-            used_any = true;
-        }
+                    Err(e) => {
+                        debug!("unusable eventq buffer: {e}");
+                        0
+                    }
+                };
+                vr.add_used(chain.head_index(), used as u32)?;
+            }
+            Ok(())
+        })();
         drop(fifo);
-        if used_any && vr.needs_notification().map_err(io::Error::other)? {
-            vr.signal_used_queue()?;
+        if let Err(e) = result {
+            debug!("eventq ring unusable: {e}");
         }
+        signal_if_needed(&mut vr);
         Ok(())
+    }
+}
+
+/// One request chain: gather, handle, scatter; returns the used length.
+fn serve_request<M>(
+    s: &mut Session,
+    chain: &virtio_queue::DescriptorChain<M>,
+    g: &mut Gathered,
+    out: &mut [u8; MAX_REPLY],
+) -> usize
+where
+    M: Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    if let Err(e) = gather(chain, g) {
+        debug!("unusable request chain: {e}");
+        s.stats
+            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
+        return 0;
+    }
+    match handle(
+        &mut s.iommu,
+        &mut s.stats,
+        s.acked_features,
+        g.bytes(),
+        g.writable_len,
+        out,
+    ) {
+        Reply::None => 0,
+        Reply::Write { len } => scatter(chain, &out[..len]).unwrap_or_else(|e| {
+            debug!("request reply not written: {e}");
+            0
+        }),
+    }
+}
+
+/// Interrupt the driver if the ring's suppression rules ask for it. A ring
+/// whose flags cannot be read gets the interrupt (the safe side).
+fn signal_if_needed(vr: &mut VringState<GuestMemory>) {
+    if vr.needs_notification().unwrap_or(true) {
+        if let Err(e) = vr.signal_used_queue() {
+            debug!("cannot signal the driver: {e}");
+        }
     }
 }
 
@@ -408,6 +447,57 @@ mod tests {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .unwrap()
+    }
+
+    /// Found by fuzzing: a head index beyond the queue must not make
+    /// handle_event fail (the library then stops the worker for good).
+    #[test]
+    fn head_index_beyond_the_queue_is_dropped_not_fatal() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap(),
+        );
+        let b = IommuBackend::new(
+            DeviceConfig::default(),
+            Limits::default(),
+            &[1],
+            mem.clone(),
+        )
+        .unwrap();
+        b.acked_features(features::DEVICE_FEATURES);
+        let vring = VringRwLock::new(mem.clone(), 256).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let m = mem.memory();
+        // avail: flags 0, idx 1, ring[0] = 16 (== queue size).
+        m.write_obj(0u16, GuestAddress(0x2000)).unwrap();
+        m.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        m.write_obj(16u16, GuestAddress(0x2004)).unwrap();
+        assert!(b
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .is_ok());
+        // A valid ATTACH at head 0 is still answered.
+        let attach: [u8; 20] = [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        m.write_slice(&attach, GuestAddress(0x4000)).unwrap();
+        m.write_obj(0x4000u64, GuestAddress(0x1000)).unwrap();
+        m.write_obj(20u32, GuestAddress(0x1008)).unwrap();
+        m.write_obj(1u16, GuestAddress(0x100c)).unwrap(); // NEXT
+        m.write_obj(1u16, GuestAddress(0x100e)).unwrap();
+        m.write_obj(0x5000u64, GuestAddress(0x1010)).unwrap();
+        m.write_obj(4u32, GuestAddress(0x1018)).unwrap();
+        m.write_obj(2u16, GuestAddress(0x101c)).unwrap(); // WRITE
+        m.write_obj(0u16, GuestAddress(0x2006)).unwrap();
+        m.write_obj(2u16, GuestAddress(0x2002)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(0x5000)).unwrap();
+        assert!(b.handle_event(0, EventSet::IN, &[vring], 0).is_ok());
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x5000)).unwrap(),
+            0,
+            "ATTACH answered OK"
+        );
+        assert_eq!(b.session().iommu.endpoint(1).unwrap().domain, Some(1));
     }
 
     #[test]
