@@ -14,6 +14,9 @@ cargo test
 echo "== benchmark smoke: the request-path benchmark at small sizes (figures: cargo bench)"
 cargo bench --bench request_path -- --quick
 
+echo "== fuzzing: each libFuzzer target for 30 s from its seed corpus (long runs: bash fuzz/run.sh 3600)"
+bash fuzz/run.sh 30
+
 echo "== tier 3a: kernel tier (test kernels 7.x and 6.12 under QEMU/TCG, real /dev/iommu)"
 # First run on a machine: fetches Debian's linux-source packages and builds
 # two kernels (about 15 min on 2 cores); cached after that.

@@ -390,6 +390,75 @@ impl IommuState {
             len: avail.min(len),
         })
     }
+
+    /// Check the structural invariants every transition must keep; `Err`
+    /// names the first one broken. For fuzzing and tests: it walks all state.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.domains.len() > self.limits.max_domains {
+            return Err(format!(
+                "{} domains, limit {}",
+                self.domains.len(),
+                self.limits.max_domains
+            ));
+        }
+        let mut attached: HashMap<u32, usize> = HashMap::new();
+        for (&ep, e) in &self.endpoints {
+            if let Some(d) = e.domain {
+                if !self.domains.contains_key(&d) {
+                    return Err(format!("endpoint {ep} points at missing domain {d}"));
+                }
+                *attached.entry(d).or_default() += 1;
+            }
+        }
+        for (&id, d) in &self.domains {
+            let n = attached.get(&id).copied().unwrap_or(0);
+            if d.endpoints == 0 || d.endpoints != n {
+                return Err(format!(
+                    "domain {id} counts {} endpoints, {n} point at it",
+                    d.endpoints
+                ));
+            }
+            let DomainKind::Map(mappings) = &d.kind else {
+                continue;
+            };
+            if mappings.len() > self.limits.max_mappings {
+                return Err(format!(
+                    "domain {id} has {} mappings, limit {}",
+                    mappings.len(),
+                    self.limits.max_mappings
+                ));
+            }
+            let mut prev: Option<(u64, u64)> = None;
+            for (&start, m) in mappings {
+                if m.end < start {
+                    return Err(format!(
+                        "domain {id}: mapping {start:#x}-{:#x} ends before it starts",
+                        m.end
+                    ));
+                }
+                if let Some((ps, pe)) = prev {
+                    if pe >= start {
+                        return Err(format!(
+                            "domain {id}: mappings {ps:#x}-{pe:#x} and {start:#x}-{:#x} overlap",
+                            m.end
+                        ));
+                    }
+                }
+                if let Some(r) = self
+                    .reserved
+                    .iter()
+                    .find(|r| r.start <= m.end && start <= r.end)
+                {
+                    return Err(format!(
+                        "domain {id}: mapping {start:#x}-{:#x} overlaps reserved {:#x}-{:#x}",
+                        m.end, r.start, r.end
+                    ));
+                }
+                prev = Some((start, m.end));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -717,6 +786,47 @@ mod tests {
         );
         assert_eq!(s.translate(1, 0x5000, 8, true).unwrap(), Translation::Miss);
         assert!(s.translate(77, 0, 1, false).is_err());
+    }
+
+    #[test]
+    fn check_invariants_holds_after_transitions_and_catches_breakage() {
+        let mut s = state();
+        assert_eq!(s.check_invariants(), Ok(()));
+        attach(&mut s, 1, 1).unwrap();
+        attach(&mut s, 1, 2).unwrap();
+        map(&mut s, 1, 0, 0xfff).unwrap();
+        map(&mut s, 1, 0x1000, 0x1fff).unwrap();
+        attach(&mut s, 2, 2).unwrap();
+        assert_eq!(s.check_invariants(), Ok(()));
+
+        let broken = |f: &dyn Fn(&mut IommuState)| {
+            let mut s = state();
+            attach(&mut s, 1, 1).unwrap();
+            map(&mut s, 1, 0x1000, 0x1fff).unwrap();
+            f(&mut s);
+            s.check_invariants().unwrap_err()
+        };
+        fn insert(s: &mut IommuState, start: u64, end: u64) {
+            let DomainKind::Map(m) = &mut s.domains.get_mut(&1).unwrap().kind else {
+                unreachable!()
+            };
+            let flags = MAP_F_READ;
+            m.insert(
+                start,
+                Mapping {
+                    end,
+                    phys: 0,
+                    flags,
+                },
+            );
+        }
+        assert!(broken(&|s| insert(s, 0x1800, 0x2fff)).contains("overlap"));
+        assert!(broken(&|s| insert(s, 0x5000, 0x4fff)).contains("ends before"));
+        assert!(broken(&|s| insert(s, MSI_START, MSI_START + 0xfff)).contains("reserved"));
+        assert!(broken(&|s| s.domains.get_mut(&1).unwrap().endpoints = 2).contains("counts"));
+        assert!(broken(&|s| s.endpoints.get_mut(&2).unwrap().domain = Some(9)).contains("missing"));
+        assert!(broken(&|s| s.limits.max_domains = 0).contains("limit"));
+        assert!(broken(&|s| s.limits.max_mappings = 0).contains("limit"));
     }
 
     #[test]
