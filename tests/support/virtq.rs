@@ -633,13 +633,7 @@ impl SplitQueue {
     }
 
     fn publish(&mut self, head: u16) -> Result<()> {
-        let pos = self.next_avail % self.size;
-        self.mem
-            .write_u16(self.layout.avail + 4 + 2 * pos as u64, head)?;
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.mem
-            .atomic_u16(self.layout.avail + 2)?
-            .store(self.next_avail, Ordering::Release);
+        self.push_avail_raw(head)?;
         self.in_flight += 1;
         self.stats.added += 1;
         Ok(())
