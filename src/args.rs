@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::control::ControlLimits;
 use crate::device::config::{DeviceConfig, Limits};
 use crate::viot::{ViotError, ViotTable};
 
@@ -105,6 +106,15 @@ pub struct Args {
     #[arg(long, default_value_t = 1024)]
     pub max_events: usize,
 
+    /// Most control-socket clients served at once (one more gets an error
+    /// line and is closed).
+    #[arg(long, default_value_t = 16)]
+    pub max_control_clients: usize,
+
+    /// Longest control-socket request line in bytes (longer: bad-request).
+    #[arg(long, default_value_t = 4096)]
+    pub max_control_line: usize,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -187,6 +197,7 @@ pub struct Options {
     pub control_socket: Option<PathBuf>,
     pub config: DeviceConfig,
     pub limits: Limits,
+    pub control_limits: ControlLimits,
 }
 
 pub fn parse_u64(s: &str) -> Result<u64, ArgsError> {
@@ -257,6 +268,8 @@ impl Args {
             ("max-domains", self.max_domains),
             ("max-mappings", self.max_mappings),
             ("max-events", self.max_events),
+            ("max-control-clients", self.max_control_clients),
+            ("max-control-line", self.max_control_line),
         ] {
             if v == 0 {
                 return Err(ArgsError::ZeroBound(name));
@@ -278,6 +291,10 @@ impl Args {
                 max_domains: self.max_domains,
                 max_mappings: self.max_mappings,
                 max_events: self.max_events,
+            },
+            control_limits: ControlLimits {
+                max_clients: self.max_control_clients,
+                max_line: self.max_control_line,
             },
         })
     }
@@ -315,6 +332,7 @@ mod tests {
         assert_eq!(o.endpoints, vec![8, 16]);
         assert_eq!(o.config, DeviceConfig::default());
         assert_eq!(o.limits, Limits::default());
+        assert_eq!(o.control_limits, ControlLimits::default());
     }
 
     #[test]

@@ -15,10 +15,23 @@ use vm_memory::GuestAddressSpace;
 use crate::device::backend::IommuBackend;
 use crate::iommufd_bridge::model::{translate_dma, ModelError};
 
-/// Longest request line accepted; longer lines are refused.
-pub const MAX_LINE: usize = 4096;
-/// Clients served at once; more wait in the listen backlog.
-pub const MAX_CLIENTS: usize = 16;
+/// Bounds on what control clients can make us hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlLimits {
+    /// Clients served at once; one more is refused with an error line.
+    pub max_clients: usize,
+    /// Longest request line; longer lines are refused, not buffered.
+    pub max_line: usize,
+}
+
+impl Default for ControlLimits {
+    fn default() -> Self {
+        ControlLimits {
+            max_clients: 16,
+            max_line: 4096,
+        }
+    }
+}
 
 fn error(kind: &str, detail: impl ToString) -> Value {
     json!({"ok": false, "error": kind, "detail": detail.to_string()})
@@ -99,33 +112,33 @@ pub fn handle_line(backend: &IommuBackend, line: &str) -> Value {
     }
 }
 
-fn serve_client(backend: &IommuBackend, stream: UnixStream) -> io::Result<()> {
+fn serve_client(backend: &IommuBackend, stream: UnixStream, max_line: usize) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
-        // Read at most MAX_LINE + 1 bytes so a client cannot grow our memory.
+        // Read at most max_line + 1 bytes so a client cannot grow our memory.
         let n = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
+            .take(max_line as u64 + 1)
             .read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
-        let reply = if line.last() != Some(&b'\n') && n > MAX_LINE {
+        let reply = if line.last() != Some(&b'\n') && n > max_line {
             // Skip the rest of the long line, then answer once.
             let mut sink = Vec::new();
             while !sink.ends_with(b"\n") {
                 sink.clear();
                 if (&mut reader)
-                    .take(MAX_LINE as u64)
+                    .take(max_line as u64)
                     .read_until(b'\n', &mut sink)?
                     == 0
                 {
                     break;
                 }
             }
-            error("bad-request", format!("line longer than {MAX_LINE} bytes"))
+            error("bad-request", format!("line longer than {max_line} bytes"))
         } else {
             match std::str::from_utf8(&line) {
                 Ok(text) => handle_line(backend, text.trim()),
@@ -138,9 +151,13 @@ fn serve_client(backend: &IommuBackend, stream: UnixStream) -> io::Result<()> {
     }
 }
 
-/// Listen on `path` and serve clients on named threads, at most MAX_CLIENTS
-/// at once.
-pub fn spawn(path: &Path, backend: Arc<IommuBackend>) -> io::Result<thread::JoinHandle<()>> {
+/// Listen on `path` and serve clients on named threads, at most
+/// `limits.max_clients` at once.
+pub fn spawn(
+    path: &Path,
+    backend: Arc<IommuBackend>,
+    limits: ControlLimits,
+) -> io::Result<thread::JoinHandle<()>> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     info!("control socket on {}", path.display());
@@ -156,7 +173,7 @@ pub fn spawn(path: &Path, backend: Arc<IommuBackend>) -> io::Result<thread::Join
                         continue;
                     }
                 };
-                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                if active.fetch_add(1, Ordering::AcqRel) >= limits.max_clients {
                     active.fetch_sub(1, Ordering::AcqRel);
                     let mut s = stream;
                     let _ = s.write_all(
@@ -169,7 +186,7 @@ pub fn spawn(path: &Path, backend: Arc<IommuBackend>) -> io::Result<thread::Join
                 let spawned = thread::Builder::new()
                     .name("viommu-ctl-client".into())
                     .spawn(move || {
-                        if let Err(e) = serve_client(&b, stream) {
+                        if let Err(e) = serve_client(&b, stream, limits.max_line) {
                             debug!("control client: {e}");
                         }
                         a.fetch_sub(1, Ordering::AcqRel);

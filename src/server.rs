@@ -94,9 +94,11 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         .map_err(ServerError::Backend)?,
     );
     if let Some(path) = &opts.control_socket {
-        control::spawn(path, backend.clone()).map_err(|source| ServerError::Control {
-            path: path.display().to_string(),
-            source,
+        control::spawn(path, backend.clone(), opts.control_limits).map_err(|source| {
+            ServerError::Control {
+                path: path.display().to_string(),
+                source,
+            }
         })?;
     }
     info!(

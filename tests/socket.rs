@@ -955,3 +955,53 @@ fn a_head_index_beyond_the_queue_does_not_stop_the_device() {
     let mut ctl = control(&b);
     assert_eq!(stat(&ctl.stats().unwrap(), "other", "unanswered"), 2);
 }
+
+#[test]
+fn control_client_bound_refuses_one_more() {
+    let b = backend(&["--max-control-clients", "2"]);
+    let _f = connect(&b);
+    let mut c1 = control(&b);
+    let mut c2 = control(&b);
+    assert_eq!(c1.stats().unwrap()["ok"], true);
+    assert_eq!(c2.stats().unwrap()["ok"], true);
+    // The third gets one error line, unasked, and is closed.
+    let mut c3 = control(&b);
+    let r = c3.read_reply().unwrap();
+    assert_eq!(r["error"], "bad-request", "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("too many"));
+    // A slot frees when a client leaves.
+    drop(c1);
+    let mut c4 = support::retry(Duration::from_secs(5), "a freed slot", || {
+        let mut c = control(&b);
+        match c.stats() {
+            Ok(v) if v["ok"] == true => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    assert_eq!(c4.stats().unwrap()["ok"], true);
+}
+
+#[test]
+fn control_line_bound_keeps_memory_flat() {
+    let b = backend(&["--max-control-line", "256"]);
+    let _f = connect(&b);
+    let mut ctl = control(&b);
+    let long = format!(r#"{{"op":"stats","pad":"{}"}}"#, "x".repeat(100_000));
+    ctl.send_line(&long).unwrap();
+    assert_eq!(ctl.read_reply().unwrap()["error"], "bad-request");
+    let rss0 = b.rss_kib().unwrap();
+    for _ in 0..300 {
+        ctl.send_line(&long).unwrap();
+        let r = ctl.read_reply().unwrap();
+        assert!(
+            r["detail"].as_str().unwrap().contains("longer than 256"),
+            "{r}"
+        );
+    }
+    let rss1 = b.rss_kib().unwrap();
+    eprintln!("control line flood: rss {rss0} KiB -> {rss1} KiB over 30 MB of long lines");
+    assert!(rss1 <= rss0 + 1024, "RSS grew from {rss0} to {rss1} KiB");
+    // A line under the bound still works on the same connection.
+    assert_eq!(ctl.stats().unwrap()["ok"], true);
+}
