@@ -22,6 +22,5 @@ echo "== tier 3a: kernel tier (test kernels 7.x and 6.12 under QEMU/TCG, real /d
 # two kernels (about 15 min on 2 cores); cached after that.
 bash tests/vm/kernel-tier.sh
 
-echo
-echo "!! tier 3b (QEMU 11 frontend with a Linux guest on our device): SKIPPED"
-echo "!!   it does not exist yet (issue 6)."
+echo "== tier 3b: guest tier (QEMU 11 frontend, the test kernel's virtio-iommu driver on our device)"
+bash tests/vm/guest-tier.sh

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Guest tier, first smoke: QEMU 11 (tests/vm/fetch-qemu.sh) as the vhost-user frontend of OUR
+# backend, a 7.x test kernel whose virtio-iommu driver must bind the device, and a pci-testdev
+# endpoint behind it (VIOT from our own `viot` subcommand) that must join an IOMMU group.
+#
+# Usage: bash tests/vm/guest-tier.sh        (as root; works from any directory)
+# Prints `guest-tier: N passed, M failed` on stdout; exit status non-zero if anything failed.
+# Progress, each PASS/FAIL and the interesting console lines go to stderr.
+# Env: VIOMMU_VM_GUEST_KERNEL=7.x (VERSIONSPEC for fetch-kernel-source.sh), VIOMMU_GT_TIMEOUT=120,
+#      VIOMMU_GT_WORK=DIR (keep the work dir there; default a temp dir, removed on success),
+#      VIOMMU_GT_BENCH_SECONDS=1 (DMA_MAP_BENCHMARK run in the guest, 0 = skip; drives MAP/UNMAP).
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+repo="$(cd "${VM_DIR}/../.." && pwd)"
+gt="${VM_DIR}/guest-tier"
+tmo="${VIOMMU_GT_TIMEOUT:-120}"
+bench_s="${VIOMMU_GT_BENCH_SECONDS:-1}"
+
+passed=0 failed=0
+pass() { vm_log "PASS $1"; passed=$((passed + 1)); }
+fail() { vm_log "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
+
+if [ -n "${VIOMMU_GT_WORK:-}" ]; then
+    W="$VIOMMU_GT_WORK"
+    mkdir -p "$W"
+else
+    W="$(mktemp -d "${TMPDIR:-/tmp}/viommu-guest-tier.XXXXXX")"
+fi
+backend_pid=""
+cleanup() {
+    if [ -n "$backend_pid" ] && kill -0 "$backend_pid" 2>/dev/null; then
+        kill "$backend_pid" 2>/dev/null || true
+        wait "$backend_pid" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+t_start="$(date +%s.%N)"
+elapsed() { printf '%.1f' "$(echo "$(date +%s.%N) - $t_start" | bc)"; }
+
+# 1. QEMU 11, kernel, backend binary, VIOT, initramfs.
+qemu="$("${VM_DIR}/fetch-qemu.sh")"
+vm_log "qemu wrapper: $qemu ($(elapsed) s)"
+src="$("${VM_DIR}/fetch-kernel-source.sh" "${VIOMMU_VM_GUEST_KERNEL:-7.x}")"
+kernel="$("${VM_DIR}/build-kernel.sh" "$src")"
+vm_log "kernel: $kernel ($(elapsed) s)"
+(cd "$repo" && cargo build --release --quiet) >&2 || vm_die "cargo build --release failed"
+bin="${repo}/target/release/vhost-device-iommu"
+[ -x "$bin" ] || vm_die "$bin not found after cargo build"
+
+"$bin" viot --iommu 00:03.0 --range 00:04.0-00:05.0 --output "$W/viot.bin" || vm_die "viot subcommand failed"
+vm_log "VIOT: $W/viot.bin ($(stat -c %s "$W/viot.bin") bytes)"
+
+files=("${gt}/test.sh:/test.sh")
+if [ "$bench_s" != 0 ] && command -v gcc >/dev/null; then
+    if gcc -static -O2 -o "$W/dma-bench" "${gt}/dma-bench.c" 2>"$W/dma-bench.gcc.log"; then
+        files+=("$W/dma-bench:/bin/dma-bench")
+    else
+        vm_log "WARNING: static build of dma-bench failed (see $W/dma-bench.gcc.log); no MAP traffic test"
+    fi
+fi
+"${VM_DIR}/mkinitramfs.sh" "$W/initramfs.cpio.gz" "${files[@]}"
+
+# 2. Our backend on the host.
+rm -f "$W/viommu.sock" "$W/ctl.sock"
+RUST_LOG="${RUST_LOG:-debug}" "$bin" --socket-path "$W/viommu.sock" --endpoint 0x20 --endpoint 0x28 \
+    --control-socket "$W/ctl.sock" >"$W/backend.log" 2>&1 &
+backend_pid=$!
+for _ in $(seq 100); do
+    [ -S "$W/viommu.sock" ] && [ -S "$W/ctl.sock" ] && break
+    kill -0 "$backend_pid" 2>/dev/null || break
+    sleep 0.1
+done
+if [ -S "$W/viommu.sock" ] && kill -0 "$backend_pid" 2>/dev/null; then
+    pass backend-listening
+else
+    fail backend-listening
+    tail -n 20 "$W/backend.log" | sed 's/^/[vm]   backend: /' >&2
+    printf 'guest-tier: %d passed, %d failed\n' "$passed" "$failed"
+    exit 1
+fi
+
+ctl() { # ctl JSON: one request on the control socket, prints the answer line
+    python3 -c 'import socket,sys
+s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode()+b"\n"); b=b""
+while not b.endswith(b"\n"):
+    c=s.recv(65536)
+    if not c: break
+    b+=c
+print(b.decode().strip())' "$W/ctl.sock" "$1"
+}
+
+# 3. Boot the guest.
+vm_log "booting $(basename "$(dirname "$kernel")") with QEMU 11 ($(elapsed) s)"
+t_boot="$(date +%s.%N)"
+grc=0
+VIOMMU_VM_QEMU="$qemu" "${VM_DIR}/run-guest.sh" "$kernel" "$W/initramfs.cpio.gz" "$W/console.log" "$tmo" \
+    -- -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \
+    -chardev "socket,id=c,path=$W/viommu.sock" \
+    -device vhost-user-test-device-pci,chardev=c,virtio-id=23,num_vqs=2,config_size=40,addr=03.0 \
+    -device pci-testdev,addr=04.0 -device pci-testdev,addr=05.0 \
+    -acpitable "file=$W/viot.bin" || grc=$?
+boot_s="$(printf '%.1f' "$(echo "$(date +%s.%N) - $t_boot" | bc)")"
+vm_log "guest finished in ${boot_s} s wall (status $grc)"
+
+# Guest checks: each PASS/FAIL line of the console counts.
+while read -r word name rest; do
+    case "$word" in
+        PASS) pass "guest:$name" ;;
+        FAIL) fail "guest:$name" "$rest" ;;
+    esac
+done < <(tr -d '\r' <"$W/console.log" | grep -aE '^(PASS|FAIL) ' || true)
+tr -d '\r' <"$W/console.log" | grep -aE '^(guest-tier|guest-dmesg|dma-bench):' | sed 's/^/[vm]   /' >&2 || true
+if [ "$grc" -eq 0 ]; then pass guest-exit-0; else fail guest-exit-0 "run-guest status $grc, console $W/console.log"; fi
+
+# 4. After the guest: backend alive, requests counted.
+if kill -0 "$backend_pid" 2>/dev/null; then pass backend-survived-guest; else fail backend-survived-guest; fi
+stats="$(ctl '{"op":"stats"}' 2>&1 || true)"
+printf '%s\n' "$stats" >"$W/stats.json"
+vm_log "stats: $stats"
+if python3 - "$W/stats.json" >&2 <<'PY'; then
+import json, sys
+s = json.load(open(sys.argv[1]))
+def total(obj, key):
+    """Sum every number found under a key named like `key` (any nesting, any status)."""
+    t = 0
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if key in k.lower():
+                t += count(v)
+            else:
+                t += total(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            t += total(v, key)
+    return t
+def count(v):
+    if isinstance(v, bool):
+        return 0
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, dict):
+        return sum(count(x) for x in v.values())
+    if isinstance(v, list):
+        return sum(count(x) for x in v)
+    return 0
+a, m = total(s, "attach"), total(s, "map") - total(s, "unmap")
+print(f"[vm] stats: attach={a} map={m}")
+sys.exit(0 if a > 0 and m > 0 else 1)
+PY
+    pass stats-attach-map
+else
+    fail stats-attach-map "see $W/stats.json"
+fi
+
+cleanup
+backend_pid=""
+vm_log "total $(elapsed) s; work dir $W"
+printf 'guest-tier: %d passed, %d failed\n' "$passed" "$failed"
+if [ "$failed" -eq 0 ] && [ -z "${VIOMMU_GT_WORK:-}" ]; then rm -rf "$W"; fi
+[ "$failed" -eq 0 ]

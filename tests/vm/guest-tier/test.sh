@@ -1,0 +1,43 @@
+#!/bin/sh
+# Guest side of tests/vm/guest-tier.sh (runs as /test.sh under /init, busybox sh).
+# Our vhost-user virtio-iommu is at 00:03.0, the VIOT puts pci-testdev 00:04.0 and 00:05.0 behind it.
+# Prints `PASS name` / `FAIL name` per check; exit status: failures > 0.
+passed=0 failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
+have_glob() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
+ep=0000:00:04.0
+
+echo "guest-tier: kernel $(uname -r)"
+for d in /sys/bus/virtio/devices/virtio*; do
+    [ -e "$d" ] || continue
+    echo "guest-tier: $(basename "$d") device=$(cat "$d/device") vendor=$(cat "$d/vendor") driver=$(basename "$(readlink "$d/driver" 2>/dev/null)")"
+done
+if have_glob /sys/bus/virtio/drivers/virtio_iommu/virtio*; then pass virtio-iommu-bound; else fail virtio-iommu-bound; fi
+if dmesg | grep -q virtio_iommu; then pass dmesg-virtio-iommu; else fail dmesg-virtio-iommu; fi
+if dmesg | grep -q 'ACPI: VIOT'; then pass acpi-viot-table; else fail acpi-viot-table; fi
+
+echo dma_map_benchmark >"/sys/bus/pci/devices/$ep/driver_override"
+if echo "$ep" >/sys/bus/pci/drivers/dma_map_benchmark/bind; then
+    pass dma-map-benchmark-bind
+else
+    fail dma-map-benchmark-bind "bind failed (EAGAIN = probe deferred: no IOMMU for the endpoint)"
+fi
+if [ -e "/sys/bus/pci/devices/$ep/iommu_group" ]; then
+    g="$(readlink "/sys/bus/pci/devices/$ep/iommu_group")"
+    pass "endpoint-iommu-group"
+    echo "guest-tier: $ep iommu_group ${g##*/} type $(cat "/sys/bus/pci/devices/$ep/iommu_group/type" 2>/dev/null)"
+else
+    fail endpoint-iommu-group
+fi
+if [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
+    if /bin/dma-bench 1; then pass dma-map-benchmark-run; else fail dma-map-benchmark-run; fi
+fi
+
+bad="$(dmesg | grep -E 'BUG:|Oops|general protection fault|WARNING:|Call Trace:|Kernel panic|kernel BUG' || true)"
+if [ -z "$bad" ]; then pass dmesg-no-bug-oops; else fail dmesg-no-bug-oops; echo "$bad" | head -n 40; fi
+
+echo "guest-tier: dmesg lines about the IOMMU:"
+dmesg | grep -iE 'virtio_iommu|viot|iommu|dma_map_benchmark|virtio' | sed 's/^/guest-dmesg: /'
+echo "guest-tier: ${passed} passed, ${failed} failed (guest)"
+[ "$failed" -eq 0 ]
