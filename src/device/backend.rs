@@ -4,7 +4,6 @@
 use std::cell::Cell;
 use std::io;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, info, warn};
@@ -85,7 +84,6 @@ impl EventChannel {
 pub struct IommuBackend {
     session: Mutex<Session>,
     pub events: EventChannel,
-    event_idx: AtomicBool,
 }
 
 thread_local! {
@@ -122,7 +120,6 @@ impl IommuBackend {
                 mem,
             }),
             events: EventChannel::new(limits.max_events)?,
-            event_idx: AtomicBool::new(false),
         })
     }
 
@@ -136,7 +133,6 @@ impl IommuBackend {
         s.iommu.reset_system();
         s.acked_features = 0;
         s.mem = mem;
-        self.event_idx.store(false, Ordering::Relaxed);
     }
 
     /// The frontend went away: drop everything that guest made us hold.
@@ -341,9 +337,9 @@ impl VhostUserBackend for IommuBackend {
         self.events.fifo().discard_all();
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
+    // The library applies EVENT_IDX to each vring; the queue loops only use
+    // the vrings' notification calls, so there is nothing to keep here.
+    fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let s = self.session();
