@@ -8,6 +8,7 @@ use thiserror::Error;
 
 use crate::control::ControlLimits;
 use crate::device::config::{DeviceConfig, Limits};
+use crate::iommufd_bridge::vfio::VfioSource;
 use crate::viot::{ViotError, ViotTable};
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -18,14 +19,14 @@ pub enum ArgsError {
     BadRange(String),
     #[error("range {0:?} ends before it starts")]
     EmptyRange(String),
-    #[error("bad endpoint {0:?}: expected ID, ID,vfio=PATH or ID,vfio-fd=FD")]
+    #[error("bad endpoint {0:?}: expected ID, ID,vfio=PATH, ID,vfio-fd=FD or ID,selftest")]
     BadEndpoint(String),
     #[error("endpoint {0:#x} is given twice")]
     DuplicateEndpoint(u32),
-    #[error(
-        "endpoint {0:#x}: VFIO endpoints are not supported yet (they need the iommufd bridge)"
-    )]
-    VfioUnsupported(u32),
+    #[error("endpoint {0:#x}: selftest endpoints need a build with the `selftest` feature")]
+    SelftestNotBuilt(u32),
+    #[error("selftest and VFIO endpoints cannot be mixed in one device")]
+    MixedHostEndpoints,
     #[error("--page-size-mask must have at least one bit set")]
     EmptyPageSizeMask,
     #[error("--{0} must be at least 1")]
@@ -189,11 +190,36 @@ pub enum SocketSpec {
     Fd(i32),
 }
 
+/// What serves an endpoint's DMA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointKind {
+    /// The software IOMMU model.
+    Virtual,
+    /// A VFIO device through its cdev.
+    Vfio(VfioSource),
+    /// A mock device of the kernel's iommufd selftest (tests).
+    Selftest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub id: u32,
+    pub kind: EndpointKind,
+}
+
+/// The iommufd host endpoints use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IommufdSpec {
+    Path(PathBuf),
+    Fd(i32),
+}
+
 /// Validated options.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub socket: SocketSpec,
-    pub endpoints: Vec<u32>,
+    pub endpoints: Vec<EndpointSpec>,
+    pub iommufd: IommufdSpec,
     pub control_socket: Option<PathBuf>,
     pub config: DeviceConfig,
     pub limits: Limits,
@@ -227,16 +253,33 @@ fn parse_range(s: &str) -> Result<(u64, u64), ArgsError> {
     Ok((a, b))
 }
 
-/// `ID`, `ID,vfio=PATH` or `ID,vfio-fd=FD`.
-pub fn parse_endpoint(s: &str) -> Result<u32, ArgsError> {
-    let mut parts = s.split(',');
-    let id = parse_u32(parts.next().unwrap_or("")).map_err(|_| ArgsError::BadEndpoint(s.into()))?;
-    match parts.next() {
-        None => Ok(id),
-        Some(p) if p.starts_with("vfio=") || p.starts_with("vfio-fd=") => {
-            Err(ArgsError::VfioUnsupported(id))
-        }
-        Some(_) => Err(ArgsError::BadEndpoint(s.into())),
+/// `ID`, `ID,vfio=PATH`, `ID,vfio-fd=FD` or `ID,selftest`.
+pub fn parse_endpoint(s: &str) -> Result<EndpointSpec, ArgsError> {
+    let bad = || ArgsError::BadEndpoint(s.into());
+    let (id, rest) = match s.split_once(',') {
+        Some((id, rest)) => (id, Some(rest)),
+        None => (s, None),
+    };
+    let id = parse_u32(id).map_err(|_| bad())?;
+    let kind = match rest {
+        None => EndpointKind::Virtual,
+        Some("selftest") if cfg!(feature = "selftest") => EndpointKind::Selftest,
+        Some("selftest") => return Err(ArgsError::SelftestNotBuilt(id)),
+        Some(r) => match r.split_once('=') {
+            Some(("vfio", p)) if !p.is_empty() => EndpointKind::Vfio(VfioSource::Path(p.into())),
+            Some(("vfio-fd", fd)) => {
+                let fd = i32::try_from(parse_u64(fd).map_err(|_| bad())?).map_err(|_| bad())?;
+                EndpointKind::Vfio(VfioSource::Fd(fd))
+            }
+            _ => return Err(bad()),
+        },
+    };
+    Ok(EndpointSpec { id, kind })
+}
+
+impl Options {
+    pub fn endpoint_ids(&self) -> Vec<u32> {
+        self.endpoints.iter().map(|e| e.id).collect()
     }
 }
 
@@ -247,14 +290,22 @@ impl Args {
             (None, Some(fd)) => SocketSpec::Fd(fd),
             _ => return Err(ArgsError::NoSocket),
         };
-        let mut endpoints = Vec::new();
+        let mut endpoints: Vec<EndpointSpec> = Vec::new();
         for e in &self.endpoints {
-            let id = parse_endpoint(e)?;
-            if endpoints.contains(&id) {
-                return Err(ArgsError::DuplicateEndpoint(id));
+            let spec = parse_endpoint(e)?;
+            if endpoints.iter().any(|e| e.id == spec.id) {
+                return Err(ArgsError::DuplicateEndpoint(spec.id));
             }
-            endpoints.push(id);
+            endpoints.push(spec);
         }
+        let has = |f: fn(&EndpointKind) -> bool| endpoints.iter().any(|e| f(&e.kind));
+        if has(|k| matches!(k, EndpointKind::Vfio(_))) && has(|k| *k == EndpointKind::Selftest) {
+            return Err(ArgsError::MixedHostEndpoints);
+        }
+        let iommufd = match self.iommufd_fd {
+            Some(fd) => IommufdSpec::Fd(fd),
+            None => IommufdSpec::Path(self.iommufd.clone()),
+        };
         if self.page_size_mask == 0 {
             return Err(ArgsError::EmptyPageSizeMask);
         }
@@ -278,6 +329,7 @@ impl Args {
         Ok(Options {
             socket,
             endpoints,
+            iommufd,
             control_socket: self.control_socket.clone(),
             config: DeviceConfig {
                 page_size_mask: self.page_size_mask,
@@ -329,7 +381,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.socket, SocketSpec::Path("/tmp/s".into()));
-        assert_eq!(o.endpoints, vec![8, 16]);
+        assert_eq!(o.endpoint_ids(), vec![8, 16]);
+        assert!(o.endpoints.iter().all(|e| e.kind == EndpointKind::Virtual));
+        assert_eq!(o.iommufd, IommufdSpec::Path("/dev/iommu".into()));
         assert_eq!(o.config, DeviceConfig::default());
         assert_eq!(o.limits, Limits::default());
         assert_eq!(o.control_limits, ControlLimits::default());
@@ -361,22 +415,69 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_kinds() {
+        let o = args(&[
+            "--socket-fd",
+            "3",
+            "--endpoint",
+            "1,vfio=/dev/vfio/devices/vfio0",
+            "--endpoint",
+            "0x2,vfio-fd=7",
+            "--endpoint",
+            "3",
+            "--iommufd-fd",
+            "9",
+        ])
+        .unwrap();
+        let kinds: Vec<_> = o.endpoints.iter().map(|e| (e.id, e.kind.clone())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (
+                    1,
+                    EndpointKind::Vfio(VfioSource::Path("/dev/vfio/devices/vfio0".into()))
+                ),
+                (2, EndpointKind::Vfio(VfioSource::Fd(7))),
+                (3, EndpointKind::Virtual),
+            ]
+        );
+        assert_eq!(o.iommufd, IommufdSpec::Fd(9));
+        let selftest = args(&["--socket-fd", "3", "--endpoint", "4,selftest"]);
+        if cfg!(feature = "selftest") {
+            assert_eq!(selftest.unwrap().endpoints[0].kind, EndpointKind::Selftest);
+            assert_eq!(
+                args(&[
+                    "--socket-fd",
+                    "3",
+                    "--endpoint",
+                    "4,selftest",
+                    "--endpoint",
+                    "5,vfio=/x"
+                ])
+                .unwrap_err(),
+                ArgsError::MixedHostEndpoints
+            );
+        } else {
+            assert_eq!(selftest.unwrap_err(), ArgsError::SelftestNotBuilt(4));
+        }
+    }
+
+    #[test]
     fn errors_name_their_cause() {
         assert_eq!(args(&[]).unwrap_err(), ArgsError::NoSocket);
         assert_eq!(
             args(&["--socket-fd", "3", "--endpoint", "1", "--endpoint", "0x1"]).unwrap_err(),
             ArgsError::DuplicateEndpoint(1)
         );
-        assert_eq!(
-            args(&[
-                "--socket-fd",
-                "3",
-                "--endpoint",
-                "1,vfio=/dev/vfio/devices/vfio0"
-            ])
-            .unwrap_err(),
-            ArgsError::VfioUnsupported(1)
-        );
+        for bad in ["1,vfio=", "1,vfio-fd=x", "1,gpu", "1,", "1,selftest,x"] {
+            assert!(
+                matches!(
+                    args(&["--socket-fd", "3", "--endpoint", bad]).unwrap_err(),
+                    ArgsError::BadEndpoint(_)
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             args(&["--socket-fd", "3", "--endpoint", "x"]).unwrap_err(),
             ArgsError::BadEndpoint(_)
@@ -419,7 +520,7 @@ mod tests {
     fn viot_subcommand_leaves_serving_options_alone() {
         let a = Args::try_parse_from(["x", "--socket-path", "S", "--endpoint", "8"]).unwrap();
         assert!(a.command.is_none());
-        assert_eq!(a.options().unwrap().endpoints, vec![8]);
+        assert_eq!(a.options().unwrap().endpoint_ids(), vec![8]);
         // The two do not mix, in either order.
         assert!(Args::try_parse_from(["x", "--socket-path", "S", "viot"]).is_err());
         assert!(Args::try_parse_from(["x", "viot", "--socket-path", "S"]).is_err());

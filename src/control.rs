@@ -107,6 +107,10 @@ pub fn handle_line(backend: &IommuBackend, line: &str) -> Value {
     match req.get("op").and_then(Value::as_str) {
         Some("dma") => dma(backend, &req).unwrap_or_else(|e| e),
         Some("stats") => stats(backend),
+        Some("host") => serde_json::json!({
+            "ok": true,
+            "host": backend.session().iommu.host().describe(),
+        }),
         Some(op) => error("bad-request", format!("unknown op {op:?}")),
         None => error("bad-request", "missing \"op\""),
     }

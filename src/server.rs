@@ -10,9 +10,13 @@ use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::args::{Options, SocketSpec};
+use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
 use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING};
+use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
+use crate::iommufd_bridge::sys::Iommufd;
+use crate::iommufd_bridge::vfio::VfioCdev;
+use crate::iommufd_bridge::{BridgeError, HostIommu};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -35,6 +39,76 @@ pub enum ServerError {
     Daemon(vhost_user_backend::Error),
     #[error("cannot watch the event records: {0}")]
     Register(std::io::Error),
+    #[error("iommufd: {0}")]
+    Iommufd(#[from] crate::iommufd_bridge::sys::SysError),
+    #[error("iommufd: {0}")]
+    Host(#[from] BridgeError),
+    #[error("endpoint {id:#x}: {source}")]
+    Endpoint { id: u32, source: BridgeError },
+}
+
+/// The host IOMMU for the endpoints that are not virtual, if any.
+fn open_host(opts: &Options) -> Result<Option<Box<dyn HostIommu>>, ServerError> {
+    if opts
+        .endpoints
+        .iter()
+        .all(|e| e.kind == EndpointKind::Virtual)
+    {
+        return Ok(None);
+    }
+    let fd = match &opts.iommufd {
+        IommufdSpec::Path(p) => Iommufd::open(p)?,
+        IommufdSpec::Fd(fd) => {
+            // SAFETY: F_GETFD only reads the descriptor flags; it checks the
+            // operator's --iommufd-fd is open before we take it over.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(ServerError::Iommufd(
+                    crate::iommufd_bridge::sys::SysError::Open {
+                        path: format!("--iommufd-fd {fd}"),
+                        source: std::io::Error::last_os_error(),
+                    },
+                ));
+            }
+            // SAFETY: an open fd the operator handed over to us to own.
+            Iommufd::from_file(unsafe { std::fs::File::from_raw_fd(*fd) })
+        }
+    };
+    let bypass = opts.config.boot_bypass;
+    #[cfg(feature = "selftest")]
+    if opts
+        .endpoints
+        .iter()
+        .any(|e| e.kind == EndpointKind::Selftest)
+    {
+        use crate::iommufd_bridge::selftest::SelftestDevice;
+        let host = add_endpoints(IommufdHost::new(fd, bypass)?, opts, |fd, e, pt| match e {
+            EndpointKind::Selftest => SelftestDevice::create(fd, pt),
+            _ => unreachable!("mixing is refused by args"),
+        })?;
+        return Ok(Some(Box::new(host)));
+    }
+    let host = add_endpoints(IommufdHost::new(fd, bypass)?, opts, |fd, e, _pt| match e {
+        EndpointKind::Vfio(src) => VfioCdev::open(fd, src),
+        _ => unreachable!("only VFIO endpoints reach here"),
+    })?;
+    Ok(Some(Box::new(host)))
+}
+
+fn add_endpoints<D: HostDevice>(
+    mut host: IommufdHost<D>,
+    opts: &Options,
+    make: impl Fn(&Iommufd, &EndpointKind, u32) -> Result<D, BridgeError>,
+) -> Result<IommufdHost<D>, ServerError> {
+    for e in opts
+        .endpoints
+        .iter()
+        .filter(|e| e.kind != EndpointKind::Virtual)
+    {
+        host.add_endpoint(e.id, |fd, pt| make(fd, &e.kind, pt))
+            .map_err(|source| ServerError::Endpoint { id: e.id, source })?;
+        info!("endpoint {:#x}: {:?} bound", e.id, e.kind);
+    }
+    Ok(host)
 }
 
 impl From<vhost_user_backend::Error> for ServerError {
@@ -84,15 +158,18 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         })?,
         SocketSpec::Fd(fd) => listener_from_fd(*fd)?,
     };
-    let backend = Arc::new(
-        IommuBackend::new(
-            opts.config,
-            opts.limits,
-            &opts.endpoints,
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(ServerError::Backend)?,
-    );
+    let host = open_host(&opts)?;
+    let mut backend = IommuBackend::new(
+        opts.config,
+        opts.limits,
+        &opts.endpoint_ids(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(ServerError::Backend)?;
+    if let Some(host) = host {
+        backend = backend.with_host(host);
+    }
+    let backend = Arc::new(backend);
     if let Some(path) = &opts.control_socket {
         control::spawn(path, backend.clone(), opts.control_limits).map_err(|source| {
             ServerError::Control {

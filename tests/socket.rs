@@ -865,8 +865,32 @@ fn bad_options_exit_with_one_line_naming_the_cause() {
                 "/tmp/x",
                 "--endpoint",
                 "1,vfio=/dev/vfio/devices/vfio0",
+                "--iommufd",
+                "/nonexistent/iommu",
             ],
-            "not supported yet",
+            "cannot open /nonexistent/iommu",
+        ),
+        (
+            &[
+                "--socket-path",
+                "/tmp/x",
+                "--endpoint",
+                "1,vfio=/dev/vfio/devices/vfio0",
+                "--iommufd",
+                "/dev/null",
+            ],
+            "IOMMU_IOAS_ALLOC failed",
+        ),
+        (
+            &[
+                "--socket-path",
+                "/tmp/x",
+                "--endpoint",
+                "1,vfio-fd=900",
+                "--iommufd-fd",
+                "901",
+            ],
+            "--iommufd-fd 901",
         ),
         (
             &["--socket-path", "/tmp/x", "--domain-range", "9-1"],

@@ -4,9 +4,10 @@
 use std::cell::Cell;
 use std::io;
 use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -14,7 +15,9 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -27,6 +30,7 @@ use crate::device::dispatch::{handle, Reply, MAX_REPLY};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
+use crate::iommufd_bridge::{HostIommu, RamRegion};
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -105,6 +109,19 @@ fn name_worker_thread(thread_id: usize) {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
+/// The memory table's regions, as the host IOMMU maps them.
+fn ram_regions(mem: &GuestMemory) -> Vec<RamRegion> {
+    mem.memory()
+        .iter()
+        .map(|r| RamRegion {
+            gpa: r.start_addr().0,
+            len: r.len(),
+            host_va: r.as_ptr() as u64,
+            file: r.file_offset().map(|f| (f.file().as_raw_fd(), f.start())),
+        })
+        .collect()
+}
+
 impl IommuBackend {
     pub fn new(
         config: DeviceConfig,
@@ -123,6 +140,12 @@ impl IommuBackend {
         })
     }
 
+    /// Serve host endpoints (VFIO, selftest) through `host`.
+    pub fn with_host(self, host: Box<dyn HostIommu>) -> Self {
+        self.session().iommu.set_host(host);
+        self
+    }
+
     pub fn session(&self) -> MutexGuard<'_, Session> {
         self.session.lock().unwrap()
     }
@@ -138,7 +161,7 @@ impl IommuBackend {
     /// The frontend went away: drop everything that guest made us hold.
     pub fn end_session(&self) {
         let mut s = self.session();
-        s.iommu.reset_system();
+        s.iommu.disconnect();
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         drop(s);
@@ -381,15 +404,24 @@ impl VhostUserBackend for IommuBackend {
         } else if value > 1 {
             debug!("bypass write of {value} ignored (only 0 or 1)");
         } else {
-            s.iommu.bypass = value == 1;
-            info!("bypass {}", if value == 1 { "on" } else { "off" });
+            match s.iommu.set_bypass(value == 1) {
+                Ok(()) => info!("bypass {}", if value == 1 { "on" } else { "off" }),
+                Err(e) => error!("bypass {value}: the host refused: {e}"),
+            }
         }
         Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         debug!("guest memory table updated");
-        self.session().mem = mem;
+        let regions = ram_regions(&mem);
+        let mut s = self.session();
+        s.mem = mem;
+        if let Err(e) = s.iommu.set_guest_ram(&regions) {
+            // Host endpoints' DMA to the regions that failed will fault;
+            // the guest and the virtual endpoints are unaffected.
+            error!("guest RAM for host endpoints: {e}");
+        }
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::iommufd_bridge::BridgeError;
+
 /// Status codes of the ratified spec (virtio-iommu 1.4 "Device operations").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -93,6 +95,8 @@ pub enum RequestError {
     TooManyMappings(usize),
     #[error("properties area is {got} bytes, probe_size is {need}")]
     ProbeBufferTooSmall { got: u64, need: u32 },
+    #[error("host: {0}")]
+    Host(#[from] BridgeError),
 }
 
 impl RequestError {
@@ -109,7 +113,28 @@ impl RequestError {
             DomainOutOfRange(_) | Misaligned(_) | OutsideInputRange { .. } => Status::Range,
             PhysOverflow | WouldSplit { .. } => Status::Range,
             TooManyDomains(_) | TooManyMappings(_) => Status::NoMem,
+            Host(e) => host_status(e),
         }
+    }
+}
+
+/// A host refusal as the guest sees it. The kernel's errno is the best
+/// description of whose fault it was.
+fn host_status(e: &BridgeError) -> Status {
+    match e {
+        BridgeError::NotGuestRam { .. } => Status::Fault,
+        BridgeError::Unsupported(_) => Status::Unsupp,
+        BridgeError::Host { .. } => Status::DevErr,
+        BridgeError::Kernel { errno, .. } => match *errno {
+            libc::ENOMEM | libc::ENOSPC => Status::NoMem,
+            // Address in a reserved or unusable range, overlap, alignment.
+            libc::EINVAL | libc::EEXIST | libc::EADDRINUSE => Status::Inval,
+            libc::ERANGE | libc::EOVERFLOW => Status::Range,
+            libc::EOPNOTSUPP | libc::ENOTTY | libc::ENODEV => Status::Unsupp,
+            libc::EFAULT => Status::Fault,
+            // ENOENT, EBUSY, EPERM, EIO...: our own objects misbehaved.
+            _ => Status::DevErr,
+        },
     }
 }
 

@@ -11,6 +11,8 @@ use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::error::RequestError;
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
+use crate::iommufd_bridge::software::SoftwareIommu;
+use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (virtio-iommu.md P11).
@@ -77,6 +79,31 @@ pub struct IommuState {
     endpoints: HashMap<u32, Endpoint>,
     domains: HashMap<u32, Domain>,
     reserved: Vec<ReservedRegion>,
+    /// Keeps the host in step: called after a request is validated and
+    /// before it is committed, so a host refusal changes nothing.
+    host: Box<dyn HostIommu>,
+}
+
+/// The mappings of a MAP/UNMAP domain (a free function so that the host
+/// can be called while they are borrowed).
+fn map_domain(
+    domains: &mut HashMap<u32, Domain>,
+    domain: u32,
+) -> Result<&mut BTreeMap<u64, Mapping>, RequestError> {
+    match domains.get_mut(&domain).map(|d| &mut d.kind) {
+        Some(DomainKind::Map(m)) => Ok(m),
+        Some(DomainKind::Bypass) => Err(RequestError::BypassDomain(domain)),
+        None => Err(RequestError::NoDomain(domain)),
+    }
+}
+
+fn host_mapping(iova: u64, m: &Mapping) -> HostMapping {
+    HostMapping {
+        iova,
+        end: m.end,
+        phys: m.phys,
+        flags: m.flags,
+    }
 }
 
 impl IommuState {
@@ -95,7 +122,46 @@ impl IommuState {
                 end: MSI_END,
                 subtype: RESV_MEM_T_MSI,
             }],
+            host: Box::new(SoftwareIommu),
         }
+    }
+
+    /// Serve host endpoints through `host` (iommufd) instead of software only.
+    pub fn set_host(&mut self, mut host: Box<dyn HostIommu>) {
+        host.reset(self.bypass);
+        self.host = host;
+    }
+
+    pub fn host(&self) -> &dyn HostIommu {
+        self.host.as_ref()
+    }
+
+    /// Is `endpoint` a host (VFIO, selftest) endpoint?
+    pub fn is_host_endpoint(&self, endpoint: u32) -> bool {
+        self.host.owns(endpoint)
+    }
+
+    /// The frontend's memory table changed.
+    pub fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<(), BridgeError> {
+        self.host.set_guest_ram(regions)
+    }
+
+    /// The bypass byte was written.
+    pub fn set_bypass(&mut self, on: bool) -> Result<(), BridgeError> {
+        self.host.set_bypass(on)?;
+        self.bypass = on;
+        Ok(())
+    }
+
+    /// The frontend is gone: as system reset, and the host lets go of
+    /// guest RAM and blocks its devices until the next guest.
+    pub fn disconnect(&mut self) {
+        self.domains.clear();
+        for ep in self.endpoints.values_mut() {
+            ep.domain = None;
+        }
+        self.bypass = self.config.boot_bypass;
+        self.host.disconnect();
     }
 
     /// Device reset: every domain goes, endpoints come back unattached. The
@@ -105,12 +171,13 @@ impl IommuState {
         for ep in self.endpoints.values_mut() {
             ep.domain = None;
         }
+        self.host.reset(self.bypass);
     }
 
     /// A new guest (system reset): reset, and bypass back to its boot value.
     pub fn reset_system(&mut self) {
-        self.reset();
         self.bypass = self.config.boot_bypass;
+        self.reset();
     }
 
     pub fn domain_count(&self) -> usize {
@@ -125,8 +192,8 @@ impl IommuState {
         self.endpoints.get(&id)
     }
 
-    pub fn reserved_regions(&self, _endpoint: u32) -> &[ReservedRegion] {
-        &self.reserved
+    pub fn reserved_regions(&self, endpoint: u32) -> &[ReservedRegion] {
+        self.host.reserved(endpoint).unwrap_or(&self.reserved)
     }
 
     pub fn mapping_count(&self, domain: u32) -> usize {
@@ -180,6 +247,23 @@ impl IommuState {
         if ep.domain == Some(req.domain) {
             return Ok(());
         }
+        if self.host.owns(req.endpoint) {
+            let target = if bypass {
+                Target::Identity
+            } else {
+                Target::Domain(req.domain)
+            };
+            let mut existing = self
+                .domains
+                .get(&req.domain)
+                .and_then(|d| match &d.kind {
+                    DomainKind::Map(m) => Some(m.iter().map(|(&s, m)| host_mapping(s, m))),
+                    DomainKind::Bypass => None,
+                })
+                .into_iter()
+                .flatten();
+            self.host.attach(req.endpoint, target, &mut existing)?;
+        }
         // An attached endpoint moves: detach first (spec 1.5, CH 3fa02b34c).
         if let Some(old) = ep.domain {
             self.release(req.endpoint, old);
@@ -221,6 +305,10 @@ impl IommuState {
                 domain: req.domain,
             });
         }
+        if self.host.owns(req.endpoint) {
+            self.host
+                .attach(req.endpoint, Target::Unattached, &mut std::iter::empty())?;
+        }
         self.release(req.endpoint, req.domain);
         Ok(())
     }
@@ -241,7 +329,7 @@ impl IommuState {
             .reserved
             .iter()
             .any(|r| r.start <= end && start <= r.end);
-        let mappings = self.mappings_mut(req.domain)?;
+        let mappings = map_domain(&mut self.domains, req.domain)?;
         if end < start {
             return Err(RequestError::EmptyRange { start, end });
         }
@@ -272,30 +360,23 @@ impl IommuState {
         if mappings.len() >= limit {
             return Err(RequestError::TooManyMappings(limit));
         }
-        mappings.insert(
-            start,
-            Mapping {
-                end,
-                phys: req.phys_start,
-                flags: req.flags,
-            },
-        );
-        Ok(())
-    }
-
-    /// The mappings of a MAP/UNMAP domain.
-    fn mappings_mut(&mut self, domain: u32) -> Result<&mut BTreeMap<u64, Mapping>, RequestError> {
-        match self.domains.get_mut(&domain).map(|d| &mut d.kind) {
-            Some(DomainKind::Map(m)) => Ok(m),
-            Some(DomainKind::Bypass) => Err(RequestError::BypassDomain(domain)),
-            None => Err(RequestError::NoDomain(domain)),
+        let m = Mapping {
+            end,
+            phys: req.phys_start,
+            flags: req.flags,
+        };
+        if self.host.backs(req.domain) {
+            self.host.map(req.domain, host_mapping(start, &m))?;
         }
+        mappings.insert(start, m);
+        Ok(())
     }
 
     /// UNMAP: removes every mapping inside [virt_start, virt_end]; refuses
     /// with RANGE, removing nothing, if one would be split.
     pub fn unmap(&mut self, req: &Unmap) -> Result<usize, RequestError> {
-        let mappings = self.mappings_mut(req.domain)?;
+        let backed = self.host.backs(req.domain);
+        let mappings = map_domain(&mut self.domains, req.domain)?;
         let (start, end) = (req.virt_start, req.virt_end);
         if end < start {
             return Err(RequestError::EmptyRange { start, end });
@@ -304,6 +385,9 @@ impl IommuState {
         // never overlap, so nothing else can be in the range or straddle it.
         if let Entry::Occupied(e) = mappings.entry(start) {
             if e.get().end == end {
+                if backed {
+                    self.host.unmap(req.domain, start, end)?;
+                }
                 e.remove();
                 return Ok(1);
             }
@@ -324,6 +408,13 @@ impl IommuState {
                     start: s,
                     end: m.end,
                 });
+            }
+        }
+        if backed {
+            // The host first: if it refuses, nothing is removed here (what it
+            // did remove is tolerated as gone when the guest tries again).
+            for (&s, m) in mappings.range(start..=end) {
+                self.host.unmap(req.domain, s, m.end)?;
             }
         }
         let mut removed = 0;

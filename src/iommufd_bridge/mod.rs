@@ -1,7 +1,138 @@
-//! The host side of the IOMMU: the software model that serves virtual
-//! endpoints, and the iommufd calls (`sys`) that VFIO and selftest endpoints
-//! will use. The trait both share arrives with the iommufd endpoints
-//! (issue 3).
+//! The host side of the IOMMU, behind one trait.
+//!
+//! The device state (`device::state`) decides what a request means; a
+//! `HostIommu` makes the host agree with it. Three implementations:
+//! - `software::SoftwareIommu`: every endpoint virtual, translated by the
+//!   software model (`model`) from the device state itself;
+//! - `host::IommufdHost<vfio::VfioCdev>`: real iommufd, VFIO cdev devices;
+//! - `host::IommufdHost<selftest::SelftestDevice>` (feature `selftest`): the
+//!   kernel's iommufd selftest mock devices, for the kernel test tier.
+//!
+//! The iommufd calls themselves live in `sys`.
 
+pub mod host;
 pub mod model;
+#[cfg(feature = "selftest")]
+pub mod selftest;
+pub mod software;
 pub mod sys;
+pub mod vfio;
+
+use std::fmt::Debug;
+
+use thiserror::Error;
+
+use crate::device::state::ReservedRegion;
+
+/// One region of guest RAM as the frontend's memory table gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    pub gpa: u64,
+    pub len: u64,
+    /// Where we mapped it.
+    pub host_va: u64,
+    /// The memfd behind it and the region's offset in it, if any.
+    pub file: Option<(i32, u64)>,
+}
+
+/// Where an endpoint's DMA should go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Not attached: identity when bypass is on, blocked when it is off.
+    Unattached,
+    /// A bypass domain: identity.
+    Identity,
+    /// A MAP/UNMAP domain.
+    Domain(u32),
+}
+
+/// One mapping of a MAP/UNMAP domain (inclusive end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMapping {
+    pub iova: u64,
+    pub end: u64,
+    pub phys: u64,
+    /// virtio MAP flags (READ 1, WRITE 2, MMIO 4).
+    pub flags: u32,
+}
+
+/// A host operation that failed. Comparable, so that request errors can
+/// carry it; the errno is what the kernel said.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum BridgeError {
+    #[error("{op} failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    Kernel { op: &'static str, errno: i32 },
+    #[error("{op} failed: {detail}")]
+    Host { op: &'static str, detail: String },
+    #[error("gpa {gpa:#x}+{len:#x} is not guest RAM")]
+    NotGuestRam { gpa: u64, len: u64 },
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl From<sys::SysError> for BridgeError {
+    fn from(e: sys::SysError) -> Self {
+        match e.errno() {
+            Some(errno) => BridgeError::Kernel { op: e.op(), errno },
+            None => BridgeError::Host {
+                op: e.op(),
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BridgeError>;
+
+/// What the host must do so that endpoints' DMA follows the device state.
+/// Called by `IommuState` between validating a request and committing it:
+/// an `Err` leaves the state as it was.
+pub trait HostIommu: Debug + Send {
+    /// Short name for logs and the control socket.
+    fn name(&self) -> &'static str;
+
+    /// Is this endpoint served by the host (not by the software model)?
+    fn owns(&self, endpoint: u32) -> bool;
+
+    /// Does the host hold objects for this domain (a host endpoint is in it)?
+    fn backs(&self, domain: u32) -> bool;
+
+    /// The frontend's memory table changed: guest RAM at IOVA = GPA.
+    fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<()>;
+
+    /// Point `endpoint` at `target`. For a domain the host does not back yet,
+    /// `mappings` yields what it already maps.
+    fn attach(
+        &mut self,
+        endpoint: u32,
+        target: Target,
+        mappings: &mut dyn Iterator<Item = HostMapping>,
+    ) -> Result<()>;
+
+    /// A new mapping in a domain the host backs.
+    fn map(&mut self, domain: u32, m: HostMapping) -> Result<()>;
+
+    /// Remove one whole mapping (as made by `map`) from a domain it backs.
+    fn unmap(&mut self, domain: u32, iova: u64, end: u64) -> Result<()>;
+
+    /// The bypass byte changed: unattached endpoints follow it.
+    fn set_bypass(&mut self, on: bool) -> Result<()>;
+
+    /// Device or system reset: every endpoint unattached (with `bypass`),
+    /// every domain object destroyed in dependency order.
+    fn reset(&mut self, bypass: bool);
+
+    /// The frontend is gone: as `reset`, and guest RAM unmapped.
+    fn disconnect(&mut self) {
+        self.reset(false);
+        if let Err(e) = self.set_guest_ram(&[]) {
+            log::error!("{}: unmapping guest RAM: {e}", self.name());
+        }
+    }
+
+    /// RESV_MEM regions of a host endpoint (None: use the platform's).
+    fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]>;
+
+    /// A JSON description of the host objects, for the control socket.
+    fn describe(&self) -> serde_json::Value;
+}

@@ -64,6 +64,12 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
     if iova.checked_add(len - 1).is_none() {
         return Err(ModelError::BadRequest("iova + len overflows"));
     }
+    if state.is_host_endpoint(endpoint) {
+        // Its DMA is the device's own, translated by the host IOMMU.
+        return Err(ModelError::BadRequest(
+            "endpoint is a host device, not a virtual one",
+        ));
+    }
     let access = if write { FLAG_WRITE } else { FLAG_READ };
     let record = |reason, address| EventRecord::Fault {
         reason,

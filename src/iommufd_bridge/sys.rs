@@ -7,10 +7,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
     iommu_fault_alloc, iommu_hwpt_alloc, iommu_ioas_alloc, iommu_ioas_copy, iommu_ioas_iova_ranges,
-    iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range, IOMMUFD_TYPE,
+    iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap, iommu_iova_range, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::IommuFd;
 use thiserror::Error;
@@ -42,6 +43,14 @@ pub enum SysError {
 }
 
 impl SysError {
+    /// The operation that failed.
+    pub fn op(&self) -> &'static str {
+        match self {
+            SysError::Open { .. } => "open",
+            SysError::Ioctl { op, .. } | SysError::Crate { op, .. } => op,
+        }
+    }
+
     /// The errno behind the failure, if the kernel gave one.
     pub fn errno(&self) -> Option<i32> {
         match self {
@@ -71,7 +80,41 @@ fn size_of<T>() -> u32 {
 
 /// One open iommufd context.
 pub struct Iommufd {
-    fd: IommuFd,
+    fd: Arc<IommuFd>,
+}
+
+impl std::fmt::Debug for Iommufd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Iommufd(fd {})", self.fd.as_raw_fd())
+    }
+}
+
+/// What this kernel's iommufd offers, probed once (ENOTTY = no such
+/// ioctl), never assumed from a version number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Features {
+    pub ioas_map_file: bool,
+    pub fault_queue: bool,
+    pub hwpt_invalidate: bool,
+    pub viommu: bool,
+    pub veventq: bool,
+    pub selftest: bool,
+}
+
+impl std::fmt::Display for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "IOAS_MAP_FILE {}, FAULT_QUEUE_ALLOC {}, HWPT_INVALIDATE {}, VIOMMU_ALLOC {}, VEVENTQ_ALLOC {}, IOMMU_TEST_CMD {}",
+            yn(self.ioas_map_file),
+            yn(self.fault_queue),
+            yn(self.hwpt_invalidate),
+            yn(self.viommu),
+            yn(self.veventq),
+            yn(self.selftest)
+        )
+    }
 }
 
 impl AsRawFd for Iommufd {
@@ -90,14 +133,45 @@ impl Iommufd {
                 path: path.display().to_string(),
                 source,
             })?;
-        Ok(Iommufd {
-            fd: IommuFd::new_from_fd(file),
-        })
+        Ok(Iommufd::from_file(file))
     }
 
     pub fn from_file(file: File) -> Self {
         Iommufd {
-            fd: IommuFd::new_from_fd(file),
+            fd: Arc::new(IommuFd::new_from_fd(file)),
+        }
+    }
+
+    /// The crate's handle, shared with vfio-ioctls.
+    pub fn handle(&self) -> &Arc<IommuFd> {
+        &self.fd
+    }
+
+    /// Is ioctl number `nr` known to this kernel? A zero `size` makes every
+    /// known command fail its size check (EINVAL) before doing anything;
+    /// an unknown one fails with ENOTTY.
+    pub fn has_ioctl(&self, nr: u32) -> bool {
+        let mut probe = [0u64; 16];
+        let req = vmm_sys_util::ioctl::ioctl_expr(
+            vmm_sys_util::ioctl::_IOC_NONE,
+            IOMMUFD_TYPE as u32,
+            nr,
+            0,
+        );
+        // SAFETY: `probe` is 128 zero bytes, more than any iommufd command
+        // struct; with size 0 the kernel reads only the size field.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(self, req, &mut probe) };
+        rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOTTY)
+    }
+
+    pub fn features(&self) -> Features {
+        Features {
+            ioas_map_file: self.has_ioctl(0x8f),
+            fault_queue: self.has_ioctl(0x8e),
+            hwpt_invalidate: self.has_ioctl(0x8d),
+            viommu: self.has_ioctl(0x90),
+            veventq: self.has_ioctl(0x93),
+            selftest: self.has_ioctl(0xa0),
         }
     }
 
@@ -139,6 +213,33 @@ impl Iommufd {
             .map_iommu_ioas(&m)
             .map_err(|source| SysError::Crate {
                 op: "IOMMU_IOAS_MAP",
+                source,
+            })
+    }
+
+    /// Map `len` bytes of file `fd` from `offset` to `iova` (fixed).
+    pub fn ioas_map_file(
+        &self,
+        ioas: u32,
+        fd: RawFd,
+        offset: u64,
+        len: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<()> {
+        let m = iommu_ioas_map_file {
+            size: size_of::<iommu_ioas_map_file>(),
+            flags: flags | IOAS_MAP_FIXED_IOVA,
+            ioas_id: ioas,
+            fd,
+            start: offset,
+            length: len,
+            iova,
+        };
+        self.fd
+            .map_iommu_ioas_file(&m)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_IOAS_MAP_FILE",
                 source,
             })
     }

@@ -1,0 +1,587 @@
+//! Real iommufd behind the `HostIommu` trait, for any kind of host device
+//! (VFIO cdev, selftest mock).
+//!
+//! Objects (see spec-notes/iommufd.md):
+//! - the RAM IOAS: guest RAM at IOVA = GPA, from the memory table; bypass
+//!   targets it (through the nesting parent when the kernel has one);
+//! - the blocking IOAS: always empty; unattached endpoints with bypass off;
+//! - per MAP/UNMAP domain with a host endpoint in it: an IOAS and its HWPT;
+//!   MAP is IOAS_COPY from the RAM IOAS, so pages are pinned once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+
+use log::{debug, error, info, warn};
+use serde_json::{json, Value};
+
+use super::sys::{
+    Features, Iommufd, HWPT_ALLOC_NEST_PARENT, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+};
+use super::{BridgeError, HostIommu, HostMapping, RamRegion, Result, Target};
+use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
+use crate::device::state::RESV_MEM_T_RESERVED;
+use crate::device::state::{ReservedRegion, MSI_END, MSI_START, RESV_MEM_T_MSI};
+
+/// A device the host IOMMU translates for, bound to our iommufd.
+pub trait HostDevice: Debug + Send {
+    /// The iommufd device id (HWPT_ALLOC, fault records).
+    fn dev_id(&self) -> u32;
+    /// Attach, or atomically replace the attachment, to `pt_id`.
+    fn attach(&mut self, fd: &Iommufd, pt_id: u32) -> Result<()>;
+    /// For logs and the control socket.
+    fn describe(&self) -> Value;
+    /// Give the device up (destroy or detach); the last call made on it.
+    fn release(&mut self, fd: &Iommufd);
+}
+
+#[derive(Debug)]
+struct HostEndpoint<D> {
+    dev: D,
+    target: Target,
+    /// The IOAS or HWPT it is attached to now.
+    pt: u32,
+    reserved: Vec<ReservedRegion>,
+}
+
+#[derive(Debug)]
+struct HostDomain {
+    ioas: u32,
+    /// The HWPT endpoints attach to (== ioas when the kernel made it).
+    hwpt: u32,
+    own_hwpt: bool,
+    users: usize,
+}
+
+#[derive(Debug)]
+pub struct IommufdHost<D: HostDevice> {
+    fd: Iommufd,
+    features: Features,
+    ram_ioas: u32,
+    block_ioas: u32,
+    nest_parent: Option<u32>,
+    ram: Vec<RamRegion>,
+    use_map_file: bool,
+    bypass: bool,
+    endpoints: BTreeMap<u32, HostEndpoint<D>>,
+    domains: HashMap<u32, HostDomain>,
+}
+
+/// Read/write flags of IOAS_MAP/COPY for virtio MAP flags.
+fn ioas_flags(virtio: u32) -> u32 {
+    let mut f = 0;
+    if virtio & MAP_F_READ != 0 {
+        f |= IOAS_MAP_READABLE;
+    }
+    if virtio & MAP_F_WRITE != 0 {
+        f |= IOAS_MAP_WRITEABLE;
+    }
+    f
+}
+
+/// The complement of `ranges` (usable IOVAs, inclusive) in the 64-bit space,
+/// as RESERVED regions, with the MSI window cut out and reported as MSI.
+pub fn reserved_from_ranges(ranges: &[(u64, u64)]) -> Vec<ReservedRegion> {
+    let mut usable = ranges.to_vec();
+    usable.sort_unstable();
+    let mut holes = Vec::new();
+    let mut next = Some(0u64);
+    for &(s, e) in &usable {
+        if let Some(n) = next {
+            if s > n {
+                holes.push((n, s - 1));
+            }
+            if e >= n {
+                next = e.checked_add(1);
+            }
+        }
+    }
+    if let Some(n) = next {
+        holes.push((n, u64::MAX));
+    }
+    let mut out = vec![ReservedRegion {
+        start: MSI_START,
+        end: MSI_END,
+        subtype: RESV_MEM_T_MSI,
+    }];
+    for (s, e) in holes {
+        // Cut [MSI_START, MSI_END] out of the hole.
+        if s < MSI_START {
+            out.push(ReservedRegion {
+                start: s,
+                end: e.min(MSI_START - 1),
+                subtype: RESV_MEM_T_RESERVED,
+            });
+        }
+        if e > MSI_END {
+            out.push(ReservedRegion {
+                start: s.max(MSI_END + 1),
+                end: e,
+                subtype: RESV_MEM_T_RESERVED,
+            });
+        }
+    }
+    out
+}
+
+impl<D: HostDevice> IommufdHost<D> {
+    /// Take over an iommufd: allocate the RAM and blocking IOASes.
+    pub fn new(fd: Iommufd, bypass: bool) -> Result<Self> {
+        // The first call proves it is an iommufd at all.
+        let ram_ioas = fd.ioas_alloc()?;
+        let block_ioas = fd.ioas_alloc()?;
+        let features = fd.features();
+        info!("iommufd: {features}");
+        Ok(IommufdHost {
+            fd,
+            features,
+            ram_ioas,
+            block_ioas,
+            nest_parent: None,
+            ram: Vec::new(),
+            use_map_file: features.ioas_map_file,
+            bypass,
+            endpoints: BTreeMap::new(),
+            domains: HashMap::new(),
+        })
+    }
+
+    pub fn iommufd(&self) -> &Iommufd {
+        &self.fd
+    }
+
+    pub fn blocking_ioas(&self) -> u32 {
+        self.block_ioas
+    }
+
+    /// Add an endpoint whose device `make` creates, attached to the
+    /// blocking IOAS. Learns its usable IOVA ranges alone in a scratch IOAS,
+    /// then puts it where an unattached endpoint belongs.
+    pub fn add_endpoint(
+        &mut self,
+        id: u32,
+        make: impl FnOnce(&Iommufd, u32) -> Result<D>,
+    ) -> Result<()> {
+        let mut dev = make(&self.fd, self.block_ioas)?;
+        let scratch = self.fd.ioas_alloc()?;
+        let ranges = dev
+            .attach(&self.fd, scratch)
+            .and_then(|_| Ok(self.fd.iova_ranges(scratch)?));
+        if let Err(e) = dev.attach(&self.fd, self.block_ioas) {
+            error!("endpoint {id:#x}: back to the blocking IOAS: {e}");
+        }
+        let _ = self.fd.destroy(scratch);
+        let (ranges, align) = match ranges {
+            Ok(r) => r,
+            Err(e) => {
+                dev.release(&self.fd);
+                return Err(e);
+            }
+        };
+        debug!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
+        if self.nest_parent.is_none() {
+            match self.fd.hwpt_alloc(
+                dev.dev_id(),
+                self.ram_ioas,
+                HWPT_ALLOC_NEST_PARENT,
+                0,
+                &mut [],
+                None,
+            ) {
+                Ok(h) => {
+                    info!("iommufd: nesting parent HWPT {h} on the RAM IOAS");
+                    self.nest_parent = Some(h);
+                }
+                Err(e) => info!("iommufd: no nesting parent ({e}); bypass uses the RAM IOAS"),
+            }
+        }
+        self.endpoints.insert(
+            id,
+            HostEndpoint {
+                dev,
+                target: Target::Unattached,
+                pt: self.block_ioas,
+                reserved: reserved_from_ranges(&ranges),
+            },
+        );
+        self.point(id, Target::Unattached, &mut std::iter::empty())
+    }
+
+    /// The HWPT or IOAS that bypass DMA goes through.
+    fn ram_pt(&self) -> u32 {
+        self.nest_parent.unwrap_or(self.ram_ioas)
+    }
+
+    /// Create the host side of `domain` for a device, with its mappings.
+    fn create_domain(
+        &mut self,
+        domain: u32,
+        dev_id: u32,
+        mappings: &mut dyn Iterator<Item = HostMapping>,
+    ) -> Result<()> {
+        let ioas = self.fd.ioas_alloc()?;
+        let (hwpt, own_hwpt) = match self.fd.hwpt_alloc(dev_id, ioas, 0, 0, &mut [], None) {
+            Ok(h) => (h, true),
+            Err(e) => {
+                debug!("domain {domain}: HWPT_ALLOC ({e}); attaching to the IOAS");
+                (ioas, false)
+            }
+        };
+        self.domains.insert(
+            domain,
+            HostDomain {
+                ioas,
+                hwpt,
+                own_hwpt,
+                users: 0,
+            },
+        );
+        for m in mappings {
+            if let Err(e) = self.map(domain, m) {
+                self.destroy_domain(domain);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy_domain(&mut self, domain: u32) {
+        let Some(d) = self.domains.remove(&domain) else {
+            return;
+        };
+        if d.own_hwpt {
+            if let Err(e) = self.fd.destroy(d.hwpt) {
+                error!("domain {domain}: destroying HWPT {}: {e}", d.hwpt);
+            }
+        }
+        if let Err(e) = self.fd.destroy(d.ioas) {
+            error!("domain {domain}: destroying IOAS {}: {e}", d.ioas);
+        }
+    }
+
+    /// Move endpoint `id` to `target`; on failure nothing changed.
+    fn point(
+        &mut self,
+        id: u32,
+        target: Target,
+        mappings: &mut dyn Iterator<Item = HostMapping>,
+    ) -> Result<()> {
+        let Some(ep) = self.endpoints.get(&id) else {
+            return Ok(());
+        };
+        let (old_target, old_pt, dev_id) = (ep.target, ep.pt, ep.dev.dev_id());
+        let mut created = false;
+        let pt = match target {
+            Target::Unattached if self.bypass => self.ram_pt(),
+            Target::Unattached => self.block_ioas,
+            Target::Identity => self.ram_pt(),
+            Target::Domain(d) => {
+                if !self.domains.contains_key(&d) {
+                    self.create_domain(d, dev_id, mappings)?;
+                    created = true;
+                }
+                self.domains[&d].hwpt
+            }
+        };
+        if pt != old_pt {
+            let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
+            let mut r = ep.dev.attach(&self.fd, pt);
+            if r.is_err() && created {
+                // The device could not use the HWPT made for it; let the
+                // kernel pick one for the IOAS instead.
+                let ioas = self.domains[&target_domain(target)].ioas;
+                if ep.dev.attach(&self.fd, ioas).is_ok() {
+                    let d = self.domains.get_mut(&target_domain(target)).unwrap();
+                    if d.own_hwpt {
+                        let _ = self.fd.destroy(d.hwpt);
+                    }
+                    d.hwpt = ioas;
+                    d.own_hwpt = false;
+                    r = Ok(());
+                }
+            }
+            if let Err(e) = r {
+                if created {
+                    self.destroy_domain(target_domain(target));
+                }
+                return Err(e);
+            }
+        }
+        let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
+        ep.pt = if created {
+            self.domains[&target_domain(target)].hwpt
+        } else {
+            pt
+        };
+        ep.target = target;
+        if old_target != target {
+            if let Target::Domain(d) = target {
+                self.domains.get_mut(&d).unwrap().users += 1;
+            }
+            if let Target::Domain(old) = old_target {
+                if let Some(d) = self.domains.get_mut(&old) {
+                    d.users -= 1;
+                    if d.users == 0 {
+                        self.destroy_domain(old);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn map_ram(&self, r: &RamRegion) -> Result<()> {
+        let flags = IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE;
+        match r.file {
+            Some((fd, off)) if self.use_map_file => {
+                Ok(self
+                    .fd
+                    .ioas_map_file(self.ram_ioas, fd, off, r.len, r.gpa, flags)?)
+            }
+            _ => Ok(self
+                .fd
+                .ioas_map(self.ram_ioas, r.host_va, r.len, r.gpa, flags)?),
+        }
+    }
+
+    /// Is [gpa, gpa + len) inside guest RAM (regions may be adjacent)?
+    fn in_ram(&self, gpa: u64, len: u64) -> bool {
+        let Some(last) = len.checked_sub(1).and_then(|l| gpa.checked_add(l)) else {
+            return false;
+        };
+        let mut cur = gpa;
+        loop {
+            let Some(r) = self
+                .ram
+                .iter()
+                .find(|r| r.gpa <= cur && cur - r.gpa < r.len)
+            else {
+                return false;
+            };
+            let r_last = r.gpa + (r.len - 1);
+            if r_last >= last {
+                return true;
+            }
+            cur = r_last + 1;
+        }
+    }
+}
+
+fn target_domain(t: Target) -> u32 {
+    match t {
+        Target::Domain(d) => d,
+        _ => unreachable!("only domain targets create domains"),
+    }
+}
+
+impl<D: HostDevice> HostIommu for IommufdHost<D> {
+    fn name(&self) -> &'static str {
+        "iommufd"
+    }
+
+    fn owns(&self, endpoint: u32) -> bool {
+        self.endpoints.contains_key(&endpoint)
+    }
+
+    fn backs(&self, domain: u32) -> bool {
+        self.domains.contains_key(&domain)
+    }
+
+    fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<()> {
+        let mut first_err = None;
+        let old = std::mem::take(&mut self.ram);
+        for r in old.iter().filter(|r| !regions.contains(r)) {
+            if let Err(e) = self.fd.ioas_unmap(self.ram_ioas, r.gpa, r.len) {
+                error!("guest RAM {:#x}+{:#x}: unmap: {e}", r.gpa, r.len);
+            }
+        }
+        self.ram = old.into_iter().filter(|r| regions.contains(r)).collect();
+        let kept = self.ram.clone();
+        for r in regions.iter().filter(|r| !kept.contains(r)) {
+            let mut res = self.map_ram(r);
+            if res.is_err() && self.use_map_file && r.file.is_some() {
+                warn!(
+                    "IOAS_MAP_FILE failed ({}); using IOAS_MAP",
+                    res.unwrap_err()
+                );
+                self.use_map_file = false;
+                res = self.map_ram(r);
+            }
+            match res {
+                Ok(()) => {
+                    debug!("guest RAM {:#x}+{:#x} mapped at IOVA = GPA", r.gpa, r.len);
+                    self.ram.push(*r);
+                }
+                Err(e) => {
+                    error!("guest RAM {:#x}+{:#x}: {e}", r.gpa, r.len);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn attach(
+        &mut self,
+        endpoint: u32,
+        target: Target,
+        mappings: &mut dyn Iterator<Item = HostMapping>,
+    ) -> Result<()> {
+        self.point(endpoint, target, mappings)
+    }
+
+    fn map(&mut self, domain: u32, m: HostMapping) -> Result<()> {
+        let Some(d) = self.domains.get(&domain) else {
+            return Ok(());
+        };
+        let flags = ioas_flags(m.flags);
+        if flags == 0 {
+            // No access allowed: nothing for the IOMMU to hold.
+            return Ok(());
+        }
+        let len = m.end.wrapping_sub(m.iova).wrapping_add(1);
+        if len == 0 || !self.in_ram(m.phys, len) {
+            return Err(BridgeError::NotGuestRam { gpa: m.phys, len });
+        }
+        Ok(self
+            .fd
+            .ioas_copy(d.ioas, m.iova, self.ram_ioas, m.phys, len, flags)?)
+    }
+
+    fn unmap(&mut self, domain: u32, iova: u64, end: u64) -> Result<()> {
+        let Some(d) = self.domains.get(&domain) else {
+            return Ok(());
+        };
+        let len = end.wrapping_sub(iova).wrapping_add(1);
+        match self.fd.ioas_unmap(d.ioas, iova, len) {
+            Ok(_) => Ok(()),
+            // Never mapped on the host (no access flags) or already gone.
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_bypass(&mut self, on: bool) -> Result<()> {
+        self.bypass = on;
+        let ids: Vec<u32> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.target == Target::Unattached)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.point(id, Target::Unattached, &mut std::iter::empty())?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, bypass: bool) {
+        self.bypass = bypass;
+        let ids: Vec<u32> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.point(id, Target::Unattached, &mut std::iter::empty()) {
+                error!("endpoint {id:#x}: reset: {e}");
+            }
+        }
+        // Normally gone with their last endpoint; anything left is a bug
+        // we would rather not leak.
+        let left: Vec<u32> = self.domains.keys().copied().collect();
+        for d in left {
+            warn!("domain {d}: still held after reset; destroying");
+            self.destroy_domain(d);
+        }
+    }
+
+    fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]> {
+        self.endpoints.get(&endpoint).map(|e| e.reserved.as_slice())
+    }
+
+    fn describe(&self) -> Value {
+        let target = |t: Target| match t {
+            Target::Unattached => json!("unattached"),
+            Target::Identity => json!("identity"),
+            Target::Domain(d) => json!(d),
+        };
+        json!({
+            "kind": "iommufd",
+            "features": self.features,
+            "ram_ioas": self.ram_ioas,
+            "blocking_ioas": self.block_ioas,
+            "nest_parent": self.nest_parent,
+            "bypass_pt": self.ram_pt(),
+            "ram": self.ram.iter().map(|r| json!({"gpa": r.gpa, "len": r.len})).collect::<Vec<_>>(),
+            "endpoints": self.endpoints.iter().map(|(id, e)| json!({
+                "id": id,
+                "device": e.dev.describe(),
+                "dev_id": e.dev.dev_id(),
+                "pt_id": e.pt,
+                "target": target(e.target),
+            })).collect::<Vec<_>>(),
+            "domains": self.domains.iter().map(|(id, d)| json!({
+                "id": id,
+                "ioas": d.ioas,
+                "hwpt": d.hwpt,
+                "endpoints": d.users,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl<D: HostDevice> Drop for IommufdHost<D> {
+    /// Dependency order: devices off and released, domains, the nesting
+    /// parent, then the IOASes (which unpin guest RAM).
+    fn drop(&mut self) {
+        self.reset(false);
+        for (_, mut ep) in std::mem::take(&mut self.endpoints) {
+            ep.dev.release(&self.fd);
+        }
+        if let Some(h) = self.nest_parent.take() {
+            let _ = self.fd.destroy(h);
+        }
+        let _ = self.fd.destroy(self.ram_ioas);
+        let _ = self.fd.destroy(self.block_ioas);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_of_the_mock_aperture_keep_the_msi_window_apart() {
+        let r = reserved_from_ranges(&[(1 << 24, (1 << 31) - 1)]);
+        assert_eq!(
+            r,
+            vec![
+                ReservedRegion {
+                    start: MSI_START,
+                    end: MSI_END,
+                    subtype: RESV_MEM_T_MSI
+                },
+                ReservedRegion {
+                    start: 0,
+                    end: (1 << 24) - 1,
+                    subtype: RESV_MEM_T_RESERVED
+                },
+                ReservedRegion {
+                    start: 1 << 31,
+                    end: MSI_START - 1,
+                    subtype: RESV_MEM_T_RESERVED
+                },
+                ReservedRegion {
+                    start: MSI_END + 1,
+                    end: u64::MAX,
+                    subtype: RESV_MEM_T_RESERVED
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn whole_space_usable_leaves_only_msi() {
+        assert_eq!(reserved_from_ranges(&[(0, u64::MAX)]).len(), 1);
+        // Overlapping and unsorted ranges, and a usable range ending at the top.
+        let r = reserved_from_ranges(&[(0x2000, u64::MAX), (0, 0xfff), (0x800, 0x1000)]);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[1].start, r[1].end), (0x1001, 0x1fff));
+    }
+}

@@ -1,0 +1,134 @@
+//! VFIO devices through their cdev (`/dev/vfio/devices/vfioN`), bound to our
+//! iommufd with the vfio-ioctls crate.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use vfio_ioctls::{VfioDevice, VfioIommufd};
+
+use super::host::HostDevice;
+use super::sys::Iommufd;
+use super::{BridgeError, Result};
+
+/// Where a VFIO endpoint's device comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VfioSource {
+    Path(std::path::PathBuf),
+    /// An inherited, already open cdev.
+    Fd(i32),
+}
+
+pub struct VfioCdev {
+    dev: VfioDevice,
+    source: VfioSource,
+    dev_id: u32,
+    detached: bool,
+}
+
+impl std::fmt::Debug for VfioCdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioCdev")
+            .field("source", &self.source)
+            .field("dev_id", &self.dev_id)
+            .finish()
+    }
+}
+
+fn vfio_err(op: &'static str, e: vfio_ioctls::VfioError) -> BridgeError {
+    // The crate wraps the kernel's errno in its error chain.
+    let mut src: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(errno) = io.raw_os_error() {
+                return BridgeError::Kernel { op, errno };
+            }
+        }
+        if let Some(en) = s.downcast_ref::<vmm_sys_util::errno::Error>() {
+            return BridgeError::Kernel {
+                op,
+                errno: en.errno(),
+            };
+        }
+        src = s.source();
+    }
+    BridgeError::Host {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+impl VfioCdev {
+    /// Open (or adopt) the cdev and bind it to `fd`, unattached.
+    pub fn open(fd: &Iommufd, source: &VfioSource) -> Result<Self> {
+        let file = match source {
+            VfioSource::Path(p) => open_rw(p)?,
+            VfioSource::Fd(raw) => {
+                // SAFETY: the operator handed us this fd (--endpoint
+                // ID,vfio-fd=N) to own; args checked it is open.
+                unsafe { File::from_raw_fd(*raw) }
+            }
+        };
+        let ops = VfioIommufd::new(Arc::clone(fd.handle()), None, None)
+            .map_err(|e| vfio_err("VFIO iommufd", e))?;
+        let dev = VfioDevice::new_from_fd(file, Arc::new(ops), false)
+            .map_err(|e| vfio_err("VFIO_DEVICE_BIND_IOMMUFD", e))?;
+        let dev_id = dev.iommufd_dev_id().ok_or(BridgeError::Host {
+            op: "VFIO_DEVICE_BIND_IOMMUFD",
+            detail: "no device id".into(),
+        })?;
+        Ok(VfioCdev {
+            dev,
+            source: source.clone(),
+            dev_id,
+            detached: false,
+        })
+    }
+}
+
+fn open_rw(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(errno) => BridgeError::Kernel {
+                op: "open VFIO cdev",
+                errno,
+            },
+            None => BridgeError::Host {
+                op: "open VFIO cdev",
+                detail: e.to_string(),
+            },
+        })
+}
+
+impl HostDevice for VfioCdev {
+    fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    fn attach(&mut self, _fd: &Iommufd, pt_id: u32) -> Result<()> {
+        self.dev
+            .attach_hwpt(pt_id)
+            .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT", e))
+    }
+
+    fn describe(&self) -> Value {
+        match &self.source {
+            VfioSource::Path(p) => json!({ "kind": "vfio", "path": p }),
+            VfioSource::Fd(fd) => json!({ "kind": "vfio", "fd": fd }),
+        }
+    }
+
+    fn release(&mut self, _fd: &Iommufd) {
+        if !self.detached {
+            self.detached = true;
+            if let Err(e) = self.dev.detach_hwpt() {
+                log::warn!("VFIO device {:?}: detach: {e}", self.source);
+            }
+        }
+    }
+}
