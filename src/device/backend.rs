@@ -153,7 +153,7 @@ impl IommuBackend {
     /// A new frontend connected: fresh guest memory, state as at power-on.
     pub fn begin_session(&self, mem: GuestMemory) {
         let mut s = self.session();
-        s.iommu.reset_system();
+        s.iommu.begin_session();
         s.acked_features = 0;
         s.mem = mem;
     }

@@ -4,7 +4,7 @@
 //! changes the state, and fills the reply. The queue glue only gathers and
 //! scatters bytes.
 
-use log::debug;
+use log::{debug, info};
 
 use crate::device::config::PROBE_SIZE;
 use crate::device::error::{RequestError, Status};
@@ -52,7 +52,13 @@ pub fn handle(
     let (status, body_len) = match result {
         Ok(body_len) => (Status::Ok, body_len),
         Err(e) => {
-            debug!("request type {ty}: {e} -> {:?}", e.status());
+            if matches!(e, RequestError::Host(_)) {
+                // The host refused what the device state allowed: worth
+                // an operator's eye, with the kernel's errno.
+                info!("request type {ty}: {e} -> {:?}", e.status());
+            } else {
+                debug!("request type {ty}: {e} -> {:?}", e.status());
+            }
             // PROBE's tail follows the whole properties area, even on error.
             let body = if ty == crate::device::request::T_PROBE {
                 writable_len

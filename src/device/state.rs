@@ -128,7 +128,8 @@ impl IommuState {
 
     /// Serve host endpoints through `host` (iommufd) instead of software only.
     pub fn set_host(&mut self, mut host: Box<dyn HostIommu>) {
-        host.reset(self.bypass);
+        // No guest yet: host devices are blocked until one brings its RAM.
+        host.reset(false);
         self.host = host;
     }
 
@@ -143,7 +144,22 @@ impl IommuState {
 
     /// The frontend's memory table changed.
     pub fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<(), BridgeError> {
-        self.host.set_guest_ram(regions)
+        let ram = self.host.set_guest_ram(regions);
+        // Host devices stay blocked between guests; the memory table is
+        // where a guest begins, so unattached endpoints take its bypass now.
+        self.host.set_bypass(self.bypass)?;
+        ram
+    }
+
+    /// A frontend connected (or is about to): state as at power-on, host
+    /// devices blocked until its memory table arrives.
+    pub fn begin_session(&mut self) {
+        self.domains.clear();
+        for ep in self.endpoints.values_mut() {
+            ep.domain = None;
+        }
+        self.bypass = self.config.boot_bypass;
+        self.host.reset(false);
     }
 
     /// The bypass byte was written.

@@ -59,7 +59,11 @@ pub struct IommufdHost<D: HostDevice> {
     ram_ioas: u32,
     block_ioas: u32,
     nest_parent: Option<u32>,
-    ram: Vec<RamRegion>,
+    /// A plain HWPT on the RAM IOAS where no nesting parent can be made.
+    ram_hwpt: Option<u32>,
+    /// Regions of the memory table, each with the pieces of it mapped (the
+    /// parts inside the RAM IOAS's usable IOVA ranges).
+    ram: Vec<(RamRegion, Vec<(u64, u64)>)>,
     use_map_file: bool,
     bypass: bool,
     endpoints: BTreeMap<u32, HostEndpoint<D>>,
@@ -137,6 +141,7 @@ impl<D: HostDevice> IommufdHost<D> {
             ram_ioas,
             block_ioas,
             nest_parent: None,
+            ram_hwpt: None,
             ram: Vec::new(),
             use_map_file: features.ioas_map_file,
             bypass,
@@ -178,7 +183,7 @@ impl<D: HostDevice> IommufdHost<D> {
             }
         };
         debug!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
-        if self.nest_parent.is_none() {
+        if self.nest_parent.is_none() && self.ram_hwpt.is_none() {
             match self.fd.hwpt_alloc(
                 dev.dev_id(),
                 self.ram_ioas,
@@ -191,7 +196,18 @@ impl<D: HostDevice> IommufdHost<D> {
                     info!("iommufd: nesting parent HWPT {h} on the RAM IOAS");
                     self.nest_parent = Some(h);
                 }
-                Err(e) => info!("iommufd: no nesting parent ({e}); bypass uses the RAM IOAS"),
+                Err(e) => {
+                    // A plain HWPT still gives the RAM IOAS the device's
+                    // aperture (and pins RAM) before guest RAM arrives.
+                    info!("iommufd: no nesting parent ({e}); a plain HWPT on the RAM IOAS");
+                    match self
+                        .fd
+                        .hwpt_alloc(dev.dev_id(), self.ram_ioas, 0, 0, &mut [], None)
+                    {
+                        Ok(h) => self.ram_hwpt = Some(h),
+                        Err(e) => info!("iommufd: HWPT_ALLOC on the RAM IOAS: {e}"),
+                    }
+                }
             }
         }
         self.endpoints.insert(
@@ -208,7 +224,7 @@ impl<D: HostDevice> IommufdHost<D> {
 
     /// The HWPT or IOAS that bypass DMA goes through.
     fn ram_pt(&self) -> u32 {
-        self.nest_parent.unwrap_or(self.ram_ioas)
+        self.nest_parent.or(self.ram_hwpt).unwrap_or(self.ram_ioas)
     }
 
     /// Create the host side of `domain` for a device, with its mappings.
@@ -329,18 +345,71 @@ impl<D: HostDevice> IommufdHost<D> {
         Ok(())
     }
 
-    fn map_ram(&self, r: &RamRegion) -> Result<()> {
+    /// Map [gpa, gpa + len) of region `r` at IOVA = GPA.
+    fn map_piece(&self, r: &RamRegion, gpa: u64, len: u64) -> Result<()> {
         let flags = IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE;
+        let off = gpa - r.gpa;
         match r.file {
-            Some((fd, off)) if self.use_map_file => {
+            Some((fd, start)) if self.use_map_file => {
                 Ok(self
                     .fd
-                    .ioas_map_file(self.ram_ioas, fd, off, r.len, r.gpa, flags)?)
+                    .ioas_map_file(self.ram_ioas, fd, start + off, len, gpa, flags)?)
             }
             _ => Ok(self
                 .fd
-                .ioas_map(self.ram_ioas, r.host_va, r.len, r.gpa, flags)?),
+                .ioas_map(self.ram_ioas, r.host_va + off, len, gpa, flags)?),
         }
+    }
+
+    /// Map the parts of region `r` that the devices can reach (the RAM
+    /// IOAS's usable IOVA ranges); a part outside them is logged, and a
+    /// MAP that needs it answers FAULT.
+    fn map_region(&mut self, r: &RamRegion) -> Result<Vec<(u64, u64)>> {
+        let (usable, align) = self.fd.iova_ranges(self.ram_ioas)?;
+        let align = align.max(1);
+        let last = r.gpa + (r.len - 1);
+        let mut pieces = Vec::new();
+        for (s, e) in usable {
+            // Intersect, then shrink to the IOAS's alignment.
+            let (s, e) = (s.max(r.gpa), e.min(last));
+            let s = s.next_multiple_of(align);
+            if e < s || e - s + 1 < align {
+                continue;
+            }
+            let len = (e - s + 1) / align * align;
+            pieces.push((s, len));
+        }
+        let covered: u64 = pieces.iter().map(|p| p.1).sum();
+        if covered < r.len {
+            warn!(
+                "guest RAM {:#x}+{:#x}: {:#x} bytes lie outside the devices' usable IOVA ranges; \
+                 host endpoints cannot reach them",
+                r.gpa,
+                r.len,
+                r.len - covered
+            );
+        }
+        let mut done: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, len) in &pieces {
+            let mut res = self.map_piece(r, gpa, len);
+            if res.is_err() && self.use_map_file && r.file.is_some() {
+                warn!(
+                    "IOAS_MAP_FILE failed ({}); using IOAS_MAP",
+                    res.unwrap_err()
+                );
+                self.use_map_file = false;
+                res = self.map_piece(r, gpa, len);
+            }
+            if let Err(e) = res {
+                for &(g, l) in &done {
+                    let _ = self.fd.ioas_unmap(self.ram_ioas, g, l);
+                }
+                return Err(e);
+            }
+            debug!("guest RAM {gpa:#x}+{len:#x} mapped at IOVA = GPA");
+            done.push((gpa, len));
+        }
+        Ok(done)
     }
 
     /// Is [gpa, gpa + len) inside guest RAM (regions may be adjacent)?
@@ -350,14 +419,15 @@ impl<D: HostDevice> IommufdHost<D> {
         };
         let mut cur = gpa;
         loop {
-            let Some(r) = self
+            let Some(&(p_gpa, p_len)) = self
                 .ram
                 .iter()
-                .find(|r| r.gpa <= cur && cur - r.gpa < r.len)
+                .flat_map(|(_, pieces)| pieces)
+                .find(|&&(g, l)| g <= cur && cur - g < l)
             else {
                 return false;
             };
-            let r_last = r.gpa + (r.len - 1);
+            let r_last = p_gpa + (p_len - 1);
             if r_last >= last {
                 return true;
             }
@@ -387,30 +457,28 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     }
 
     fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<()> {
-        let mut first_err = None;
         let old = std::mem::take(&mut self.ram);
-        for r in old.iter().filter(|r| !regions.contains(r)) {
-            if let Err(e) = self.fd.ioas_unmap(self.ram_ioas, r.gpa, r.len) {
-                error!("guest RAM {:#x}+{:#x}: unmap: {e}", r.gpa, r.len);
+        for (r, pieces) in &old {
+            if regions.contains(r) {
+                continue;
+            }
+            for &(gpa, len) in pieces {
+                if let Err(e) = self.fd.ioas_unmap(self.ram_ioas, gpa, len) {
+                    error!("guest RAM {gpa:#x}+{len:#x}: unmap: {e}");
+                }
             }
         }
-        self.ram = old.into_iter().filter(|r| regions.contains(r)).collect();
-        let kept = self.ram.clone();
-        for r in regions.iter().filter(|r| !kept.contains(r)) {
-            let mut res = self.map_ram(r);
-            if res.is_err() && self.use_map_file && r.file.is_some() {
-                warn!(
-                    "IOAS_MAP_FILE failed ({}); using IOAS_MAP",
-                    res.unwrap_err()
-                );
-                self.use_map_file = false;
-                res = self.map_ram(r);
+        self.ram = old
+            .into_iter()
+            .filter(|(r, _)| regions.contains(r))
+            .collect();
+        let mut first_err = None;
+        for r in regions {
+            if self.ram.iter().any(|(k, _)| k == r) {
+                continue;
             }
-            match res {
-                Ok(()) => {
-                    debug!("guest RAM {:#x}+{:#x} mapped at IOVA = GPA", r.gpa, r.len);
-                    self.ram.push(*r);
-                }
+            match self.map_region(r) {
+                Ok(pieces) => self.ram.push((*r, pieces)),
                 Err(e) => {
                     error!("guest RAM {:#x}+{:#x}: {e}", r.gpa, r.len);
                     first_err.get_or_insert(e);
@@ -508,7 +576,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "blocking_ioas": self.block_ioas,
             "nest_parent": self.nest_parent,
             "bypass_pt": self.ram_pt(),
-            "ram": self.ram.iter().map(|r| json!({"gpa": r.gpa, "len": r.len})).collect::<Vec<_>>(),
+            "ram": self.ram.iter().flat_map(|(_, p)| p).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
             "endpoints": self.endpoints.iter().map(|(id, e)| json!({
                 "id": id,
                 "device": e.dev.describe(),
@@ -534,7 +602,10 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         for (_, mut ep) in std::mem::take(&mut self.endpoints) {
             ep.dev.release(&self.fd);
         }
-        if let Some(h) = self.nest_parent.take() {
+        for h in [self.nest_parent.take(), self.ram_hwpt.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = self.fd.destroy(h);
         }
         let _ = self.fd.destroy(self.ram_ioas);

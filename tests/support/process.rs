@@ -11,6 +11,12 @@ use super::{invalid, Error, Result};
 /// Path of the binary cargo built for these integration tests.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
 
+/// The binary to run: `VIOMMU_BIN` when set (the kernel tier copies the
+/// test programs into a guest, where cargo's path does not exist).
+pub fn binary() -> String {
+    std::env::var("VIOMMU_BIN").unwrap_or_else(|_| BINARY.to_string())
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh, empty, uniquely named directory under the system temp dir.
@@ -128,7 +134,8 @@ impl BackendProcess {
         let stderr_path = dir.join("stderr.log");
         let stderr = File::create(&stderr_path)?;
         let stdout = File::create(dir.join("stdout.log"))?;
-        let child = Command::new(BINARY)
+        let bin = binary();
+        let child = Command::new(&bin)
             .args(&args)
             .current_dir(&dir)
             .env(
@@ -139,7 +146,7 @@ impl BackendProcess {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .map_err(|e| Error::Invalid(format!("cannot start {BINARY}: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("cannot start {bin}: {e}")))?;
         Ok(BackendProcess {
             child,
             socket: dir.join("vhost.sock"),

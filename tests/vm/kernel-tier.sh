@@ -30,9 +30,27 @@ repo="$(cd "${VM_DIR}/../.." && pwd)"
 triple=x86_64-unknown-linux-gnu
 vm_log "building the static guest test programs (cargo, --target ${triple})"
 # An explicit --target keeps build scripts and proc macros dynamic.
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --features selftest --example vm_iommufd --target "$triple") >&2
+export RUSTFLAGS="-C target-feature=+crt-static"
+(cd "$repo" && cargo build --release --features selftest --example vm_iommufd \
+    --bin vhost-device-iommu --target "$triple") >&2
 ours=("${repo}/target/${triple}/release/examples/vm_iommufd")
+backend_bin="${repo}/target/${triple}/release/vhost-device-iommu"
+# The socket-level harness against selftest endpoints (tests/selftest_endpoints.rs): cargo names
+# the test executable with a hash, so ask it where it put it.
+# cargo_exe SUBCOMMAND TARGET-NAME ARGS...: build, and print the path of the one executable.
+cargo_exe() {
+    local sub="$1" name="$2" exe
+    shift 2
+    exe="$(cd "$repo" && cargo "$sub" --features selftest --target "$triple" --no-run \
+        --message-format=json "$@" 2>/dev/null | grep "\"name\":\"${name}\"" |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')"
+    [ -n "$exe" ] && [ "$(wc -l <<<"$exe")" -eq 1 ] || vm_die "no single executable for ${name}"
+    printf '%s\n' "$exe"
+}
+cargo_tests=("$(cargo_exe test selftest_endpoints --release --test selftest_endpoints)")
+# The IOAS-path benchmark (benches/ioas_path.rs) runs as one more guest program.
+ours+=("$(cargo_exe bench ioas_path --bench ioas_path)")
+unset RUSTFLAGS
 
 # ---- the initramfs (same for every kernel) ----
 files=("${VM_DIR}/guest/smoke.sh:/test.sh")
@@ -47,6 +65,13 @@ for t in "${ours[@]}" ${VIOMMU_VM_TESTS:-}; do
     printf '/bin/%s\n' "$name" >>"${work}/viommu-tests"
 done
 files+=("${work}/viommu-tests:/etc/viommu-tests")
+files+=("${backend_bin}:/bin/vhost-device-iommu")
+: >"${work}/viommu-cargo-tests"
+for t in "${cargo_tests[@]}"; do
+    files+=("${t}:/bin/selftest_endpoints")
+    printf '/bin/selftest_endpoints\n' >>"${work}/viommu-cargo-tests"
+done
+files+=("${work}/viommu-cargo-tests:/etc/viommu-cargo-tests")
 "${VM_DIR}/mkinitramfs.sh" "${work}/initramfs.cpio.gz" "${files[@]}"
 
 overall=0
@@ -72,6 +97,8 @@ for spec in $kernels; do
     passed="$(grep -c '^PASS ' <<<"$clean" || true)"
     failed="$(grep -c '^FAIL ' <<<"$clean" || true)"
     grep -E '^(PASS|FAIL) ' <<<"$clean" | sed "s/^/[vm]   ${kver}: /" >&2 || true
+    # Benchmark lines the guest programs printed, for the record.
+    grep -E '^ioas-path ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
     extra=""
     if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
         # timeout, panic, or the guest test failed without saying which check: count the run itself

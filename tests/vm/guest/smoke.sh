@@ -3,6 +3,8 @@
 # Prints `PASS name` / `FAIL name` per check, then runs each program listed in /etc/viommu-tests
 # (one absolute path per line; exit status 0 = pass) as one more test. Exit status: failures > 0.
 passed=0 failed=0
+# Our test programs start the backend binary from here (tests/support/process.rs).
+export VIOMMU_BIN=/bin/vhost-device-iommu
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
 check() { # check NAME COMMAND...
@@ -46,6 +48,33 @@ if [ -f /etc/viommu-tests ]; then
         rc=$?
         if [ "$rc" -eq 0 ]; then pass "$name"; else fail "$name" "exit $rc"; fi
     done </etc/viommu-tests
+fi
+
+# Rust test binaries (cargo's libtest harness): each `test NAME ... ok|FAILED` line counts as one
+# check. /etc/viommu-cargo-tests holds one absolute path per line; they run with --ignored (their
+# tests need this kernel) and VIOMMU_BIN pointing at our backend binary.
+if [ -f /etc/viommu-cargo-tests ]; then
+    while IFS= read -r t; do
+        [ -n "$t" ] || continue
+        name="$(basename "$t")"
+        echo "smoke: running $t --ignored"
+        VIOMMU_BIN=/bin/vhost-device-iommu RUST_LOG="${RUST_LOG:-info}" \
+            "$t" --ignored --test-threads=1 </dev/null >/tmp/cargo-test.out 2>&1
+        rc=$?
+        cat /tmp/cargo-test.out
+        n=0
+        while IFS= read -r line; do
+            case "$line" in
+                "test "*" ... ok") tn="${line#test }"; pass "${name}::${tn% ... ok}"; n=$((n + 1)) ;;
+                "test "*" ... FAILED") tn="${line#test }"; fail "${name}::${tn% ... FAILED}"; n=$((n + 1)) ;;
+            esac
+        done </tmp/cargo-test.out
+        if [ "$rc" -ne 0 ] && ! grep -q ' \.\.\. FAILED$' /tmp/cargo-test.out; then
+            fail "$name" "exit $rc"
+        elif [ "$n" -eq 0 ]; then
+            fail "$name" "no tests ran"
+        fi
+    done </etc/viommu-cargo-tests
 fi
 
 echo "smoke: ${passed} passed, ${failed} failed"
