@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::chain::{gather, scatter, Gathered};
+use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFIG_SIZE};
 use crate::device::dispatch::{handle, Reply, MAX_REPLY};
 use crate::device::state::IommuState;
@@ -244,16 +244,18 @@ impl IommuBackend {
                     continue;
                 }
                 let used = match gather(&chain, &mut g) {
-                    Ok(()) if g.writable_len >= len as u64 => match scatter(&chain, &buf[..len]) {
-                        Ok(n) => {
-                            fifo.delivered();
-                            n
+                    Ok(()) if g.writable_len >= len as u64 => {
+                        match scatter_gathered(&chain, &g, &buf[..len]) {
+                            Ok(n) => {
+                                fifo.delivered();
+                                n
+                            }
+                            Err(e) => {
+                                debug!("event buffer not written: {e}");
+                                0
+                            }
                         }
-                        Err(e) => {
-                            debug!("event buffer not written: {e}");
-                            0
-                        }
-                    },
+                    }
                     Ok(()) => {
                         debug!(
                             "eventq buffer of {} bytes is too small for a {len}-byte record",
@@ -305,7 +307,7 @@ where
         out,
     ) {
         Reply::None => 0,
-        Reply::Write { len } => scatter(chain, &out[..len]).unwrap_or_else(|e| {
+        Reply::Write { len } => scatter_gathered(chain, g, &out[..len]).unwrap_or_else(|e| {
             debug!("request reply not written: {e}");
             0
         }),

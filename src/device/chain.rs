@@ -10,6 +10,10 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use crate::device::error::ChainError;
 use crate::device::request::MAX_READABLE;
 
+/// Writable buffers remembered by `gather`, so that the reply is written
+/// without walking the chain (and re-reading indirect tables) again.
+const WRITABLE_SEGMENTS: usize = 4;
+
 /// The readable part (its first MAX_READABLE bytes) and the writable size.
 pub struct Gathered {
     pub readable: [u8; MAX_READABLE],
@@ -17,6 +21,9 @@ pub struct Gathered {
     pub copied: usize,
     pub readable_len: u64,
     pub writable_len: u64,
+    /// The first writable buffers (address, length), in chain order.
+    segments: [(GuestAddress, u32); WRITABLE_SEGMENTS],
+    nsegments: usize,
 }
 
 impl Gathered {
@@ -26,6 +33,8 @@ impl Gathered {
             copied: 0,
             readable_len: 0,
             writable_len: 0,
+            segments: [(GuestAddress(0), 0); WRITABLE_SEGMENTS],
+            nsegments: 0,
         }
     }
 
@@ -52,6 +61,7 @@ where
     g.copied = 0;
     g.readable_len = 0;
     g.writable_len = 0;
+    g.nsegments = 0;
     for desc in chain.clone() {
         let len = u64::from(desc.len());
         if desc.is_write_only() {
@@ -59,6 +69,10 @@ where
                 return Err(ChainError::OutsideMemory(desc.addr().raw_value(), len));
             }
             g.writable_len += len;
+            if g.nsegments < WRITABLE_SEGMENTS {
+                g.segments[g.nsegments] = (desc.addr(), desc.len());
+                g.nsegments += 1;
+            }
         } else {
             if g.writable_len != 0 {
                 return Err(ChainError::ReadableAfterWritable);
@@ -73,6 +87,37 @@ where
         }
     }
     Ok(())
+}
+
+/// Write `data` at the start of the writable part that `gather` found in
+/// `chain`. Returns the bytes written.
+pub fn scatter_gathered<M>(
+    chain: &DescriptorChain<M>,
+    g: &Gathered,
+    data: &[u8],
+) -> Result<usize, ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mem = chain.memory();
+    let mut done = 0;
+    for &(addr, len) in &g.segments[..g.nsegments] {
+        if done == data.len() {
+            return Ok(done);
+        }
+        let n = (len as usize).min(data.len() - done);
+        write_at(mem, addr, &data[done..done + n])?;
+        done += n;
+    }
+    if done == data.len() {
+        Ok(done)
+    } else if g.nsegments == WRITABLE_SEGMENTS {
+        // The reply reaches past the buffers remembered: walk the chain.
+        scatter(chain, data)
+    } else {
+        Err(ChainError::ShortWritable(done, data.len()))
+    }
 }
 
 /// Write `data` at the start of the writable part. Returns the bytes written.

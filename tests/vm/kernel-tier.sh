@@ -98,7 +98,7 @@ for spec in $kernels; do
     failed="$(grep -c '^FAIL ' <<<"$clean" || true)"
     grep -E '^(PASS|FAIL) ' <<<"$clean" | sed "s/^/[vm]   ${kver}: /" >&2 || true
     # Benchmark lines the guest programs printed, for the record.
-    grep -E '^ioas-path ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
+    grep -E '^ioas-path(-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
     extra=""
     if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
         # timeout, panic, or the guest test failed without saying which check: count the run itself
