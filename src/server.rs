@@ -151,6 +151,9 @@ fn listener_from_fd(fd: i32) -> Result<Listener, ServerError> {
 }
 
 pub fn run(opts: Options) -> Result<(), ServerError> {
+    // Host endpoints first: one that cannot be opened fails before the
+    // socket appears, so a frontend never connects to a dying backend.
+    let host = open_host(&opts)?;
     let mut listener = match &opts.socket {
         SocketSpec::Path(p) => Listener::new(p, true).map_err(|source| ServerError::Listen {
             path: p.display().to_string(),
@@ -158,7 +161,6 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         })?,
         SocketSpec::Fd(fd) => listener_from_fd(*fd)?,
     };
-    let host = open_host(&opts)?;
     let mut backend = IommuBackend::new(
         opts.config,
         opts.limits,

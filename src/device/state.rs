@@ -144,11 +144,12 @@ impl IommuState {
 
     /// The frontend's memory table changed.
     pub fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<(), BridgeError> {
-        let ram = self.host.set_guest_ram(regions);
         // Host devices stay blocked between guests; the memory table is
-        // where a guest begins, so unattached endpoints take its bypass now.
+        // where a guest begins, so unattached endpoints take its bypass now,
+        // before RAM is mapped: some drivers (virtio-iommu on 6.12) refuse
+        // an attach to an IOAS that already has mappings (EADDRINUSE).
         self.host.set_bypass(self.bypass)?;
-        ram
+        self.host.set_guest_ram(regions)
     }
 
     /// A frontend connected (or is about to): state as at power-on, host

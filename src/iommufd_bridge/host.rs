@@ -182,7 +182,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 return Err(e);
             }
         };
-        debug!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
+        info!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
         if self.nest_parent.is_none() && self.ram_hwpt.is_none() {
             match self.fd.hwpt_alloc(
                 dev.dev_id(),
@@ -204,6 +204,10 @@ impl<D: HostDevice> IommufdHost<D> {
                         .fd
                         .hwpt_alloc(dev.dev_id(), self.ram_ioas, 0, 0, &mut [], None)
                     {
+                        Ok(h) if self.degenerate(self.ram_ioas) => {
+                            info!("iommufd: the RAM IOAS's HWPT has no usable aperture before attach; bypass attaches to the IOAS");
+                            let _ = self.fd.destroy(h);
+                        }
                         Ok(h) => self.ram_hwpt = Some(h),
                         Err(e) => info!("iommufd: HWPT_ALLOC on the RAM IOAS: {e}"),
                     }
@@ -222,6 +226,17 @@ impl<D: HostDevice> IommufdHost<D> {
         self.point(id, Target::Unattached, &mut std::iter::empty())
     }
 
+    /// Did a HWPT allocated before any attach leave `ioas` with no usable
+    /// aperture? Some drivers (virtio-iommu on 6.12) size a domain only when
+    /// a device attaches; for them the kernel must allocate the HWPT itself
+    /// at attach time (attach to the IOAS).
+    fn degenerate(&self, ioas: u32) -> bool {
+        match self.fd.iova_ranges(ioas) {
+            Ok((ranges, _)) => ranges.iter().all(|&(s, e)| e.saturating_sub(s) < 1 << 20),
+            Err(_) => true,
+        }
+    }
+
     /// The HWPT or IOAS that bypass DMA goes through.
     fn ram_pt(&self) -> u32 {
         self.nest_parent.or(self.ram_hwpt).unwrap_or(self.ram_ioas)
@@ -236,6 +251,11 @@ impl<D: HostDevice> IommufdHost<D> {
     ) -> Result<()> {
         let ioas = self.fd.ioas_alloc()?;
         let (hwpt, own_hwpt) = match self.fd.hwpt_alloc(dev_id, ioas, 0, 0, &mut [], None) {
+            Ok(h) if self.degenerate(ioas) => {
+                debug!("domain {domain}: HWPT without an aperture yet; attaching to the IOAS");
+                let _ = self.fd.destroy(h);
+                (ioas, false)
+            }
             Ok(h) => (h, true),
             Err(e) => {
                 debug!("domain {domain}: HWPT_ALLOC ({e}); attaching to the IOAS");
@@ -366,6 +386,7 @@ impl<D: HostDevice> IommufdHost<D> {
     /// MAP that needs it answers FAULT.
     fn map_region(&mut self, r: &RamRegion) -> Result<Vec<(u64, u64)>> {
         let (usable, align) = self.fd.iova_ranges(self.ram_ioas)?;
+        let shown = format!("usable IOVA {usable:x?}, alignment {align:#x}");
         let align = align.max(1);
         let last = r.gpa + (r.len - 1);
         let mut pieces = Vec::new();
@@ -382,8 +403,8 @@ impl<D: HostDevice> IommufdHost<D> {
         let covered: u64 = pieces.iter().map(|p| p.1).sum();
         if covered < r.len {
             warn!(
-                "guest RAM {:#x}+{:#x}: {:#x} bytes lie outside the devices' usable IOVA ranges; \
-                 host endpoints cannot reach them",
+                "guest RAM {:#x}+{:#x}: {:#x} bytes lie outside the devices' usable IOVA ranges \
+                 ({shown}); host endpoints cannot reach them",
                 r.gpa,
                 r.len,
                 r.len - covered

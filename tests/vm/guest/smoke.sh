@@ -50,13 +50,41 @@ if [ -f /etc/viommu-tests ]; then
     done </etc/viommu-tests
 fi
 
+# A real VFIO device for tests/vfio_endpoints.rs: the pci-testdev (1b36:0005) that kernel-tier.sh
+# puts behind QEMU's virtio-iommu, bound to vfio-pci; its cdev is /dev/vfio/devices/vfioN.
+testdev=""
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor" 2>/dev/null)" = 0x1b36 ] && [ "$(cat "$d/device" 2>/dev/null)" = 0x0005 ] && testdev="$d"
+done
+if [ -n "$testdev" ]; then
+    bdf="${testdev##*/}"
+    echo vfio-pci >"$testdev/driver_override"
+    [ -e "$testdev/driver" ] && echo "$bdf" >"$testdev/driver/unbind"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    cdev="$(ls "$testdev/vfio-dev/" 2>/dev/null | head -n 1)"
+    if [ -n "$cdev" ] && [ -c "/dev/vfio/devices/$cdev" ]; then
+        pass vfio-pci-cdev
+        export VIOMMU_VFIO_CDEV="/dev/vfio/devices/$cdev"
+    else
+        fail vfio-pci-cdev "pci-testdev $bdf did not get a VFIO cdev"
+    fi
+fi
+
 # Rust test binaries (cargo's libtest harness): each `test NAME ... ok|FAILED` line counts as one
 # check. /etc/viommu-cargo-tests holds one absolute path per line; they run with --ignored (their
 # tests need this kernel) and VIOMMU_BIN pointing at our backend binary.
 if [ -f /etc/viommu-cargo-tests ]; then
+    kmaj="$(uname -r | cut -d. -f1)" kmin="$(uname -r | cut -d. -f2)"
     while IFS= read -r t; do
         [ -n "$t" ] || continue
         name="$(basename "$t")"
+        if [ "$name" = vfio_endpoints ] && [ "$kmaj" -eq 6 ] && [ "$kmin" -lt 13 ]; then
+            # Not our code: 6.12's virtio-iommu driver sizes a domain only when a device attaches,
+            # after iommufd has fixed the IOAS aperture, so every iommufd domain of a device behind
+            # it has usable IOVA [(0, 0)] (6.13 moved the driver to domain_alloc_paging).
+            echo "SKIP $name (the test VM's IOMMU, virtio-iommu on $(uname -r), gives iommufd domains no usable IOVA)"
+            continue
+        fi
         echo "smoke: running $t --ignored"
         VIOMMU_BIN=/bin/vhost-device-iommu RUST_LOG="${RUST_LOG:-info}" \
             "$t" --ignored --test-threads=1 </dev/null >/tmp/cargo-test.out 2>&1
