@@ -19,14 +19,14 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::host::spawn_sharing_iommufd;
 use support::process::proc_cpu_ns;
 use support::virtq::BatchReplies;
 use support::wire::{self, S_OK};
-use support::{BackendProcess, Frontend, FrontendOptions, GuestMem};
+use support::{Frontend, FrontendOptions, GuestMem};
 use vhost_device_iommu::iommufd_bridge::sys::{Iommufd, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 
 const BATCH: usize = 256;
@@ -42,13 +42,7 @@ const RAM_BASE: u64 = 0x100_0000;
 /// the ioctls included) per request.
 fn ours(rounds: usize) -> (f64, f64) {
     let fd = Iommufd::open("/dev/iommu".as_ref()).expect("/dev/iommu");
-    // SAFETY: dup of our fd without CLOEXEC, for the child; closed below.
-    let shared = unsafe { libc::dup(fd.as_raw_fd()) };
-    let arg = shared.to_string();
-    let b = BackendProcess::spawn(&["--iommufd-fd", &arg, "--endpoint", "1,selftest"]);
-    // SAFETY: our copy of the fd; the child keeps its own.
-    unsafe { libc::close(shared) };
-    let b = b.expect("backend starts");
+    let b = spawn_sharing_iommufd(&fd, &["--endpoint", "1,selftest"]).expect("backend starts");
     let mem = Arc::new(GuestMem::with_regions(&[(RAM_BASE, MEM)]).expect("guest memory"));
     let mut opts = FrontendOptions::default().queue_size(BATCH as u16);
     opts.queue.batch_indirect = true;

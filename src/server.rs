@@ -180,9 +180,14 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             }
         })?;
     }
+    let virtual_count = opts
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Virtual)
+        .count();
     info!(
-        "serving virtio-iommu with {} virtual endpoint(s)",
-        opts.endpoints.len()
+        "serving virtio-iommu with {virtual_count} virtual and {} host endpoint(s)",
+        opts.endpoints.len() - virtual_count
     );
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

@@ -10,16 +10,12 @@
 
 mod support;
 
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
+use support::host::HostRig;
 use support::wire::{self, S_FAULT, S_INVAL, S_NOENT, S_OK};
-use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem};
-use vhost_device_iommu::iommufd_bridge::sys::Iommufd;
-
-const NEEDS: &str = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh";
+use support::{BackendProcess, Frontend};
 
 const EP: u32 = 0x10;
 const EP2: u32 = 0x11;
@@ -31,94 +27,21 @@ const APERTURE: (u64, u64) = (1 << 24, (1 << 31) - 1);
 const RAM_BASE: u64 = APERTURE.0;
 const MEM: usize = 16 << 20;
 
-struct Rig {
-    fd: Iommufd,
-    backend: BackendProcess,
-    control: ControlClient,
+/// Two selftest mock devices and one virtual endpoint, on the test's iommufd.
+fn rig() -> HostRig {
+    HostRig::new(&[
+        "--endpoint",
+        "0x10,selftest",
+        "--endpoint",
+        "0x11,selftest",
+        "--endpoint",
+        "0x20",
+    ])
 }
 
-impl Rig {
-    fn new(extra: &[&str]) -> Rig {
-        let fd = Iommufd::open("/dev/iommu".as_ref()).expect("open /dev/iommu");
-        // A dup has no CLOEXEC: the backend inherits it.
-        // SAFETY: dup of an fd we own; the copy is closed below.
-        let shared = unsafe { libc::dup(fd.as_raw_fd()) };
-        assert!(shared >= 0, "dup: {}", std::io::Error::last_os_error());
-        let fd_arg = shared.to_string();
-        let mut args = vec![
-            "--iommufd-fd",
-            fd_arg.as_str(),
-            "--endpoint",
-            "0x10,selftest",
-            "--endpoint",
-            "0x11,selftest",
-            "--endpoint",
-            "0x20",
-        ];
-        args.extend_from_slice(extra);
-        let backend = BackendProcess::spawn(&args);
-        // SAFETY: our copy; the child has its own.
-        unsafe { libc::close(shared) };
-        let backend = backend.expect("backend starts with selftest endpoints");
-        let control = ControlClient::connect(&backend.control).expect("control socket");
-        Rig {
-            fd,
-            backend,
-            control,
-        }
-    }
-
-    fn connect(&self) -> Frontend {
-        self.connect_with(&[(RAM_BASE, MEM)])
-    }
-
-    fn connect_with(&self, layout: &[(u64, usize)]) -> Frontend {
-        let mem = Arc::new(GuestMem::with_regions(layout).unwrap());
-        Frontend::connect(&self.backend.socket, mem, FrontendOptions::default())
-            .expect("frontend sets up")
-    }
-
-    fn host(&mut self) -> Value {
-        let r = self.control.request(&json!({"op": "host"})).unwrap();
-        assert_eq!(r["ok"], true, "{r}");
-        r["host"].clone()
-    }
-
-    fn endpoint(&mut self, id: u32) -> Value {
-        let h = self.host();
-        h["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["id"] == id)
-            .unwrap_or_else(|| panic!("endpoint {id:#x} in {h}"))
-            .clone()
-    }
-
-    fn domain(&mut self, id: u32) -> Option<Value> {
-        let h = self.host();
-        h["domains"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["id"] == id)
-            .cloned()
-    }
-
-    /// Wait until the backend has let go of the last guest.
-    fn wait_idle(&mut self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let h = self.host();
-            if h["ram"].as_array().unwrap().is_empty()
-                && h["domains"].as_array().unwrap().is_empty()
-            {
-                return h;
-            }
-            assert!(Instant::now() < deadline, "still holding: {h}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// A guest whose RAM the mock devices can reach at IOVA = GPA.
+fn connect(rig: &HostRig) -> Frontend {
+    rig.connect_with(&[(RAM_BASE, MEM)])
 }
 
 fn u32_of(v: &Value) -> u32 {
@@ -131,7 +54,7 @@ fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
 
 /// Does the kernel's page table of `hwpt` map [iova, +len) onto guest RAM
 /// at `gpa`? (Our own mapping of the memfd is the same pages.)
-fn kernel_maps(rig: &Rig, f: &Frontend, hwpt: u32, iova: u64, gpa: u64, len: u64) -> bool {
+fn kernel_maps(rig: &HostRig, f: &Frontend, hwpt: u32, iova: u64, gpa: u64, len: u64) -> bool {
     let uptr = f.mem.uva(gpa).unwrap();
     rig.fd.md_check_map(hwpt, iova, len, uptr).is_ok()
 }
@@ -139,8 +62,7 @@ fn kernel_maps(rig: &Rig, f: &Frontend, hwpt: u32, iova: u64, gpa: u64, len: u64
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn startup_reports_kernel_features_and_binds_mock_devices() {
-    let _ = NEEDS;
-    let mut rig = Rig::new(&[]);
+    let mut rig = rig();
     let h = rig.host();
     assert_eq!(h["kind"], "iommufd");
     assert_eq!(h["features"]["selftest"], true, "{h}");
@@ -155,7 +77,7 @@ fn startup_reports_kernel_features_and_binds_mock_devices() {
     }
     // A guest's memory table arrives; bypass is on at boot, so unattached
     // endpoints now see guest RAM.
-    let _f = rig.connect();
+    let _f = connect(&rig);
     let h = rig.host();
     for e in h["endpoints"].as_array().unwrap() {
         assert_eq!(e["pt_id"], h["bypass_pt"], "{h}");
@@ -167,8 +89,8 @@ fn startup_reports_kernel_features_and_binds_mock_devices() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn map_and_unmap_reach_the_kernel_page_table() {
-    let mut rig = Rig::new(&[]);
-    let mut f = rig.connect();
+    let mut rig = rig();
+    let mut f = connect(&rig);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     let hwpt = u32_of(&rig.domain(1).expect("domain 1 is on the host")["hwpt"]);
     assert_eq!(rig.endpoint(EP)["pt_id"], hwpt);
@@ -208,8 +130,8 @@ fn map_and_unmap_reach_the_kernel_page_table() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn kernel_refusals_become_statuses_and_change_nothing() {
-    let mut rig = Rig::new(&[]);
-    let mut f = rig.connect();
+    let mut rig = rig();
+    let mut f = connect(&rig);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     let gpa = f.mem.alloc(0x2000, 0x1000).unwrap();
     // Below the mock's aperture: the kernel refuses (EINVAL) -> INVAL.
@@ -243,8 +165,8 @@ fn kernel_refusals_become_statuses_and_change_nothing() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn probe_reports_the_holes_of_the_device_iova_ranges() {
-    let rig = Rig::new(&[]);
-    let mut f = rig.connect();
+    let rig = rig();
+    let mut f = connect(&rig);
     let p = f.probe(EP).unwrap();
     assert_eq!(p.status, S_OK);
     let mut r: Vec<(u8, u64, u64)> = p
@@ -273,8 +195,8 @@ fn probe_reports_the_holes_of_the_device_iova_ranges() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn attach_replace_share_and_detach() {
-    let mut rig = Rig::new(&[]);
-    let mut f = rig.connect();
+    let mut rig = rig();
+    let mut f = connect(&rig);
     let bypass_pt = rig.host()["bypass_pt"].clone();
     let blocking = rig.host()["blocking_ioas"].clone();
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
@@ -328,8 +250,8 @@ fn attach_replace_share_and_detach() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn guest_ram_is_stage_2_and_pinned_once() {
-    let mut rig = Rig::new(&[]);
-    let mut f = rig.connect();
+    let mut rig = rig();
+    let mut f = connect(&rig);
     let h = rig.host();
     let ram = h["ram"].as_array().unwrap();
     assert_eq!(ram.len(), 1, "{h}");
@@ -392,10 +314,10 @@ fn guest_ram_is_stage_2_and_pinned_once() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn disconnect_and_reset_tear_down_everything() {
-    let mut rig = Rig::new(&[]);
+    let mut rig = rig();
     let mut ioases = Vec::new();
     for round in 0..3 {
-        let mut f = rig.connect();
+        let mut f = connect(&rig);
         for (d, ep) in [(1, EP), (2, EP2)] {
             assert_eq!(
                 status(&mut f, wire::attach(d, ep, 0, 0)),
@@ -426,7 +348,7 @@ fn disconnect_and_reset_tear_down_everything() {
         assert_eq!(rig.fd.destroy(id).unwrap_err().errno(), Some(libc::ENOENT));
     }
     // The backend serves the next guest normally.
-    let mut f = rig.connect();
+    let mut f = connect(&rig);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     assert!(rig.backend.child.try_wait().unwrap().is_none());
 }

@@ -11,6 +11,7 @@ use crate::device::error::{RequestError, Status};
 use crate::device::request::{decode, Decoded, Request, TAIL_LEN};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
+use crate::iommufd_bridge::BridgeError;
 
 pub const PROBE_T_RESV_MEM: u16 = 1;
 const RESV_MEM_LEN: usize = 24;
@@ -52,7 +53,10 @@ pub fn handle(
     let (status, body_len) = match result {
         Ok(body_len) => (Status::Ok, body_len),
         Err(e) => {
-            if matches!(e, RequestError::Host(_)) {
+            if matches!(
+                e,
+                RequestError::Host(BridgeError::Kernel { .. } | BridgeError::Host { .. })
+            ) {
                 // The host refused what the device state allowed: worth
                 // an operator's eye, with the kernel's errno.
                 info!("request type {ty}: {e} -> {:?}", e.status());

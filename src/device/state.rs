@@ -148,17 +148,23 @@ impl IommuState {
         // where a guest begins, so unattached endpoints take its bypass now,
         // before RAM is mapped: some drivers (virtio-iommu on 6.12) refuse
         // an attach to an IOAS that already has mappings (EADDRINUSE).
-        self.host.set_bypass(self.bypass)?;
-        self.host.set_guest_ram(regions)
+        let attached = self.host.set_bypass(self.bypass);
+        let mapped = self.host.set_guest_ram(regions);
+        attached.and(mapped)
+    }
+
+    /// Every domain goes, every endpoint comes back unattached.
+    fn forget_domains(&mut self) {
+        self.domains.clear();
+        for ep in self.endpoints.values_mut() {
+            ep.domain = None;
+        }
     }
 
     /// A frontend connected (or is about to): state as at power-on, host
     /// devices blocked until its memory table arrives.
     pub fn begin_session(&mut self) {
-        self.domains.clear();
-        for ep in self.endpoints.values_mut() {
-            ep.domain = None;
-        }
+        self.forget_domains();
         self.bypass = self.config.boot_bypass;
         self.host.reset(false);
     }
@@ -173,10 +179,7 @@ impl IommuState {
     /// The frontend is gone: as system reset, and the host lets go of
     /// guest RAM and blocks its devices until the next guest.
     pub fn disconnect(&mut self) {
-        self.domains.clear();
-        for ep in self.endpoints.values_mut() {
-            ep.domain = None;
-        }
+        self.forget_domains();
         self.bypass = self.config.boot_bypass;
         self.host.disconnect();
     }
@@ -184,17 +187,8 @@ impl IommuState {
     /// Device reset: every domain goes, endpoints come back unattached. The
     /// bypass byte keeps its value (spec: it survives device reset).
     pub fn reset(&mut self) {
-        self.domains.clear();
-        for ep in self.endpoints.values_mut() {
-            ep.domain = None;
-        }
+        self.forget_domains();
         self.host.reset(self.bypass);
-    }
-
-    /// A new guest (system reset): reset, and bypass back to its boot value.
-    pub fn reset_system(&mut self) {
-        self.bypass = self.config.boot_bypass;
-        self.reset();
     }
 
     pub fn domain_count(&self) -> usize {
@@ -938,7 +932,7 @@ mod tests {
     }
 
     #[test]
-    fn reset_keeps_bypass_system_reset_restores_it() {
+    fn reset_keeps_bypass_a_new_session_restores_it() {
         let mut s = state();
         attach(&mut s, 1, 1).unwrap();
         s.bypass = false;
@@ -946,7 +940,10 @@ mod tests {
         assert_eq!(s.domain_count(), 0);
         assert_eq!(s.endpoint(1).unwrap().domain, None);
         assert!(!s.bypass);
-        s.reset_system();
+        attach(&mut s, 1, 1).unwrap();
+        s.begin_session();
         assert!(s.bypass);
+        assert_eq!(s.domain_count(), 0);
+        assert_eq!(s.endpoint(1).unwrap().domain, None);
     }
 }

@@ -150,14 +150,6 @@ impl<D: HostDevice> IommufdHost<D> {
         })
     }
 
-    pub fn iommufd(&self) -> &Iommufd {
-        &self.fd
-    }
-
-    pub fn blocking_ioas(&self) -> u32 {
-        self.block_ioas
-    }
-
     /// Add an endpoint whose device `make` creates, attached to the
     /// blocking IOAS. Learns its usable IOVA ranges alone in a scratch IOAS,
     /// then puts it where an unattached endpoint belongs.
@@ -305,7 +297,8 @@ impl<D: HostDevice> IommufdHost<D> {
             return Ok(());
         };
         let (old_target, old_pt, dev_id) = (ep.target, ep.pt, ep.dev.dev_id());
-        let mut created = false;
+        // The domain made for this attach, undone if the attach fails.
+        let mut created = None;
         let pt = match target {
             Target::Unattached if self.bypass => self.ram_pt(),
             Target::Unattached => self.block_ioas,
@@ -313,7 +306,7 @@ impl<D: HostDevice> IommufdHost<D> {
             Target::Domain(d) => {
                 if !self.domains.contains_key(&d) {
                     self.create_domain(d, dev_id, mappings)?;
-                    created = true;
+                    created = Some(d);
                 }
                 self.domains[&d].hwpt
             }
@@ -321,32 +314,30 @@ impl<D: HostDevice> IommufdHost<D> {
         if pt != old_pt {
             let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
             let mut r = ep.dev.attach(&self.fd, pt);
-            if r.is_err() && created {
+            if let (Err(_), Some(d)) = (&r, created) {
                 // The device could not use the HWPT made for it; let the
                 // kernel pick one for the IOAS instead.
-                let ioas = self.domains[&target_domain(target)].ioas;
-                if ep.dev.attach(&self.fd, ioas).is_ok() {
-                    let d = self.domains.get_mut(&target_domain(target)).unwrap();
-                    if d.own_hwpt {
-                        let _ = self.fd.destroy(d.hwpt);
+                let dom = self.domains.get_mut(&d).expect("created above");
+                if ep.dev.attach(&self.fd, dom.ioas).is_ok() {
+                    if dom.own_hwpt {
+                        let _ = self.fd.destroy(dom.hwpt);
                     }
-                    d.hwpt = ioas;
-                    d.own_hwpt = false;
+                    dom.hwpt = dom.ioas;
+                    dom.own_hwpt = false;
                     r = Ok(());
                 }
             }
             if let Err(e) = r {
-                if created {
-                    self.destroy_domain(target_domain(target));
+                if let Some(d) = created {
+                    self.destroy_domain(d);
                 }
                 return Err(e);
             }
         }
         let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
-        ep.pt = if created {
-            self.domains[&target_domain(target)].hwpt
-        } else {
-            pt
+        ep.pt = match created {
+            Some(d) => self.domains[&d].hwpt,
+            None => pt,
         };
         ep.target = target;
         if old_target != target {
@@ -388,7 +379,13 @@ impl<D: HostDevice> IommufdHost<D> {
         let (usable, align) = self.fd.iova_ranges(self.ram_ioas)?;
         let shown = format!("usable IOVA {usable:x?}, alignment {align:#x}");
         let align = align.max(1);
-        let last = r.gpa + (r.len - 1);
+        let Some(last) = r.len.checked_sub(1).and_then(|l| r.gpa.checked_add(l)) else {
+            warn!(
+                "guest RAM {:#x}+{:#x}: empty or beyond 2^64; not mapped",
+                r.gpa, r.len
+            );
+            return Ok(Vec::new());
+        };
         let mut pieces = Vec::new();
         for (s, e) in usable {
             // Intersect, then shrink to the IOAS's alignment.
@@ -454,13 +451,6 @@ impl<D: HostDevice> IommufdHost<D> {
             }
             cur = r_last + 1;
         }
-    }
-}
-
-fn target_domain(t: Target) -> u32 {
-    match t {
-        Target::Domain(d) => d,
-        _ => unreachable!("only domain targets create domains"),
     }
 }
 

@@ -12,7 +12,6 @@ use super::Result;
 #[derive(Debug)]
 pub struct SelftestDevice {
     mock: MockDevice,
-    released: bool,
 }
 
 impl SelftestDevice {
@@ -20,7 +19,6 @@ impl SelftestDevice {
     pub fn create(fd: &Iommufd, pt_id: u32) -> Result<Self> {
         Ok(SelftestDevice {
             mock: fd.mock_domain(pt_id)?,
-            released: false,
         })
     }
 }
@@ -40,11 +38,8 @@ impl HostDevice for SelftestDevice {
     }
 
     fn release(&mut self, fd: &Iommufd) {
-        if !self.released {
-            self.released = true;
-            if let Err(e) = fd.destroy(self.mock.stdev_id) {
-                log::error!("selftest device {}: destroy: {e}", self.mock.stdev_id);
-            }
+        if let Err(e) = fd.destroy(self.mock.stdev_id) {
+            log::error!("selftest device {}: destroy: {e}", self.mock.stdev_id);
         }
     }
 }

@@ -25,7 +25,6 @@ pub struct VfioCdev {
     dev: VfioDevice,
     source: VfioSource,
     dev_id: u32,
-    detached: bool,
 }
 
 impl std::fmt::Debug for VfioCdev {
@@ -83,7 +82,6 @@ impl VfioCdev {
             dev,
             source: source.clone(),
             dev_id,
-            detached: false,
         })
     }
 }
@@ -124,11 +122,8 @@ impl HostDevice for VfioCdev {
     }
 
     fn release(&mut self, _fd: &Iommufd) {
-        if !self.detached {
-            self.detached = true;
-            if let Err(e) = self.dev.detach_hwpt() {
-                log::warn!("VFIO device {:?}: detach: {e}", self.source);
-            }
+        if let Err(e) = self.dev.detach_hwpt() {
+            log::warn!("VFIO device {:?}: detach: {e}", self.source);
         }
     }
 }

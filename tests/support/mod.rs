@@ -7,12 +7,14 @@
 //! - [`wire`]: virtio-iommu request builders and reply/event/config parsers.
 //! - [`control`]: JSON-lines client for the backend's control socket.
 //! - [`process`]: spawn the backend binary, inspect its RSS and fds.
+//! - [`host`]: the backend sharing the test's iommufd, for host endpoints.
 #![allow(dead_code)]
 // Each test crate uses a subset of the re-exports below.
 #![allow(unused_imports)]
 
 pub mod control;
 pub mod frontend;
+pub mod host;
 pub mod mem;
 pub mod process;
 pub mod virtq;
