@@ -27,6 +27,8 @@ pub enum ArgsError {
     SelftestNotBuilt(u32),
     #[error("selftest and VFIO endpoints cannot be mixed in one device")]
     MixedHostEndpoints,
+    #[error("--attach-table-bit {0}: must be a device feature bit 7..=23, or off")]
+    FeatureBit(String),
     #[error("--page-size-mask must have at least one bit set")]
     EmptyPageSizeMask,
     #[error("--{0} must be at least 1")]
@@ -101,6 +103,16 @@ pub struct Args {
     /// Most mappings in one domain (beyond: NOMEM).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_mappings: usize,
+
+    /// Most PASID attachments (ATTACH_TABLE at a PASID) of one guest, all
+    /// endpoints together (beyond: NOMEM).
+    #[arg(long, default_value_t = 4096)]
+    pub max_pasids: usize,
+
+    /// Feature bit number offered for the F_ATTACH_TABLE extension (7..=23),
+    /// or `off` not to offer it.
+    #[arg(long, value_name = "BIT|off", default_value = "7")]
+    pub attach_table_bit: String,
 
     /// Most event records queued while the driver posts no buffer (beyond:
     /// counted as lost and logged).
@@ -319,6 +331,7 @@ impl Args {
             ("max-domains", self.max_domains),
             ("max-mappings", self.max_mappings),
             ("max-events", self.max_events),
+            ("max-pasids", self.max_pasids),
             ("max-control-clients", self.max_control_clients),
             ("max-control-line", self.max_control_line),
         ] {
@@ -338,17 +351,31 @@ impl Args {
                 domain_start,
                 domain_end,
                 boot_bypass: self.bypass == OnOff::On,
+                attach_table_bit: parse_feature_bit(&self.attach_table_bit)?,
             },
             limits: Limits {
                 max_domains: self.max_domains,
                 max_mappings: self.max_mappings,
                 max_events: self.max_events,
+                max_pasids: self.max_pasids,
             },
             control_limits: ControlLimits {
                 max_clients: self.max_control_clients,
                 max_line: self.max_control_line,
             },
         })
+    }
+}
+
+/// An extension feature bit: one the ratified spec leaves to devices
+/// (bits 7..=23 are device-specific; 0..=6 are taken), or `off`.
+fn parse_feature_bit(s: &str) -> Result<Option<u8>, ArgsError> {
+    if s == "off" {
+        return Ok(None);
+    }
+    match s.parse::<u8>() {
+        Ok(b) if (7..=23).contains(&b) => Ok(Some(b)),
+        _ => Err(ArgsError::FeatureBit(s.to_string())),
     }
 }
 

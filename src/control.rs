@@ -53,10 +53,19 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(error("bad-request", "\"write\" must be a boolean")),
     };
+    let pasid = match req.get("pasid") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|&p| p >> crate::nested::request::MAX_PASID_BITS == 0)
+                .ok_or_else(|| error("bad-request", "\"pasid\" must be a 20-bit number"))?
+                as u32,
+        ),
+    };
     let result = {
         let s = backend.session();
         let mem = s.mem.memory();
-        translate_dma(&s.iommu, &*mem, endpoint, iova, len, write)
+        translate_dma(&s.iommu, &*mem, endpoint, pasid, iova, len, write)
     };
     match result {
         Ok(pieces) => {

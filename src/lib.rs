@@ -5,5 +5,6 @@ pub mod control;
 pub mod device;
 pub mod fault_queue;
 pub mod iommufd_bridge;
+pub mod nested;
 pub mod server;
 pub mod viot;

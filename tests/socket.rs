@@ -81,9 +81,13 @@ fn features_config_and_protocol_features() {
         0,
         "never legacy bypass"
     );
-    // Extensions are not offered until they exist.
-    assert_eq!(
+    // F_ATTACH_TABLE at its default bit; F_PAGE_REQUEST not yet.
+    assert_ne!(
         f.offered_features & bit(wire::VIRTIO_IOMMU_F_ATTACH_TABLE),
+        0
+    );
+    assert_eq!(
+        f.offered_features & bit(wire::VIRTIO_IOMMU_F_PAGE_REQUEST),
         0
     );
     use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
@@ -374,8 +378,10 @@ fn probe_reports_msi_window_and_sizes() {
     assert_eq!(resv.len(), 1);
     assert_eq!(resv[0].subtype, wire::RESV_MEM_T_MSI);
     assert_eq!((resv[0].start, resv[0].end), (0xfee0_0000, 0xfeef_ffff));
+    // With F_ATTACH_TABLE: the table property (16 bytes) follows.
+    assert_eq!(u16::from_le_bytes([p.raw[24], p.raw[25]]), 0x100);
     assert!(
-        p.raw[24..].iter().all(|&x| x == 0),
+        p.raw[40..].iter().all(|&x| x == 0),
         "zero-filled after the properties"
     );
     assert_eq!(f.probe(77).unwrap().status, S_NOENT);
@@ -394,7 +400,8 @@ fn unnegotiated_request_types_are_unknown() {
         &b,
         FrontendOptions::default()
             .without(wire::VIRTIO_IOMMU_F_PROBE)
-            .without(wire::VIRTIO_IOMMU_F_MMIO),
+            .without(wire::VIRTIO_IOMMU_F_MMIO)
+            .without(wire::VIRTIO_IOMMU_F_ATTACH_TABLE),
     );
     let (r, w) = wire::probe(EP, 512);
     assert_eq!(

@@ -310,6 +310,7 @@ fuzz_target!(|data: &[u8]| {
                     flags: u32::from(input.u8()),
                     endpoint: u32::from(input.u8()),
                     address: seq,
+                    pasid: None,
                 };
                 let want = m.queued.len() < m.capacity;
                 let got = backend.events.send(rec);

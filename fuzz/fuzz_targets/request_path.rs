@@ -274,6 +274,7 @@ fuzz_target!(|data: &[u8]| {
                     flags: u32::from(o.u16()),
                     endpoint: o.u32(),
                     address: o.u64(),
+                    pasid: None,
                 };
                 backend.events.send(rec);
                 sent.0 += 1;

@@ -70,6 +70,7 @@ pub fn small_limits(max_events: usize) -> Limits {
         max_domains: 16,
         max_mappings: 64,
         max_events,
+        max_pasids: 8,
     }
 }
 

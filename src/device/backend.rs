@@ -341,12 +341,13 @@ impl VhostUserBackend for IommuBackend {
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | features::DEVICE_FEATURES
+            | self.session().iommu.config.offered_features()
     }
 
     fn acked_features(&self, features: u64) {
         debug!("driver accepted features {features:#x}");
-        self.session().acked_features = features;
+        let mut s = self.session();
+        s.acked_features = s.iommu.config.internal_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

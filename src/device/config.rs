@@ -11,6 +11,11 @@ pub mod features {
     /// Legacy F_BYPASS (bit 3) is never offered.
     pub const DEVICE_FEATURES: u64 =
         INPUT_RANGE | DOMAIN_RANGE | MAP_UNMAP | PROBE | MMIO | BYPASS_CONFIG;
+    /// Extension F_ATTACH_TABLE (protocol.md 1). Inside the device it is
+    /// always this bit; on the wire it is `DeviceConfig::attach_table_bit`.
+    pub const ATTACH_TABLE: u64 = 1 << 7;
+    /// Default wire bit of F_ATTACH_TABLE.
+    pub const DEFAULT_ATTACH_TABLE_BIT: u8 = 7;
 }
 
 pub const CONFIG_SIZE: usize = 40;
@@ -28,6 +33,8 @@ pub struct DeviceConfig {
     pub domain_end: u32,
     /// Initial value of the bypass byte (restored when a new guest connects).
     pub boot_bypass: bool,
+    /// Wire bit of F_ATTACH_TABLE; None: not offered.
+    pub attach_table_bit: Option<u8>,
 }
 
 impl Default for DeviceConfig {
@@ -40,11 +47,33 @@ impl Default for DeviceConfig {
             domain_start: 0,
             domain_end: u32::MAX,
             boot_bypass: true,
+            attach_table_bit: Some(features::DEFAULT_ATTACH_TABLE_BIT),
         }
     }
 }
 
 impl DeviceConfig {
+    /// The device-specific feature bits offered on the wire.
+    pub fn offered_features(&self) -> u64 {
+        let ext = self.attach_table_bit.map_or(0, |b| 1u64 << b);
+        features::DEVICE_FEATURES | ext
+    }
+
+    /// The driver's acknowledged bits as the device uses them: extension
+    /// bits moved from their wire position to the internal one.
+    pub fn internal_features(&self, wire: u64) -> u64 {
+        let Some(bit) = self.attach_table_bit else {
+            return wire & !features::ATTACH_TABLE;
+        };
+        let wire_bit = 1u64 << bit;
+        let base = wire & !wire_bit & !features::ATTACH_TABLE;
+        if wire & wire_bit != 0 {
+            base | features::ATTACH_TABLE
+        } else {
+            base
+        }
+    }
+
     /// The mapping granule: the lowest set bit of page_size_mask.
     pub fn granule(&self) -> u64 {
         1u64 << self.page_size_mask.trailing_zeros().min(63)
@@ -70,6 +99,8 @@ pub struct Limits {
     pub max_domains: usize,
     pub max_mappings: usize,
     pub max_events: usize,
+    /// PASID attachments (ATTACH_TABLE with PASID_VALID), all endpoints.
+    pub max_pasids: usize,
 }
 
 impl Default for Limits {
@@ -78,6 +109,7 @@ impl Default for Limits {
             max_domains: 1 << 16,
             max_mappings: 1 << 20,
             max_events: 1024,
+            max_pasids: 4096,
         }
     }
 }
@@ -95,6 +127,7 @@ mod tests {
             domain_start: 3,
             domain_end: 9,
             boot_bypass: false,
+            attach_table_bit: None,
         };
         let b = c.to_bytes(true);
         assert_eq!(b.len(), 40);
@@ -118,6 +151,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.granule(), 0x1000);
+    }
+
+    #[test]
+    fn attach_table_bit_moves_between_wire_and_device() {
+        let mut c = DeviceConfig::default();
+        assert_ne!(c.offered_features() & features::ATTACH_TABLE, 0);
+        assert_eq!(c.internal_features(1 << 7 | 1), features::ATTACH_TABLE | 1);
+        c.attach_table_bit = Some(8);
+        assert_eq!(c.offered_features() & (1 << 7), 0);
+        assert_ne!(c.offered_features() & (1 << 8), 0);
+        assert_eq!(c.internal_features(1 << 8), features::ATTACH_TABLE);
+        assert_eq!(c.internal_features(1 << 7), 0, "bit 7 was not offered");
+        c.attach_table_bit = None;
+        assert_eq!(c.offered_features(), features::DEVICE_FEATURES);
+        assert_eq!(c.internal_features(1 << 7), 0);
     }
 
     #[test]

@@ -6,15 +6,20 @@
 
 use log::{debug, info};
 
-use crate::device::config::PROBE_SIZE;
+use crate::device::config::{features, PROBE_SIZE};
 use crate::device::error::{RequestError, Status};
 use crate::device::request::{decode, Decoded, Request, TAIL_LEN};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::iommufd_bridge::BridgeError;
+use crate::nested::TableCaps;
 
 pub const PROBE_T_RESV_MEM: u16 = 1;
 const RESV_MEM_LEN: usize = 24;
+/// Extension PROBE properties (spec-notes/nested.md), only with F_ATTACH_TABLE.
+pub const PROBE_T_TABLE: u16 = 0x100;
+pub const PROBE_T_HW_INFO: u16 = 0x101;
+pub const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
 
 /// Largest reply: PROBE properties plus the tail.
 pub const MAX_REPLY: usize = PROBE_SIZE as usize + TAIL_LEN;
@@ -98,6 +103,8 @@ fn type_of(req: &Request) -> u8 {
         Request::Map(_) => T_MAP,
         Request::Unmap(_) => T_UNMAP,
         Request::Probe(_) => T_PROBE,
+        Request::AttachTable(_) => crate::nested::request::T_ATTACH_TABLE,
+        Request::Invalidate(_) => crate::nested::request::T_INVALIDATE,
     }
 }
 
@@ -115,6 +122,8 @@ fn execute(
         Request::Detach(d) => state.detach(d).map(|_| 0),
         Request::Map(m) => state.map(m, acked).map(|_| 0),
         Request::Unmap(u) => state.unmap(u).map(|_| 0),
+        Request::AttachTable(a) => state.attach_table(a, acked).map(|_| 0),
+        Request::Invalidate(i) => state.invalidate(i).map(|_| 0),
         Request::Probe(p) => {
             let area = writable_len.saturating_sub(TAIL_LEN as u64);
             let regions = state.probe(p.endpoint)?;
@@ -139,15 +148,60 @@ fn execute(
                 p[16..24].copy_from_slice(&r.end.to_le_bytes());
                 off += RESV_MEM_LEN;
             }
+            if acked & features::ATTACH_TABLE != 0 {
+                if let Some(caps) = state.table_caps(p.endpoint) {
+                    write_table_props(&caps, &mut props[off..]);
+                }
+            }
             Ok(PROBE_SIZE as usize)
         }
+    }
+}
+
+/// Append a property (type, then the value); false if it does not fit.
+fn put_prop(out: &mut [u8], off: &mut usize, ty: u16, value: &[u8]) -> bool {
+    // Properties are 8-byte aligned like RESV_MEM's.
+    let total = (4 + value.len()).next_multiple_of(8);
+    if *off + total > out.len() {
+        return false;
+    }
+    let p = &mut out[*off..*off + total];
+    p[0..2].copy_from_slice(&ty.to_le_bytes());
+    p[2..4].copy_from_slice(&((total - 4) as u16).to_le_bytes());
+    p[4..4 + value.len()].copy_from_slice(value);
+    *off += total;
+    true
+}
+
+/// The extension properties of one endpoint (layouts in spec-notes/nested.md).
+fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
+    let mut off = 0;
+    let mut v = Vec::with_capacity(4 + caps.formats.len());
+    let flags = if caps.page_requests {
+        PROBE_TABLE_F_PAGE_REQUESTS
+    } else {
+        0
+    };
+    v.extend_from_slice(&[caps.pasid_bits, flags, caps.formats.len() as u8, 0]);
+    v.extend_from_slice(&caps.formats);
+    if !put_prop(out, &mut off, PROBE_T_TABLE, &v) {
+        return;
+    }
+    if let Some(hw) = &caps.hw_info {
+        let mut v = Vec::with_capacity(20 + hw.data.len());
+        v.extend_from_slice(&hw.info_type.to_le_bytes());
+        v.extend_from_slice(&hw.capabilities.to_le_bytes());
+        v.extend_from_slice(&[hw.max_pasid_log2, 0, 0, 0]);
+        v.extend_from_slice(&(hw.data.len() as u32).to_le_bytes());
+        v.extend_from_slice(&hw.data);
+        put_prop(out, &mut off, PROBE_T_HW_INFO, &v);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::config::{features, DeviceConfig, Limits};
+    use crate::device::config::{DeviceConfig, Limits};
     use crate::device::request::*;
 
     const ACKED: u64 = features::DEVICE_FEATURES;
@@ -189,6 +243,52 @@ mod tests {
         );
         assert_eq!(&out[512..516], &[0, 0, 0, 0]);
         assert_eq!(st.get(T_PROBE, Status::Ok), 1);
+    }
+
+    #[test]
+    fn probe_has_table_property_only_with_attach_table() {
+        let (mut s, mut st, mut out) = setup();
+        handle(&mut s, &mut st, ACKED, &probe_req(1), 516, &mut out);
+        assert!(out[24..512].iter().all(|&b| b == 0));
+        let acked = ACKED | features::ATTACH_TABLE;
+        handle(&mut s, &mut st, acked, &probe_req(1), 516, &mut out);
+        let p = &out[24..];
+        assert_eq!(u16::from_le_bytes([p[0], p[1]]), PROBE_T_TABLE);
+        assert_eq!(u16::from_le_bytes([p[2], p[3]]), 12, "16 bytes in all");
+        // 20 PASID bits, no page requests, one format: INTEL_VTD.
+        assert_eq!(&p[4..9], &[20, 0, 1, 0, 2]);
+        assert!(out[40..512].iter().all(|&b| b == 0), "no HW_INFO: virtual");
+    }
+
+    #[test]
+    fn hw_info_property_layout() {
+        let caps = TableCaps {
+            formats: vec![0xf0],
+            pasid_bits: 0,
+            page_requests: true,
+            hw_info: Some(crate::nested::HwInfo {
+                info_type: 0xfeed_beef,
+                capabilities: 5,
+                max_pasid_log2: 20,
+                data: vec![1, 2, 3, 4, 0xef, 0xbe, 0xad, 0xde],
+            }),
+        };
+        let mut out = [0u8; 64];
+        write_table_props(&caps, &mut out);
+        assert_eq!(&out[..9], &[0, 1, 12, 0, 0, 1, 1, 0, 0xf0]);
+        let h = &out[16..];
+        assert_eq!(u16::from_le_bytes([h[0], h[1]]), PROBE_T_HW_INFO);
+        assert_eq!(u16::from_le_bytes([h[2], h[3]]), 28);
+        assert_eq!(u32::from_le_bytes(h[4..8].try_into().unwrap()), 0xfeed_beef);
+        assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), 5);
+        assert_eq!(h[16], 20);
+        assert_eq!(u32::from_le_bytes(h[20..24].try_into().unwrap()), 8);
+        assert_eq!(&h[24..32], &[1, 2, 3, 4, 0xef, 0xbe, 0xad, 0xde]);
+        // No room: nothing half-written.
+        let mut small = [0u8; 40];
+        write_table_props(&caps, &mut small);
+        assert_eq!(&small[..9], &[0, 1, 12, 0, 0, 1, 1, 0, 0xf0]);
+        assert!(small[9..].iter().all(|&b| b == 0));
     }
 
     #[test]

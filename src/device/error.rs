@@ -4,6 +4,7 @@
 use thiserror::Error;
 
 use crate::iommufd_bridge::BridgeError;
+use crate::nested::NestedError;
 
 /// Status codes of the ratified spec (virtio-iommu 1.4 "Device operations").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +96,22 @@ pub enum RequestError {
     TooManyMappings(usize),
     #[error("properties area is {got} bytes, probe_size is {need}")]
     ProbeBufferTooSmall { got: u64, need: u32 },
+    #[error("descriptor: {0}")]
+    Nested(#[from] NestedError),
+    #[error("endpoint {endpoint} does not take table format {format:#x}")]
+    FormatUnsupported { endpoint: u32, format: u8 },
+    #[error("domain {0} has another table")]
+    TableMismatch(u32),
+    #[error("domain {0} is not a table domain")]
+    NotTableDomain(u32),
+    #[error("endpoint {0} has no PASID support")]
+    NoPasid(u32),
+    #[error("pasid {pasid:#x} is wider than endpoint {endpoint}'s {bits} bits")]
+    PasidOutOfRange { endpoint: u32, pasid: u32, bits: u8 },
+    #[error("PAGE_REQUESTS without F_PAGE_REQUEST")]
+    PageRequestsNotNegotiated,
+    #[error("too many PASID attachments (limit {0})")]
+    TooManyPasids(usize),
     #[error("host: {0}")]
     Host(#[from] BridgeError),
 }
@@ -112,7 +129,14 @@ impl RequestError {
             NoEndpoint(_) | NoDomain(_) => Status::NoEnt,
             DomainOutOfRange(_) | Misaligned(_) | OutsideInputRange { .. } => Status::Range,
             PhysOverflow | WouldSplit { .. } => Status::Range,
-            TooManyDomains(_) | TooManyMappings(_) => Status::NoMem,
+            TooManyDomains(_) | TooManyMappings(_) | TooManyPasids(_) => Status::NoMem,
+            TableMismatch(_) | NotTableDomain(_) | PageRequestsNotNegotiated => Status::Inval,
+            FormatUnsupported { .. } | NoPasid(_) => Status::Unsupp,
+            PasidOutOfRange { .. } => Status::Range,
+            Nested(e) => match e {
+                NestedError::BadRange { .. } | NestedError::PasidTooWide(_) => Status::Range,
+                _ => Status::Inval,
+            },
             Host(e) => host_status(e),
         }
     }

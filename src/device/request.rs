@@ -6,6 +6,11 @@
 
 use crate::device::error::RequestError;
 use crate::device::features;
+use crate::nested::request::{
+    decode_attach_table, decode_invalidate, ATTACH_TABLE_LEN, INVALIDATE_LEN, T_ATTACH_TABLE,
+    T_INVALIDATE,
+};
+use crate::nested::{AttachTable, Invalidate};
 
 pub const T_ATTACH: u8 = 1;
 pub const T_DETACH: u8 = 2;
@@ -71,6 +76,8 @@ pub enum Request {
     Map(Map),
     Unmap(Unmap),
     Probe(Probe),
+    AttachTable(AttachTable),
+    Invalidate(Invalidate),
 }
 
 /// What decoding can conclude besides a request.
@@ -113,6 +120,11 @@ pub fn decode(readable: &[u8], acked_features: u64) -> Decoded {
         T_UNMAP => UNMAP_LEN,
         T_PROBE if acked_features & features::PROBE == 0 => return Decoded::Unknown(ty),
         T_PROBE => PROBE_LEN,
+        T_ATTACH_TABLE | T_INVALIDATE if acked_features & features::ATTACH_TABLE == 0 => {
+            return Decoded::Unknown(ty)
+        }
+        T_ATTACH_TABLE => ATTACH_TABLE_LEN,
+        T_INVALIDATE => INVALIDATE_LEN,
         _ => return Decoded::Unknown(ty),
     };
     if readable.len() < need {
@@ -150,9 +162,17 @@ pub fn decode(readable: &[u8], acked_features: u64) -> Decoded {
             virt_start: le64(b, 8),
             virt_end: le64(b, 16),
         }),
-        _ => Request::Probe(Probe {
+        T_PROBE => Request::Probe(Probe {
             endpoint: le32(b, 4),
         }),
+        T_ATTACH_TABLE => match decode_attach_table(b) {
+            Ok(a) => Request::AttachTable(a),
+            Err(e) => return Decoded::Refused(ty, e.into()),
+        },
+        _ => match decode_invalidate(b) {
+            Ok(i) => Request::Invalidate(i),
+            Err(e) => return Decoded::Refused(ty, e.into()),
+        },
     };
     Decoded::Request(req)
 }
@@ -220,10 +240,42 @@ mod tests {
         let mut map = vec![T_MAP, 0, 0, 0];
         map.resize(MAP_LEN, 0);
         assert_eq!(decode(&map, features::PROBE), Decoded::Unknown(T_MAP));
-        // Extension types are unknown until their feature exists.
+        // Extension types are unknown until their feature is negotiated.
         for t in 6..=8 {
             assert_eq!(decode(&[t; 128], ALL), Decoded::Unknown(t));
         }
+        assert_eq!(
+            decode(&[8; 128], ALL | features::ATTACH_TABLE),
+            Decoded::Unknown(8)
+        );
+    }
+
+    #[test]
+    fn extension_requests_decode_with_attach_table() {
+        use crate::nested::request::encode;
+        let acked = ALL | features::ATTACH_TABLE;
+        let b = encode::attach_vtd(1, 2, 0, 0, 0x1000, 48);
+        assert!(matches!(
+            decode(&b, acked),
+            Decoded::Request(Request::AttachTable(AttachTable { domain: 1, .. }))
+        ));
+        match decode(&b[..ATTACH_TABLE_LEN - 1], acked) {
+            Decoded::Refused(T_ATTACH_TABLE, RequestError::Truncated { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let b = encode::attach_table(1, 2, 0x77, &[]);
+        match decode(&b, acked) {
+            Decoded::Refused(T_ATTACH_TABLE, e) => {
+                assert_eq!(e.status(), crate::device::error::Status::Inval)
+            }
+            other => panic!("{other:?}"),
+        }
+        let b = encode::invalidate_domain(4);
+        assert!(matches!(
+            decode(&b, acked),
+            Decoded::Request(Request::Invalidate(Invalidate { domain: 4, .. }))
+        ));
+        assert_eq!(decode(&b, ALL), Decoded::Unknown(T_INVALIDATE));
     }
 
     #[test]

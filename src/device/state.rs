@@ -13,6 +13,7 @@ use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
+use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (virtio-iommu.md P11).
@@ -43,12 +44,23 @@ pub enum DomainKind {
     Map(BTreeMap<u64, Mapping>),
     #[default]
     Bypass,
+    /// A guest-owned table (ATTACH_TABLE).
+    Table(TableDomain),
+}
+
+/// The table a table domain was created with; every endpoint that joins
+/// must name the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableDomain {
+    pub table: TableDesc,
+    pub page_requests: bool,
 }
 
 #[derive(Debug)]
 pub struct Domain {
     pub kind: DomainKind,
-    /// Number of endpoints attached; the domain dies with the last one.
+    /// Number of attachments (endpoints, and endpoint PASIDs); the domain
+    /// dies with the last one.
     pub endpoints: usize,
 }
 
@@ -68,6 +80,8 @@ pub enum Translation {
     Mapped { gpa: u64, len: u64 },
     /// No mapping, or the mapping forbids the access.
     Miss,
+    /// A guest table: walk it (the caller has guest memory).
+    Walk { pgtbl: u64, addr_width: u32 },
 }
 
 #[derive(Debug)]
@@ -78,6 +92,8 @@ pub struct IommuState {
     pub bypass: bool,
     endpoints: HashMap<u32, Endpoint>,
     domains: HashMap<u32, Domain>,
+    /// (endpoint, PASID) -> domain, for tables attached at a PASID.
+    pasids: BTreeMap<(u32, u32), u32>,
     reserved: Vec<ReservedRegion>,
     /// Keeps the host in step: called after a request is validated and
     /// before it is committed, so a host refusal changes nothing.
@@ -93,6 +109,7 @@ fn map_domain(
     match domains.get_mut(&domain).map(|d| &mut d.kind) {
         Some(DomainKind::Map(m)) => Ok(m),
         Some(DomainKind::Bypass) => Err(RequestError::BypassDomain(domain)),
+        Some(DomainKind::Table(_)) => Err(RequestError::DomainKindMismatch(domain)),
         None => Err(RequestError::NoDomain(domain)),
     }
 }
@@ -117,6 +134,7 @@ impl IommuState {
                 .map(|&id| (id, Endpoint::default()))
                 .collect(),
             domains: HashMap::new(),
+            pasids: BTreeMap::new(),
             reserved: vec![ReservedRegion {
                 start: MSI_START,
                 end: MSI_END,
@@ -156,6 +174,7 @@ impl IommuState {
     /// Every domain goes, every endpoint comes back unattached.
     fn forget_domains(&mut self) {
         self.domains.clear();
+        self.pasids.clear();
         for ep in self.endpoints.values_mut() {
             ep.domain = None;
         }
@@ -240,7 +259,12 @@ impl IommuState {
         let bypass = req.flags & ATTACH_F_BYPASS != 0;
         match self.domains.get(&req.domain) {
             Some(d) => {
-                if matches!(d.kind, DomainKind::Bypass) != bypass {
+                let same_kind = match d.kind {
+                    DomainKind::Bypass => bypass,
+                    DomainKind::Map(_) => !bypass,
+                    DomainKind::Table(_) => false,
+                };
+                if !same_kind {
                     return Err(RequestError::DomainKindMismatch(req.domain));
                 }
             }
@@ -269,7 +293,7 @@ impl IommuState {
                 .get(&req.domain)
                 .and_then(|d| match &d.kind {
                     DomainKind::Map(m) => Some(m.iter().map(|(&s, m)| host_mapping(s, m))),
-                    DomainKind::Bypass => None,
+                    DomainKind::Bypass | DomainKind::Table(_) => None,
                 })
                 .into_iter()
                 .flatten();
@@ -294,15 +318,145 @@ impl IommuState {
 
     /// Take `endpoint` out of `domain`; the domain dies with its last endpoint.
     fn release(&mut self, endpoint: u32, domain: u32) {
+        self.drop_attachment(domain);
+        if let Some(ep) = self.endpoints.get_mut(&endpoint) {
+            ep.domain = None;
+        }
+    }
+
+    /// One attachment of `domain` is gone; the last one takes the domain.
+    fn drop_attachment(&mut self, domain: u32) {
         if let Some(d) = self.domains.get_mut(&domain) {
             d.endpoints -= 1;
             if d.endpoints == 0 {
                 self.domains.remove(&domain);
             }
         }
-        if let Some(ep) = self.endpoints.get_mut(&endpoint) {
-            ep.domain = None;
+    }
+
+    /// What ATTACH_TABLE can do on `endpoint` (None: no such endpoint).
+    pub fn table_caps(&self, endpoint: u32) -> Option<TableCaps> {
+        if !self.endpoints.contains_key(&endpoint) {
+            return None;
         }
+        Some(if self.host.owns(endpoint) {
+            self.host.table_caps(endpoint)
+        } else {
+            TableCaps::virtual_endpoint()
+        })
+    }
+
+    /// The domain `endpoint` (at `pasid`, or its default address space)
+    /// is attached to.
+    pub fn attached(&self, endpoint: u32, pasid: Option<u32>) -> Option<u32> {
+        match pasid {
+            None => self.endpoints.get(&endpoint)?.domain,
+            Some(p) => self.pasids.get(&(endpoint, p)).copied(),
+        }
+    }
+
+    pub fn pasid_count(&self) -> usize {
+        self.pasids.len()
+    }
+
+    /// ATTACH_TABLE: create a table domain, or join one with the same table.
+    pub fn attach_table(&mut self, req: &AttachTable, acked: u64) -> Result<(), RequestError> {
+        let caps = self
+            .table_caps(req.endpoint)
+            .ok_or(RequestError::NoEndpoint(req.endpoint))?;
+        self.check_domain_range(req.domain)?;
+        // Page requests arrive with issue 5's F_PAGE_REQUEST.
+        let _ = acked;
+        if req.page_requests {
+            return Err(RequestError::PageRequestsNotNegotiated);
+        }
+        let format = req.table.format();
+        if !caps.formats.contains(&format) {
+            return Err(RequestError::FormatUnsupported {
+                endpoint: req.endpoint,
+                format,
+            });
+        }
+        if let Some(pasid) = req.pasid {
+            if caps.pasid_bits == 0 {
+                return Err(RequestError::NoPasid(req.endpoint));
+            }
+            if u64::from(pasid) >> caps.pasid_bits != 0 {
+                return Err(RequestError::PasidOutOfRange {
+                    endpoint: req.endpoint,
+                    pasid,
+                    bits: caps.pasid_bits,
+                });
+            }
+        }
+        let want = TableDomain {
+            table: req.table,
+            page_requests: req.page_requests,
+        };
+        let old = self.attached(req.endpoint, req.pasid);
+        match self.domains.get(&req.domain).map(|d| &d.kind) {
+            Some(DomainKind::Table(t)) if *t == want => {}
+            Some(DomainKind::Table(_)) => return Err(RequestError::TableMismatch(req.domain)),
+            Some(_) => return Err(RequestError::DomainKindMismatch(req.domain)),
+            None => {
+                let frees_old = old
+                    .and_then(|o| self.domains.get(&o))
+                    .is_some_and(|d| d.endpoints == 1);
+                if self.domains.len() - usize::from(frees_old) >= self.limits.max_domains {
+                    return Err(RequestError::TooManyDomains(self.limits.max_domains));
+                }
+            }
+        }
+        if old == Some(req.domain) {
+            return Ok(());
+        }
+        if req.pasid.is_some() && old.is_none() && self.pasids.len() >= self.limits.max_pasids {
+            return Err(RequestError::TooManyPasids(self.limits.max_pasids));
+        }
+        if self.host.owns(req.endpoint) {
+            let target = Target::Table {
+                domain: req.domain,
+                table: req.table,
+            };
+            match req.pasid {
+                None => self
+                    .host
+                    .attach(req.endpoint, target, &mut std::iter::empty())?,
+                Some(p) => self.host.attach_pasid(req.endpoint, p, Some(target))?,
+            }
+        }
+        // Moving: detach from the old domain first, as ATTACH does.
+        if let Some(o) = old {
+            self.drop_attachment(o);
+        }
+        let d = self.domains.entry(req.domain).or_insert_with(|| Domain {
+            kind: DomainKind::Table(want),
+            endpoints: 0,
+        });
+        d.endpoints += 1;
+        match req.pasid {
+            None => self.endpoints.get_mut(&req.endpoint).unwrap().domain = Some(req.domain),
+            Some(p) => {
+                self.pasids.insert((req.endpoint, p), req.domain);
+            }
+        }
+        Ok(())
+    }
+
+    /// INVALIDATE: only table domains have caches of guest tables. The
+    /// software walker caches nothing, so for virtual endpoints there is
+    /// nothing to drop; the host's caches are invalidated before we answer.
+    pub fn invalidate(&mut self, req: &Invalidate) -> Result<(), RequestError> {
+        match self.domains.get(&req.domain).map(|d| &d.kind) {
+            Some(DomainKind::Table(_)) => {}
+            Some(_) => return Err(RequestError::NotTableDomain(req.domain)),
+            None => return Err(RequestError::NoDomain(req.domain)),
+        }
+        if self.host.backs(req.domain) {
+            self.host
+                .invalidate(req.domain, std::slice::from_ref(req))?;
+        }
+        Ok(())
     }
 
     pub fn detach(&mut self, req: &Detach) -> Result<(), RequestError> {
@@ -310,17 +464,39 @@ impl IommuState {
             .endpoints
             .get(&req.endpoint)
             .ok_or(RequestError::NoEndpoint(req.endpoint))?;
-        if ep.domain != Some(req.domain) {
+        let rid = ep.domain == Some(req.domain);
+        // A table domain may hold the endpoint at PASIDs too: all go.
+        let pasids: Vec<u32> = self
+            .pasids
+            .range((req.endpoint, 0)..=(req.endpoint, u32::MAX))
+            .filter(|(_, &d)| d == req.domain)
+            .map(|(&(_, p), _)| p)
+            .collect();
+        if !rid && pasids.is_empty() {
             return Err(RequestError::NotAttached {
                 endpoint: req.endpoint,
                 domain: req.domain,
             });
         }
         if self.host.owns(req.endpoint) {
-            self.host
-                .attach(req.endpoint, Target::Unattached, &mut std::iter::empty())?;
+            for &p in &pasids {
+                self.host.attach_pasid(req.endpoint, p, None)?;
+                self.pasids.remove(&(req.endpoint, p));
+                self.drop_attachment(req.domain);
+            }
+            if rid {
+                self.host
+                    .attach(req.endpoint, Target::Unattached, &mut std::iter::empty())?;
+            }
+        } else {
+            for &p in &pasids {
+                self.pasids.remove(&(req.endpoint, p));
+                self.drop_attachment(req.domain);
+            }
         }
-        self.release(req.endpoint, req.domain);
+        if rid {
+            self.release(req.endpoint, req.domain);
+        }
         Ok(())
     }
 
@@ -450,6 +626,7 @@ impl IommuState {
     pub fn translate(
         &self,
         endpoint: u32,
+        pasid: Option<u32>,
         iova: u64,
         len: u64,
         write: bool,
@@ -458,7 +635,15 @@ impl IommuState {
             .endpoints
             .get(&endpoint)
             .ok_or(RequestError::NoEndpoint(endpoint))?;
-        let Some(domain) = ep.domain else {
+        let domain = match pasid {
+            None => ep.domain,
+            // Bypass covers requests without PASID only.
+            Some(p) => match self.pasids.get(&(endpoint, p)) {
+                Some(&d) => Some(d),
+                None => return Ok(Translation::Blocked),
+            },
+        };
+        let Some(domain) = domain else {
             return Ok(if self.bypass {
                 Translation::Identity
             } else {
@@ -468,8 +653,18 @@ impl IommuState {
         let Some(d) = self.domains.get(&domain) else {
             return Ok(Translation::Blocked);
         };
-        let DomainKind::Map(mappings) = &d.kind else {
-            return Ok(Translation::Identity);
+        let mappings = match &d.kind {
+            DomainKind::Map(m) => m,
+            DomainKind::Bypass => return Ok(Translation::Identity),
+            DomainKind::Table(t) => {
+                return Ok(match t.table {
+                    TableDesc::IntelVtd {
+                        pgtbl, addr_width, ..
+                    } => Translation::Walk { pgtbl, addr_width },
+                    // Other formats never reach a virtual endpoint.
+                    _ => Translation::Blocked,
+                });
+            }
         };
         let Some((&s, m)) = mappings.range(..=iova).next_back() else {
             return Ok(Translation::Miss);
@@ -511,6 +706,26 @@ impl IommuState {
                 }
                 *attached.entry(d).or_default() += 1;
             }
+        }
+        for (&(ep, p), &d) in &self.pasids {
+            if !self.domains.contains_key(&d) {
+                return Err(format!(
+                    "endpoint {ep} pasid {p} points at missing domain {d}"
+                ));
+            }
+            if !matches!(self.domains[&d].kind, DomainKind::Table(_)) {
+                return Err(format!(
+                    "endpoint {ep} pasid {p} is in non-table domain {d}"
+                ));
+            }
+            *attached.entry(d).or_default() += 1;
+        }
+        if self.pasids.len() > self.limits.max_pasids {
+            return Err(format!(
+                "{} PASID attachments, limit {}",
+                self.pasids.len(),
+                self.limits.max_pasids
+            ));
         }
         for (&id, d) in &self.domains {
             let n = attached.get(&id).copied().unwrap_or(0);
@@ -790,14 +1005,14 @@ mod tests {
         attach(&mut s, 1, 1).unwrap();
         assert_eq!(status(map(&mut s, 1, 0, u64::MAX)), Status::Ok);
         assert_eq!(
-            s.translate(1, u64::MAX, 1, true).unwrap(),
+            s.translate(1, None, u64::MAX, 1, true).unwrap(),
             Translation::Mapped {
                 gpa: u64::MAX,
                 len: 1
             }
         );
         assert_eq!(
-            s.translate(1, 0, u64::MAX, true).unwrap(),
+            s.translate(1, None, 0, u64::MAX, true).unwrap(),
             Translation::Mapped {
                 gpa: 0,
                 len: u64::MAX
@@ -858,16 +1073,19 @@ mod tests {
     fn translation_follows_bypass_and_permissions() {
         let mut s = state();
         assert_eq!(
-            s.translate(1, 0x5000, 8, false).unwrap(),
+            s.translate(1, None, 0x5000, 8, false).unwrap(),
             Translation::Identity
         );
         s.bypass = false;
         assert_eq!(
-            s.translate(1, 0x5000, 8, false).unwrap(),
+            s.translate(1, None, 0x5000, 8, false).unwrap(),
             Translation::Blocked
         );
         attach(&mut s, 1, 1).unwrap();
-        assert_eq!(s.translate(1, 0x5000, 8, false).unwrap(), Translation::Miss);
+        assert_eq!(
+            s.translate(1, None, 0x5000, 8, false).unwrap(),
+            Translation::Miss
+        );
         s.map(
             &Map {
                 domain: 1,
@@ -880,14 +1098,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            s.translate(1, 0x5ff0, 0x100, false).unwrap(),
+            s.translate(1, None, 0x5ff0, 0x100, false).unwrap(),
             Translation::Mapped {
                 gpa: 0x9ff0,
                 len: 0x10
             }
         );
-        assert_eq!(s.translate(1, 0x5000, 8, true).unwrap(), Translation::Miss);
-        assert!(s.translate(77, 0, 1, false).is_err());
+        assert_eq!(
+            s.translate(1, None, 0x5000, 8, true).unwrap(),
+            Translation::Miss
+        );
+        assert!(s.translate(77, None, 0, 1, false).is_err());
     }
 
     #[test]
@@ -929,6 +1150,179 @@ mod tests {
         assert!(broken(&|s| s.endpoints.get_mut(&2).unwrap().domain = Some(9)).contains("missing"));
         assert!(broken(&|s| s.limits.max_domains = 0).contains("limit"));
         assert!(broken(&|s| s.limits.max_mappings = 0).contains("limit"));
+    }
+
+    mod tables {
+        use super::*;
+        use crate::nested::request::{decode_attach_table, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID};
+        use crate::nested::request::{encode, FORMAT_HOST_SELFTEST};
+
+        const ACKED_T: u64 = ACKED | features::ATTACH_TABLE;
+
+        fn vtd(domain: u32, ep: u32, root: u64, pasid: Option<u32>) -> AttachTable {
+            let flags = if pasid.is_some() { AT_F_PASID_VALID } else { 0 };
+            let b = encode::attach_vtd(domain, ep, flags, pasid.unwrap_or(0), root, 48);
+            decode_attach_table(&b).unwrap()
+        }
+
+        fn inv(domain: u32) -> Invalidate {
+            crate::nested::request::decode_invalidate(&encode::invalidate_domain(domain)).unwrap()
+        }
+
+        #[test]
+        fn attach_table_creates_and_shares_a_domain() {
+            let mut s = state();
+            assert_eq!(
+                status(s.attach_table(&vtd(5, 1, 0x1000, None), ACKED_T)),
+                Status::Ok
+            );
+            assert_eq!(
+                status(s.attach_table(&vtd(5, 2, 0x1000, None), ACKED_T)),
+                Status::Ok
+            );
+            assert_eq!(s.domain(5).unwrap().endpoints, 2);
+            assert_eq!(
+                s.translate(1, None, 0x4000, 8, false).unwrap(),
+                Translation::Walk {
+                    pgtbl: 0x1000,
+                    addr_width: 48
+                }
+            );
+            // Another table in the same domain: INVAL, nothing moves.
+            assert_eq!(
+                status(s.attach_table(&vtd(5, 3, 0x2000, None), ACKED_T)),
+                Status::Inval
+            );
+            assert_eq!(s.endpoint(3).unwrap().domain, None);
+            // Again the same: a no-op.
+            assert_eq!(
+                status(s.attach_table(&vtd(5, 1, 0x1000, None), ACKED_T)),
+                Status::Ok
+            );
+            assert_eq!(s.domain(5).unwrap().endpoints, 2);
+            assert_eq!(s.check_invariants(), Ok(()));
+        }
+
+        #[test]
+        fn kinds_do_not_mix() {
+            let mut s = state();
+            attach(&mut s, 1, 1).unwrap();
+            assert_eq!(
+                status(s.attach_table(&vtd(1, 2, 0x1000, None), ACKED_T)),
+                Status::Inval
+            );
+            s.attach_table(&vtd(2, 2, 0x1000, None), ACKED_T).unwrap();
+            assert_eq!(status(attach(&mut s, 2, 3)), Status::Inval);
+            assert_eq!(status(map(&mut s, 2, 0, 0xfff)), Status::Inval);
+            assert_eq!(status(unmap(&mut s, 2, 0, 0xfff)), Status::Inval);
+            assert_eq!(status(s.invalidate(&inv(1))), Status::Inval);
+            assert_eq!(status(s.invalidate(&inv(9))), Status::NoEnt);
+            assert_eq!(status(s.invalidate(&inv(2))), Status::Ok);
+            // ATTACH moves an endpoint out of a table domain, which dies.
+            attach(&mut s, 1, 2).unwrap();
+            assert!(s.domain(2).is_none());
+            assert_eq!(s.check_invariants(), Ok(()));
+        }
+
+        #[test]
+        fn refusals_leave_state_unchanged() {
+            let mut s = state();
+            assert_eq!(
+                status(s.attach_table(&vtd(1, 99, 0x1000, None), ACKED_T)),
+                Status::NoEnt
+            );
+            let st = encode::attach_selftest(1, 1, 0, 0, 7);
+            let st = decode_attach_table(&st).unwrap();
+            assert_eq!(st.table.format(), FORMAT_HOST_SELFTEST);
+            assert_eq!(status(s.attach_table(&st, ACKED_T)), Status::Unsupp);
+            let pr = encode::attach_vtd(1, 1, AT_F_PAGE_REQUESTS, 0, 0x1000, 48);
+            let pr = decode_attach_table(&pr).unwrap();
+            assert_eq!(status(s.attach_table(&pr, ACKED_T)), Status::Inval);
+            s.config.domain_end = 10;
+            assert_eq!(
+                status(s.attach_table(&vtd(11, 1, 0x1000, None), ACKED_T)),
+                Status::Range
+            );
+            s.limits.max_domains = 1;
+            attach(&mut s, 1, 2).unwrap();
+            assert_eq!(
+                status(s.attach_table(&vtd(2, 1, 0x1000, None), ACKED_T)),
+                Status::NoMem
+            );
+            assert_eq!(s.domain_count(), 1);
+            assert_eq!(s.endpoint(1).unwrap().domain, None);
+        }
+
+        #[test]
+        fn pasids_attach_detach_and_translate() {
+            let mut s = state();
+            s.attach_table(&vtd(1, 1, 0x1000, Some(7)), ACKED_T)
+                .unwrap();
+            s.attach_table(&vtd(1, 1, 0x1000, Some(8)), ACKED_T)
+                .unwrap();
+            s.attach_table(&vtd(1, 1, 0x1000, None), ACKED_T).unwrap();
+            s.attach_table(&vtd(2, 1, 0x3000, Some(9)), ACKED_T)
+                .unwrap();
+            assert_eq!(s.domain(1).unwrap().endpoints, 3);
+            assert_eq!(s.attached(1, Some(7)), Some(1));
+            assert_eq!(s.pasid_count(), 3);
+            assert_eq!(
+                s.translate(1, Some(9), 0, 1, false).unwrap(),
+                Translation::Walk {
+                    pgtbl: 0x3000,
+                    addr_width: 48
+                }
+            );
+            // A PASID with nothing attached is blocked, bypass or not.
+            assert_eq!(
+                s.translate(1, Some(3), 0, 1, false).unwrap(),
+                Translation::Blocked
+            );
+            // Moving PASID 8 to domain 2.
+            s.attach_table(&vtd(2, 1, 0x3000, Some(8)), ACKED_T)
+                .unwrap();
+            assert_eq!(s.domain(1).unwrap().endpoints, 2);
+            // DETACH takes the RID and every PASID in that domain.
+            s.detach(&Detach {
+                domain: 1,
+                endpoint: 1,
+            })
+            .unwrap();
+            assert!(s.domain(1).is_none());
+            assert_eq!(s.attached(1, None), None);
+            assert_eq!(s.attached(1, Some(7)), None);
+            assert_eq!(s.attached(1, Some(8)), Some(2));
+            assert_eq!(s.check_invariants(), Ok(()));
+            assert_eq!(
+                status(s.detach(&Detach {
+                    domain: 1,
+                    endpoint: 1
+                })),
+                Status::Inval
+            );
+            s.reset();
+            assert_eq!((s.domain_count(), s.pasid_count()), (0, 0));
+        }
+
+        #[test]
+        fn pasid_limit_is_nomem() {
+            let mut s = state();
+            s.limits.max_pasids = 2;
+            s.attach_table(&vtd(1, 1, 0x1000, Some(1)), ACKED_T)
+                .unwrap();
+            s.attach_table(&vtd(1, 2, 0x1000, Some(1)), ACKED_T)
+                .unwrap();
+            assert_eq!(
+                status(s.attach_table(&vtd(1, 3, 0x1000, Some(1)), ACKED_T)),
+                Status::NoMem
+            );
+            // Moving an attached PASID takes no new slot.
+            assert_eq!(
+                status(s.attach_table(&vtd(2, 1, 0x2000, Some(1)), ACKED_T)),
+                Status::Ok
+            );
+            assert_eq!(s.check_invariants(), Ok(()));
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub const REASON_MAPPING: u8 = 2;
 pub const FLAG_READ: u32 = 1 << 0;
 pub const FLAG_WRITE: u32 = 1 << 1;
 pub const FLAG_ADDRESS: u32 = 1 << 8;
+pub const FLAG_PASID: u32 = 1 << 9;
 
 /// Size of a ratified fault record.
 pub const FAULT_RECORD_LEN: usize = 24;
@@ -27,6 +28,8 @@ pub enum EventRecord {
         flags: u32,
         endpoint: u32,
         address: u64,
+        /// The PASID the access carried (sets FLAG_PASID).
+        pasid: Option<u32>,
     },
 }
 
@@ -39,11 +42,18 @@ impl EventRecord {
                 flags,
                 endpoint,
                 address,
+                pasid,
             } => {
                 out[..FAULT_RECORD_LEN].fill(0);
                 out[0] = reason;
+                let flags = if pasid.is_some() {
+                    flags | FLAG_PASID
+                } else {
+                    flags
+                };
                 out[4..8].copy_from_slice(&flags.to_le_bytes());
                 out[8..12].copy_from_slice(&endpoint.to_le_bytes());
+                out[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
                 out[16..24].copy_from_slice(&address.to_le_bytes());
                 FAULT_RECORD_LEN
             }
@@ -135,6 +145,7 @@ mod tests {
             flags: FLAG_READ | FLAG_ADDRESS,
             endpoint: 7,
             address: addr,
+            pasid: None,
         }
     }
 

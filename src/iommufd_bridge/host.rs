@@ -15,12 +15,18 @@ use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
 use super::sys::{
-    Features, Iommufd, HWPT_ALLOC_NEST_PARENT, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+    Features, HwInfoRaw, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_SELFTEST, HWPT_DATA_VTD_S1,
+    HW_INFO_INTEL_VTD, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST, INVALIDATE_DATA_VTD_S1,
+    IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
 };
 use super::{BridgeError, HostIommu, HostMapping, RamRegion, Result, Target};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::device::state::RESV_MEM_T_RESERVED;
 use crate::device::state::{ReservedRegion, MSI_END, MSI_START, RESV_MEM_T_MSI};
+use crate::nested::request::{
+    AT_F_EAFE, AT_F_SRE, AT_F_WPE, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD, INV_CACHE_CONFIG,
+};
+use crate::nested::{HwInfo, Invalidate, TableCaps, TableDesc};
 
 /// A device the host IOMMU translates for, bound to our iommufd.
 pub trait HostDevice: Debug + Send {
@@ -41,15 +47,103 @@ struct HostEndpoint<D> {
     /// The IOAS or HWPT it is attached to now.
     pt: u32,
     reserved: Vec<ReservedRegion>,
+    caps: TableCaps,
 }
 
 #[derive(Debug)]
 struct HostDomain {
-    ioas: u32,
-    /// The HWPT endpoints attach to (== ioas when the kernel made it).
+    /// The IOAS of a MAP/UNMAP domain; None for a table domain.
+    ioas: Option<u32>,
+    /// The HWPT endpoints attach to (== ioas when the kernel made it; the
+    /// nested HWPT of a table domain).
     hwpt: u32,
     own_hwpt: bool,
     users: usize,
+    /// IOMMU_HWPT_INVALIDATE data type of a table domain's nested HWPT.
+    invalidate_type: Option<u32>,
+}
+
+/// The domain a target names, if any.
+fn target_domain(t: Target) -> Option<u32> {
+    match t {
+        Target::Domain(d) | Target::Table { domain: d, .. } => Some(d),
+        Target::Unattached | Target::Identity => None,
+    }
+}
+
+/// HWPT_ALLOC data for a guest table: (data type, invalidate type, bytes).
+fn nested_data(table: &TableDesc) -> Result<(u32, u32, Vec<u8>)> {
+    match *table {
+        TableDesc::HostSelftest { iotlb } => Ok((
+            HWPT_DATA_SELFTEST,
+            INVALIDATE_DATA_SELFTEST,
+            iotlb.to_le_bytes().to_vec(),
+        )),
+        TableDesc::IntelVtd {
+            flags,
+            pgtbl,
+            addr_width,
+        } => {
+            // struct iommu_hwpt_vtd_s1: the kernel's flag bits differ from ours.
+            let mut f = 0u64;
+            for (ours, kernel) in [(AT_F_SRE, 1), (AT_F_EAFE, 2), (AT_F_WPE, 4)] {
+                if flags & ours != 0 {
+                    f |= kernel;
+                }
+            }
+            let mut d = Vec::with_capacity(24);
+            d.extend_from_slice(&f.to_le_bytes());
+            d.extend_from_slice(&pgtbl.to_le_bytes());
+            d.extend_from_slice(&addr_width.to_le_bytes());
+            d.extend_from_slice(&0u32.to_le_bytes());
+            Ok((HWPT_DATA_VTD_S1, INVALIDATE_DATA_VTD_S1, d))
+        }
+        TableDesc::ArmSmmu3 { .. } => Err(BridgeError::Unsupported(
+            "ARM_SMMU3 tables need a vIOMMU, which this device does not drive yet",
+        )),
+    }
+}
+
+/// IOMMU_HWPT_INVALIDATE entries for `invs`: (entry_len, bytes). Whatever
+/// the host cannot express exactly is widened, never narrowed.
+fn invalidate_entries(data_type: u32, invs: &[Invalidate]) -> (u32, Vec<u8>) {
+    let mut out = Vec::new();
+    if data_type == INVALIDATE_DATA_SELFTEST {
+        // struct iommu_hwpt_invalidate_selftest {flags (ALL = 1), iotlb_id}:
+        // the tag names one mock IOTLB slot; anything else flushes all.
+        for inv in invs {
+            let (flags, slot) = match inv.id.map(u32::try_from) {
+                Some(Ok(slot)) => (0u32, slot),
+                _ => (1, 0),
+            };
+            out.extend_from_slice(&flags.to_le_bytes());
+            out.extend_from_slice(&slot.to_le_bytes());
+        }
+        return (8, out);
+    }
+    // struct iommu_hwpt_vtd_s1_invalidate {addr, npages, flags (LEAF = 1), rsvd}.
+    for inv in invs {
+        let pages = match inv.scope {
+            crate::nested::InvScope::Address {
+                address,
+                nr_pages,
+                page_shift,
+            } if inv.caches & INV_CACHE_CONFIG == 0 => nr_pages
+                .checked_shl(u32::from(page_shift - 12))
+                .filter(|&p| p >> (page_shift - 12) == nr_pages)
+                .map(|p| (address, p)),
+            _ => None,
+        };
+        let (addr, npages, leaf) = match pages {
+            Some((a, n)) => (a, n, inv.leaf),
+            None => (0, u64::MAX, false),
+        };
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&npages.to_le_bytes());
+        out.extend_from_slice(&u32::from(leaf).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    (24, out)
 }
 
 #[derive(Debug)]
@@ -206,6 +300,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 }
             }
         }
+        let caps = self.table_caps_of(id, &dev);
         self.endpoints.insert(
             id,
             HostEndpoint {
@@ -213,9 +308,83 @@ impl<D: HostDevice> IommufdHost<D> {
                 target: Target::Unattached,
                 pt: self.block_ioas,
                 reserved: reserved_from_ranges(&ranges),
+                caps,
             },
         );
         self.point(id, Target::Unattached, &mut std::iter::empty())
+    }
+
+    /// Which guest tables the device can nest on guest RAM, from its IOMMU's
+    /// identification; the reason for none is logged once, here.
+    fn table_caps_of(&self, id: u32, dev: &D) -> TableCaps {
+        let raw = match self.fd.hw_info(dev.dev_id()) {
+            Ok(r) => r,
+            Err(e) => {
+                info!("endpoint {id:#x}: no IOMMU_GET_HW_INFO ({e}); ATTACH_TABLE answers UNSUPP");
+                return TableCaps::default();
+            }
+        };
+        let HwInfoRaw {
+            info_type,
+            capabilities,
+            max_pasid_log2,
+            ref data,
+        } = raw;
+        let format = match info_type {
+            HW_INFO_SELFTEST => Some(FORMAT_HOST_SELFTEST),
+            HW_INFO_INTEL_VTD => Some(FORMAT_INTEL_VTD),
+            _ => None,
+        };
+        let formats = match (format, self.nest_parent) {
+            (Some(f), Some(_)) => vec![f],
+            (Some(_), None) => {
+                info!("endpoint {id:#x}: no nesting parent HWPT; ATTACH_TABLE answers UNSUPP");
+                Vec::new()
+            }
+            (None, _) => {
+                info!(
+                    "endpoint {id:#x}: host IOMMU type {info_type:#x} has no nested format we drive; \
+                     ATTACH_TABLE answers UNSUPP"
+                );
+                Vec::new()
+            }
+        };
+        TableCaps {
+            formats,
+            // PASID attach on host devices is not driven yet.
+            pasid_bits: 0,
+            page_requests: false,
+            hw_info: Some(HwInfo {
+                info_type,
+                capabilities,
+                max_pasid_log2,
+                data: data.clone(),
+            }),
+        }
+    }
+
+    /// A table domain: the guest's table as a nested HWPT on the nesting
+    /// parent, for device `dev_id`.
+    fn create_table_domain(&mut self, domain: u32, dev_id: u32, table: &TableDesc) -> Result<()> {
+        let parent = self.nest_parent.ok_or(BridgeError::Unsupported(
+            "the host IOMMU has no nesting parent",
+        ))?;
+        let (data_type, inv_type, mut data) = nested_data(table)?;
+        let hwpt = self
+            .fd
+            .hwpt_alloc(dev_id, parent, 0, data_type, &mut data, None)?;
+        debug!("domain {domain}: nested HWPT {hwpt} on parent {parent}");
+        self.domains.insert(
+            domain,
+            HostDomain {
+                ioas: None,
+                hwpt,
+                own_hwpt: true,
+                users: 0,
+                invalidate_type: Some(inv_type),
+            },
+        );
+        Ok(())
     }
 
     /// Did a HWPT allocated before any attach leave `ioas` with no usable
@@ -257,10 +426,11 @@ impl<D: HostDevice> IommufdHost<D> {
         self.domains.insert(
             domain,
             HostDomain {
-                ioas,
+                ioas: Some(ioas),
                 hwpt,
                 own_hwpt,
                 users: 0,
+                invalidate_type: None,
             },
         );
         for m in mappings {
@@ -281,8 +451,10 @@ impl<D: HostDevice> IommufdHost<D> {
                 error!("domain {domain}: destroying HWPT {}: {e}", d.hwpt);
             }
         }
-        if let Err(e) = self.fd.destroy(d.ioas) {
-            error!("domain {domain}: destroying IOAS {}: {e}", d.ioas);
+        if let Some(ioas) = d.ioas {
+            if let Err(e) = self.fd.destroy(ioas) {
+                error!("domain {domain}: destroying IOAS {ioas}: {e}");
+            }
         }
     }
 
@@ -310,21 +482,30 @@ impl<D: HostDevice> IommufdHost<D> {
                 }
                 self.domains[&d].hwpt
             }
+            Target::Table { domain: d, table } => {
+                if !self.domains.contains_key(&d) {
+                    self.create_table_domain(d, dev_id, &table)?;
+                    created = Some(d);
+                }
+                self.domains[&d].hwpt
+            }
         };
         if pt != old_pt {
             let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
             let mut r = ep.dev.attach(&self.fd, pt);
             if let (Err(_), Some(d)) = (&r, created) {
                 // The device could not use the HWPT made for it; let the
-                // kernel pick one for the IOAS instead.
+                // kernel pick one for the IOAS instead (not for tables).
                 let dom = self.domains.get_mut(&d).expect("created above");
-                if ep.dev.attach(&self.fd, dom.ioas).is_ok() {
-                    if dom.own_hwpt {
-                        let _ = self.fd.destroy(dom.hwpt);
+                if let Some(ioas) = dom.ioas {
+                    if ep.dev.attach(&self.fd, ioas).is_ok() {
+                        if dom.own_hwpt {
+                            let _ = self.fd.destroy(dom.hwpt);
+                        }
+                        dom.hwpt = ioas;
+                        dom.own_hwpt = false;
+                        r = Ok(());
                     }
-                    dom.hwpt = dom.ioas;
-                    dom.own_hwpt = false;
-                    r = Ok(());
                 }
             }
             if let Err(e) = r {
@@ -341,10 +522,10 @@ impl<D: HostDevice> IommufdHost<D> {
         };
         ep.target = target;
         if old_target != target {
-            if let Target::Domain(d) = target {
+            if let Some(d) = target_domain(target) {
                 self.domains.get_mut(&d).unwrap().users += 1;
             }
-            if let Target::Domain(old) = old_target {
+            if let Some(old) = target_domain(old_target) {
                 if let Some(d) = self.domains.get_mut(&old) {
                     d.users -= 1;
                     if d.users == 0 {
@@ -509,7 +690,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     }
 
     fn map(&mut self, domain: u32, m: HostMapping) -> Result<()> {
-        let Some(d) = self.domains.get(&domain) else {
+        let Some(ioas) = self.domains.get(&domain).and_then(|d| d.ioas) else {
             return Ok(());
         };
         let flags = ioas_flags(m.flags);
@@ -523,15 +704,15 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
         Ok(self
             .fd
-            .ioas_copy(d.ioas, m.iova, self.ram_ioas, m.phys, len, flags)?)
+            .ioas_copy(ioas, m.iova, self.ram_ioas, m.phys, len, flags)?)
     }
 
     fn unmap(&mut self, domain: u32, iova: u64, end: u64) -> Result<()> {
-        let Some(d) = self.domains.get(&domain) else {
+        let Some(ioas) = self.domains.get(&domain).and_then(|d| d.ioas) else {
             return Ok(());
         };
         let len = end.wrapping_sub(iova).wrapping_add(1);
-        match self.fd.ioas_unmap(d.ioas, iova, len) {
+        match self.fd.ioas_unmap(ioas, iova, len) {
             Ok(_) => Ok(()),
             // Never mapped on the host (no access flags) or already gone.
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
@@ -570,6 +751,28 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
     }
 
+    fn invalidate(&mut self, domain: u32, invs: &[Invalidate]) -> Result<()> {
+        let Some(d) = self.domains.get(&domain) else {
+            return Ok(());
+        };
+        let Some(data_type) = d.invalidate_type else {
+            return Err(BridgeError::Unsupported(
+                "INVALIDATE of a domain without a table",
+            ));
+        };
+        let (entry_len, mut entries) = invalidate_entries(data_type, invs);
+        Ok(self
+            .fd
+            .hwpt_invalidate(d.hwpt, data_type, entry_len, &mut entries)?)
+    }
+
+    fn table_caps(&self, endpoint: u32) -> TableCaps {
+        self.endpoints
+            .get(&endpoint)
+            .map(|e| e.caps.clone())
+            .unwrap_or_default()
+    }
+
     fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]> {
         self.endpoints.get(&endpoint).map(|e| e.reserved.as_slice())
     }
@@ -579,6 +782,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             Target::Unattached => json!("unattached"),
             Target::Identity => json!("identity"),
             Target::Domain(d) => json!(d),
+            Target::Table { domain, .. } => json!(domain),
         };
         json!({
             "kind": "iommufd",
@@ -590,6 +794,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "ram": self.ram.iter().flat_map(|(_, p)| p).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
             "endpoints": self.endpoints.iter().map(|(id, e)| json!({
                 "id": id,
+                "table_formats": e.caps.formats,
                 "device": e.dev.describe(),
                 "dev_id": e.dev.dev_id(),
                 "pt_id": e.pt,
@@ -599,6 +804,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
                 "id": id,
                 "ioas": d.ioas,
                 "hwpt": d.hwpt,
+                "nested": d.invalidate_type.is_some(),
                 "endpoints": d.users,
             })).collect::<Vec<_>>(),
         })

@@ -23,6 +23,7 @@ use std::fmt::Debug;
 use thiserror::Error;
 
 use crate::device::state::ReservedRegion;
+use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// One region of guest RAM as the frontend's memory table gives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub enum Target {
     Identity,
     /// A MAP/UNMAP domain.
     Domain(u32),
+    /// A table domain: the guest's table nested on guest RAM.
+    Table { domain: u32, table: TableDesc },
 }
 
 /// One mapping of a MAP/UNMAP domain (inclusive end).
@@ -128,6 +131,26 @@ pub trait HostIommu: Debug + Send {
         if let Err(e) = self.set_guest_ram(&[]) {
             log::error!("{}: unmapping guest RAM: {e}", self.name());
         }
+    }
+
+    /// Point one PASID of `endpoint` at a table domain (`Some(Target::Table)`)
+    /// or detach it (`None`).
+    fn attach_pasid(&mut self, endpoint: u32, pasid: u32, target: Option<Target>) -> Result<()> {
+        let _ = (endpoint, pasid, target);
+        Err(BridgeError::Unsupported("PASID attach"))
+    }
+
+    /// Invalidate the host's caches of a table domain's guest table;
+    /// `invs` are consecutive INVALIDATE requests, sent in one call.
+    fn invalidate(&mut self, domain: u32, invs: &[Invalidate]) -> Result<()> {
+        let _ = (domain, invs);
+        Err(BridgeError::Unsupported("INVALIDATE"))
+    }
+
+    /// What ATTACH_TABLE can do on a host endpoint.
+    fn table_caps(&self, endpoint: u32) -> TableCaps {
+        let _ = endpoint;
+        TableCaps::default()
     }
 
     /// RESV_MEM regions of a host endpoint (None: use the platform's).

@@ -8,6 +8,7 @@ use crate::device::state::{IommuState, Translation};
 use crate::fault_queue::{
     EventRecord, FLAG_ADDRESS, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING,
 };
+use crate::nested::walker::walk;
 
 /// Largest single DMA the model translates (bounds the reply).
 pub const MAX_DMA_LEN: u64 = 64 << 20;
@@ -26,10 +27,12 @@ pub enum ModelError {
     NoEndpoint(u32),
     #[error("endpoint {endpoint} is not attached and bypass is off")]
     Blocked { endpoint: u32, record: EventRecord },
-    #[error("no mapping allows {access} at iova {iova:#x}")]
+    #[error("no mapping allows {access} at iova {iova:#x}{why}")]
     Fault {
         iova: u64,
         access: &'static str,
+        /// The walker's reason, for table domains (": ..."), else empty.
+        why: String,
         record: EventRecord,
     },
     #[error("gpa {gpa:#x}+{len:#x} is outside guest RAM")]
@@ -54,6 +57,7 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
     state: &IommuState,
     mem: &G,
     endpoint: u32,
+    pasid: Option<u32>,
     iova: u64,
     len: u64,
     write: bool,
@@ -76,29 +80,37 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
         flags: access | FLAG_ADDRESS,
         endpoint,
         address,
+        pasid,
+    };
+    let miss = |cur: u64, why: String| ModelError::Fault {
+        iova: cur,
+        access: if write { "write" } else { "read" },
+        why,
+        record: record(REASON_MAPPING, cur),
     };
     let mut pieces: Vec<Piece> = Vec::new();
     let (mut cur, mut left) = (iova, len);
     while left > 0 {
         let t = state
-            .translate(endpoint, cur, left, write)
+            .translate(endpoint, pasid, cur, left, write)
             .map_err(|_| ModelError::NoEndpoint(endpoint))?;
         let (gpa, n) = match t {
             Translation::Identity => (cur, left),
             Translation::Mapped { gpa, len } => (gpa, len),
+            Translation::Walk { pgtbl, addr_width } => {
+                let w = walk(mem, pgtbl, addr_width, cur, write)
+                    .map_err(|e| miss(cur, format!(": {e}")))?;
+                // The rest of this page, at most what is left.
+                let in_page = w.page_size - (cur & (w.page_size - 1));
+                (w.gpa, in_page.min(left))
+            }
             Translation::Blocked => {
                 return Err(ModelError::Blocked {
                     endpoint,
                     record: record(REASON_DOMAIN, cur),
                 })
             }
-            Translation::Miss => {
-                return Err(ModelError::Fault {
-                    iova: cur,
-                    access: if write { "write" } else { "read" },
-                    record: record(REASON_MAPPING, cur),
-                })
-            }
+            Translation::Miss => return Err(miss(cur, String::new())),
         };
         match pieces.last_mut() {
             // Adjacent mappings that are contiguous in both spaces merge.
@@ -171,7 +183,7 @@ mod tests {
     fn bypass_is_identity_inside_ram_and_fault_outside() {
         let (s, mem) = setup();
         assert_eq!(
-            translate_dma(&s, &mem, 1, 0x1000, 0x10, false).unwrap(),
+            translate_dma(&s, &mem, 1, None, 0x1000, 0x10, false).unwrap(),
             vec![Piece {
                 iova: 0x1000,
                 gpa: 0x1000,
@@ -179,7 +191,7 @@ mod tests {
             }]
         );
         assert!(matches!(
-            translate_dma(&s, &mem, 1, 0x20_0000, 0x10, false),
+            translate_dma(&s, &mem, 1, None, 0x20_0000, 0x10, false),
             Err(ModelError::OutsideRam { .. })
         ));
     }
@@ -188,14 +200,15 @@ mod tests {
     fn blocked_raises_a_domain_fault() {
         let (mut s, mem) = setup();
         s.bypass = false;
-        let e = translate_dma(&s, &mem, 1, 0x1000, 4, true).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1000, 4, true).unwrap_err();
         assert_eq!(
             e.record(),
             Some(EventRecord::Fault {
                 reason: REASON_DOMAIN,
                 flags: FLAG_WRITE | FLAG_ADDRESS,
                 endpoint: 1,
-                address: 0x1000
+                address: 0x1000,
+                pasid: None,
             })
         );
     }
@@ -213,7 +226,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            translate_dma(&s, &mem, 1, 0x1_0800, 0x2000, true).unwrap(),
+            translate_dma(&s, &mem, 1, None, 0x1_0800, 0x2000, true).unwrap(),
             vec![
                 Piece {
                     iova: 0x1_0800,
@@ -233,33 +246,95 @@ mod tests {
     fn miss_and_permission_raise_mapping_faults() {
         let (mut s, mem) = setup();
         attach_map(&mut s, &[(0x1_0000, 0x1_0fff, 0x2000, MAP_F_READ)]);
-        let e = translate_dma(&s, &mem, 1, 0x1_0000, 8, true).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1_0000, 8, true).unwrap_err();
         assert!(matches!(
             e.record(),
             Some(EventRecord::Fault {
                 reason: REASON_MAPPING,
                 address: 0x1_0000,
+                pasid: None,
                 ..
             })
         ));
         // Runs off the end of the mapping into a hole.
-        let e = translate_dma(&s, &mem, 1, 0x1_0f00, 0x200, false).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1_0f00, 0x200, false).unwrap_err();
         assert!(matches!(e, ModelError::Fault { iova: 0x1_1000, .. }));
+    }
+
+    #[test]
+    fn table_domain_walks_the_guest_table() {
+        use crate::nested::request::{decode_attach_table, encode, AT_F_PASID_VALID};
+        use crate::nested::walker::{MmapTableMemory, TableBuilder, PAGE_2M, PAGE_4K};
+        let (mut s, mem) = setup();
+        let mut t = TableBuilder::new(48, MmapTableMemory::new(&mem, 0x8_0000, 0x10_0000));
+        t.map(0x40_0000, 0x1000, PAGE_4K, true);
+        t.map(0x40_1000, 0x2000, PAGE_4K, false);
+        t.map(0x4000_0000, 0, PAGE_2M, true);
+        let root = t.root();
+        let acked = features::DEVICE_FEATURES | features::ATTACH_TABLE;
+        let a = encode::attach_vtd(1, 1, AT_F_PASID_VALID, 5, root, 48);
+        s.attach_table(&decode_attach_table(&a).unwrap(), acked)
+            .unwrap();
+        let dma = |iova, len, write| translate_dma(&s, &mem, 1, Some(5), iova, len, write);
+        // Two 4 KiB pages, contiguous in guest RAM: one piece.
+        assert_eq!(
+            dma(0x40_0800, 0x1000, false).unwrap(),
+            vec![Piece {
+                iova: 0x40_0800,
+                gpa: 0x1800,
+                len: 0x1000
+            }]
+        );
+        assert_eq!(
+            dma(0x4000_0000 + 0x1_2345, 16, true).unwrap()[0].gpa,
+            0x1_2345
+        );
+        // Write to the read-only page: a MAPPING fault carrying the PASID.
+        let e = dma(0x40_0800, 0x1000, true).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::Fault {
+                    iova: 0x40_1000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.record(),
+            Some(EventRecord::Fault {
+                reason: REASON_MAPPING,
+                flags: FLAG_WRITE | FLAG_ADDRESS,
+                endpoint: 1,
+                address: 0x40_1000,
+                pasid: Some(5),
+            })
+        );
+        // Unmapped iova, and the same PASID-less access (not attached: bypass).
+        assert!(matches!(
+            dma(0x5000, 4, false),
+            Err(ModelError::Fault { .. })
+        ));
+        assert_eq!(
+            translate_dma(&s, &mem, 1, None, 0x5000, 4, false).unwrap()[0].gpa,
+            0x5000
+        );
     }
 
     #[test]
     fn bad_requests() {
         let (s, mem) = setup();
         assert!(matches!(
-            translate_dma(&s, &mem, 1, 0, 0, false),
+            translate_dma(&s, &mem, 1, None, 0, 0, false),
             Err(ModelError::BadRequest(_))
         ));
         assert!(matches!(
-            translate_dma(&s, &mem, 1, u64::MAX, 2, false),
+            translate_dma(&s, &mem, 1, None, u64::MAX, 2, false),
             Err(ModelError::BadRequest(_))
         ));
         assert!(matches!(
-            translate_dma(&s, &mem, 9, 0, 1, false),
+            translate_dma(&s, &mem, 9, None, 0, 1, false),
             Err(ModelError::NoEndpoint(9))
         ));
     }

@@ -10,8 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
-    iommu_fault_alloc, iommu_hwpt_alloc, iommu_ioas_alloc, iommu_ioas_copy, iommu_ioas_iova_ranges,
-    iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap, iommu_iova_range, IOMMUFD_TYPE,
+    iommu_fault_alloc, iommu_hw_info, iommu_hwpt_alloc, iommu_hwpt_invalidate, iommu_ioas_alloc,
+    iommu_ioas_copy, iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
+    iommu_iova_range, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::IommuFd;
 use thiserror::Error;
@@ -23,6 +24,26 @@ pub const IOAS_MAP_WRITEABLE: u32 = 2;
 pub const IOAS_MAP_READABLE: u32 = 4;
 pub const HWPT_ALLOC_NEST_PARENT: u32 = 1;
 pub const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+/// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
+pub const HWPT_DATA_VTD_S1: u32 = 1;
+pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
+/// enum iommu_hwpt_invalidate_data_type values we use.
+pub const INVALIDATE_DATA_VTD_S1: u32 = 0;
+pub const INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+/// enum iommu_hw_info_type values we recognise.
+pub const HW_INFO_INTEL_VTD: u32 = 1;
+pub const HW_INFO_ARM_SMMUV3: u32 = 2;
+pub const HW_INFO_SELFTEST: u32 = 0xfeed_beef;
+
+/// IOMMU_GET_HW_INFO's answer for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HwInfoRaw {
+    pub info_type: u32,
+    pub capabilities: u64,
+    pub max_pasid_log2: u8,
+    /// The type-specific structure, as long as the kernel made it.
+    pub data: Vec<u8>,
+}
 
 ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, 0x83);
 ioctl_io_nr!(IOMMU_IOAS_IOVA_RANGES, IOMMUFD_TYPE as u32, 0x84);
@@ -350,6 +371,59 @@ impl Iommufd {
                 source,
             })?;
         Ok(h.out_hwpt_id)
+    }
+
+    /// IOMMU_GET_HW_INFO for device `dev_id`.
+    pub fn hw_info(&self, dev_id: u32) -> Result<HwInfoRaw> {
+        // Larger than every known info structure (SMMUv3: 40 bytes).
+        let mut data = vec![0u8; 256];
+        let mut h = iommu_hw_info {
+            size: size_of::<iommu_hw_info>(),
+            dev_id,
+            data_len: data.len() as u32,
+            data_uptr: data.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        self.fd
+            .get_hw_info(&mut h)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_GET_HW_INFO",
+                source,
+            })?;
+        data.truncate((h.data_len as usize).min(256));
+        Ok(HwInfoRaw {
+            // SAFETY: a union of two u32s; the kernel wrote out_data_type.
+            info_type: unsafe { h.__bindgen_anon_1.out_data_type },
+            capabilities: h.out_capabilities,
+            max_pasid_log2: h.out_max_pasid_log2,
+            data,
+        })
+    }
+
+    /// IOMMU_HWPT_INVALIDATE: `entries` holds `entries.len() / entry_len`
+    /// requests of `data_type` for HWPT `hwpt`, handled in one call.
+    pub fn hwpt_invalidate(
+        &self,
+        hwpt: u32,
+        data_type: u32,
+        entry_len: u32,
+        entries: &mut [u8],
+    ) -> Result<()> {
+        let mut h = iommu_hwpt_invalidate {
+            size: size_of::<iommu_hwpt_invalidate>(),
+            hwpt_id: hwpt,
+            data_uptr: entries.as_mut_ptr() as u64,
+            data_type,
+            entry_len,
+            entry_num: (entries.len() / entry_len.max(1) as usize) as u32,
+            ..Default::default()
+        };
+        self.fd
+            .invalidate_hwpt(&mut h)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_HWPT_INVALIDATE",
+                source,
+            })
     }
 
     /// IOMMU_FAULT_QUEUE_ALLOC: a fault object and its fd (read page

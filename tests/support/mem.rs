@@ -369,3 +369,24 @@ impl Drop for GuestMem {
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.total) };
     }
 }
+
+/// Page tables in a test's guest memory: the crate's VT-d table builder
+/// allocates its pages from the guest's allocator.
+pub struct TablePages<'a>(pub &'a GuestMem);
+
+impl vhost_device_iommu::nested::walker::TableMemory for TablePages<'_> {
+    fn alloc_page(&mut self) -> u64 {
+        // Fresh memfd pages are zero and the allocator never reuses.
+        self.0
+            .alloc(4096, 4096)
+            .expect("guest RAM for a table page")
+    }
+
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        GuestMem::write_u64(self.0, gpa, value).expect("table entry in guest RAM")
+    }
+
+    fn read_u64(&mut self, gpa: u64) -> u64 {
+        GuestMem::read_u64(self.0, gpa).expect("table entry in guest RAM")
+    }
+}

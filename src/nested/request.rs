@@ -1,0 +1,595 @@
+//! ATTACH_TABLE (type 6) and INVALIDATE (type 7) bodies decoded into typed,
+//! validated values. Pure: bytes in, values or a `NestedError` out; what an
+//! error means to the guest is decided in `device::error`.
+
+use thiserror::Error;
+
+pub const T_ATTACH_TABLE: u8 = 6;
+pub const T_INVALIDATE: u8 = 7;
+
+/// Readable sizes (head + body) of the extension requests.
+pub const ATTACH_TABLE_LEN: usize = 124;
+pub const INVALIDATE_LEN: usize = 60;
+
+pub const FORMAT_ARM_SMMU3: u8 = 1;
+pub const FORMAT_INTEL_VTD: u8 = 2;
+pub const FORMAT_HOST_SELFTEST: u8 = 0xf0;
+
+/// ATTACH_TABLE flags (INTEL_VTD and HOST_SELFTEST).
+pub const AT_F_SRE: u32 = 1 << 0;
+pub const AT_F_WPE: u32 = 1 << 1;
+pub const AT_F_EAFE: u32 = 1 << 2;
+pub const AT_F_PASID_VALID: u32 = 1 << 8;
+pub const AT_F_PAGE_REQUESTS: u32 = 1 << 9;
+const AT_F_VTD_S1: u32 = AT_F_SRE | AT_F_WPE | AT_F_EAFE;
+const AT_F_KNOWN: u32 = AT_F_VTD_S1 | AT_F_PASID_VALID | AT_F_PAGE_REQUESTS;
+
+/// INVALIDATE scopes, caches and flags.
+pub const INV_SCOPE_DOMAIN: u8 = 1;
+pub const INV_SCOPE_PASID: u8 = 2;
+pub const INV_SCOPE_ADDRESS: u8 = 3;
+pub const INV_CACHE_CONFIG: u8 = 1 << 0;
+pub const INV_CACHE_TLB: u8 = 1 << 1;
+pub const INV_F_LEAF: u16 = 1 << 0;
+pub const INV_F_PASID_VALID: u16 = 1 << 1;
+pub const INV_F_ID_VALID: u16 = 1 << 2;
+pub const INV_F_GLOBAL: u16 = 1 << 3;
+
+/// Largest PASID any endpoint can have (20-bit PCIe PASID).
+pub const MAX_PASID_BITS: u8 = 20;
+/// The page sizes an ADDRESS invalidation may name: 4 KiB .. 2^52.
+const MIN_PAGE_SHIFT: u8 = 12;
+const MAX_PAGE_SHIFT: u8 = 52;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum NestedError {
+    #[error("unknown table format {0:#x}")]
+    UnknownFormat(u8),
+    #[error("reserved byte {0} of the descriptor is not zero")]
+    ReservedNotZero(usize),
+    #[error("unknown flags {0:#x} for this format")]
+    UnknownFlags(u32),
+    #[error("addr_width {0} is neither 48 nor 57")]
+    BadAddrWidth(u32),
+    #[error("table root {0:#x} is not 4 KiB aligned")]
+    MisalignedRoot(u64),
+    #[error("pasid {0:#x} is set without PASID_VALID")]
+    StrayPasid(u32),
+    #[error("pasid {0:#x} is wider than {MAX_PASID_BITS} bits")]
+    PasidTooWide(u32),
+    #[error("unknown invalidation scope {0}")]
+    BadScope(u8),
+    #[error("invalidation names no known cache (caches {0:#x})")]
+    BadCaches(u8),
+    #[error("PASID scope without PASID_VALID")]
+    PasidScopeWithoutPasid,
+    #[error("id {0:#x} is set without ID_VALID")]
+    StrayId(u64),
+    #[error("address fields are set for a scope that has no address")]
+    StrayAddress,
+    #[error("page_size 2^{0} is outside 2^12..2^52")]
+    BadPageSize(u8),
+    #[error("address {0:#x} is not aligned to the page size")]
+    MisalignedAddress(u64),
+    #[error("range of {nr_pages} pages from {address:#x} is empty or wraps")]
+    BadRange { address: u64, nr_pages: u64 },
+}
+
+/// A guest table as ATTACH_TABLE describes it, PASID and flags aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableDesc {
+    /// Guest STE words; PASIDs live in the guest's CD table.
+    ArmSmmu3 { ste: [u64; 2] },
+    /// VT-d first-stage table: `flags` holds SRE/WPE/EAFE only.
+    IntelVtd {
+        flags: u32,
+        pgtbl: u64,
+        addr_width: u32,
+    },
+    /// The iommufd selftest mock's nested format.
+    HostSelftest { iotlb: u32 },
+}
+
+impl TableDesc {
+    pub fn format(&self) -> u8 {
+        match self {
+            TableDesc::ArmSmmu3 { .. } => FORMAT_ARM_SMMU3,
+            TableDesc::IntelVtd { .. } => FORMAT_INTEL_VTD,
+            TableDesc::HostSelftest { .. } => FORMAT_HOST_SELFTEST,
+        }
+    }
+}
+
+/// One ATTACH_TABLE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachTable {
+    pub domain: u32,
+    pub endpoint: u32,
+    pub table: TableDesc,
+    /// Attach at this PASID instead of the endpoint's default address space.
+    pub pasid: Option<u32>,
+    /// The driver answers page requests for this table.
+    pub page_requests: bool,
+}
+
+/// What an INVALIDATE covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvScope {
+    Domain,
+    Pasid,
+    /// `nr_pages` pages of 2^`page_shift` bytes from `address` (no wrap).
+    Address {
+        address: u64,
+        nr_pages: u64,
+        page_shift: u8,
+    },
+}
+
+/// One INVALIDATE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Invalidate {
+    pub domain: u32,
+    pub scope: InvScope,
+    /// INV_CACHE_* bits.
+    pub caches: u8,
+    /// Only leaf entries changed.
+    pub leaf: bool,
+    pub global: bool,
+    pub pasid: Option<u32>,
+    /// Architecture tag (SMMU ASID, selftest IOTLB slot).
+    pub id: Option<u64>,
+}
+
+impl Invalidate {
+    /// The byte range it names, inclusive, or None for "everything".
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self.scope {
+            InvScope::Address {
+                address,
+                nr_pages,
+                page_shift,
+            } => Some((address, address + ((nr_pages << page_shift) - 1))),
+            _ => None,
+        }
+    }
+}
+
+fn le16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+fn le64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+/// The first non-zero byte in `b[range]`, as an offset from the request start.
+fn check_zero(b: &[u8], range: std::ops::Range<usize>) -> Result<(), NestedError> {
+    match b[range.clone()].iter().position(|&x| x != 0) {
+        Some(i) => Err(NestedError::ReservedNotZero(range.start + i)),
+        None => Ok(()),
+    }
+}
+
+/// Decode an ATTACH_TABLE request; `b` holds at least ATTACH_TABLE_LEN bytes.
+pub fn decode_attach_table(b: &[u8]) -> Result<AttachTable, NestedError> {
+    debug_assert!(b.len() >= ATTACH_TABLE_LEN);
+    let domain = le32(b, 4);
+    let endpoint = le32(b, 8);
+    let format = b[12];
+    check_zero(b, 13..16)?;
+    let (table, flags, pasid_field) = match format {
+        FORMAT_ARM_SMMU3 => {
+            check_zero(b, 32..ATTACH_TABLE_LEN)?;
+            let ste = [le64(b, 16), le64(b, 24)];
+            (TableDesc::ArmSmmu3 { ste }, 0, 0)
+        }
+        FORMAT_INTEL_VTD => {
+            check_zero(b, 36..ATTACH_TABLE_LEN)?;
+            let flags = le32(b, 16);
+            let pgtbl = le64(b, 24);
+            let addr_width = le32(b, 32);
+            if flags & !AT_F_KNOWN != 0 {
+                return Err(NestedError::UnknownFlags(flags & !AT_F_KNOWN));
+            }
+            if addr_width != 48 && addr_width != 57 {
+                return Err(NestedError::BadAddrWidth(addr_width));
+            }
+            if pgtbl & 0xfff != 0 {
+                return Err(NestedError::MisalignedRoot(pgtbl));
+            }
+            let desc = TableDesc::IntelVtd {
+                flags: flags & AT_F_VTD_S1,
+                pgtbl,
+                addr_width,
+            };
+            (desc, flags, le32(b, 20))
+        }
+        FORMAT_HOST_SELFTEST => {
+            check_zero(b, 28..ATTACH_TABLE_LEN)?;
+            let flags = le32(b, 16);
+            // The mock takes no VT-d flags.
+            let known = AT_F_PASID_VALID | AT_F_PAGE_REQUESTS;
+            if flags & !known != 0 {
+                return Err(NestedError::UnknownFlags(flags & !known));
+            }
+            let iotlb = le32(b, 24);
+            (TableDesc::HostSelftest { iotlb }, flags, le32(b, 20))
+        }
+        other => return Err(NestedError::UnknownFormat(other)),
+    };
+    let pasid = if flags & AT_F_PASID_VALID != 0 {
+        if pasid_field >> MAX_PASID_BITS != 0 {
+            return Err(NestedError::PasidTooWide(pasid_field));
+        }
+        Some(pasid_field)
+    } else if pasid_field != 0 {
+        return Err(NestedError::StrayPasid(pasid_field));
+    } else {
+        None
+    };
+    Ok(AttachTable {
+        domain,
+        endpoint,
+        table,
+        pasid,
+        page_requests: flags & AT_F_PAGE_REQUESTS != 0,
+    })
+}
+
+/// Decode an INVALIDATE request; `b` holds at least INVALIDATE_LEN bytes.
+pub fn decode_invalidate(b: &[u8]) -> Result<Invalidate, NestedError> {
+    debug_assert!(b.len() >= INVALIDATE_LEN);
+    let scope = b[4];
+    let caches = b[5];
+    let flags = le16(b, 6);
+    let domain = le32(b, 8);
+    let pasid_field = le32(b, 12);
+    let id_field = le64(b, 16);
+    let address = le64(b, 24);
+    let nr_pages = le64(b, 32);
+    let page_shift = b[40];
+    check_zero(b, 41..INVALIDATE_LEN)?;
+    let known = INV_F_LEAF | INV_F_PASID_VALID | INV_F_ID_VALID | INV_F_GLOBAL;
+    if flags & !known != 0 {
+        return Err(NestedError::UnknownFlags(u32::from(flags & !known)));
+    }
+    if caches == 0 || caches & !(INV_CACHE_CONFIG | INV_CACHE_TLB) != 0 {
+        return Err(NestedError::BadCaches(caches));
+    }
+    let pasid = if flags & INV_F_PASID_VALID != 0 {
+        if pasid_field >> MAX_PASID_BITS != 0 {
+            return Err(NestedError::PasidTooWide(pasid_field));
+        }
+        Some(pasid_field)
+    } else if pasid_field != 0 {
+        return Err(NestedError::StrayPasid(pasid_field));
+    } else {
+        None
+    };
+    let id = if flags & INV_F_ID_VALID != 0 {
+        Some(id_field)
+    } else if id_field != 0 {
+        return Err(NestedError::StrayId(id_field));
+    } else {
+        None
+    };
+    let scope = match scope {
+        INV_SCOPE_DOMAIN | INV_SCOPE_PASID => {
+            if address != 0 || nr_pages != 0 || page_shift != 0 {
+                return Err(NestedError::StrayAddress);
+            }
+            if scope == INV_SCOPE_PASID {
+                if pasid.is_none() {
+                    return Err(NestedError::PasidScopeWithoutPasid);
+                }
+                InvScope::Pasid
+            } else {
+                InvScope::Domain
+            }
+        }
+        INV_SCOPE_ADDRESS => {
+            if !(MIN_PAGE_SHIFT..=MAX_PAGE_SHIFT).contains(&page_shift) {
+                return Err(NestedError::BadPageSize(page_shift));
+            }
+            if address & ((1u64 << page_shift) - 1) != 0 {
+                return Err(NestedError::MisalignedAddress(address));
+            }
+            // The last byte must not wrap past 2^64 - 1.
+            let fits = nr_pages != 0
+                && nr_pages
+                    .checked_shl(u32::from(page_shift))
+                    .filter(|&bytes| bytes >> page_shift == nr_pages)
+                    .and_then(|bytes| address.checked_add(bytes - 1))
+                    .is_some();
+            if !fits {
+                return Err(NestedError::BadRange { address, nr_pages });
+            }
+            InvScope::Address {
+                address,
+                nr_pages,
+                page_shift,
+            }
+        }
+        other => return Err(NestedError::BadScope(other)),
+    };
+    Ok(Invalidate {
+        domain,
+        scope,
+        caches,
+        leaf: flags & INV_F_LEAF != 0,
+        global: flags & INV_F_GLOBAL != 0,
+        pasid,
+        id,
+    })
+}
+
+/// Encoders, for tests and guest-driver developers' tools.
+pub mod encode {
+    use super::*;
+
+    /// An ATTACH_TABLE request (readable part) with raw fields.
+    pub fn attach_table(
+        domain: u32,
+        endpoint: u32,
+        format: u8,
+        descriptor: &[u8],
+    ) -> [u8; ATTACH_TABLE_LEN] {
+        let mut b = [0u8; ATTACH_TABLE_LEN];
+        b[0] = T_ATTACH_TABLE;
+        b[4..8].copy_from_slice(&domain.to_le_bytes());
+        b[8..12].copy_from_slice(&endpoint.to_le_bytes());
+        b[12] = format;
+        let n = descriptor.len().min(ATTACH_TABLE_LEN - 13);
+        b[13..13 + n].copy_from_slice(&descriptor[..n]);
+        b
+    }
+
+    /// An INTEL_VTD ATTACH_TABLE.
+    pub fn attach_vtd(
+        domain: u32,
+        endpoint: u32,
+        flags: u32,
+        pasid: u32,
+        pgtbl: u64,
+        addr_width: u32,
+    ) -> [u8; ATTACH_TABLE_LEN] {
+        let mut d = [0u8; 23];
+        d[3..7].copy_from_slice(&flags.to_le_bytes());
+        d[7..11].copy_from_slice(&pasid.to_le_bytes());
+        d[11..19].copy_from_slice(&pgtbl.to_le_bytes());
+        d[19..23].copy_from_slice(&addr_width.to_le_bytes());
+        attach_table(domain, endpoint, FORMAT_INTEL_VTD, &d)
+    }
+
+    /// A HOST_SELFTEST ATTACH_TABLE.
+    pub fn attach_selftest(
+        domain: u32,
+        endpoint: u32,
+        flags: u32,
+        pasid: u32,
+        iotlb: u32,
+    ) -> [u8; ATTACH_TABLE_LEN] {
+        let mut d = [0u8; 15];
+        d[3..7].copy_from_slice(&flags.to_le_bytes());
+        d[7..11].copy_from_slice(&pasid.to_le_bytes());
+        d[11..15].copy_from_slice(&iotlb.to_le_bytes());
+        attach_table(domain, endpoint, FORMAT_HOST_SELFTEST, &d)
+    }
+
+    /// An INVALIDATE request (readable part).
+    #[allow(clippy::too_many_arguments)]
+    pub fn invalidate(
+        domain: u32,
+        scope: u8,
+        caches: u8,
+        flags: u16,
+        pasid: u32,
+        id: u64,
+        address: u64,
+        nr_pages: u64,
+        page_shift: u8,
+    ) -> [u8; INVALIDATE_LEN] {
+        let mut b = [0u8; INVALIDATE_LEN];
+        b[0] = T_INVALIDATE;
+        b[4] = scope;
+        b[5] = caches;
+        b[6..8].copy_from_slice(&flags.to_le_bytes());
+        b[8..12].copy_from_slice(&domain.to_le_bytes());
+        b[12..16].copy_from_slice(&pasid.to_le_bytes());
+        b[16..24].copy_from_slice(&id.to_le_bytes());
+        b[24..32].copy_from_slice(&address.to_le_bytes());
+        b[32..40].copy_from_slice(&nr_pages.to_le_bytes());
+        b[40] = page_shift;
+        b
+    }
+
+    /// INVALIDATE of a whole domain's TLB.
+    pub fn invalidate_domain(domain: u32) -> [u8; INVALIDATE_LEN] {
+        invalidate(domain, INV_SCOPE_DOMAIN, INV_CACHE_TLB, 0, 0, 0, 0, 0, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode::*;
+    use super::*;
+
+    #[test]
+    fn vtd_descriptor_fields_and_flags() {
+        let b = attach_vtd(
+            5,
+            9,
+            AT_F_SRE | AT_F_PASID_VALID | AT_F_PAGE_REQUESTS,
+            7,
+            0x1234_5000,
+            57,
+        );
+        assert_eq!(
+            decode_attach_table(&b),
+            Ok(AttachTable {
+                domain: 5,
+                endpoint: 9,
+                table: TableDesc::IntelVtd {
+                    flags: AT_F_SRE,
+                    pgtbl: 0x1234_5000,
+                    addr_width: 57
+                },
+                pasid: Some(7),
+                page_requests: true,
+            })
+        );
+    }
+
+    #[test]
+    fn vtd_refusals() {
+        let ok = |f, p, root, w| decode_attach_table(&attach_vtd(1, 1, f, p, root, w));
+        assert_eq!(ok(0, 0, 0x1000, 48).unwrap().pasid, None);
+        assert_eq!(ok(1 << 3, 0, 0x1000, 48), Err(NestedError::UnknownFlags(8)));
+        assert_eq!(ok(0, 0, 0x1000, 39), Err(NestedError::BadAddrWidth(39)));
+        assert_eq!(
+            ok(0, 0, 0x1800, 48),
+            Err(NestedError::MisalignedRoot(0x1800))
+        );
+        assert_eq!(ok(0, 3, 0x1000, 48), Err(NestedError::StrayPasid(3)));
+        assert_eq!(
+            ok(AT_F_PASID_VALID, 1 << 20, 0x1000, 48),
+            Err(NestedError::PasidTooWide(1 << 20))
+        );
+        // Reserved bytes after the header and after the descriptor.
+        let mut b = attach_vtd(1, 1, 0, 0, 0x1000, 48);
+        b[14] = 1;
+        assert_eq!(
+            decode_attach_table(&b),
+            Err(NestedError::ReservedNotZero(14))
+        );
+        let mut b = attach_vtd(1, 1, 0, 0, 0x1000, 48);
+        b[123] = 1;
+        assert_eq!(
+            decode_attach_table(&b),
+            Err(NestedError::ReservedNotZero(123))
+        );
+    }
+
+    #[test]
+    fn selftest_and_smmu_descriptors() {
+        let b = attach_selftest(2, 3, AT_F_PAGE_REQUESTS, 0, 0xbadbeef);
+        let a = decode_attach_table(&b).unwrap();
+        assert_eq!(a.table, TableDesc::HostSelftest { iotlb: 0xbadbeef });
+        assert!(a.page_requests);
+        // VT-d flags mean nothing to the mock.
+        let b = attach_selftest(2, 3, AT_F_SRE, 0, 1);
+        assert_eq!(decode_attach_table(&b), Err(NestedError::UnknownFlags(1)));
+        let mut b = attach_selftest(2, 3, 0, 0, 1);
+        b[28] = 1;
+        assert_eq!(
+            decode_attach_table(&b),
+            Err(NestedError::ReservedNotZero(28))
+        );
+
+        let mut d = [0u8; 19];
+        d[3..11].copy_from_slice(&0x11u64.to_le_bytes());
+        d[11..19].copy_from_slice(&0x22u64.to_le_bytes());
+        let b = attach_table(4, 4, FORMAT_ARM_SMMU3, &d);
+        let a = decode_attach_table(&b).unwrap();
+        assert_eq!(a.table, TableDesc::ArmSmmu3 { ste: [0x11, 0x22] });
+        assert_eq!((a.pasid, a.page_requests), (None, false));
+        let mut b = b;
+        b[40] = 1;
+        assert_eq!(
+            decode_attach_table(&b),
+            Err(NestedError::ReservedNotZero(40))
+        );
+    }
+
+    #[test]
+    fn unknown_format_is_refused() {
+        for f in [0u8, 3, 4, 0xef, 0xf1, 0xff] {
+            let b = attach_table(1, 1, f, &[]);
+            assert_eq!(decode_attach_table(&b), Err(NestedError::UnknownFormat(f)));
+        }
+    }
+
+    #[test]
+    fn invalidate_scopes() {
+        let d = decode_invalidate(&invalidate_domain(3)).unwrap();
+        assert_eq!((d.domain, d.scope, d.range()), (3, InvScope::Domain, None));
+        let p = invalidate(3, INV_SCOPE_PASID, 3, INV_F_PASID_VALID, 9, 0, 0, 0, 0);
+        let p = decode_invalidate(&p).unwrap();
+        assert_eq!((p.scope, p.pasid, p.caches), (InvScope::Pasid, Some(9), 3));
+        let a = invalidate(
+            3,
+            INV_SCOPE_ADDRESS,
+            INV_CACHE_TLB,
+            INV_F_LEAF | INV_F_ID_VALID,
+            0,
+            0x42,
+            0x20_0000,
+            2,
+            21,
+        );
+        let a = decode_invalidate(&a).unwrap();
+        assert_eq!(a.range(), Some((0x20_0000, 0x5f_ffff)));
+        assert!(a.leaf && !a.global);
+        assert_eq!(a.id, Some(0x42));
+        // The very last page of the address space is fine.
+        let top = invalidate(1, INV_SCOPE_ADDRESS, 2, 0, 0, 0, !0xfff, 1, 12);
+        assert_eq!(
+            decode_invalidate(&top).unwrap().range(),
+            Some((!0xfff, u64::MAX))
+        );
+    }
+
+    #[test]
+    fn invalidate_refusals() {
+        use NestedError::*;
+        let inv = |scope, caches, flags, pasid, id, addr, n, shift| {
+            decode_invalidate(&invalidate(
+                1, scope, caches, flags, pasid, id, addr, n, shift,
+            ))
+        };
+        let s = INV_SCOPE_ADDRESS;
+        assert_eq!(inv(0, 2, 0, 0, 0, 0, 0, 0), Err(BadScope(0)));
+        assert_eq!(inv(4, 2, 0, 0, 0, 0, 0, 0), Err(BadScope(4)));
+        assert_eq!(inv(1, 0, 0, 0, 0, 0, 0, 0), Err(BadCaches(0)));
+        assert_eq!(inv(1, 4, 0, 0, 0, 0, 0, 0), Err(BadCaches(4)));
+        assert_eq!(inv(1, 2, 1 << 4, 0, 0, 0, 0, 0), Err(UnknownFlags(16)));
+        assert_eq!(inv(2, 2, 0, 0, 0, 0, 0, 0), Err(PasidScopeWithoutPasid));
+        assert_eq!(inv(1, 2, 0, 5, 0, 0, 0, 0), Err(StrayPasid(5)));
+        assert_eq!(inv(1, 2, 0, 0, 5, 0, 0, 0), Err(StrayId(5)));
+        assert_eq!(inv(1, 2, 0, 0, 0, 0x1000, 0, 0), Err(StrayAddress));
+        assert_eq!(inv(s, 2, 0, 0, 0, 0x1000, 1, 11), Err(BadPageSize(11)));
+        assert_eq!(inv(s, 2, 0, 0, 0, 0x1000, 1, 53), Err(BadPageSize(53)));
+        assert_eq!(
+            inv(s, 2, 0, 0, 0, 0x1000, 1, 21),
+            Err(MisalignedAddress(0x1000))
+        );
+        assert_eq!(
+            inv(s, 2, 0, 0, 0, 0x1000, 0, 12),
+            Err(BadRange {
+                address: 0x1000,
+                nr_pages: 0
+            })
+        );
+        assert_eq!(
+            inv(s, 2, 0, 0, 0, !0xfff, 2, 12),
+            Err(BadRange {
+                address: !0xfff,
+                nr_pages: 2
+            })
+        );
+        assert_eq!(
+            inv(s, 2, 0, 0, 0, 0, 1 << 60, 12),
+            Err(BadRange {
+                address: 0,
+                nr_pages: 1 << 60
+            })
+        );
+        let mut b = invalidate_domain(1);
+        b[59] = 1;
+        assert_eq!(decode_invalidate(&b), Err(ReservedNotZero(59)));
+    }
+}
