@@ -49,9 +49,11 @@ cargo_exe() {
     printf '%s\n' "$exe"
 }
 cargo_tests=("$(cargo_exe test selftest_endpoints --release --test selftest_endpoints)"
+    "$(cargo_exe test selftest_nested --release --test selftest_nested)"
     "$(cargo_exe test vfio_endpoints --release --test vfio_endpoints)")
-# The IOAS-path benchmark (benches/ioas_path.rs) runs as one more guest program.
+# The IOAS-path and nested benchmarks (benches/) run as more guest programs.
 ours+=("$(cargo_exe bench ioas_path --bench ioas_path)")
+ours+=("$(cargo_exe bench nested --bench nested)")
 unset RUSTFLAGS
 
 # ---- the initramfs (same for every kernel) ----
@@ -117,7 +119,7 @@ for spec in $kernels; do
         extra_skip=""
     fi
     # Benchmark lines the guest programs printed, for the record.
-    grep -E '^ioas-path(-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
+    grep -E '^(ioas-path|nested)(-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
     extra=""
     if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
         # timeout, panic, or the guest test failed without saying which check: count the run itself

@@ -1,0 +1,231 @@
+//! Nested translation on the REAL /dev/iommu: ATTACH_TABLE with the
+//! selftest mock's nested format becomes a nested HWPT on the nesting
+//! parent of guest RAM, attached through MOCK_DOMAIN_REPLACE; INVALIDATE
+//! becomes IOMMU_HWPT_INVALIDATE, and the kernel checks the mock IOTLB
+//! (IOMMU_TEST_OP_MD_CHECK_IOTLB).
+//!
+//! Run inside a test guest by `tests/vm/kernel-tier.sh` (`--ignored`).
+
+mod support;
+
+use serde_json::Value;
+use support::host::HostRig;
+use support::wire::{self, Invalidate, S_INVAL, S_NOENT, S_OK, S_UNSUPP};
+use support::Frontend;
+
+const EP: u32 = 0x10;
+const EP2: u32 = 0x11;
+const RAM_BASE: u64 = 1 << 24;
+const MEM: usize = 16 << 20;
+/// The value the kernel's own selftest seeds the mock IOTLB with.
+const SEED: u32 = 0xbad_beef;
+/// The selftest hw_info type and its test_reg.
+const HW_INFO_SELFTEST: u32 = 0xfeed_beef;
+
+fn rig() -> HostRig {
+    HostRig::new(&["--endpoint", "0x10,selftest", "--endpoint", "0x11,selftest"])
+}
+
+fn connect(rig: &HostRig) -> Frontend {
+    rig.connect_with(&[(RAM_BASE, MEM)])
+}
+
+fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
+    f.request_status(&req).expect("request answered")
+}
+
+fn u32_of(v: &Value) -> u32 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}")) as u32
+}
+
+fn table(domain: u32, ep: u32, iotlb: u32) -> ([u8; 124], u32) {
+    wire::attach_table_selftest(domain, ep, 0, 0, iotlb)
+}
+
+fn inv(domain: u32, slot: Option<u64>) -> ([u8; 60], u32) {
+    wire::invalidate(&Invalidate {
+        scope: wire::INV_SCOPE_DOMAIN,
+        caches: wire::INV_CACHE_TLB,
+        flags: if slot.is_some() {
+            wire::INV_F_ID_VALID
+        } else {
+            0
+        },
+        domain,
+        id: slot.unwrap_or(0),
+        ..Default::default()
+    })
+}
+
+/// The four mock IOTLB slots of `hwpt`, as the kernel checks them.
+fn iotlb_is(rig: &HostRig, hwpt: u32, want: [u32; 4]) -> bool {
+    (0..4).all(|slot| {
+        rig.fd
+            .md_check_iotlb(hwpt, slot, want[slot as usize])
+            .is_ok()
+    })
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn attach_table_is_a_nested_hwpt_and_invalidate_reaches_the_mock_iotlb() {
+    let mut rig = rig();
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, table(1, EP, SEED)), S_OK);
+    let d = rig.domain(1).expect("domain 1 on the host");
+    assert_eq!(d["nested"], true, "{d}");
+    let hwpt = u32_of(&d["hwpt"]);
+    assert_eq!(rig.endpoint(EP)["pt_id"], hwpt, "attached by replace");
+    assert!(
+        iotlb_is(&rig, hwpt, [SEED; 4]),
+        "the descriptor's iotlb reached the kernel"
+    );
+    // Negative control: the kernel does say no.
+    assert!(rig.fd.md_check_iotlb(hwpt, 0, 0).is_err());
+    // One slot by tag, then the whole domain.
+    assert_eq!(status(&mut f, inv(1, Some(2))), S_OK);
+    assert!(iotlb_is(&rig, hwpt, [SEED, SEED, 0, SEED]));
+    assert_eq!(status(&mut f, inv(1, None)), S_OK);
+    assert!(iotlb_is(&rig, hwpt, [0; 4]));
+    // An ADDRESS-scope invalidation the mock cannot express by address is
+    // widened to all slots, never narrowed.
+    assert_eq!(status(&mut f, table(2, EP2, SEED)), S_OK);
+    let hwpt2 = u32_of(&rig.domain(2).unwrap()["hwpt"]);
+    let addr = Invalidate {
+        scope: wire::INV_SCOPE_ADDRESS,
+        caches: wire::INV_CACHE_TLB,
+        domain: 2,
+        address: 0x10_0000,
+        nr_pages: 1,
+        page_size: 12,
+        ..Default::default()
+    };
+    assert_eq!(status(&mut f, wire::invalidate(&addr)), S_OK);
+    assert!(iotlb_is(&rig, hwpt2, [0; 4]));
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn one_hwpt_per_domain_replace_and_detach_destroy_it() {
+    let mut rig = rig();
+    let mut f = connect(&rig);
+    let bypass_pt = rig.host()["bypass_pt"].clone();
+    assert_eq!(status(&mut f, table(1, EP, SEED)), S_OK);
+    assert_eq!(status(&mut f, table(1, EP2, SEED)), S_OK);
+    let d1 = rig.domain(1).unwrap();
+    let hwpt1 = u32_of(&d1["hwpt"]);
+    assert_eq!(d1["endpoints"], 2);
+    assert_eq!(rig.endpoint(EP2)["pt_id"], hwpt1, "one HWPT, shared");
+    // Another table in the same domain: refused, nothing moved.
+    assert_eq!(status(&mut f, table(1, EP2, 5)), S_INVAL);
+    assert_eq!(rig.endpoint(EP2)["pt_id"], hwpt1);
+    // Replace EP's table with a new one (domain 2).
+    assert_eq!(status(&mut f, table(2, EP, 7)), S_OK);
+    let hwpt2 = u32_of(&rig.domain(2).unwrap()["hwpt"]);
+    assert_ne!(hwpt1, hwpt2);
+    assert_eq!(rig.endpoint(EP)["pt_id"], hwpt2);
+    assert!(iotlb_is(&rig, hwpt2, [7; 4]));
+    // Replace with a MAP/UNMAP domain, then DETACH EP2: domain 1 is gone
+    // with its last endpoint, and so is its HWPT.
+    assert_eq!(status(&mut f, wire::attach(3, EP2, 0, 0)), S_OK);
+    assert!(rig.domain(1).is_none());
+    assert_eq!(
+        rig.fd.destroy(hwpt1).unwrap_err().errno(),
+        Some(libc::ENOENT),
+        "the nested HWPT of domain 1 was destroyed"
+    );
+    assert_eq!(status(&mut f, wire::detach(2, EP)), S_OK);
+    assert_eq!(rig.endpoint(EP)["pt_id"], bypass_pt);
+    assert_eq!(
+        rig.fd.destroy(hwpt2).unwrap_err().errno(),
+        Some(libc::ENOENT)
+    );
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn refusals_of_the_device_and_of_the_kernel() {
+    let mut rig = rig();
+    let mut f = connect(&rig);
+    // The mock takes its own format only, and no PASID attach here.
+    assert_eq!(
+        status(&mut f, wire::attach_table_vtd(1, EP, 0, 0, RAM_BASE, 48)),
+        S_UNSUPP
+    );
+    assert_eq!(
+        status(
+            &mut f,
+            wire::attach_table_selftest(1, EP, wire::TABLE_F_PASID_VALID, 3, SEED)
+        ),
+        S_UNSUPP
+    );
+    assert_eq!(status(&mut f, table(1, 0x99, SEED)), S_NOENT);
+    assert!(rig.domain(1).is_none(), "no host object after refusals");
+    assert_eq!(status(&mut f, table(1, EP, SEED)), S_OK);
+    let hwpt = u32_of(&rig.domain(1).unwrap()["hwpt"]);
+    // The kernel refuses IOTLB slot 9 (EINVAL): INVAL, nothing flushed.
+    assert_eq!(status(&mut f, inv(1, Some(9))), S_INVAL);
+    assert!(iotlb_is(&rig, hwpt, [SEED; 4]));
+    let log = rig.backend.stderr();
+    assert!(
+        log.contains("IOMMU_HWPT_INVALIDATE failed: Invalid argument"),
+        "{log}"
+    );
+    // A tag wider than 32 bits is widened to everything.
+    assert_eq!(status(&mut f, inv(1, Some(1 << 40))), S_OK);
+    assert!(iotlb_is(&rig, hwpt, [0; 4]));
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn probe_passes_the_host_iommu_identification() {
+    let rig = rig();
+    let mut f = connect(&rig);
+    let p = f.probe(EP).unwrap();
+    assert_eq!(p.status, S_OK);
+    let props = wire::parse_probe_props(&p.raw[..512]).unwrap();
+    let t = props
+        .iter()
+        .find(|p| p.ty() == 0x100)
+        .expect("TABLE property");
+    // No PASID, no page requests (yet), one format: HOST_SELFTEST.
+    assert_eq!(&t.value[..5], &[0, 0, 1, 0, 0xf0]);
+    let h = props
+        .iter()
+        .find(|p| p.ty() == 0x101)
+        .expect("HW_INFO property");
+    let v = &h.value;
+    assert_eq!(
+        u32::from_le_bytes(v[0..4].try_into().unwrap()),
+        HW_INFO_SELFTEST
+    );
+    let len = u32::from_le_bytes(v[16..20].try_into().unwrap()) as usize;
+    assert!(len >= 8, "struct iommu_test_hw_info: {len}");
+    // struct iommu_test_hw_info {flags, test_reg = 0xdeadbeef}.
+    assert_eq!(
+        u32::from_le_bytes(v[24..28].try_into().unwrap()),
+        0xdead_beef
+    );
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn disconnect_destroys_nested_hwpts() {
+    let mut rig = rig();
+    let mut hwpts = Vec::new();
+    for _ in 0..3 {
+        let mut f = connect(&rig);
+        assert_eq!(status(&mut f, table(1, EP, SEED)), S_OK);
+        assert_eq!(status(&mut f, table(1, EP2, SEED)), S_OK);
+        hwpts.push(u32_of(&rig.domain(1).unwrap()["hwpt"]));
+        let mem = f.mem.clone();
+        f.disconnect();
+        rig.wait_idle();
+        rig.fd
+            .md_check_refs(mem.uva(RAM_BASE).unwrap(), MEM as u64, 0)
+            .expect("no pin left after disconnect");
+    }
+    for h in hwpts {
+        assert_eq!(rig.fd.destroy(h).unwrap_err().errno(), Some(libc::ENOENT));
+    }
+}
