@@ -178,6 +178,50 @@ fn refusals_of_the_device_and_of_the_kernel() {
 
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn consecutive_invalidations_of_a_batch_are_one_call() {
+    let mut rig = rig();
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, table(1, EP, SEED)), S_OK);
+    assert_eq!(status(&mut f, table(2, EP2, SEED)), S_OK);
+    let h1 = u32_of(&rig.domain(1).unwrap()["hwpt"]);
+    let h2 = u32_of(&rig.domain(2).unwrap()["hwpt"]);
+    let calls = |rig: &mut HostRig| rig.host()["invalidate_calls"].as_u64().unwrap();
+    let c0 = calls(&mut rig);
+    // One notification: slots 0 and 1 of domain 1, slot 3 of domain 2,
+    // then slot 2 of domain 1 again: three runs, three calls.
+    let batch = [
+        inv(1, Some(0)),
+        inv(1, Some(1)),
+        inv(2, Some(3)),
+        inv(1, Some(2)),
+    ];
+    let st: Vec<Option<u8>> = f
+        .submit_batch(&batch)
+        .unwrap()
+        .into_iter()
+        .map(|(used, w)| (used > 0).then(|| w[0]))
+        .collect();
+    assert_eq!(st, vec![Some(S_OK); 4]);
+    assert_eq!(calls(&mut rig) - c0, 3);
+    assert!(iotlb_is(&rig, h1, [0, 0, 0, SEED]));
+    assert!(iotlb_is(&rig, h2, [SEED, SEED, SEED, 0]));
+    // A run with one request the kernel refuses: every request still gets
+    // its own status (the run is retried one by one).
+    assert_eq!(status(&mut f, table(3, EP, SEED)), S_OK);
+    let h3 = u32_of(&rig.domain(3).unwrap()["hwpt"]);
+    let batch = [inv(3, Some(1)), inv(3, Some(9)), inv(3, Some(2))];
+    let st: Vec<Option<u8>> = f
+        .submit_batch(&batch)
+        .unwrap()
+        .into_iter()
+        .map(|(used, w)| (used > 0).then(|| w[0]))
+        .collect();
+    assert_eq!(st, vec![Some(S_OK), Some(S_INVAL), Some(S_OK)]);
+    assert!(iotlb_is(&rig, h3, [SEED, 0, 0, SEED]));
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn probe_passes_the_host_iommu_identification() {
     let rig = rig();
     let mut f = connect(&rig);

@@ -26,11 +26,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFIG_SIZE};
-use crate::device::dispatch::{handle, Reply, MAX_REPLY};
+use crate::device::dispatch::{
+    complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
+};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
 use crate::iommufd_bridge::{HostIommu, RamRegion};
+use crate::nested::Invalidate;
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -179,6 +182,8 @@ impl IommuBackend {
         let mut g = Gathered::new();
         let mut out = [0u8; MAX_REPLY];
         let size = vr.get_queue().size();
+        // INVALIDATEs waiting for the end of their run (one host call).
+        let mut deferred: Deferred<_> = Vec::new();
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
                 vr.disable_notification()?;
@@ -194,9 +199,25 @@ impl IommuBackend {
                         s.stats.count_unanswered(0);
                         continue;
                     }
-                    let used = serve_request(s, &chain, &mut g, &mut out);
+                    if let Err(e) = gather(&chain, &mut g) {
+                        debug!("unusable request chain: {e}");
+                        s.stats
+                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
+                        vr.add_used(chain.head_index(), 0)?;
+                        continue;
+                    }
+                    let acked = s.acked_features;
+                    match deferrable_invalidate(&s.iommu, acked, g.bytes(), g.writable_len) {
+                        Some(inv) if deferred.first().is_none_or(|d| d.2.domain == inv.domain) => {
+                            deferred.push((chain, g.clone(), inv));
+                            continue;
+                        }
+                        _ => flush_invalidates(s, &mut deferred, &mut vr)?,
+                    }
+                    let used = serve_request(s, &chain, &g, &mut out);
                     vr.add_used(chain.head_index(), used as u32)?;
                 }
+                flush_invalidates(s, &mut deferred, &mut vr)?;
                 // "More available" with nothing poppable means a broken avail
                 // ring (index beyond the queue size): stop until the next kick
                 // instead of spinning.
@@ -281,23 +302,46 @@ impl IommuBackend {
     }
 }
 
-/// One request chain: gather, handle, scatter; returns the used length.
+/// Deferred INVALIDATEs: their chain, what was gathered, the request.
+type Deferred<M> = Vec<(virtio_queue::DescriptorChain<M>, Gathered, Invalidate)>;
+
+/// Send the deferred INVALIDATEs to the host in one call and answer each.
+fn flush_invalidates<M>(
+    s: &mut Session,
+    deferred: &mut Deferred<M>,
+    vr: &mut VringState<GuestMemory>,
+) -> Result<(), virtio_queue::Error>
+where
+    M: Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let reqs: Vec<Invalidate> = deferred.iter().map(|d| d.2).collect();
+    let mut statuses = Vec::with_capacity(reqs.len());
+    complete_invalidates(&mut s.iommu, &mut s.stats, &reqs, &mut statuses);
+    for ((chain, g, _), st) in deferred.drain(..).zip(statuses) {
+        let used = scatter_gathered(&chain, &g, &[st as u8, 0, 0, 0]).unwrap_or_else(|e| {
+            debug!("INVALIDATE reply not written: {e}");
+            0
+        });
+        vr.add_used(chain.head_index(), used as u32)?;
+    }
+    Ok(())
+}
+
+/// One gathered request chain: handle, scatter; returns the used length.
 fn serve_request<M>(
     s: &mut Session,
     chain: &virtio_queue::DescriptorChain<M>,
-    g: &mut Gathered,
+    g: &Gathered,
     out: &mut [u8; MAX_REPLY],
 ) -> usize
 where
     M: Deref + Clone,
     M::Target: vm_memory::GuestMemory,
 {
-    if let Err(e) = gather(chain, g) {
-        debug!("unusable request chain: {e}");
-        s.stats
-            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-        return 0;
-    }
     match handle(
         &mut s.iommu,
         &mut s.stats,

@@ -15,6 +15,7 @@ use crate::device::request::MAX_READABLE;
 const WRITABLE_SEGMENTS: usize = 4;
 
 /// The readable part (its first MAX_READABLE bytes) and the writable size.
+#[derive(Clone)]
 pub struct Gathered {
     pub readable: [u8; MAX_READABLE],
     /// Bytes of `readable` that hold data.

@@ -12,7 +12,8 @@ use crate::device::request::{decode, Decoded, Request, TAIL_LEN};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::iommufd_bridge::BridgeError;
-use crate::nested::TableCaps;
+use crate::nested::request::T_INVALIDATE;
+use crate::nested::{Invalidate, TableCaps};
 
 pub const PROBE_T_RESV_MEM: u16 = 1;
 const RESV_MEM_LEN: usize = 24;
@@ -92,6 +93,61 @@ pub fn handle(
     stats.count(ty, status);
     Reply::Write {
         len: body_len + TAIL_LEN,
+    }
+}
+
+/// Is this request an INVALIDATE that can wait for the ones after it, so
+/// that consecutive invalidations of one domain reach the host in one call?
+/// Only valid ones on host-held tables, with room for the tail.
+pub fn deferrable_invalidate(
+    state: &IommuState,
+    acked: u64,
+    readable: &[u8],
+    writable_len: u64,
+) -> Option<Invalidate> {
+    if writable_len < TAIL_LEN as u64 {
+        return None;
+    }
+    match decode(readable, acked) {
+        Decoded::Request(Request::Invalidate(i)) if state.batchable_invalidate(&i) => Some(i),
+        _ => None,
+    }
+}
+
+/// Complete deferred INVALIDATEs of one domain (from
+/// `deferrable_invalidate`, in ring order): one host call; if the host
+/// refuses it, each again alone, so that every request gets its own status.
+/// `statuses` receives one status per request.
+pub fn complete_invalidates(
+    state: &mut IommuState,
+    stats: &mut Stats,
+    reqs: &[Invalidate],
+    statuses: &mut Vec<Status>,
+) {
+    statuses.clear();
+    let Some(first) = reqs.first() else {
+        return;
+    };
+    match state.invalidate_batch(first.domain, reqs) {
+        Ok(()) => statuses.resize(reqs.len(), Status::Ok),
+        Err(e) => {
+            debug!(
+                "{} INVALIDATEs in one call: {e}; again one by one",
+                reqs.len()
+            );
+            for r in reqs {
+                statuses.push(match state.invalidate(r) {
+                    Ok(()) => Status::Ok,
+                    Err(e) => {
+                        info!("request type {T_INVALIDATE}: {e} -> {:?}", e.status());
+                        e.status()
+                    }
+                });
+            }
+        }
+    }
+    for &st in statuses.iter() {
+        stats.count(T_INVALIDATE, st);
     }
 }
 

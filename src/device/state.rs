@@ -443,6 +443,28 @@ impl IommuState {
         Ok(())
     }
 
+    /// May this (decoded) INVALIDATE wait to be sent to the host together
+    /// with the ones that follow it? Only when it is valid and the host
+    /// holds the domain's table.
+    pub fn batchable_invalidate(&self, req: &Invalidate) -> bool {
+        matches!(
+            self.domains.get(&req.domain).map(|d| &d.kind),
+            Some(DomainKind::Table(_))
+        ) && self.host.backs(req.domain)
+    }
+
+    /// Consecutive INVALIDATEs of one domain that `batchable_invalidate`
+    /// accepted: one host call for all. `Err` if the host refused the
+    /// batch; the caller then sends them one by one for their statuses.
+    pub fn invalidate_batch(
+        &mut self,
+        domain: u32,
+        reqs: &[Invalidate],
+    ) -> Result<(), RequestError> {
+        self.host.invalidate(domain, reqs)?;
+        Ok(())
+    }
+
     /// INVALIDATE: only table domains have caches of guest tables. The
     /// software walker caches nothing, so for virtual endpoints there is
     /// nothing to drop; the host's caches are invalidated before we answer.

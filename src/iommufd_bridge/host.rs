@@ -162,6 +162,8 @@ pub struct IommufdHost<D: HostDevice> {
     bypass: bool,
     endpoints: BTreeMap<u32, HostEndpoint<D>>,
     domains: HashMap<u32, HostDomain>,
+    /// IOMMU_HWPT_INVALIDATE calls made (one per run of INVALIDATEs).
+    invalidate_calls: u64,
 }
 
 /// Read/write flags of IOAS_MAP/COPY for virtio MAP flags.
@@ -241,6 +243,7 @@ impl<D: HostDevice> IommufdHost<D> {
             bypass,
             endpoints: BTreeMap::new(),
             domains: HashMap::new(),
+            invalidate_calls: 0,
         })
     }
 
@@ -761,9 +764,11 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             ));
         };
         let (entry_len, mut entries) = invalidate_entries(data_type, invs);
+        let hwpt = d.hwpt;
+        self.invalidate_calls += 1;
         Ok(self
             .fd
-            .hwpt_invalidate(d.hwpt, data_type, entry_len, &mut entries)?)
+            .hwpt_invalidate(hwpt, data_type, entry_len, &mut entries)?)
     }
 
     fn table_caps(&self, endpoint: u32) -> TableCaps {
@@ -791,6 +796,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "blocking_ioas": self.block_ioas,
             "nest_parent": self.nest_parent,
             "bypass_pt": self.ram_pt(),
+            "invalidate_calls": self.invalidate_calls,
             "ram": self.ram.iter().flat_map(|(_, p)| p).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
             "endpoints": self.endpoints.iter().map(|(id, e)| json!({
                 "id": id,
