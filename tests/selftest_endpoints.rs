@@ -73,7 +73,7 @@ fn startup_reports_kernel_features_and_binds_mock_devices() {
         assert_eq!(e["device"]["kind"], "selftest");
         // No guest yet: blocked.
         assert_eq!(e["target"], "unattached");
-        assert_eq!(e["pt_id"], h["blocking_ioas"]);
+        assert_eq!(e["pt_id"], h["blocking_pt"]);
     }
     // A guest's memory table arrives; bypass is on at boot, so unattached
     // endpoints now see guest RAM.
@@ -198,7 +198,7 @@ fn attach_replace_share_and_detach() {
     let mut rig = rig();
     let mut f = connect(&rig);
     let bypass_pt = rig.host()["bypass_pt"].clone();
-    let blocking = rig.host()["blocking_ioas"].clone();
+    let blocking = rig.host()["blocking_pt"].clone();
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     let d1 = rig.domain(1).unwrap();
     // Move (replace) to domain 2: domain 1's objects are destroyed.
@@ -338,7 +338,7 @@ fn disconnect_and_reset_tear_down_everything() {
         let h = rig.wait_idle();
         // Devices are blocked between guests, and nothing stays pinned.
         for e in h["endpoints"].as_array().unwrap() {
-            assert_eq!(e["pt_id"], h["blocking_ioas"], "{h}");
+            assert_eq!(e["pt_id"], h["blocking_pt"], "{h}");
         }
         rig.fd
             .md_check_refs(mem.uva(RAM_BASE).unwrap(), MEM as u64, 0)

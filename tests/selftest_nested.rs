@@ -147,17 +147,24 @@ fn one_hwpt_per_domain_replace_and_detach_destroy_it() {
 fn refusals_of_the_device_and_of_the_kernel() {
     let mut rig = rig();
     let mut f = connect(&rig);
-    // The mock takes its own format only, and no PASID attach here.
+    // The mock takes its own format only.
     assert_eq!(
         status(&mut f, wire::attach_table_vtd(1, EP, 0, 0, RAM_BASE, 48)),
         S_UNSUPP
     );
+    // PASIDs only where the kernel attaches them (6.15+), up to 20 bits.
+    let pasid_mode = rig.host()["pasid_mode"] == true;
+    let (want, pasid) = if pasid_mode {
+        (wire::S_RANGE, 1 << 20)
+    } else {
+        (S_UNSUPP, 3)
+    };
     assert_eq!(
         status(
             &mut f,
-            wire::attach_table_selftest(1, EP, wire::TABLE_F_PASID_VALID, 3, SEED)
+            wire::attach_table_selftest(1, EP, wire::TABLE_F_PASID_VALID, pasid, SEED)
         ),
-        S_UNSUPP
+        want
     );
     assert_eq!(status(&mut f, table(1, 0x99, SEED)), S_NOENT);
     assert!(rig.domain(1).is_none(), "no host object after refusals");
@@ -223,7 +230,7 @@ fn consecutive_invalidations_of_a_batch_are_one_call() {
 #[test]
 #[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
 fn probe_passes_the_host_iommu_identification() {
-    let rig = rig();
+    let mut rig = rig();
     let mut f = connect(&rig);
     let p = f.probe(EP).unwrap();
     assert_eq!(p.status, S_OK);
@@ -232,8 +239,14 @@ fn probe_passes_the_host_iommu_identification() {
         .iter()
         .find(|p| p.ty() == 0x100)
         .expect("TABLE property");
-    // No PASID, no page requests (yet), one format: HOST_SELFTEST.
-    assert_eq!(&t.value[..5], &[0, 0, 1, 0, 0xf0]);
+    // PASID width (20 where the kernel attaches PASIDs, else 0), no page
+    // requests (yet), one format: HOST_SELFTEST.
+    let bits = if rig.host()["pasid_mode"] == true {
+        20
+    } else {
+        0
+    };
+    assert_eq!(&t.value[..5], &[bits, 0, 1, 0, 0xf0]);
     let h = props
         .iter()
         .find(|p| p.ty() == 0x101)
@@ -250,6 +263,88 @@ fn probe_passes_the_host_iommu_identification() {
         u32::from_le_bytes(v[24..28].try_into().unwrap()),
         0xdead_beef
     );
+}
+
+fn pasid_table(domain: u32, ep: u32, pasid: u32, iotlb: u32) -> ([u8; 124], u32) {
+    wire::attach_table_selftest(domain, ep, wire::TABLE_F_PASID_VALID, pasid, iotlb)
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn pasid_attach_replace_and_detach_on_the_kernel() {
+    let mut rig = rig();
+    let mut f = connect(&rig);
+    // The mock's PASID ops and IOMMU_HWPT_ALLOC_PASID arrived in 6.15.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    let has_pasid = (major, minor) >= (6, 15);
+    assert_eq!(
+        rig.host()["pasid_mode"] == true,
+        has_pasid,
+        "kernel {release}"
+    );
+    if !has_pasid {
+        // 6.12: no PASID attach in the kernel; the device says so.
+        assert_eq!(status(&mut f, pasid_table(1, EP, 5, SEED)), S_UNSUPP);
+        assert!(rig.domain(1).is_none());
+        return;
+    }
+    let stdev = u32_of(&rig.endpoint(EP)["device"]["stdev_id"]);
+    let check =
+        |rig: &HostRig, pasid, hwpt| rig.fd.mock_pasid_check_hwpt(stdev, pasid, hwpt).is_ok();
+    assert!(check(&rig, 5, 0), "PASID 5 starts detached");
+    assert_eq!(status(&mut f, pasid_table(1, EP, 5, SEED)), S_OK);
+    let h1 = u32_of(&rig.domain(1).unwrap()["hwpt"]);
+    assert!(
+        check(&rig, 5, h1),
+        "the kernel has PASID 5 on domain 1's HWPT"
+    );
+    assert!(!check(&rig, 5, 0), "negative control");
+    assert!(check(&rig, 6, 0), "other PASIDs untouched");
+    // The RID moves independently: a table, then back to bypass, then
+    // blocked; PASID 5 stays.
+    assert_eq!(status(&mut f, table(2, EP, SEED)), S_OK);
+    assert_eq!(status(&mut f, wire::detach(2, EP)), S_OK);
+    f.set_bypass(false).unwrap();
+    let blocking = rig.host()["blocking_pt"].clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rig.endpoint(EP)["pt_id"] != blocking {
+        assert!(std::time::Instant::now() < deadline, "{}", rig.host());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(check(&rig, 5, h1));
+    // INVALIDATE of a domain that holds a PASID only.
+    assert_eq!(status(&mut f, inv(1, Some(0))), S_OK);
+    assert!(iotlb_is(&rig, h1, [0, SEED, SEED, SEED]));
+    // Replace PASID 5's table: domain 1 dies with its last attachment.
+    assert_eq!(status(&mut f, pasid_table(3, EP, 5, 7)), S_OK);
+    let h3 = u32_of(&rig.domain(3).unwrap()["hwpt"]);
+    assert!(check(&rig, 5, h3));
+    assert!(rig.domain(1).is_none());
+    assert_eq!(rig.fd.destroy(h1).unwrap_err().errno(), Some(libc::ENOENT));
+    // A second PASID and the RID in the same domain; DETACH takes all.
+    assert_eq!(status(&mut f, pasid_table(3, EP, 6, 7)), S_OK);
+    assert_eq!(status(&mut f, table(3, EP, 7)), S_OK);
+    assert_eq!(rig.domain(3).unwrap()["endpoints"], 3);
+    assert_eq!(status(&mut f, wire::detach(3, EP)), S_OK);
+    assert!(check(&rig, 5, 0) && check(&rig, 6, 0));
+    assert!(rig.domain(3).is_none());
+    assert_eq!(rig.fd.destroy(h3).unwrap_err().errno(), Some(libc::ENOENT));
+    // Attached PASIDs at disconnect: all torn down, nothing pinned.
+    assert_eq!(status(&mut f, pasid_table(4, EP, 9, SEED)), S_OK);
+    let h4 = u32_of(&rig.domain(4).unwrap()["hwpt"]);
+    let mem = f.mem.clone();
+    f.disconnect();
+    rig.wait_idle();
+    assert!(check(&rig, 9, 0));
+    assert_eq!(rig.fd.destroy(h4).unwrap_err().errno(), Some(libc::ENOENT));
+    rig.fd
+        .md_check_refs(mem.uva(RAM_BASE).unwrap(), MEM as u64, 0)
+        .expect("no pin left after disconnect");
 }
 
 #[test]

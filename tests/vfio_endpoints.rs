@@ -48,7 +48,7 @@ fn vfio_device_binds_and_follows_the_guest() {
     assert_eq!(h["kind"], "iommufd");
     let e = rig.endpoint(EP);
     assert_eq!(e["device"]["kind"], "vfio", "{h}");
-    assert_eq!(e["pt_id"], h["blocking_ioas"], "blocked until a guest");
+    assert_eq!(e["pt_id"], h["blocking_pt"], "blocked until a guest");
 
     let mut f = connect(&rig);
     let h = rig.host();
@@ -129,7 +129,7 @@ fn vfio_device_binds_and_follows_the_guest() {
     assert_eq!(status(&mut f, wire::attach(3, EP, 0, 0)), S_OK);
     f.disconnect();
     let h = rig.wait_idle();
-    assert_eq!(h["endpoints"][0]["pt_id"], h["blocking_ioas"]);
+    assert_eq!(h["endpoints"][0]["pt_id"], h["blocking_pt"]);
     let mut f = connect(&rig);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     assert!(rig.backend.child.try_wait().unwrap().is_none());

@@ -15,9 +15,9 @@ use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
 use super::sys::{
-    Features, HwInfoRaw, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_SELFTEST, HWPT_DATA_VTD_S1,
-    HW_INFO_INTEL_VTD, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST, INVALIDATE_DATA_VTD_S1,
-    IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+    Features, HwInfoRaw, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HWPT_DATA_SELFTEST,
+    HWPT_DATA_VTD_S1, HW_INFO_INTEL_VTD, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST,
+    INVALIDATE_DATA_VTD_S1, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
 };
 use super::{BridgeError, HostIommu, HostMapping, RamRegion, Result, Target};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
@@ -34,6 +34,20 @@ pub trait HostDevice: Debug + Send {
     fn dev_id(&self) -> u32;
     /// Attach, or atomically replace the attachment, to `pt_id`.
     fn attach(&mut self, fd: &Iommufd, pt_id: u32) -> Result<()>;
+    /// Can it attach page tables per PASID?
+    fn supports_pasid(&self) -> bool {
+        false
+    }
+    /// Attach `pasid` to `pt_id`; `replace` when that PASID is attached.
+    fn attach_pasid(&mut self, fd: &Iommufd, pasid: u32, pt_id: u32, replace: bool) -> Result<()> {
+        let _ = (fd, pasid, pt_id, replace);
+        Err(BridgeError::Unsupported("PASID attach"))
+    }
+    /// Detach `pasid`.
+    fn detach_pasid(&mut self, fd: &Iommufd, pasid: u32) -> Result<()> {
+        let _ = (fd, pasid);
+        Err(BridgeError::Unsupported("PASID detach"))
+    }
     /// For logs and the control socket.
     fn describe(&self) -> Value;
     /// Give the device up (destroy or detach); the last call made on it.
@@ -48,6 +62,8 @@ struct HostEndpoint<D> {
     pt: u32,
     reserved: Vec<ReservedRegion>,
     caps: TableCaps,
+    /// PASID -> the table domain it is attached to.
+    pasids: BTreeMap<u32, u32>,
 }
 
 #[derive(Debug)]
@@ -152,6 +168,12 @@ pub struct IommufdHost<D: HostDevice> {
     features: Features,
     ram_ioas: u32,
     block_ioas: u32,
+    /// A HWPT on the blocking IOAS made with IOMMU_HWPT_ALLOC_PASID, so that
+    /// a blocked endpoint may keep PASIDs attached (the kernel refuses PASID
+    /// attachments next to a RID on an HWPT made without it).
+    block_hwpt: Option<u32>,
+    /// The kernel took IOMMU_HWPT_ALLOC_PASID: every HWPT we make has it.
+    pasid_mode: bool,
     nest_parent: Option<u32>,
     /// A plain HWPT on the RAM IOAS where no nesting parent can be made.
     ram_hwpt: Option<u32>,
@@ -236,6 +258,8 @@ impl<D: HostDevice> IommufdHost<D> {
             features,
             ram_ioas,
             block_ioas,
+            block_hwpt: None,
+            pasid_mode: false,
             nest_parent: None,
             ram_hwpt: None,
             ram: Vec::new(),
@@ -273,16 +297,40 @@ impl<D: HostDevice> IommufdHost<D> {
         };
         info!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
         if self.nest_parent.is_none() && self.ram_hwpt.is_none() {
-            match self.fd.hwpt_alloc(
-                dev.dev_id(),
-                self.ram_ioas,
-                HWPT_ALLOC_NEST_PARENT,
-                0,
-                &mut [],
-                None,
-            ) {
+            let parent = |flags| {
+                self.fd
+                    .hwpt_alloc(dev.dev_id(), self.ram_ioas, flags, 0, &mut [], None)
+            };
+            // With PASID support where the kernel and device have it (6.15+).
+            let with_pasid = if dev.supports_pasid() {
+                parent(HWPT_ALLOC_NEST_PARENT | HWPT_ALLOC_PASID)
+                    .inspect_err(|e| {
+                        info!("iommufd: no nesting parent with IOMMU_HWPT_ALLOC_PASID ({e})")
+                    })
+                    .ok()
+            } else {
+                None
+            };
+            if with_pasid.is_some() {
+                self.pasid_mode = true;
+                match self.fd.hwpt_alloc(
+                    dev.dev_id(),
+                    self.block_ioas,
+                    HWPT_ALLOC_PASID,
+                    0,
+                    &mut [],
+                    None,
+                ) {
+                    Ok(h) => self.block_hwpt = Some(h),
+                    Err(e) => info!("iommufd: blocking HWPT with PASID support: {e}"),
+                }
+            }
+            match with_pasid.map_or_else(|| parent(HWPT_ALLOC_NEST_PARENT), Ok) {
                 Ok(h) => {
-                    info!("iommufd: nesting parent HWPT {h} on the RAM IOAS");
+                    info!(
+                        "iommufd: nesting parent HWPT {h} on the RAM IOAS{}",
+                        if self.pasid_mode { " (PASID)" } else { "" }
+                    );
                     self.nest_parent = Some(h);
                 }
                 Err(e) => {
@@ -312,6 +360,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 pt: self.block_ioas,
                 reserved: reserved_from_ranges(&ranges),
                 caps,
+                pasids: BTreeMap::new(),
             },
         );
         self.point(id, Target::Unattached, &mut std::iter::empty())
@@ -352,10 +401,16 @@ impl<D: HostDevice> IommufdHost<D> {
                 Vec::new()
             }
         };
+        // PASID attach needs the kernel's ALLOC_PASID, a device that can, and
+        // PASIDs enabled on it (GET_HW_INFO reports them only then).
+        let pasid_bits = if self.pasid_mode && dev.supports_pasid() && !formats.is_empty() {
+            max_pasid_log2.min(crate::nested::request::MAX_PASID_BITS)
+        } else {
+            0
+        };
         TableCaps {
             formats,
-            // PASID attach on host devices is not driven yet.
-            pasid_bits: 0,
+            pasid_bits,
             page_requests: false,
             hw_info: Some(HwInfo {
                 info_type,
@@ -373,9 +428,14 @@ impl<D: HostDevice> IommufdHost<D> {
             "the host IOMMU has no nesting parent",
         ))?;
         let (data_type, inv_type, mut data) = nested_data(table)?;
-        let hwpt = self
-            .fd
-            .hwpt_alloc(dev_id, parent, 0, data_type, &mut data, None)?;
+        let hwpt = self.fd.hwpt_alloc(
+            dev_id,
+            parent,
+            self.hwpt_flags(),
+            data_type,
+            &mut data,
+            None,
+        )?;
         debug!("domain {domain}: nested HWPT {hwpt} on parent {parent}");
         self.domains.insert(
             domain,
@@ -401,6 +461,75 @@ impl<D: HostDevice> IommufdHost<D> {
         }
     }
 
+    /// Flags for every HWPT we allocate.
+    fn hwpt_flags(&self) -> u32 {
+        if self.pasid_mode {
+            HWPT_ALLOC_PASID
+        } else {
+            0
+        }
+    }
+
+    /// Where blocked DMA goes.
+    fn block_pt(&self) -> u32 {
+        self.block_hwpt.unwrap_or(self.block_ioas)
+    }
+
+    /// Drop one attachment of `domain`; the last one destroys it.
+    fn put_domain(&mut self, domain: u32) {
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.users -= 1;
+            if d.users == 0 {
+                self.destroy_domain(domain);
+            }
+        }
+    }
+
+    /// Point `pasid` of endpoint `id` at a table domain, or detach it.
+    fn point_pasid(&mut self, id: u32, pasid: u32, target: Option<Target>) -> Result<()> {
+        let Some(ep) = self.endpoints.get(&id) else {
+            return Ok(());
+        };
+        let (old, dev_id) = (ep.pasids.get(&pasid).copied(), ep.dev.dev_id());
+        let Some(target) = target else {
+            let Some(old) = old else {
+                return Ok(());
+            };
+            let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
+            ep.dev.detach_pasid(&self.fd, pasid)?;
+            ep.pasids.remove(&pasid);
+            self.put_domain(old);
+            return Ok(());
+        };
+        let Target::Table { domain, table } = target else {
+            return Err(BridgeError::Unsupported(
+                "PASID attach of a non-table domain",
+            ));
+        };
+        if old == Some(domain) {
+            return Ok(());
+        }
+        let mut created = false;
+        if !self.domains.contains_key(&domain) {
+            self.create_table_domain(domain, dev_id, &table)?;
+            created = true;
+        }
+        let hwpt = self.domains[&domain].hwpt;
+        let ep = self.endpoints.get_mut(&id).expect("endpoint checked above");
+        if let Err(e) = ep.dev.attach_pasid(&self.fd, pasid, hwpt, old.is_some()) {
+            if created {
+                self.destroy_domain(domain);
+            }
+            return Err(e);
+        }
+        ep.pasids.insert(pasid, domain);
+        self.domains.get_mut(&domain).expect("exists").users += 1;
+        if let Some(old) = old {
+            self.put_domain(old);
+        }
+        Ok(())
+    }
+
     /// The HWPT or IOAS that bypass DMA goes through.
     fn ram_pt(&self) -> u32 {
         self.nest_parent.or(self.ram_hwpt).unwrap_or(self.ram_ioas)
@@ -414,18 +543,22 @@ impl<D: HostDevice> IommufdHost<D> {
         mappings: &mut dyn Iterator<Item = HostMapping>,
     ) -> Result<()> {
         let ioas = self.fd.ioas_alloc()?;
-        let (hwpt, own_hwpt) = match self.fd.hwpt_alloc(dev_id, ioas, 0, 0, &mut [], None) {
-            Ok(h) if self.degenerate(ioas) => {
-                debug!("domain {domain}: HWPT without an aperture yet; attaching to the IOAS");
-                let _ = self.fd.destroy(h);
-                (ioas, false)
-            }
-            Ok(h) => (h, true),
-            Err(e) => {
-                debug!("domain {domain}: HWPT_ALLOC ({e}); attaching to the IOAS");
-                (ioas, false)
-            }
-        };
+        let (hwpt, own_hwpt) =
+            match self
+                .fd
+                .hwpt_alloc(dev_id, ioas, self.hwpt_flags(), 0, &mut [], None)
+            {
+                Ok(h) if self.degenerate(ioas) => {
+                    debug!("domain {domain}: HWPT without an aperture yet; attaching to the IOAS");
+                    let _ = self.fd.destroy(h);
+                    (ioas, false)
+                }
+                Ok(h) => (h, true),
+                Err(e) => {
+                    debug!("domain {domain}: HWPT_ALLOC ({e}); attaching to the IOAS");
+                    (ioas, false)
+                }
+            };
         self.domains.insert(
             domain,
             HostDomain {
@@ -476,7 +609,7 @@ impl<D: HostDevice> IommufdHost<D> {
         let mut created = None;
         let pt = match target {
             Target::Unattached if self.bypass => self.ram_pt(),
-            Target::Unattached => self.block_ioas,
+            Target::Unattached => self.block_pt(),
             Target::Identity => self.ram_pt(),
             Target::Domain(d) => {
                 if !self.domains.contains_key(&d) {
@@ -529,12 +662,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 self.domains.get_mut(&d).unwrap().users += 1;
             }
             if let Some(old) = target_domain(old_target) {
-                if let Some(d) = self.domains.get_mut(&old) {
-                    d.users -= 1;
-                    if d.users == 0 {
-                        self.destroy_domain(old);
-                    }
-                }
+                self.put_domain(old);
             }
         }
         Ok(())
@@ -740,6 +868,20 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     fn reset(&mut self, bypass: bool) {
         self.bypass = bypass;
         let ids: Vec<u32> = self.endpoints.keys().copied().collect();
+        // PASIDs first: their tables go before the RID moves.
+        for &id in &ids {
+            let pasids: Vec<u32> = self.endpoints[&id].pasids.keys().copied().collect();
+            for p in pasids {
+                if let Err(e) = self.point_pasid(id, p, None) {
+                    error!("endpoint {id:#x} pasid {p}: reset: {e}");
+                    // Forget it anyway: the device is released or reused
+                    // by the next guest, and its table must not leak.
+                    if let Some(d) = self.endpoints.get_mut(&id).unwrap().pasids.remove(&p) {
+                        self.put_domain(d);
+                    }
+                }
+            }
+        }
         for id in ids {
             if let Err(e) = self.point(id, Target::Unattached, &mut std::iter::empty()) {
                 error!("endpoint {id:#x}: reset: {e}");
@@ -752,6 +894,10 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             warn!("domain {d}: still held after reset; destroying");
             self.destroy_domain(d);
         }
+    }
+
+    fn attach_pasid(&mut self, endpoint: u32, pasid: u32, target: Option<Target>) -> Result<()> {
+        self.point_pasid(endpoint, pasid, target)
     }
 
     fn invalidate(&mut self, domain: u32, invs: &[Invalidate]) -> Result<()> {
@@ -794,6 +940,8 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "features": self.features,
             "ram_ioas": self.ram_ioas,
             "blocking_ioas": self.block_ioas,
+            "blocking_pt": self.block_pt(),
+            "pasid_mode": self.pasid_mode,
             "nest_parent": self.nest_parent,
             "bypass_pt": self.ram_pt(),
             "invalidate_calls": self.invalidate_calls,
@@ -805,6 +953,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
                 "dev_id": e.dev.dev_id(),
                 "pt_id": e.pt,
                 "target": target(e.target),
+                "pasids": e.pasids.iter().map(|(p, d)| json!({"pasid": p, "domain": d})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "domains": self.domains.iter().map(|(id, d)| json!({
                 "id": id,
@@ -825,9 +974,13 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         for (_, mut ep) in std::mem::take(&mut self.endpoints) {
             ep.dev.release(&self.fd);
         }
-        for h in [self.nest_parent.take(), self.ram_hwpt.take()]
-            .into_iter()
-            .flatten()
+        for h in [
+            self.block_hwpt.take(),
+            self.nest_parent.take(),
+            self.ram_hwpt.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = self.fd.destroy(h);
         }

@@ -6,20 +6,30 @@
 use serde_json::{json, Value};
 
 use super::host::HostDevice;
-use super::sys::{Iommufd, MockDevice};
+use super::sys::{Iommufd, MockDevice, MOCK_FLAGS_DEVICE_PASID};
 use super::Result;
 
 #[derive(Debug)]
 pub struct SelftestDevice {
     mock: MockDevice,
+    /// Made with PASID support (kernels with the mock's PASID ops).
+    pasid: bool,
 }
 
 impl SelftestDevice {
-    /// IOMMU_TEST_OP_MOCK_DOMAIN: a mock device attached to `pt_id`.
+    /// A mock device attached to `pt_id`: with PASID support where the
+    /// kernel has it (MOCK_DOMAIN_FLAGS), else a plain MOCK_DOMAIN.
     pub fn create(fd: &Iommufd, pt_id: u32) -> Result<Self> {
-        Ok(SelftestDevice {
-            mock: fd.mock_domain(pt_id)?,
-        })
+        match fd.mock_domain_flags(pt_id, MOCK_FLAGS_DEVICE_PASID) {
+            Ok(mock) => Ok(SelftestDevice { mock, pasid: true }),
+            Err(e) => {
+                log::info!("selftest device without PASID support: {e}");
+                Ok(SelftestDevice {
+                    mock: fd.mock_domain(pt_id)?,
+                    pasid: false,
+                })
+            }
+        }
     }
 }
 
@@ -33,8 +43,20 @@ impl HostDevice for SelftestDevice {
         Ok(())
     }
 
+    fn supports_pasid(&self) -> bool {
+        self.pasid
+    }
+
+    fn attach_pasid(&mut self, fd: &Iommufd, pasid: u32, pt_id: u32, replace: bool) -> Result<()> {
+        Ok(fd.mock_pasid_attach(self.mock.stdev_id, pasid, pt_id, replace)?)
+    }
+
+    fn detach_pasid(&mut self, fd: &Iommufd, pasid: u32) -> Result<()> {
+        Ok(fd.mock_pasid_detach(self.mock.stdev_id, pasid)?)
+    }
+
     fn describe(&self) -> Value {
-        json!({ "kind": "selftest", "stdev_id": self.mock.stdev_id })
+        json!({ "kind": "selftest", "stdev_id": self.mock.stdev_id, "pasid": self.pasid })
     }
 
     fn release(&mut self, fd: &Iommufd) {

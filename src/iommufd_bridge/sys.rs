@@ -24,6 +24,8 @@ pub const IOAS_MAP_WRITEABLE: u32 = 2;
 pub const IOAS_MAP_READABLE: u32 = 4;
 pub const HWPT_ALLOC_NEST_PARENT: u32 = 1;
 pub const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+/// IOMMU_HWPT_ALLOC_PASID (6.15): the HWPT may sit next to PASID attachments.
+pub const HWPT_ALLOC_PASID: u32 = 1 << 3;
 /// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
 pub const HWPT_DATA_VTD_S1: u32 = 1;
 pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
@@ -460,8 +462,15 @@ mod selftest {
     pub const OP_MD_CHECK_MAP: u32 = 3;
     pub const OP_MD_CHECK_REFS: u32 = 4;
     pub const OP_MOCK_DOMAIN_REPLACE: u32 = 10;
+    pub const OP_MOCK_DOMAIN_FLAGS: u32 = 12;
     pub const OP_MD_CHECK_IOTLB: u32 = 14;
     pub const OP_TRIGGER_IOPF: u32 = 15;
+    pub const OP_PASID_ATTACH: u32 = 18;
+    pub const OP_PASID_REPLACE: u32 = 19;
+    pub const OP_PASID_DETACH: u32 = 20;
+    pub const OP_PASID_CHECK_HWPT: u32 = 21;
+    /// MOCK_FLAGS_DEVICE_PASID (6.15): the mock device gets 20 PASID bits.
+    pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
     /// struct iommu_test_cmd: 72 bytes on 6.12 and 7.x.
     #[repr(C, align(8))]
@@ -532,6 +541,53 @@ mod selftest {
         }
 
         /// Re-attach a mock device to `pt_id`; returns the HWPT it is on now.
+        /// MOCK_DOMAIN_FLAGS: a mock device with `dev_flags` (6.15's PASID
+        /// flag; older kernels refuse unknown flags with EINVAL).
+        pub fn mock_domain_flags(&self, pt_id: u32, dev_flags: u32) -> Result<MockDevice> {
+            let mut c = TestCmd::new(OP_MOCK_DOMAIN_FLAGS, pt_id);
+            c.put32(12, dev_flags);
+            self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS", &mut c)?;
+            Ok(MockDevice {
+                stdev_id: c.get32(0),
+                hwpt_id: c.get32(4),
+                dev_id: c.get32(8),
+            })
+        }
+
+        /// PASID_ATTACH (or PASID_REPLACE when `replace`): `pasid` of the
+        /// mock device to `pt_id`.
+        pub fn mock_pasid_attach(
+            &self,
+            stdev_id: u32,
+            pasid: u32,
+            pt_id: u32,
+            replace: bool,
+        ) -> Result<()> {
+            let (op, name) = if replace {
+                (OP_PASID_REPLACE, "IOMMU_TEST_OP_PASID_REPLACE")
+            } else {
+                (OP_PASID_ATTACH, "IOMMU_TEST_OP_PASID_ATTACH")
+            };
+            let mut c = TestCmd::new(op, stdev_id);
+            c.put32(0, pasid).put32(4, pt_id);
+            self.test_cmd(name, &mut c)
+        }
+
+        /// PASID_DETACH.
+        pub fn mock_pasid_detach(&self, stdev_id: u32, pasid: u32) -> Result<()> {
+            let mut c = TestCmd::new(OP_PASID_DETACH, stdev_id);
+            c.put32(0, pasid);
+            self.test_cmd("IOMMU_TEST_OP_PASID_DETACH", &mut c)
+        }
+
+        /// PASID_CHECK_HWPT: is `pasid` of the mock device on `hwpt` (0:
+        /// is it detached)?
+        pub fn mock_pasid_check_hwpt(&self, stdev_id: u32, pasid: u32, hwpt: u32) -> Result<()> {
+            let mut c = TestCmd::new(OP_PASID_CHECK_HWPT, stdev_id);
+            c.put32(0, pasid).put32(4, hwpt);
+            self.test_cmd("IOMMU_TEST_OP_PASID_CHECK_HWPT", &mut c)
+        }
+
         pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> Result<u32> {
             let mut c = TestCmd::new(OP_MOCK_DOMAIN_REPLACE, stdev_id);
             c.put32(0, pt_id);

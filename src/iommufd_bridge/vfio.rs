@@ -114,6 +114,29 @@ impl HostDevice for VfioCdev {
             .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT", e))
     }
 
+    fn supports_pasid(&self) -> bool {
+        true
+    }
+
+    fn attach_pasid(
+        &mut self,
+        _fd: &Iommufd,
+        pasid: u32,
+        pt_id: u32,
+        _replace: bool,
+    ) -> Result<()> {
+        // VFIO replaces an attached PASID itself.
+        self.dev
+            .attach_iommufd_pt_pasid(pt_id, pasid)
+            .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)", e))
+    }
+
+    fn detach_pasid(&mut self, _fd: &Iommufd, pasid: u32) -> Result<()> {
+        self.dev
+            .detach_iommufd_pt_pasid(pasid)
+            .map_err(|e| vfio_err("VFIO_DEVICE_DETACH_IOMMUFD_PT (PASID)", e))
+    }
+
     fn describe(&self) -> Value {
         match &self.source {
             VfioSource::Path(p) => json!({ "kind": "vfio", "path": p }),
