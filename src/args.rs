@@ -27,8 +27,10 @@ pub enum ArgsError {
     SelftestNotBuilt(u32),
     #[error("selftest and VFIO endpoints cannot be mixed in one device")]
     MixedHostEndpoints,
-    #[error("--attach-table-bit {0}: must be a device feature bit 7..=23, or off")]
+    #[error("feature bit {0}: must be a device feature bit 7..=23, or off")]
     FeatureBit(String),
+    #[error("--attach-table-bit and --page-request-bit are both {0}")]
+    SameFeatureBit(u8),
     #[error("--page-size-mask must have at least one bit set")]
     EmptyPageSizeMask,
     #[error("--{0} must be at least 1")]
@@ -113,6 +115,16 @@ pub struct Args {
     /// or `off` not to offer it.
     #[arg(long, value_name = "BIT|off", default_value = "7")]
     pub attach_table_bit: String,
+
+    /// Feature bit number offered for the F_PAGE_REQUEST extension (7..=23,
+    /// offered only with F_ATTACH_TABLE), or `off`.
+    #[arg(long, value_name = "BIT|off", default_value = "10")]
+    pub page_request_bit: String,
+
+    /// Most page-request groups outstanding (delivered to the driver or
+    /// waiting for an eventq buffer); beyond: completed with FAILURE.
+    #[arg(long, default_value_t = 512)]
+    pub max_page_requests: usize,
 
     /// Most event records queued while the driver posts no buffer (beyond:
     /// counted as lost and logged).
@@ -332,11 +344,21 @@ impl Args {
             ("max-mappings", self.max_mappings),
             ("max-events", self.max_events),
             ("max-pasids", self.max_pasids),
+            ("max-page-requests", self.max_page_requests),
             ("max-control-clients", self.max_control_clients),
             ("max-control-line", self.max_control_line),
         ] {
             if v == 0 {
                 return Err(ArgsError::ZeroBound(name));
+            }
+        }
+        let (at, pr) = (
+            parse_feature_bit(&self.attach_table_bit)?,
+            parse_feature_bit(&self.page_request_bit)?,
+        );
+        if let (Some(a), Some(p)) = (at, pr) {
+            if a == p {
+                return Err(ArgsError::SameFeatureBit(a));
             }
         }
         Ok(Options {
@@ -352,12 +374,14 @@ impl Args {
                 domain_end,
                 boot_bypass: self.bypass == OnOff::On,
                 attach_table_bit: parse_feature_bit(&self.attach_table_bit)?,
+                page_request_bit: parse_feature_bit(&self.page_request_bit)?,
             },
             limits: Limits {
                 max_domains: self.max_domains,
                 max_mappings: self.max_mappings,
                 max_events: self.max_events,
                 max_pasids: self.max_pasids,
+                max_page_requests: self.max_page_requests,
             },
             control_limits: ControlLimits {
                 max_clients: self.max_control_clients,

@@ -7,13 +7,20 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use serde_json::{json, Value};
 use vm_memory::GuestAddressSpace;
 
 use crate::device::backend::IommuBackend;
+use crate::device::config::features;
+use crate::fault_queue::pages::{SourceId, CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
 use crate::iommufd_bridge::model::{translate_dma, ModelError};
+
+/// How long a `dma` waits for PAGE_RESP unless it says (protocol.md 6).
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
+const MAX_TIMEOUT_MS: u64 = 600_000;
 
 /// Bounds on what control clients can make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +69,26 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
                 as u32,
         ),
     };
-    let result = {
+    let timeout = match req.get("timeout_ms") {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT,
+        Some(v) => Duration::from_millis(
+            v.as_u64()
+                .filter(|&t| t <= MAX_TIMEOUT_MS)
+                .ok_or_else(|| error("bad-request", "\"timeout_ms\" must be 0..=600000"))?,
+        ),
+    };
+    let attempt = |page_requests: bool| {
         let s = backend.session();
         let mem = s.mem.memory();
-        translate_dma(&s.iommu, &*mem, endpoint, pasid, iova, len, write)
+        let pr = page_requests && s.acked_features & features::PAGE_REQUEST != 0;
+        translate_dma(&s.iommu, &*mem, endpoint, pasid, iova, len, write, pr)
     };
+    let mut result = attempt(true);
+    if let Err(ModelError::PageRequest { iova: at, write, .. }) = result {
+        // Ask the driver (protocol.md 6), then walk once more.
+        page_request(backend, endpoint, pasid, at, write, timeout)?;
+        result = attempt(false);
+    }
     match result {
         Ok(pieces) => {
             let ranges: Vec<Value> = pieces
@@ -84,14 +106,75 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
                 ModelError::Blocked { .. } => "blocked",
                 ModelError::Fault { .. } | ModelError::OutsideRam { .. } => "fault",
                 ModelError::BadRequest(_) => "bad-request",
+                ModelError::PageRequest { .. } => "fault",
             };
             Err(error(kind, e))
         }
     }
 }
 
+/// Raise one page request for a virtual endpoint's access at `iova` and
+/// wait for the driver's answer. Ok: SUCCESS.
+fn page_request(
+    backend: &IommuBackend,
+    endpoint: u32,
+    pasid: Option<u32>,
+    iova: u64,
+    write: bool,
+    timeout: Duration,
+) -> Result<(), Value> {
+    let perm = if write { PERM_WRITE } else { PERM_READ };
+    let src = &backend.virtual_faults;
+    let (cookie, rx) = src
+        .raise(endpoint, pasid, iova & !0xfff, perm)
+        .map_err(|e| error("page-request-failed", format!("cannot raise it: {e}")))?;
+    let code = match rx.recv_timeout(timeout) {
+        Ok(code) => code,
+        Err(_) => {
+            let mut s = backend.session();
+            if s.iommu.pages.time_out(SourceId::Virtual, cookie) {
+                // Outstanding: completed here with FAILURE, exactly once.
+                backend.flush_pages(&mut s);
+                return Err(error(
+                    "timeout",
+                    format!("no PAGE_RESP within {} ms", timeout.as_millis()),
+                ));
+            }
+            // Not read yet (dropped when it is), or answered just now.
+            src.cancel(cookie);
+            drop(s);
+            match rx.try_recv() {
+                Ok(code) => code,
+                Err(_) => {
+                    return Err(error(
+                        "timeout",
+                        format!("no PAGE_RESP within {} ms", timeout.as_millis()),
+                    ))
+                }
+            }
+        }
+    };
+    match code {
+        CODE_SUCCESS => Ok(()),
+        c => Err(error(
+            "page-request-failed",
+            format!(
+                "the page request was answered {}",
+                if c == CODE_INVALID { "INVALID" } else { "FAILURE" }
+            ),
+        )),
+    }
+}
+
 fn stats(backend: &IommuBackend) -> Value {
-    let requests = backend.session().stats.to_json();
+    let (requests, p, outstanding) = {
+        let s = backend.session();
+        (
+            s.stats.to_json(),
+            s.iommu.pages.counters,
+            s.iommu.pages.outstanding(),
+        )
+    };
     let fifo = backend.events.fifo();
     let c = fifo.counters;
     json!({
@@ -101,9 +184,16 @@ fn stats(backend: &IommuBackend) -> Value {
         "records_queued": fifo.len(),
         "records_lost": c.lost,
         "records_discarded": c.discarded,
-        "page_requests_outstanding": 0,
-        "page_requests_completed_by_driver": 0,
-        "page_requests_completed_by_device": 0,
+        "page_requests_outstanding": outstanding,
+        "page_requests_raised": p.raised,
+        "page_requests_completed_by_driver": p.completed_by_driver,
+        "page_requests_completed_by_device": p.completed_by_device,
+        "page_requests_completed_by_kernel": p.completed_by_kernel,
+        "page_requests_refused_full": p.refused_full,
+        "page_requests_refused_unnegotiated": p.refused_unnegotiated,
+        "page_requests_refused_no_handler": p.refused_no_handler,
+        "page_requests_small_buffer": p.small_buffer,
+        "page_requests_timed_out": p.timed_out,
     })
 }
 

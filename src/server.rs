@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
-use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING};
+use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING, VIRTUAL_FAULTS};
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
@@ -198,6 +198,13 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
                 backend.events.notify_fd().as_raw_fd(),
                 EventSet::IN,
                 EVENTS_PENDING,
+            )
+            .map_err(ServerError::Register)?;
+        daemon.get_epoll_handlers()[EVENTQ as usize]
+            .register_listener(
+                backend.virtual_faults.fd(),
+                EventSet::IN,
+                VIRTUAL_FAULTS,
             )
             .map_err(ServerError::Register)?;
         daemon.start(&mut listener)?;

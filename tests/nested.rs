@@ -439,11 +439,6 @@ fn bad_descriptors_are_refused_with_the_named_status() {
         ),
         S_RANGE
     );
-    assert_eq!(
-        status(&mut f, vtd_raw(wire::TABLE_F_PAGE_REQUESTS, 0, root, 48)),
-        S_INVAL,
-        "PAGE_REQUESTS without F_PAGE_REQUEST"
-    );
     let (mut r, w) = vtd(1, EP, root);
     r[14] = 1;
     assert_eq!(status(&mut f, (r, w)), S_INVAL);
@@ -465,6 +460,20 @@ fn bad_descriptors_are_refused_with_the_named_status() {
     assert_eq!(status(&mut f, vtd_pasid(1, EP, 3, root)), S_NOMEM);
     let stats = control(&b).stats().unwrap();
     assert_eq!(stats["requests"]["attach_table"]["ok"], 2, "{stats}");
+    f.disconnect();
+    // PAGE_REQUESTS needs F_PAGE_REQUEST.
+    let mut g = connect_with(
+        &b,
+        FrontendOptions::default().without(wire::VIRTIO_IOMMU_F_PAGE_REQUEST),
+    );
+    assert_eq!(
+        status(
+            &mut g,
+            wire::attach_table_vtd(1, EP, wire::TABLE_F_PAGE_REQUESTS, 0, root, 48)
+        ),
+        S_INVAL,
+        "PAGE_REQUESTS without F_PAGE_REQUEST"
+    );
 }
 
 #[test]

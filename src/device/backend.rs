@@ -31,6 +31,8 @@ use crate::device::dispatch::{
 };
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
+use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
+use crate::fault_queue::source::VirtualSource;
 use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
 use crate::iommufd_bridge::{HostIommu, RamRegion};
 use crate::nested::Invalidate;
@@ -44,6 +46,11 @@ const QUEUE_SIZE: usize = 1024;
 /// epoll data of the "records pending" eventfd in the eventq worker; values
 /// up to NUM_QUEUES are the library's.
 pub const EVENTS_PENDING: u64 = NUM_QUEUES as u64 + 1;
+/// epoll data of the virtual endpoints' fault FD in the eventq worker.
+pub const VIRTUAL_FAULTS: u64 = NUM_QUEUES as u64 + 2;
+/// Records read from a fault FD at once (a stack buffer: no allocation per
+/// fault).
+const FAULT_BATCH: usize = 64;
 
 /// The guest-facing state, behind one lock with short critical sections.
 pub struct Session {
@@ -91,6 +98,8 @@ impl EventChannel {
 pub struct IommuBackend {
     session: Mutex<Session>,
     pub events: EventChannel,
+    /// Page requests of virtual endpoints (the control socket's `dma`).
+    pub virtual_faults: VirtualSource,
 }
 
 thread_local! {
@@ -140,7 +149,71 @@ impl IommuBackend {
                 mem,
             }),
             events: EventChannel::new(limits.max_events)?,
+            virtual_faults: VirtualSource::new()?,
         })
+    }
+
+    /// Carry out what the page-request bookkeeping decided: responses to
+    /// their sources, and records of completed groups out of the FIFO.
+    /// Called with the session lock held (so a `dma` that times out sees a
+    /// consistent picture), before the FIFO lock.
+    pub fn flush_pages(&self, s: &mut Session) {
+        let mut responses = Vec::new();
+        s.iommu.pages.take_responses(&mut responses);
+        for r in responses {
+            match r.source {
+                SourceId::Virtual => self.virtual_faults.respond(r.cookie, r.code),
+                SourceId::Kernel => s.iommu.respond_host_fault(r.cookie, r.code),
+            }
+        }
+        let mut purged = Vec::new();
+        s.iommu.pages.take_purged(&mut purged);
+        if !purged.is_empty() {
+            let mut fifo = self.events.fifo();
+            for (ep, group) in purged {
+                fifo.remove_group(ep, group);
+            }
+        }
+    }
+
+    /// Read the virtual endpoints' fault FD dry and relay the records.
+    fn read_virtual_faults(&self) {
+        let mut buf = [0u8; PGFAULT_LEN * FAULT_BATCH];
+        loop {
+            let n = match self.virtual_faults.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("virtual fault FD: {e}");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let mut recs = [FaultRecord::default(); FAULT_BATCH];
+            let mut kept = 0;
+            let mut s = self.session();
+            for chunk in buf[..n * PGFAULT_LEN].chunks_exact(PGFAULT_LEN) {
+                let r = FaultRecord::parse(chunk.try_into().expect("40-byte chunk"));
+                if self.virtual_faults.take_cancelled(r.cookie) {
+                    // Its `dma` timed out before we got here.
+                    s.iommu.pages.note_cancelled();
+                    continue;
+                }
+                recs[kept] = r;
+                kept += 1;
+            }
+            let acked = s.acked_features;
+            let mut fifo = self.events.fifo();
+            s.iommu
+                .accept_page_requests(SourceId::Virtual, &recs[..kept], acked, &mut fifo);
+            drop(fifo);
+            self.flush_pages(&mut s);
+            drop(s);
+            if n < FAULT_BATCH {
+                return;
+            }
+        }
     }
 
     /// Serve host endpoints (VFIO, selftest) through `host`.
@@ -159,6 +232,7 @@ impl IommuBackend {
         s.iommu.begin_session();
         s.acked_features = 0;
         s.mem = mem;
+        self.flush_pages(&mut s);
     }
 
     /// The frontend went away: drop everything that guest made us hold.
@@ -167,7 +241,10 @@ impl IommuBackend {
         s.iommu.disconnect();
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        self.flush_pages(&mut s);
         drop(s);
+        // Page requests still on their way: no driver, completed at once.
+        self.read_virtual_faults();
         self.events.fifo().discard_all();
     }
 
@@ -226,6 +303,7 @@ impl IommuBackend {
                 }
             }
         })();
+        self.flush_pages(&mut session);
         drop(session);
         if let Err(e) = result {
             debug!("requestq ring unusable: {e}");
@@ -240,14 +318,17 @@ impl IommuBackend {
         if !vr.is_enabled() || !vr.get_queue().ready() {
             return Ok(());
         }
-        let mem = self.session().mem.memory();
+        // Session before FIFO, as everywhere.
+        let mut session = self.session();
+        let s = &mut *session;
+        let mem = s.mem.memory();
         let mut fifo = self.events.fifo();
         let mut buf = [0u8; MAX_RECORD_LEN];
         let mut g = Gathered::new();
         let size = vr.get_queue().size();
         let result = (|| -> Result<(), virtio_queue::Error> {
             let mut popped_since_enable = true;
-            while let Some(rec) = fifo.front() {
+            while let Some(rec) = fifo.front().copied() {
                 let len = rec.encode(&mut buf);
                 let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) else {
                     // Out of buffers: ask to be kicked when the driver posts
@@ -269,6 +350,10 @@ impl IommuBackend {
                         match scatter_gathered(&chain, &g, &buf[..len]) {
                             Ok(n) => {
                                 fifo.delivered();
+                                if let EventRecord::PageRequest { last: true, .. } = rec {
+                                    let key = rec.group().expect("a page request");
+                                    s.iommu.pages.mark_delivered(&key);
+                                }
                                 n
                             }
                             Err(e) => {
@@ -282,6 +367,12 @@ impl IommuBackend {
                             "eventq buffer of {} bytes is too small for a {len}-byte record",
                             g.writable_len
                         );
+                        if let Some(key) = rec.group() {
+                            // A driver that takes page requests posts 48-byte
+                            // buffers; waiting would stall the device.
+                            s.iommu.pages.small_buffer(&key);
+                            fifo.remove_group(key.0, key.2);
+                        }
                         0
                     }
                     Err(e) => {
@@ -294,6 +385,8 @@ impl IommuBackend {
             Ok(())
         })();
         drop(fifo);
+        self.flush_pages(s);
+        drop(session);
         if let Err(e) = result {
             debug!("eventq ring unusable: {e}");
         }
@@ -403,7 +496,10 @@ impl VhostUserBackend for IommuBackend {
 
     fn reset_device(&self) {
         info!("device reset: all domains dropped");
-        self.session().iommu.reset();
+        let mut s = self.session();
+        s.iommu.reset();
+        self.flush_pages(&mut s);
+        drop(s);
         self.events.fifo().discard_all();
     }
 
@@ -500,6 +596,10 @@ impl VhostUserBackend for IommuBackend {
             (1, EVENTS_PENDING) => {
                 // Non-blocking: EAGAIN only means another wakeup drained it.
                 let _ = self.events.notify_fd().read();
+                self.process_eventq(&vrings[0])
+            }
+            (1, VIRTUAL_FAULTS) => {
+                self.read_virtual_faults();
                 self.process_eventq(&vrings[0])
             }
             (t, e) => {

@@ -16,6 +16,9 @@ pub mod features {
     pub const ATTACH_TABLE: u64 = 1 << 7;
     /// Default wire bit of F_ATTACH_TABLE.
     pub const DEFAULT_ATTACH_TABLE_BIT: u8 = 7;
+    /// Extension F_PAGE_REQUEST, internal bit (wire: `page_request_bit`).
+    pub const PAGE_REQUEST: u64 = 1 << 10;
+    pub const DEFAULT_PAGE_REQUEST_BIT: u8 = 10;
 }
 
 pub const CONFIG_SIZE: usize = 40;
@@ -35,6 +38,9 @@ pub struct DeviceConfig {
     pub boot_bypass: bool,
     /// Wire bit of F_ATTACH_TABLE; None: not offered.
     pub attach_table_bit: Option<u8>,
+    /// Wire bit of F_PAGE_REQUEST; None: not offered. Offered only with
+    /// F_ATTACH_TABLE.
+    pub page_request_bit: Option<u8>,
 }
 
 impl Default for DeviceConfig {
@@ -48,30 +54,44 @@ impl Default for DeviceConfig {
             domain_end: u32::MAX,
             boot_bypass: true,
             attach_table_bit: Some(features::DEFAULT_ATTACH_TABLE_BIT),
+            page_request_bit: Some(features::DEFAULT_PAGE_REQUEST_BIT),
         }
     }
 }
 
 impl DeviceConfig {
+    /// (wire bit, internal bit) of each offered extension.
+    fn extensions(&self) -> impl Iterator<Item = (u8, u64)> {
+        let at = self.attach_table_bit;
+        // F_PAGE_REQUEST means nothing without tables to fault on.
+        let pr = at.and(self.page_request_bit);
+        [
+            at.map(|b| (b, features::ATTACH_TABLE)),
+            pr.map(|b| (b, features::PAGE_REQUEST)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
     /// The device-specific feature bits offered on the wire.
     pub fn offered_features(&self) -> u64 {
-        let ext = self.attach_table_bit.map_or(0, |b| 1u64 << b);
-        features::DEVICE_FEATURES | ext
+        self.extensions()
+            .fold(features::DEVICE_FEATURES, |f, (b, _)| f | 1u64 << b)
     }
 
     /// The driver's acknowledged bits as the device uses them: extension
     /// bits moved from their wire position to the internal one.
     pub fn internal_features(&self, wire: u64) -> u64 {
-        let Some(bit) = self.attach_table_bit else {
-            return wire & !features::ATTACH_TABLE;
-        };
-        let wire_bit = 1u64 << bit;
-        let base = wire & !wire_bit & !features::ATTACH_TABLE;
-        if wire & wire_bit != 0 {
-            base | features::ATTACH_TABLE
-        } else {
-            base
+        let mut out = wire & !(features::ATTACH_TABLE | features::PAGE_REQUEST);
+        for (b, _) in self.extensions() {
+            out &= !(1u64 << b);
         }
+        for (b, internal) in self.extensions() {
+            if wire & (1u64 << b) != 0 {
+                out |= internal;
+            }
+        }
+        out
     }
 
     /// The mapping granule: the lowest set bit of page_size_mask.
@@ -101,6 +121,8 @@ pub struct Limits {
     pub max_events: usize,
     /// PASID attachments (ATTACH_TABLE with PASID_VALID), all endpoints.
     pub max_pasids: usize,
+    /// Page-request groups outstanding (raised, not yet completed).
+    pub max_page_requests: usize,
 }
 
 impl Default for Limits {
@@ -110,6 +132,7 @@ impl Default for Limits {
             max_mappings: 1 << 20,
             max_events: 1024,
             max_pasids: 4096,
+            max_page_requests: 512,
         }
     }
 }
@@ -128,6 +151,7 @@ mod tests {
             domain_end: 9,
             boot_bypass: false,
             attach_table_bit: None,
+            page_request_bit: None,
         };
         let b = c.to_bytes(true);
         assert_eq!(b.len(), 40);
@@ -166,6 +190,22 @@ mod tests {
         c.attach_table_bit = None;
         assert_eq!(c.offered_features(), features::DEVICE_FEATURES);
         assert_eq!(c.internal_features(1 << 7), 0);
+    }
+
+    #[test]
+    fn page_request_bit_needs_attach_table() {
+        let mut c = DeviceConfig::default();
+        assert_ne!(c.offered_features() & (1 << 10), 0);
+        assert_eq!(
+            c.internal_features(1 << 10 | 1 << 7),
+            features::PAGE_REQUEST | features::ATTACH_TABLE
+        );
+        c.page_request_bit = Some(12);
+        assert_eq!(c.internal_features(1 << 12), features::PAGE_REQUEST);
+        assert_eq!(c.internal_features(1 << 10), 0, "bit 10 not offered now");
+        c.attach_table_bit = None;
+        assert_eq!(c.offered_features() & (1 << 12), 0);
+        assert_eq!(c.internal_features(1 << 12) & features::PAGE_REQUEST, 0);
     }
 
     #[test]

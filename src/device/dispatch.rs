@@ -161,6 +161,7 @@ fn type_of(req: &Request) -> u8 {
         Request::Probe(_) => T_PROBE,
         Request::AttachTable(_) => crate::nested::request::T_ATTACH_TABLE,
         Request::Invalidate(_) => crate::nested::request::T_INVALIDATE,
+        Request::PageResp(_) => crate::nested::request::T_PAGE_RESP,
     }
 }
 
@@ -180,6 +181,7 @@ fn execute(
         Request::Unmap(u) => state.unmap(u).map(|_| 0),
         Request::AttachTable(a) => state.attach_table(a, acked).map(|_| 0),
         Request::Invalidate(i) => state.invalidate(i).map(|_| 0),
+        Request::PageResp(p) => state.page_resp(p).map(|_| 0),
         Request::Probe(p) => {
             let area = writable_len.saturating_sub(TAIL_LEN as u64);
             let regions = state.probe(p.endpoint)?;

@@ -112,6 +112,8 @@ pub enum RequestError {
     PageRequestsNotNegotiated,
     #[error("too many PASID attachments (limit {0})")]
     TooManyPasids(usize),
+    #[error("page response: {0}")]
+    PageResp(#[from] crate::fault_queue::pages::PageRespError),
     #[error("host: {0}")]
     Host(#[from] BridgeError),
 }
@@ -137,6 +139,7 @@ impl RequestError {
                 NestedError::BadRange { .. } | NestedError::PasidTooWide(_) => Status::Range,
                 _ => Status::Inval,
             },
+            PageResp(_) => Status::Inval,
             Host(e) => host_status(e),
         }
     }

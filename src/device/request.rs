@@ -7,8 +7,8 @@
 use crate::device::error::RequestError;
 use crate::device::features;
 use crate::nested::request::{
-    decode_attach_table, decode_invalidate, ATTACH_TABLE_LEN, INVALIDATE_LEN, T_ATTACH_TABLE,
-    T_INVALIDATE,
+    decode_attach_table, decode_invalidate, decode_page_resp, PageResp, ATTACH_TABLE_LEN,
+    INVALIDATE_LEN, PAGE_RESP_LEN, T_ATTACH_TABLE, T_INVALIDATE, T_PAGE_RESP,
 };
 use crate::nested::{AttachTable, Invalidate};
 
@@ -78,6 +78,7 @@ pub enum Request {
     Probe(Probe),
     AttachTable(AttachTable),
     Invalidate(Invalidate),
+    PageResp(PageResp),
 }
 
 /// What decoding can conclude besides a request.
@@ -125,6 +126,8 @@ pub fn decode(readable: &[u8], acked_features: u64) -> Decoded {
         }
         T_ATTACH_TABLE => ATTACH_TABLE_LEN,
         T_INVALIDATE => INVALIDATE_LEN,
+        T_PAGE_RESP if acked_features & features::PAGE_REQUEST == 0 => return Decoded::Unknown(ty),
+        T_PAGE_RESP => PAGE_RESP_LEN,
         _ => return Decoded::Unknown(ty),
     };
     if readable.len() < need {
@@ -169,8 +172,12 @@ pub fn decode(readable: &[u8], acked_features: u64) -> Decoded {
             Ok(a) => Request::AttachTable(a),
             Err(e) => return Decoded::Refused(ty, e.into()),
         },
-        _ => match decode_invalidate(b) {
+        T_INVALIDATE => match decode_invalidate(b) {
             Ok(i) => Request::Invalidate(i),
+            Err(e) => return Decoded::Refused(ty, e.into()),
+        },
+        _ => match decode_page_resp(b) {
+            Ok(p) => Request::PageResp(p),
             Err(e) => return Decoded::Refused(ty, e.into()),
         },
     };
@@ -248,6 +255,11 @@ mod tests {
             decode(&[8; 128], ALL | features::ATTACH_TABLE),
             Decoded::Unknown(8)
         );
+        let pr = crate::nested::request::encode::page_resp(1, None, 2, 0);
+        assert!(matches!(
+            decode(&pr, ALL | features::ATTACH_TABLE | features::PAGE_REQUEST),
+            Decoded::Request(Request::PageResp(_))
+        ));
     }
 
     #[test]

@@ -13,6 +13,12 @@ use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
+use crate::fault_queue::pages::{
+    FaultRecord, PageRequests, Refusal, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC,
+    PERM_PRIV, PERM_READ, PERM_WRITE,
+};
+use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
+use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
@@ -80,8 +86,13 @@ pub enum Translation {
     Mapped { gpa: u64, len: u64 },
     /// No mapping, or the mapping forbids the access.
     Miss,
-    /// A guest table: walk it (the caller has guest memory).
-    Walk { pgtbl: u64, addr_width: u32 },
+    /// A guest table: walk it (the caller has guest memory). A miss may
+    /// become a page request when the table was attached with PAGE_REQUESTS.
+    Walk {
+        pgtbl: u64,
+        addr_width: u32,
+        page_requests: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -98,6 +109,8 @@ pub struct IommuState {
     /// Keeps the host in step: called after a request is validated and
     /// before it is committed, so a host refusal changes nothing.
     host: Box<dyn HostIommu>,
+    /// Outstanding page-request groups (protocol.md 3.1).
+    pub pages: PageRequests,
 }
 
 /// The mappings of a MAP/UNMAP domain (a free function so that the host
@@ -141,6 +154,7 @@ impl IommuState {
                 subtype: RESV_MEM_T_MSI,
             }],
             host: Box::new(SoftwareIommu),
+            pages: PageRequests::new(limits.max_page_requests),
         }
     }
 
@@ -173,6 +187,8 @@ impl IommuState {
 
     /// Every domain goes, every endpoint comes back unattached.
     fn forget_domains(&mut self) {
+        // Every outstanding page request is completed by the device first.
+        self.pages.complete_all(CODE_INVALID);
         self.domains.clear();
         self.pasids.clear();
         for ep in self.endpoints.values_mut() {
@@ -301,6 +317,7 @@ impl IommuState {
         }
         // An attached endpoint moves: detach first (spec 1.5, CH 3fa02b34c).
         if let Some(old) = ep.domain {
+            self.pages.attachment_gone(req.endpoint, None, old);
             self.release(req.endpoint, old);
         }
         let d = self.domains.entry(req.domain).or_insert_with(|| Domain {
@@ -365,9 +382,7 @@ impl IommuState {
             .table_caps(req.endpoint)
             .ok_or(RequestError::NoEndpoint(req.endpoint))?;
         self.check_domain_range(req.domain)?;
-        // Page requests arrive with issue 5's F_PAGE_REQUEST.
-        let _ = acked;
-        if req.page_requests {
+        if req.page_requests && acked & features::PAGE_REQUEST == 0 {
             return Err(RequestError::PageRequestsNotNegotiated);
         }
         let format = req.table.format();
@@ -427,6 +442,7 @@ impl IommuState {
         }
         // Moving: detach from the old domain first, as ATTACH does.
         if let Some(o) = old {
+            self.pages.attachment_gone(req.endpoint, req.pasid, o);
             self.drop_attachment(o);
         }
         let d = self.domains.entry(req.domain).or_insert_with(|| Domain {
@@ -441,6 +457,116 @@ impl IommuState {
             }
         }
         Ok(())
+    }
+
+    /// Write a page response to the host's fault FD.
+    pub fn respond_host_fault(&mut self, cookie: u32, code: u16) {
+        if let Err(e) = self.host.page_response(cookie, code) {
+            // A group the kernel completed itself meanwhile (EINVAL).
+            log::info!("page response for cookie {cookie}: {e}");
+        }
+    }
+
+    /// PAGE_RESP: the driver answers one outstanding group.
+    pub fn page_resp(&mut self, req: &PageResp) -> Result<(), RequestError> {
+        if !self.endpoints.contains_key(&req.endpoint) {
+            return Err(RequestError::NoEndpoint(req.endpoint));
+        }
+        self.pages
+            .driver_response(req.endpoint, req.pasid, req.group, req.code)?;
+        Ok(())
+    }
+
+    /// The table domain (with PAGE_REQUESTS) that handles a page request
+    /// of `endpoint` at `pasid`: (attachment slot, domain).
+    fn page_request_handler(&self, endpoint: u32, pasid: Option<u32>) -> Option<(Option<u32>, u32)> {
+        // At its PASID if attached there; else the default address space's
+        // table (a guest-owned PASID table, as the kernel routes it).
+        let slot = pasid.filter(|&p| self.pasids.contains_key(&(endpoint, p)));
+        let domain = self.attached(endpoint, slot)?;
+        match &self.domains.get(&domain)?.kind {
+            DomainKind::Table(t) if t.page_requests => Some((slot, domain)),
+            _ => None,
+        }
+    }
+
+    /// Page-request records read from a source: each group (records up to
+    /// one with LAST_PAGE, one cookie) is queued for the eventq as 48-byte
+    /// records, or completed at once (protocol.md 3.1) when the driver did
+    /// not negotiate F_PAGE_REQUEST, nothing handles it, or the bounds are
+    /// hit. Virtual records name their endpoint in `dev_id`.
+    pub fn accept_page_requests(
+        &mut self,
+        source: SourceId,
+        recs: &[FaultRecord],
+        acked: u64,
+        fifo: &mut EventFifo,
+    ) {
+        let mut start = 0;
+        while start < recs.len() {
+            let cookie = recs[start].cookie;
+            // The group: same cookie, up to the record with LAST_PAGE.
+            let mut end = start;
+            while end + 1 < recs.len() && !recs[end].last() && recs[end + 1].cookie == cookie {
+                end += 1;
+            }
+            let group = &recs[start..=end];
+            start = end + 1;
+            let first = group[0];
+            let endpoint = match source {
+                SourceId::Virtual => Some(first.dev_id),
+                SourceId::Kernel => self.host.endpoint_of_dev(first.dev_id),
+            }
+            .filter(|e| self.endpoints.contains_key(e));
+            if acked & features::PAGE_REQUEST == 0 {
+                self.pages
+                    .refuse(source, cookie, CODE_INVALID, Refusal::Unnegotiated);
+                continue;
+            }
+            let Some(endpoint) = endpoint else {
+                self.pages
+                    .refuse(source, cookie, CODE_INVALID, Refusal::NoHandler);
+                continue;
+            };
+            let pasid = first.pasid();
+            let Some((slot, domain)) = self.page_request_handler(endpoint, pasid) else {
+                self.pages
+                    .refuse(source, cookie, CODE_INVALID, Refusal::NoHandler);
+                continue;
+            };
+            if !fifo.has_room(group.len()) {
+                self.pages
+                    .refuse(source, cookie, CODE_FAILURE, Refusal::Full);
+                continue;
+            }
+            let Some(id) = self
+                .pages
+                .raise(endpoint, pasid, slot, domain, source, cookie)
+            else {
+                continue;
+            };
+            for (i, r) in group.iter().enumerate() {
+                let mut access = 0;
+                for (perm, flag) in [
+                    (PERM_READ, FLAG_READ),
+                    (PERM_WRITE, FLAG_WRITE),
+                    (PERM_EXEC, FLAG_EXEC),
+                    (PERM_PRIV, FLAG_PRIV),
+                ] {
+                    if r.perm & perm != 0 {
+                        access |= flag;
+                    }
+                }
+                fifo.push(EventRecord::PageRequest {
+                    endpoint,
+                    pasid,
+                    group: id,
+                    address: r.addr,
+                    access,
+                    last: i + 1 == group.len(),
+                });
+            }
+        }
     }
 
     /// May this (decoded) INVALIDATE wait to be sent to the host together
@@ -500,23 +626,21 @@ impl IommuState {
                 domain: req.domain,
             });
         }
-        if self.host.owns(req.endpoint) {
-            for &p in &pasids {
+        let host = self.host.owns(req.endpoint);
+        for &p in &pasids {
+            if host {
                 self.host.attach_pasid(req.endpoint, p, None)?;
-                self.pasids.remove(&(req.endpoint, p));
-                self.drop_attachment(req.domain);
             }
-            if rid {
+            self.pasids.remove(&(req.endpoint, p));
+            self.pages.attachment_gone(req.endpoint, Some(p), req.domain);
+            self.drop_attachment(req.domain);
+        }
+        if rid {
+            if host {
                 self.host
                     .attach(req.endpoint, Target::Unattached, &mut std::iter::empty())?;
             }
-        } else {
-            for &p in &pasids {
-                self.pasids.remove(&(req.endpoint, p));
-                self.drop_attachment(req.domain);
-            }
-        }
-        if rid {
+            self.pages.attachment_gone(req.endpoint, None, req.domain);
             self.release(req.endpoint, req.domain);
         }
         Ok(())
@@ -682,7 +806,11 @@ impl IommuState {
                 return Ok(match t.table {
                     TableDesc::IntelVtd {
                         pgtbl, addr_width, ..
-                    } => Translation::Walk { pgtbl, addr_width },
+                    } => Translation::Walk {
+                        pgtbl,
+                        addr_width,
+                        page_requests: t.page_requests,
+                    },
                     // Other formats never reach a virtual endpoint.
                     _ => Translation::Blocked,
                 });
@@ -742,6 +870,7 @@ impl IommuState {
             }
             *attached.entry(d).or_default() += 1;
         }
+        self.pages.check_invariants()?;
         if self.pasids.len() > self.limits.max_pasids {
             return Err(format!(
                 "{} PASID attachments, limit {}",
@@ -1207,7 +1336,8 @@ mod tests {
                 s.translate(1, None, 0x4000, 8, false).unwrap(),
                 Translation::Walk {
                     pgtbl: 0x1000,
-                    addr_width: 48
+                    addr_width: 48,
+                    page_requests: false
                 }
             );
             // Another table in the same domain: INVAL, nothing moves.
@@ -1292,7 +1422,8 @@ mod tests {
                 s.translate(1, Some(9), 0, 1, false).unwrap(),
                 Translation::Walk {
                     pgtbl: 0x3000,
-                    addr_width: 48
+                    addr_width: 48,
+                    page_requests: false
                 }
             );
             // A PASID with nothing attached is blocked, bypass or not.

@@ -1,5 +1,10 @@
 //! Event records waiting for eventq buffers: a bounded FIFO, allocated once,
-//! and the counters that prove nothing is dropped silently.
+//! and the counters that prove nothing is dropped silently; page requests
+//! and their exactly-once completion (`pages`), and the sources that
+//! deliver them (`source`).
+
+pub mod pages;
+pub mod source;
 
 use std::collections::VecDeque;
 
@@ -12,10 +17,17 @@ pub const REASON_MAPPING: u8 = 2;
 pub const FLAG_READ: u32 = 1 << 0;
 pub const FLAG_WRITE: u32 = 1 << 1;
 pub const FLAG_ADDRESS: u32 = 1 << 8;
+pub const FLAG_EXEC: u32 = 1 << 2;
+pub const FLAG_PRIV: u32 = 1 << 3;
+pub const FLAG_LAST: u32 = 1 << 4;
+pub const FLAG_PAGE_REQ: u32 = 1 << 5;
 pub const FLAG_PASID: u32 = 1 << 9;
+pub const FLAG_GROUP_ID: u32 = 1 << 10;
 
 /// Size of a ratified fault record.
 pub const FAULT_RECORD_LEN: usize = 24;
+/// Size of a page-request record (protocol.md 3).
+pub const PAGE_REQUEST_LEN: usize = 48;
 /// Size of the largest record (extension page requests).
 pub const MAX_RECORD_LEN: usize = 48;
 
@@ -30,6 +42,17 @@ pub enum EventRecord {
         address: u64,
         /// The PASID the access carried (sets FLAG_PASID).
         pasid: Option<u32>,
+    },
+    /// One record of a page-request group (extension, 48 bytes).
+    PageRequest {
+        endpoint: u32,
+        pasid: Option<u32>,
+        group: u16,
+        address: u64,
+        /// FLAG_READ | FLAG_WRITE | FLAG_EXEC | FLAG_PRIV of the access.
+        access: u32,
+        /// The group's last record.
+        last: bool,
     },
 }
 
@@ -57,6 +80,42 @@ impl EventRecord {
                 out[16..24].copy_from_slice(&address.to_le_bytes());
                 FAULT_RECORD_LEN
             }
+            EventRecord::PageRequest {
+                endpoint,
+                pasid,
+                group,
+                address,
+                access,
+                last,
+            } => {
+                out.fill(0);
+                let mut flags = access | FLAG_PAGE_REQ | FLAG_GROUP_ID | FLAG_ADDRESS;
+                if last {
+                    flags |= FLAG_LAST;
+                }
+                if pasid.is_some() {
+                    flags |= FLAG_PASID;
+                }
+                out[4..8].copy_from_slice(&flags.to_le_bytes());
+                out[8..12].copy_from_slice(&endpoint.to_le_bytes());
+                out[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
+                out[16..24].copy_from_slice(&address.to_le_bytes());
+                out[24..26].copy_from_slice(&group.to_le_bytes());
+                PAGE_REQUEST_LEN
+            }
+        }
+    }
+
+    /// The page-request group this record belongs to.
+    pub fn group(&self) -> Option<(u32, Option<u32>, u16)> {
+        match *self {
+            EventRecord::PageRequest {
+                endpoint,
+                pasid,
+                group,
+                ..
+            } => Some((endpoint, pasid, group)),
+            EventRecord::Fault { .. } => None,
         }
     }
 }
@@ -119,6 +178,21 @@ impl EventFifo {
         self.queue.len()
     }
 
+    /// Room for `n` more records?
+    pub fn has_room(&self, n: usize) -> bool {
+        self.queue.len() + n <= self.capacity
+    }
+
+    /// Drop the queued records of page-request group (endpoint, group):
+    /// it was completed before the driver saw all of it.
+    pub fn remove_group(&mut self, endpoint: u32, group: u16) -> usize {
+        let before = self.queue.len();
+        self.queue.retain(|r| {
+            !matches!(r.group(), Some((e, _, g)) if e == endpoint && g == group)
+        });
+        before - self.queue.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -162,6 +236,39 @@ mod tests {
             u64::from_le_bytes(out[16..24].try_into().unwrap()),
             0x1122_3344_5566_7788
         );
+    }
+
+    #[test]
+    fn page_request_record_layout() {
+        let r = EventRecord::PageRequest {
+            endpoint: 9,
+            pasid: Some(5),
+            group: 0x1234,
+            address: 0xabc000,
+            access: FLAG_READ | FLAG_WRITE,
+            last: true,
+        };
+        let mut out = [0xffu8; MAX_RECORD_LEN];
+        assert_eq!(r.encode(&mut out), 48);
+        assert_eq!(out[0], 0);
+        let flags = u32::from_le_bytes(out[4..8].try_into().unwrap());
+        assert_eq!(
+            flags,
+            FLAG_READ | FLAG_WRITE | FLAG_LAST | FLAG_PAGE_REQ | FLAG_ADDRESS | FLAG_PASID
+                | FLAG_GROUP_ID
+        );
+        assert_eq!(u32::from_le_bytes(out[8..12].try_into().unwrap()), 9);
+        assert_eq!(u32::from_le_bytes(out[12..16].try_into().unwrap()), 5);
+        assert_eq!(u64::from_le_bytes(out[16..24].try_into().unwrap()), 0xabc000);
+        assert_eq!(u16::from_le_bytes([out[24], out[25]]), 0x1234);
+        assert!(out[26..48].iter().all(|&b| b == 0));
+        let mut f = EventFifo::new(4);
+        f.push(fault(1));
+        f.push(r);
+        f.push(fault(2));
+        assert_eq!(f.remove_group(9, 0x1234), 1);
+        assert_eq!(f.len(), 2);
+        assert!(f.has_room(2) && !f.has_room(3));
     }
 
     #[test]

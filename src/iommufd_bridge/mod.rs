@@ -147,6 +147,19 @@ pub trait HostIommu: Debug + Send {
         Err(BridgeError::Unsupported("INVALIDATE"))
     }
 
+    /// Answer the page-request group `cookie` of the host's fault FD
+    /// (`code`: PAGE_RESP's; FAILURE is sent as INVALID).
+    fn page_response(&mut self, cookie: u32, code: u16) -> Result<()> {
+        let _ = (cookie, code);
+        Err(BridgeError::Unsupported("no fault FD"))
+    }
+
+    /// The endpoint whose device has iommufd `dev_id` (fault records).
+    fn endpoint_of_dev(&self, dev_id: u32) -> Option<u32> {
+        let _ = dev_id;
+        None
+    }
+
     /// What ATTACH_TABLE can do on a host endpoint.
     fn table_caps(&self, endpoint: u32) -> TableCaps {
         let _ = endpoint;

@@ -37,6 +37,13 @@ pub enum ModelError {
     },
     #[error("gpa {gpa:#x}+{len:#x} is outside guest RAM")]
     OutsideRam { gpa: u64, len: u64 },
+    /// A miss in a table attached with PAGE_REQUESTS: ask the driver.
+    #[error("page request for {access} at iova {iova:#x}")]
+    PageRequest {
+        iova: u64,
+        access: &'static str,
+        write: bool,
+    },
     #[error("{0}")]
     BadRequest(&'static str),
 }
@@ -52,7 +59,10 @@ impl ModelError {
 }
 
 /// Translate an access of `len` bytes at `iova` by `endpoint`, and check that
-/// every resulting piece lies in guest RAM.
+/// every resulting piece lies in guest RAM. With `page_requests` (F_PAGE_REQUEST
+/// negotiated, first attempt), a miss in a table attached with PAGE_REQUESTS
+/// is `ModelError::PageRequest` instead of a fault.
+#[allow(clippy::too_many_arguments)]
 pub fn translate_dma<G: GuestMemory + ?Sized>(
     state: &IommuState,
     mem: &G,
@@ -61,6 +71,7 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
     iova: u64,
     len: u64,
     write: bool,
+    page_requests: bool,
 ) -> Result<Vec<Piece>, ModelError> {
     if len == 0 || len > MAX_DMA_LEN {
         return Err(ModelError::BadRequest("len must be 1..=64 MiB"));
@@ -97,9 +108,22 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
         let (gpa, n) = match t {
             Translation::Identity => (cur, left),
             Translation::Mapped { gpa, len } => (gpa, len),
-            Translation::Walk { pgtbl, addr_width } => {
-                let w = walk(mem, pgtbl, addr_width, cur, write)
-                    .map_err(|e| miss(cur, format!(": {e}")))?;
+            Translation::Walk {
+                pgtbl,
+                addr_width,
+                page_requests: pr,
+            } => {
+                let w = walk(mem, pgtbl, addr_width, cur, write).map_err(|e| {
+                    if pr && page_requests {
+                        ModelError::PageRequest {
+                            iova: cur,
+                            access: if write { "write" } else { "read" },
+                            write,
+                        }
+                    } else {
+                        miss(cur, format!(": {e}"))
+                    }
+                })?;
                 // The rest of this page, at most what is left.
                 let in_page = w.page_size - (cur & (w.page_size - 1));
                 (w.gpa, in_page.min(left))
@@ -183,7 +207,7 @@ mod tests {
     fn bypass_is_identity_inside_ram_and_fault_outside() {
         let (s, mem) = setup();
         assert_eq!(
-            translate_dma(&s, &mem, 1, None, 0x1000, 0x10, false).unwrap(),
+            translate_dma(&s, &mem, 1, None, 0x1000, 0x10, false, false).unwrap(),
             vec![Piece {
                 iova: 0x1000,
                 gpa: 0x1000,
@@ -191,7 +215,7 @@ mod tests {
             }]
         );
         assert!(matches!(
-            translate_dma(&s, &mem, 1, None, 0x20_0000, 0x10, false),
+            translate_dma(&s, &mem, 1, None, 0x20_0000, 0x10, false, false),
             Err(ModelError::OutsideRam { .. })
         ));
     }
@@ -200,7 +224,7 @@ mod tests {
     fn blocked_raises_a_domain_fault() {
         let (mut s, mem) = setup();
         s.bypass = false;
-        let e = translate_dma(&s, &mem, 1, None, 0x1000, 4, true).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1000, 4, true, false).unwrap_err();
         assert_eq!(
             e.record(),
             Some(EventRecord::Fault {
@@ -226,7 +250,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            translate_dma(&s, &mem, 1, None, 0x1_0800, 0x2000, true).unwrap(),
+            translate_dma(&s, &mem, 1, None, 0x1_0800, 0x2000, true, false).unwrap(),
             vec![
                 Piece {
                     iova: 0x1_0800,
@@ -246,7 +270,7 @@ mod tests {
     fn miss_and_permission_raise_mapping_faults() {
         let (mut s, mem) = setup();
         attach_map(&mut s, &[(0x1_0000, 0x1_0fff, 0x2000, MAP_F_READ)]);
-        let e = translate_dma(&s, &mem, 1, None, 0x1_0000, 8, true).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1_0000, 8, true, false).unwrap_err();
         assert!(matches!(
             e.record(),
             Some(EventRecord::Fault {
@@ -257,7 +281,7 @@ mod tests {
             })
         ));
         // Runs off the end of the mapping into a hole.
-        let e = translate_dma(&s, &mem, 1, None, 0x1_0f00, 0x200, false).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1_0f00, 0x200, false, false).unwrap_err();
         assert!(matches!(e, ModelError::Fault { iova: 0x1_1000, .. }));
     }
 
@@ -275,7 +299,7 @@ mod tests {
         let a = encode::attach_vtd(1, 1, AT_F_PASID_VALID, 5, root, 48);
         s.attach_table(&decode_attach_table(&a).unwrap(), acked)
             .unwrap();
-        let dma = |iova, len, write| translate_dma(&s, &mem, 1, Some(5), iova, len, write);
+        let dma = |iova, len, write| translate_dma(&s, &mem, 1, Some(5), iova, len, write, false);
         // Two 4 KiB pages, contiguous in guest RAM: one piece.
         assert_eq!(
             dma(0x40_0800, 0x1000, false).unwrap(),
@@ -317,7 +341,7 @@ mod tests {
             Err(ModelError::Fault { .. })
         ));
         assert_eq!(
-            translate_dma(&s, &mem, 1, None, 0x5000, 4, false).unwrap()[0].gpa,
+            translate_dma(&s, &mem, 1, None, 0x5000, 4, false, false).unwrap()[0].gpa,
             0x5000
         );
     }
@@ -326,15 +350,15 @@ mod tests {
     fn bad_requests() {
         let (s, mem) = setup();
         assert!(matches!(
-            translate_dma(&s, &mem, 1, None, 0, 0, false),
+            translate_dma(&s, &mem, 1, None, 0, 0, false, false),
             Err(ModelError::BadRequest(_))
         ));
         assert!(matches!(
-            translate_dma(&s, &mem, 1, None, u64::MAX, 2, false),
+            translate_dma(&s, &mem, 1, None, u64::MAX, 2, false, false),
             Err(ModelError::BadRequest(_))
         ));
         assert!(matches!(
-            translate_dma(&s, &mem, 9, None, 0, 1, false),
+            translate_dma(&s, &mem, 9, None, 0, 1, false, false),
             Err(ModelError::NoEndpoint(9))
         ));
     }

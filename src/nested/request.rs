@@ -6,10 +6,13 @@ use thiserror::Error;
 
 pub const T_ATTACH_TABLE: u8 = 6;
 pub const T_INVALIDATE: u8 = 7;
+pub const T_PAGE_RESP: u8 = 8;
 
 /// Readable sizes (head + body) of the extension requests.
 pub const ATTACH_TABLE_LEN: usize = 124;
 pub const INVALIDATE_LEN: usize = 60;
+pub const PAGE_RESP_LEN: usize = 28;
+pub const PAGE_RESP_F_PASID_VALID: u32 = 1 << 0;
 
 pub const FORMAT_ARM_SMMU3: u8 = 1;
 pub const FORMAT_INTEL_VTD: u8 = 2;
@@ -73,6 +76,46 @@ pub enum NestedError {
     MisalignedAddress(u64),
     #[error("range of {nr_pages} pages from {address:#x} is empty or wraps")]
     BadRange { address: u64, nr_pages: u64 },
+    #[error("response code {0} is not SUCCESS, INVALID or FAILURE")]
+    BadCode(u16),
+}
+
+/// One PAGE_RESP request (protocol.md 2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageResp {
+    pub endpoint: u32,
+    pub pasid: Option<u32>,
+    pub group: u16,
+    /// 0 SUCCESS, 1 INVALID, 2 FAILURE.
+    pub code: u16,
+}
+
+/// Decode a PAGE_RESP request; `b` holds at least PAGE_RESP_LEN bytes.
+pub fn decode_page_resp(b: &[u8]) -> Result<PageResp, NestedError> {
+    debug_assert!(b.len() >= PAGE_RESP_LEN);
+    let flags = le32(b, 8);
+    let pasid_field = le32(b, 12);
+    let code = le16(b, 18);
+    check_zero(b, 20..PAGE_RESP_LEN)?;
+    if flags & !PAGE_RESP_F_PASID_VALID != 0 {
+        return Err(NestedError::UnknownFlags(flags & !PAGE_RESP_F_PASID_VALID));
+    }
+    if code > 2 {
+        return Err(NestedError::BadCode(code));
+    }
+    let pasid = if flags & PAGE_RESP_F_PASID_VALID != 0 {
+        Some(pasid_field)
+    } else if pasid_field != 0 {
+        return Err(NestedError::StrayPasid(pasid_field));
+    } else {
+        None
+    };
+    Ok(PageResp {
+        endpoint: le32(b, 4),
+        pasid,
+        group: le16(b, 16),
+        code,
+    })
 }
 
 /// A guest table as ATTACH_TABLE describes it, PASID and flags aside.
@@ -407,6 +450,19 @@ pub mod encode {
         b
     }
 
+    /// A PAGE_RESP request (readable part).
+    pub fn page_resp(endpoint: u32, pasid: Option<u32>, group: u16, code: u16) -> [u8; PAGE_RESP_LEN] {
+        let mut b = [0u8; PAGE_RESP_LEN];
+        b[0] = T_PAGE_RESP;
+        b[4..8].copy_from_slice(&endpoint.to_le_bytes());
+        let flags = if pasid.is_some() { PAGE_RESP_F_PASID_VALID } else { 0 };
+        b[8..12].copy_from_slice(&flags.to_le_bytes());
+        b[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
+        b[16..18].copy_from_slice(&group.to_le_bytes());
+        b[18..20].copy_from_slice(&code.to_le_bytes());
+        b
+    }
+
     /// INVALIDATE of a whole domain's TLB.
     pub fn invalidate_domain(domain: u32) -> [u8; INVALIDATE_LEN] {
         invalidate(domain, INV_SCOPE_DOMAIN, INV_CACHE_TLB, 0, 0, 0, 0, 0, 0)
@@ -511,6 +567,30 @@ mod tests {
             let b = attach_table(1, 1, f, &[]);
             assert_eq!(decode_attach_table(&b), Err(NestedError::UnknownFormat(f)));
         }
+    }
+
+    #[test]
+    fn page_resp_decoding() {
+        let b = page_resp(7, Some(3), 0x102, 1);
+        assert_eq!(
+            decode_page_resp(&b),
+            Ok(PageResp {
+                endpoint: 7,
+                pasid: Some(3),
+                group: 0x102,
+                code: 1
+            })
+        );
+        assert_eq!(decode_page_resp(&page_resp(7, None, 1, 3)), Err(NestedError::BadCode(3)));
+        let mut b = page_resp(7, None, 1, 0);
+        b[27] = 1;
+        assert_eq!(decode_page_resp(&b), Err(NestedError::ReservedNotZero(27)));
+        let mut b = page_resp(7, None, 1, 0);
+        b[8] = 2;
+        assert_eq!(decode_page_resp(&b), Err(NestedError::UnknownFlags(2)));
+        let mut b = page_resp(7, None, 1, 0);
+        b[12] = 9;
+        assert_eq!(decode_page_resp(&b), Err(NestedError::StrayPasid(9)));
     }
 
     #[test]

@@ -1,0 +1,535 @@
+//! Page requests: the records sources deliver (the kernel's fault FD and the
+//! virtual endpoints' FD share one format, struct iommu_hwpt_pgfault), and
+//! the outstanding groups that must each be completed exactly once
+//! (protocol.md 3.1).
+//!
+//! Pure bookkeeping: completions are queued as `Response`s in an outbox and
+//! the glue writes them to their source; groups whose records must leave the
+//! event FIFO are queued in `purged`.
+
+use std::collections::HashMap;
+
+use log::{debug, warn};
+
+/// struct iommu_hwpt_pgfault, as read from a fault FD.
+pub const PGFAULT_LEN: usize = 40;
+/// struct iommu_hwpt_page_response, as written to a fault FD.
+pub const PAGE_RESPONSE_LEN: usize = 8;
+pub const PGFAULT_F_PASID_VALID: u32 = 1 << 0;
+pub const PGFAULT_F_LAST_PAGE: u32 = 1 << 1;
+pub const PERM_READ: u32 = 1 << 0;
+pub const PERM_WRITE: u32 = 1 << 1;
+pub const PERM_EXEC: u32 = 1 << 2;
+pub const PERM_PRIV: u32 = 1 << 3;
+
+/// PAGE_RESP codes (protocol.md 2.3).
+pub const CODE_SUCCESS: u16 = 0;
+pub const CODE_INVALID: u16 = 1;
+pub const CODE_FAILURE: u16 = 2;
+
+/// Where a group came from, and where its response goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceId {
+    /// The kernel's fault FD (IOMMU_FAULT_QUEUE_ALLOC).
+    Kernel,
+    /// Virtual endpoints (the control socket's `dma`).
+    Virtual,
+}
+
+/// One record of a fault FD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FaultRecord {
+    pub flags: u32,
+    pub dev_id: u32,
+    pub pasid: u32,
+    pub grpid: u32,
+    pub perm: u32,
+    pub addr: u64,
+    pub length: u32,
+    pub cookie: u32,
+}
+
+fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+impl FaultRecord {
+    pub fn parse(b: &[u8; PGFAULT_LEN]) -> Self {
+        FaultRecord {
+            // The kernel copies internal flag bits too (VT-d): mask them.
+            flags: le32(b, 0) & (PGFAULT_F_PASID_VALID | PGFAULT_F_LAST_PAGE),
+            dev_id: le32(b, 4),
+            pasid: le32(b, 8),
+            grpid: le32(b, 12),
+            perm: le32(b, 16) & (PERM_READ | PERM_WRITE | PERM_EXEC | PERM_PRIV),
+            addr: u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            length: le32(b, 32),
+            cookie: le32(b, 36),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; PGFAULT_LEN] {
+        let mut b = [0u8; PGFAULT_LEN];
+        b[0..4].copy_from_slice(&self.flags.to_le_bytes());
+        b[4..8].copy_from_slice(&self.dev_id.to_le_bytes());
+        b[8..12].copy_from_slice(&self.pasid.to_le_bytes());
+        b[12..16].copy_from_slice(&self.grpid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.perm.to_le_bytes());
+        b[24..32].copy_from_slice(&self.addr.to_le_bytes());
+        b[32..36].copy_from_slice(&self.length.to_le_bytes());
+        b[36..40].copy_from_slice(&self.cookie.to_le_bytes());
+        b
+    }
+
+    pub fn pasid(&self) -> Option<u32> {
+        (self.flags & PGFAULT_F_PASID_VALID != 0).then_some(self.pasid)
+    }
+
+    pub fn last(&self) -> bool {
+        self.flags & PGFAULT_F_LAST_PAGE != 0
+    }
+}
+
+/// A response for a source: the group's cookie and a PAGE_RESP code (the
+/// kernel writer turns FAILURE into INVALID, the only other code it takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    pub source: SourceId,
+    pub cookie: u32,
+    pub code: u16,
+}
+
+/// (endpoint, PASID, group id as the guest sees it).
+pub type GroupKey = (u32, Option<u32>, u16);
+
+/// One outstanding group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    pub source: SourceId,
+    pub cookie: u32,
+    /// The attachment that handles it: the PASID it was attached at (None:
+    /// the endpoint's default address space), and the table domain.
+    pub slot: Option<u32>,
+    pub domain: u32,
+    /// Its records all reached the guest: only then may the driver answer.
+    pub delivered: bool,
+}
+
+/// How the groups ended, for `stats` and for the exactly-once tests:
+/// raised == outstanding + by_driver + by_device + by_kernel always.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PageCounters {
+    pub raised: u64,
+    pub completed_by_driver: u64,
+    /// Completed with a code of our own (INVALID or FAILURE).
+    pub completed_by_device: u64,
+    /// Completed by the kernel itself (detach, replace): forgotten.
+    pub completed_by_kernel: u64,
+    /// Of those by the device: refused at once because the bound was hit.
+    pub refused_full: u64,
+    /// Of those by the device: the driver did not negotiate F_PAGE_REQUEST.
+    pub refused_unnegotiated: u64,
+    /// Of those by the device: no table attached with PAGE_REQUESTS handles
+    /// it (unknown device, detached before the record was read).
+    pub refused_no_handler: u64,
+    /// Of those by the device: eventq buffers too small for the record.
+    pub small_buffer: u64,
+    /// Of those by the device: a virtual `dma` stopped waiting.
+    pub timed_out: u64,
+}
+
+/// Why a group is completed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Full,
+    Unnegotiated,
+    NoHandler,
+}
+
+/// Why a driver's PAGE_RESP was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PageRespError {
+    #[error("no outstanding group {group} of endpoint {endpoint} (pasid {pasid:?})")]
+    NoGroup {
+        endpoint: u32,
+        pasid: Option<u32>,
+        group: u16,
+    },
+}
+
+#[derive(Debug)]
+pub struct PageRequests {
+    groups: HashMap<GroupKey, Group>,
+    cookies: HashMap<(SourceId, u32), GroupKey>,
+    next_id: HashMap<u32, u16>,
+    max: usize,
+    pub counters: PageCounters,
+    outbox: Vec<Response>,
+    purged: Vec<(u32, u16)>,
+}
+
+impl PageRequests {
+    /// At most `max` groups outstanding (beyond: FAILURE at once).
+    pub fn new(max: usize) -> Self {
+        PageRequests {
+            groups: HashMap::with_capacity(max.min(1 << 16)),
+            cookies: HashMap::with_capacity(max.min(1 << 16)),
+            next_id: HashMap::new(),
+            max: max.min(1 << 16),
+            counters: PageCounters::default(),
+            outbox: Vec::new(),
+            purged: Vec::new(),
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn group(&self, key: &GroupKey) -> Option<&Group> {
+        self.groups.get(key)
+    }
+
+    /// The group a source's cookie names, if it is outstanding.
+    pub fn by_cookie(&self, source: SourceId, cookie: u32) -> Option<GroupKey> {
+        self.cookies.get(&(source, cookie)).copied()
+    }
+
+    fn respond(&mut self, g: &Group, code: u16) {
+        self.outbox.push(Response {
+            source: g.source,
+            cookie: g.cookie,
+            code,
+        });
+    }
+
+    /// A group arrived that cannot be relayed: complete it at once.
+    pub fn refuse(&mut self, source: SourceId, cookie: u32, code: u16, why: Refusal) {
+        self.counters.raised += 1;
+        self.counters.completed_by_device += 1;
+        match why {
+            Refusal::Full => self.counters.refused_full += 1,
+            Refusal::Unnegotiated => self.counters.refused_unnegotiated += 1,
+            Refusal::NoHandler => self.counters.refused_no_handler += 1,
+        }
+        self.outbox.push(Response {
+            source,
+            cookie,
+            code,
+        });
+    }
+
+    /// A virtual `dma` gave up (timeout) before its record was read: the
+    /// record is dropped when read, and counts as completed by the device.
+    pub fn note_cancelled(&mut self) {
+        self.counters.raised += 1;
+        self.counters.completed_by_device += 1;
+        self.counters.timed_out += 1;
+    }
+
+    /// A virtual `dma` gave up on its outstanding group: FAILURE.
+    pub fn time_out(&mut self, source: SourceId, cookie: u32) -> bool {
+        let done = self.complete_cookie(source, cookie, CODE_FAILURE);
+        if done {
+            self.counters.timed_out += 1;
+        }
+        done
+    }
+
+    /// A group arrived for `endpoint`: its guest-visible group id, or None
+    /// when the bound is hit (then it is completed with FAILURE at once).
+    pub fn raise(
+        &mut self,
+        endpoint: u32,
+        pasid: Option<u32>,
+        slot: Option<u32>,
+        domain: u32,
+        source: SourceId,
+        cookie: u32,
+    ) -> Option<u16> {
+        if self.groups.len() >= self.max || self.cookies.contains_key(&(source, cookie)) {
+            if self.groups.len() >= self.max {
+                warn!(
+                    "page requests: {} groups outstanding; group of endpoint {endpoint:#x} failed",
+                    self.max
+                );
+            } else {
+                warn!("page requests: cookie {cookie} of {source:?} is already outstanding");
+            }
+            self.refuse(source, cookie, CODE_FAILURE, Refusal::Full);
+            return None;
+        }
+        // The next id of this endpoint that is not in use (the bound keeps
+        // at least one free).
+        let next = self.next_id.entry(endpoint).or_insert(0);
+        let mut id = *next;
+        while self.groups.contains_key(&(endpoint, pasid, id)) {
+            id = id.wrapping_add(1);
+        }
+        *next = id.wrapping_add(1);
+        let key = (endpoint, pasid, id);
+        self.groups.insert(
+            key,
+            Group {
+                source,
+                cookie,
+                slot,
+                domain,
+                delivered: false,
+            },
+        );
+        self.cookies.insert((source, cookie), key);
+        self.counters.raised += 1;
+        Some(id)
+    }
+
+    /// All of the group's records reached the guest.
+    pub fn mark_delivered(&mut self, key: &GroupKey) {
+        if let Some(g) = self.groups.get_mut(key) {
+            g.delivered = true;
+        }
+    }
+
+    fn remove(&mut self, key: &GroupKey) -> Option<Group> {
+        let g = self.groups.remove(key)?;
+        self.cookies.remove(&(g.source, g.cookie));
+        Some(g)
+    }
+
+    /// The driver's PAGE_RESP. Groups not (yet) delivered to it cannot be
+    /// answered: it never saw them.
+    pub fn driver_response(
+        &mut self,
+        endpoint: u32,
+        pasid: Option<u32>,
+        group: u16,
+        code: u16,
+    ) -> Result<(), PageRespError> {
+        let key = (endpoint, pasid, group);
+        match self.groups.get(&key) {
+            Some(g) if g.delivered => {}
+            _ => {
+                return Err(PageRespError::NoGroup {
+                    endpoint,
+                    pasid,
+                    group,
+                })
+            }
+        }
+        let g = self.remove(&key).expect("checked above");
+        self.counters.completed_by_driver += 1;
+        self.respond(&g, code);
+        Ok(())
+    }
+
+    /// Complete one group with a code of the device's own.
+    pub fn complete_by_device(&mut self, key: &GroupKey, code: u16) -> bool {
+        let Some(g) = self.remove(key) else {
+            return false;
+        };
+        self.counters.completed_by_device += 1;
+        self.respond(&g, code);
+        self.purged.push((key.0, key.2));
+        true
+    }
+
+    /// Its record met an eventq buffer smaller than 48 bytes: FAILURE.
+    pub fn small_buffer(&mut self, key: &GroupKey) -> bool {
+        let done = self.complete_by_device(key, CODE_FAILURE);
+        if done {
+            self.counters.small_buffer += 1;
+        }
+        done
+    }
+
+    /// Complete the group a source's cookie names: true if it was
+    /// outstanding.
+    pub fn complete_cookie(&mut self, source: SourceId, cookie: u32, code: u16) -> bool {
+        match self.by_cookie(source, cookie) {
+            Some(key) => self.complete_by_device(&key, code),
+            None => false,
+        }
+    }
+
+    /// `endpoint` left `domain` at `slot` (detach, replace): its groups
+    /// there are complete. The kernel answers its own (forgotten here, no
+    /// second response); the device answers virtual ones with INVALID.
+    pub fn attachment_gone(&mut self, endpoint: u32, slot: Option<u32>, domain: u32) {
+        let keys: Vec<GroupKey> = self
+            .groups
+            .iter()
+            .filter(|(k, g)| k.0 == endpoint && g.slot == slot && g.domain == domain)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let g = self.remove(&key).expect("listed above");
+            self.purged.push((key.0, key.2));
+            match g.source {
+                SourceId::Kernel => {
+                    debug!("page request group {key:?}: completed by the kernel on detach");
+                    self.counters.completed_by_kernel += 1;
+                }
+                SourceId::Virtual => {
+                    self.counters.completed_by_device += 1;
+                    self.respond(&g, CODE_INVALID);
+                }
+            }
+        }
+    }
+
+    /// Reset, disconnect: every group completed by the device with `code`.
+    pub fn complete_all(&mut self, code: u16) {
+        let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
+        for key in keys {
+            self.complete_by_device(&key, code);
+        }
+    }
+
+    /// Responses to write, oldest first.
+    pub fn take_responses(&mut self, out: &mut Vec<Response>) {
+        out.append(&mut self.outbox);
+    }
+
+    /// (endpoint, group) whose queued records must leave the event FIFO.
+    pub fn take_purged(&mut self, out: &mut Vec<(u32, u16)>) {
+        out.append(&mut self.purged);
+    }
+
+    /// raised == outstanding + by_driver + by_device + by_kernel.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let c = &self.counters;
+        let ended = c.completed_by_driver + c.completed_by_device + c.completed_by_kernel;
+        if c.raised != self.groups.len() as u64 + ended {
+            return Err(format!(
+                "page requests: raised {} != outstanding {} + completed {ended}",
+                c.raised,
+                self.groups.len()
+            ));
+        }
+        if self.cookies.len() != self.groups.len() || self.groups.len() > self.max {
+            return Err(format!(
+                "page requests: {} groups, {} cookies, bound {}",
+                self.groups.len(),
+                self.cookies.len(),
+                self.max
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn responses(p: &mut PageRequests) -> Vec<Response> {
+        let mut v = Vec::new();
+        p.take_responses(&mut v);
+        v
+    }
+
+    #[test]
+    fn record_round_trip_masks_internal_bits() {
+        let r = FaultRecord {
+            flags: PGFAULT_F_PASID_VALID | PGFAULT_F_LAST_PAGE,
+            dev_id: 3,
+            pasid: 7,
+            grpid: 9,
+            perm: PERM_READ | PERM_WRITE,
+            addr: 0xdead_b000,
+            length: 0,
+            cookie: 42,
+        };
+        let mut b = r.encode();
+        assert_eq!(FaultRecord::parse(&b), r);
+        b[0] |= 1 << 2; // VT-d's response-needs-PASID
+        b[16] |= 0x80;
+        assert_eq!(FaultRecord::parse(&b), r);
+        assert_eq!((r.pasid(), r.last()), (Some(7), true));
+    }
+
+    #[test]
+    fn driver_answers_once_and_only_delivered_groups() {
+        let mut p = PageRequests::new(8);
+        let g = p.raise(1, None, None, 5, SourceId::Virtual, 100).unwrap();
+        assert_eq!(
+            p.driver_response(1, None, g, CODE_SUCCESS),
+            Err(PageRespError::NoGroup {
+                endpoint: 1,
+                pasid: None,
+                group: g
+            }),
+            "not delivered yet"
+        );
+        p.mark_delivered(&(1, None, g));
+        assert!(p.driver_response(1, Some(0), g, CODE_SUCCESS).is_err());
+        assert_eq!(p.driver_response(1, None, g, CODE_SUCCESS), Ok(()));
+        assert!(p.driver_response(1, None, g, CODE_SUCCESS).is_err(), "twice");
+        assert_eq!(
+            responses(&mut p),
+            vec![Response {
+                source: SourceId::Virtual,
+                cookie: 100,
+                code: CODE_SUCCESS
+            }]
+        );
+        assert_eq!(p.counters.completed_by_driver, 1);
+        assert_eq!(p.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn bound_and_duplicate_cookies_fail_at_once() {
+        let mut p = PageRequests::new(2);
+        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 1).is_some());
+        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 1).is_none(), "dup");
+        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 2).is_some());
+        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 3).is_none(), "full");
+        let r = responses(&mut p);
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|r| r.code == CODE_FAILURE));
+        assert_eq!(p.counters.refused_full, 2);
+        assert_eq!(p.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn group_ids_are_unique_per_endpoint_and_reused_after_completion() {
+        let mut p = PageRequests::new(4);
+        let a = p.raise(1, None, None, 5, SourceId::Virtual, 1).unwrap();
+        let b = p.raise(1, Some(3), Some(3), 6, SourceId::Virtual, 2).unwrap();
+        let c = p.raise(2, None, None, 5, SourceId::Virtual, 3).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(c, 0, "another endpoint has its own ids");
+        assert!(p.complete_cookie(SourceId::Virtual, 1, CODE_FAILURE));
+        assert!(!p.complete_cookie(SourceId::Virtual, 1, CODE_FAILURE));
+        assert_eq!(p.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn detach_forgets_kernel_groups_and_answers_virtual_ones() {
+        let mut p = PageRequests::new(8);
+        let k = p.raise(1, None, None, 5, SourceId::Kernel, 10).unwrap();
+        let v = p.raise(1, None, None, 5, SourceId::Virtual, 11).unwrap();
+        let other = p.raise(1, Some(4), Some(4), 5, SourceId::Kernel, 12).unwrap();
+        p.attachment_gone(1, None, 5);
+        assert_eq!(
+            responses(&mut p),
+            vec![Response {
+                source: SourceId::Virtual,
+                cookie: 11,
+                code: CODE_INVALID
+            }]
+        );
+        let mut purged = Vec::new();
+        p.take_purged(&mut purged);
+        purged.sort();
+        let mut want = vec![(1, k), (1, v)];
+        want.sort();
+        assert_eq!(purged, want);
+        assert!(p.group(&(1, Some(4), other)).is_some(), "PASID 4 untouched");
+        assert_eq!(p.counters.completed_by_kernel, 1);
+        p.complete_all(CODE_INVALID);
+        assert_eq!(responses(&mut p).len(), 1);
+        assert_eq!(p.outstanding(), 0);
+        assert_eq!(p.check_invariants(), Ok(()));
+    }
+}
