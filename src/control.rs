@@ -84,7 +84,10 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         translate_dma(&s.iommu, &*mem, endpoint, pasid, iova, len, write, pr)
     };
     let mut result = attempt(true);
-    if let Err(ModelError::PageRequest { iova: at, write, .. }) = result {
+    if let Err(ModelError::PageRequest {
+        iova: at, write, ..
+    }) = result
+    {
         // Ask the driver (protocol.md 6), then walk once more.
         page_request(backend, endpoint, pasid, at, write, timeout)?;
         result = attempt(false);
@@ -160,7 +163,11 @@ fn page_request(
             "page-request-failed",
             format!(
                 "the page request was answered {}",
-                if c == CODE_INVALID { "INVALID" } else { "FAILURE" }
+                if c == CODE_INVALID {
+                    "INVALID"
+                } else {
+                    "FAILURE"
+                }
             ),
         )),
     }

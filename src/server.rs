@@ -201,11 +201,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             )
             .map_err(ServerError::Register)?;
         daemon.get_epoll_handlers()[EVENTQ as usize]
-            .register_listener(
-                backend.virtual_faults.fd(),
-                EventSet::IN,
-                VIRTUAL_FAULTS,
-            )
+            .register_listener(backend.virtual_faults.fd(), EventSet::IN, VIRTUAL_FAULTS)
             .map_err(ServerError::Register)?;
         daemon.start(&mut listener)?;
         info!("frontend connected");

@@ -40,8 +40,8 @@ fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
     f.request_status(&req).expect("request answered")
 }
 
-fn tables(mem: &GuestMem, addr_width: u32) -> TableBuilder<TablePages<'_>> {
-    TableBuilder::new(addr_width, TablePages(mem))
+fn tables(mem: &Arc<GuestMem>, addr_width: u32) -> TableBuilder<TablePages> {
+    TableBuilder::new(addr_width, TablePages(mem.clone()))
 }
 
 fn vtd(domain: u32, ep: u32, root: u64) -> ([u8; 124], u32) {

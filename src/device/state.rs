@@ -11,13 +11,13 @@ use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::error::RequestError;
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
-use crate::iommufd_bridge::software::SoftwareIommu;
-use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
 use crate::fault_queue::pages::{
-    FaultRecord, PageRequests, Refusal, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC,
-    PERM_PRIV, PERM_READ, PERM_WRITE,
+    FaultRecord, PageRequests, Refusal, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC, PERM_PRIV,
+    PERM_READ, PERM_WRITE,
 };
 use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
+use crate::iommufd_bridge::software::SoftwareIommu;
+use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
@@ -479,7 +479,11 @@ impl IommuState {
 
     /// The table domain (with PAGE_REQUESTS) that handles a page request
     /// of `endpoint` at `pasid`: (attachment slot, domain).
-    fn page_request_handler(&self, endpoint: u32, pasid: Option<u32>) -> Option<(Option<u32>, u32)> {
+    fn page_request_handler(
+        &self,
+        endpoint: u32,
+        pasid: Option<u32>,
+    ) -> Option<(Option<u32>, u32)> {
         // At its PASID if attached there; else the default address space's
         // table (a guest-owned PASID table, as the kernel routes it).
         let slot = pasid.filter(|&p| self.pasids.contains_key(&(endpoint, p)));
@@ -632,7 +636,8 @@ impl IommuState {
                 self.host.attach_pasid(req.endpoint, p, None)?;
             }
             self.pasids.remove(&(req.endpoint, p));
-            self.pages.attachment_gone(req.endpoint, Some(p), req.domain);
+            self.pages
+                .attachment_gone(req.endpoint, Some(p), req.domain);
             self.drop_attachment(req.domain);
         }
         if rid {

@@ -187,9 +187,8 @@ impl EventFifo {
     /// it was completed before the driver saw all of it.
     pub fn remove_group(&mut self, endpoint: u32, group: u16) -> usize {
         let before = self.queue.len();
-        self.queue.retain(|r| {
-            !matches!(r.group(), Some((e, _, g)) if e == endpoint && g == group)
-        });
+        self.queue
+            .retain(|r| !matches!(r.group(), Some((e, _, g)) if e == endpoint && g == group));
         before - self.queue.len()
     }
 
@@ -254,12 +253,20 @@ mod tests {
         let flags = u32::from_le_bytes(out[4..8].try_into().unwrap());
         assert_eq!(
             flags,
-            FLAG_READ | FLAG_WRITE | FLAG_LAST | FLAG_PAGE_REQ | FLAG_ADDRESS | FLAG_PASID
+            FLAG_READ
+                | FLAG_WRITE
+                | FLAG_LAST
+                | FLAG_PAGE_REQ
+                | FLAG_ADDRESS
+                | FLAG_PASID
                 | FLAG_GROUP_ID
         );
         assert_eq!(u32::from_le_bytes(out[8..12].try_into().unwrap()), 9);
         assert_eq!(u32::from_le_bytes(out[12..16].try_into().unwrap()), 5);
-        assert_eq!(u64::from_le_bytes(out[16..24].try_into().unwrap()), 0xabc000);
+        assert_eq!(
+            u64::from_le_bytes(out[16..24].try_into().unwrap()),
+            0xabc000
+        );
         assert_eq!(u16::from_le_bytes([out[24], out[25]]), 0x1234);
         assert!(out[26..48].iter().all(|&b| b == 0));
         let mut f = EventFifo::new(4);

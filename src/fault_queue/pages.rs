@@ -464,7 +464,10 @@ mod tests {
         p.mark_delivered(&(1, None, g));
         assert!(p.driver_response(1, Some(0), g, CODE_SUCCESS).is_err());
         assert_eq!(p.driver_response(1, None, g, CODE_SUCCESS), Ok(()));
-        assert!(p.driver_response(1, None, g, CODE_SUCCESS).is_err(), "twice");
+        assert!(
+            p.driver_response(1, None, g, CODE_SUCCESS).is_err(),
+            "twice"
+        );
         assert_eq!(
             responses(&mut p),
             vec![Response {
@@ -481,9 +484,15 @@ mod tests {
     fn bound_and_duplicate_cookies_fail_at_once() {
         let mut p = PageRequests::new(2);
         assert!(p.raise(1, None, None, 5, SourceId::Kernel, 1).is_some());
-        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 1).is_none(), "dup");
+        assert!(
+            p.raise(1, None, None, 5, SourceId::Kernel, 1).is_none(),
+            "dup"
+        );
         assert!(p.raise(1, None, None, 5, SourceId::Kernel, 2).is_some());
-        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 3).is_none(), "full");
+        assert!(
+            p.raise(1, None, None, 5, SourceId::Kernel, 3).is_none(),
+            "full"
+        );
         let r = responses(&mut p);
         assert_eq!(r.len(), 2);
         assert!(r.iter().all(|r| r.code == CODE_FAILURE));
@@ -495,7 +504,9 @@ mod tests {
     fn group_ids_are_unique_per_endpoint_and_reused_after_completion() {
         let mut p = PageRequests::new(4);
         let a = p.raise(1, None, None, 5, SourceId::Virtual, 1).unwrap();
-        let b = p.raise(1, Some(3), Some(3), 6, SourceId::Virtual, 2).unwrap();
+        let b = p
+            .raise(1, Some(3), Some(3), 6, SourceId::Virtual, 2)
+            .unwrap();
         let c = p.raise(2, None, None, 5, SourceId::Virtual, 3).unwrap();
         assert_ne!(a, b);
         assert_eq!(c, 0, "another endpoint has its own ids");
@@ -509,7 +520,9 @@ mod tests {
         let mut p = PageRequests::new(8);
         let k = p.raise(1, None, None, 5, SourceId::Kernel, 10).unwrap();
         let v = p.raise(1, None, None, 5, SourceId::Virtual, 11).unwrap();
-        let other = p.raise(1, Some(4), Some(4), 5, SourceId::Kernel, 12).unwrap();
+        let other = p
+            .raise(1, Some(4), Some(4), 5, SourceId::Kernel, 12)
+            .unwrap();
         p.attachment_gone(1, None, 5);
         assert_eq!(
             responses(&mut p),

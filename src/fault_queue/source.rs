@@ -170,7 +170,10 @@ mod tests {
         assert_ne!(c1, c2);
         assert_eq!(v.read(&mut buf).unwrap(), 2);
         let r = FaultRecord::parse(buf[..PGFAULT_LEN].try_into().unwrap());
-        assert_eq!((r.dev_id, r.pasid(), r.addr, r.cookie), (7, Some(3), 0x5000, c1));
+        assert_eq!(
+            (r.dev_id, r.pasid(), r.addr, r.cookie),
+            (7, Some(3), 0x5000, c1)
+        );
         assert!(r.last());
         v.respond(c1, 0);
         assert_eq!(rx1.try_recv(), Ok(0));

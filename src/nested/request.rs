@@ -451,11 +451,20 @@ pub mod encode {
     }
 
     /// A PAGE_RESP request (readable part).
-    pub fn page_resp(endpoint: u32, pasid: Option<u32>, group: u16, code: u16) -> [u8; PAGE_RESP_LEN] {
+    pub fn page_resp(
+        endpoint: u32,
+        pasid: Option<u32>,
+        group: u16,
+        code: u16,
+    ) -> [u8; PAGE_RESP_LEN] {
         let mut b = [0u8; PAGE_RESP_LEN];
         b[0] = T_PAGE_RESP;
         b[4..8].copy_from_slice(&endpoint.to_le_bytes());
-        let flags = if pasid.is_some() { PAGE_RESP_F_PASID_VALID } else { 0 };
+        let flags = if pasid.is_some() {
+            PAGE_RESP_F_PASID_VALID
+        } else {
+            0
+        };
         b[8..12].copy_from_slice(&flags.to_le_bytes());
         b[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
         b[16..18].copy_from_slice(&group.to_le_bytes());
@@ -581,7 +590,10 @@ mod tests {
                 code: 1
             })
         );
-        assert_eq!(decode_page_resp(&page_resp(7, None, 1, 3)), Err(NestedError::BadCode(3)));
+        assert_eq!(
+            decode_page_resp(&page_resp(7, None, 1, 3)),
+            Err(NestedError::BadCode(3))
+        );
         let mut b = page_resp(7, None, 1, 0);
         b[27] = 1;
         assert_eq!(decode_page_resp(&b), Err(NestedError::ReservedNotZero(27)));

@@ -372,9 +372,9 @@ impl Drop for GuestMem {
 
 /// Page tables in a test's guest memory: the crate's VT-d table builder
 /// allocates its pages from the guest's allocator.
-pub struct TablePages<'a>(pub &'a GuestMem);
+pub struct TablePages(pub std::sync::Arc<GuestMem>);
 
-impl vhost_device_iommu::nested::walker::TableMemory for TablePages<'_> {
+impl vhost_device_iommu::nested::walker::TableMemory for TablePages {
     fn alloc_page(&mut self) -> u64 {
         // Fresh memfd pages are zero and the allocator never reuses.
         self.0
@@ -383,10 +383,10 @@ impl vhost_device_iommu::nested::walker::TableMemory for TablePages<'_> {
     }
 
     fn write_u64(&mut self, gpa: u64, value: u64) {
-        GuestMem::write_u64(self.0, gpa, value).expect("table entry in guest RAM")
+        GuestMem::write_u64(&self.0, gpa, value).expect("table entry in guest RAM")
     }
 
     fn read_u64(&mut self, gpa: u64) -> u64 {
-        GuestMem::read_u64(self.0, gpa).expect("table entry in guest RAM")
+        GuestMem::read_u64(&self.0, gpa).expect("table entry in guest RAM")
     }
 }
