@@ -7,9 +7,13 @@ cd "$(dirname "$0")/.."
 echo "== style: cargo fmt --check, cargo clippy -D warnings"
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --all-features -- -D warnings
 
 echo "== tiers 1 and 2: unit tests and socket tests (our binary on a real unix socket)"
 cargo test
+
+echo "== page-request soak: 100 000 page requests, every completion counted (release build)"
+cargo test --release --features soak --test page_request_soak -- --nocapture
 
 echo "== benchmark smoke: the request-path benchmark at small sizes (figures: cargo bench)"
 cargo bench --bench request_path -- --quick
