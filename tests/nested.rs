@@ -514,8 +514,8 @@ fn probe_describes_what_attach_table_can_do() {
         .iter()
         .find(|p| p.ty() == 0x100)
         .expect("table property");
-    // pasid_bits 20, no page requests, one format: INTEL_VTD (2).
-    assert_eq!(&table.value[..5], &[20, 0, 1, 0, 2]);
+    // pasid_bits 20, page requests, one format: INTEL_VTD (2).
+    assert_eq!(&table.value[..5], &[20, 1, 1, 0, 2]);
     assert!(
         props.iter().all(|p| p.ty() != 0x101),
         "no HW_INFO on a virtual endpoint"

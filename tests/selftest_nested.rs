@@ -239,14 +239,14 @@ fn probe_passes_the_host_iommu_identification() {
         .iter()
         .find(|p| p.ty() == 0x100)
         .expect("TABLE property");
-    // PASID width (20 where the kernel attaches PASIDs, else 0), no page
-    // requests (yet), one format: HOST_SELFTEST.
+    // PASID width (20 where the kernel attaches PASIDs, else 0), page
+    // requests (a fault queue, 6.11+), one format: HOST_SELFTEST.
     let bits = if rig.host()["pasid_mode"] == true {
         20
     } else {
         0
     };
-    assert_eq!(&t.value[..5], &[bits, 0, 1, 0, 0xf0]);
+    assert_eq!(&t.value[..5], &[bits, 1, 1, 0, 0xf0]);
     let h = props
         .iter()
         .find(|p| p.ty() == 0x101)

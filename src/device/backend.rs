@@ -4,7 +4,8 @@
 use std::cell::Cell;
 use std::io;
 use std::ops::Deref;
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, error, info, warn};
@@ -32,7 +33,7 @@ use crate::device::dispatch::{
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
-use crate::fault_queue::source::VirtualSource;
+use crate::fault_queue::source::{read_records, VirtualSource};
 use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
 use crate::iommufd_bridge::{HostIommu, RamRegion};
 use crate::nested::Invalidate;
@@ -48,6 +49,8 @@ const QUEUE_SIZE: usize = 1024;
 pub const EVENTS_PENDING: u64 = NUM_QUEUES as u64 + 1;
 /// epoll data of the virtual endpoints' fault FD in the eventq worker.
 pub const VIRTUAL_FAULTS: u64 = NUM_QUEUES as u64 + 2;
+/// epoll data of the kernel's fault queue FD (host endpoints).
+pub const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
 /// Records read from a fault FD at once (a stack buffer: no allocation per
 /// fault).
 const FAULT_BATCH: usize = 64;
@@ -100,6 +103,8 @@ pub struct IommuBackend {
     pub events: EventChannel,
     /// Page requests of virtual endpoints (the control socket's `dma`).
     pub virtual_faults: VirtualSource,
+    /// This connection's kernel fault queue (host endpoints), for reading.
+    kernel_faults: Mutex<Option<File>>,
 }
 
 thread_local! {
@@ -150,7 +155,13 @@ impl IommuBackend {
             }),
             events: EventChannel::new(limits.max_events)?,
             virtual_faults: VirtualSource::new()?,
+            kernel_faults: Mutex::new(None),
         })
+    }
+
+    /// The kernel fault queue FD to poll in the eventq worker, if any.
+    pub fn kernel_fault_fd(&self) -> Option<RawFd> {
+        self.kernel_faults.lock().unwrap().as_ref().map(|f| f.as_raw_fd())
     }
 
     /// Carry out what the page-request bookkeeping decided: responses to
@@ -163,7 +174,7 @@ impl IommuBackend {
         for r in responses {
             match r.source {
                 SourceId::Virtual => self.virtual_faults.respond(r.cookie, r.code),
-                SourceId::Kernel => s.iommu.respond_host_fault(r.cookie, r.code),
+                SourceId::Kernel => s.iommu.respond_host_fault(&r),
             }
         }
         let mut purged = Vec::new();
@@ -176,14 +187,22 @@ impl IommuBackend {
         }
     }
 
-    /// Read the virtual endpoints' fault FD dry and relay the records.
-    fn read_virtual_faults(&self) {
+    /// Read a fault FD dry and relay its records: one path for the kernel's
+    /// fault queue and the virtual endpoints'.
+    fn read_faults(&self, source: SourceId) {
         let mut buf = [0u8; PGFAULT_LEN * FAULT_BATCH];
         loop {
-            let n = match self.virtual_faults.read(&mut buf) {
+            let read = match source {
+                SourceId::Virtual => self.virtual_faults.read(&mut buf),
+                SourceId::Kernel => match self.kernel_faults.lock().unwrap().as_mut() {
+                    Some(f) => read_records(f, &mut buf),
+                    None => Ok(0),
+                },
+            };
+            let n = match read {
                 Ok(n) => n,
                 Err(e) => {
-                    warn!("virtual fault FD: {e}");
+                    warn!("{source:?} fault FD: {e}");
                     return;
                 }
             };
@@ -195,7 +214,7 @@ impl IommuBackend {
             let mut s = self.session();
             for chunk in buf[..n * PGFAULT_LEN].chunks_exact(PGFAULT_LEN) {
                 let r = FaultRecord::parse(chunk.try_into().expect("40-byte chunk"));
-                if self.virtual_faults.take_cancelled(r.cookie) {
+                if source == SourceId::Virtual && self.virtual_faults.take_cancelled(r.cookie) {
                     // Its `dma` timed out before we got here.
                     s.iommu.pages.note_cancelled();
                     continue;
@@ -206,7 +225,7 @@ impl IommuBackend {
             let acked = s.acked_features;
             let mut fifo = self.events.fifo();
             s.iommu
-                .accept_page_requests(SourceId::Virtual, &recs[..kept], acked, &mut fifo);
+                .accept_page_requests(source, &recs[..kept], acked, &mut fifo);
             drop(fifo);
             self.flush_pages(&mut s);
             drop(s);
@@ -233,18 +252,21 @@ impl IommuBackend {
         s.acked_features = 0;
         s.mem = mem;
         self.flush_pages(&mut s);
+        *self.kernel_faults.lock().unwrap() = s.iommu.open_fault_queue();
     }
 
     /// The frontend went away: drop everything that guest made us hold.
     pub fn end_session(&self) {
         let mut s = self.session();
+        // Our copy of the fault queue FD first: the host destroys the queue.
+        drop(self.kernel_faults.lock().unwrap().take());
         s.iommu.disconnect();
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         self.flush_pages(&mut s);
         drop(s);
         // Page requests still on their way: no driver, completed at once.
-        self.read_virtual_faults();
+        self.read_faults(SourceId::Virtual);
         self.events.fifo().discard_all();
     }
 
@@ -599,7 +621,11 @@ impl VhostUserBackend for IommuBackend {
                 self.process_eventq(&vrings[0])
             }
             (1, VIRTUAL_FAULTS) => {
-                self.read_virtual_faults();
+                self.read_faults(SourceId::Virtual);
+                self.process_eventq(&vrings[0])
+            }
+            (1, KERNEL_FAULTS) => {
+                self.read_faults(SourceId::Kernel);
                 self.process_eventq(&vrings[0])
             }
             (t, e) => {

@@ -313,8 +313,8 @@ mod tests {
         let p = &out[24..];
         assert_eq!(u16::from_le_bytes([p[0], p[1]]), PROBE_T_TABLE);
         assert_eq!(u16::from_le_bytes([p[2], p[3]]), 12, "16 bytes in all");
-        // 20 PASID bits, no page requests, one format: INTEL_VTD.
-        assert_eq!(&p[4..9], &[20, 0, 1, 0, 2]);
+        // 20 PASID bits, page requests, one format: INTEL_VTD.
+        assert_eq!(&p[4..9], &[20, 1, 1, 0, 2]);
         assert!(out[40..512].iter().all(|&b| b == 0), "no HW_INFO: virtual");
     }
 

@@ -110,6 +110,8 @@ pub enum RequestError {
     PasidOutOfRange { endpoint: u32, pasid: u32, bits: u8 },
     #[error("PAGE_REQUESTS without F_PAGE_REQUEST")]
     PageRequestsNotNegotiated,
+    #[error("endpoint {0} cannot raise page requests")]
+    NoPageRequests(u32),
     #[error("too many PASID attachments (limit {0})")]
     TooManyPasids(usize),
     #[error("page response: {0}")]
@@ -133,7 +135,7 @@ impl RequestError {
             PhysOverflow | WouldSplit { .. } => Status::Range,
             TooManyDomains(_) | TooManyMappings(_) | TooManyPasids(_) => Status::NoMem,
             TableMismatch(_) | NotTableDomain(_) | PageRequestsNotNegotiated => Status::Inval,
-            FormatUnsupported { .. } | NoPasid(_) => Status::Unsupp,
+            FormatUnsupported { .. } | NoPasid(_) | NoPageRequests(_) => Status::Unsupp,
             PasidOutOfRange { .. } => Status::Range,
             Nested(e) => match e {
                 NestedError::BadRange { .. } | NestedError::PasidTooWide(_) => Status::Range,

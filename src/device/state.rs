@@ -12,7 +12,7 @@ use crate::device::error::RequestError;
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::fault_queue::pages::{
-    FaultRecord, PageRequests, Refusal, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC, PERM_PRIV,
+    FaultRecord, PageRequests, Refusal, Response, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC, PERM_PRIV,
     PERM_READ, PERM_WRITE,
 };
 use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
@@ -187,8 +187,10 @@ impl IommuState {
 
     /// Every domain goes, every endpoint comes back unattached.
     fn forget_domains(&mut self) {
-        // Every outstanding page request is completed by the device first.
+        // Every outstanding page request is completed by the device first,
+        // before the host detaches anything.
         self.pages.complete_all(CODE_INVALID);
+        self.respond_kernel_now();
         self.domains.clear();
         self.pasids.clear();
         for ep in self.endpoints.values_mut() {
@@ -392,6 +394,9 @@ impl IommuState {
                 format,
             });
         }
+        if req.page_requests && !caps.page_requests {
+            return Err(RequestError::NoPageRequests(req.endpoint));
+        }
         if let Some(pasid) = req.pasid {
             if caps.pasid_bits == 0 {
                 return Err(RequestError::NoPasid(req.endpoint));
@@ -432,6 +437,7 @@ impl IommuState {
             let target = Target::Table {
                 domain: req.domain,
                 table: req.table,
+                page_requests: req.page_requests,
             };
             match req.pasid {
                 None => self
@@ -459,12 +465,34 @@ impl IommuState {
         Ok(())
     }
 
-    /// Write a page response to the host's fault FD.
-    pub fn respond_host_fault(&mut self, cookie: u32, code: u16) {
-        if let Err(e) = self.host.page_response(cookie, code) {
-            // A group the kernel completed itself meanwhile (EINVAL).
-            log::info!("page response for cookie {cookie}: {e}");
+    /// Write a page response to the host's fault queue. A group the kernel
+    /// had completed itself (a detach raced the record) counts as the
+    /// kernel's.
+    pub fn respond_host_fault(&mut self, r: &Response) {
+        match self.host.page_response(r.cookie, r.code) {
+            Ok(true) => {}
+            Ok(false) => {
+                log::debug!("page response for cookie {}: the kernel had completed it", r.cookie);
+                self.pages.reclassify_as_kernel(r);
+            }
+            Err(e) => log::warn!("page response for cookie {}: {e}", r.cookie),
         }
+    }
+
+    /// Write the kernel's responses now (before a host call that detaches
+    /// or destroys what they answer); virtual ones stay for the glue.
+    fn respond_kernel_now(&mut self) {
+        let mut out = Vec::new();
+        self.pages.take_responses_of(SourceId::Kernel, &mut out);
+        for r in out {
+            self.respond_host_fault(&r);
+        }
+    }
+
+    /// A frontend connected: its fault queue, if the host raises page
+    /// requests (the caller polls the returned handle).
+    pub fn open_fault_queue(&mut self) -> Option<std::fs::File> {
+        self.host.open_fault_queue()
     }
 
     /// PAGE_RESP: the driver answers one outstanding group.
@@ -474,6 +502,8 @@ impl IommuState {
         }
         self.pages
             .driver_response(req.endpoint, req.pasid, req.group, req.code)?;
+        // Written before the reply: OK means the response reached the host.
+        self.respond_kernel_now();
         Ok(())
     }
 

@@ -97,6 +97,8 @@ pub struct Response {
     pub source: SourceId,
     pub cookie: u32,
     pub code: u16,
+    /// The driver's answer (else the device's own).
+    pub by_driver: bool,
 }
 
 /// (endpoint, PASID, group id as the guest sees it).
@@ -195,11 +197,12 @@ impl PageRequests {
         self.cookies.get(&(source, cookie)).copied()
     }
 
-    fn respond(&mut self, g: &Group, code: u16) {
+    fn respond(&mut self, g: &Group, code: u16, by_driver: bool) {
         self.outbox.push(Response {
             source: g.source,
             cookie: g.cookie,
             code,
+            by_driver,
         });
     }
 
@@ -216,6 +219,7 @@ impl PageRequests {
             source,
             cookie,
             code,
+            by_driver: false,
         });
     }
 
@@ -318,7 +322,7 @@ impl PageRequests {
         }
         let g = self.remove(&key).expect("checked above");
         self.counters.completed_by_driver += 1;
-        self.respond(&g, code);
+        self.respond(&g, code, true);
         Ok(())
     }
 
@@ -328,7 +332,7 @@ impl PageRequests {
             return false;
         };
         self.counters.completed_by_device += 1;
-        self.respond(&g, code);
+        self.respond(&g, code, false);
         self.purged.push((key.0, key.2));
         true
     }
@@ -371,7 +375,7 @@ impl PageRequests {
                 }
                 SourceId::Virtual => {
                     self.counters.completed_by_device += 1;
-                    self.respond(&g, CODE_INVALID);
+                    self.respond(&g, CODE_INVALID, false);
                 }
             }
         }
@@ -388,6 +392,32 @@ impl PageRequests {
     /// Responses to write, oldest first.
     pub fn take_responses(&mut self, out: &mut Vec<Response>) {
         out.append(&mut self.outbox);
+    }
+
+    /// Take only the responses for `source`, oldest first.
+    pub fn take_responses_of(&mut self, source: SourceId, out: &mut Vec<Response>) {
+        let mut i = 0;
+        while i < self.outbox.len() {
+            if self.outbox[i].source == source {
+                out.push(self.outbox.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// A response found the group already completed by the kernel (a
+    /// detach raced its record): the kernel's completion, not this one.
+    pub fn reclassify_as_kernel(&mut self, r: &Response) {
+        let c = if r.by_driver {
+            &mut self.counters.completed_by_driver
+        } else {
+            &mut self.counters.completed_by_device
+        };
+        if *c > 0 {
+            *c -= 1;
+            self.counters.completed_by_kernel += 1;
+        }
     }
 
     /// (endpoint, group) whose queued records must leave the event FIFO.
@@ -473,7 +503,8 @@ mod tests {
             vec![Response {
                 source: SourceId::Virtual,
                 cookie: 100,
-                code: CODE_SUCCESS
+                code: CODE_SUCCESS,
+                by_driver: true,
             }]
         );
         assert_eq!(p.counters.completed_by_driver, 1);
@@ -529,7 +560,8 @@ mod tests {
             vec![Response {
                 source: SourceId::Virtual,
                 cookie: 11,
-                code: CODE_INVALID
+                code: CODE_INVALID,
+                by_driver: false,
             }]
         );
         let mut purged = Vec::new();

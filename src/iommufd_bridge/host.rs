@@ -186,6 +186,12 @@ pub struct IommufdHost<D: HostDevice> {
     domains: HashMap<u32, HostDomain>,
     /// IOMMU_HWPT_INVALIDATE calls made (one per run of INVALIDATEs).
     invalidate_calls: u64,
+    /// This connection's fault queue: (fault id, its FD).
+    fault: Option<(u32, std::fs::File)>,
+    /// Page responses written (accepted by the kernel), and those it
+    /// refused because it had completed the group itself.
+    responses_written: u64,
+    responses_stale: u64,
 }
 
 /// Read/write flags of IOAS_MAP/COPY for virtio MAP flags.
@@ -268,6 +274,9 @@ impl<D: HostDevice> IommufdHost<D> {
             endpoints: BTreeMap::new(),
             domains: HashMap::new(),
             invalidate_calls: 0,
+            fault: None,
+            responses_written: 0,
+            responses_stale: 0,
         })
     }
 
@@ -408,10 +417,12 @@ impl<D: HostDevice> IommufdHost<D> {
         } else {
             0
         };
+        // Page requests: a fault queue (6.11+) for nested HWPTs.
+        let page_requests = self.features.fault_queue && !formats.is_empty();
         TableCaps {
             formats,
             pasid_bits,
-            page_requests: false,
+            page_requests,
             hw_info: Some(HwInfo {
                 info_type,
                 capabilities,
@@ -423,18 +434,34 @@ impl<D: HostDevice> IommufdHost<D> {
 
     /// A table domain: the guest's table as a nested HWPT on the nesting
     /// parent, for device `dev_id`.
-    fn create_table_domain(&mut self, domain: u32, dev_id: u32, table: &TableDesc) -> Result<()> {
+    fn create_table_domain(
+        &mut self,
+        domain: u32,
+        dev_id: u32,
+        table: &TableDesc,
+        page_requests: bool,
+    ) -> Result<()> {
         let parent = self.nest_parent.ok_or(BridgeError::Unsupported(
             "the host IOMMU has no nesting parent",
         ))?;
         let (data_type, inv_type, mut data) = nested_data(table)?;
+        let fault_id = if page_requests {
+            Some(
+                self.fault
+                    .as_ref()
+                    .map(|f| f.0)
+                    .ok_or(BridgeError::Unsupported("no fault queue for PAGE_REQUESTS"))?,
+            )
+        } else {
+            None
+        };
         let hwpt = self.fd.hwpt_alloc(
             dev_id,
             parent,
             self.hwpt_flags(),
             data_type,
             &mut data,
-            None,
+            fault_id,
         )?;
         debug!("domain {domain}: nested HWPT {hwpt} on parent {parent}");
         self.domains.insert(
@@ -501,7 +528,12 @@ impl<D: HostDevice> IommufdHost<D> {
             self.put_domain(old);
             return Ok(());
         };
-        let Target::Table { domain, table } = target else {
+        let Target::Table {
+            domain,
+            table,
+            page_requests,
+        } = target
+        else {
             return Err(BridgeError::Unsupported(
                 "PASID attach of a non-table domain",
             ));
@@ -511,7 +543,7 @@ impl<D: HostDevice> IommufdHost<D> {
         }
         let mut created = false;
         if !self.domains.contains_key(&domain) {
-            self.create_table_domain(domain, dev_id, &table)?;
+            self.create_table_domain(domain, dev_id, &table, page_requests)?;
             created = true;
         }
         let hwpt = self.domains[&domain].hwpt;
@@ -618,9 +650,13 @@ impl<D: HostDevice> IommufdHost<D> {
                 }
                 self.domains[&d].hwpt
             }
-            Target::Table { domain: d, table } => {
+            Target::Table {
+                domain: d,
+                table,
+                page_requests,
+            } => {
                 if !self.domains.contains_key(&d) {
-                    self.create_table_domain(d, dev_id, &table)?;
+                    self.create_table_domain(d, dev_id, &table, page_requests)?;
                     created = Some(d);
                 }
                 self.domains[&d].hwpt
@@ -900,6 +936,72 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         self.point_pasid(endpoint, pasid, target)
     }
 
+    fn open_fault_queue(&mut self) -> Option<std::fs::File> {
+        if !self.features.fault_queue
+            || self.endpoints.values().all(|e| e.caps.formats.is_empty())
+        {
+            return None;
+        }
+        if self.fault.is_none() {
+            match self.fd.fault_queue_alloc() {
+                Ok(f) => {
+                    info!("iommufd: fault queue {} for this connection", f.0);
+                    self.fault = Some(f);
+                }
+                Err(e) => {
+                    warn!("iommufd: no fault queue ({e}); PAGE_REQUESTS tables answer UNSUPP");
+                    return None;
+                }
+            }
+        }
+        let (_, file) = self.fault.as_ref()?;
+        match file.try_clone() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!("fault queue FD: {e}");
+                None
+            }
+        }
+    }
+
+    fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {
+        use std::io::Write;
+        let Some((_, file)) = self.fault.as_mut() else {
+            return Err(BridgeError::Unsupported("no fault queue"));
+        };
+        // struct iommu_hwpt_page_response {cookie, code}: the kernel takes
+        // SUCCESS (0) and INVALID (1) only.
+        let kcode: u32 = if code == 0 { 0 } else { 1 };
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&cookie.to_le_bytes());
+        b[4..].copy_from_slice(&kcode.to_le_bytes());
+        match file.write(&b) {
+            Ok(8) => {
+                self.responses_written += 1;
+                Ok(true)
+            }
+            Ok(n) => Err(BridgeError::Host {
+                op: "fault queue write",
+                detail: format!("{n} of 8 bytes"),
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.responses_stale += 1;
+                Ok(false)
+            }
+            Err(e) => Err(BridgeError::Kernel {
+                op: "fault queue write",
+                errno: e.raw_os_error().unwrap_or(libc::EIO),
+            }),
+        }
+    }
+
+    fn endpoint_of_dev(&self, dev_id: u32) -> Option<u32> {
+        self.endpoints
+            .iter()
+            .find(|(_, e)| e.dev.dev_id() == dev_id)
+            .map(|(&id, _)| id)
+    }
+
     fn invalidate(&mut self, domain: u32, invs: &[Invalidate]) -> Result<()> {
         let Some(d) = self.domains.get(&domain) else {
             return Ok(());
@@ -924,6 +1026,21 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             .unwrap_or_default()
     }
 
+    fn disconnect(&mut self) {
+        self.reset(false);
+        if let Err(e) = self.set_guest_ram(&[]) {
+            error!("iommufd: unmapping guest RAM: {e}");
+        }
+        // The fault object goes with the connection: close its FD first,
+        // then destroy it (nothing refers to it once the tables are gone).
+        if let Some((id, file)) = self.fault.take() {
+            drop(file);
+            if let Err(e) = self.fd.destroy(id) {
+                error!("iommufd: destroying fault queue {id}: {e}");
+            }
+        }
+    }
+
     fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]> {
         self.endpoints.get(&endpoint).map(|e| e.reserved.as_slice())
     }
@@ -945,6 +1062,9 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "nest_parent": self.nest_parent,
             "bypass_pt": self.ram_pt(),
             "invalidate_calls": self.invalidate_calls,
+            "fault_queue": self.fault.as_ref().map(|f| f.0),
+            "page_responses_written": self.responses_written,
+            "page_responses_stale": self.responses_stale,
             "ram": self.ram.iter().flat_map(|(_, p)| p).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
             "endpoints": self.endpoints.iter().map(|(id, e)| json!({
                 "id": id,
@@ -973,6 +1093,10 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         self.reset(false);
         for (_, mut ep) in std::mem::take(&mut self.endpoints) {
             ep.dev.release(&self.fd);
+        }
+        if let Some((id, file)) = self.fault.take() {
+            drop(file);
+            let _ = self.fd.destroy(id);
         }
         for h in [
             self.block_hwpt.take(),

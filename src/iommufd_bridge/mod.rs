@@ -45,8 +45,13 @@ pub enum Target {
     Identity,
     /// A MAP/UNMAP domain.
     Domain(u32),
-    /// A table domain: the guest's table nested on guest RAM.
-    Table { domain: u32, table: TableDesc },
+    /// A table domain: the guest's table nested on guest RAM; with
+    /// `page_requests`, its faults go to the connection's fault queue.
+    Table {
+        domain: u32,
+        table: TableDesc,
+        page_requests: bool,
+    },
 }
 
 /// One mapping of a MAP/UNMAP domain (inclusive end).
@@ -147,11 +152,19 @@ pub trait HostIommu: Debug + Send {
         Err(BridgeError::Unsupported("INVALIDATE"))
     }
 
-    /// Answer the page-request group `cookie` of the host's fault FD
-    /// (`code`: PAGE_RESP's; FAILURE is sent as INVALID).
-    fn page_response(&mut self, cookie: u32, code: u16) -> Result<()> {
+    /// A frontend connected: make its fault queue (IOMMU_FAULT_QUEUE_ALLOC)
+    /// if the host can raise page requests, and return a handle for reading
+    /// its records (the eventq worker polls it).
+    fn open_fault_queue(&mut self) -> Option<std::fs::File> {
+        None
+    }
+
+    /// Answer the page-request group `cookie` of the fault queue (`code`:
+    /// PAGE_RESP's; FAILURE is sent as INVALID). `Ok(false)`: the kernel had
+    /// completed that group itself (detach, replace: EINVAL).
+    fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {
         let _ = (cookie, code);
-        Err(BridgeError::Unsupported("no fault FD"))
+        Err(BridgeError::Unsupported("no fault queue"))
     }
 
     /// The endpoint whose device has iommufd `dev_id` (fault records).

@@ -37,7 +37,7 @@ impl TableCaps {
         TableCaps {
             formats: vec![request::FORMAT_INTEL_VTD],
             pasid_bits: request::MAX_PASID_BITS,
-            page_requests: false,
+            page_requests: true,
             hw_info: None,
         }
     }
