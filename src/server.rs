@@ -12,9 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
-use crate::device::backend::{
-    IommuBackend, EVENTQ, EVENTS_PENDING, KERNEL_FAULTS, VIRTUAL_FAULTS,
-};
+use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING, VIRTUAL_FAULTS};
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
@@ -205,11 +203,10 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         daemon.get_epoll_handlers()[EVENTQ as usize]
             .register_listener(backend.virtual_faults.fd(), EventSet::IN, VIRTUAL_FAULTS)
             .map_err(ServerError::Register)?;
-        if let Some(fd) = backend.kernel_fault_fd() {
-            daemon.get_epoll_handlers()[EVENTQ as usize]
-                .register_listener(fd, EventSet::IN, KERNEL_FAULTS)
-                .map_err(ServerError::Register)?;
-        }
+        let eventq = daemon.get_epoll_handlers()[EVENTQ as usize].clone();
+        backend.set_registrar(Some(Box::new(move |fd, data| {
+            eventq.register_listener(fd, EventSet::IN, data)
+        })));
         daemon.start(&mut listener)?;
         info!("frontend connected");
         let result = daemon.wait();

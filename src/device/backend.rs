@@ -2,9 +2,9 @@
 //! only; the request semantics live in `dispatch` and `state`.
 
 use std::cell::Cell;
+use std::fs::File;
 use std::io;
 use std::ops::Deref;
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
@@ -105,7 +105,12 @@ pub struct IommuBackend {
     pub virtual_faults: VirtualSource,
     /// This connection's kernel fault queue (host endpoints), for reading.
     kernel_faults: Mutex<Option<File>>,
+    /// Adds an FD to the eventq worker's epoll (set per connection).
+    registrar: Mutex<Option<Registrar>>,
 }
+
+/// Registers (fd, epoll data) with the eventq worker.
+pub type Registrar = Box<dyn Fn(RawFd, u64) -> io::Result<()> + Send>;
 
 thread_local! {
     static NAMED: Cell<bool> = const { Cell::new(false) };
@@ -156,12 +161,33 @@ impl IommuBackend {
             events: EventChannel::new(limits.max_events)?,
             virtual_faults: VirtualSource::new()?,
             kernel_faults: Mutex::new(None),
+            registrar: Mutex::new(None),
         })
     }
 
-    /// The kernel fault queue FD to poll in the eventq worker, if any.
-    pub fn kernel_fault_fd(&self) -> Option<RawFd> {
-        self.kernel_faults.lock().unwrap().as_ref().map(|f| f.as_raw_fd())
+    /// How to add FDs to this connection's eventq worker (None: no
+    /// connection).
+    pub fn set_registrar(&self, r: Option<Registrar>) {
+        *self.registrar.lock().unwrap() = r;
+    }
+
+    /// A request made the host's fault queue: poll it from now on.
+    fn watch_kernel_faults(&self, s: &Session) {
+        let mut kf = self.kernel_faults.lock().unwrap();
+        if kf.is_some() {
+            return;
+        }
+        let Some(file) = s.iommu.fault_queue_reader() else {
+            return;
+        };
+        let registered = match self.registrar.lock().unwrap().as_ref() {
+            Some(reg) => reg(file.as_raw_fd(), KERNEL_FAULTS),
+            None => Err(io::Error::other("no connection")),
+        };
+        match registered {
+            Ok(()) => *kf = Some(file),
+            Err(e) => error!("cannot poll the fault queue: {e}"),
+        }
     }
 
     /// Carry out what the page-request bookkeeping decided: responses to
@@ -252,7 +278,6 @@ impl IommuBackend {
         s.acked_features = 0;
         s.mem = mem;
         self.flush_pages(&mut s);
-        *self.kernel_faults.lock().unwrap() = s.iommu.open_fault_queue();
     }
 
     /// The frontend went away: drop everything that guest made us hold.
@@ -260,6 +285,7 @@ impl IommuBackend {
         let mut s = self.session();
         // Our copy of the fault queue FD first: the host destroys the queue.
         drop(self.kernel_faults.lock().unwrap().take());
+        self.set_registrar(None);
         s.iommu.disconnect();
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -326,6 +352,7 @@ impl IommuBackend {
             }
         })();
         self.flush_pages(&mut session);
+        self.watch_kernel_faults(&session);
         drop(session);
         if let Err(e) = result {
             debug!("requestq ring unusable: {e}");

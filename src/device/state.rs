@@ -12,8 +12,8 @@ use crate::device::error::RequestError;
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::fault_queue::pages::{
-    FaultRecord, PageRequests, Refusal, Response, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC, PERM_PRIV,
-    PERM_READ, PERM_WRITE,
+    FaultRecord, PageRequests, Refusal, Response, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC,
+    PERM_PRIV, PERM_READ, PERM_WRITE,
 };
 use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
 use crate::iommufd_bridge::software::SoftwareIommu;
@@ -472,7 +472,10 @@ impl IommuState {
         match self.host.page_response(r.cookie, r.code) {
             Ok(true) => {}
             Ok(false) => {
-                log::debug!("page response for cookie {}: the kernel had completed it", r.cookie);
+                log::debug!(
+                    "page response for cookie {}: the kernel had completed it",
+                    r.cookie
+                );
                 self.pages.reclassify_as_kernel(r);
             }
             Err(e) => log::warn!("page response for cookie {}: {e}", r.cookie),
@@ -489,10 +492,9 @@ impl IommuState {
         }
     }
 
-    /// A frontend connected: its fault queue, if the host raises page
-    /// requests (the caller polls the returned handle).
-    pub fn open_fault_queue(&mut self) -> Option<std::fs::File> {
-        self.host.open_fault_queue()
+    /// The host's fault queue, once made (the caller polls the handle).
+    pub fn fault_queue_reader(&self) -> Option<std::fs::File> {
+        self.host.fault_queue_reader()
     }
 
     /// PAGE_RESP: the driver answers one outstanding group.

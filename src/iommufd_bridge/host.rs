@@ -446,12 +446,7 @@ impl<D: HostDevice> IommufdHost<D> {
         ))?;
         let (data_type, inv_type, mut data) = nested_data(table)?;
         let fault_id = if page_requests {
-            Some(
-                self.fault
-                    .as_ref()
-                    .map(|f| f.0)
-                    .ok_or(BridgeError::Unsupported("no fault queue for PAGE_REQUESTS"))?,
-            )
+            Some(self.fault_queue()?)
         } else {
             None
         };
@@ -475,6 +470,18 @@ impl<D: HostDevice> IommufdHost<D> {
             },
         );
         Ok(())
+    }
+
+    /// The connection's fault queue, made when the first table with
+    /// PAGE_REQUESTS needs it (IOMMU_FAULT_QUEUE_ALLOC).
+    fn fault_queue(&mut self) -> Result<u32> {
+        if let Some((id, _)) = &self.fault {
+            return Ok(*id);
+        }
+        let (id, file) = self.fd.fault_queue_alloc()?;
+        info!("iommufd: fault queue {id} for this connection");
+        self.fault = Some((id, file));
+        Ok(id)
     }
 
     /// Did a HWPT allocated before any attach leave `ioas` with no usable
@@ -936,32 +943,11 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         self.point_pasid(endpoint, pasid, target)
     }
 
-    fn open_fault_queue(&mut self) -> Option<std::fs::File> {
-        if !self.features.fault_queue
-            || self.endpoints.values().all(|e| e.caps.formats.is_empty())
-        {
-            return None;
-        }
-        if self.fault.is_none() {
-            match self.fd.fault_queue_alloc() {
-                Ok(f) => {
-                    info!("iommufd: fault queue {} for this connection", f.0);
-                    self.fault = Some(f);
-                }
-                Err(e) => {
-                    warn!("iommufd: no fault queue ({e}); PAGE_REQUESTS tables answer UNSUPP");
-                    return None;
-                }
-            }
-        }
+    fn fault_queue_reader(&self) -> Option<std::fs::File> {
         let (_, file) = self.fault.as_ref()?;
-        match file.try_clone() {
-            Ok(f) => Some(f),
-            Err(e) => {
-                warn!("fault queue FD: {e}");
-                None
-            }
-        }
+        file.try_clone()
+            .inspect_err(|e| warn!("fault queue FD: {e}"))
+            .ok()
     }
 
     fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {

@@ -152,10 +152,9 @@ pub trait HostIommu: Debug + Send {
         Err(BridgeError::Unsupported("INVALIDATE"))
     }
 
-    /// A frontend connected: make its fault queue (IOMMU_FAULT_QUEUE_ALLOC)
-    /// if the host can raise page requests, and return a handle for reading
-    /// its records (the eventq worker polls it).
-    fn open_fault_queue(&mut self) -> Option<std::fs::File> {
+    /// This connection's fault queue, once a table with PAGE_REQUESTS made
+    /// it: a handle for reading its records (the eventq worker polls it).
+    fn fault_queue_reader(&self) -> Option<std::fs::File> {
         None
     }
 

@@ -50,6 +50,7 @@ cargo_exe() {
 }
 cargo_tests=("$(cargo_exe test selftest_endpoints --release --test selftest_endpoints)"
     "$(cargo_exe test selftest_nested --release --test selftest_nested)"
+    "$(cargo_exe test selftest_faults --release --test selftest_faults)"
     "$(cargo_exe test vfio_endpoints --release --test vfio_endpoints)")
 # The IOAS-path and nested benchmarks (benches/) run as more guest programs.
 ours+=("$(cargo_exe bench ioas_path --bench ioas_path)")

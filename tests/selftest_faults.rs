@@ -1,0 +1,252 @@
+//! I/O page faults on the REAL /dev/iommu: a selftest mock device attached
+//! to a nested HWPT with our connection's fault queue; the kernel injects a
+//! page request (IOMMU_TEST_OP_TRIGGER_IOPF), our device relays it to the
+//! eventq, the driver's PAGE_RESP is written back to the fault FD, and the
+//! kernel's answer to that write is counted by the backend
+//! (`page_responses_written`: accepted; `page_responses_stale`: refused
+//! because the kernel had completed the group itself).
+//!
+//! Run inside a test guest by `tests/vm/kernel-tier.sh` (`--ignored`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::host::HostRig;
+use support::wire::{self, EventRecord, S_INVAL, S_OK};
+use support::{Frontend, FrontendOptions};
+
+const EP: u32 = 0x10;
+const EP2: u32 = 0x11;
+const RAM_BASE: u64 = 1 << 24;
+const MEM: usize = 16 << 20;
+/// IOMMU_PGFAULT_PERM_READ | WRITE.
+const RW: u32 = 3;
+
+fn rig(extra: &[&str]) -> HostRig {
+    let mut args = vec!["--endpoint", "0x10,selftest", "--endpoint", "0x11,selftest"];
+    args.extend_from_slice(extra);
+    HostRig::new(&args)
+}
+
+fn connect(rig: &HostRig) -> Frontend {
+    rig.connect_with(&[(RAM_BASE, MEM)])
+}
+
+fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
+    f.request_status(&req).expect("request answered")
+}
+
+fn table(domain: u32, ep: u32, page_requests: bool) -> ([u8; 124], u32) {
+    let flags = if page_requests {
+        wire::TABLE_F_PAGE_REQUESTS
+    } else {
+        0
+    };
+    wire::attach_table_selftest(domain, ep, flags, 0, 0xbad_beef)
+}
+
+fn dev_id(rig: &mut HostRig, ep: u32) -> u32 {
+    rig.endpoint(ep)["dev_id"].as_u64().unwrap() as u32
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+/// Wait until the backend's counter `k` (in `host` or `stats`) reaches `want`.
+fn wait_for(rig: &mut HostRig, host: bool, k: &str, want: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = if host {
+            rig.host()
+        } else {
+            rig.control.stats().unwrap()
+        };
+        if n(&v, k) == want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{k} never reached {want}: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Post one 48-byte buffer and take the page request the kernel raised.
+fn page_request(f: &mut Frontend) -> EventRecord {
+    f.post_event_buffers(1, 48).unwrap();
+    let ev = f.collect_events(1).unwrap();
+    let r = EventRecord::parse(&ev[0].1).unwrap();
+    assert!(r.is_page_request(), "{r:?}");
+    r
+}
+
+fn page_resp(ep: u32, pasid: Option<u32>, group: u16, code: u16) -> ([u8; 28], u32) {
+    let flags = pasid.map_or(0, |_| wire::PAGE_RESP_F_PASID_VALID);
+    wire::page_resp(ep, flags, pasid.unwrap_or(0), group, code)
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn a_kernel_page_request_reaches_the_driver_and_its_answer_the_kernel() {
+    let mut rig = rig(&[]);
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, table(1, EP, true)), S_OK);
+    let h = rig.host();
+    assert!(
+        h["fault_queue"].is_u64(),
+        "one fault queue for the connection: {h}"
+    );
+    let dev = dev_id(&mut rig, EP);
+    rig.fd.trigger_iopf(dev, 0, 2, RW, 0xdead_b000).unwrap();
+    let r = page_request(&mut f);
+    assert_eq!((r.endpoint, r.address), (EP, 0xdead_b000));
+    let want = wire::EVT_F_READ
+        | wire::EVT_F_WRITE
+        | wire::EVT_F_LAST
+        | wire::EVT_F_PAGE_REQ
+        | wire::EVT_F_ADDRESS
+        | wire::EVT_F_GROUP_ID;
+    assert_eq!(r.flags, want);
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_OK);
+    // The kernel accepted the response (write() returned its 8 bytes)
+    // before the driver saw OK.
+    let h = rig.host();
+    assert_eq!(n(&h, "page_responses_written"), 1, "{h}");
+    assert_eq!(n(&h, "page_responses_stale"), 0, "{h}");
+    // Answered once.
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_INVAL);
+    // A PASID-tagged fault reaches the RID's table (the mock's PASID table
+    // is the guest's) and carries its PASID; INVALID and FAILURE both
+    // reach the kernel as INVALID.
+    for (i, code) in [1u16, 2].into_iter().enumerate() {
+        rig.fd
+            .trigger_iopf(dev, 7, 3 + i as u32, 1, 0x1000)
+            .unwrap();
+        let r = page_request(&mut f);
+        assert_eq!(r.flags & wire::EVT_F_PASID, wire::EVT_F_PASID);
+        assert_eq!(r.pasid, 7);
+        assert_eq!(
+            status(&mut f, page_resp(EP, Some(7), r.group_id, code)),
+            S_OK
+        );
+    }
+    let h = rig.host();
+    assert_eq!(n(&h, "page_responses_written"), 3, "{h}");
+    let s = rig.control.stats().unwrap();
+    assert_eq!(n(&s, "page_requests_completed_by_driver"), 3, "{s}");
+    assert_eq!(n(&s, "page_requests_outstanding"), 0, "{s}");
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn detach_and_replace_leave_completion_to_the_kernel() {
+    let mut rig = rig(&[]);
+    let mut f = connect(&rig);
+    let dev = dev_id(&mut rig, EP);
+    // Detach with a group outstanding: the kernel answers it; we forget it.
+    assert_eq!(status(&mut f, table(1, EP, true)), S_OK);
+    rig.fd.trigger_iopf(dev, 0, 1, 1, 0x2000).unwrap();
+    let r = page_request(&mut f);
+    assert_eq!(status(&mut f, wire::detach(1, EP)), S_OK);
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_INVAL);
+    // Replace by another table with a group outstanding: the same.
+    assert_eq!(status(&mut f, table(2, EP, true)), S_OK);
+    rig.fd.trigger_iopf(dev, 0, 1, 1, 0x3000).unwrap();
+    let r = page_request(&mut f);
+    assert_eq!(status(&mut f, table(3, EP, true)), S_OK);
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_INVAL);
+    let h = rig.host();
+    assert_eq!(
+        n(&h, "page_responses_written"),
+        0,
+        "no second response: {h}"
+    );
+    let s = rig.control.stats().unwrap();
+    assert_eq!(n(&s, "page_requests_completed_by_kernel"), 2, "{s}");
+    assert_eq!(n(&s, "page_requests_outstanding"), 0, "{s}");
+    // The new table still relays: nothing was left behind.
+    rig.fd.trigger_iopf(dev, 0, 1, 1, 0x4000).unwrap();
+    let r = page_request(&mut f);
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_OK);
+    assert_eq!(n(&rig.host(), "page_responses_written"), 1);
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn reset_disconnect_and_a_full_queue_are_answered_by_the_device() {
+    let mut rig = rig(&["--max-page-requests", "1"]);
+    let mut f = connect(&rig);
+    let dev = dev_id(&mut rig, EP);
+    assert_eq!(status(&mut f, table(1, EP, true)), S_OK);
+    // One outstanding (no buffer posted); a second one finds the bound.
+    rig.fd.trigger_iopf(dev, 0, 1, 1, 0x1000).unwrap();
+    wait_for(&mut rig, false, "page_requests_outstanding", 1);
+    rig.fd.trigger_iopf(dev, 0, 2, 1, 0x2000).unwrap();
+    wait_for(&mut rig, false, "page_requests_refused_full", 1);
+    // Its FAILURE went to the kernel (as INVALID) at once.
+    wait_for(&mut rig, true, "page_responses_written", 1);
+    // Device reset with one outstanding: the device answers it first.
+    use vhost::vhost_user::VhostUserFrontend;
+    f.vu.reset_device().unwrap();
+    wait_for(&mut rig, true, "page_responses_written", 2);
+    wait_for(&mut rig, false, "page_requests_outstanding", 0);
+    // Disconnect with one outstanding: the same, then the fault queue goes.
+    {
+        use vhost::VhostBackend;
+        f.vu.set_features(f.acked_features).unwrap();
+        f.setup_queues().unwrap();
+    }
+    assert_eq!(status(&mut f, table(1, EP, true)), S_OK);
+    rig.fd.trigger_iopf(dev, 0, 3, 1, 0x3000).unwrap();
+    wait_for(&mut rig, false, "page_requests_outstanding", 1);
+    let queue = rig.host()["fault_queue"].as_u64().unwrap() as u32;
+    f.disconnect();
+    rig.wait_idle();
+    let h = rig.host();
+    assert_eq!(n(&h, "page_responses_written"), 3, "{h}");
+    assert!(h["fault_queue"].is_null(), "{h}");
+    assert_eq!(
+        rig.fd.destroy(queue).unwrap_err().errno(),
+        Some(libc::ENOENT)
+    );
+    let s = rig.control.stats().unwrap();
+    assert_eq!(n(&s, "page_requests_completed_by_device"), 3, "{s}");
+    assert_eq!(
+        n(&s, "page_requests_raised"),
+        n(&s, "page_requests_completed_by_device")
+            + n(&s, "page_requests_completed_by_driver")
+            + n(&s, "page_requests_completed_by_kernel")
+    );
+}
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn page_requests_need_the_driver_and_the_host() {
+    let mut rig = rig(&[]);
+    // A driver without F_PAGE_REQUEST cannot ask for PAGE_REQUESTS.
+    let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(RAM_BASE, MEM)]).unwrap());
+    let mut f = Frontend::connect(
+        &rig.backend.socket,
+        mem,
+        FrontendOptions::default().without(wire::VIRTIO_IOMMU_F_PAGE_REQUEST),
+    )
+    .unwrap();
+    assert_eq!(status(&mut f, table(1, EP, true)), S_INVAL);
+    // A table without PAGE_REQUESTS gets no fault id: the kernel answers
+    // the fault itself and nothing reaches the eventq.
+    assert_eq!(status(&mut f, table(1, EP, false)), S_OK);
+    let dev = dev_id(&mut rig, EP);
+    rig.fd.trigger_iopf(dev, 0, 1, 1, 0x1000).unwrap();
+    f.post_event_buffers(1, 48).unwrap();
+    assert!(f
+        .collect_events_upto(1, Duration::from_millis(300))
+        .unwrap()
+        .is_empty());
+    assert_eq!(n(&rig.control.stats().unwrap(), "page_requests_raised"), 0);
+    // The other endpoint, through the PROBE property: page requests yes.
+    let p = f.probe(EP2).unwrap();
+    let props = wire::parse_probe_props(&p.raw[..512]).unwrap();
+    let t = props.iter().find(|p| p.ty() == 0x100).unwrap();
+    assert_eq!(t.value[1] & 1, 1, "{t:?}");
+}
