@@ -250,6 +250,7 @@ pub struct SplitQueue {
     scratch: Vec<(Token, u32)>,
     raw_map: Vec<u16>,
     poll_interval: Option<Duration>,
+    spin: bool,
 }
 
 impl SplitQueue {
@@ -314,6 +315,7 @@ impl SplitQueue {
             scratch: Vec::with_capacity(opts.size as usize),
             raw_map: Vec::with_capacity(opts.size as usize),
             poll_interval: None,
+            spin: false,
         })
     }
 
@@ -362,6 +364,11 @@ impl SplitQueue {
     /// also re-checked every `d` (for tests that bypass notifications).
     pub fn set_poll_interval(&mut self, interval: Option<Duration>) {
         self.poll_interval = interval;
+    }
+    /// Busy-wait on the used ring instead of sleeping on the call eventfd,
+    /// as Linux's virtio-iommu driver does for its requests.
+    pub fn set_spin(&mut self, on: bool) {
+        self.spin = on;
     }
     /// Free descriptor-table entries.
     pub fn free_descriptors(&self) -> usize {
@@ -759,6 +766,16 @@ impl SplitQueue {
             got += self.poll_used_into(out)?;
             if got >= min {
                 return Ok(());
+            }
+            if self.spin {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout(format!(
+                        "queue {}: {got} of {min} used entries after {timeout:?} (spinning)",
+                        self.index
+                    )));
+                }
+                std::hint::spin_loop();
+                continue;
             }
             if self.event_idx {
                 // Ask for a signal when the last of the entries we wait for

@@ -55,6 +55,7 @@ cargo_tests=("$(cargo_exe test selftest_endpoints --release --test selftest_endp
 # The IOAS-path and nested benchmarks (benches/) run as more guest programs.
 ours+=("$(cargo_exe bench ioas_path --bench ioas_path)")
 ours+=("$(cargo_exe bench nested --bench nested)")
+ours+=("$(cargo_exe bench fault_relay --bench fault_relay)")
 unset RUSTFLAGS
 
 # ---- the initramfs (same for every kernel) ----
@@ -120,7 +121,7 @@ for spec in $kernels; do
         extra_skip=""
     fi
     # Benchmark lines the guest programs printed, for the record.
-    grep -E '^(ioas-path|nested)(-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
+    grep -E '^(ioas-path|nested|fault-relay)(-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
     extra=""
     if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
         # timeout, panic, or the guest test failed without saying which check: count the run itself

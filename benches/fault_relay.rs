@@ -1,0 +1,250 @@
+//! Fault-relay benchmark (kernel tier): an I/O page fault's round trip
+//! through our device against two baselines measured in the same run.
+//!
+//! - ours: IOMMU_TEST_OP_TRIGGER_IOPF on a selftest endpoint attached to a
+//!   table with PAGE_REQUESTS -> the page-request record on the eventq (the
+//!   test driver sleeps on the eventq's call eventfd, an interrupt) ->
+//!   PAGE_RESP on the requestq (the driver spins for the reply, as Linux's
+//!   virtio-iommu driver does) -> answered, which our device does only
+//!   after the response was written to the fault FD.
+//! - raw: one thread: trigger -> read() the fault FD -> write() the response.
+//! - floor: the least any cross-thread relay can cost: one thread triggers
+//!   and sleeps on an eventfd; another sleeps in poll() on the fault FD,
+//!   reads, writes the response and wakes the first.
+//!
+//! Single faults (p50/p99 over N) and batches of 64 (faults per second).
+//! Needs /dev/iommu with CONFIG_IOMMUFD_TEST: `tests/vm/kernel-tier.sh`
+//! runs it in the test guest:
+//!
+//!   VIOMMU_BIN=/bin/vhost-device-iommu /bin/fault_relay [--quick]
+//!
+//! Prints `fault-relay p50_ns=.. p99_ns=.. raw_p50_ns=.. floor_p50_ns=..
+//! ratio=.. batch_faults_per_s=.. raw_batch_faults_per_s=..`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::host::HostRig;
+use support::wire::{self, EventRecord, S_OK};
+use vhost_device_iommu::iommufd_bridge::sys::{
+    Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_SELFTEST,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+const BATCH: usize = 64;
+const RAM_BASE: u64 = 1 << 24;
+const MEM: usize = 16 << 20;
+/// IOMMU_PGFAULT_PERM_READ.
+const READ: u32 = 1;
+
+fn pct(v: &mut [u128], p: usize) -> f64 {
+    v.sort_unstable();
+    v[(v.len() * p / 100).min(v.len() - 1)] as f64
+}
+
+/// A mock device on a nested HWPT with a fault queue, without our device.
+struct Direct {
+    fd: Iommufd,
+    dev_id: u32,
+    fault: File,
+}
+
+fn direct() -> Direct {
+    let fd = Iommufd::open("/dev/iommu".as_ref()).expect("/dev/iommu");
+    let ioas = fd.ioas_alloc().unwrap();
+    let dev = fd.mock_domain(ioas).unwrap();
+    let parent = fd
+        .hwpt_alloc(dev.dev_id, ioas, HWPT_ALLOC_NEST_PARENT, 0, &mut [], None)
+        .unwrap();
+    let (fault_id, fault) = fd.fault_queue_alloc().unwrap();
+    let mut data = 0u32.to_le_bytes();
+    let nested = fd
+        .hwpt_alloc(
+            dev.dev_id,
+            parent,
+            0,
+            HWPT_DATA_SELFTEST,
+            &mut data,
+            Some(fault_id),
+        )
+        .unwrap();
+    fd.mock_domain_replace(dev.stdev_id, nested).unwrap();
+    Direct {
+        fd,
+        dev_id: dev.dev_id,
+        fault,
+    }
+}
+
+/// Read whole records until `n` arrived; returns their cookies.
+fn read_cookies(f: &mut File, n: usize, cookies: &mut Vec<u32>) {
+    let mut buf = [0u8; 40 * BATCH];
+    cookies.clear();
+    while cookies.len() < n {
+        let want = (n - cookies.len()).min(BATCH) * 40;
+        let got = f.read(&mut buf[..want]).unwrap();
+        for r in buf[..got].chunks_exact(40) {
+            cookies.push(u32::from_le_bytes(r[36..40].try_into().unwrap()));
+        }
+    }
+}
+
+fn respond(f: &mut File, cookies: &[u32]) {
+    let mut out = Vec::with_capacity(cookies.len() * 8);
+    for c in cookies {
+        out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    assert_eq!(f.write(&out).unwrap(), out.len());
+}
+
+/// (p50 of single faults, batched faults per second).
+fn raw(n: usize, rounds: usize) -> (f64, f64) {
+    let mut d = direct();
+    let mut cookies = Vec::with_capacity(BATCH);
+    let mut t: Vec<u128> = (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            d.fd.trigger_iopf(d.dev_id, 0, i as u32 % 512, READ, 0x1000)
+                .unwrap();
+            read_cookies(&mut d.fault, 1, &mut cookies);
+            respond(&mut d.fault, &cookies);
+            start.elapsed().as_nanos()
+        })
+        .collect();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for i in 0..BATCH {
+            d.fd.trigger_iopf(d.dev_id, 0, i as u32, READ, 0x1000)
+                .unwrap();
+        }
+        read_cookies(&mut d.fault, BATCH, &mut cookies);
+        respond(&mut d.fault, &cookies);
+    }
+    let rate = (rounds * BATCH) as f64 / start.elapsed().as_secs_f64();
+    (pct(&mut t, 50), rate)
+}
+
+/// p50 of the two-thread relay floor.
+fn floor(n: usize) -> f64 {
+    let d = direct();
+    let done = Arc::new(EventFd::new(0).unwrap());
+    let mut fault = d.fault;
+    let relay_done = done.clone();
+    let relay = std::thread::spawn(move || {
+        let mut cookies = Vec::with_capacity(1);
+        for _ in 0..n {
+            let mut pfd = libc::pollfd {
+                fd: fault.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the call.
+            while unsafe { libc::poll(&mut pfd, 1, 10_000) } <= 0 {}
+            read_cookies(&mut fault, 1, &mut cookies);
+            respond(&mut fault, &cookies);
+            relay_done.write(1).unwrap();
+        }
+    });
+    let mut t: Vec<u128> = (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            d.fd.trigger_iopf(d.dev_id, 0, i as u32 % 512, READ, 0x1000)
+                .unwrap();
+            done.read().unwrap(); // blocks until the relay answered
+            start.elapsed().as_nanos()
+        })
+        .collect();
+    relay.join().unwrap();
+    pct(&mut t, 50)
+}
+
+/// (p50, p99 of single faults, batched faults per second) through our device.
+fn ours(n: usize, rounds: usize) -> (f64, f64, f64) {
+    let mut rig = HostRig::new(&["--endpoint", "1,selftest"]);
+    let mut f = rig.connect_with(&[(RAM_BASE, MEM)]);
+    f.requestq().set_spin(true);
+    let table = wire::attach_table_selftest(1, 1, wire::TABLE_F_PAGE_REQUESTS, 0, 0);
+    assert_eq!(f.request_status(&table).unwrap(), S_OK);
+    let dev = rig.endpoint(1)["dev_id"].as_u64().unwrap() as u32;
+    f.post_event_buffers(2 * BATCH, 48).unwrap();
+    let timeout = Duration::from_secs(10);
+    let resp = |g: u16| wire::page_resp(1, 0, 0, g, 0);
+    let mut t: Vec<u128> = (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            rig.fd
+                .trigger_iopf(dev, 0, i as u32 % 512, READ, 0x1000)
+                .unwrap();
+            let ev = f.collect_events_upto(1, timeout).unwrap();
+            let r = EventRecord::parse(&ev[0].bytes).unwrap();
+            assert_eq!(f.request_status(&resp(r.group_id)).unwrap(), S_OK);
+            let el = start.elapsed().as_nanos();
+            f.post_event_buffers(1, 48).unwrap();
+            el
+        })
+        .collect();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for i in 0..BATCH {
+            rig.fd.trigger_iopf(dev, 0, i as u32, READ, 0x1000).unwrap();
+        }
+        let mut evs = Vec::with_capacity(BATCH);
+        while evs.len() < BATCH {
+            evs.extend(f.collect_events_upto(BATCH - evs.len(), timeout).unwrap());
+        }
+        let batch: Vec<_> = evs
+            .iter()
+            .map(|e| resp(EventRecord::parse(&e.bytes).unwrap().group_id))
+            .collect();
+        for (used, w) in f.submit_batch(&batch).unwrap() {
+            assert!(used > 0 && w[0] == S_OK);
+        }
+        f.post_event_buffers(BATCH, 48).unwrap();
+    }
+    let rate = (rounds * BATCH) as f64 / start.elapsed().as_secs_f64();
+    let s = rig.control.stats().unwrap();
+    assert_eq!(s["page_requests_outstanding"], 0, "{s}");
+    assert_eq!(
+        s["page_requests_completed_by_driver"].as_u64().unwrap(),
+        (n + rounds * BATCH) as u64,
+        "{s}"
+    );
+    let p50 = pct(&mut t, 50);
+    (p50, pct(&mut t, 99), rate)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, rounds) = if quick { (100, 10) } else { (400, 40) };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (mut o50, mut o99, mut ob, mut r50, mut rb, mut f50) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Interleaved, so that drift in the guest affects all alike.
+    for _ in 0..3 {
+        let (a, b) = raw(n, rounds);
+        r50.push(a);
+        rb.push(b);
+        f50.push(floor(n));
+        let (a, b, c) = ours(n, rounds);
+        o50.push(a);
+        o99.push(b);
+        ob.push(c);
+    }
+    let (o50, o99, ob) = (median(&mut o50), median(&mut o99), median(&mut ob));
+    let (r50, rb, f50) = (median(&mut r50), median(&mut rb), median(&mut f50));
+    println!(
+        "fault-relay p50_ns={o50:.0} p99_ns={o99:.0} raw_p50_ns={r50:.0} floor_p50_ns={f50:.0} \
+         ratio={:.2} batch_faults_per_s={ob:.0} raw_batch_faults_per_s={rb:.0}",
+        o50 / f50
+    );
+}
