@@ -71,6 +71,7 @@ pub fn small_limits(max_events: usize) -> Limits {
         max_mappings: 64,
         max_events,
         max_pasids: 8,
+        max_page_requests: 8,
     }
 }
 
