@@ -121,6 +121,12 @@ pub struct Args {
     #[arg(long, value_name = "BIT|off", default_value = "10")]
     pub page_request_bit: String,
 
+    /// Busy-poll the requestq for this many microseconds after serving it,
+    /// so that a driver answering at once is served without a wakeup (costs
+    /// a CPU while polling; 0: off).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub poll_us: u64,
+
     /// Most page-request groups outstanding (delivered to the driver or
     /// waiting for an eventq buffer); beyond: completed with FAILURE.
     #[arg(long, default_value_t = 512)]
@@ -248,6 +254,8 @@ pub struct Options {
     pub config: DeviceConfig,
     pub limits: Limits,
     pub control_limits: ControlLimits,
+    /// Busy-poll of the requestq after serving it (0: off).
+    pub poll: std::time::Duration,
 }
 
 pub fn parse_u64(s: &str) -> Result<u64, ArgsError> {
@@ -387,6 +395,8 @@ impl Args {
                 max_clients: self.max_control_clients,
                 max_line: self.max_control_line,
             },
+            // At most a second: a poll that long is a mistake, not a mode.
+            poll: std::time::Duration::from_micros(self.poll_us.min(1_000_000)),
         })
     }
 }

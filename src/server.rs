@@ -167,7 +167,8 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         &opts.endpoint_ids(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
-    .map_err(ServerError::Backend)?;
+    .map_err(ServerError::Backend)?
+    .with_poll(opts.poll);
     if let Some(host) = host {
         backend = backend.with_host(host);
     }

@@ -1037,3 +1037,22 @@ fn control_line_bound_keeps_memory_flat() {
     // A line under the bound still works on the same connection.
     assert_eq!(ctl.stats().unwrap()["ok"], true);
 }
+
+#[test]
+fn busy_polling_serves_requests_without_kicks_mattering() {
+    let b = backend(&["--poll-us", "2000"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    // Requests one after the other, each answered while the worker polls.
+    for i in 0..50u64 {
+        let iova = 0x10_0000 + i * 0x1000;
+        assert_eq!(
+            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW)),
+            S_OK
+        );
+        assert_eq!(status(&mut f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
+    }
+    let s = control(&b).stats().unwrap();
+    assert_eq!(stat(&s, "map", "ok"), 50);
+    assert_eq!(stat(&s, "unmap", "ok"), 50);
+}

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -100,6 +102,8 @@ impl EventChannel {
 
 pub struct IommuBackend {
     session: Mutex<Session>,
+    /// Busy-poll the requestq this long after serving it (0: never).
+    poll: Duration,
     pub events: EventChannel,
     /// Page requests of virtual endpoints (the control socket's `dma`).
     pub virtual_faults: VirtualSource,
@@ -152,6 +156,7 @@ impl IommuBackend {
         mem: GuestMemory,
     ) -> io::Result<Self> {
         Ok(IommuBackend {
+            poll: Duration::ZERO,
             session: Mutex::new(Session {
                 iommu: IommuState::new(config, limits, endpoints),
                 stats: Stats::default(),
@@ -261,6 +266,12 @@ impl IommuBackend {
         }
     }
 
+    /// Busy-poll the requestq for `poll` after serving it.
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
     /// Serve host endpoints (VFIO, selftest) through `host`.
     pub fn with_host(self, host: Box<dyn HostIommu>) -> Self {
         self.session().iommu.set_host(host);
@@ -300,7 +311,35 @@ impl IommuBackend {
     /// addresses, indices) are logged and end this pass; they never reach
     /// the worker loop, which would stop serving the queue for good.
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
+        let served = self.serve_requestq(vring);
+        if self.poll.is_zero() || served == 0 {
+            return Ok(());
+        }
+        // Busy-poll (--poll-us): a driver that answers at once (PAGE_RESP
+        // after a page request, the next MAP) is served without a wakeup.
+        let mem = self.session().mem.memory();
+        let mut deadline = Instant::now() + self.poll;
+        while Instant::now() < deadline {
+            let pending = {
+                let vr = vring.get_ref();
+                let q = vr.get_queue();
+                q.ready()
+                    && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
+                        .is_ok_and(|a| a.0 != q.next_avail())
+            };
+            if pending && self.serve_requestq(vring) > 0 {
+                deadline = Instant::now() + self.poll;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over the requestq; returns how many chains it served.
+    fn serve_requestq(&self, vring: &VringRwLock) -> usize {
         let mut vr = vring.get_mut();
+        let mut served = 0usize;
         let mut session = self.session();
         let s = &mut *session;
         let mem = s.mem.memory();
@@ -346,6 +385,7 @@ impl IommuBackend {
                 // "More available" with nothing poppable means a broken avail
                 // ring (index beyond the queue size): stop until the next kick
                 // instead of spinning.
+                served += popped;
                 if !vr.enable_notification()? || popped == 0 {
                     return Ok(());
                 }
@@ -358,7 +398,7 @@ impl IommuBackend {
             debug!("requestq ring unusable: {e}");
         }
         signal_if_needed(&mut vr);
-        Ok(())
+        served
     }
 
     /// Move queued records into the driver's eventq buffers, in order.
