@@ -200,19 +200,16 @@ impl IommuBackend {
     /// Called with the session lock held (so a `dma` that times out sees a
     /// consistent picture), before the FIFO lock.
     pub fn flush_pages(&self, s: &mut Session) {
-        let mut responses = Vec::new();
-        s.iommu.pages.take_responses(&mut responses);
-        for r in responses {
+        while let Some(r) = s.iommu.pages.pop_response() {
             match r.source {
                 SourceId::Virtual => self.virtual_faults.respond(r.cookie, r.code),
                 SourceId::Kernel => s.iommu.respond_host_fault(&r),
             }
         }
-        let mut purged = Vec::new();
-        s.iommu.pages.take_purged(&mut purged);
-        if !purged.is_empty() {
+        if let Some(first) = s.iommu.pages.pop_purged() {
             let mut fifo = self.events.fifo();
-            for (ep, group) in purged {
+            fifo.remove_group(first.0, first.1);
+            while let Some((ep, group)) = s.iommu.pages.pop_purged() {
                 fifo.remove_group(ep, group);
             }
         }

@@ -485,9 +485,7 @@ impl IommuState {
     /// Write the kernel's responses now (before a host call that detaches
     /// or destroys what they answer); virtual ones stay for the glue.
     fn respond_kernel_now(&mut self) {
-        let mut out = Vec::new();
-        self.pages.take_responses_of(SourceId::Kernel, &mut out);
-        for r in out {
+        while let Some(r) = self.pages.pop_response_of(SourceId::Kernel) {
             self.respond_host_fault(&r);
         }
     }

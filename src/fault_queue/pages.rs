@@ -7,7 +7,7 @@
 //! the glue writes them to their source; groups whose records must leave the
 //! event FIFO are queued in `purged`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use log::{debug, warn};
 
@@ -166,8 +166,9 @@ pub struct PageRequests {
     next_id: HashMap<u32, u16>,
     max: usize,
     pub counters: PageCounters,
-    outbox: Vec<Response>,
-    purged: Vec<(u32, u16)>,
+    /// Allocated once (the bound), so completing allocates nothing.
+    outbox: VecDeque<Response>,
+    purged: VecDeque<(u32, u16)>,
 }
 
 impl PageRequests {
@@ -179,8 +180,8 @@ impl PageRequests {
             next_id: HashMap::new(),
             max: max.min(1 << 16),
             counters: PageCounters::default(),
-            outbox: Vec::new(),
-            purged: Vec::new(),
+            outbox: VecDeque::with_capacity(max.min(1 << 16) + 64),
+            purged: VecDeque::with_capacity(max.min(1 << 16) + 64),
         }
     }
 
@@ -198,7 +199,7 @@ impl PageRequests {
     }
 
     fn respond(&mut self, g: &Group, code: u16, by_driver: bool) {
-        self.outbox.push(Response {
+        self.outbox.push_back(Response {
             source: g.source,
             cookie: g.cookie,
             code,
@@ -215,7 +216,7 @@ impl PageRequests {
             Refusal::Unnegotiated => self.counters.refused_unnegotiated += 1,
             Refusal::NoHandler => self.counters.refused_no_handler += 1,
         }
-        self.outbox.push(Response {
+        self.outbox.push_back(Response {
             source,
             cookie,
             code,
@@ -333,7 +334,7 @@ impl PageRequests {
         };
         self.counters.completed_by_device += 1;
         self.respond(&g, code, false);
-        self.purged.push((key.0, key.2));
+        self.purged.push_back((key.0, key.2));
         true
     }
 
@@ -367,7 +368,7 @@ impl PageRequests {
             .collect();
         for key in keys {
             let g = self.remove(&key).expect("listed above");
-            self.purged.push((key.0, key.2));
+            self.purged.push_back((key.0, key.2));
             match g.source {
                 SourceId::Kernel => {
                     debug!("page request group {key:?}: completed by the kernel on detach");
@@ -389,21 +390,15 @@ impl PageRequests {
         }
     }
 
-    /// Responses to write, oldest first.
-    pub fn take_responses(&mut self, out: &mut Vec<Response>) {
-        out.append(&mut self.outbox);
+    /// The next response to write, oldest first.
+    pub fn pop_response(&mut self) -> Option<Response> {
+        self.outbox.pop_front()
     }
 
-    /// Take only the responses for `source`, oldest first.
-    pub fn take_responses_of(&mut self, source: SourceId, out: &mut Vec<Response>) {
-        let mut i = 0;
-        while i < self.outbox.len() {
-            if self.outbox[i].source == source {
-                out.push(self.outbox.remove(i));
-            } else {
-                i += 1;
-            }
-        }
+    /// The next response for `source`, oldest first (others stay).
+    pub fn pop_response_of(&mut self, source: SourceId) -> Option<Response> {
+        let i = self.outbox.iter().position(|r| r.source == source)?;
+        self.outbox.remove(i)
     }
 
     /// A response found the group already completed by the kernel (a
@@ -420,9 +415,10 @@ impl PageRequests {
         }
     }
 
-    /// (endpoint, group) whose queued records must leave the event FIFO.
-    pub fn take_purged(&mut self, out: &mut Vec<(u32, u16)>) {
-        out.append(&mut self.purged);
+    /// The next (endpoint, group) whose queued records must leave the
+    /// event FIFO.
+    pub fn pop_purged(&mut self) -> Option<(u32, u16)> {
+        self.purged.pop_front()
     }
 
     /// raised == outstanding + by_driver + by_device + by_kernel.
@@ -453,9 +449,7 @@ mod tests {
     use super::*;
 
     fn responses(p: &mut PageRequests) -> Vec<Response> {
-        let mut v = Vec::new();
-        p.take_responses(&mut v);
-        v
+        std::iter::from_fn(|| p.pop_response()).collect()
     }
 
     #[test]
@@ -564,8 +558,7 @@ mod tests {
                 by_driver: false,
             }]
         );
-        let mut purged = Vec::new();
-        p.take_purged(&mut purged);
+        let mut purged: Vec<_> = std::iter::from_fn(|| p.pop_purged()).collect();
         purged.sort();
         let mut want = vec![(1, k), (1, v)];
         want.sort();
