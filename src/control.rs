@@ -182,6 +182,7 @@ fn stats(backend: &IommuBackend) -> Value {
             s.iommu.pages.outstanding(),
         )
     };
+    let vev = *backend.vevents.lock().unwrap();
     let fifo = backend.events.fifo();
     let c = fifo.counters;
     json!({
@@ -201,6 +202,8 @@ fn stats(backend: &IommuBackend) -> Value {
         "page_requests_refused_no_handler": p.refused_no_handler,
         "page_requests_small_buffer": p.small_buffer,
         "page_requests_timed_out": p.timed_out,
+        "vevents_received": vev.received,
+        "vevents_lost": vev.lost,
     })
 }
 

@@ -250,3 +250,57 @@ fn page_requests_need_the_driver_and_the_host() {
     let t = props.iter().find(|p| p.ty() == 0x100).unwrap();
     assert_eq!(t.value[1] & 1, 1, "{t:?}");
 }
+
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn unrecoverable_faults_from_the_veventq_become_fault_records() {
+    let mut rig = rig(&[]);
+    let mut f = connect(&rig);
+    let h = rig.host();
+    // vEVENTQ and the mock's TRIGGER_VEVENT arrived in 6.15.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let recent = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 15);
+    assert_eq!(
+        h["features"]["veventq"] == true,
+        recent,
+        "kernel {release}: {h}"
+    );
+    if !recent {
+        // 6.12: no vIOMMU, no vEVENTQ: unrecoverable faults of host
+        // endpoints are not reported (spec-notes/page-requests.md).
+        assert!(h["viommu"].is_null() && h["veventq"].is_null(), "{h}");
+        return;
+    }
+    assert!(h["viommu"].is_u64() && h["veventq"].is_u64(), "{h}");
+    assert!(rig.endpoint(EP)["vdevice"].is_u64());
+    // Tables nest on the vIOMMU, so the device's events reach its vEVENTQ.
+    assert_eq!(status(&mut f, table(1, EP, false)), S_OK);
+    let dev = dev_id(&mut rig, EP);
+    for _ in 0..3 {
+        rig.fd.trigger_vevent(dev).unwrap();
+    }
+    f.post_event_buffers(3, 24).unwrap();
+    let ev = f.collect_events(3).unwrap();
+    for (used, b) in &ev {
+        assert_eq!(*used, 24);
+        let r = EventRecord::parse(b).unwrap();
+        assert_eq!(
+            (r.reason, r.endpoint, r.flags),
+            (wire::EVT_REASON_UNKNOWN, EP, 0)
+        );
+    }
+    let s = rig.control.stats().unwrap();
+    assert_eq!(
+        (n(&s, "vevents_received"), n(&s, "vevents_lost")),
+        (3, 0),
+        "{s}"
+    );
+    // Detached, the device is on no vIOMMU table: the kernel has nobody
+    // to report to.
+    assert_eq!(status(&mut f, wire::detach(1, EP)), S_OK);
+    assert!(rig.fd.trigger_vevent(dev).is_err());
+}

@@ -36,7 +36,8 @@ use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
 use crate::fault_queue::source::{read_records, VirtualSource};
-use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
+use crate::fault_queue::vevents::VEventCounters;
+use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
 use crate::iommufd_bridge::{HostIommu, RamRegion};
 use crate::nested::Invalidate;
 
@@ -53,6 +54,8 @@ pub const EVENTS_PENDING: u64 = NUM_QUEUES as u64 + 1;
 pub const VIRTUAL_FAULTS: u64 = NUM_QUEUES as u64 + 2;
 /// epoll data of the kernel's fault queue FD (host endpoints).
 pub const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
+/// epoll data of the vIOMMU's vEVENTQ FD (unrecoverable faults).
+pub const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
 /// Records read from a fault FD at once (a stack buffer: no allocation per
 /// fault).
 const FAULT_BATCH: usize = 64;
@@ -111,6 +114,10 @@ pub struct IommuBackend {
     kernel_faults: Mutex<Option<File>>,
     /// Adds an FD to the eventq worker's epoll (set per connection).
     registrar: Mutex<Option<Registrar>>,
+    /// The vIOMMU's vEVENTQ (host endpoints), for reading: the FD and the
+    /// size of each event's data; and what came through it.
+    kernel_events: Mutex<Option<(File, usize)>>,
+    pub vevents: Mutex<VEventCounters>,
 }
 
 /// Registers (fd, epoll data) with the eventq worker.
@@ -167,6 +174,8 @@ impl IommuBackend {
             virtual_faults: VirtualSource::new()?,
             kernel_faults: Mutex::new(None),
             registrar: Mutex::new(None),
+            kernel_events: Mutex::new(None),
+            vevents: Mutex::new(VEventCounters::default()),
         })
     }
 
@@ -174,6 +183,83 @@ impl IommuBackend {
     /// connection).
     pub fn set_registrar(&self, r: Option<Registrar>) {
         *self.registrar.lock().unwrap() = r;
+    }
+
+    /// Poll the vIOMMU's vEVENTQ from now on, if there is one; what waited
+    /// in it from before this guest is dropped.
+    fn watch_kernel_events(&self, s: &Session) {
+        let mut ke = self.kernel_events.lock().unwrap();
+        if ke.is_some() {
+            return;
+        }
+        let Some((file, len)) = s.iommu.event_queue_reader() else {
+            return;
+        };
+        let registered = match self.registrar.lock().unwrap().as_ref() {
+            Some(reg) => reg(file.as_raw_fd(), KERNEL_EVENTS),
+            None => return,
+        };
+        match registered {
+            Ok(()) => {
+                *ke = Some((file, len));
+                drop(ke);
+                let stale = self.read_events(false);
+                if stale > 0 {
+                    info!("vEVENTQ: {stale} events from before this guest dropped");
+                }
+            }
+            Err(e) => error!("cannot poll the vEVENTQ: {e}"),
+        }
+    }
+
+    /// Read the vEVENTQ dry; with `relay`, each event becomes a fault record
+    /// for the eventq (unrecoverable: reason UNKNOWN, the endpoint its
+    /// vDEVICE names). Returns how many events were read.
+    fn read_events(&self, relay: bool) -> u64 {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            let n = {
+                let mut ke = self.kernel_events.lock().unwrap();
+                let Some((file, _)) = ke.as_mut() else {
+                    return total;
+                };
+                match std::io::Read::read(file, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => {
+                        warn!("vEVENTQ read: {e}");
+                        0
+                    }
+                }
+            };
+            if n == 0 {
+                return total;
+            }
+            let len = self
+                .kernel_events
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(4, |k| k.1);
+            let s = self.session();
+            let mut fifo = self.events.fifo();
+            let mut c = self.vevents.lock().unwrap();
+            let before = c.received;
+            c.parse(&buf[..n], len, |data| {
+                let virt_id = u32::from_le_bytes(data[..4].try_into().unwrap_or([0; 4]));
+                if relay && s.iommu.has_endpoint(virt_id) {
+                    fifo.push(EventRecord::Fault {
+                        reason: REASON_UNKNOWN,
+                        flags: 0,
+                        endpoint: virt_id,
+                        address: 0,
+                        pasid: None,
+                    });
+                }
+            });
+            total += c.received - before;
+        }
     }
 
     /// A request made the host's fault queue: poll it from now on.
@@ -293,6 +379,7 @@ impl IommuBackend {
         let mut s = self.session();
         // Our copy of the fault queue FD first: the host destroys the queue.
         drop(self.kernel_faults.lock().unwrap().take());
+        drop(self.kernel_events.lock().unwrap().take());
         self.set_registrar(None);
         s.iommu.disconnect();
         s.acked_features = 0;
@@ -390,6 +477,7 @@ impl IommuBackend {
         })();
         self.flush_pages(&mut session);
         self.watch_kernel_faults(&session);
+        self.watch_kernel_events(&session);
         drop(session);
         if let Err(e) = result {
             debug!("requestq ring unusable: {e}");
@@ -690,6 +778,10 @@ impl VhostUserBackend for IommuBackend {
             }
             (1, KERNEL_FAULTS) => {
                 self.read_faults(SourceId::Kernel);
+                self.process_eventq(&vrings[0])
+            }
+            (1, KERNEL_EVENTS) => {
+                self.read_events(true);
                 self.process_eventq(&vrings[0])
             }
             (t, e) => {

@@ -490,6 +490,16 @@ impl IommuState {
         }
     }
 
+    /// The host's vIOMMU event queue, if any (the caller polls the handle).
+    pub fn event_queue_reader(&self) -> Option<(std::fs::File, usize)> {
+        self.host.event_queue_reader()
+    }
+
+    /// Does this endpoint exist?
+    pub fn has_endpoint(&self, id: u32) -> bool {
+        self.endpoints.contains_key(&id)
+    }
+
     /// The host's fault queue, once made (the caller polls the handle).
     pub fn fault_queue_reader(&self) -> Option<std::fs::File> {
         self.host.fault_queue_reader()

@@ -5,6 +5,7 @@
 
 pub mod pages;
 pub mod source;
+pub mod vevents;
 
 use std::collections::VecDeque;
 

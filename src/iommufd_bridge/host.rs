@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 use super::sys::{
     Features, HwInfoRaw, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HWPT_DATA_SELFTEST,
     HWPT_DATA_VTD_S1, HW_INFO_INTEL_VTD, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST,
-    INVALIDATE_DATA_VTD_S1, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+    INVALIDATE_DATA_VTD_S1, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE, VEVENTQ_TYPE_SELFTEST,
+    VIOMMU_TYPE_SELFTEST,
 };
 use super::{BridgeError, HostIommu, HostMapping, RamRegion, Result, Target};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
@@ -64,6 +65,8 @@ struct HostEndpoint<D> {
     caps: TableCaps,
     /// PASID -> the table domain it is attached to.
     pasids: BTreeMap<u32, u32>,
+    /// Its vDEVICE on the vIOMMU (virt_id = the endpoint ID).
+    vdevice: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -78,6 +81,9 @@ struct HostDomain {
     /// IOMMU_HWPT_INVALIDATE data type of a table domain's nested HWPT.
     invalidate_type: Option<u32>,
 }
+
+/// vEVENTQ depth: events the kernel holds while we do not read.
+const VEVENTQ_DEPTH: u32 = 256;
 
 /// The domain a target names, if any.
 fn target_domain(t: Target) -> Option<u32> {
@@ -188,6 +194,11 @@ pub struct IommufdHost<D: HostDevice> {
     invalidate_calls: u64,
     /// This connection's fault queue: (fault id, its FD).
     fault: Option<(u32, std::fs::File)>,
+    /// A vIOMMU on the nesting parent (kernels with vIOMMU, hosts whose
+    /// type we drive): table domains are nested on it, and its vEVENTQ
+    /// reports unrecoverable faults.
+    viommu: Option<u32>,
+    veventq: Option<(u32, std::fs::File)>,
     /// Page responses written (accepted by the kernel), and those it
     /// refused because it had completed the group itself.
     responses_written: u64,
@@ -275,6 +286,8 @@ impl<D: HostDevice> IommufdHost<D> {
             domains: HashMap::new(),
             invalidate_calls: 0,
             fault: None,
+            viommu: None,
+            veventq: None,
             responses_written: 0,
             responses_stale: 0,
         })
@@ -361,6 +374,7 @@ impl<D: HostDevice> IommufdHost<D> {
             }
         }
         let caps = self.table_caps_of(id, &dev);
+        let vdevice = self.virtual_device(id, &dev, &caps);
         self.endpoints.insert(
             id,
             HostEndpoint {
@@ -370,6 +384,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 reserved: reserved_from_ranges(&ranges),
                 caps,
                 pasids: BTreeMap::new(),
+                vdevice,
             },
         );
         self.point(id, Target::Unattached, &mut std::iter::empty())
@@ -432,8 +447,58 @@ impl<D: HostDevice> IommufdHost<D> {
         }
     }
 
-    /// A table domain: the guest's table as a nested HWPT on the nesting
-    /// parent, for device `dev_id`.
+    /// The vIOMMU (made with the first device it suits) and this device's
+    /// vDEVICE on it, so that its tables nest on the vIOMMU and its
+    /// unrecoverable faults reach the vEVENTQ. Only the selftest mock's
+    /// types are driven (SMMUv3 needs the ARM_SMMU3 format: not yet).
+    fn virtual_device(&mut self, id: u32, dev: &D, caps: &TableCaps) -> Option<u32> {
+        let parent = self.nest_parent?;
+        let selftest = caps
+            .hw_info
+            .as_ref()
+            .is_some_and(|h| h.info_type == HW_INFO_SELFTEST);
+        if !self.features.viommu || !selftest {
+            return None;
+        }
+        if self.viommu.is_none() {
+            match self
+                .fd
+                .viommu_alloc(dev.dev_id(), parent, VIOMMU_TYPE_SELFTEST)
+            {
+                Ok(v) => {
+                    info!("iommufd: vIOMMU {v} on the nesting parent");
+                    self.viommu = Some(v);
+                    if self.features.veventq {
+                        match self
+                            .fd
+                            .veventq_alloc(v, VEVENTQ_TYPE_SELFTEST, VEVENTQ_DEPTH)
+                        {
+                            Ok(q) => {
+                                info!("iommufd: vEVENTQ {} for unrecoverable faults", q.0);
+                                self.veventq = Some(q);
+                            }
+                            Err(e) => info!("iommufd: no vEVENTQ ({e})"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    info!("iommufd: no vIOMMU ({e}); tables nest on the parent HWPT");
+                    return None;
+                }
+            }
+        }
+        let viommu = self.viommu?;
+        match self.fd.vdevice_alloc(viommu, dev.dev_id(), u64::from(id)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!("endpoint {id:#x}: vDEVICE: {e}");
+                None
+            }
+        }
+    }
+
+    /// A table domain: the guest's table as a nested HWPT on the vIOMMU or
+    /// the nesting parent, for device `dev_id`.
     fn create_table_domain(
         &mut self,
         domain: u32,
@@ -441,9 +506,12 @@ impl<D: HostDevice> IommufdHost<D> {
         table: &TableDesc,
         page_requests: bool,
     ) -> Result<()> {
-        let parent = self.nest_parent.ok_or(BridgeError::Unsupported(
-            "the host IOMMU has no nesting parent",
-        ))?;
+        let parent = self
+            .viommu
+            .or(self.nest_parent)
+            .ok_or(BridgeError::Unsupported(
+                "the host IOMMU has no nesting parent",
+            ))?;
         let (data_type, inv_type, mut data) = nested_data(table)?;
         let fault_id = if page_requests {
             Some(self.fault_queue()?)
@@ -943,6 +1011,15 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         self.point_pasid(endpoint, pasid, target)
     }
 
+    fn event_queue_reader(&self) -> Option<(std::fs::File, usize)> {
+        let (_, file) = self.veventq.as_ref()?;
+        // struct iommu_viommu_event_selftest {virt_id}: the only type made.
+        file.try_clone()
+            .inspect_err(|e| warn!("vEVENTQ FD: {e}"))
+            .ok()
+            .map(|f| (f, 4))
+    }
+
     fn fault_queue_reader(&self) -> Option<std::fs::File> {
         let (_, file) = self.fault.as_ref()?;
         file.try_clone()
@@ -1049,6 +1126,8 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "bypass_pt": self.ram_pt(),
             "invalidate_calls": self.invalidate_calls,
             "fault_queue": self.fault.as_ref().map(|f| f.0),
+            "viommu": self.viommu,
+            "veventq": self.veventq.as_ref().map(|q| q.0),
             "page_responses_written": self.responses_written,
             "page_responses_stale": self.responses_stale,
             "ram": self.ram.iter().flat_map(|(_, p)| p).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
@@ -1059,6 +1138,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
                 "dev_id": e.dev.dev_id(),
                 "pt_id": e.pt,
                 "target": target(e.target),
+                "vdevice": e.vdevice,
                 "pasids": e.pasids.iter().map(|(p, d)| json!({"pasid": p, "domain": d})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "domains": self.domains.iter().map(|(id, d)| json!({
@@ -1077,8 +1157,22 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
     /// parent, then the IOASes (which unpin guest RAM).
     fn drop(&mut self) {
         self.reset(false);
+        // vDEVICEs before their devices; the vEVENTQ (FD first) and the
+        // vIOMMU before the nesting parent.
+        for ep in self.endpoints.values_mut() {
+            if let Some(v) = ep.vdevice.take() {
+                let _ = self.fd.destroy(v);
+            }
+        }
         for (_, mut ep) in std::mem::take(&mut self.endpoints) {
             ep.dev.release(&self.fd);
+        }
+        if let Some((id, file)) = self.veventq.take() {
+            drop(file);
+            let _ = self.fd.destroy(id);
+        }
+        if let Some(v) = self.viommu.take() {
+            let _ = self.fd.destroy(v);
         }
         if let Some((id, file)) = self.fault.take() {
             drop(file);

@@ -152,6 +152,12 @@ pub trait HostIommu: Debug + Send {
         Err(BridgeError::Unsupported("INVALIDATE"))
     }
 
+    /// The vIOMMU's event queue (unrecoverable faults), if there is one: a
+    /// handle for reading its records, and the size of each event's data.
+    fn event_queue_reader(&self) -> Option<(std::fs::File, usize)> {
+        None
+    }
+
     /// This connection's fault queue, once a table with PAGE_REQUESTS made
     /// it: a handle for reading its records (the eventq worker polls it).
     fn fault_queue_reader(&self) -> Option<std::fs::File> {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use iommufd_bindings::iommufd::{
     iommu_fault_alloc, iommu_hw_info, iommu_hwpt_alloc, iommu_hwpt_invalidate, iommu_ioas_alloc,
     iommu_ioas_copy, iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
-    iommu_iova_range, IOMMUFD_TYPE,
+    iommu_iova_range, iommu_vdevice_alloc, iommu_veventq_alloc, iommu_viommu_alloc, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::IommuFd;
 use thiserror::Error;
@@ -32,6 +32,10 @@ pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
 /// enum iommu_hwpt_invalidate_data_type values we use.
 pub const INVALIDATE_DATA_VTD_S1: u32 = 0;
 pub const INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+/// vIOMMU and vEVENTQ types of the selftest mock (IOMMU_VIOMMU_TYPE_SELFTEST,
+/// IOMMU_VEVENTQ_TYPE_SELFTEST).
+pub const VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
+pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
 /// enum iommu_hw_info_type values we recognise.
 pub const HW_INFO_INTEL_VTD: u32 = 1;
 pub const HW_INFO_ARM_SMMUV3: u32 = 2;
@@ -428,6 +432,61 @@ impl Iommufd {
             })
     }
 
+    /// IOMMU_VIOMMU_ALLOC (6.13): a vIOMMU of `ty` for device `dev_id` on
+    /// the nesting parent `parent`.
+    pub fn viommu_alloc(&self, dev_id: u32, parent: u32, ty: u32) -> Result<u32> {
+        let mut v = iommu_viommu_alloc {
+            size: size_of::<iommu_viommu_alloc>(),
+            type_: ty,
+            dev_id,
+            hwpt_id: parent,
+            ..Default::default()
+        };
+        self.fd
+            .alloc_iommu_viommu(&mut v)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_VIOMMU_ALLOC",
+                source,
+            })?;
+        Ok(v.out_viommu_id)
+    }
+
+    /// IOMMU_VDEVICE_ALLOC (6.13): device `dev_id` as `virt_id` on `viommu`.
+    pub fn vdevice_alloc(&self, viommu: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
+        let mut v = iommu_vdevice_alloc {
+            size: size_of::<iommu_vdevice_alloc>(),
+            viommu_id: viommu,
+            dev_id,
+            virt_id,
+            ..Default::default()
+        };
+        self.fd
+            .alloc_iommu_vdevice(&mut v)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_VDEVICE_ALLOC",
+                source,
+            })?;
+        Ok(v.out_vdevice_id)
+    }
+
+    /// IOMMU_VEVENTQ_ALLOC (6.15): a vEVENTQ of `ty` on `viommu`, and its
+    /// FD (non-blocking).
+    pub fn veventq_alloc(&self, viommu: u32, ty: u32, depth: u32) -> Result<(u32, File)> {
+        let mut v = iommu_veventq_alloc {
+            size: size_of::<iommu_veventq_alloc>(),
+            viommu_id: viommu,
+            type_: ty,
+            veventq_depth: depth,
+            ..Default::default()
+        };
+        self.fd
+            .alloc_veventq(&mut v)
+            .map_err(|source| SysError::Crate {
+                op: "IOMMU_VEVENTQ_ALLOC",
+                source,
+            })
+    }
+
     /// IOMMU_FAULT_QUEUE_ALLOC: a fault object and its fd (read page
     /// requests, write responses).
     pub fn fault_queue_alloc(&self) -> Result<(u32, File)> {
@@ -469,6 +528,7 @@ mod selftest {
     pub const OP_PASID_REPLACE: u32 = 19;
     pub const OP_PASID_DETACH: u32 = 20;
     pub const OP_PASID_CHECK_HWPT: u32 = 21;
+    pub const OP_TRIGGER_VEVENT: u32 = 17;
     /// MOCK_FLAGS_DEVICE_PASID (6.15): the mock device gets 20 PASID bits.
     pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
@@ -571,6 +631,14 @@ mod selftest {
             let mut c = TestCmd::new(op, stdev_id);
             c.put32(0, pasid).put32(4, pt_id);
             self.test_cmd(name, &mut c)
+        }
+
+        /// TRIGGER_VEVENT (6.15): the mock reports one vEVENT {virt_id} of
+        /// device `dev_id` to its vIOMMU's selftest vEVENTQ.
+        pub fn trigger_vevent(&self, dev_id: u32) -> Result<()> {
+            let mut c = TestCmd::new(OP_TRIGGER_VEVENT, 0);
+            c.put32(0, dev_id);
+            self.test_cmd("IOMMU_TEST_OP_TRIGGER_VEVENT", &mut c)
         }
 
         /// PASID_DETACH.
