@@ -21,7 +21,7 @@ case "$SECONDS_PER_TARGET" in
 esac
 FUZZ_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$FUZZ_DIR/.." || exit 2
-TARGETS=(request_decode request_path eventq)
+TARGETS=(request_decode request_path eventq page_requests)
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/iommu-fuzz.XXXXXX")"
 trap 'rm -rf "$SCRATCH"' EXIT
 
