@@ -400,22 +400,35 @@ impl IommuBackend {
             return Ok(());
         }
         // Busy-poll (--poll-us): a driver that answers at once (PAGE_RESP
-        // after a page request, the next MAP) is served without a wakeup.
+        // after a page request, the next MAP) is served without a wakeup,
+        // and is asked not to notify meanwhile (no kick, no exit).
         let mem = self.session().mem.memory();
+        let pending = |vring: &VringRwLock| {
+            let vr = vring.get_ref();
+            let q = vr.get_queue();
+            q.ready()
+                && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
+                    .is_ok_and(|a| a.0 != q.next_avail())
+        };
         let mut deadline = Instant::now() + self.poll;
+        suppress_kicks(vring, mem.deref());
         while Instant::now() < deadline {
-            let pending = {
-                let vr = vring.get_ref();
-                let q = vr.get_queue();
-                q.ready()
-                    && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
-                        .is_ok_and(|a| a.0 != q.next_avail())
-            };
-            if pending && self.serve_requestq(vring) > 0 {
+            if pending(vring) && self.serve_requestq(vring) > 0 {
+                suppress_kicks(vring, mem.deref());
                 deadline = Instant::now() + self.poll;
             } else {
                 std::hint::spin_loop();
             }
+        }
+        // Kicks on again; a request that came in between is served now.
+        let mut vr = vring.get_mut();
+        if vr
+            .get_queue_mut()
+            .enable_notification(mem.deref())
+            .unwrap_or(true)
+        {
+            drop(vr);
+            self.serve_requestq(vring);
         }
         Ok(())
     }
@@ -623,6 +636,23 @@ where
             0
         }),
     }
+}
+
+/// While the device polls the requestq, ask the driver not to notify it:
+/// with EVENT_IDX, an avail_event one behind what was consumed (the driver
+/// kicks only when its avail index passes it); without, VRING_USED_F_NO_NOTIFY.
+fn suppress_kicks<M: vm_memory::GuestMemory>(vring: &VringRwLock, mem: &M) {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut vr = vring.get_mut();
+    let q = vr.get_queue_mut();
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(mem);
+        return;
+    }
+    // avail_event follows the used ring: flags, idx, ring[size].
+    let at = q.used_ring() + 4 + 8 * u64::from(q.size());
+    let behind = q.next_avail().wrapping_sub(1);
+    let _ = mem.store(behind.to_le(), GuestAddress(at), AtomicOrdering::Relaxed);
 }
 
 /// Interrupt the driver if the ring's suppression rules ask for it. A ring

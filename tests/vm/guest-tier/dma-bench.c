@@ -1,7 +1,9 @@
 // Guest helper of tests/vm/guest-tier.sh: one DMA_MAP_BENCHMARK run on the device bound to
 // dma_map_benchmark (drives MAP/UNMAP requests through the virtio-iommu). Static build:
 //   gcc -static -O2 -o dma-bench dma-bench.c
-// Usage: dma-bench [SECONDS]   prints the kernel's averages (100 ns units), exit 0 on success.
+// Usage: dma-bench [SECONDS [THREADS [GRANULE_PAGES]]]   prints the kernel's averages, and one
+// machine-readable line `dma-bench: threads=T granule=G map_100ns=M unmap_100ns=U`; exit 0 on
+// success.
 // The struct is the uAPI's (include/uapi/linux/map_benchmark.h); 6.12 and 7.x have the same size
 // (7.x took one byte of expansion[] for map_mode, 0 = single mode).
 #include <fcntl.h>
@@ -25,12 +27,12 @@ struct map_benchmark {
 int main(int argc, char **argv) {
     struct map_benchmark m;
     memset(&m, 0, sizeof(m));
-    m.threads = 1;
     m.seconds = argc > 1 ? (uint32_t)atoi(argv[1]) : 1;
+    m.threads = argc > 2 ? (uint32_t)atoi(argv[2]) : 1;
     m.node = -1;
     m.dma_bits = 32;
     m.dma_dir = 0; /* DMA_MAP_BIDIRECTIONAL */
-    m.granule = 1;
+    m.granule = argc > 3 ? (uint32_t)atoi(argv[3]) : 1;
     int fd = open("/sys/kernel/debug/dma_map_benchmark", O_RDWR);
     if (fd < 0) {
         perror("dma-bench: open /sys/kernel/debug/dma_map_benchmark");
@@ -45,5 +47,7 @@ int main(int argc, char **argv) {
            (unsigned long long)m.map_stddev / 10, (unsigned long long)m.map_stddev % 10,
            (unsigned long long)m.avg_unmap_100ns / 10, (unsigned long long)m.avg_unmap_100ns % 10,
            (unsigned long long)m.unmap_stddev / 10, (unsigned long long)m.unmap_stddev % 10);
+    printf("dma-bench: threads=%u granule=%u map_100ns=%llu unmap_100ns=%llu\n", m.threads, m.granule,
+           (unsigned long long)m.avg_map_100ns, (unsigned long long)m.avg_unmap_100ns);
     return 0;
 }
