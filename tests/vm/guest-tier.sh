@@ -58,6 +58,11 @@ if [ "$bench_s" != 0 ] && command -v gcc >/dev/null; then
         vm_log "WARNING: static build of dma-bench failed (see $W/dma-bench.gcc.log); no MAP traffic test"
     fi
 fi
+if gcc -static -O2 -o "$W/vfio-map" "${gt}/vfio-map.c" 2>"$W/vfio-map.gcc.log"; then
+    files+=("$W/vfio-map:/bin/vfio-map")
+else
+    vm_log "WARNING: static build of vfio-map failed (see $W/vfio-map.gcc.log)"
+fi
 "${VM_DIR}/mkinitramfs.sh" "$W/initramfs.cpio.gz" "${files[@]}"
 
 # 2. Our backend on the host.
@@ -101,8 +106,9 @@ boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count
     shift 2
     vm_log "booting ${name} (mode ${mode}) with QEMU 11 ($(elapsed) s)"
     t_boot="$(date +%s.%N)"
+    # virtio-iommu does not isolate MSIs: VFIO type1 needs to be told this test VM accepts that.
     VIOMMU_VM_QEMU="$qemu" "${VM_DIR}/run-guest.sh" "$kernel" "$W/initramfs.cpio.gz" "$W/console-${name}.log" \
-        "$tmo" "viommu.mode=${mode}" -- "$@" || grc=$?
+        "$tmo" "viommu.mode=${mode}" vfio_iommu_type1.allow_unsafe_interrupts=1 -- "$@" || grc=$?
     vm_log "${name}: guest finished in $(printf '%.1f' "$(echo "$(date +%s.%N) - $t_boot" | bc)") s wall (status $grc)"
     while read -r word check rest; do
         case "$word" in
@@ -113,7 +119,50 @@ boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count
     tr -d '\r' <"$W/console-${name}.log" | grep -aE '^(guest-tier|dma-bench):' | sed "s/^/[vm]   ${name}: /" >&2 || true
     if [ "$grc" -eq 0 ]; then pass "${name}:guest-exit-0"; else fail "${name}:guest-exit-0" "status $grc, console $W/console-${name}.log"; fi
 }
+# While the first guest's VFIO program holds its mappings, the control socket must translate each
+# IOVA of endpoint 0x28 (00:05.0) to the guest-physical page it printed; after it unmapped, fault.
+vfio_watch() {
+    local log="$W/console-ours.log" out="$W/vfio-host.txt" i
+    : >"$out"
+    for i in $(seq 600); do
+        grep -aq 'vfio-map: ready' "$log" 2>/dev/null && break
+        grep -aqE '^(FAIL vfio|guest-tier: .* passed)' "$log" 2>/dev/null && return
+        sleep 0.2
+    done
+    tr -d '\r' <"$log" | sed -n 's/^vfio-map: iova=\(0x[0-9a-f]*\) gpa=\(0x[0-9a-f]*\)$/\1 \2/p' >"$W/vfio-maps.txt"
+    while read -r iova gpa; do
+        r="$(ctl "{\"op\":\"dma\",\"endpoint\":40,\"iova\":$((iova)),\"len\":4096,\"write\":true}")"
+        if python3 -c 'import json,sys; r=json.loads(sys.argv[1]); g=int(sys.argv[2],16); sys.exit(0 if r.get("ok") and r["ranges"]==[{"iova":int(sys.argv[3],16),"gpa":g,"len":4096}] else 1)' "$r" "$gpa" "$iova"; then
+            echo "PASS vfio-translation-$iova" >>"$out"
+        else
+            echo "FAIL vfio-translation-$iova $r (guest says gpa $gpa)" >>"$out"
+        fi
+    done <"$W/vfio-maps.txt"
+    for i in $(seq 600); do
+        grep -aq 'vfio-map: unmapped' "$log" 2>/dev/null && break
+        sleep 0.2
+    done
+    while read -r iova gpa; do
+        r="$(ctl "{\"op\":\"dma\",\"endpoint\":40,\"iova\":$((iova)),\"len\":4096,\"write\":true}")"
+        case "$r" in
+            *'"error":"fault"'*) echo "PASS vfio-unmapped-$iova" >>"$out" ;;
+            *) echo "FAIL vfio-unmapped-$iova $r" >>"$out" ;;
+        esac
+    done <"$W/vfio-maps.txt"
+}
+vfio_watch &
+watch_pid=$!
 boot ours ours -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"
+wait "$watch_pid" 2>/dev/null || true
+nv=0
+while read -r word check rest; do
+    nv=$((nv + 1))
+    case "$word" in
+        PASS) pass "host:$check" ;;
+        FAIL) fail "host:$check" "$rest" ;;
+    esac
+done <"$W/vfio-host.txt"
+[ "$nv" -ge 6 ] || fail host:vfio-translations "$nv of 6 checks ran (see $W/console-ours.log)"
 if kill -0 "$backend_pid" 2>/dev/null; then pass backend-survived-first-guest; else fail backend-survived-first-guest; fi
 boot ours2 ours2 -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"
 # The same device with --poll-us on a second backend.

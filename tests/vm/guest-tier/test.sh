@@ -54,6 +54,19 @@ if [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
     done
 fi
 
+# A user-space VFIO driver (type1) on the second endpoint, first boot only: the host checks each
+# of its mappings through the control socket while it waits (guest-tier.sh).
+if [ "$mode" = ours ] && [ -x /bin/vfio-map ]; then
+    ep2=0000:00:05.0
+    echo vfio-pci >"/sys/bus/pci/devices/$ep2/driver_override"
+    if echo "$ep2" >/sys/bus/pci/drivers/vfio-pci/bind; then
+        pass vfio-pci-bind
+        if /bin/vfio-map "$ep2" "${VIOMMU_VFIO_WAIT:-6}"; then pass vfio-map; else fail vfio-map; fi
+    else
+        fail vfio-pci-bind
+    fi
+fi
+
 bad="$(dmesg | grep -E 'BUG:|Oops|general protection fault|WARNING:|Call Trace:|Kernel panic|kernel BUG' || true)"
 if [ -z "$bad" ]; then pass dmesg-no-bug-oops; else fail dmesg-no-bug-oops; echo "$bad" | head -n 40; fi
 
