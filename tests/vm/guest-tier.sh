@@ -8,7 +8,8 @@
 # Progress, each PASS/FAIL and the interesting console lines go to stderr.
 # Env: VIOMMU_VM_GUEST_KERNEL=7.x (VERSIONSPEC for fetch-kernel-source.sh), VIOMMU_GT_TIMEOUT=120,
 #      VIOMMU_GT_WORK=DIR (keep the work dir there; default a temp dir, removed on success),
-#      VIOMMU_GT_BENCH_SECONDS=1 (DMA_MAP_BENCHMARK run in the guest, 0 = skip; drives MAP/UNMAP).
+#      VIOMMU_GT_BENCH_SECONDS=1 (DMA_MAP_BENCHMARK run in the guest, 0 = skip; drives MAP/UNMAP),
+#      VIOMMU_GT_POLL_US=200 (--poll-us of the backend of the `poll` boot).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 repo="$(cd "${VM_DIR}/../.." && pwd)"
@@ -167,7 +168,7 @@ if kill -0 "$backend_pid" 2>/dev/null; then pass backend-survived-first-guest; e
 boot ours2 ours2 -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"
 # The same device with --poll-us on a second backend.
 rm -f "$W/poll.sock"
-"$bin" --socket-path "$W/poll.sock" --endpoint 0x20 --endpoint 0x28 --poll-us 200 >"$W/backend-poll.log" 2>&1 &
+"$bin" --socket-path "$W/poll.sock" --endpoint 0x20 --endpoint 0x28 --poll-us "${VIOMMU_GT_POLL_US:-200}" >"$W/backend-poll.log" 2>&1 &
 poll_pid=$!
 for _ in $(seq 100); do [ -S "$W/poll.sock" ] && break; sleep 0.1; done
 boot poll ours2 -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
