@@ -114,6 +114,9 @@ pub struct IommuBackend {
     kernel_faults: Mutex<Option<File>>,
     /// Adds an FD to the eventq worker's epoll (set per connection).
     registrar: Mutex<Option<Registrar>>,
+    /// Exit-event FDs the library leaks (see `exit_event`), closed at the
+    /// end of their connection.
+    exit_consumers: Mutex<Vec<RawFd>>,
     /// The vIOMMU's vEVENTQ (host endpoints), for reading: the FD and the
     /// size of each event's data; and what came through it.
     kernel_events: Mutex<Option<(File, usize)>>,
@@ -176,6 +179,7 @@ impl IommuBackend {
             registrar: Mutex::new(None),
             kernel_events: Mutex::new(None),
             vevents: Mutex::new(VEventCounters::default()),
+            exit_consumers: Mutex::new(Vec::new()),
         })
     }
 
@@ -380,7 +384,15 @@ impl IommuBackend {
         // Our copy of the fault queue FD first: the host destroys the queue.
         drop(self.kernel_faults.lock().unwrap().take());
         drop(self.kernel_events.lock().unwrap().take());
+        // The last reference to the connection's epoll handler; then the
+        // exit eventfds the library leaked (its workers are joined).
         self.set_registrar(None);
+        for fd in self.exit_consumers.lock().unwrap().drain(..) {
+            // SAFETY: the library gave this fd up with into_raw_fd() and
+            // its epoll and workers are gone with the daemon: nothing else
+            // refers to it, and it is closed exactly once (drained).
+            unsafe { libc::close(fd) };
+        }
         s.iommu.disconnect();
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -778,7 +790,15 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        // vhost-user-backend 0.24 registers the consumer with into_raw_fd()
+        // and never closes it: one eventfd per worker per connection. Keep
+        // its number and close it when that connection's workers are gone.
+        self.exit_consumers
+            .lock()
+            .unwrap()
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(
