@@ -1056,3 +1056,60 @@ fn busy_polling_serves_requests_without_kicks_mattering() {
     assert_eq!(stat(&s, "map", "ok"), 50);
     assert_eq!(stat(&s, "unmap", "ok"), 50);
 }
+
+/// Unprivileged operation: started as `nobody` with its listening socket
+/// handed over (`--socket-fd`), the backend serves virtual endpoints and
+/// its control socket; it needs no privilege for them.
+#[test]
+fn serves_as_an_unprivileged_user_with_an_inherited_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let dir = support::process::fresh_temp_dir("unpriv").unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = dir.join("inherited.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: clears FD_CLOEXEC on an fd we own so the child inherits it.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let ctl = dir.join("ctl.sock");
+    let mut cmd = Command::new(support::process::binary());
+    cmd.args(["--socket-fd", &fd.to_string(), "--endpoint", "8"])
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    if root {
+        assert!(uid.contains("65534"), "{uid}");
+    }
+    let mut f = Frontend::connect_default(&path).unwrap();
+    assert_eq!(status_of(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(
+        status_of(&mut f, wire::map(1, 0x1000, 0x1fff, 0x5000, RW)),
+        S_OK
+    );
+    support::process::wait_for_path(&ctl, Duration::from_secs(5)).unwrap();
+    let mut c = ControlClient::connect(&ctl).unwrap();
+    let r = c.dma(EP, 0x1000, 8, true, None, None).unwrap();
+    assert_eq!(dma_ranges(&r).unwrap(), vec![(0x1000, 0x5000, 8)]);
+    drop(f);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn status_of<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
+    f.request_status(&req).expect("request answered")
+}

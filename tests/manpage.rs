@@ -1,0 +1,20 @@
+//! The man page is generated from the command line's clap definitions
+//! (`cargo run --example man`): it renders, and names every option.
+
+use clap::CommandFactory;
+use vhost_device_iommu::args::Args;
+
+#[test]
+fn man_page_names_every_option() {
+    let cmd = Args::command().name("vhost-device-iommu");
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out).unwrap();
+    let page = String::from_utf8(out).unwrap().replace("\\-", "-");
+    assert!(page.starts_with(".ie") && page.contains(".TH vhost-device-iommu 1"));
+    for a in cmd.get_arguments() {
+        if let Some(long) = a.get_long() {
+            assert!(page.contains(&format!("--{long}")), "--{long} missing");
+        }
+    }
+    assert!(page.contains("viot"), "the viot subcommand is listed");
+}
