@@ -121,6 +121,13 @@ pub struct Args {
     #[arg(long, value_name = "BIT|off", default_value = "10")]
     pub page_request_bit: String,
 
+    /// The seccomp filter installed after start-up: `kill` (a system call
+    /// outside the serving threads' list kills the process), `trap` (the
+    /// same, naming the call on stderr), `log` (allowed, logged by the
+    /// kernel), `off` (for debugging).
+    #[arg(long, value_enum, default_value = "kill")]
+    pub seccomp: crate::sandbox::SeccompMode,
+
     /// Busy-poll the requestq for this many microseconds after serving it,
     /// so that a driver answering at once is served without a wakeup (costs
     /// a CPU while polling; 0: off).
@@ -256,6 +263,7 @@ pub struct Options {
     pub control_limits: ControlLimits,
     /// Busy-poll of the requestq after serving it (0: off).
     pub poll: std::time::Duration,
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 pub fn parse_u64(s: &str) -> Result<u64, ArgsError> {
@@ -397,6 +405,7 @@ impl Args {
             },
             // At most a second: a poll that long is a mistake, not a mode.
             poll: std::time::Duration::from_micros(self.poll_us.min(1_000_000)),
+            seccomp: self.seccomp,
         })
     }
 }

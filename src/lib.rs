@@ -6,5 +6,6 @@ pub mod device;
 pub mod fault_queue;
 pub mod iommufd_bridge;
 pub mod nested;
+pub mod sandbox;
 pub mod server;
 pub mod viot;

@@ -3,7 +3,7 @@
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
@@ -45,6 +45,8 @@ pub enum ServerError {
     Host(#[from] BridgeError),
     #[error("endpoint {id:#x}: {source}")]
     Endpoint { id: u32, source: BridgeError },
+    #[error("{0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// The host IOMMU for the endpoints that are not virtual, if any.
@@ -190,6 +192,15 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         "serving virtio-iommu with {virtual_count} virtual and {} host endpoint(s)",
         opts.endpoints.len() - virtual_count
     );
+    // Everything is open: from here on the serving threads need only the
+    // system calls of crate::sandbox.
+    match crate::sandbox::install(opts.seccomp)? {
+        true => info!("seccomp filter: {:?}", opts.seccomp),
+        false if opts.seccomp == crate::sandbox::SeccompMode::Off => {
+            warn!("seccomp filter: off (--seccomp off)")
+        }
+        false => warn!("seccomp filter: NOT INSTALLED: this kernel has no seccomp"),
+    }
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         backend.begin_session(mem.clone());

@@ -1113,3 +1113,14 @@ fn serves_as_an_unprivileged_user_with_an_inherited_socket() {
 fn status_of<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
     f.request_status(&req).expect("request answered")
 }
+
+#[test]
+fn the_seccomp_filter_is_on_by_default() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let st = std::fs::read_to_string(format!("/proc/{}/status", b.pid())).unwrap();
+    let line = st.lines().find(|l| l.starts_with("Seccomp:")).unwrap();
+    assert_eq!(line.split_whitespace().nth(1), Some("2"), "{line}");
+    assert!(b.stderr().contains("seccomp filter: Kill"));
+}
