@@ -84,6 +84,8 @@ fn startup_reports_kernel_features_and_binds_mock_devices() {
     }
     let log = rig.backend.stderr();
     assert!(log.contains("IOMMU_TEST_CMD yes"), "{log}");
+    // The test kernels have seccomp: every kernel-tier test runs filtered.
+    assert!(log.contains("seccomp filter: Kill"), "{log}");
 }
 
 #[test]
