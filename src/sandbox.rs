@@ -151,8 +151,22 @@ pub fn install(mode: SeccompMode) -> Result<bool, SandboxError> {
     if mode == SeccompMode::Trap {
         trap_reporter();
     }
+    settle_allocator();
     seccompiler::apply_filter_all_threads(&prog)?;
     Ok(true)
+}
+
+/// glibc's malloc reads /sys/devices/system/cpu/online (openat) the first
+/// time a thread needs a new arena, to cap their number; a fixed cap (its
+/// own default, 8 per CPU) means it never has to.
+fn settle_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max = libc::c_int::try_from(8 * cpus).unwrap_or(64);
+        // SAFETY: mallopt only sets an allocator parameter.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, max) };
+    }
 }
 
 /// With `trap`: a SIGSYS handler that names the refused call, then exits.
