@@ -157,9 +157,9 @@ fn kernel_refusals_become_statuses_and_change_nothing() {
     // Unknown endpoint: refused by the device state before the host.
     assert_eq!(status(&mut f, wire::attach(2, 0x99, 0, 0)), S_NOENT);
     let log = rig.backend.stderr();
-    // The kernel's errno is in the log.
+    // The request, its domain and the kernel's errno are in the log.
     assert!(
-        log.contains("IOMMU_IOAS_COPY failed: Invalid argument"),
+        log.contains("request MAP domain 1: host: IOMMU_IOAS_COPY failed: Invalid argument"),
         "{log}"
     );
 }

@@ -44,15 +44,16 @@ pub fn handle(
     writable_len: u64,
     out: &mut [u8; MAX_REPLY],
 ) -> Reply {
-    let (ty, result) = match decode(readable, acked) {
+    let (ty, subject, result) = match decode(readable, acked) {
         Decoded::Unknown(ty) => {
             debug!("request type {ty}: unknown, no reply");
             stats.count_unanswered(ty);
             return Reply::None;
         }
-        Decoded::Refused(ty, e) => (ty, Err(e)),
+        Decoded::Refused(ty, e) => (ty, Subject::default(), Err(e)),
         Decoded::Request(req) => (
             type_of(&req),
+            Subject::of(&req),
             execute(state, acked, &req, writable_len, out),
         ),
     };
@@ -65,9 +66,17 @@ pub fn handle(
             ) {
                 // The host refused what the device state allowed: worth
                 // an operator's eye, with the kernel's errno.
-                info!("request type {ty}: {e} -> {:?}", e.status());
+                info!(
+                    "request {}{subject}: {e} -> {:?}",
+                    type_name(ty),
+                    e.status()
+                );
             } else {
-                debug!("request type {ty}: {e} -> {:?}", e.status());
+                debug!(
+                    "request {}{subject}: {e} -> {:?}",
+                    type_name(ty),
+                    e.status()
+                );
             }
             // PROBE's tail follows the whole properties area, even on error.
             let body = if ty == crate::device::request::T_PROBE {
@@ -139,7 +148,11 @@ pub fn complete_invalidates(
                 statuses.push(match state.invalidate(r) {
                     Ok(()) => Status::Ok,
                     Err(e) => {
-                        info!("request type {T_INVALIDATE}: {e} -> {:?}", e.status());
+                        info!(
+                            "request INVALIDATE domain {}: {e} -> {:?}",
+                            r.domain,
+                            e.status()
+                        );
                         e.status()
                     }
                 });
@@ -148,6 +161,58 @@ pub fn complete_invalidates(
     }
     for &st in statuses.iter() {
         stats.count(T_INVALIDATE, st);
+    }
+}
+
+/// Which endpoint and domain a request names, for its log line.
+#[derive(Default)]
+struct Subject {
+    endpoint: Option<u32>,
+    domain: Option<u32>,
+}
+
+impl Subject {
+    fn of(req: &Request) -> Self {
+        let (endpoint, domain) = match req {
+            Request::Attach(a) => (Some(a.endpoint), Some(a.domain)),
+            Request::Detach(d) => (Some(d.endpoint), Some(d.domain)),
+            Request::Map(m) => (None, Some(m.domain)),
+            Request::Unmap(u) => (None, Some(u.domain)),
+            Request::Probe(p) => (Some(p.endpoint), None),
+            Request::AttachTable(a) => (Some(a.endpoint), Some(a.domain)),
+            Request::Invalidate(i) => (None, Some(i.domain)),
+            Request::PageResp(p) => (Some(p.endpoint), None),
+        };
+        Subject { endpoint, domain }
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(e) = self.endpoint {
+            write!(f, " endpoint {e:#x}")?;
+        }
+        if let Some(d) = self.domain {
+            write!(f, " domain {d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A request type's name, for logs.
+fn type_name(ty: u8) -> String {
+    use crate::device::request::*;
+    use crate::nested::request::{T_ATTACH_TABLE, T_INVALIDATE, T_PAGE_RESP};
+    match ty {
+        T_ATTACH => "ATTACH".into(),
+        T_DETACH => "DETACH".into(),
+        T_MAP => "MAP".into(),
+        T_UNMAP => "UNMAP".into(),
+        T_PROBE => "PROBE".into(),
+        T_ATTACH_TABLE => "ATTACH_TABLE".into(),
+        T_INVALIDATE => "INVALIDATE".into(),
+        T_PAGE_RESP => "PAGE_RESP".into(),
+        t => format!("type {t}"),
     }
 }
 
