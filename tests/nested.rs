@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::fixtures::{backend, connect, connect_with, control, status};
+
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -11,34 +13,11 @@ use support::control::{dma_ranges, error_kind};
 use support::mem::TablePages;
 use support::wire::{self, bit, EventRecord, Invalidate, S_INVAL, S_NOENT, S_OK, S_RANGE};
 use support::wire::{S_NOMEM, S_UNSUPP};
-use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem};
+use support::{ControlClient, FrontendOptions, GuestMem};
 use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_1G, PAGE_2M, PAGE_4K, PTE_RW};
 
 const EP: u32 = 8;
 const EP2: u32 = 0x10;
-
-fn backend(extra: &[&str]) -> BackendProcess {
-    let mut args = vec!["--endpoint", "8", "--endpoint", "0x10"];
-    args.extend_from_slice(extra);
-    BackendProcess::spawn(&args).expect("backend starts")
-}
-
-fn connect(b: &BackendProcess) -> Frontend {
-    connect_with(b, FrontendOptions::default())
-}
-
-fn connect_with(b: &BackendProcess, opts: FrontendOptions) -> Frontend {
-    let mem = Arc::new(GuestMem::default_size().unwrap());
-    Frontend::connect(&b.socket, mem, opts).expect("frontend sets up")
-}
-
-fn control(b: &BackendProcess) -> ControlClient {
-    ControlClient::connect(&b.control).expect("control socket")
-}
-
-fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
-    f.request_status(&req).expect("request answered")
-}
 
 fn tables(mem: &Arc<GuestMem>, addr_width: u32) -> TableBuilder<TablePages> {
     TableBuilder::new(addr_width, TablePages(mem.clone()))

@@ -6,15 +6,16 @@
 
 mod support;
 
+use support::fixtures::{backend, connect, connect_with, control, status};
+
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use serde_json::Value;
-use std::sync::Arc;
 use support::control::{dma_ranges, error_kind};
 use support::mem::TablePages;
 use support::wire::{self, EventRecord, S_INVAL, S_NOENT, S_OK};
-use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem};
+use support::{BackendProcess, Frontend, FrontendOptions};
 use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_4K};
 
 const EP: u32 = 8;
@@ -22,29 +23,6 @@ const EP2: u32 = 0x10;
 const SUCCESS: u16 = 0;
 const INVALID: u16 = 1;
 const FAILURE: u16 = 2;
-
-fn backend(extra: &[&str]) -> BackendProcess {
-    let mut args = vec!["--endpoint", "8", "--endpoint", "0x10"];
-    args.extend_from_slice(extra);
-    BackendProcess::spawn(&args).expect("backend starts")
-}
-
-fn connect(b: &BackendProcess) -> Frontend {
-    connect_with(b, FrontendOptions::default())
-}
-
-fn connect_with(b: &BackendProcess, opts: FrontendOptions) -> Frontend {
-    let mem = Arc::new(GuestMem::default_size().unwrap());
-    Frontend::connect(&b.socket, mem, opts).expect("frontend sets up")
-}
-
-fn control(b: &BackendProcess) -> ControlClient {
-    ControlClient::connect(&b.control).expect("control socket")
-}
-
-fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
-    f.request_status(&req).expect("request answered")
-}
 
 fn page_resp(ep: u32, pasid: Option<u32>, group: u16, code: u16) -> ([u8; 28], u32) {
     let flags = if pasid.is_some() {

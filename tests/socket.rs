@@ -3,43 +3,21 @@
 
 mod support;
 
+use support::fixtures::{backend, connect, connect_with, control, status};
+
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::control::{dma_ranges, error_kind};
 use support::process::run_to_exit;
 use support::wire::{self, bit, EventRecord, S_INVAL, S_NOENT, S_NOMEM, S_OK, S_RANGE};
-use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem, RawDesc};
+use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, RawDesc};
 
 const EP: u32 = 8;
 const EP2: u32 = 0x10;
 const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
-
-fn backend(extra: &[&str]) -> BackendProcess {
-    let mut args = vec!["--endpoint", "8", "--endpoint", "0x10"];
-    args.extend_from_slice(extra);
-    BackendProcess::spawn(&args).expect("backend starts")
-}
-
-fn connect(b: &BackendProcess) -> Frontend {
-    Frontend::connect_default(&b.socket).expect("frontend sets up")
-}
-
-fn connect_with(b: &BackendProcess, opts: FrontendOptions) -> Frontend {
-    let mem = Arc::new(GuestMem::default_size().unwrap());
-    Frontend::connect(&b.socket, mem, opts).expect("frontend sets up")
-}
-
-fn control(b: &BackendProcess) -> ControlClient {
-    ControlClient::connect(&b.control).expect("control socket")
-}
-
-fn status<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
-    f.request_status(&req).expect("request answered")
-}
 
 /// Statuses of a batch, in order (None = used length 0).
 fn statuses<R: AsRef<[u8]>>(f: &mut Frontend, reqs: &[(R, u32)]) -> Vec<Option<u8>> {
@@ -1086,8 +1064,8 @@ fn serves_as_an_unprivileged_user_with_an_inherited_socket() {
         cmd.uid(65534).gid(65534);
     }
     let mut child = cmd.spawn().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let uid = status
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid = proc_status
         .lines()
         .find(|l| l.starts_with("Uid:"))
         .unwrap()
@@ -1096,9 +1074,9 @@ fn serves_as_an_unprivileged_user_with_an_inherited_socket() {
         assert!(uid.contains("65534"), "{uid}");
     }
     let mut f = Frontend::connect_default(&path).unwrap();
-    assert_eq!(status_of(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     assert_eq!(
-        status_of(&mut f, wire::map(1, 0x1000, 0x1fff, 0x5000, RW)),
+        status(&mut f, wire::map(1, 0x1000, 0x1fff, 0x5000, RW)),
         S_OK
     );
     support::process::wait_for_path(&ctl, Duration::from_secs(5)).unwrap();
@@ -1108,10 +1086,6 @@ fn serves_as_an_unprivileged_user_with_an_inherited_socket() {
     drop(f);
     let _ = child.kill();
     let _ = child.wait();
-}
-
-fn status_of<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32)) -> u8 {
-    f.request_status(&req).expect("request answered")
 }
 
 #[test]

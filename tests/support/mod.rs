@@ -13,6 +13,7 @@
 #![allow(unused_imports)]
 
 pub mod control;
+pub mod fixtures;
 pub mod frontend;
 pub mod host;
 pub mod mem;
