@@ -17,6 +17,7 @@ use crate::device::backend::IommuBackend;
 use crate::device::config::features;
 use crate::fault_queue::pages::{SourceId, CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
 use crate::iommufd_bridge::model::{translate_dma, ModelError};
+use crate::sandbox::{self, Role};
 
 /// How long a `dma` waits for PAGE_RESP unless it says (protocol.md 6).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -264,20 +265,27 @@ fn serve_client(backend: &IommuBackend, stream: UnixStream, max_line: usize) -> 
     }
 }
 
-/// Listen on `path` and serve clients on named threads, at most
-/// `limits.max_clients` at once.
-pub fn spawn(
-    path: &Path,
-    backend: Arc<IommuBackend>,
-    limits: ControlLimits,
-) -> io::Result<thread::JoinHandle<()>> {
+/// Listen on `path` (before the seccomp filter: it allows no new sockets).
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     info!("control socket on {}", path.display());
+    Ok(listener)
+}
+
+/// Serve `listener`'s clients on named threads, at most
+/// `limits.max_clients` at once. Start it after the process's seccomp
+/// filter: each thread stacks its own narrower one on it.
+pub fn spawn(
+    listener: UnixListener,
+    backend: Arc<IommuBackend>,
+    limits: ControlLimits,
+) -> io::Result<thread::JoinHandle<()>> {
     let active = Arc::new(AtomicUsize::new(0));
     thread::Builder::new()
         .name("viommu-control".into())
         .spawn(move || {
+            sandbox::narrow_or_warn(Role::ControlListener);
             for stream in listener.incoming() {
                 let stream = match stream {
                     Ok(s) => s,
@@ -299,6 +307,7 @@ pub fn spawn(
                 let spawned = thread::Builder::new()
                     .name("viommu-ctl-client".into())
                     .spawn(move || {
+                        sandbox::narrow_or_warn(Role::ControlClient);
                         if let Err(e) = serve_client(&b, stream, limits.max_line) {
                             debug!("control client: {e}");
                         }

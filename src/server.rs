@@ -175,14 +175,13 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         backend = backend.with_host(host);
     }
     let backend = Arc::new(backend);
-    if let Some(path) = &opts.control_socket {
-        control::spawn(path, backend.clone(), opts.control_limits).map_err(|source| {
-            ServerError::Control {
-                path: path.display().to_string(),
-                source,
-            }
-        })?;
-    }
+    let control = match &opts.control_socket {
+        Some(path) => Some(control::bind(path).map_err(|source| ServerError::Control {
+            path: path.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
     let virtual_count = opts
         .endpoints
         .iter()
@@ -200,6 +199,14 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             warn!("seccomp filter: off (--seccomp off)")
         }
         false => warn!("seccomp filter: NOT INSTALLED: this kernel has no seccomp"),
+    }
+    if let Some(listener) = control {
+        control::spawn(listener, backend.clone(), opts.control_limits).map_err(|source| {
+            ServerError::Control {
+                path: "(thread)".into(),
+                source,
+            }
+        })?;
     }
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

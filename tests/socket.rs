@@ -1097,4 +1097,33 @@ fn the_seccomp_filter_is_on_by_default() {
     let line = st.lines().find(|l| l.starts_with("Seccomp:")).unwrap();
     assert_eq!(line.split_whitespace().nth(1), Some("2"), "{line}");
     assert!(b.stderr().contains("seccomp filter: Kill"));
+    // Each serving thread stacks its role's filter on the process's one
+    // (a control client on its listener's too): the kernel counts them.
+    let mut c = control(&b);
+    let _ = c.stats().unwrap();
+    let mut filters = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", b.pid())).unwrap() {
+        let st = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap()
+        };
+        filters.insert(field("Name:"), field("Seccomp_filters:"));
+    }
+    let want = [
+        ("vhost-device-io", "1"),
+        ("viommu-vhost", "2"),
+        ("viommu-reqq", "2"),
+        ("viommu-control", "2"),
+        ("viommu-ctl-clie", "3"),
+    ];
+    for (name, n) in want {
+        assert_eq!(
+            filters.get(name).map(String::as_str),
+            Some(n),
+            "{name}: {filters:?}"
+        );
+    }
 }

@@ -145,6 +145,18 @@ fn name_worker_thread(thread_id: usize) {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
+/// The name vhost-user-backend gives the thread that handles the frontend's
+/// messages (the daemon's name).
+pub const FRONTEND_THREAD: &str = "viommu-vhost";
+
+/// On the frontend handler's thread (the daemon calls some backend methods
+/// from the main thread while setting up): its seccomp filter, once.
+fn narrow_frontend_thread() {
+    if std::thread::current().name() == Some(FRONTEND_THREAD) {
+        crate::sandbox::narrow_or_warn(crate::sandbox::Role::Frontend);
+    }
+}
+
 /// The memory table's regions, as the host IOMMU maps them.
 fn ram_regions(mem: &GuestMemory) -> Vec<RamRegion> {
     mem.memory()
@@ -690,6 +702,7 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn features(&self) -> u64 {
+        narrow_frontend_thread();
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -698,12 +711,14 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        narrow_frontend_thread();
         debug!("driver accepted features {features:#x}");
         let mut s = self.session();
         s.acked_features = s.iommu.config.internal_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        narrow_frontend_thread();
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
@@ -711,6 +726,7 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn reset_device(&self) {
+        narrow_frontend_thread();
         info!("device reset: all domains dropped");
         let mut s = self.session();
         s.iommu.reset();
@@ -724,6 +740,7 @@ impl VhostUserBackend for IommuBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        narrow_frontend_thread();
         let s = self.session();
         let bytes = s.iommu.config.to_bytes(s.iommu.bypass);
         let (off, len) = (offset as usize, size as usize);
@@ -738,6 +755,7 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        narrow_frontend_thread();
         let off = offset as usize;
         let end = off.checked_add(buf.len()).filter(|&e| e <= CONFIG_SIZE);
         let Some(end) = end else {
@@ -772,6 +790,7 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        narrow_frontend_thread();
         debug!("guest memory table updated");
         let regions = ram_regions(&mem);
         let mut s = self.session();
@@ -809,6 +828,7 @@ impl VhostUserBackend for IommuBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         name_worker_thread(thread_id);
+        crate::sandbox::narrow_or_warn(crate::sandbox::Role::Worker);
         if evset != EventSet::IN {
             warn!("unexpected event set {evset:?} on event {device_event}");
             return Ok(());
