@@ -23,6 +23,8 @@ pub enum ArgsError {
     BadEndpoint(String),
     #[error("endpoint {0:#x} is given twice")]
     DuplicateEndpoint(u32),
+    #[error("{given} endpoints given; --max-endpoints is {max}")]
+    TooManyEndpoints { given: u64, max: usize },
     #[error("endpoint {0:#x}: selftest endpoints need a build with the `selftest` feature")]
     SelftestNotBuilt(u32),
     #[error("selftest and VFIO endpoints cannot be mixed in one device")]
@@ -65,10 +67,16 @@ pub struct Args {
     pub print_capabilities: bool,
 
     /// An endpoint the guest may attach: ID (a virtual endpoint served by the
-    /// software IOMMU), ID,vfio=CDEV_PATH or ID,vfio-fd=FD. Repeatable.
+    /// software IOMMU), FIRST-LAST (virtual endpoints FIRST to LAST
+    /// inclusive), ID,vfio=CDEV_PATH or ID,vfio-fd=FD. Repeatable.
     /// ID is decimal or 0x-hex (e.g. a PCI requester ID).
     #[arg(long = "endpoint", value_name = "SPEC")]
     pub endpoints: Vec<String>,
+
+    /// Most endpoints, all --endpoint options together (beyond: the backend
+    /// does not start). The default covers one PCI segment's requester IDs.
+    #[arg(long, default_value_t = 1 << 16)]
+    pub max_endpoints: usize,
 
     /// The iommufd for VFIO endpoints.
     #[arg(long, value_name = "PATH", default_value = "/dev/iommu")]
@@ -323,21 +331,57 @@ impl Options {
     }
 }
 
+/// One `--endpoint`: an endpoint, or a range of virtual ones.
+fn parse_endpoint_arg(s: &str) -> Result<(u32, u32, Option<EndpointSpec>), ArgsError> {
+    if !s.contains(',') && s.contains('-') {
+        let (a, b) = parse_range(s)?;
+        let a = u32::try_from(a).map_err(|_| ArgsError::BadRange(s.into()))?;
+        let b = u32::try_from(b).map_err(|_| ArgsError::BadRange(s.into()))?;
+        return Ok((a, b, None));
+    }
+    let spec = parse_endpoint(s)?;
+    Ok((spec.id, spec.id, Some(spec)))
+}
+
 impl Args {
+    /// Every endpoint, ranges expanded, after checking the count against
+    /// --max-endpoints (before expanding anything).
+    fn endpoint_specs(&self) -> Result<Vec<EndpointSpec>, ArgsError> {
+        let parsed = self
+            .endpoints
+            .iter()
+            .map(|e| parse_endpoint_arg(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let given: u64 = parsed.iter().map(|(a, b, _)| u64::from(b - a) + 1).sum();
+        if given > self.max_endpoints as u64 {
+            return Err(ArgsError::TooManyEndpoints {
+                given,
+                max: self.max_endpoints,
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut endpoints = Vec::with_capacity(given as usize);
+        for (a, b, spec) in parsed {
+            for id in a..=b {
+                if !seen.insert(id) {
+                    return Err(ArgsError::DuplicateEndpoint(id));
+                }
+                endpoints.push(spec.clone().unwrap_or(EndpointSpec {
+                    id,
+                    kind: EndpointKind::Virtual,
+                }));
+            }
+        }
+        Ok(endpoints)
+    }
+
     pub fn options(&self) -> Result<Options, ArgsError> {
         let socket = match (&self.socket_path, self.socket_fd) {
             (Some(p), None) => SocketSpec::Path(p.clone()),
             (None, Some(fd)) => SocketSpec::Fd(fd),
             _ => return Err(ArgsError::NoSocket),
         };
-        let mut endpoints: Vec<EndpointSpec> = Vec::new();
-        for e in &self.endpoints {
-            let spec = parse_endpoint(e)?;
-            if endpoints.iter().any(|e| e.id == spec.id) {
-                return Err(ArgsError::DuplicateEndpoint(spec.id));
-            }
-            endpoints.push(spec);
-        }
+        let endpoints = self.endpoint_specs()?;
         let has = |f: fn(&EndpointKind) -> bool| endpoints.iter().any(|e| f(&e.kind));
         if has(|k| matches!(k, EndpointKind::Vfio(_))) && has(|k| *k == EndpointKind::Selftest) {
             return Err(ArgsError::MixedHostEndpoints);
@@ -357,6 +401,7 @@ impl Args {
             u32::try_from(de).map_err(|_| ArgsError::BadRange(self.domain_range.clone()))?;
         for (name, v) in [
             ("max-domains", self.max_domains),
+            ("max-endpoints", self.max_endpoints),
             ("max-mappings", self.max_mappings),
             ("max-events", self.max_events),
             ("max-pasids", self.max_pasids),
@@ -437,6 +482,58 @@ mod tests {
         let mut v = vec!["vhost-device-iommu"];
         v.extend_from_slice(extra);
         Args::try_parse_from(v).unwrap().options()
+    }
+
+    #[test]
+    fn endpoint_ranges_and_their_bound() {
+        let s = ["--socket-fd", "3"];
+        let with = |e: &[&str]| args(&[&s[..], e].concat());
+        let o = with(&["--endpoint", "0x8-0xa", "--endpoint", "0x20"]).unwrap();
+        assert_eq!(o.endpoint_ids(), vec![8, 9, 10, 0x20]);
+        assert!(o.endpoints.iter().all(|e| e.kind == EndpointKind::Virtual));
+        assert_eq!(
+            with(&["--endpoint", "5-5"]).unwrap().endpoint_ids(),
+            vec![5]
+        );
+        // Counted before anything is expanded: the whole ID space is refused
+        // at once, not allocated.
+        assert_eq!(
+            with(&["--endpoint", "0-0xffffffff"]).unwrap_err(),
+            ArgsError::TooManyEndpoints {
+                given: 1 << 32,
+                max: 1 << 16
+            }
+        );
+        let at_bound = ["--endpoint", "0x100-0x1ff", "--max-endpoints", "256"];
+        assert_eq!(with(&at_bound).unwrap().endpoints.len(), 256);
+        assert_eq!(
+            with(&[&at_bound[..], &["--endpoint", "7"]].concat()).unwrap_err(),
+            ArgsError::TooManyEndpoints {
+                given: 257,
+                max: 256
+            }
+        );
+        assert_eq!(
+            with(&["--endpoint", "1-4", "--endpoint", "3"]).unwrap_err(),
+            ArgsError::DuplicateEndpoint(3)
+        );
+        assert_eq!(
+            with(&["--endpoint", "4-1"]).unwrap_err(),
+            ArgsError::EmptyRange("4-1".into())
+        );
+        assert!(matches!(
+            with(&["--endpoint", "1-0x100000000"]).unwrap_err(),
+            ArgsError::BadRange(_)
+        ));
+        // Host endpoints are one ID each.
+        assert!(matches!(
+            with(&["--endpoint", "1-2,vfio=/dev/x"]).unwrap_err(),
+            ArgsError::BadEndpoint(_)
+        ));
+        assert_eq!(
+            with(&["--max-endpoints", "0"]).unwrap_err(),
+            ArgsError::ZeroBound("max-endpoints")
+        );
     }
 
     #[test]

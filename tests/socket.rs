@@ -580,6 +580,51 @@ fn a_flood_of_requests_keeps_memory_flat() {
 }
 
 #[test]
+fn endpoint_bound_and_a_flood_of_unknown_endpoints() {
+    // 256 endpoints from one range, exactly the bound.
+    let b = BackendProcess::spawn(&["--endpoint", "0x100-0x1ff", "--max-endpoints", "256"])
+        .expect("backend starts");
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, 0x100, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::attach(1, 0x1ff, 0, 0)), S_OK);
+    assert_eq!(status(&mut f, wire::attach(1, 0x200, 0, 0)), S_NOENT);
+    assert_eq!(status(&mut f, wire::attach(1, 0xff, 0, 0)), S_NOENT);
+    // IDs the device does not have cost nothing: every request naming one
+    // is NOENT and memory stays flat.
+    let ps = f.probe_size().unwrap();
+    let mut reqs: Vec<(Vec<u8>, u32)> = Vec::with_capacity(256);
+    let mut round = |f: &mut Frontend, k: u32| {
+        reqs.clear();
+        for i in 0..256u32 {
+            // Spread over the whole ID space, never 0x100..=0x1ff.
+            let ep = (k * 256 + i).wrapping_mul(0x9e37_79b9) | 0x1000;
+            reqs.push(match i % 3 {
+                0 => (wire::attach(2 + i, ep, 0, 0).0.to_vec(), 4),
+                1 => (wire::detach(1, ep).0.to_vec(), 4),
+                _ => {
+                    let (r, w) = wire::probe(ep, ps);
+                    (r.to_vec(), w)
+                }
+            });
+        }
+        for (used, w) in f.submit_batch(&reqs).unwrap() {
+            assert_eq!(w[used as usize - 4], S_NOENT);
+        }
+    };
+    for k in 0..40 {
+        round(&mut f, k);
+    }
+    let rss0 = b.rss_kib().unwrap();
+    for k in 40..440 {
+        round(&mut f, k);
+    }
+    let rss1 = b.rss_kib().unwrap();
+    eprintln!("unknown endpoints: rss {rss0} KiB -> {rss1} KiB over 102400 requests");
+    assert!(rss1 <= rss0 + 512, "RSS grew from {rss0} to {rss1} KiB");
+    assert_eq!(status(&mut f, wire::detach(1, 0x1ff)), S_OK);
+}
+
+#[test]
 fn domain_bound_is_nomem() {
     let b = backend(&["--max-domains", "1"]);
     let mut f = connect(&b);
@@ -881,6 +926,10 @@ fn bad_options_exit_with_one_line_naming_the_cause() {
         (
             &["--socket-path", "/tmp/x", "--domain-range", "9-1"],
             "ends before it starts",
+        ),
+        (
+            &["--socket-path", "/tmp/x", "--endpoint", "0-0xffffffff"],
+            "4294967296 endpoints given; --max-endpoints is 65536",
         ),
     ];
     for (args, want) in cases {
