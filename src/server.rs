@@ -223,8 +223,12 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             .register_listener(backend.virtual_faults.fd(), EventSet::IN, VIRTUAL_FAULTS)
             .map_err(ServerError::Register)?;
         let eventq = daemon.get_epoll_handlers()[EVENTQ as usize].clone();
-        backend.set_registrar(Some(Box::new(move |fd, data| {
-            eventq.register_listener(fd, EventSet::IN, data)
+        backend.set_registrar(Some(Box::new(move |fd, data, watch| {
+            if watch {
+                eventq.register_listener(fd, EventSet::IN, data)
+            } else {
+                eventq.unregister_listener(fd, EventSet::IN, data)
+            }
         })));
         daemon.start(&mut listener)?;
         info!("frontend connected");

@@ -32,10 +32,10 @@ use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFI
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
-use crate::device::state::IommuState;
+use crate::device::state::{IommuState, NO_RESPONSE};
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
-use crate::fault_queue::source::{read_records, VirtualSource};
+use crate::fault_queue::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
 use crate::fault_queue::vevents::VEventCounters;
 use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
 use crate::iommufd_bridge::{HostIommu, RamRegion};
@@ -112,6 +112,9 @@ pub struct IommuBackend {
     pub virtual_faults: VirtualSource,
     /// This connection's kernel fault queue (host endpoints), for reading.
     kernel_faults: Mutex<Option<File>>,
+    /// Whole-group reads of the kernel's fault FD (the eventq worker's; taken
+    /// before `kernel_faults` and the session).
+    fault_reader: Mutex<GroupReader>,
     /// Adds an FD to the eventq worker's epoll (set per connection).
     registrar: Mutex<Option<Registrar>>,
     /// Exit-event FDs the library leaks (see `exit_event`), closed at the
@@ -123,8 +126,9 @@ pub struct IommuBackend {
     pub vevents: Mutex<VEventCounters>,
 }
 
-/// Registers (fd, epoll data) with the eventq worker.
-pub type Registrar = Box<dyn Fn(RawFd, u64) -> io::Result<()> + Send>;
+/// Registers (fd, epoll data) with the eventq worker (`true`), or removes
+/// it (`false`).
+pub type Registrar = Box<dyn Fn(RawFd, u64, bool) -> io::Result<()> + Send>;
 
 thread_local! {
     static NAMED: Cell<bool> = const { Cell::new(false) };
@@ -155,6 +159,18 @@ fn narrow_frontend_thread() {
     if std::thread::current().name() == Some(FRONTEND_THREAD) {
         crate::sandbox::narrow_or_warn(crate::sandbox::Role::Frontend);
     }
+}
+
+/// Does `fd` have data to read now?
+fn fd_readable(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// The memory table's regions, as the host IOMMU maps them.
@@ -188,6 +204,7 @@ impl IommuBackend {
             events: EventChannel::new(limits.max_events)?,
             virtual_faults: VirtualSource::new()?,
             kernel_faults: Mutex::new(None),
+            fault_reader: Mutex::new(GroupReader::default()),
             registrar: Mutex::new(None),
             kernel_events: Mutex::new(None),
             vevents: Mutex::new(VEventCounters::default()),
@@ -212,7 +229,7 @@ impl IommuBackend {
             return;
         };
         let registered = match self.registrar.lock().unwrap().as_ref() {
-            Some(reg) => reg(file.as_raw_fd(), KERNEL_EVENTS),
+            Some(reg) => reg(file.as_raw_fd(), KERNEL_EVENTS, true),
             None => return,
         };
         match registered {
@@ -288,7 +305,7 @@ impl IommuBackend {
             return;
         };
         let registered = match self.registrar.lock().unwrap().as_ref() {
-            Some(reg) => reg(file.as_raw_fd(), KERNEL_FAULTS),
+            Some(reg) => reg(file.as_raw_fd(), KERNEL_FAULTS, true),
             None => Err(io::Error::other("no connection")),
         };
         match registered {
@@ -302,11 +319,25 @@ impl IommuBackend {
     /// Called with the session lock held (so a `dma` that times out sees a
     /// consistent picture), before the FIFO lock.
     pub fn flush_pages(&self, s: &mut Session) {
+        // The kernel's responses go in one write per 64 (its write() takes
+        // many); a virtual one wakes its `dma` at once.
+        let mut kernel = [NO_RESPONSE; 64];
+        let mut n = 0;
         while let Some(r) = s.iommu.pages.pop_response() {
             match r.source {
                 SourceId::Virtual => self.virtual_faults.respond(r.cookie, r.code),
-                SourceId::Kernel => s.iommu.respond_host_fault(&r),
+                SourceId::Kernel => {
+                    kernel[n] = r;
+                    n += 1;
+                    if n == kernel.len() {
+                        s.iommu.respond_host_faults(&kernel);
+                        n = 0;
+                    }
+                }
             }
+        }
+        if n > 0 {
+            s.iommu.respond_host_faults(&kernel[..n]);
         }
         if let Some(first) = s.iommu.pages.pop_purged() {
             let mut fifo = self.events.fifo();
@@ -322,47 +353,101 @@ impl IommuBackend {
     fn read_faults(&self, source: SourceId) {
         let mut buf = [0u8; PGFAULT_LEN * FAULT_BATCH];
         loop {
-            let read = match source {
-                SourceId::Virtual => self.virtual_faults.read(&mut buf),
-                SourceId::Kernel => match self.kernel_faults.lock().unwrap().as_mut() {
-                    Some(f) => read_records(f, &mut buf),
-                    None => Ok(0),
+            let n = match source {
+                SourceId::Virtual => match self.virtual_faults.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!("virtual fault FD: {e}");
+                        return;
+                    }
                 },
-            };
-            let n = match read {
-                Ok(n) => n,
-                Err(e) => {
-                    warn!("{source:?} fault FD: {e}");
-                    return;
-                }
+                SourceId::Kernel => match self.read_kernel_faults(&mut buf) {
+                    Some(n) => n,
+                    None => return,
+                },
             };
             if n == 0 {
                 return;
             }
-            let mut recs = [FaultRecord::default(); FAULT_BATCH];
-            let mut kept = 0;
-            let mut s = self.session();
-            for chunk in buf[..n * PGFAULT_LEN].chunks_exact(PGFAULT_LEN) {
-                let r = FaultRecord::parse(chunk.try_into().expect("40-byte chunk"));
-                if source == SourceId::Virtual && self.virtual_faults.take_cancelled(r.cookie) {
-                    // Its `dma` timed out before we got here.
-                    s.iommu.pages.note_cancelled();
-                    continue;
-                }
-                recs[kept] = r;
-                kept += 1;
-            }
-            let acked = s.acked_features;
-            let mut fifo = self.events.fifo();
-            s.iommu
-                .accept_page_requests(source, &recs[..kept], acked, &mut fifo);
-            drop(fifo);
-            self.flush_pages(&mut s);
-            drop(s);
+            self.relay_faults(source, &buf[..n * PGFAULT_LEN]);
             if n < FAULT_BATCH {
                 return;
             }
         }
+    }
+
+    /// One read of the kernel's fault FD into `buf`: how many records are
+    /// there, or None when there are none. A group too large for `buf` is
+    /// read into the reader's own buffer and relayed from there (0 is
+    /// returned: read on). One that is too large for that too stops the
+    /// watch on the FD rather than spin: the kernel completes it when the
+    /// device detaches.
+    fn read_kernel_faults(&self, buf: &mut [u8]) -> Option<usize> {
+        let mut reader = self.fault_reader.lock().unwrap();
+        let read = {
+            let mut kf = self.kernel_faults.lock().unwrap();
+            let f = kf.as_mut()?;
+            let fd = f.as_raw_fd();
+            reader.read(f, buf, || fd_readable(fd))
+        };
+        match read {
+            Ok(Batch::Small(n)) => Some(n),
+            Ok(Batch::Empty) => None,
+            Ok(Batch::Big(n)) => {
+                debug!("fault queue: a read of {n} records (a group larger than {FAULT_BATCH})");
+                self.relay_faults(SourceId::Kernel, reader.big(n));
+                Some(FAULT_BATCH)
+            }
+            Ok(Batch::Stuck) => {
+                error!(
+                    "fault queue: a page-request group of more than {MAX_GROUP_RECORDS} records \
+                     cannot be read; no longer polling the fault queue (the kernel completes \
+                     the group when its device detaches)"
+                );
+                if let Some(f) = self.kernel_faults.lock().unwrap().as_ref() {
+                    if let Some(reg) = self.registrar.lock().unwrap().as_ref() {
+                        let _ = reg(f.as_raw_fd(), KERNEL_FAULTS, false);
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                warn!("Kernel fault FD: {e}");
+                None
+            }
+        }
+    }
+
+    /// Relay whole groups of records read from `source`.
+    fn relay_faults(&self, source: SourceId, bytes: &[u8]) {
+        let count = bytes.len() / PGFAULT_LEN;
+        let mut stack = [FaultRecord::default(); FAULT_BATCH];
+        // Only a group larger than a stack batch allocates (a cold path).
+        let mut heap = Vec::new();
+        let recs: &mut [FaultRecord] = if count <= FAULT_BATCH {
+            &mut stack[..count]
+        } else {
+            heap.resize(count, FaultRecord::default());
+            &mut heap
+        };
+        let mut kept = 0;
+        let mut s = self.session();
+        for chunk in bytes.chunks_exact(PGFAULT_LEN) {
+            let r = FaultRecord::parse(chunk.try_into().expect("40-byte chunk"));
+            if source == SourceId::Virtual && self.virtual_faults.take_cancelled(r.cookie) {
+                // Its `dma` timed out before we got here.
+                s.iommu.pages.note_cancelled();
+                continue;
+            }
+            recs[kept] = r;
+            kept += 1;
+        }
+        let acked = s.acked_features;
+        let mut fifo = self.events.fifo();
+        s.iommu
+            .accept_page_requests(source, &recs[..kept], acked, &mut fifo);
+        drop(fifo);
+        self.flush_pages(&mut s);
     }
 
     /// Busy-poll the requestq for `poll` after serving it.

@@ -21,6 +21,14 @@ use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Targ
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
+/// Fills response batches (never sent).
+pub const NO_RESPONSE: Response = Response {
+    source: SourceId::Kernel,
+    cookie: 0,
+    code: 0,
+    by_driver: false,
+};
+
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (virtio-iommu.md P11).
 pub const MSI_START: u64 = 0xfee0_0000;
@@ -468,25 +476,49 @@ impl IommuState {
     /// Write a page response to the host's fault queue. A group the kernel
     /// had completed itself (a detach raced the record) counts as the
     /// kernel's.
-    pub fn respond_host_fault(&mut self, r: &Response) {
-        match self.host.page_response(r.cookie, r.code) {
-            Ok(true) => {}
-            Ok(false) => {
-                log::debug!(
-                    "page response for cookie {}: the kernel had completed it",
-                    r.cookie
-                );
-                self.pages.reclassify_as_kernel(r);
+    /// Write the kernel's responses, up to 64 in one write.
+    pub fn respond_host_faults(&mut self, rs: &[Response]) {
+        let mut pairs = [(0u32, 0u16); 64];
+        for chunk in rs.chunks(pairs.len()) {
+            for (p, r) in pairs.iter_mut().zip(chunk) {
+                *p = (r.cookie, r.code);
             }
-            Err(e) => log::warn!("page response for cookie {}: {e}", r.cookie),
+            let pages = &mut self.pages;
+            self.host
+                .page_responses(&pairs[..chunk.len()], &mut |i, result| {
+                    let r = &chunk[i];
+                    match result {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            log::debug!(
+                                "page response for cookie {}: the kernel had completed it",
+                                r.cookie
+                            );
+                            pages.reclassify_as_kernel(r);
+                        }
+                        Err(e) => log::warn!("page response for cookie {}: {e}", r.cookie),
+                    }
+                });
         }
     }
 
     /// Write the kernel's responses now (before a host call that detaches
     /// or destroys what they answer); virtual ones stay for the glue.
     fn respond_kernel_now(&mut self) {
-        while let Some(r) = self.pages.pop_response_of(SourceId::Kernel) {
-            self.respond_host_fault(&r);
+        let mut batch = [NO_RESPONSE; 64];
+        loop {
+            let mut n = 0;
+            while n < batch.len() {
+                let Some(r) = self.pages.pop_response_of(SourceId::Kernel) else {
+                    break;
+                };
+                batch[n] = r;
+                n += 1;
+            }
+            if n == 0 {
+                return;
+            }
+            self.respond_host_faults(&batch[..n]);
         }
     }
 

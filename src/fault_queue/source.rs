@@ -37,6 +37,83 @@ pub fn read_records(fd: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// The largest page-request group the reader grows its buffer for
+/// (65536 records, 2.5 MiB). PCI PRI puts no limit on a group; the IOMMUs'
+/// page-request queues hold a few hundred requests.
+pub const MAX_GROUP_RECORDS: usize = 1 << 16;
+
+/// What one read of the kernel's fault FD gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// `n` records in the caller's buffer.
+    Small(usize),
+    /// `n` records in the reader's own, grown, buffer (`GroupReader::big`).
+    Big(usize),
+    /// Nothing pending.
+    Empty,
+    /// A group larger than MAX_GROUP_RECORDS waits: it cannot be read.
+    Stuck,
+}
+
+/// Reads whole groups from the kernel's fault FD. The kernel returns only
+/// whole groups; when the first pending one is larger than the buffer its
+/// read() returns nothing (0, or EINVAL in some versions) while the FD
+/// stays readable, and a reader that just retries spins. Then a larger
+/// buffer (grown on that cold path, kept for next time) takes the group.
+#[derive(Debug, Default)]
+pub struct GroupReader {
+    big: Vec<u8>,
+}
+
+impl GroupReader {
+    /// Read from `fd` into `small` (the hot path: a stack buffer), or into
+    /// the reader's own buffer when a group does not fit; `readable` polls
+    /// the FD (is a group pending?).
+    pub fn read(
+        &mut self,
+        fd: &mut impl Read,
+        small: &mut [u8],
+        readable: impl Fn() -> bool,
+    ) -> io::Result<Batch> {
+        if let Some(n) = read_some(fd, small)? {
+            return Ok(Batch::Small(n));
+        }
+        if !readable() {
+            return Ok(Batch::Empty);
+        }
+        let mut size = self.big.len().max(small.len() * 4).max(PGFAULT_LEN);
+        while size <= MAX_GROUP_RECORDS * PGFAULT_LEN {
+            if self.big.len() < size {
+                self.big.resize(size, 0);
+            }
+            if let Some(n) = read_some(fd, &mut self.big[..size])? {
+                return Ok(Batch::Big(n));
+            }
+            if !readable() {
+                return Ok(Batch::Empty);
+            }
+            size *= 2;
+        }
+        Ok(Batch::Stuck)
+    }
+
+    /// The records of the last `Batch::Big(n)`.
+    pub fn big(&self, n: usize) -> &[u8] {
+        &self.big[..n * PGFAULT_LEN]
+    }
+}
+
+/// Some records, or None when the read gave none (empty, or the first
+/// group does not fit).
+fn read_some(fd: &mut impl Read, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    match read_records(fd, buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 enum Waiter {
     Waiting(SyncSender<u16>),
     /// The `dma` gave up before the device read its record.
@@ -159,6 +236,89 @@ impl VirtualSource {
 mod tests {
     use super::*;
     use crate::fault_queue::pages::PERM_WRITE;
+
+    /// The kernel's fault FD as read() sees it: whole groups only; a group
+    /// larger than the buffer gives 0 (or EINVAL, as `einval` says).
+    struct KernelLike {
+        groups: std::collections::VecDeque<usize>,
+        einval: bool,
+        reads: usize,
+    }
+
+    impl Read for KernelLike {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            let mut done = 0;
+            while let Some(&g) = self.groups.front() {
+                if g * PGFAULT_LEN > buf.len() - done {
+                    break;
+                }
+                self.groups.pop_front();
+                done += g * PGFAULT_LEN;
+            }
+            if done == 0 && !self.groups.is_empty() && self.einval {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            Ok(done)
+        }
+    }
+
+    #[test]
+    fn groups_larger_than_the_buffer_are_read_whole_not_spun_on() {
+        for einval in [false, true] {
+            let mut fd = KernelLike {
+                groups: [3, 200, 1, 5000, 2].into_iter().collect(),
+                einval,
+                reads: 0,
+            };
+            let mut r = GroupReader::default();
+            let mut small = [0u8; PGFAULT_LEN * 64];
+            let mut got = Vec::new();
+            loop {
+                let pending = !fd.groups.is_empty();
+                match r.read(&mut fd, &mut small, || pending).unwrap() {
+                    Batch::Small(n) | Batch::Big(n) => got.push(n),
+                    Batch::Empty => break,
+                    Batch::Stuck => panic!("stuck"),
+                }
+            }
+            // Whole groups, several to a read where they fit.
+            assert_eq!(got, vec![3, 201, 5002], "einval {einval}");
+            assert!(fd.reads < 20, "{} reads", fd.reads);
+            // The grown buffer is kept: the next large group costs one read.
+            fd.groups.push_back(4000);
+            fd.reads = 0;
+            let pending = true;
+            assert_eq!(
+                r.read(&mut fd, &mut small, || pending).unwrap(),
+                Batch::Big(4000)
+            );
+            assert_eq!(fd.reads, 2);
+            assert_eq!(r.big(4000).len(), 4000 * PGFAULT_LEN);
+        }
+    }
+
+    #[test]
+    fn a_group_beyond_the_cap_is_reported_stuck() {
+        let mut fd = KernelLike {
+            groups: [MAX_GROUP_RECORDS + 1].into_iter().collect(),
+            einval: false,
+            reads: 0,
+        };
+        let mut small = [0u8; PGFAULT_LEN * 64];
+        let mut r = GroupReader::default();
+        assert_eq!(r.read(&mut fd, &mut small, || true).unwrap(), Batch::Stuck);
+        // An FD that is not readable (nothing pending) is just empty.
+        let mut empty = KernelLike {
+            groups: Default::default(),
+            einval: false,
+            reads: 0,
+        };
+        assert_eq!(
+            r.read(&mut empty, &mut small, || false).unwrap(),
+            Batch::Empty
+        );
+    }
 
     #[test]
     fn records_round_trip_through_the_pipe_and_answers_reach_the_waiter() {

@@ -1028,33 +1028,75 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     }
 
     fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {
+        let mut out = Ok(false);
+        self.page_responses(&[(cookie, code)], &mut |_, r| out = r);
+        out
+    }
+
+    fn page_responses(
+        &mut self,
+        responses: &[(u32, u16)],
+        each: &mut dyn FnMut(usize, Result<bool>),
+    ) {
         use std::io::Write;
+        const RESP: usize = 8;
+        const BATCH: usize = 64;
         let Some((_, file)) = self.fault.as_mut() else {
-            return Err(BridgeError::Unsupported("no fault queue"));
+            for i in 0..responses.len() {
+                each(i, Err(BridgeError::Unsupported("no fault queue")));
+            }
+            return;
         };
-        // struct iommu_hwpt_page_response {cookie, code}: the kernel takes
-        // SUCCESS (0) and INVALID (1) only.
-        let kcode: u32 = if code == 0 { 0 } else { 1 };
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&cookie.to_le_bytes());
-        b[4..].copy_from_slice(&kcode.to_le_bytes());
-        match file.write(&b) {
-            Ok(8) => {
-                self.responses_written += 1;
-                Ok(true)
+        for (base, chunk) in responses.chunks(BATCH).enumerate() {
+            let base = base * BATCH;
+            // struct iommu_hwpt_page_response {cookie, code}: the kernel
+            // takes SUCCESS (0) and INVALID (1) only.
+            let mut buf = [0u8; RESP * BATCH];
+            for (i, &(cookie, code)) in chunk.iter().enumerate() {
+                let kcode: u32 = if code == 0 { 0 } else { 1 };
+                buf[i * RESP..i * RESP + 4].copy_from_slice(&cookie.to_le_bytes());
+                buf[i * RESP + 4..(i + 1) * RESP].copy_from_slice(&kcode.to_le_bytes());
             }
-            Ok(n) => Err(BridgeError::Host {
-                op: "fault queue write",
-                detail: format!("{n} of 8 bytes"),
-            }),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.responses_stale += 1;
-                Ok(false)
+            // The kernel answers responses in order and stops at the first
+            // it refuses: it returns the bytes it took, or (nothing taken)
+            // that response's errno. So: write, skip the refused one, go on.
+            let mut i = 0;
+            while i < chunk.len() {
+                match file.write(&buf[i * RESP..chunk.len() * RESP]) {
+                    Ok(n) if n >= RESP && n % RESP == 0 => {
+                        for k in i..i + n / RESP {
+                            self.responses_written += 1;
+                            each(base + k, Ok(true));
+                        }
+                        i += n / RESP;
+                    }
+                    Ok(n) => {
+                        each(
+                            base + i,
+                            Err(BridgeError::Host {
+                                op: "fault queue write",
+                                detail: format!("{n} bytes of a response"),
+                            }),
+                        );
+                        i += 1;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.responses_stale += 1;
+                        each(base + i, Ok(false));
+                        i += 1;
+                    }
+                    Err(e) => {
+                        each(
+                            base + i,
+                            Err(BridgeError::Kernel {
+                                op: "fault queue write",
+                                errno: e.raw_os_error().unwrap_or(libc::EIO),
+                            }),
+                        );
+                        i += 1;
+                    }
+                }
             }
-            Err(e) => Err(BridgeError::Kernel {
-                op: "fault queue write",
-                errno: e.raw_os_error().unwrap_or(libc::EIO),
-            }),
         }
     }
 

@@ -172,6 +172,18 @@ pub trait HostIommu: Debug + Send {
         Err(BridgeError::Unsupported("no fault queue"))
     }
 
+    /// `page_response` for several groups at once (the kernel takes them in
+    /// one write); `each(i, result)` is called for every one, in order.
+    fn page_responses(
+        &mut self,
+        responses: &[(u32, u16)],
+        each: &mut dyn FnMut(usize, Result<bool>),
+    ) {
+        for (i, &(cookie, code)) in responses.iter().enumerate() {
+            each(i, self.page_response(cookie, code));
+        }
+    }
+
     /// The endpoint whose device has iommufd `dev_id` (fault records).
     fn endpoint_of_dev(&self, dev_id: u32) -> Option<u32> {
         let _ = dev_id;
