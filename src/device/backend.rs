@@ -122,7 +122,7 @@ pub struct IommuBackend {
     exit_consumers: Mutex<Vec<RawFd>>,
     /// The vIOMMU's vEVENTQ (host endpoints), for reading: the FD and the
     /// size of each event's data; and what came through it.
-    kernel_events: Mutex<Option<(File, usize)>>,
+    kernel_events: Mutex<Option<(File, usize, usize)>>,
     pub vevents: Mutex<VEventCounters>,
 }
 
@@ -225,7 +225,7 @@ impl IommuBackend {
         if ke.is_some() {
             return;
         }
-        let Some((file, len)) = s.iommu.event_queue_reader() else {
+        let Some((file, len, id_at)) = s.iommu.event_queue_reader() else {
             return;
         };
         let registered = match self.registrar.lock().unwrap().as_ref() {
@@ -234,7 +234,7 @@ impl IommuBackend {
         };
         match registered {
             Ok(()) => {
-                *ke = Some((file, len));
+                *ke = Some((file, len, id_at));
                 drop(ke);
                 let stale = self.read_events(false);
                 if stale > 0 {
@@ -254,7 +254,7 @@ impl IommuBackend {
         loop {
             let n = {
                 let mut ke = self.kernel_events.lock().unwrap();
-                let Some((file, _)) = ke.as_mut() else {
+                let Some((file, ..)) = ke.as_mut() else {
                     return total;
                 };
                 match std::io::Read::read(file, &mut buf) {
@@ -269,18 +269,20 @@ impl IommuBackend {
             if n == 0 {
                 return total;
             }
-            let len = self
+            let (len, id_at) = self
                 .kernel_events
                 .lock()
                 .unwrap()
                 .as_ref()
-                .map_or(4, |k| k.1);
+                .map_or((4, 0), |k| (k.1, k.2));
             let s = self.session();
             let mut fifo = self.events.fifo();
             let mut c = self.vevents.lock().unwrap();
             let before = c.received;
             c.parse(&buf[..n], len, |data| {
-                let virt_id = u32::from_le_bytes(data[..4].try_into().unwrap_or([0; 4]));
+                let virt_id = data
+                    .get(id_at..id_at + 4)
+                    .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
                 if relay && s.iommu.has_endpoint(virt_id) {
                     fifo.push(EventRecord::Fault {
                         reason: REASON_UNKNOWN,

@@ -523,7 +523,7 @@ impl IommuState {
     }
 
     /// The host's vIOMMU event queue, if any (the caller polls the handle).
-    pub fn event_queue_reader(&self) -> Option<(std::fs::File, usize)> {
+    pub fn event_queue_reader(&self) -> Option<(std::fs::File, usize, usize)> {
         self.host.event_queue_reader()
     }
 

@@ -15,18 +15,21 @@ use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 
 use super::sys::{
-    Features, HwInfoRaw, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HWPT_DATA_SELFTEST,
-    HWPT_DATA_VTD_S1, HW_INFO_INTEL_VTD, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST,
-    INVALIDATE_DATA_VTD_S1, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE, VEVENTQ_TYPE_SELFTEST,
-    VIOMMU_TYPE_SELFTEST,
+    Features, HwInfoRaw, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HWPT_DATA_ARM_SMMUV3,
+    HWPT_DATA_SELFTEST, HWPT_DATA_VTD_S1, HW_INFO_ARM_SMMUV3, HW_INFO_INTEL_VTD, HW_INFO_SELFTEST,
+    INVALIDATE_DATA_SELFTEST, INVALIDATE_DATA_VTD_S1, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+    VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+    VIOMMU_TYPE_ARM_SMMUV3, VIOMMU_TYPE_SELFTEST,
 };
 use super::{BridgeError, HostIommu, HostMapping, RamRegion, Result, Target};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::device::state::RESV_MEM_T_RESERVED;
 use crate::device::state::{ReservedRegion, MSI_END, MSI_START, RESV_MEM_T_MSI};
 use crate::nested::request::{
-    AT_F_EAFE, AT_F_SRE, AT_F_WPE, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD, INV_CACHE_CONFIG,
+    AT_F_EAFE, AT_F_SRE, AT_F_WPE, FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD,
+    INV_CACHE_CONFIG,
 };
+use crate::nested::smmu3::{self, SmmuInfo};
 use crate::nested::{HwInfo, Invalidate, TableCaps, TableDesc};
 
 /// A device the host IOMMU translates for, bound to our iommufd.
@@ -80,6 +83,11 @@ struct HostDomain {
     users: usize,
     /// IOMMU_HWPT_INVALIDATE data type of a table domain's nested HWPT.
     invalidate_type: Option<u32>,
+    /// Whom IOMMU_HWPT_INVALIDATE names: the nested HWPT, or for SMMUv3
+    /// the vIOMMU.
+    invalidate_id: u32,
+    /// A table domain's guest table.
+    table: Option<TableDesc>,
 }
 
 /// vEVENTQ depth: events the kernel holds while we do not read.
@@ -120,9 +128,13 @@ fn nested_data(table: &TableDesc) -> Result<(u32, u32, Vec<u8>)> {
             d.extend_from_slice(&0u32.to_le_bytes());
             Ok((HWPT_DATA_VTD_S1, INVALIDATE_DATA_VTD_S1, d))
         }
-        TableDesc::ArmSmmu3 { .. } => Err(BridgeError::Unsupported(
-            "ARM_SMMU3 tables need a vIOMMU, which this device does not drive yet",
-        )),
+        TableDesc::ArmSmmu3 { ste } => {
+            // struct iommu_hwpt_arm_smmuv3 {ste[2]}, little-endian.
+            let mut d = Vec::with_capacity(16);
+            d.extend_from_slice(&ste[0].to_le_bytes());
+            d.extend_from_slice(&ste[1].to_le_bytes());
+            Ok((HWPT_DATA_ARM_SMMUV3, VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, d))
+        }
     }
 }
 
@@ -199,6 +211,8 @@ pub struct IommufdHost<D: HostDevice> {
     /// reports unrecoverable faults.
     viommu: Option<u32>,
     veventq: Option<(u32, std::fs::File)>,
+    /// The vEVENTQ's events: (data length, offset of the virtual ID in it).
+    vevent_format: (usize, usize),
     /// Page responses written (accepted by the kernel), and those it
     /// refused because it had completed the group itself.
     responses_written: u64,
@@ -288,6 +302,7 @@ impl<D: HostDevice> IommufdHost<D> {
             fault: None,
             viommu: None,
             veventq: None,
+            vevent_format: (4, 0),
             responses_written: 0,
             responses_stale: 0,
         })
@@ -409,6 +424,12 @@ impl<D: HostDevice> IommufdHost<D> {
         let format = match info_type {
             HW_INFO_SELFTEST => Some(FORMAT_HOST_SELFTEST),
             HW_INFO_INTEL_VTD => Some(FORMAT_INTEL_VTD),
+            // A vSTE needs a vIOMMU (6.13+) to nest on.
+            HW_INFO_ARM_SMMUV3 if self.features.viommu => Some(FORMAT_ARM_SMMU3),
+            HW_INFO_ARM_SMMUV3 => {
+                info!("endpoint {id:#x}: SMMUv3 tables need a vIOMMU, which this kernel lacks; ATTACH_TABLE answers UNSUPP");
+                None
+            }
             _ => None,
         };
         let formats = match (format, self.nest_parent) {
@@ -448,34 +469,38 @@ impl<D: HostDevice> IommufdHost<D> {
     }
 
     /// The vIOMMU (made with the first device it suits) and this device's
-    /// vDEVICE on it, so that its tables nest on the vIOMMU and its
-    /// unrecoverable faults reach the vEVENTQ. Only the selftest mock's
-    /// types are driven (SMMUv3 needs the ARM_SMMU3 format: not yet).
+    /// vDEVICE on it (virt_id: the endpoint ID, which is the guest's stream
+    /// ID in SMMUv3 commands), so that its tables nest on the vIOMMU and its
+    /// unrecoverable faults reach the vEVENTQ. Types driven: the selftest
+    /// mock's and SMMUv3.
     fn virtual_device(&mut self, id: u32, dev: &D, caps: &TableCaps) -> Option<u32> {
         let parent = self.nest_parent?;
-        let selftest = caps
-            .hw_info
-            .as_ref()
-            .is_some_and(|h| h.info_type == HW_INFO_SELFTEST);
-        if !self.features.viommu || !selftest {
+        let info_type = caps.hw_info.as_ref().map(|h| h.info_type);
+        // (vIOMMU type, vEVENTQ type, event length, virt_id offset in it)
+        let kind = match info_type {
+            Some(HW_INFO_SELFTEST) => (VIOMMU_TYPE_SELFTEST, VEVENTQ_TYPE_SELFTEST, 4, 0),
+            // struct iommu_vevent_arm_smmuv3 {evt[4]}: the vSID is
+            // evt[0] bits 63:32.
+            Some(HW_INFO_ARM_SMMUV3) => (VIOMMU_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_ARM_SMMUV3, 32, 4),
+            _ => return None,
+        };
+        if !self.features.viommu {
             return None;
         }
         if self.viommu.is_none() {
-            match self
-                .fd
-                .viommu_alloc(dev.dev_id(), parent, VIOMMU_TYPE_SELFTEST)
-            {
+            match self.fd.viommu_alloc(dev.dev_id(), parent, kind.0) {
                 Ok(v) => {
-                    info!("iommufd: vIOMMU {v} on the nesting parent");
+                    info!(
+                        "iommufd: vIOMMU {v} (type {:#x}) on the nesting parent",
+                        kind.0
+                    );
                     self.viommu = Some(v);
                     if self.features.veventq {
-                        match self
-                            .fd
-                            .veventq_alloc(v, VEVENTQ_TYPE_SELFTEST, VEVENTQ_DEPTH)
-                        {
+                        match self.fd.veventq_alloc(v, kind.1, VEVENTQ_DEPTH) {
                             Ok(q) => {
                                 info!("iommufd: vEVENTQ {} for unrecoverable faults", q.0);
                                 self.veventq = Some(q);
+                                self.vevent_format = (kind.2, kind.3);
                             }
                             Err(e) => info!("iommufd: no vEVENTQ ({e})"),
                         }
@@ -506,26 +531,30 @@ impl<D: HostDevice> IommufdHost<D> {
         table: &TableDesc,
         page_requests: bool,
     ) -> Result<()> {
-        let parent = self
-            .viommu
-            .or(self.nest_parent)
-            .ok_or(BridgeError::Unsupported(
-                "the host IOMMU has no nesting parent",
-            ))?;
+        let parent = match table {
+            TableDesc::ArmSmmu3 { .. } => self.viommu.ok_or(BridgeError::Unsupported(
+                "ARM_SMMU3 tables need a vIOMMU, and none could be made",
+            ))?,
+            _ => self
+                .viommu
+                .or(self.nest_parent)
+                .ok_or(BridgeError::Unsupported(
+                    "the host IOMMU has no nesting parent",
+                ))?,
+        };
+        let smmu = matches!(table, TableDesc::ArmSmmu3 { .. });
         let (data_type, inv_type, mut data) = nested_data(table)?;
         let fault_id = if page_requests {
             Some(self.fault_queue()?)
         } else {
             None
         };
-        let hwpt = self.fd.hwpt_alloc(
-            dev_id,
-            parent,
-            self.hwpt_flags(),
-            data_type,
-            &mut data,
-            fault_id,
-        )?;
+        // An SMMUv3 nested domain takes no flags: its PASIDs live in the
+        // guest's CD table.
+        let flags = if smmu { 0 } else { self.hwpt_flags() };
+        let hwpt = self
+            .fd
+            .hwpt_alloc(dev_id, parent, flags, data_type, &mut data, fault_id)?;
         debug!("domain {domain}: nested HWPT {hwpt} on parent {parent}");
         self.domains.insert(
             domain,
@@ -535,9 +564,39 @@ impl<D: HostDevice> IommufdHost<D> {
                 own_hwpt: true,
                 users: 0,
                 invalidate_type: Some(inv_type),
+                invalidate_id: if smmu { parent } else { hwpt },
+                table: Some(*table),
             },
         );
         Ok(())
+    }
+
+    /// SMMUv3 commands for `invs` on a domain whose vSTE is `ste`, for the
+    /// vIOMMU (struct iommu_viommu_arm_smmuv3_invalidate {cmd[2]} each):
+    /// (entry_len, bytes). The streams are the domain's endpoints' vDEVICEs.
+    fn smmu3_commands(&self, domain: u32, ste: [u64; 2], invs: &[Invalidate]) -> (u32, Vec<u8>) {
+        let members = || {
+            self.endpoints
+                .iter()
+                .filter(move |(_, e)| target_domain(e.target) == Some(domain))
+        };
+        let vsids: Vec<u32> = members()
+            .filter(|(_, e)| e.vdevice.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        let info = members()
+            .find_map(|(_, e)| e.caps.hw_info.as_ref())
+            .map_or_else(SmmuInfo::default, |h| SmmuInfo::parse(&h.data));
+        let mut cmds = Vec::new();
+        for inv in invs {
+            smmu3::commands(inv, ste, &vsids, info, &mut cmds);
+        }
+        let mut out = Vec::with_capacity(cmds.len() * 16);
+        for c in cmds {
+            out.extend_from_slice(&c[0].to_le_bytes());
+            out.extend_from_slice(&c[1].to_le_bytes());
+        }
+        (16, out)
     }
 
     /// The connection's fault queue, made when the first table with
@@ -674,6 +733,8 @@ impl<D: HostDevice> IommufdHost<D> {
                 own_hwpt,
                 users: 0,
                 invalidate_type: None,
+                invalidate_id: hwpt,
+                table: None,
             },
         );
         for m in mappings {
@@ -1011,13 +1072,12 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         self.point_pasid(endpoint, pasid, target)
     }
 
-    fn event_queue_reader(&self) -> Option<(std::fs::File, usize)> {
+    fn event_queue_reader(&self) -> Option<(std::fs::File, usize, usize)> {
         let (_, file) = self.veventq.as_ref()?;
-        // struct iommu_viommu_event_selftest {virt_id}: the only type made.
         file.try_clone()
             .inspect_err(|e| warn!("vEVENTQ FD: {e}"))
             .ok()
-            .map(|f| (f, 4))
+            .map(|f| (f, self.vevent_format.0, self.vevent_format.1))
     }
 
     fn fault_queue_reader(&self) -> Option<std::fs::File> {
@@ -1116,12 +1176,18 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
                 "INVALIDATE of a domain without a table",
             ));
         };
-        let (entry_len, mut entries) = invalidate_entries(data_type, invs);
-        let hwpt = d.hwpt;
+        let (entry_len, mut entries) = match d.table {
+            Some(TableDesc::ArmSmmu3 { ste }) => self.smmu3_commands(domain, ste, invs),
+            _ => invalidate_entries(data_type, invs),
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let id = d.invalidate_id;
         self.invalidate_calls += 1;
         Ok(self
             .fd
-            .hwpt_invalidate(hwpt, data_type, entry_len, &mut entries)?)
+            .hwpt_invalidate(id, data_type, entry_len, &mut entries)?)
     }
 
     fn table_caps(&self, endpoint: u32) -> TableCaps {

@@ -153,8 +153,9 @@ pub trait HostIommu: Debug + Send {
     }
 
     /// The vIOMMU's event queue (unrecoverable faults), if there is one: a
-    /// handle for reading its records, and the size of each event's data.
-    fn event_queue_reader(&self) -> Option<(std::fs::File, usize)> {
+    /// handle for reading its records, the size of each event's data, and
+    /// where in it the virtual ID (the vDEVICE's virt_id) is.
+    fn event_queue_reader(&self) -> Option<(std::fs::File, usize, usize)> {
         None
     }
 

@@ -28,10 +28,17 @@ pub const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
 pub const HWPT_ALLOC_PASID: u32 = 1 << 3;
 /// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
 pub const HWPT_DATA_VTD_S1: u32 = 1;
+pub const HWPT_DATA_ARM_SMMUV3: u32 = 2;
 pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
 /// enum iommu_hwpt_invalidate_data_type values we use.
 pub const INVALIDATE_DATA_VTD_S1: u32 = 0;
 pub const INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+/// IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: raw SMMUv3 commands, sent to
+/// the vIOMMU (not to the nested HWPT).
+pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+/// IOMMU_VIOMMU_TYPE_ARM_SMMUV3, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3.
+pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
 /// vIOMMU and vEVENTQ types of the selftest mock (IOMMU_VIOMMU_TYPE_SELFTEST,
 /// IOMMU_VEVENTQ_TYPE_SELFTEST).
 pub const VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;

@@ -78,6 +78,8 @@ pub enum NestedError {
     BadRange { address: u64, nr_pages: u64 },
     #[error("response code {0} is not SUCCESS, INVALID or FAILURE")]
     BadCode(u16),
+    #[error("STE {0:#x} {1:#x}: a field, Config or EATS a guest may not set")]
+    BadSte(u64, u64),
 }
 
 /// One PAGE_RESP request (protocol.md 2.3).
@@ -228,6 +230,7 @@ pub fn decode_attach_table(b: &[u8]) -> Result<AttachTable, NestedError> {
         FORMAT_ARM_SMMU3 => {
             check_zero(b, 32..ATTACH_TABLE_LEN)?;
             let ste = [le64(b, 16), le64(b, 24)];
+            super::smmu3::check_vste(ste)?;
             (TableDesc::ArmSmmu3 { ste }, 0, 0)
         }
         FORMAT_INTEL_VTD => {

@@ -5,6 +5,13 @@
 #   Prints the path of the cached bzImage on stdout (the only stdout line); progress goes to stderr.
 #   --config-only  stop after the fragment check and print the path of the checked .config instead.
 #
+# VIOMMU_VM_ARCH=arm64 builds an arm64 kernel instead (cross, ARCH=arm64
+# CROSS_COMPILE=aarch64-linux-gnu- unless VIOMMU_VM_CROSS_COMPILE says otherwise; Debian's
+# gcc-aarch64-linux-gnu is installed if missing), default fragment kernel-arm64.fragment, target
+# and printed file `Image`, cache key <version>-arm64-<sha16>. Without it (or with x86_64) nothing
+# changes. A tree made by patch-kernel-source.sh (it has a .viommu-patches file) adds
+# -p<sha8 of that file> to the key.
+#
 # Steps: make ARCH=x86_64 tinyconfig (out of tree, O=<cache>), scripts/config for every line of
 # kernel.fragment, make olddefconfig, then a check that FAILS LOUDLY if any fragment symbol did not
 # end up as requested, then `nice -n 15 make -j2 bzImage`.
@@ -22,29 +29,43 @@ if [ "${1:-}" = "--config-only" ]; then
     shift
 fi
 [ "$#" -eq 1 ] || vm_die "usage: $0 [--config-only] VERSION_DIR"
-if [ ! -f "$1/Makefile" ] || [ ! -d "$1/arch/x86" ]; then vm_die "$1 is not a kernel source tree"; fi
+arch="${VIOMMU_VM_ARCH:-x86_64}"
+case "$arch" in
+    x86_64 | x86)
+        karch=x86_64 kdir=x86 target=bzImage cross="" keyarch="" deffrag=kernel.fragment
+        ;;
+    arm64 | aarch64)
+        karch=arm64 kdir=arm64 target=Image keyarch="-arm64" deffrag=kernel-arm64.fragment
+        cross="${VIOMMU_VM_CROSS_COMPILE:-aarch64-linux-gnu-}"
+        ;;
+    *) vm_die "VIOMMU_VM_ARCH=$arch: want x86_64 or arm64" ;;
+esac
+if [ ! -f "$1/Makefile" ] || [ ! -d "$1/arch/${kdir}" ]; then vm_die "$1 is not a kernel source tree"; fi
 src="$(cd "$1" && pwd)"
-frag="${VIOMMU_VM_FRAGMENT:-${VM_DIR}/kernel.fragment}"
+frag="${VIOMMU_VM_FRAGMENT:-${VM_DIR}/${deffrag}}"
 [ -f "$frag" ] || vm_die "fragment $frag not found"
 frag="$(cd "$(dirname "$frag")" && pwd)/$(basename "$frag")"
 
 sha="$(sha256sum "$frag" | cut -c1-16)"
 kver="$(make -s -C "$src" kernelversion)"
-key="${kver}-${sha}"
+key="${kver}${keyarch}-${sha}"
+# a patched copy (patch-kernel-source.sh) never shares a kernel with its unpatched original
+[ ! -f "${src}/.viommu-patches" ] || key="${key}-p$(sha256sum "${src}/.viommu-patches" | cut -c1-8)"
 out="${VM_CACHE}/kernels/${key}"
 bdir="${VM_CACHE}/build/${key}"
 
-if [ "$config_only" -eq 0 ] && [ -f "${out}/bzImage" ]; then
-    vm_log "cached kernel ${kver} (fragment ${sha}): ${out}/bzImage"
-    printf '%s\n' "${out}/bzImage"
+if [ "$config_only" -eq 0 ] && [ -f "${out}/${target}" ]; then
+    vm_log "cached kernel ${kver} (fragment ${sha}): ${out}/${target}"
+    printf '%s\n' "${out}/${target}"
     exit 0
 fi
 
 vm_need_pkgs make gcc bc bison flex libelf-dev libssl-dev cpio
+if [ "$karch" = arm64 ] && [ -z "${VIOMMU_VM_CROSS_COMPILE:-}" ]; then vm_need_pkgs gcc-aarch64-linux-gnu; fi
 mkdir -p "${VM_CACHE}/kernels" "${VM_CACHE}/build"
 vm_lock "build-${key}"
-if [ "$config_only" -eq 0 ] && [ -f "${out}/bzImage" ]; then # built by a concurrent run
-    printf '%s\n' "${out}/bzImage"
+if [ "$config_only" -eq 0 ] && [ -f "${out}/${target}" ]; then # built by a concurrent run
+    printf '%s\n' "${out}/${target}"
     exit 0
 fi
 
@@ -78,7 +99,9 @@ while IFS= read -r line || [ -n "$line" ]; do
 done <"$frag"
 [ "${#want_list[@]}" -gt 0 ] || vm_die "fragment $frag sets nothing"
 
-kmake() { make -C "$src" O="$bdir" ARCH=x86_64 "$@"; }
+mkargs=(-C "$src" O="$bdir" ARCH="$karch")
+[ -z "$cross" ] || mkargs+=(CROSS_COMPILE="$cross")
+kmake() { make "${mkargs[@]}" "$@"; }
 
 t0="$(date +%s)"
 # An existing object tree for the same key (an interrupted or --config-only run) is reused:
@@ -117,29 +140,31 @@ fi
 
 # ---- build ----
 jobs="${VIOMMU_VM_JOBS:-2}"
-vm_log "building ${kver} bzImage: nice -n 15 make -j${jobs} (log: ${bdir}/build.log)"
+vm_log "building ${kver} ${target}${keyarch:+ (${karch})}: nice -n 15 make -j${jobs} (log: ${bdir}/build.log)"
 t1="$(date +%s)"
 if [ "${VIOMMU_VM_VERBOSE:-0}" = 1 ]; then
-    nice -n 15 make -C "$src" O="$bdir" ARCH=x86_64 -j"$jobs" bzImage 2>&1 | tee "${bdir}/build.log" >&2 ||
+    nice -n 15 make "${mkargs[@]}" -j"$jobs" "$target" 2>&1 | tee "${bdir}/build.log" >&2 ||
         vm_die "kernel build failed (log: ${bdir}/build.log)"
 else
-    nice -n 15 make -C "$src" O="$bdir" ARCH=x86_64 -j"$jobs" bzImage >"${bdir}/build.log" 2>&1 || {
+    nice -n 15 make "${mkargs[@]}" -j"$jobs" "$target" >"${bdir}/build.log" 2>&1 || {
         tail -n 40 "${bdir}/build.log" >&2
         vm_die "kernel build failed (log: ${bdir}/build.log)"
     }
 fi
 secs=$(($(date +%s) - t1))
-[ -f "${bdir}/arch/x86/boot/bzImage" ] || vm_die "make succeeded but produced no bzImage"
+[ -f "${bdir}/arch/${kdir}/boot/${target}" ] || vm_die "make succeeded but produced no ${target}"
 
 rm -rf "${out}.tmp"
 mkdir -p "${out}.tmp"
-cp "${bdir}/arch/x86/boot/bzImage" "${out}.tmp/bzImage"
+cp "${bdir}/arch/${kdir}/boot/${target}" "${out}.tmp/${target}"
 cp "${bdir}/.config" "${out}.tmp/config"
 cp "${bdir}/build.log" "${out}.tmp/build.log"
 cp "$frag" "${out}.tmp/kernel.fragment"
 printf 'kernel %s\nsource %s\nfragment_sha256_16 %s\nbuild_seconds %s\n' "$kver" "$src" "$sha" "$secs" >"${out}.tmp/info"
+[ -z "$keyarch" ] || printf 'arch %s\n' "$karch" >>"${out}.tmp/info"
+[ ! -f "${src}/.viommu-patches" ] || cp "${src}/.viommu-patches" "${out}.tmp/patches"
 rm -rf "$out"
 mv "${out}.tmp" "$out"
 [ "${VIOMMU_VM_KEEP_BUILD:-0}" = 1 ] || rm -rf "$bdir"
-vm_log "built ${kver} in ${secs} s: ${out}/bzImage ($(stat -c %s "${out}/bzImage") bytes)"
-printf '%s\n' "${out}/bzImage"
+vm_log "built ${kver} in ${secs} s: ${out}/${target} ($(stat -c %s "${out}/${target}") bytes)"
+printf '%s\n' "${out}/${target}"

@@ -2,49 +2,64 @@
 # Fetch QEMU 11.x (qemu-system-x86 from Debian trixie-backports) and its dependency closure into a
 # private prefix under the cache root, without installing anything on the system.
 #
-# Usage: fetch-qemu.sh
+# Usage: fetch-qemu.sh [PACKAGE]
+#   PACKAGE  qemu-system-x86 (default; also from env VIOMMU_VM_QEMU_PKG) or qemu-system-arm
+#            (whose wrapper runs qemu-system-aarch64)
 # Prints on stdout (the only stdout line) the path of a wrapper script that runs that
-# qemu-system-x86_64 with the prefix's own loader and libraries and its firmware directories
-# (`-L PREFIX/usr/share/qemu -L PREFIX/usr/share/seabios`), so it can be used as VIOMMU_VM_QEMU.
+# qemu-system-x86_64 (or qemu-system-aarch64) with the prefix's own loader and libraries and its
+# firmware directories (`-L PREFIX/usr/share/qemu`, plus `-L PREFIX/usr/share/seabios` when the
+# prefix has it), so it can be used as VIOMMU_VM_QEMU.
 # Progress goes to stderr, including the package version and `QEMU emulator version ...`.
 #
 # Packages come from a private apt configuration (suites trixie + trixie-backports, mirror URIs
 # copied at run time from /etc/apt/sources.list.d/debian.sources; see lib.sh). Each .deb is
-# unpacked with `dpkg -x` into ${VM_CACHE}/qemu11/<version>/prefix. Idempotent: a complete prefix
+# unpacked with `dpkg -x` into ${VM_CACHE}/qemu11/<version>/prefix (qemu-system-x86) or
+# ${VM_CACHE}/qemu11/<package>_<version>/prefix (any other package). Idempotent: a complete prefix
 # is reused without any download (the lists are refreshed at most once per VIOMMU_VM_APT_TTL).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-[ "$#" -eq 0 ] || vm_die "usage: $0   (no arguments)"
+[ "$#" -le 1 ] || vm_die "usage: $0 [qemu-system-x86 | qemu-system-arm]"
+pkg="${1:-${VIOMMU_VM_QEMU_PKG:-qemu-system-x86}}"
+case "$pkg" in
+    qemu-system-x86) qbin=qemu-system-x86_64 ;;
+    qemu-system-arm) qbin=qemu-system-aarch64 ;;
+    *) vm_die "unsupported QEMU package '$pkg' (qemu-system-x86 or qemu-system-arm)" ;;
+esac
 mkdir -p "${VM_CACHE}/qemu11"
 vm_lock fetch-qemu
 
 vm_papt_init trixie-qemu "trixie trixie-backports"
 vm_papt_update
 
-ver="$(vm_apt_cache show qemu-system-x86/trixie-backports 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)"
-[ -n "$ver" ] || vm_die "trixie-backports offers no qemu-system-x86"
+ver="$(vm_apt_cache show "${pkg}/trixie-backports" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)"
+[ -n "$ver" ] || vm_die "trixie-backports offers no ${pkg}"
 case "$ver" in
     1:11.*) ;;
-    *) vm_die "qemu-system-x86 in trixie-backports is $ver, not 11.x" ;;
+    *) vm_die "${pkg} in trixie-backports is $ver, not 11.x" ;;
 esac
-vm_log "using qemu-system-x86 ${ver} (trixie-backports)"
+vm_log "using ${pkg} ${ver} (trixie-backports)"
 
-dest="${VM_CACHE}/qemu11/${ver//[~:+]/_}"
+# qemu-system-x86 keeps its original cache directory (no package prefix).
+if [ "$pkg" = qemu-system-x86 ]; then
+    dest="${VM_CACHE}/qemu11/${ver//[~:+]/_}"
+else
+    dest="${VM_CACHE}/qemu11/${pkg}_${ver//[~:+]/_}"
+fi
 prefix="${dest}/prefix"
-wrapper="${dest}/qemu-system-x86_64"
+wrapper="${dest}/${qbin}"
 
 if [ ! -f "${dest}/.complete" ]; then
     rm -rf "${dest}.tmp" "$dest"
     mkdir -p "${dest}.tmp/debs" "${dest}.tmp/prefix"
     # Dependency closure (no recommends/suggests); leave out what only matters to an installed system.
     mapfile -t pkgs < <(vm_apt_cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-        --no-breaks --no-replaces --no-enhances qemu-system-x86/trixie-backports 2>/dev/null |
+        --no-breaks --no-replaces --no-enhances "${pkg}/trixie-backports" 2>/dev/null |
         grep -E '^[a-z0-9]' | sed 's/:any$//' | sort -u |
-        grep -vxE 'adduser|base-passwd|debconf|cdebconf|login\.defs|passwd|libpam.*|libsemanage.*|libdebian-installer4|libdebconfclient0|libnewt0\.52|libtextwrap1|readline-common|qemu-system-x86|qemu-system-common|qemu-system-data' || true)
-    [ "${#pkgs[@]}" -gt 10 ] || vm_die "dependency closure of qemu-system-x86 looks wrong (${#pkgs[@]} packages)"
+        grep -vxE 'adduser|base-passwd|debconf|cdebconf|login\.defs|passwd|libpam.*|libsemanage.*|libdebian-installer4|libdebconfclient0|libnewt0\.52|libtextwrap1|readline-common|qemu-system-x86|qemu-system-arm|qemu-system-common|qemu-system-data' || true)
+    [ "${#pkgs[@]}" -gt 10 ] || vm_die "dependency closure of ${pkg} looks wrong (${#pkgs[@]} packages)"
     # The QEMU packages themselves must be the same backports version; the rest: candidate (trixie).
-    want=("qemu-system-x86=${ver}" "qemu-system-common=${ver}" "qemu-system-data=${ver}")
+    want=("${pkg}=${ver}" "qemu-system-common=${ver}" "qemu-system-data=${ver}")
     # (virtual names are printed as <name> and were filtered out above). The firmware packages are
     # taken from trixie-backports when it has them: qemu-system-x86 11 wants seabios >> 1.17.0,
     # newer than trixie's. Output is captured, not piped into grep -q (SIGPIPE + pipefail).
@@ -68,13 +83,15 @@ if [ ! -f "${dest}/.complete" ]; then
 fi
 
 # The wrapper: the prefix's loader brings the prefix's glibc; -L for the firmware (BIOS, option ROMs).
+fwdirs='-L "$P/usr/share/qemu"'
+[ ! -d "${prefix}/usr/share/seabios" ] || fwdirs="${fwdirs}"' -L "$P/usr/share/seabios"'
 cat >"${wrapper}.new" <<WRAP
 #!/bin/sh
-# Generated by tests/vm/fetch-qemu.sh: QEMU ${ver} from an extracted Debian prefix.
+# Generated by tests/vm/fetch-qemu.sh: QEMU ${ver} (${pkg}) from an extracted Debian prefix.
 P='${prefix}'
 exec "\$P/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" \\
     --library-path "\$P/usr/lib/x86_64-linux-gnu:\$P/lib/x86_64-linux-gnu" \\
-    "\$P/usr/bin/qemu-system-x86_64" -L "\$P/usr/share/qemu" -L "\$P/usr/share/seabios" "\$@"
+    "\$P/usr/bin/${qbin}" ${fwdirs} "\$@"
 WRAP
 chmod 0755 "${wrapper}.new"
 mv "${wrapper}.new" "$wrapper"
