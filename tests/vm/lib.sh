@@ -72,11 +72,15 @@ vm_codename() {
 }
 
 # Private apt configuration: nothing of the system's apt state is read or written except
-# its keyrings and apt.conf.d. Usage: vm_papt_init NAME "SUITE..." ; then vm_apt_get / vm_apt_cache.
+# its keyrings and apt.conf.d. Usage: vm_papt_init NAME "SUITE..." [ARCH] ; then vm_apt_get /
+# vm_apt_cache. ARCH (e.g. arm64) makes that configuration a foreign-architecture one
+# (APT::Architecture and APT::Architectures set to ARCH only): its lists and downloads are ARCH's.
 VM_PAPT=""
+VM_PAPT_ARCH=""
 vm_papt_init() {
     local name="$1" suites="$2" s uri kr=/usr/share/keyrings/debian-archive-keyring.gpg
     VM_PAPT="${VM_CACHE}/apt/${name}"
+    VM_PAPT_ARCH="${3:-}"
     mkdir -p "${VM_PAPT}/lists/partial" "${VM_PAPT}/cache/archives/partial"
     local tmp="${VM_PAPT}/sources.list.new"
     : >"$tmp"
@@ -104,6 +108,9 @@ vm_papt_opts() {
         -o "Acquire::Languages=none" \
         -o "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false" \
         -o "APT::Sandbox::User=root"
+    if [ -n "$VM_PAPT_ARCH" ]; then
+        printf '%s\n' -o "APT::Architecture=${VM_PAPT_ARCH}" -o "APT::Architectures=${VM_PAPT_ARCH}"
+    fi
 }
 vm_apt_get() {
     local o

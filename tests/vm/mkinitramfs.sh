@@ -7,6 +7,8 @@
 #   FILE:/DEST  copied to /DEST (e.g. tests/vm/guest/smoke.sh:/test.sh)
 # ELF files must be statically linked (the initramfs has no libc); a dynamically linked one is an
 # error unless VIOMMU_VM_ALLOW_DYNAMIC=1. Needs root (mknod) or fakeroot.
+# VIOMMU_VM_BUSYBOX=PATH takes busybox from PATH (e.g. an arm64 one from fetch-busybox.sh) instead
+# of the host's /bin/busybox (Debian's busybox-static, installed if missing); it must be static too.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -17,18 +19,27 @@ if [ "$(id -u)" -ne 0 ] && [ -z "${FAKEROOTKEY:-}" ]; then
     exec fakeroot -- "$0" "$@"
 fi
 
-vm_need_pkgs busybox-static cpio gzip
 out="$1"
 shift
-busybox=/bin/busybox
-if [ ! -x "$busybox" ] || ! vm_is_static "$busybox"; then
-    vm_die "$busybox is missing or not static (install busybox-static)"
+if [ -n "${VIOMMU_VM_BUSYBOX:-}" ]; then
+    vm_need_pkgs cpio gzip
+    busybox="$VIOMMU_VM_BUSYBOX"
+    if [ ! -f "$busybox" ] || ! vm_is_static "$busybox"; then
+        vm_die "VIOMMU_VM_BUSYBOX=$busybox is missing or not static"
+    fi
+else
+    vm_need_pkgs busybox-static cpio gzip
+    busybox=/bin/busybox
+    if [ ! -x "$busybox" ] || ! vm_is_static "$busybox"; then
+        vm_die "$busybox is missing or not static (install busybox-static)"
+    fi
 fi
 
 stage="$(mktemp -d "${TMPDIR:-/tmp}/viommu-initramfs.XXXXXX")"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc}
 cp "$busybox" "$stage/bin/busybox"
+chmod 0755 "$stage/bin/busybox"
 install -m 0755 "${VM_DIR}/guest/init" "$stage/init"
 mknod -m 0600 "$stage/dev/console" c 5 1
 mknod -m 0666 "$stage/dev/null" c 1 3

@@ -13,6 +13,7 @@
 #                            installed if missing). Pass -L dirs for other builds after `--`.
 #      VIOMMU_VM_CPU, VIOMMU_VM_MEM (1G), VIOMMU_VM_SMP (2), VIOMMU_VM_MACHINE (q35)
 #      VIOMMU_VM_APPEND      more kernel args (e.g. quiet)
+#      VIOMMU_VM_CONSOLE     kernel console device (default ttyS0; ttyAMA0 for the arm64 virt machine)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -42,7 +43,7 @@ else
     # shellcheck disable=SC2054 # the comma belongs to the -accel value
     accel=(-accel tcg,thread=multi) cpu="${VIOMMU_VM_CPU:-max}"
 fi
-kparts=(console=ttyS0 panic=-1 "${kargs[@]}")
+kparts=("console=${VIOMMU_VM_CONSOLE:-ttyS0}" panic=-1 "${kargs[@]}")
 # shellcheck disable=SC2206 # VIOMMU_VM_APPEND is a list of words
 [ -z "${VIOMMU_VM_APPEND:-}" ] || kparts+=(${VIOMMU_VM_APPEND})
 append="${kparts[*]}"
