@@ -28,7 +28,7 @@ pub enum SandboxError {
     Build(#[from] seccompiler::BackendError),
     #[error("installing the seccomp filter: {0}")]
     Install(#[from] seccompiler::Error),
-    #[error("seccomp filters are built for x86_64 only")]
+    #[error("seccomp filters are built for x86_64 and aarch64 only")]
     Arch,
 }
 
@@ -65,7 +65,7 @@ pub enum Role {
     ControlClient,
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod lists {
     use libc::*;
 
@@ -104,11 +104,15 @@ mod lists {
         SYS_readv,
         SYS_writev,
         SYS_epoll_ctl,
-        SYS_epoll_wait,
         SYS_epoll_pwait,
-        SYS_poll,
         SYS_ppoll,
     ];
+    /// The same, where the architecture still has the old calls (aarch64
+    /// has only the p-variants, which its libc uses).
+    #[cfg(target_arch = "x86_64")]
+    pub const EVENTS_OLD: &[c_long] = &[SYS_epoll_wait, SYS_poll];
+    #[cfg(target_arch = "aarch64")]
+    pub const EVENTS_OLD: &[c_long] = &[];
     /// The host IOMMU: iommufd and VFIO ioctls.
     pub const HOST: &[c_long] = &[SYS_ioctl];
     /// vhost-user messages (fds travel with SCM_RIGHTS) and the guest
@@ -146,14 +150,17 @@ mod lists {
     pub const SETUP: &[c_long] = &[SYS_eventfd2, SYS_pipe2, SYS_epoll_create1];
 }
 
-/// The system calls a thread of `role` may make (x86_64; none elsewhere).
-#[cfg(target_arch = "x86_64")]
+/// The system calls a thread of `role` may make (x86_64 and aarch64; none
+/// elsewhere).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
     use lists::*;
     let groups: &[&[libc::c_long]] = match role {
-        Role::Process => &[RUNTIME, EVENTS, HOST, VHOST_USER, STREAM, SPAWN, SETUP],
-        Role::Worker => &[RUNTIME, EVENTS, HOST],
-        Role::Frontend => &[RUNTIME, EVENTS, HOST, VHOST_USER],
+        Role::Process => &[
+            RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, STREAM, SPAWN, SETUP,
+        ],
+        Role::Worker => &[RUNTIME, EVENTS, EVENTS_OLD, HOST],
+        Role::Frontend => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER],
         Role::ControlListener => &[RUNTIME, STREAM, SPAWN],
         Role::ControlClient => &[RUNTIME, STREAM],
     };
@@ -163,7 +170,7 @@ pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
     v
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub fn allowed_for(_role: Role) -> Vec<libc::c_long> {
     Vec::new()
 }
@@ -200,9 +207,13 @@ pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, S
     let Some(mismatch) = action(mode) else {
         return Ok(None);
     };
-    if !cfg!(target_arch = "x86_64") {
+    let arch = if cfg!(target_arch = "x86_64") {
+        TargetArch::x86_64
+    } else if cfg!(target_arch = "aarch64") {
+        TargetArch::aarch64
+    } else {
         return Err(SandboxError::Arch);
-    }
+    };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_for(role)
         .into_iter()
         .map(|n| (n, Vec::new()))
@@ -211,7 +222,7 @@ pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, S
         // The threads these make narrow themselves once they start.
         rules.insert(libc::SYS_seccomp, narrowing_rule()?);
     }
-    let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)?;
+    let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
     Ok(Some(f.try_into()?))
 }
 
@@ -298,7 +309,7 @@ fn settle_allocator() {
 fn trap_reporter() {
     extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // siginfo_t for SIGSYS: the system call number is the int at
-        // offset 24 on x86_64 (_sigsys._syscall).
+        // offset 24 on x86_64 and aarch64 (_sigsys._syscall).
         // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO.
         let nr = unsafe { *((info as *const u8).add(24) as *const i32) };
         let prefix = b"vhost-device-iommu: seccomp: refused system call ";

@@ -26,5 +26,10 @@ echo "== tier 3a: kernel tier (test kernels 7.x and 6.12 under QEMU/TCG, real /d
 # two kernels (about 15 min on 2 cores); cached after that.
 bash tests/vm/kernel-tier.sh
 
+echo "== tier 3a (arm64): SMMUv3 nesting in an aarch64 guest (QEMU/TCG, emulated SMMUv3, real iommufd)"
+# First run on a machine: the cross toolchain, qemu-system-arm, an arm64 kernel build (about
+# 10 min on 2 cores) and a cross build of the backend and its socket tests; cached after that.
+bash tests/vm/arm64-tier.sh
+
 echo "== tier 3b: guest tier (QEMU 11 frontend, the test kernel's virtio-iommu driver on our device)"
 bash tests/vm/guest-tier.sh
