@@ -748,6 +748,59 @@ fn event_bound_counts_lost_records() {
 }
 
 #[test]
+fn domain_event_and_client_bounds_keep_memory_flat() {
+    let b = backend(&[
+        "--bypass",
+        "off",
+        "--max-domains",
+        "1",
+        "--max-events",
+        "8",
+        "--max-control-clients",
+        "2",
+    ]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    // The second of two clients, held all along: every later one is refused.
+    let mut held = control(&b);
+    let _ = held.stats().unwrap();
+    let hammer = |f: &mut Frontend, ctl: &mut ControlClient, k: u32| {
+        // A new domain beyond --max-domains: NOMEM, nothing kept.
+        let reqs: Vec<_> = (0..64)
+            .map(|i| (wire::attach(2 + k * 64 + i, EP2, 0, 0).0.to_vec(), 4u32))
+            .collect();
+        for (_, w) in f.submit_batch(&reqs).unwrap() {
+            assert_eq!(w[0], S_NOMEM);
+        }
+        // Fault records beyond --max-events (no eventq buffer): lost.
+        for i in 0..16u64 {
+            ctl.dma(EP2, i * 0x1000, 4, false, None, None).unwrap();
+        }
+        // A third control client: an error line, then closed.
+        let mut extra = ControlClient::connect(&b.control).unwrap();
+        let r = extra.read_reply().expect("an error line");
+        assert_eq!(r["ok"], false, "third client refused: {r}");
+    };
+    for k in 0..20 {
+        hammer(&mut f, &mut ctl, k);
+    }
+    let rss0 = b.rss_kib().unwrap();
+    for k in 20..220 {
+        hammer(&mut f, &mut ctl, k);
+    }
+    let rss1 = b.rss_kib().unwrap();
+    let s = ctl.stats().unwrap();
+    eprintln!(
+        "bounds: rss {rss0} KiB -> {rss1} KiB over 12800 refused domains, {} lost records, 200 refused clients",
+        s["records_lost"]
+    );
+    assert_eq!(s["records_queued"], 8);
+    assert_eq!(s["records_lost"], 220 * 16 - 8);
+    assert!(rss1 <= rss0 + 512, "RSS grew from {rss0} to {rss1} KiB");
+}
+
+#[test]
 fn control_socket_errors() {
     let b = backend(&[]);
     let _f = connect(&b);
