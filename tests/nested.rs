@@ -13,7 +13,7 @@ use support::control::{dma_ranges, error_kind};
 use support::mem::TablePages;
 use support::wire::{self, bit, EventRecord, Invalidate, S_INVAL, S_NOENT, S_OK, S_RANGE};
 use support::wire::{S_NOMEM, S_UNSUPP};
-use support::{ControlClient, FrontendOptions, GuestMem};
+use support::{ControlClient, Frontend, FrontendOptions, GuestMem};
 use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_1G, PAGE_2M, PAGE_4K, PTE_RW};
 
 const EP: u32 = 8;
@@ -439,6 +439,28 @@ fn bad_descriptors_are_refused_with_the_named_status() {
     assert_eq!(status(&mut f, vtd_pasid(1, EP, 3, root)), S_NOMEM);
     let stats = control(&b).stats().unwrap();
     assert_eq!(stats["requests"]["attach_table"]["ok"], 2, "{stats}");
+    // Beyond it, memory stays flat: 12 800 more PASIDs, all NOMEM.
+    let flood = |f: &mut Frontend, k: u32| {
+        let reqs: Vec<_> = (0..64)
+            .map(|i| {
+                let (r, w) = vtd_pasid(1, EP, 3 + k * 64 + i, root);
+                (r.to_vec(), w)
+            })
+            .collect();
+        for (_, w) in f.submit_batch(&reqs).unwrap() {
+            assert_eq!(w[0], S_NOMEM);
+        }
+    };
+    for k in 0..20 {
+        flood(&mut f, k);
+    }
+    let rss0 = b.rss_kib().unwrap();
+    for k in 20..220 {
+        flood(&mut f, k);
+    }
+    let rss1 = b.rss_kib().unwrap();
+    eprintln!("pasid bound: rss {rss0} KiB -> {rss1} KiB over 12800 refused PASIDs");
+    assert!(rss1 <= rss0 + 512, "RSS grew from {rss0} to {rss1} KiB");
     f.disconnect();
     // PAGE_REQUESTS needs F_PAGE_REQUEST.
     let mut g = connect_with(
