@@ -161,18 +161,6 @@ fn narrow_frontend_thread() {
     }
 }
 
-/// Does `fd` have data to read now?
-fn fd_readable(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd we own; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    rc > 0 && p.revents & libc::POLLIN != 0
-}
-
 /// The memory table's regions, as the host IOMMU maps them.
 fn ram_regions(mem: &GuestMemory) -> Vec<RamRegion> {
     mem.memory()
@@ -380,17 +368,15 @@ impl IommuBackend {
 
     /// One read of the kernel's fault FD into `buf`: how many records are
     /// there, or None when there are none. A group too large for `buf` is
-    /// read into the reader's own buffer and relayed from there (0 is
-    /// returned: read on). One that is too large for that too stops the
+    /// read into the reader's own buffer and relayed from there (FAULT_BATCH
+    /// is returned: read on). One that is too large for that too stops the
     /// watch on the FD rather than spin: the kernel completes it when the
     /// device detaches.
     fn read_kernel_faults(&self, buf: &mut [u8]) -> Option<usize> {
         let mut reader = self.fault_reader.lock().unwrap();
         let read = {
             let mut kf = self.kernel_faults.lock().unwrap();
-            let f = kf.as_mut()?;
-            let fd = f.as_raw_fd();
-            reader.read(f, buf, || fd_readable(fd))
+            reader.read(kf.as_mut()?, buf)
         };
         match read {
             Ok(Batch::Small(n)) => Some(n),

@@ -57,9 +57,9 @@ pub enum Batch {
 
 /// Reads whole groups from the kernel's fault FD. The kernel returns only
 /// whole groups; when the first pending one is larger than the buffer its
-/// read() returns nothing (0, or EINVAL in some versions) while the FD
-/// stays readable, and a reader that just retries spins. Then a larger
-/// buffer (grown on that cold path, kept for next time) takes the group.
+/// read() fails with EINVAL (6.12 and 7.x) while the FD stays readable, and
+/// a reader that just retries spins. Then a larger buffer (grown on that
+/// cold path, kept for next time) takes the group. 0 bytes: nothing pending.
 #[derive(Debug, Default)]
 pub struct GroupReader {
     big: Vec<u8>,
@@ -67,32 +67,23 @@ pub struct GroupReader {
 
 impl GroupReader {
     /// Read from `fd` into `small` (the hot path: a stack buffer), or into
-    /// the reader's own buffer when a group does not fit; `readable` polls
-    /// the FD (is a group pending?).
-    pub fn read(
-        &mut self,
-        fd: &mut impl Read,
-        small: &mut [u8],
-        readable: impl Fn() -> bool,
-    ) -> io::Result<Batch> {
-        if let Some(n) = read_some(fd, small)? {
-            return Ok(Batch::Small(n));
-        }
-        if !readable() {
-            return Ok(Batch::Empty);
+    /// the reader's own buffer when a group does not fit.
+    pub fn read(&mut self, fd: &mut impl Read, small: &mut [u8]) -> io::Result<Batch> {
+        match read_some(fd, small)? {
+            Some(0) => return Ok(Batch::Empty),
+            Some(n) => return Ok(Batch::Small(n)),
+            None => {}
         }
         let mut size = self.big.len().max(small.len() * 4).max(PGFAULT_LEN);
         while size <= MAX_GROUP_RECORDS * PGFAULT_LEN {
             if self.big.len() < size {
                 self.big.resize(size, 0);
             }
-            if let Some(n) = read_some(fd, &mut self.big[..size])? {
-                return Ok(Batch::Big(n));
+            match read_some(fd, &mut self.big[..size])? {
+                Some(0) => return Ok(Batch::Empty),
+                Some(n) => return Ok(Batch::Big(n)),
+                None => size *= 2,
             }
-            if !readable() {
-                return Ok(Batch::Empty);
-            }
-            size *= 2;
         }
         Ok(Batch::Stuck)
     }
@@ -103,11 +94,10 @@ impl GroupReader {
     }
 }
 
-/// Some records, or None when the read gave none (empty, or the first
-/// group does not fit).
+/// Records read (0: nothing pending), or None when the first pending group
+/// does not fit (EINVAL).
 fn read_some(fd: &mut impl Read, buf: &mut [u8]) -> io::Result<Option<usize>> {
     match read_records(fd, buf) {
-        Ok(0) => Ok(None),
         Ok(n) => Ok(Some(n)),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
         Err(e) => Err(e),
@@ -238,10 +228,9 @@ mod tests {
     use crate::fault_queue::pages::PERM_WRITE;
 
     /// The kernel's fault FD as read() sees it: whole groups only; a group
-    /// larger than the buffer gives 0 (or EINVAL, as `einval` says).
+    /// larger than the buffer gives EINVAL; nothing pending, 0.
     struct KernelLike {
         groups: std::collections::VecDeque<usize>,
-        einval: bool,
         reads: usize,
     }
 
@@ -256,7 +245,7 @@ mod tests {
                 self.groups.pop_front();
                 done += g * PGFAULT_LEN;
             }
-            if done == 0 && !self.groups.is_empty() && self.einval {
+            if done == 0 && !self.groups.is_empty() {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             Ok(done)
@@ -265,59 +254,46 @@ mod tests {
 
     #[test]
     fn groups_larger_than_the_buffer_are_read_whole_not_spun_on() {
-        for einval in [false, true] {
-            let mut fd = KernelLike {
-                groups: [3, 200, 1, 5000, 2].into_iter().collect(),
-                einval,
-                reads: 0,
-            };
-            let mut r = GroupReader::default();
-            let mut small = [0u8; PGFAULT_LEN * 64];
-            let mut got = Vec::new();
-            loop {
-                let pending = !fd.groups.is_empty();
-                match r.read(&mut fd, &mut small, || pending).unwrap() {
-                    Batch::Small(n) | Batch::Big(n) => got.push(n),
-                    Batch::Empty => break,
-                    Batch::Stuck => panic!("stuck"),
-                }
+        let mut fd = KernelLike {
+            groups: [3, 200, 1, 5000, 2].into_iter().collect(),
+            reads: 0,
+        };
+        let mut r = GroupReader::default();
+        let mut small = [0u8; PGFAULT_LEN * 64];
+        let mut got = Vec::new();
+        loop {
+            match r.read(&mut fd, &mut small).unwrap() {
+                Batch::Small(n) | Batch::Big(n) => got.push(n),
+                Batch::Empty => break,
+                Batch::Stuck => panic!("stuck"),
             }
-            // Whole groups, several to a read where they fit.
-            assert_eq!(got, vec![3, 201, 5002], "einval {einval}");
-            assert!(fd.reads < 20, "{} reads", fd.reads);
-            // The grown buffer is kept: the next large group costs one read.
-            fd.groups.push_back(4000);
-            fd.reads = 0;
-            let pending = true;
-            assert_eq!(
-                r.read(&mut fd, &mut small, || pending).unwrap(),
-                Batch::Big(4000)
-            );
-            assert_eq!(fd.reads, 2);
-            assert_eq!(r.big(4000).len(), 4000 * PGFAULT_LEN);
         }
+        // Whole groups, several to a read where they fit.
+        assert_eq!(got, vec![3, 201, 5002]);
+        assert!(fd.reads < 20, "{} reads", fd.reads);
+        // The grown buffer is kept: the next large group costs one read.
+        fd.groups.push_back(4000);
+        fd.reads = 0;
+        assert_eq!(r.read(&mut fd, &mut small).unwrap(), Batch::Big(4000));
+        assert_eq!(fd.reads, 2);
+        assert_eq!(r.big(4000).len(), 4000 * PGFAULT_LEN);
     }
 
     #[test]
     fn a_group_beyond_the_cap_is_reported_stuck() {
         let mut fd = KernelLike {
             groups: [MAX_GROUP_RECORDS + 1].into_iter().collect(),
-            einval: false,
             reads: 0,
         };
         let mut small = [0u8; PGFAULT_LEN * 64];
         let mut r = GroupReader::default();
-        assert_eq!(r.read(&mut fd, &mut small, || true).unwrap(), Batch::Stuck);
-        // An FD that is not readable (nothing pending) is just empty.
+        assert_eq!(r.read(&mut fd, &mut small).unwrap(), Batch::Stuck);
         let mut empty = KernelLike {
             groups: Default::default(),
-            einval: false,
             reads: 0,
         };
-        assert_eq!(
-            r.read(&mut empty, &mut small, || false).unwrap(),
-            Batch::Empty
-        );
+        assert_eq!(r.read(&mut empty, &mut small).unwrap(), Batch::Empty);
+        assert_eq!(empty.reads, 1, "nothing pending: one read, no growth");
     }
 
     #[test]
