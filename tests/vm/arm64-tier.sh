@@ -128,7 +128,8 @@ if [ -z "${VIOMMU_ARM64_CARGO_TESTS+set}" ]; then
     fi
 fi
 
-files=("${VM_DIR}/arm64/smoke.sh:/test.sh" "${check_bin}:/bin/smmu3-check")
+files=("${VM_DIR}/arm64/smoke.sh:/test.sh" "${VM_DIR}/guest/libtest.sh:/lib/viommu-libtest.sh"
+    "${check_bin}:/bin/smmu3-check")
 if [ "$backend" != none ]; then
     [ -f "$backend" ] || result_fail "VIOMMU_ARM64_BACKEND: no such file: $backend"
     files+=("${backend}:/bin/vhost-device-iommu")

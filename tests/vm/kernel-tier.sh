@@ -59,7 +59,7 @@ ours+=("$(cargo_exe bench fault_relay --bench fault_relay)")
 unset RUSTFLAGS
 
 # ---- the initramfs (same for every kernel) ----
-files=("${VM_DIR}/guest/smoke.sh:/test.sh")
+files=("${VM_DIR}/guest/smoke.sh:/test.sh" "${VM_DIR}/guest/libtest.sh:/lib/viommu-libtest.sh")
 : >"${work}/viommu-tests"
 declare -A seen=()
 for t in "${ours[@]}" ${VIOMMU_VM_TESTS:-}; do

@@ -7,6 +7,8 @@ passed=0 failed=0
 export VIOMMU_BIN=/bin/vhost-device-iommu
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
+# shellcheck source=libtest.sh
+. /lib/viommu-libtest.sh
 check() { # check NAME COMMAND...
     name="$1"
     shift
@@ -85,23 +87,7 @@ if [ -f /etc/viommu-cargo-tests ]; then
             echo "SKIP $name (the test VM's IOMMU, virtio-iommu on $(uname -r), gives iommufd domains no usable IOVA)"
             continue
         fi
-        echo "smoke: running $t --ignored"
-        VIOMMU_BIN=/bin/vhost-device-iommu RUST_LOG="${RUST_LOG:-info}" \
-            "$t" --ignored --test-threads=1 </dev/null >/tmp/cargo-test.out 2>&1
-        rc=$?
-        cat /tmp/cargo-test.out
-        n=0
-        while IFS= read -r line; do
-            case "$line" in
-                "test "*" ... ok") tn="${line#test }"; pass "${name}::${tn% ... ok}"; n=$((n + 1)) ;;
-                "test "*" ... FAILED") tn="${line#test }"; fail "${name}::${tn% ... FAILED}"; n=$((n + 1)) ;;
-            esac
-        done </tmp/cargo-test.out
-        if [ "$rc" -ne 0 ] && ! grep -q ' \.\.\. FAILED$' /tmp/cargo-test.out; then
-            fail "$name" "exit $rc"
-        elif [ "$n" -eq 0 ]; then
-            fail "$name" "no tests ran"
-        fi
+        run_libtest "$t"
     done </etc/viommu-cargo-tests
 fi
 
