@@ -40,9 +40,11 @@ const RAM_BASE: u64 = 0x100_0000;
 
 /// Wall time per request, and the backend's CPU time (user + system,
 /// the ioctls included) per request.
-fn ours(rounds: usize) -> (f64, f64) {
+fn ours(rounds: usize, extra: &[&str]) -> (f64, f64) {
     let fd = Iommufd::open("/dev/iommu".as_ref()).expect("/dev/iommu");
-    let b = spawn_sharing_iommufd(&fd, &["--endpoint", "1,selftest"]).expect("backend starts");
+    let mut args = vec!["--endpoint", "1,selftest"];
+    args.extend_from_slice(extra);
+    let b = spawn_sharing_iommufd(&fd, &args).expect("backend starts");
     let mem = Arc::new(GuestMem::with_regions(&[(RAM_BASE, MEM)]).expect("guest memory"));
     let mut opts = FrontendOptions::default().queue_size(BATCH as u16);
     opts.queue.batch_indirect = true;
@@ -111,21 +113,28 @@ fn main() {
     };
     // Interleave the two so that drift in the guest affects both alike.
     let (mut o, mut c, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let mut unfiltered = Vec::new();
     for _ in 0..3 {
         r.push(raw(rounds));
-        let (wall, cpu) = ours(rounds);
+        let (wall, cpu) = ours(rounds, &[]);
         o.push(wall);
         c.push(cpu);
+        // What the seccomp filters (on by default) cost per request.
+        unfiltered.push(ours(rounds, &["--seccomp", "off"]).0);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
     let (o, c, r) = (median(&mut o), median(&mut c), median(&mut r));
+    let unfiltered = median(&mut unfiltered);
     // Where the time goes: the backend's own CPU per request (its ioctls
     // included) against the wall time, which also holds the test
     // frontend's work and the wakeups.
-    println!("ioas-path-detail ours_wall_ns={o:.0} ours_backend_cpu_ns={c:.0} raw_ns={r:.0}");
+    println!(
+        "ioas-path-detail ours_wall_ns={o:.0} ours_backend_cpu_ns={c:.0} raw_ns={r:.0} \
+         seccomp_off_wall_ns={unfiltered:.0}"
+    );
     println!(
         "ioas-path ours_ns={:.0} raw_ns={:.0} ratio={:.2}",
         o,

@@ -121,7 +121,7 @@ for spec in $kernels; do
         extra_skip=""
     fi
     # Benchmark lines the guest programs printed, for the record.
-    grep -E '^(ioas-path|nested|fault-relay)(-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
+    grep -E '^(ioas-path|nested|fault-relay)(-detail|-batch-detail)? ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
     extra=""
     if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
         # timeout, panic, or the guest test failed without saying which check: count the run itself
