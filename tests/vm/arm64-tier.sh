@@ -3,6 +3,7 @@
 #
 # Fetches (cached under ${VIOMMU_VM_CACHE:-~/.cache/vhost-device-iommu/vm}):
 #   - the cross toolchain (gcc-aarch64-linux-gnu, libc6-dev-arm64-cross; machine's own suites)
+#   - Rust's aarch64-unknown-linux-gnu standard library (rustup target add, if missing)
 #   - QEMU 11 qemu-system-aarch64 (qemu-system-arm from trixie-backports; fetch-qemu.sh)
 #   - a static arm64 busybox (busybox-static:arm64 from the machine's own suites; fetch-busybox.sh)
 #   - the same linux-source 7.x tree as the x86 tier (fetch-kernel-source.sh), copied with
@@ -57,6 +58,11 @@ result_fail() {
 
 # ---- toolchain, QEMU, busybox ----
 vm_need_pkgs gcc-aarch64-linux-gnu libc6-dev-arm64-cross make
+# Rust's aarch64 standard library for the cross builds below (once per machine).
+if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
+    vm_log "rustup target add ${triple}"
+    rustup target add "$triple" >&2 || result_fail "rustup target add ${triple} failed"
+fi
 qemu="$("${VM_DIR}/fetch-qemu.sh" qemu-system-arm)" || result_fail "QEMU fetch failed"
 busybox="$("${VM_DIR}/fetch-busybox.sh" arm64)" || result_fail "busybox fetch failed"
 vm_log "qemu ${qemu}, busybox ${busybox} ($(elapsed) s)"
