@@ -37,9 +37,11 @@ vm_need_pkgs() {
     [ "$(id -u)" -eq 0 ] || vm_die "missing packages ${missing[*]} (run as root, or install them)"
     vm_log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
-        apt-get update -q >&2
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+    # Wait for dpkg's lock: tests/vm/prepare.sh may be installing in the background.
+    local lk=(-o DPkg::Lock::Timeout=900)
+    if ! apt-get install "${lk[@]}" -y -q --no-install-recommends "${missing[@]}" >&2; then
+        apt-get update "${lk[@]}" -q >&2
+        apt-get install "${lk[@]}" -y -q --no-install-recommends "${missing[@]}" >&2 ||
             vm_die "apt-get install ${missing[*]} failed"
     fi
 }
