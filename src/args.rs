@@ -136,9 +136,11 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "kill")]
     pub seccomp: crate::sandbox::SeccompMode,
 
-    /// Busy-poll the requestq for this many microseconds after serving it,
-    /// so that a driver answering at once is served without a wakeup (costs
-    /// a CPU while polling; 0: off).
+    /// Busy-poll the requestq for up to this many microseconds after serving
+    /// it, so that a driver sending its next request at once is served
+    /// without a kick or a wakeup. Adaptive, as QEMU's poll-max-ns: the
+    /// window grows while requests keep coming within it and closes when
+    /// one does not, so a sporadic driver costs no CPU (0: off).
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
 

@@ -32,6 +32,7 @@ use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFI
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
+use crate::device::poll::PollWindow;
 use crate::device::state::{IommuState, NO_RESPONSE};
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
@@ -105,8 +106,8 @@ impl EventChannel {
 
 pub struct IommuBackend {
     session: Mutex<Session>,
-    /// Busy-poll the requestq this long after serving it (0: never).
-    poll: Duration,
+    /// Adaptive busy-polling of the requestq (`--poll-us`).
+    poll: Mutex<Polling>,
     pub events: EventChannel,
     /// Page requests of virtual endpoints (the control socket's `dma`).
     pub virtual_faults: VirtualSource,
@@ -161,6 +162,30 @@ fn narrow_frontend_thread() {
     }
 }
 
+/// The requestq's polling window and when its last request was served.
+struct Polling {
+    window: PollWindow,
+    last_served: Option<Instant>,
+}
+
+impl Polling {
+    fn new(max: Duration) -> Self {
+        Self {
+            window: PollWindow::new(max),
+            last_served: None,
+        }
+    }
+
+    /// A kick arrived at `now`: learn from the gap since the last request
+    /// was served, and say how long to poll after this pass.
+    fn kicked(&mut self, now: Instant) -> Duration {
+        if let Some(last) = self.last_served.take() {
+            self.window.observe(now.saturating_duration_since(last));
+        }
+        self.window.current()
+    }
+}
+
 /// The memory table's regions, as the host IOMMU maps them.
 fn ram_regions(mem: &GuestMemory) -> Vec<RamRegion> {
     mem.memory()
@@ -182,7 +207,7 @@ impl IommuBackend {
         mem: GuestMemory,
     ) -> io::Result<Self> {
         Ok(IommuBackend {
-            poll: Duration::ZERO,
+            poll: Mutex::new(Polling::new(Duration::ZERO)),
             session: Mutex::new(Session {
                 iommu: IommuState::new(config, limits, endpoints),
                 stats: Stats::default(),
@@ -438,9 +463,10 @@ impl IommuBackend {
         self.flush_pages(&mut s);
     }
 
-    /// Busy-poll the requestq for `poll` after serving it.
-    pub fn with_poll(mut self, poll: Duration) -> Self {
-        self.poll = poll;
+    /// Busy-poll the requestq for up to `max` after serving it, adaptively
+    /// (zero: never).
+    pub fn with_poll(self, max: Duration) -> Self {
+        *self.poll.lock().unwrap() = Polling::new(max);
         self
     }
 
@@ -492,13 +518,32 @@ impl IommuBackend {
     /// addresses, indices) are logged and end this pass; they never reach
     /// the worker loop, which would stop serving the queue for good.
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
-        let served = self.serve_requestq(vring);
-        if self.poll.is_zero() || served == 0 {
-            return Ok(());
+        let window = self.poll.lock().unwrap().kicked(Instant::now());
+        let last = if window.is_zero() {
+            (self.serve_requestq(vring, false) > 0).then(Instant::now)
+        } else {
+            // Kicks stay off from this first pass on: the poll follows.
+            let first = (self.serve_requestq(vring, true) > 0).then(Instant::now);
+            self.poll_requestq(vring, window, first)
+        };
+        if last.is_some() {
+            self.poll.lock().unwrap().last_served = last;
         }
-        // Busy-poll (--poll-us): a driver that answers at once (PAGE_RESP
-        // after a page request, the next MAP) is served without a wakeup,
-        // and is asked not to notify meanwhile (no kick, no exit).
+        Ok(())
+    }
+
+    /// Busy-poll (--poll-us): a driver that sends its next request at once
+    /// (the next MAP, a PAGE_RESP after a page request) is served without a
+    /// wakeup, and is asked not to notify meanwhile (no kick, no exit).
+    /// Polls until `window` passes without a request after the last one
+    /// served (`last`; none: nothing to wait for), then turns kicks back
+    /// on. Returns when the last request was served.
+    fn poll_requestq(
+        &self,
+        vring: &VringRwLock,
+        window: Duration,
+        mut last: Option<Instant>,
+    ) -> Option<Instant> {
         let mem = self.session().mem.memory();
         let pending = |vring: &VringRwLock| {
             let vr = vring.get_ref();
@@ -507,14 +552,16 @@ impl IommuBackend {
                 && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
                     .is_ok_and(|a| a.0 != q.next_avail())
         };
-        let mut deadline = Instant::now() + self.poll;
-        suppress_kicks(vring, mem.deref());
-        while Instant::now() < deadline {
-            if pending(vring) && self.serve_requestq(vring) > 0 {
-                suppress_kicks(vring, mem.deref());
-                deadline = Instant::now() + self.poll;
-            } else {
-                std::hint::spin_loop();
+        if let Some(mut since) = last {
+            suppress_kicks(vring, mem.deref());
+            while Instant::now() < since + window {
+                if pending(vring) && self.serve_requestq(vring, true) > 0 {
+                    suppress_kicks(vring, mem.deref());
+                    since = Instant::now();
+                    last = Some(since);
+                } else {
+                    std::hint::spin_loop();
+                }
             }
         }
         // Kicks on again; a request that came in between is served now.
@@ -525,13 +572,17 @@ impl IommuBackend {
             .unwrap_or(true)
         {
             drop(vr);
-            self.serve_requestq(vring);
+            if self.serve_requestq(vring, false) > 0 {
+                last = Some(Instant::now());
+            }
         }
-        Ok(())
+        last
     }
 
     /// One pass over the requestq; returns how many chains it served.
-    fn serve_requestq(&self, vring: &VringRwLock) -> usize {
+    /// `polling`: the caller looks again at once, so kicks stay off (asking
+    /// for one before returning would let a fast driver kick meanwhile).
+    fn serve_requestq(&self, vring: &VringRwLock, polling: bool) -> usize {
         let mut vr = vring.get_mut();
         let mut served = 0usize;
         let mut session = self.session();
@@ -580,7 +631,7 @@ impl IommuBackend {
                 // ring (index beyond the queue size): stop until the next kick
                 // instead of spinning.
                 served += popped;
-                if !vr.enable_notification()? || popped == 0 {
+                if polling || !vr.enable_notification()? || popped == 0 {
                     return Ok(());
                 }
             }
