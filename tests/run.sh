@@ -8,19 +8,18 @@ cd "$(dirname "$0")/.."
 stage() { echo "== $* (t+${SECONDS} s)"; }
 
 # The VM tiers' downloads and kernel builds start now, in the background and niced, so that on a
-# fresh machine they use the network and the cores the Rust tiers leave idle; the tiers wait on
-# the same per-item locks and find them cached (tests/vm/prepare.sh). VIOMMU_PREPARE=0: off.
+# fresh machine they use the network and the cores the Rust tiers leave idle; the VM tiers start
+# when it is done and find them cached (tests/vm/prepare.sh). VIOMMU_PREPARE=0: off.
 prep_pid=""
 prep_log="$(mktemp "${TMPDIR:-/tmp}/viommu-prepare.XXXXXX")"
 finish() {
     # Its own session: stopping it stops the make or apt it runs.
     [ -z "$prep_pid" ] || kill -TERM -- "-${prep_pid}" 2>/dev/null || true
-    grep -a '^\[vm\] prepare:' "$prep_log" || true
     rm -f "$prep_log"
 }
 trap finish EXIT
 if [ "${VIOMMU_PREPARE:-1}" != 0 ]; then
-    setsid nice -n 10 bash tests/vm/prepare.sh >/dev/null 2>"$prep_log" </dev/null &
+    setsid -w nice -n 10 bash tests/vm/prepare.sh >/dev/null 2>"$prep_log" </dev/null &
     prep_pid=$!
 fi
 
@@ -40,6 +39,14 @@ cargo bench --bench request_path -- --quick
 
 stage "fuzzing: each libFuzzer target for 30 s from its seed corpus (long runs: bash fuzz/run.sh 3600)"
 bash fuzz/run.sh 30
+
+# The VM tiers measure their benchmarks in TCG guests: nothing else may run meanwhile.
+stage "VM tiers: waiting for tests/vm/prepare.sh (fetches and kernel builds)"
+if [ -n "$prep_pid" ]; then
+    wait "$prep_pid" || echo "tests/vm/prepare.sh failed; each tier retries what it needs"
+    prep_pid=""
+    grep -a '^\[vm\] prepare:' "$prep_log" || true
+fi
 
 stage "tier 3a: kernel tier (test kernels 7.x and 6.12 under QEMU/TCG, real /dev/iommu)"
 # First run on a machine: fetches Debian's linux-source packages and builds
