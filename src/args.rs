@@ -139,8 +139,9 @@ pub struct Args {
     /// Busy-poll the requestq for up to this many microseconds after serving
     /// it, so that a driver sending its next request at once is served
     /// without a kick or a wakeup. Adaptive, as QEMU's poll-max-ns: the
-    /// window grows while requests keep coming within it and closes when
-    /// one does not, so a sporadic driver costs no CPU (0: off).
+    /// window opens while requests come within this bound and shrinks to
+    /// nothing while they come later, so a sporadic driver costs no CPU
+    /// (0: off).
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
 
