@@ -183,6 +183,7 @@ fn stats(backend: &IommuBackend) -> Value {
             s.iommu.pages.outstanding(),
         )
     };
+    let (poll, window) = backend.poll_stats();
     let vev = *backend.vevents.lock().unwrap();
     let fifo = backend.events.fifo();
     let c = fifo.counters;
@@ -205,6 +206,9 @@ fn stats(backend: &IommuBackend) -> Value {
         "page_requests_timed_out": p.timed_out,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
+        "requestq_wakeups": poll.wakeups,
+        "requestq_served_by_polling": poll.served_polling,
+        "poll_window_us": window.as_micros() as u64,
     })
 }
 

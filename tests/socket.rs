@@ -1126,8 +1126,9 @@ fn control_line_bound_keeps_memory_flat() {
 #[test]
 fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones() {
     // (kicks among the last 100 of 200 back-to-back pairs, kicks of 10
-    // requests 20 ms apart)
-    let run = |args: &[&str], event_idx: bool| -> (u64, u64) {
+    // requests 20 ms apart, the device's count of requests served by
+    // polling)
+    let run = |args: &[&str], event_idx: bool| -> (u64, u64, u64) {
         let b = backend(args);
         let opts = FrontendOptions::default();
         let mut f = connect_with(
@@ -1161,19 +1162,27 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
         let s = control(&b).stats().unwrap();
         assert_eq!(stat(&s, "map", "ok"), 200);
         assert_eq!(stat(&s, "unmap", "ok"), 200);
-        (k1 - k0, k2 - k1)
+        let polled = s["requestq_served_by_polling"].as_u64().unwrap();
+        // Every request came through a wakeup or a poll (a kick that lands
+        // as polling ends wakes the worker for nothing).
+        assert!(
+            s["requestq_wakeups"].as_u64().unwrap() + polled >= 411,
+            "{s}"
+        );
+        (k1 - k0, k2 - k1, polled)
     };
     // With EVENT_IDX (avail_event) and without it (VRING_USED_F_NO_NOTIFY).
     for event_idx in [true, false] {
-        let (busy, sporadic) = run(&["--poll-us", "5000"], event_idx);
+        let (busy, sporadic, polled) = run(&["--poll-us", "5000"], event_idx);
         eprintln!(
             "polling (event_idx {event_idx}): {busy} kicks of 200 back-to-back requests, \
-             {sporadic} of 10 sporadic"
+             {sporadic} of 10 sporadic; {polled} of 411 served by polling"
         );
         // A descheduled worker may miss a few; most must be served by polling.
         assert!(busy <= 20, "{busy} of 200 back-to-back requests kicked");
+        assert!(polled >= 380, "{polled} of 411 requests served by polling");
         assert_eq!(sporadic, 10, "a window left open past 20 ms gaps");
-        assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10));
+        assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10, 0));
     }
 }
 

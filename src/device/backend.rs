@@ -162,10 +162,20 @@ fn narrow_frontend_thread() {
     }
 }
 
-/// The requestq's polling window and when its last request was served.
+/// The requestq's polling window, when its last request was served, and
+/// what polling did (the control socket's `stats`).
 struct Polling {
     window: PollWindow,
     last_served: Option<Instant>,
+    counters: PollCounters,
+}
+
+/// Requestq wakeups (kicks the worker was woken for) and requests served by
+/// polling instead.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PollCounters {
+    pub wakeups: u64,
+    pub served_polling: u64,
 }
 
 impl Polling {
@@ -173,12 +183,14 @@ impl Polling {
         Self {
             window: PollWindow::new(max),
             last_served: None,
+            counters: PollCounters::default(),
         }
     }
 
     /// A kick arrived at `now`: learn from the gap since the last request
     /// was served, and say how long to poll after this pass.
     fn kicked(&mut self, now: Instant) -> Duration {
+        self.counters.wakeups += 1;
         if let Some(last) = self.last_served.take() {
             self.window.observe(now.saturating_duration_since(last));
         }
@@ -463,6 +475,13 @@ impl IommuBackend {
         self.flush_pages(&mut s);
     }
 
+    /// Requestq wakeups and requests served by polling, and the current
+    /// polling window.
+    pub fn poll_stats(&self) -> (PollCounters, Duration) {
+        let p = self.poll.lock().unwrap();
+        (p.counters, p.window.current())
+    }
+
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
     /// (zero: never).
     pub fn with_poll(self, max: Duration) -> Self {
@@ -552,11 +571,18 @@ impl IommuBackend {
                 && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
                     .is_ok_and(|a| a.0 != q.next_avail())
         };
+        let mut polled = 0u64;
         if let Some(mut since) = last {
             suppress_kicks(vring, mem.deref());
             while Instant::now() < since + window {
-                if pending(vring) && self.serve_requestq(vring, true) > 0 {
+                let served = if pending(vring) {
+                    self.serve_requestq(vring, true)
+                } else {
+                    0
+                };
+                if served > 0 {
                     suppress_kicks(vring, mem.deref());
+                    polled += served as u64;
                     since = Instant::now();
                     last = Some(since);
                 } else {
@@ -572,10 +598,13 @@ impl IommuBackend {
             .unwrap_or(true)
         {
             drop(vr);
-            if self.serve_requestq(vring, false) > 0 {
+            let served = self.serve_requestq(vring, false);
+            if served > 0 {
+                polled += served as u64;
                 last = Some(Instant::now());
             }
         }
+        self.poll.lock().unwrap().counters.served_polling += polled;
         last
     }
 
