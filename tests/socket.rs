@@ -1186,6 +1186,49 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
     }
 }
 
+/// GET_VRING_BASE stops the ring ("stop ring upon receiving
+/// VHOST_USER_GET_VRING_BASE") even while the worker polls it: the device
+/// neither serves a request posted after the stop nor writes the ring when
+/// its window lapses (re-arming kicks would write avail_event).
+#[test]
+fn a_ring_stopped_while_polling_is_left_alone() {
+    let b = backend(&["--poll-us", "300000"]);
+    let mut f = connect(&b);
+    f.requestq().set_spin(true);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    for i in 0..20u64 {
+        let iova = 0x10_0000 + i * 0x1000;
+        assert_eq!(
+            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW)),
+            S_OK
+        );
+    }
+    // The window is open now: the worker polls for 300 ms after each request
+    // (and has finished its writes after the last one by the time we look).
+    std::thread::sleep(Duration::from_millis(50));
+    let q = f.requestq();
+    let before = (
+        q.device_used_idx().unwrap(),
+        q.used_flags().unwrap(),
+        q.avail_event().unwrap(),
+    );
+    let base = f.get_vring_base(0).unwrap();
+    let q = f.requestq();
+    // Posted after the stop, never kicked: a poller that ignored the stop
+    // would serve it.
+    let (r, w) = wire::map(1, 0x80_0000, 0x80_0fff, 0x80_0000, RW);
+    q.add(&[&r], &[w]).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let after = (
+        q.device_used_idx().unwrap(),
+        q.used_flags().unwrap(),
+        q.avail_event().unwrap(),
+    );
+    assert_eq!(before, after, "ring written after GET_VRING_BASE ({base})");
+    let s = control(&b).stats().unwrap();
+    assert_eq!(stat(&s, "map", "ok"), 20);
+}
+
 /// Unprivileged operation: started as `nobody` with its listening socket
 /// handed over (`--socket-fd`), the backend serves virtual endpoints and
 /// its control socket; it needs no privilege for them.

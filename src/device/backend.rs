@@ -590,13 +590,12 @@ impl IommuBackend {
                 }
             }
         }
-        // Kicks on again; a request that came in between is served now.
+        // Kicks on again (unless the ring was stopped meanwhile: the
+        // frontend owns it then); a request that came in between is served
+        // now.
         let mut vr = vring.get_mut();
-        if vr
-            .get_queue_mut()
-            .enable_notification(mem.deref())
-            .unwrap_or(true)
-        {
+        let q = vr.get_queue_mut();
+        if q.ready() && q.enable_notification(mem.deref()).unwrap_or(true) {
             drop(vr);
             let served = self.serve_requestq(vring, false);
             if served > 0 {
@@ -613,6 +612,10 @@ impl IommuBackend {
     /// for one before returning would let a fast driver kick meanwhile).
     fn serve_requestq(&self, vring: &VringRwLock, polling: bool) -> usize {
         let mut vr = vring.get_mut();
+        // Stopped (GET_VRING_BASE) while this worker polled: hands off.
+        if !vr.get_queue().ready() {
+            return 0;
+        }
         let mut served = 0usize;
         let mut session = self.session();
         let s = &mut *session;
@@ -822,6 +825,10 @@ fn suppress_kicks<M: vm_memory::GuestMemory>(vring: &VringRwLock, mem: &M) {
     use vm_memory::{Bytes, GuestAddress};
     let mut vr = vring.get_mut();
     let q = vr.get_queue_mut();
+    if !q.ready() {
+        // Stopped: no more writes to the ring.
+        return;
+    }
     if !q.event_idx_enabled() {
         let _ = q.disable_notification(mem);
         return;
