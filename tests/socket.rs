@@ -1163,12 +1163,11 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
         assert_eq!(stat(&s, "map", "ok"), 200);
         assert_eq!(stat(&s, "unmap", "ok"), 200);
         let polled = s["requestq_served_by_polling"].as_u64().unwrap();
-        // Every request came through a wakeup or a poll (a kick that lands
-        // as polling ends wakes the worker for nothing).
-        assert!(
-            s["requestq_wakeups"].as_u64().unwrap() + polled >= 411,
-            "{s}"
-        );
+        let wakeups = s["requestq_wakeups"].as_u64().unwrap();
+        if polled > 0 {
+            // What polling served needed no wakeup.
+            assert!(wakeups <= 411 - polled + 10, "{s}");
+        }
         (k1 - k0, k2 - k1, polled)
     };
     // With EVENT_IDX (avail_event) and without it (VRING_USED_F_NO_NOTIFY).
