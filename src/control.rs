@@ -184,7 +184,7 @@ fn stats(backend: &IommuBackend) -> Value {
         )
     };
     let (poll, window) = backend.poll_stats();
-    let vev = *backend.vevents.lock().unwrap();
+    let vev = *backend.vevents.lock();
     let fifo = backend.events.fifo();
     let c = fifo.counters;
     json!({
@@ -206,6 +206,7 @@ fn stats(backend: &IommuBackend) -> Value {
         "page_requests_timed_out": p.timed_out,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
+        "vevents_stale": vev.stale,
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
         "poll_window_us": window.as_micros() as u64,

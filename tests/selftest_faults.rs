@@ -304,3 +304,70 @@ fn unrecoverable_faults_from_the_veventq_become_fault_records() {
     assert_eq!(status(&mut f, wire::detach(1, EP)), S_OK);
     assert!(rig.fd.trigger_vevent(dev).is_err());
 }
+
+/// The mock device `ep` on a nested HWPT of the backend's vIOMMU that the
+/// test made itself (the backend believes the endpoint unattached), then
+/// `count` vEVENTs: they wait in the vEVENTQ with no guest to read them.
+fn raise_stale_vevents(rig: &mut HostRig, ep: u32, count: usize) -> u32 {
+    let h = rig.host();
+    let viommu = h["viommu"].as_u64().expect("a vIOMMU") as u32;
+    let e = rig.endpoint(ep);
+    let dev = e["dev_id"].as_u64().unwrap() as u32;
+    let stdev = e["device"]["stdev_id"].as_u64().unwrap() as u32;
+    // struct iommu_hwpt_selftest { __u32 iotlb; }
+    let mut data = 0u32.to_le_bytes();
+    let hwpt = rig
+        .fd
+        .hwpt_alloc(
+            dev,
+            viommu,
+            0,
+            vhost_device_iommu::iommufd_bridge::sys::HWPT_DATA_SELFTEST,
+            &mut data,
+            None,
+        )
+        .expect("a nested HWPT on the backend's vIOMMU");
+    rig.fd.mock_domain_replace(stdev, hwpt).unwrap();
+    for _ in 0..count {
+        rig.fd.trigger_vevent(dev).unwrap();
+    }
+    hwpt
+}
+
+/// Events that waited in the vEVENTQ from before a connection (the device
+/// faulted while no guest was served) must neither hang the device at the
+/// connection's first request (the stale-event drain once took the
+/// session lock its caller held: every worker hung) nor reach the new
+/// guest: they are dropped and counted as `vevents_stale`, across a
+/// reconnect too.
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn events_from_before_a_connection_are_dropped_and_the_device_answers() {
+    let mut rig = rig(&[]);
+    if rig.host()["veventq"].is_null() {
+        // 6.12: no vEVENTQ (see the test above).
+        return;
+    }
+    let mut total = 0;
+    for (round, count) in [(0, 3usize), (1, 2)] {
+        let hwpt = raise_stale_vevents(&mut rig, EP, count);
+        total += count as u64;
+        let mut f = connect(&rig);
+        // The first request of the connection starts the vEVENTQ watch.
+        let probe = f.probe(EP);
+        let probe = probe.unwrap_or_else(|e| panic!("round {round}: no answer: {e}"));
+        assert_eq!(probe.status, S_OK, "round {round}");
+        let s = wait_for(&mut rig, false, "vevents_stale", total);
+        assert_eq!(n(&s, "vevents_received"), 0, "round {round}: {s}");
+        // Nothing reached the guest.
+        f.post_event_buffers(1, 24).unwrap();
+        let ev = f
+            .collect_events_upto(1, Duration::from_millis(300))
+            .unwrap();
+        assert!(ev.is_empty(), "round {round}: {} records", ev.len());
+        // The device is served: a table attach takes it from our HWPT.
+        assert_eq!(status(&mut f, table(1, EP, false)), S_OK, "round {round}");
+        rig.fd.destroy(hwpt).unwrap();
+        f.disconnect();
+    }
+}

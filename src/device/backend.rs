@@ -7,7 +7,6 @@ use std::io;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering as AtomicOrdering;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -32,6 +31,7 @@ use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFI
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
+use crate::device::lock_order::{Rank, Ranked, RankedGuard};
 use crate::device::poll::PollWindow;
 use crate::device::state::{IommuState, NO_RESPONSE};
 use crate::device::stats::Stats;
@@ -39,7 +39,7 @@ use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
 use crate::fault_queue::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
 use crate::fault_queue::vevents::VEventCounters;
 use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
-use crate::iommufd_bridge::{HostIommu, RamRegion};
+use crate::iommufd_bridge::{EventQueue, HostIommu, RamRegion};
 use crate::nested::Invalidate;
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -71,14 +71,14 @@ pub struct Session {
 
 /// Records for the eventq and the eventfd that wakes its worker.
 pub struct EventChannel {
-    fifo: Mutex<EventFifo>,
+    fifo: Ranked<EventFifo>,
     notify: EventFd,
 }
 
 impl EventChannel {
     fn new(capacity: usize) -> io::Result<Self> {
         Ok(EventChannel {
-            fifo: Mutex::new(EventFifo::new(capacity)),
+            fifo: Ranked::new(Rank::EventFifo, EventFifo::new(capacity)),
             notify: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -86,7 +86,7 @@ impl EventChannel {
     /// Queue a record and wake the eventq worker. False if it was lost
     /// (the bound was hit; counted and logged by the FIFO).
     pub fn send(&self, rec: EventRecord) -> bool {
-        let queued = self.fifo.lock().unwrap().push(rec);
+        let queued = self.fifo.lock().push(rec);
         if queued {
             if let Err(e) = self.notify.write(1) {
                 warn!("cannot wake the eventq worker: {e}");
@@ -95,8 +95,8 @@ impl EventChannel {
         queued
     }
 
-    pub fn fifo(&self) -> MutexGuard<'_, EventFifo> {
-        self.fifo.lock().unwrap()
+    pub fn fifo(&self) -> RankedGuard<'_, EventFifo> {
+        self.fifo.lock()
     }
 
     pub fn notify_fd(&self) -> &EventFd {
@@ -105,26 +105,26 @@ impl EventChannel {
 }
 
 pub struct IommuBackend {
-    session: Mutex<Session>,
+    session: Ranked<Session>,
     /// Adaptive busy-polling of the requestq (`--poll-us`).
-    poll: Mutex<Polling>,
+    poll: Ranked<Polling>,
     pub events: EventChannel,
     /// Page requests of virtual endpoints (the control socket's `dma`).
     pub virtual_faults: VirtualSource,
     /// This connection's kernel fault queue (host endpoints), for reading.
-    kernel_faults: Mutex<Option<File>>,
+    kernel_faults: Ranked<Option<File>>,
     /// Whole-group reads of the kernel's fault FD (the eventq worker's; taken
     /// before `kernel_faults` and the session).
-    fault_reader: Mutex<GroupReader>,
+    fault_reader: Ranked<GroupReader>,
     /// Adds an FD to the eventq worker's epoll (set per connection).
-    registrar: Mutex<Option<Registrar>>,
+    registrar: Ranked<Option<Registrar>>,
     /// Exit-event FDs the library leaks (see `exit_event`), closed at the
     /// end of their connection.
-    exit_consumers: Mutex<Vec<RawFd>>,
-    /// The vIOMMU's vEVENTQ (host endpoints), for reading: the FD and the
-    /// size of each event's data; and what came through it.
-    kernel_events: Mutex<Option<(File, usize, usize)>>,
-    pub vevents: Mutex<VEventCounters>,
+    exit_consumers: Ranked<Vec<RawFd>>,
+    /// The vIOMMU's vEVENTQ (host endpoints), for reading; and what came
+    /// through it.
+    kernel_events: Ranked<Option<EventQueue>>,
+    pub vevents: Ranked<VEventCounters>,
 }
 
 /// Registers (fd, epoll data) with the eventq worker (`true`), or removes
@@ -219,96 +219,115 @@ impl IommuBackend {
         mem: GuestMemory,
     ) -> io::Result<Self> {
         Ok(IommuBackend {
-            poll: Mutex::new(Polling::new(Duration::ZERO)),
-            session: Mutex::new(Session {
-                iommu: IommuState::new(config, limits, endpoints),
-                stats: Stats::default(),
-                acked_features: 0,
-                mem,
-            }),
+            poll: Ranked::new(Rank::Poll, Polling::new(Duration::ZERO)),
+            session: Ranked::new(
+                Rank::Session,
+                Session {
+                    iommu: IommuState::new(config, limits, endpoints),
+                    stats: Stats::default(),
+                    acked_features: 0,
+                    mem,
+                },
+            ),
             events: EventChannel::new(limits.max_events)?,
             virtual_faults: VirtualSource::new()?,
-            kernel_faults: Mutex::new(None),
-            fault_reader: Mutex::new(GroupReader::default()),
-            registrar: Mutex::new(None),
-            kernel_events: Mutex::new(None),
-            vevents: Mutex::new(VEventCounters::default()),
-            exit_consumers: Mutex::new(Vec::new()),
+            kernel_faults: Ranked::new(Rank::KernelFaults, None),
+            fault_reader: Ranked::new(Rank::FaultReader, GroupReader::default()),
+            registrar: Ranked::new(Rank::Registrar, None),
+            kernel_events: Ranked::new(Rank::KernelEvents, None),
+            vevents: Ranked::new(Rank::VEvents, VEventCounters::default()),
+            exit_consumers: Ranked::new(Rank::ExitConsumers, Vec::new()),
         })
     }
 
     /// How to add FDs to this connection's eventq worker (None: no
     /// connection).
     pub fn set_registrar(&self, r: Option<Registrar>) {
-        *self.registrar.lock().unwrap() = r;
+        *self.registrar.lock() = r;
     }
 
     /// Poll the vIOMMU's vEVENTQ from now on, if there is one; what waited
-    /// in it from before this guest is dropped.
+    /// in it from before this guest is dropped first, so the eventq worker
+    /// never relays it. Called with the session held: takes only locks
+    /// ranked after it.
     fn watch_kernel_events(&self, s: &Session) {
-        let mut ke = self.kernel_events.lock().unwrap();
+        let mut ke = self.kernel_events.lock();
         if ke.is_some() {
             return;
         }
-        let Some((file, len, id_at)) = s.iommu.event_queue_reader() else {
+        let Some(queue) = s.iommu.event_queue_reader() else {
             return;
         };
-        let registered = match self.registrar.lock().unwrap().as_ref() {
-            Some(reg) => reg(file.as_raw_fd(), KERNEL_EVENTS, true),
+        self.drop_stale_events(&queue);
+        let registered = match self.registrar.lock().as_ref() {
+            Some(reg) => reg(queue.file.as_raw_fd(), KERNEL_EVENTS, true),
             None => return,
         };
         match registered {
-            Ok(()) => {
-                *ke = Some((file, len, id_at));
-                drop(ke);
-                let stale = self.read_events(false);
-                if stale > 0 {
-                    info!("vEVENTQ: {stale} events from before this guest dropped");
-                }
-            }
+            // Level-triggered: events that came after the drain wake the
+            // worker at once.
+            Ok(()) => *ke = Some(queue),
             Err(e) => error!("cannot poll the vEVENTQ: {e}"),
         }
     }
 
-    /// Read the vEVENTQ dry; with `relay`, each event becomes a fault record
-    /// for the eventq (unrecoverable: reason UNKNOWN, the endpoint its
-    /// vDEVICE names). Returns how many events were read.
-    fn read_events(&self, relay: bool) -> u64 {
+    /// Read `queue` dry without relaying: its events belong to no guest
+    /// (raised before this connection's watch or after its workers
+    /// stopped). Counted in `vevents_stale`.
+    fn drop_stale_events(&self, queue: &EventQueue) {
         let mut buf = [0u8; 4096];
-        let mut total = 0;
+        let mut stale = 0;
         loop {
-            let n = {
-                let mut ke = self.kernel_events.lock().unwrap();
-                let Some((file, ..)) = ke.as_mut() else {
-                    return total;
+            let n = match std::io::Read::read(&mut &queue.file, &mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    warn!("vEVENTQ read: {e}");
+                    0
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            stale += self.vevents.lock().drop_stale(&buf[..n], queue.data_len);
+        }
+        if stale > 0 {
+            info!("vEVENTQ: {stale} events from before this guest dropped");
+        }
+    }
+
+    /// Read the vEVENTQ dry: each event becomes a fault record for the
+    /// eventq (unrecoverable: reason UNKNOWN, the endpoint its vDEVICE
+    /// names).
+    fn relay_events(&self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let (n, data_len, id_at) = {
+                let mut ke = self.kernel_events.lock();
+                let Some(q) = ke.as_mut() else {
+                    return;
                 };
-                match std::io::Read::read(file, &mut buf) {
+                let n = match std::io::Read::read(&mut q.file, &mut buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) => {
                         warn!("vEVENTQ read: {e}");
                         0
                     }
-                }
+                };
+                (n, q.data_len, q.id_at)
             };
             if n == 0 {
-                return total;
+                return;
             }
-            let (len, id_at) = self
-                .kernel_events
-                .lock()
-                .unwrap()
-                .as_ref()
-                .map_or((4, 0), |k| (k.1, k.2));
             let s = self.session();
             let mut fifo = self.events.fifo();
-            let mut c = self.vevents.lock().unwrap();
-            let before = c.received;
-            c.parse(&buf[..n], len, |data| {
+            let mut c = self.vevents.lock();
+            c.parse(&buf[..n], data_len, |data| {
                 let virt_id = data
                     .get(id_at..id_at + 4)
                     .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
-                if relay && s.iommu.has_endpoint(virt_id) {
+                if s.iommu.has_endpoint(virt_id) {
                     fifo.push(EventRecord::Fault {
                         reason: REASON_UNKNOWN,
                         flags: 0,
@@ -318,20 +337,19 @@ impl IommuBackend {
                     });
                 }
             });
-            total += c.received - before;
         }
     }
 
     /// A request made the host's fault queue: poll it from now on.
     fn watch_kernel_faults(&self, s: &Session) {
-        let mut kf = self.kernel_faults.lock().unwrap();
+        let mut kf = self.kernel_faults.lock();
         if kf.is_some() {
             return;
         }
         let Some(file) = s.iommu.fault_queue_reader() else {
             return;
         };
-        let registered = match self.registrar.lock().unwrap().as_ref() {
+        let registered = match self.registrar.lock().as_ref() {
             Some(reg) => reg(file.as_raw_fd(), KERNEL_FAULTS, true),
             None => Err(io::Error::other("no connection")),
         };
@@ -410,9 +428,9 @@ impl IommuBackend {
     /// watch on the FD rather than spin: the kernel completes it when the
     /// device detaches.
     fn read_kernel_faults(&self, buf: &mut [u8]) -> Option<usize> {
-        let mut reader = self.fault_reader.lock().unwrap();
+        let mut reader = self.fault_reader.lock();
         let read = {
-            let mut kf = self.kernel_faults.lock().unwrap();
+            let mut kf = self.kernel_faults.lock();
             reader.read(kf.as_mut()?, buf)
         };
         match read {
@@ -429,8 +447,8 @@ impl IommuBackend {
                      cannot be read; no longer polling the fault queue (the kernel completes \
                      the group when its device detaches)"
                 );
-                if let Some(f) = self.kernel_faults.lock().unwrap().as_ref() {
-                    if let Some(reg) = self.registrar.lock().unwrap().as_ref() {
+                if let Some(f) = self.kernel_faults.lock().as_ref() {
+                    if let Some(reg) = self.registrar.lock().as_ref() {
                         let _ = reg(f.as_raw_fd(), KERNEL_FAULTS, false);
                     }
                 }
@@ -478,14 +496,14 @@ impl IommuBackend {
     /// Requestq wakeups and requests served by polling, and the current
     /// polling window.
     pub fn poll_stats(&self) -> (PollCounters, Duration) {
-        let p = self.poll.lock().unwrap();
+        let p = self.poll.lock();
         (p.counters, p.window.current())
     }
 
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
     /// (zero: never).
     pub fn with_poll(self, max: Duration) -> Self {
-        *self.poll.lock().unwrap() = Polling::new(max);
+        *self.poll.lock() = Polling::new(max);
         self
     }
 
@@ -495,8 +513,8 @@ impl IommuBackend {
         self
     }
 
-    pub fn session(&self) -> MutexGuard<'_, Session> {
-        self.session.lock().unwrap()
+    pub fn session(&self) -> RankedGuard<'_, Session> {
+        self.session.lock()
     }
 
     /// A new frontend connected: fresh guest memory, state as at power-on.
@@ -512,12 +530,16 @@ impl IommuBackend {
     pub fn end_session(&self) {
         let mut s = self.session();
         // Our copy of the fault queue FD first: the host destroys the queue.
-        drop(self.kernel_faults.lock().unwrap().take());
-        drop(self.kernel_events.lock().unwrap().take());
+        drop(self.kernel_faults.lock().take());
+        // What the device raised after this guest's workers stopped is
+        // nobody's: dropped and counted now, not at the next guest.
+        if let Some(queue) = self.kernel_events.lock().take() {
+            self.drop_stale_events(&queue);
+        }
         // The last reference to the connection's epoll handler; then the
         // exit eventfds the library leaked (its workers are joined).
         self.set_registrar(None);
-        for fd in self.exit_consumers.lock().unwrap().drain(..) {
+        for fd in self.exit_consumers.lock().drain(..) {
             // SAFETY: the library gave this fd up with into_raw_fd() and
             // its epoll and workers are gone with the daemon: nothing else
             // refers to it, and it is closed exactly once (drained).
@@ -537,7 +559,7 @@ impl IommuBackend {
     /// addresses, indices) are logged and end this pass; they never reach
     /// the worker loop, which would stop serving the queue for good.
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
-        let window = self.poll.lock().unwrap().kicked(Instant::now());
+        let window = self.poll.lock().kicked(Instant::now());
         let last = if window.is_zero() {
             (self.serve_requestq(vring, false) > 0).then(Instant::now)
         } else {
@@ -546,7 +568,7 @@ impl IommuBackend {
             self.poll_requestq(vring, window, first)
         };
         if last.is_some() {
-            self.poll.lock().unwrap().last_served = last;
+            self.poll.lock().last_served = last;
         }
         Ok(())
     }
@@ -603,7 +625,7 @@ impl IommuBackend {
                 last = Some(Instant::now());
             }
         }
-        self.poll.lock().unwrap().counters.served_polling += polled;
+        self.poll.lock().counters.served_polling += polled;
         last
     }
 
@@ -973,10 +995,7 @@ impl VhostUserBackend for IommuBackend {
         // vhost-user-backend 0.24 registers the consumer with into_raw_fd()
         // and never closes it: one eventfd per worker per connection. Keep
         // its number and close it when that connection's workers are gone.
-        self.exit_consumers
-            .lock()
-            .unwrap()
-            .push(consumer.as_raw_fd());
+        self.exit_consumers.lock().push(consumer.as_raw_fd());
         Some((consumer, notifier))
     }
 
@@ -1011,7 +1030,7 @@ impl VhostUserBackend for IommuBackend {
                 self.process_eventq(&vrings[0])
             }
             (1, KERNEL_EVENTS) => {
-                self.read_events(true);
+                self.relay_events();
                 self.process_eventq(&vrings[0])
             }
             (t, e) => {

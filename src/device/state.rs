@@ -523,7 +523,7 @@ impl IommuState {
     }
 
     /// The host's vIOMMU event queue, if any (the caller polls the handle).
-    pub fn event_queue_reader(&self) -> Option<(std::fs::File, usize, usize)> {
+    pub fn event_queue_reader(&self) -> Option<crate::iommufd_bridge::EventQueue> {
         self.host.event_queue_reader()
     }
 

@@ -14,6 +14,8 @@ pub struct VEventCounters {
     pub received: u64,
     /// Events the kernel dropped (its queue was full).
     pub lost: u64,
+    /// Events read but relayed to no guest: raised while none was served.
+    pub stale: u64,
     next: Option<u32>,
 }
 
@@ -45,6 +47,18 @@ impl VEventCounters {
             off += data_len;
             self.next = Some(((u64::from(seq) + 1) % SEQ_MOD) as u32);
         }
+    }
+
+    /// Walk one read's bytes of events that belong to no guest: they keep
+    /// the sequence tracking right and count as `stale`, not `received`.
+    /// Returns how many there were.
+    pub fn drop_stale(&mut self, buf: &[u8], data_len: usize) -> u64 {
+        let before = self.received;
+        self.parse(buf, data_len, |_| {});
+        let n = self.received - before;
+        self.received = before;
+        self.stale += n;
+        n
     }
 }
 
@@ -91,5 +105,20 @@ mod tests {
         assert_eq!((c.received, c.lost), (2, 0));
         // A truncated tail is ignored.
         c.parse(&[0, 0, 0], 4, |_| panic!());
+    }
+
+    #[test]
+    fn stale_events_are_counted_apart_and_keep_the_sequence() {
+        let mut c = VEventCounters::default();
+        let mut b = Vec::new();
+        ev(&mut b, 0, 0, Some(10));
+        ev(&mut b, 0, 1, Some(11));
+        assert_eq!(c.drop_stale(&b, 4), 2);
+        assert_eq!((c.received, c.stale, c.lost), (0, 2, 0));
+        // The next guest's first event follows on: no gap counted.
+        let mut b = Vec::new();
+        ev(&mut b, 0, 2, Some(12));
+        c.parse(&b, 4, |_| {});
+        assert_eq!((c.received, c.stale, c.lost), (1, 2, 0));
     }
 }

@@ -1134,12 +1134,16 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         self.point_pasid(endpoint, pasid, target)
     }
 
-    fn event_queue_reader(&self) -> Option<(std::fs::File, usize, usize)> {
+    fn event_queue_reader(&self) -> Option<super::EventQueue> {
         let (_, file) = self.veventq.as_ref()?;
         file.try_clone()
             .inspect_err(|e| warn!("vEVENTQ FD: {e}"))
             .ok()
-            .map(|f| (f, self.vevent_format.0, self.vevent_format.1))
+            .map(|file| super::EventQueue {
+                file,
+                data_len: self.vevent_format.0,
+                id_at: self.vevent_format.1,
+            })
     }
 
     fn fault_queue_reader(&self) -> Option<std::fs::File> {

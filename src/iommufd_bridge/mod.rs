@@ -92,6 +92,15 @@ impl From<sys::SysError> for BridgeError {
 
 pub type Result<T> = std::result::Result<T, BridgeError>;
 
+/// A handle for reading a vIOMMU's vEVENTQ.
+pub struct EventQueue {
+    pub file: std::fs::File,
+    /// The size of each event's data (after its header).
+    pub data_len: usize,
+    /// Where in the data the virtual ID (the vDEVICE's virt_id) is.
+    pub id_at: usize,
+}
+
 /// What the host must do so that endpoints' DMA follows the device state.
 /// Called by `IommuState` between validating a request and committing it:
 /// an `Err` leaves the state as it was.
@@ -152,10 +161,8 @@ pub trait HostIommu: Debug + Send {
         Err(BridgeError::Unsupported("INVALIDATE"))
     }
 
-    /// The vIOMMU's event queue (unrecoverable faults), if there is one: a
-    /// handle for reading its records, the size of each event's data, and
-    /// where in it the virtual ID (the vDEVICE's virt_id) is.
-    fn event_queue_reader(&self) -> Option<(std::fs::File, usize, usize)> {
+    /// The vIOMMU's event queue (unrecoverable faults), if there is one.
+    fn event_queue_reader(&self) -> Option<EventQueue> {
         None
     }
 
