@@ -21,7 +21,7 @@ use vhost_device_iommu::device::state::IommuState;
 use vhost_device_iommu::fault_queue::pages::{
     FaultRecord, SourceId, PGFAULT_F_LAST_PAGE, PGFAULT_F_PASID_VALID,
 };
-use vhost_device_iommu::fault_queue::{EventFifo, EventRecord};
+use vhost_device_iommu::fault_queue::{purge_completed, EventFifo, EventRecord};
 use vhost_device_iommu::nested::request::{
     decode_attach_table, decode_page_resp, encode, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID,
 };
@@ -163,7 +163,7 @@ fuzz_target!(|data: &[u8]| {
                     if input.u8() % 4 == 0 {
                         if let Some(key) = rec.group() {
                             s.pages.small_buffer(&key);
-                            fifo.remove_group(key.0, key.2);
+                            fifo.remove_group(&key);
                         } else {
                             // A fault record waits for a bigger buffer.
                         }
@@ -202,9 +202,7 @@ fuzz_target!(|data: &[u8]| {
         // Completions so far: responses to their sources (the kernel's are
         // written by the state at once), the kernel's own are counted.
         collect(&mut s, &kernel, &mut ledger);
-        while let Some((e, g)) = s.pages.pop_purged() {
-            fifo.remove_group(e, g);
-        }
+        purge_completed(&mut s.pages, &mut fifo);
         if let Err(e) = s.check_invariants() {
             panic!("invariant broken: {e}");
         }

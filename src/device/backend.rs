@@ -38,7 +38,7 @@ use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
 use crate::fault_queue::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
 use crate::fault_queue::vevents::VEventCounters;
-use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
+use crate::fault_queue::{purge_completed, EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
 use crate::iommufd_bridge::{EventQueue, HostIommu, RamRegion};
 use crate::nested::Invalidate;
 
@@ -384,12 +384,8 @@ impl IommuBackend {
         if n > 0 {
             s.iommu.respond_host_faults(&kernel[..n]);
         }
-        if let Some(first) = s.iommu.pages.pop_purged() {
-            let mut fifo = self.events.fifo();
-            fifo.remove_group(first.0, first.1);
-            while let Some((ep, group)) = s.iommu.pages.pop_purged() {
-                fifo.remove_group(ep, group);
-            }
+        if s.iommu.pages.has_purged() {
+            purge_completed(&mut s.iommu.pages, &mut self.events.fifo());
         }
     }
 
@@ -760,7 +756,7 @@ impl IommuBackend {
                             // A driver that takes page requests posts 48-byte
                             // buffers; waiting would stall the device.
                             s.iommu.pages.small_buffer(&key);
-                            fifo.remove_group(key.0, key.2);
+                            fifo.remove_group(&key);
                         }
                         0
                     }

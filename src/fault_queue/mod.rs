@@ -108,7 +108,7 @@ impl EventRecord {
     }
 
     /// The page-request group this record belongs to.
-    pub fn group(&self) -> Option<(u32, Option<u32>, u16)> {
+    pub fn group(&self) -> Option<pages::GroupKey> {
         match *self {
             EventRecord::PageRequest {
                 endpoint,
@@ -184,12 +184,12 @@ impl EventFifo {
         self.queue.len() + n <= self.capacity
     }
 
-    /// Drop the queued records of page-request group (endpoint, group):
-    /// it was completed before the driver saw all of it.
-    pub fn remove_group(&mut self, endpoint: u32, group: u16) -> usize {
+    /// Drop the queued records of page-request group `key`: it was
+    /// completed before the driver saw all of it. Ids are unique per
+    /// (endpoint, PASID), so the PASID is part of the key.
+    pub fn remove_group(&mut self, key: &pages::GroupKey) -> usize {
         let before = self.queue.len();
-        self.queue
-            .retain(|r| !matches!(r.group(), Some((e, _, g)) if e == endpoint && g == group));
+        self.queue.retain(|r| r.group().as_ref() != Some(key));
         before - self.queue.len()
     }
 
@@ -206,6 +206,15 @@ impl EventFifo {
         self.counters.discarded += n as u64;
         self.queue.clear();
         n
+    }
+}
+
+/// Records of groups completed before the driver saw all of them leave
+/// the FIFO with their group, so the driver never receives a request it
+/// cannot answer.
+pub fn purge_completed(pages: &mut pages::PageRequests, fifo: &mut EventFifo) {
+    while let Some(key) = pages.pop_purged() {
+        fifo.remove_group(&key);
     }
 }
 
@@ -274,7 +283,7 @@ mod tests {
         f.push(fault(1));
         f.push(r);
         f.push(fault(2));
-        assert_eq!(f.remove_group(9, 0x1234), 1);
+        assert_eq!(f.remove_group(&(9, Some(5), 0x1234)), 1);
         assert_eq!(f.len(), 2);
         assert!(f.has_room(2) && !f.has_room(3));
     }
@@ -311,5 +320,46 @@ mod tests {
         assert_eq!(f.len(), 8);
         assert_eq!(f.queue.capacity(), cap);
         assert_eq!(f.counters.lost, 10_000 - 8);
+    }
+
+    /// Group ids are unique per (endpoint, PASID, id): after the 16-bit
+    /// counter wraps, two PASIDs of one endpoint can hold the same id, and
+    /// completing one must leave the other's records queued.
+    #[test]
+    fn a_purge_across_a_wrap_keeps_the_other_pasids_group() {
+        use pages::{PageRequests, SourceId, CODE_FAILURE};
+        let mut p = PageRequests::new(8);
+        let mut fifo = EventFifo::new(8);
+        let record = |pasid, group| EventRecord::PageRequest {
+            endpoint: 1,
+            pasid: Some(pasid),
+            group,
+            address: 0x1000,
+            access: FLAG_READ,
+            last: true,
+        };
+        let a = p.raise(1, Some(10), None, 5, SourceId::Virtual, 0).unwrap();
+        fifo.push(record(10, a));
+        // PASID 20's groups come and go until the endpoint's counter wraps
+        // back to PASID 10's id.
+        let mut b;
+        let mut cookie = 1;
+        loop {
+            b = p
+                .raise(1, Some(20), None, 5, SourceId::Virtual, cookie)
+                .unwrap();
+            cookie += 1;
+            if b == a {
+                break;
+            }
+            assert!(p.complete_cookie(SourceId::Virtual, cookie - 1, CODE_FAILURE));
+            purge_completed(&mut p, &mut fifo);
+        }
+        fifo.push(record(20, b));
+        assert!(p.complete_cookie(SourceId::Virtual, cookie - 1, CODE_FAILURE));
+        purge_completed(&mut p, &mut fifo);
+        assert_eq!(fifo.len(), 1, "PASID 10's group lost its record");
+        assert_eq!(fifo.front(), Some(&record(10, a)));
+        assert!(p.group(&(1, Some(10), a)).is_some());
     }
 }

@@ -168,7 +168,7 @@ pub struct PageRequests {
     pub counters: PageCounters,
     /// Allocated once (the bound), so completing allocates nothing.
     outbox: VecDeque<Response>,
-    purged: VecDeque<(u32, u16)>,
+    purged: VecDeque<GroupKey>,
 }
 
 impl PageRequests {
@@ -334,7 +334,7 @@ impl PageRequests {
         };
         self.counters.completed_by_device += 1;
         self.respond(&g, code, false);
-        self.purged.push_back((key.0, key.2));
+        self.purged.push_back(*key);
         true
     }
 
@@ -368,7 +368,7 @@ impl PageRequests {
             .collect();
         for key in keys {
             let g = self.remove(&key).expect("listed above");
-            self.purged.push_back((key.0, key.2));
+            self.purged.push_back(key);
             match g.source {
                 SourceId::Kernel => {
                     debug!("page request group {key:?}: completed by the kernel on detach");
@@ -415,9 +415,13 @@ impl PageRequests {
         }
     }
 
-    /// The next (endpoint, group) whose queued records must leave the
-    /// event FIFO.
-    pub fn pop_purged(&mut self) -> Option<(u32, u16)> {
+    /// Are there groups whose queued records must leave the event FIFO?
+    pub fn has_purged(&self) -> bool {
+        !self.purged.is_empty()
+    }
+
+    /// The next group whose queued records must leave the event FIFO.
+    pub fn pop_purged(&mut self) -> Option<GroupKey> {
         self.purged.pop_front()
     }
 
@@ -560,7 +564,7 @@ mod tests {
         );
         let mut purged: Vec<_> = std::iter::from_fn(|| p.pop_purged()).collect();
         purged.sort();
-        let mut want = vec![(1, k), (1, v)];
+        let mut want = vec![(1, None, k), (1, None, v)];
         want.sort();
         assert_eq!(purged, want);
         assert!(p.group(&(1, Some(4), other)).is_some(), "PASID 4 untouched");
