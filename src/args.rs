@@ -7,7 +7,7 @@ use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::control::ControlLimits;
-use crate::device::config::{DeviceConfig, Limits};
+use crate::device::config::{DeviceConfig, Limits, DEFAULT_PAGE_RESPONSE_TIMEOUT_MS};
 use crate::iommufd_bridge::vfio::VfioSource;
 use crate::viot::{ViotError, ViotTable};
 
@@ -149,6 +149,12 @@ pub struct Args {
     /// waiting for an eventq buffer); beyond: completed with FAILURE.
     #[arg(long, default_value_t = 512)]
     pub max_page_requests: usize,
+
+    /// A page-request group the driver has not answered after this many
+    /// milliseconds is completed by the device (INVALID to its source) and
+    /// counted as timed out; a later PAGE_RESP is INVAL (0: never).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_PAGE_RESPONSE_TIMEOUT_MS)]
+    pub page_response_timeout_ms: u64,
 
     /// Most event records queued while the driver posts no buffer (beyond:
     /// counted as lost and logged).
@@ -446,6 +452,8 @@ impl Args {
                 max_events: self.max_events,
                 max_pasids: self.max_pasids,
                 max_page_requests: self.max_page_requests,
+                page_response_timeout: (self.page_response_timeout_ms > 0)
+                    .then(|| std::time::Duration::from_millis(self.page_response_timeout_ms)),
             },
             control_limits: ControlLimits {
                 max_clients: self.max_control_clients,

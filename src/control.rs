@@ -204,6 +204,7 @@ fn stats(backend: &IommuBackend) -> Value {
         "page_requests_refused_no_handler": p.refused_no_handler,
         "page_requests_small_buffer": p.small_buffer,
         "page_requests_timed_out": p.timed_out,
+        "page_requests_withdrawn": p.withdrawn,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
         "vevents_stale": vev.stale,

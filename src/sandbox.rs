@@ -106,6 +106,9 @@ mod lists {
         SYS_epoll_ctl,
         SYS_epoll_pwait,
         SYS_ppoll,
+        // The page-response timer (fault_queue::timer), armed by the eventq
+        // worker.
+        SYS_timerfd_settime,
     ];
     /// The same, where the architecture still has the old calls (aarch64
     /// has only the p-variants, which its libc uses).

@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
-use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING, VIRTUAL_FAULTS};
+use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING, PAGE_TIMER, VIRTUAL_FAULTS};
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
@@ -221,6 +221,9 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             .map_err(ServerError::Register)?;
         daemon.get_epoll_handlers()[EVENTQ as usize]
             .register_listener(backend.virtual_faults.fd(), EventSet::IN, VIRTUAL_FAULTS)
+            .map_err(ServerError::Register)?;
+        daemon.get_epoll_handlers()[EVENTQ as usize]
+            .register_listener(backend.page_timer_fd(), EventSet::IN, PAGE_TIMER)
             .map_err(ServerError::Register)?;
         let eventq = daemon.get_epoll_handlers()[EVENTQ as usize].clone();
         backend.set_registrar(Some(Box::new(move |fd, data, watch| {

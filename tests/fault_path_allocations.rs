@@ -73,7 +73,13 @@ fn accepting_delivering_and_answering_a_fault_allocates_nothing() {
             cookie: i + 1,
             ..Default::default()
         };
-        s.accept_page_requests(SourceId::Virtual, &[rec], acked, &mut fifo);
+        s.accept_page_requests(
+            SourceId::Virtual,
+            &[rec],
+            acked,
+            &mut fifo,
+            std::time::Instant::now(),
+        );
         let r = *fifo.front().expect("queued");
         fifo.delivered();
         let key = r.group().expect("a page request");

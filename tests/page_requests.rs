@@ -427,3 +427,60 @@ fn groups_are_ordered_carry_their_pasid_and_are_answered_in_any_order() {
     }
     assert_accounted(&stats(&b), 0);
 }
+
+/// `--page-response-timeout-ms`: a group the driver never answers is
+/// completed by the device (INVALID: the waiting `dma` fails), counted as
+/// timed out, and the driver's late PAGE_RESP is INVAL like any unknown
+/// group's.
+#[test]
+fn a_group_the_driver_never_answers_is_completed_by_the_device() {
+    let b = backend(&["--page-response-timeout-ms", "300"]);
+    let mut g = Guest::new(&b);
+    assert_eq!(g.attach(1, EP, None), S_OK);
+    let started = std::time::Instant::now();
+    // The dma would wait 20 s: the device's timeout ends it first.
+    let w = dma_async(&b, EP, None, 0x1000, false, Some(20_000));
+    let r = g.page_requests(1);
+    assert_eq!(error_kind(&w.join().unwrap()), Some("page-request-failed"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        status(&mut g.f, page_resp(EP, None, r[0].group_id, SUCCESS)),
+        S_INVAL
+    );
+    // Others keep working after it.
+    let w = dma_async(&b, EP, None, 0x2000, false, None);
+    let r = g.page_requests(1);
+    assert_eq!(
+        status(&mut g.f, page_resp(EP, None, r[0].group_id, INVALID)),
+        S_OK
+    );
+    assert_eq!(error_kind(&w.join().unwrap()), Some("page-request-failed"));
+    let s = stats(&b);
+    assert_eq!(s["page_requests_timed_out"], 1, "{s}");
+    assert_eq!(s["page_requests_completed_by_device"], 1, "{s}");
+    assert_accounted(&s, 0);
+}
+
+/// A frontend that sends SET_FEATURES again without F_PAGE_REQUEST while
+/// groups are outstanding: the driver can no longer answer them, so the
+/// device completes them (INVALID) at once.
+#[test]
+fn features_without_page_requests_complete_outstanding_groups() {
+    let b = backend(&[]);
+    let mut g = Guest::new(&b);
+    assert_eq!(g.attach(1, EP, None), S_OK);
+    let w = dma_async(&b, EP, None, 0x1000, false, Some(20_000));
+    g.page_requests(1);
+    let started = std::time::Instant::now();
+    {
+        use vhost::VhostBackend;
+        let without = g.f.acked_features & !(1 << wire::VIRTIO_IOMMU_F_PAGE_REQUEST);
+        g.f.vu.set_features(without).unwrap();
+    }
+    assert_eq!(error_kind(&w.join().unwrap()), Some("page-request-failed"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = stats(&b);
+    assert_eq!(s["page_requests_withdrawn"], 1, "{s}");
+    assert_eq!(s["page_requests_completed_by_device"], 1, "{s}");
+    assert_accounted(&s, 0);
+}

@@ -371,3 +371,50 @@ fn events_from_before_a_connection_are_dropped_and_the_device_answers() {
         f.disconnect();
     }
 }
+
+/// `--page-response-timeout-ms`: a kernel group the driver never answers
+/// is completed by the device (INVALID written to the fault FD), counted as
+/// timed out; the driver's late answer is INVAL.
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn a_kernel_group_the_driver_never_answers_times_out() {
+    let mut rig = rig(&["--page-response-timeout-ms", "300"]);
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, table(1, EP, true)), S_OK);
+    let dev = dev_id(&mut rig, EP);
+    rig.fd.trigger_iopf(dev, 0, 1, RW, 0x5000).unwrap();
+    let r = page_request(&mut f);
+    // The kernel took the device's response: the group is done there.
+    wait_for(&mut rig, true, "page_responses_written", 1);
+    let s = wait_for(&mut rig, false, "page_requests_timed_out", 1);
+    assert_eq!(n(&s, "page_requests_outstanding"), 0, "{s}");
+    assert_eq!(n(&s, "page_requests_completed_by_device"), 1, "{s}");
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_INVAL);
+    // The next one is answered by the driver as usual.
+    rig.fd.trigger_iopf(dev, 0, 2, RW, 0x6000).unwrap();
+    let r = page_request(&mut f);
+    assert_eq!(status(&mut f, page_resp(EP, None, r.group_id, 0)), S_OK);
+    assert_eq!(n(&rig.host(), "page_responses_written"), 2);
+    assert_eq!(n(&rig.host(), "page_responses_stale"), 0);
+}
+
+/// SET_FEATURES again without F_PAGE_REQUEST while a kernel group is
+/// outstanding: the device completes it (INVALID to the kernel) at once.
+#[test]
+#[ignore = "needs /dev/iommu with CONFIG_IOMMUFD_TEST: run by tests/vm/kernel-tier.sh"]
+fn features_without_page_requests_complete_kernel_groups() {
+    let mut rig = rig(&[]);
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, table(1, EP, true)), S_OK);
+    let dev = dev_id(&mut rig, EP);
+    rig.fd.trigger_iopf(dev, 0, 1, RW, 0x5000).unwrap();
+    page_request(&mut f);
+    {
+        use vhost::VhostBackend;
+        let without = f.acked_features & !(1 << wire::VIRTIO_IOMMU_F_PAGE_REQUEST);
+        f.vu.set_features(without).unwrap();
+    }
+    wait_for(&mut rig, true, "page_responses_written", 1);
+    let s = wait_for(&mut rig, false, "page_requests_withdrawn", 1);
+    assert_eq!(n(&s, "page_requests_outstanding"), 0, "{s}");
+}

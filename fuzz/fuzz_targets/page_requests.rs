@@ -14,20 +14,20 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use iommu_fuzz::{small_limits, Input, ENDPOINTS};
 use libfuzzer_sys::fuzz_target;
 use vhost_device_iommu::device::config::{features, DeviceConfig};
 use vhost_device_iommu::device::request::Detach;
 use vhost_device_iommu::device::state::IommuState;
+use vhost_device_iommu::device::state::ReservedRegion;
 use vhost_device_iommu::fault_queue::pages::{
     FaultRecord, SourceId, PGFAULT_F_LAST_PAGE, PGFAULT_F_PASID_VALID,
 };
 use vhost_device_iommu::fault_queue::{purge_completed, EventFifo, EventRecord};
+use vhost_device_iommu::iommufd_bridge::{HostIommu, HostMapping, RamRegion, Result, Target};
 use vhost_device_iommu::nested::request::{
     decode_attach_table, decode_page_resp, encode, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID,
 };
-use iommu_fuzz::{small_limits, Input, ENDPOINTS};
-use vhost_device_iommu::device::state::ReservedRegion;
-use vhost_device_iommu::iommufd_bridge::{HostIommu, HostMapping, RamRegion, Result, Target};
 
 const MAX_OPS: usize = 512;
 
@@ -49,7 +49,12 @@ impl HostIommu for Recorder {
     fn set_guest_ram(&mut self, _: &[RamRegion]) -> Result<()> {
         Ok(())
     }
-    fn attach(&mut self, _: u32, _: Target, _: &mut dyn Iterator<Item = HostMapping>) -> Result<()> {
+    fn attach(
+        &mut self,
+        _: u32,
+        _: Target,
+        _: &mut dyn Iterator<Item = HostMapping>,
+    ) -> Result<()> {
         Ok(())
     }
     fn map(&mut self, _: u32, _: HostMapping) -> Result<()> {
@@ -101,6 +106,8 @@ fuzz_target!(|data: &[u8]| {
     let mut fifo = EventFifo::new(limits.max_events);
     let mut ledger = Ledger::default();
     let mut next_cookie = 1u32;
+    // A virtual clock: inputs choose how much time passes.
+    let mut clock = std::time::Instant::now();
     let before = s.pages.counters.completed_by_kernel;
     for _ in 0..MAX_OPS {
         if input.is_empty() {
@@ -155,7 +162,7 @@ fuzz_target!(|data: &[u8]| {
                     })
                     .collect();
                 ledger.fed.push((source, cookie));
-                s.accept_page_requests(source, &recs, acked, &mut fifo);
+                s.accept_page_requests(source, &recs, acked, &mut fifo, clock);
             }
             4 => {
                 // The driver posts a buffer: 48 bytes, or too small.
@@ -188,10 +195,15 @@ fuzz_target!(|data: &[u8]| {
                     let _ = s.page_resp(&p);
                 }
             }
-            7 => {
+            7 if input.u8() % 2 == 0 => {
                 // A virtual dma gives up.
                 let c = 1 + (input.u32() % next_cookie.max(1));
                 s.pages.time_out(SourceId::Virtual, c);
+            }
+            7 => {
+                // Time passes: groups the driver left unanswered expire.
+                clock += std::time::Duration::from_millis(u64::from(input.u8()));
+                s.pages.expire(clock);
             }
             _ => {
                 if input.u8() % 8 == 0 {
@@ -215,7 +227,11 @@ fuzz_target!(|data: &[u8]| {
     collect(&mut s, &kernel, &mut ledger);
     let c = s.pages.counters;
     assert_eq!(s.pages.outstanding(), 0);
-    assert_eq!(c.raised, ledger.fed.len() as u64, "every group counted once");
+    assert_eq!(
+        c.raised,
+        ledger.fed.len() as u64,
+        "every group counted once"
+    );
     let responded = ledger.done.values().map(|&n| u64::from(n)).sum::<u64>();
     assert_eq!(
         responded + c.completed_by_kernel - before,

@@ -72,6 +72,7 @@ pub fn small_limits(max_events: usize) -> Limits {
         max_events,
         max_pasids: 8,
         max_page_requests: 8,
+        page_response_timeout: Some(std::time::Duration::from_millis(100)),
     }
 }
 

@@ -37,6 +37,7 @@ use crate::device::state::{IommuState, NO_RESPONSE};
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
 use crate::fault_queue::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
+use crate::fault_queue::timer::PageTimer;
 use crate::fault_queue::vevents::VEventCounters;
 use crate::fault_queue::{purge_completed, EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
 use crate::iommufd_bridge::{EventQueue, HostIommu, RamRegion};
@@ -57,6 +58,8 @@ pub const VIRTUAL_FAULTS: u64 = NUM_QUEUES as u64 + 2;
 pub const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
 /// epoll data of the vIOMMU's vEVENTQ FD (unrecoverable faults).
 pub const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
+/// epoll data of the page-response timer (`--page-response-timeout-ms`).
+pub const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
 /// Records read from a fault FD at once (a stack buffer: no allocation per
 /// fault).
 const FAULT_BATCH: usize = 64;
@@ -67,6 +70,8 @@ pub struct Session {
     pub stats: Stats,
     pub acked_features: u64,
     pub mem: GuestMemory,
+    /// Fires when outstanding page requests may have timed out.
+    page_timer: PageTimer,
 }
 
 /// Records for the eventq and the eventfd that wakes its worker.
@@ -227,6 +232,7 @@ impl IommuBackend {
                     stats: Stats::default(),
                     acked_features: 0,
                     mem,
+                    page_timer: PageTimer::new()?,
                 },
             ),
             events: EventChannel::new(limits.max_events)?,
@@ -482,11 +488,36 @@ impl IommuBackend {
             kept += 1;
         }
         let acked = s.acked_features;
+        let now = Instant::now();
         let mut fifo = self.events.fifo();
         s.iommu
-            .accept_page_requests(source, &recs[..kept], acked, &mut fifo);
+            .accept_page_requests(source, &recs[..kept], acked, &mut fifo, now);
         drop(fifo);
         self.flush_pages(&mut s);
+        if let Some(t) = s.iommu.pages.timeout() {
+            if s.iommu.pages.outstanding() > 0 {
+                s.page_timer.group_raised(now, now + t);
+            }
+        }
+    }
+
+    /// The page-response timer fired: the device completes the groups the
+    /// driver has not answered in time.
+    fn expire_page_requests(&self) {
+        let mut s = self.session();
+        s.page_timer.fired();
+        let Some(timeout) = s.iommu.pages.timeout() else {
+            return;
+        };
+        let now = Instant::now();
+        let next = s.iommu.pages.expire(now);
+        self.flush_pages(&mut s);
+        s.page_timer.rearm(now, next, timeout);
+    }
+
+    /// The page-response timer's FD, for the eventq worker's epoll.
+    pub fn page_timer_fd(&self) -> RawFd {
+        self.session().page_timer.fd()
     }
 
     /// Requestq wakeups and requests served by polling, and the current
@@ -892,7 +923,13 @@ impl VhostUserBackend for IommuBackend {
         narrow_frontend_thread();
         debug!("driver accepted features {features:#x}");
         let mut s = self.session();
-        s.acked_features = s.iommu.config.internal_features(features);
+        let acked = s.iommu.config.internal_features(features);
+        if s.acked_features & !acked & features::PAGE_REQUEST != 0 {
+            // No driver can answer them any more.
+            s.iommu.pages.withdraw_all();
+            self.flush_pages(&mut s);
+        }
+        s.acked_features = acked;
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -1027,6 +1064,10 @@ impl VhostUserBackend for IommuBackend {
             }
             (1, KERNEL_EVENTS) => {
                 self.relay_events();
+                self.process_eventq(&vrings[0])
+            }
+            (1, PAGE_TIMER) => {
+                self.expire_page_requests();
                 self.process_eventq(&vrings[0])
             }
             (t, e) => {

@@ -113,6 +113,10 @@ impl DeviceConfig {
     }
 }
 
+/// `--page-response-timeout-ms` by default (spec-notes/page-requests.md
+/// argues the figure).
+pub const DEFAULT_PAGE_RESPONSE_TIMEOUT_MS: u64 = 10_000;
+
 /// Bounds on what one guest may make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -123,6 +127,9 @@ pub struct Limits {
     pub max_pasids: usize,
     /// Page-request groups outstanding (raised, not yet completed).
     pub max_page_requests: usize,
+    /// A group the driver has not answered after this is completed by the
+    /// device (None: never).
+    pub page_response_timeout: Option<std::time::Duration>,
 }
 
 impl Default for Limits {
@@ -133,6 +140,9 @@ impl Default for Limits {
             max_events: 1024,
             max_pasids: 4096,
             max_page_requests: 512,
+            page_response_timeout: Some(std::time::Duration::from_millis(
+                DEFAULT_PAGE_RESPONSE_TIMEOUT_MS,
+            )),
         }
     }
 }

@@ -162,7 +162,8 @@ impl IommuState {
                 subtype: RESV_MEM_T_MSI,
             }],
             host: Box::new(SoftwareIommu),
-            pages: PageRequests::new(limits.max_page_requests),
+            pages: PageRequests::new(limits.max_page_requests)
+                .with_timeout(limits.page_response_timeout),
         }
     }
 
@@ -577,6 +578,7 @@ impl IommuState {
         recs: &[FaultRecord],
         acked: u64,
         fifo: &mut EventFifo,
+        now: std::time::Instant,
     ) {
         let mut start = 0;
         while start < recs.len() {
@@ -617,7 +619,7 @@ impl IommuState {
             }
             let Some(id) = self
                 .pages
-                .raise(endpoint, pasid, slot, domain, source, cookie)
+                .raise(endpoint, pasid, slot, domain, source, cookie, now)
             else {
                 continue;
             };

@@ -5,6 +5,7 @@
 
 pub mod pages;
 pub mod source;
+pub mod timer;
 pub mod vevents;
 
 use std::collections::VecDeque;
@@ -338,7 +339,17 @@ mod tests {
             access: FLAG_READ,
             last: true,
         };
-        let a = p.raise(1, Some(10), None, 5, SourceId::Virtual, 0).unwrap();
+        let a = p
+            .raise(
+                1,
+                Some(10),
+                None,
+                5,
+                SourceId::Virtual,
+                0,
+                std::time::Instant::now(),
+            )
+            .unwrap();
         fifo.push(record(10, a));
         // PASID 20's groups come and go until the endpoint's counter wraps
         // back to PASID 10's id.
@@ -346,7 +357,15 @@ mod tests {
         let mut cookie = 1;
         loop {
             b = p
-                .raise(1, Some(20), None, 5, SourceId::Virtual, cookie)
+                .raise(
+                    1,
+                    Some(20),
+                    None,
+                    5,
+                    SourceId::Virtual,
+                    cookie,
+                    std::time::Instant::now(),
+                )
                 .unwrap();
             cookie += 1;
             if b == a {

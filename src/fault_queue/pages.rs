@@ -8,6 +8,7 @@
 //! event FIFO are queued in `purged`.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
@@ -115,6 +116,8 @@ pub struct Group {
     pub domain: u32,
     /// Its records all reached the guest: only then may the driver answer.
     pub delivered: bool,
+    /// When the device completes it itself (`--page-response-timeout-ms`).
+    pub deadline: Option<Instant>,
 }
 
 /// How the groups ended, for `stats` and for the exactly-once tests:
@@ -136,8 +139,12 @@ pub struct PageCounters {
     pub refused_no_handler: u64,
     /// Of those by the device: eventq buffers too small for the record.
     pub small_buffer: u64,
-    /// Of those by the device: a virtual `dma` stopped waiting.
+    /// Of those by the device: the driver did not answer in time
+    /// (`--page-response-timeout-ms`), or a virtual `dma` stopped waiting.
     pub timed_out: u64,
+    /// Of those by the device: the frontend set the features again without
+    /// F_PAGE_REQUEST while they were outstanding.
+    pub withdrawn: u64,
 }
 
 /// Why a group is completed at once.
@@ -165,10 +172,14 @@ pub struct PageRequests {
     cookies: HashMap<(SourceId, u32), GroupKey>,
     next_id: HashMap<u32, u16>,
     max: usize,
+    /// The device completes a group the driver has not answered after this.
+    timeout: Option<Duration>,
     pub counters: PageCounters,
     /// Allocated once (the bound), so completing allocates nothing.
     outbox: VecDeque<Response>,
     purged: VecDeque<GroupKey>,
+    /// Scratch for `expire`, allocated once (the bound).
+    due: Vec<GroupKey>,
 }
 
 impl PageRequests {
@@ -179,10 +190,23 @@ impl PageRequests {
             cookies: HashMap::with_capacity(max.min(1 << 16)),
             next_id: HashMap::new(),
             max: max.min(1 << 16),
+            timeout: None,
             counters: PageCounters::default(),
             outbox: VecDeque::with_capacity(max.min(1 << 16) + 64),
             purged: VecDeque::with_capacity(max.min(1 << 16) + 64),
+            due: Vec::with_capacity(max.min(1 << 16)),
         }
+    }
+
+    /// Groups not answered `timeout` after they were raised are completed
+    /// by the device (`expire`).
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     pub fn outstanding(&self) -> usize {
@@ -241,8 +265,10 @@ impl PageRequests {
         done
     }
 
-    /// A group arrived for `endpoint`: its guest-visible group id, or None
-    /// when the bound is hit (then it is completed with FAILURE at once).
+    /// A group arrived for `endpoint` at `now`: its guest-visible group id,
+    /// or None when the bound is hit (then it is completed with FAILURE at
+    /// once).
+    #[allow(clippy::too_many_arguments)]
     pub fn raise(
         &mut self,
         endpoint: u32,
@@ -251,6 +277,7 @@ impl PageRequests {
         domain: u32,
         source: SourceId,
         cookie: u32,
+        now: Instant,
     ) -> Option<u16> {
         if self.groups.len() >= self.max || self.cookies.contains_key(&(source, cookie)) {
             if self.groups.len() >= self.max {
@@ -281,6 +308,7 @@ impl PageRequests {
                 slot,
                 domain,
                 delivered: false,
+                deadline: self.timeout.and_then(|t| now.checked_add(t)),
             },
         );
         self.cookies.insert((source, cookie), key);
@@ -382,6 +410,43 @@ impl PageRequests {
         }
     }
 
+    /// The driver did not answer in time: every group whose deadline is at
+    /// or before `now` is completed by the device with INVALID (FAILURE
+    /// would tell a PCIe function to stop issuing page requests until it
+    /// is reset; the kernel takes INVALID only anyway). Returns the next
+    /// deadline. Scans the outstanding groups (at most the bound): called
+    /// when the timer fires, not per fault.
+    pub fn expire(&mut self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        for (k, g) in &self.groups {
+            match g.deadline {
+                // Never more than the groups: the capacity allocated once.
+                Some(d) if d <= now => due.push(*k),
+                Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
+                None => {}
+            }
+        }
+        for key in &due {
+            if self.complete_by_device(key, CODE_INVALID) {
+                debug!("page request group {key:?}: timed out");
+                self.counters.timed_out += 1;
+            }
+        }
+        self.due = due;
+        next
+    }
+
+    /// The frontend set the features again without F_PAGE_REQUEST: the
+    /// driver can answer nothing any more, so the device completes every
+    /// group (INVALID).
+    pub fn withdraw_all(&mut self) {
+        let n = self.groups.len() as u64;
+        self.complete_all(CODE_INVALID);
+        self.counters.withdrawn += n;
+    }
+
     /// Reset, disconnect: every group completed by the device with `code`.
     pub fn complete_all(&mut self, code: u16) {
         let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
@@ -479,7 +544,9 @@ mod tests {
     #[test]
     fn driver_answers_once_and_only_delivered_groups() {
         let mut p = PageRequests::new(8);
-        let g = p.raise(1, None, None, 5, SourceId::Virtual, 100).unwrap();
+        let g = p
+            .raise(1, None, None, 5, SourceId::Virtual, 100, Instant::now())
+            .unwrap();
         assert_eq!(
             p.driver_response(1, None, g, CODE_SUCCESS),
             Err(PageRespError::NoGroup {
@@ -512,14 +579,20 @@ mod tests {
     #[test]
     fn bound_and_duplicate_cookies_fail_at_once() {
         let mut p = PageRequests::new(2);
-        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 1).is_some());
+        assert!(p
+            .raise(1, None, None, 5, SourceId::Kernel, 1, Instant::now())
+            .is_some());
         assert!(
-            p.raise(1, None, None, 5, SourceId::Kernel, 1).is_none(),
+            p.raise(1, None, None, 5, SourceId::Kernel, 1, Instant::now())
+                .is_none(),
             "dup"
         );
-        assert!(p.raise(1, None, None, 5, SourceId::Kernel, 2).is_some());
+        assert!(p
+            .raise(1, None, None, 5, SourceId::Kernel, 2, Instant::now())
+            .is_some());
         assert!(
-            p.raise(1, None, None, 5, SourceId::Kernel, 3).is_none(),
+            p.raise(1, None, None, 5, SourceId::Kernel, 3, Instant::now())
+                .is_none(),
             "full"
         );
         let r = responses(&mut p);
@@ -532,11 +605,15 @@ mod tests {
     #[test]
     fn group_ids_are_unique_per_endpoint_and_reused_after_completion() {
         let mut p = PageRequests::new(4);
-        let a = p.raise(1, None, None, 5, SourceId::Virtual, 1).unwrap();
-        let b = p
-            .raise(1, Some(3), Some(3), 6, SourceId::Virtual, 2)
+        let a = p
+            .raise(1, None, None, 5, SourceId::Virtual, 1, Instant::now())
             .unwrap();
-        let c = p.raise(2, None, None, 5, SourceId::Virtual, 3).unwrap();
+        let b = p
+            .raise(1, Some(3), Some(3), 6, SourceId::Virtual, 2, Instant::now())
+            .unwrap();
+        let c = p
+            .raise(2, None, None, 5, SourceId::Virtual, 3, Instant::now())
+            .unwrap();
         assert_ne!(a, b);
         assert_eq!(c, 0, "another endpoint has its own ids");
         assert!(p.complete_cookie(SourceId::Virtual, 1, CODE_FAILURE));
@@ -547,10 +624,14 @@ mod tests {
     #[test]
     fn detach_forgets_kernel_groups_and_answers_virtual_ones() {
         let mut p = PageRequests::new(8);
-        let k = p.raise(1, None, None, 5, SourceId::Kernel, 10).unwrap();
-        let v = p.raise(1, None, None, 5, SourceId::Virtual, 11).unwrap();
+        let k = p
+            .raise(1, None, None, 5, SourceId::Kernel, 10, Instant::now())
+            .unwrap();
+        let v = p
+            .raise(1, None, None, 5, SourceId::Virtual, 11, Instant::now())
+            .unwrap();
         let other = p
-            .raise(1, Some(4), Some(4), 5, SourceId::Kernel, 12)
+            .raise(1, Some(4), Some(4), 5, SourceId::Kernel, 12, Instant::now())
             .unwrap();
         p.attachment_gone(1, None, 5);
         assert_eq!(
@@ -572,6 +653,56 @@ mod tests {
         p.complete_all(CODE_INVALID);
         assert_eq!(responses(&mut p).len(), 1);
         assert_eq!(p.outstanding(), 0);
+        assert_eq!(p.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn groups_past_their_deadline_are_completed_by_the_device_once() {
+        let t = Duration::from_secs(10);
+        let mut p = PageRequests::new(8).with_timeout(Some(t));
+        let t0 = Instant::now();
+        let a = p.raise(1, None, None, 5, SourceId::Kernel, 1, t0).unwrap();
+        let b = p
+            .raise(
+                1,
+                None,
+                None,
+                5,
+                SourceId::Virtual,
+                2,
+                t0 + Duration::from_secs(4),
+            )
+            .unwrap();
+        // Nothing due yet: the next deadline is the older group's.
+        assert_eq!(p.expire(t0 + Duration::from_secs(9)), Some(t0 + t));
+        assert!(responses(&mut p).is_empty());
+        // The first is due: INVALID to its source, counted; then the next.
+        assert_eq!(p.expire(t0 + t), Some(t0 + Duration::from_secs(14)));
+        assert_eq!(
+            responses(&mut p),
+            vec![Response {
+                source: SourceId::Kernel,
+                cookie: 1,
+                code: CODE_INVALID,
+                by_driver: false,
+            }]
+        );
+        assert_eq!(p.pop_purged(), Some((1, None, a)));
+        // A late answer finds no group; the other is answered in time.
+        p.mark_delivered(&(1, None, a));
+        p.mark_delivered(&(1, None, b));
+        assert!(p.driver_response(1, None, a, CODE_SUCCESS).is_err());
+        assert!(p.driver_response(1, None, b, CODE_SUCCESS).is_ok());
+        assert_eq!(p.expire(t0 + Duration::from_secs(60)), None);
+        assert_eq!(p.counters.timed_out, 1);
+        assert_eq!(p.check_invariants(), Ok(()));
+        // Without a timeout nothing ever expires.
+        let mut p = PageRequests::new(8);
+        p.raise(1, None, None, 5, SourceId::Kernel, 1, t0).unwrap();
+        assert_eq!(p.expire(t0 + Duration::from_secs(1 << 20)), None);
+        assert_eq!(p.outstanding(), 1);
+        p.withdraw_all();
+        assert_eq!((p.outstanding(), p.counters.withdrawn), (0, 1));
         assert_eq!(p.check_invariants(), Ok(()));
     }
 }
