@@ -118,6 +118,8 @@ impl DeviceConfig {
 pub struct Limits {
     pub max_domains: usize,
     pub max_mappings: usize,
+    /// Mappings of all domains together.
+    pub max_total_mappings: usize,
     pub max_events: usize,
     /// PASID attachments (ATTACH_TABLE with PASID_VALID), all endpoints.
     pub max_pasids: usize,
@@ -130,6 +132,7 @@ impl Default for Limits {
         Limits {
             max_domains: 1 << 16,
             max_mappings: 1 << 20,
+            max_total_mappings: 1 << 20,
             max_events: 1024,
             max_pasids: 4096,
             max_page_requests: 512,
