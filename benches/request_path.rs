@@ -55,8 +55,15 @@ fn check(out: &BatchReplies, what: &str) {
 }
 
 fn run(existing: u64, rounds: usize, samples: usize) -> Figures {
-    let b = BackendProcess::spawn(&["--endpoint", "1", "--max-mappings", "2000000"])
-        .expect("backend starts");
+    let b = BackendProcess::spawn(&[
+        "--endpoint",
+        "1",
+        "--max-mappings",
+        "2000000",
+        "--max-total-mappings",
+        "2000000",
+    ])
+    .expect("backend starts");
     let mem = Arc::new(GuestMem::new(64 << 20).expect("guest memory"));
     let mut opts = FrontendOptions::default().queue_size(BATCH as u16);
     opts.queue.batch_indirect = true;

@@ -114,6 +114,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1 << 20)]
     pub max_mappings: usize,
 
+    /// Most mappings of one guest, all domains together (beyond: NOMEM).
+    /// Bounds what they cost us (tens of bytes each) and the kernel.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_total_mappings: usize,
+
     /// Most PASID attachments (ATTACH_TABLE at a PASID) of one guest, all
     /// endpoints together (beyond: NOMEM).
     #[arg(long, default_value_t = 4096)]
@@ -412,6 +417,7 @@ impl Args {
             ("max-domains", self.max_domains),
             ("max-endpoints", self.max_endpoints),
             ("max-mappings", self.max_mappings),
+            ("max-total-mappings", self.max_total_mappings),
             ("max-events", self.max_events),
             ("max-pasids", self.max_pasids),
             ("max-page-requests", self.max_page_requests),
@@ -449,6 +455,7 @@ impl Args {
             limits: Limits {
                 max_domains: self.max_domains,
                 max_mappings: self.max_mappings,
+                max_total_mappings: self.max_total_mappings,
                 max_events: self.max_events,
                 max_pasids: self.max_pasids,
                 max_page_requests: self.max_page_requests,
@@ -580,6 +587,8 @@ mod tests {
             "off",
             "--max-domains",
             "4",
+            "--max-total-mappings",
+            "100",
         ])
         .unwrap();
         assert_eq!(o.socket, SocketSpec::Fd(3));
@@ -590,6 +599,7 @@ mod tests {
         assert_eq!((o.config.domain_start, o.config.domain_end), (1, 100));
         assert!(!o.config.boot_bypass);
         assert_eq!(o.limits.max_domains, 4);
+        assert_eq!(o.limits.max_total_mappings, 100);
     }
 
     #[test]

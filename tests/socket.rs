@@ -579,6 +579,85 @@ fn a_flood_of_requests_keeps_memory_flat() {
     }
 }
 
+/// --max-total-mappings bounds the mappings of all domains together: 64
+/// domains filled to it, then a flood of MAPs spread over them is NOMEM
+/// and memory stays flat; UNMAP, DETACH and a new frontend give slots back.
+#[test]
+fn total_mapping_bound_keeps_memory_flat_across_domains() {
+    const DOMAINS: u32 = 64;
+    const EACH: u64 = 256;
+    let total = (u64::from(DOMAINS) * EACH).to_string();
+    let b = BackendProcess::spawn(&["--endpoint", "0x100-0x13f", "--max-total-mappings", &total])
+        .expect("backend starts");
+    let mut f = connect(&b);
+    let ep = |d: u32| 0x100 + d - 1;
+    for d in 1..=DOMAINS {
+        assert_eq!(status(&mut f, wire::attach(d, ep(d), 0, 0)), S_OK);
+    }
+    // Batches of 256 MAPs of pages `first..` spread over the domains.
+    let maps = |first: u64| -> Vec<(Vec<u8>, u32)> {
+        (0..256u64)
+            .map(|i| {
+                let d = 1 + (i % u64::from(DOMAINS)) as u32;
+                let iova = (first + i / u64::from(DOMAINS)) * 0x1000;
+                (wire::map(d, iova, iova + 0xfff, iova, RW).0.to_vec(), 4u32)
+            })
+            .collect()
+    };
+    for k in 0..EACH / 4 {
+        let got = statuses(&mut f, &maps(k * 4));
+        assert!(got.iter().all(|&s| s == Some(S_OK)), "filling: {got:?}");
+    }
+    // Beyond the bound, pages above those mapped: NOMEM, nothing kept.
+    let flood = |f: &mut Frontend, rounds: std::ops::Range<u64>| {
+        let mut refused = 0;
+        for k in rounds {
+            let got = statuses(f, &maps(0x10_0000 + k * 4));
+            refused += got.iter().filter(|&&s| s == Some(S_NOMEM)).count();
+        }
+        refused
+    };
+    let mut refused = flood(&mut f, 0..50);
+    let rss0 = b.rss_kib().unwrap();
+    refused += flood(&mut f, 50..400);
+    let rss1 = b.rss_kib().unwrap();
+    eprintln!("total bound: rss {rss0} KiB -> {rss1} KiB over 102400 MAPs, {refused} NOMEM");
+    assert_eq!(refused, 400 * 256, "every MAP beyond the bound is NOMEM");
+    assert!(rss1 <= rss0 + 1024, "RSS grew from {rss0} to {rss1} KiB");
+    // UNMAP frees slots: one domain emptied, one MAP more in another.
+    let top = EACH * 0x1000 - 1;
+    assert_eq!(status(&mut f, wire::unmap(1, 0, top)), S_OK);
+    let iova = 0x10_0000_0000;
+    assert_eq!(
+        status(&mut f, wire::map(2, iova, iova + 0xfff, 0, RW)),
+        S_OK
+    );
+    // DETACH kills a domain and frees its mappings.
+    assert_eq!(status(&mut f, wire::detach(3, ep(3))), S_OK);
+    assert_eq!(
+        status(&mut f, wire::map(4, iova, iova + 0xfff, 0, RW)),
+        S_OK
+    );
+    // A new frontend starts from nothing: the whole bound in one domain.
+    let mut f = f.reconnect().unwrap();
+    assert_eq!(status(&mut f, wire::attach(1, ep(1), 0, 0)), S_OK);
+    for k in 0..u64::from(DOMAINS) {
+        let reqs: Vec<_> = (0..EACH)
+            .map(|i| {
+                let iova = (k * EACH + i) * 0x1000;
+                (wire::map(1, iova, iova + 0xfff, iova, RW).0.to_vec(), 4u32)
+            })
+            .collect();
+        let got = statuses(&mut f, &reqs);
+        assert!(got.iter().all(|&s| s == Some(S_OK)), "refilling: {got:?}");
+    }
+    let iova = 0x20_0000_0000;
+    assert_eq!(
+        status(&mut f, wire::map(1, iova, iova + 0xfff, 0, RW)),
+        S_NOMEM
+    );
+}
+
 #[test]
 fn endpoint_bound_and_a_flood_of_unknown_endpoints() {
     // 256 endpoints from one range, exactly the bound.

@@ -69,6 +69,7 @@ pub fn small_limits(max_events: usize) -> Limits {
     Limits {
         max_domains: 16,
         max_mappings: 64,
+        max_total_mappings: 128,
         max_events,
         max_pasids: 8,
         max_page_requests: 8,

@@ -7,6 +7,7 @@ use std::io;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -72,6 +73,11 @@ pub struct Session {
     pub mem: GuestMemory,
     /// Fires when outstanding page requests may have timed out.
     page_timer: PageTimer,
+    /// The memory table the host maps guest RAM from, kept until the host
+    /// has unmapped its regions: vhost-user-backend drops a replaced table
+    /// before telling us, and IOAS_MAP by address pins lazily (an IOAS
+    /// without a domain), so an address must not be reused while mapped.
+    host_ram: Option<Arc<GuestMemoryMmap>>,
 }
 
 /// Records for the eventq and the eventfd that wakes its worker.
@@ -233,6 +239,7 @@ impl IommuBackend {
                     acked_features: 0,
                     mem,
                     page_timer: PageTimer::new()?,
+                    host_ram: None,
                 },
             ),
             events: EventChannel::new(limits.max_events)?,
@@ -575,8 +582,10 @@ impl IommuBackend {
         s.iommu.disconnect();
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let old_ram = s.host_ram.take();
         self.flush_pages(&mut s);
         drop(s);
+        drop(old_ram);
         // Page requests still on their way: no driver, completed at once.
         self.read_faults(SourceId::Virtual);
         self.events.fifo().discard_all();
@@ -1007,6 +1016,7 @@ impl VhostUserBackend for IommuBackend {
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         narrow_frontend_thread();
         debug!("guest memory table updated");
+        let table = mem.memory().into_inner();
         let regions = ram_regions(&mem);
         let mut s = self.session();
         s.mem = mem;
@@ -1015,6 +1025,11 @@ impl VhostUserBackend for IommuBackend {
             // the guest and the virtual endpoints are unaffected.
             error!("guest RAM for host endpoints: {e}");
         }
+        // The host let go of the old regions: now they may be unmapped
+        // (outside the lock).
+        let old = s.host_ram.replace(table);
+        drop(s);
+        drop(old);
         Ok(())
     }
 
@@ -1141,6 +1156,101 @@ mod tests {
             "ATTACH answered OK"
         );
         assert_eq!(b.session().iommu.endpoint(1).unwrap().domain, Some(1));
+    }
+
+    /// A host that notes, whenever guest RAM changes, which regions it
+    /// stops mapping were no longer mapped in our address space by then.
+    #[derive(Debug, Default)]
+    struct RamWatch {
+        mapped: Vec<RamRegion>,
+        gone_before_unmap: Vec<u64>,
+    }
+
+    impl HostIommu for RamWatch {
+        fn name(&self) -> &'static str {
+            "ram-watch"
+        }
+        fn owns(&self, _: u32) -> bool {
+            false
+        }
+        fn backs(&self, _: u32) -> bool {
+            false
+        }
+        fn set_guest_ram(&mut self, regions: &[RamRegion]) -> crate::iommufd_bridge::Result<()> {
+            for r in self.mapped.iter().filter(|r| !regions.contains(r)) {
+                // SAFETY: msync only inspects the mapping (MS_ASYNC writes
+                // nothing back for anonymous memory); ENOMEM: not mapped.
+                let rc = unsafe {
+                    libc::msync(
+                        r.host_va as *mut libc::c_void,
+                        r.len as usize,
+                        libc::MS_ASYNC,
+                    )
+                };
+                if rc != 0 {
+                    self.gone_before_unmap.push(r.gpa);
+                }
+            }
+            self.mapped = regions.to_vec();
+            Ok(())
+        }
+        fn attach(
+            &mut self,
+            _: u32,
+            _: crate::iommufd_bridge::Target,
+            _: &mut dyn Iterator<Item = crate::iommufd_bridge::HostMapping>,
+        ) -> crate::iommufd_bridge::Result<()> {
+            Ok(())
+        }
+        fn map(
+            &mut self,
+            _: u32,
+            _: crate::iommufd_bridge::HostMapping,
+        ) -> crate::iommufd_bridge::Result<()> {
+            Ok(())
+        }
+        fn unmap(&mut self, _: u32, _: u64, _: u64) -> crate::iommufd_bridge::Result<()> {
+            Ok(())
+        }
+        fn set_bypass(&mut self, _: bool) -> crate::iommufd_bridge::Result<()> {
+            Ok(())
+        }
+        fn reset(&mut self, _: bool) {}
+        fn reserved(&self, _: u32) -> Option<&[crate::device::state::ReservedRegion]> {
+            None
+        }
+        fn describe(&self) -> serde_json::Value {
+            serde_json::json!({ "gone_before_unmap": self.gone_before_unmap })
+        }
+    }
+
+    /// vhost-user-backend replaces the memory table (dropping the old
+    /// regions' mappings) before it calls update_memory. Without
+    /// IOAS_MAP_FILE the RAM IOAS maps our virtual addresses, and with no
+    /// domain on it the kernel pins them only when something needs the
+    /// pages: so a removed region must stay mapped until the host has
+    /// unmapped it, or a pin in between reads whatever is mapped there now.
+    #[test]
+    fn a_removed_region_stays_mapped_until_the_host_unmaps_it() {
+        use vm_memory::GuestAddress;
+        let b = backend();
+        b.session().iommu.set_host(Box::new(RamWatch::default()));
+        let table = |gpa: u64| GuestMemoryMmap::from_ranges(&[(GuestAddress(gpa), 0x10000)]);
+        let mem = GuestMemoryAtomic::new(table(0).unwrap());
+        b.update_memory(mem.clone()).unwrap();
+        for gpa in [0x10_0000, 0x20_0000, 0x30_0000] {
+            // What SET_MEM_TABLE does: the new table in, the old one out,
+            // then update_memory.
+            mem.lock().unwrap().replace(table(gpa).unwrap());
+            b.update_memory(mem.clone()).unwrap();
+        }
+        b.end_session();
+        let s = b.session();
+        assert_eq!(
+            s.iommu.host().describe()["gone_before_unmap"],
+            serde_json::json!([]),
+            "regions unmapped from our address space before the host let go of them"
+        );
     }
 
     #[test]

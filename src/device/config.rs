@@ -122,6 +122,8 @@ pub const DEFAULT_PAGE_RESPONSE_TIMEOUT_MS: u64 = 10_000;
 pub struct Limits {
     pub max_domains: usize,
     pub max_mappings: usize,
+    /// Mappings of all domains together.
+    pub max_total_mappings: usize,
     pub max_events: usize,
     /// PASID attachments (ATTACH_TABLE with PASID_VALID), all endpoints.
     pub max_pasids: usize,
@@ -137,6 +139,7 @@ impl Default for Limits {
         Limits {
             max_domains: 1 << 16,
             max_mappings: 1 << 20,
+            max_total_mappings: 1 << 20,
             max_events: 1024,
             max_pasids: 4096,
             max_page_requests: 512,

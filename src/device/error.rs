@@ -94,6 +94,8 @@ pub enum RequestError {
     TooManyDomains(usize),
     #[error("too many mappings in domain (limit {0})")]
     TooManyMappings(usize),
+    #[error("too many mappings in all domains (limit {0})")]
+    TooManyTotalMappings(usize),
     #[error("properties area is {got} bytes, probe_size is {need}")]
     ProbeBufferTooSmall { got: u64, need: u32 },
     #[error("descriptor: {0}")]
@@ -134,6 +136,7 @@ impl RequestError {
             DomainOutOfRange(_) | Misaligned(_) | OutsideInputRange { .. } => Status::Range,
             PhysOverflow | WouldSplit { .. } => Status::Range,
             TooManyDomains(_) | TooManyMappings(_) | TooManyPasids(_) => Status::NoMem,
+            TooManyTotalMappings(_) => Status::NoMem,
             TableMismatch(_) | NotTableDomain(_) | PageRequestsNotNegotiated => Status::Inval,
             FormatUnsupported { .. } | NoPasid(_) | NoPageRequests(_) => Status::Unsupp,
             PasidOutOfRange { .. } => Status::Range,

@@ -111,6 +111,9 @@ pub struct IommuState {
     pub bypass: bool,
     endpoints: HashMap<u32, Endpoint>,
     domains: HashMap<u32, Domain>,
+    /// Mappings of all MAP/UNMAP domains together (bounded by
+    /// `limits.max_total_mappings`; kept exact on every change).
+    mapping_total: usize,
     /// (endpoint, PASID) -> domain, for tables attached at a PASID.
     pasids: BTreeMap<(u32, u32), u32>,
     reserved: Vec<ReservedRegion>,
@@ -155,6 +158,7 @@ impl IommuState {
                 .map(|&id| (id, Endpoint::default()))
                 .collect(),
             domains: HashMap::new(),
+            mapping_total: 0,
             pasids: BTreeMap::new(),
             reserved: vec![ReservedRegion {
                 start: MSI_START,
@@ -201,6 +205,7 @@ impl IommuState {
         self.pages.complete_all(CODE_INVALID);
         self.respond_kernel_now();
         self.domains.clear();
+        self.mapping_total = 0;
         self.pasids.clear();
         for ep in self.endpoints.values_mut() {
             ep.domain = None;
@@ -258,6 +263,11 @@ impl IommuState {
             Some(DomainKind::Map(m)) => m.len(),
             _ => 0,
         }
+    }
+
+    /// Mappings of all domains together.
+    pub fn total_mappings(&self) -> usize {
+        self.mapping_total
     }
 
     fn check_domain_range(&self, domain: u32) -> Result<(), RequestError> {
@@ -357,6 +367,9 @@ impl IommuState {
         if let Some(d) = self.domains.get_mut(&domain) {
             d.endpoints -= 1;
             if d.endpoints == 0 {
+                if let DomainKind::Map(m) = &d.kind {
+                    self.mapping_total -= m.len();
+                }
                 self.domains.remove(&domain);
             }
         }
@@ -772,6 +785,11 @@ impl IommuState {
         if mappings.len() >= limit {
             return Err(RequestError::TooManyMappings(limit));
         }
+        if self.mapping_total >= self.limits.max_total_mappings {
+            return Err(RequestError::TooManyTotalMappings(
+                self.limits.max_total_mappings,
+            ));
+        }
         let m = Mapping {
             end,
             phys: req.phys_start,
@@ -781,6 +799,7 @@ impl IommuState {
             self.host.map(req.domain, host_mapping(start, &m))?;
         }
         mappings.insert(start, m);
+        self.mapping_total += 1;
         Ok(())
     }
 
@@ -801,6 +820,7 @@ impl IommuState {
                     self.host.unmap(req.domain, start, end)?;
                 }
                 e.remove();
+                self.mapping_total -= 1;
                 return Ok(1);
             }
         }
@@ -834,6 +854,7 @@ impl IommuState {
             mappings.remove(&s);
             removed += 1;
         }
+        self.mapping_total -= removed;
         Ok(removed)
     }
 
@@ -1003,6 +1024,26 @@ impl IommuState {
                 }
                 prev = Some((start, m.end));
             }
+        }
+        let counted: usize = self
+            .domains
+            .values()
+            .map(|d| match &d.kind {
+                DomainKind::Map(m) => m.len(),
+                _ => 0,
+            })
+            .sum();
+        if counted != self.mapping_total {
+            return Err(format!(
+                "{counted} mappings in the domains, the total counts {}",
+                self.mapping_total
+            ));
+        }
+        if self.mapping_total > self.limits.max_total_mappings {
+            return Err(format!(
+                "{} mappings in all domains, limit {}",
+                self.mapping_total, self.limits.max_total_mappings
+            ));
         }
         Ok(())
     }
@@ -1210,6 +1251,87 @@ mod tests {
         assert_eq!(status(map(&mut s, 1, 0x2000, 0x2fff)), Status::NoMem);
     }
 
+    /// --max-total-mappings bounds all domains together, and every way a
+    /// mapping goes (UNMAP, DETACH, a domain's death, reset) gives its
+    /// slot back.
+    #[test]
+    fn total_mappings_are_bounded_and_counted_exactly() {
+        let mut s = IommuState::new(DeviceConfig::default(), Limits::default(), &[1, 2, 3, 4]);
+        s.limits.max_mappings = 3;
+        s.limits.max_total_mappings = 4;
+        let page = |n: u64| (n * 0x1000, n * 0x1000 + 0xfff);
+        let fill = |s: &mut IommuState, domain: u32, pages: std::ops::Range<u64>| {
+            for n in pages {
+                let (a, b) = page(n);
+                map(s, domain, a, b).unwrap();
+            }
+        };
+        let check = |s: &IommuState, total: usize| {
+            assert_eq!(s.check_invariants(), Ok(()));
+            assert_eq!(s.total_mappings(), total);
+        };
+        for (d, ep) in [(1, 1), (2, 2), (3, 3)] {
+            attach(&mut s, d, ep).unwrap();
+        }
+        fill(&mut s, 1, 0..2);
+        fill(&mut s, 2, 0..2);
+        check(&s, 4);
+        // Beyond the total, in a domain under its own bound: NOMEM.
+        let (a, b) = page(0);
+        assert_eq!(status(map(&mut s, 3, a, b)), Status::NoMem);
+        let (a, b) = page(5);
+        assert_eq!(status(map(&mut s, 1, a, b)), Status::NoMem);
+        check(&s, 4);
+        // UNMAP of one mapping, and of several at once.
+        let (a, b) = page(1);
+        assert_eq!(unmap(&mut s, 1, a, b).unwrap(), 1);
+        check(&s, 3);
+        fill(&mut s, 3, 0..1);
+        check(&s, 4);
+        assert_eq!(unmap(&mut s, 2, 0, 0xf_ffff).unwrap(), 2);
+        check(&s, 2);
+        // DETACH of the last endpoint: the domain dies with its mappings.
+        fill(&mut s, 2, 0..2);
+        s.detach(&Detach {
+            domain: 2,
+            endpoint: 2,
+        })
+        .unwrap();
+        check(&s, 2);
+        // A domain shared by two endpoints lives on while one stays.
+        attach(&mut s, 3, 4).unwrap();
+        s.detach(&Detach {
+            domain: 3,
+            endpoint: 3,
+        })
+        .unwrap();
+        check(&s, 2);
+        // An endpoint moving out (ATTACH elsewhere) kills its old domain.
+        attach(&mut s, 9, 4).unwrap();
+        check(&s, 1);
+        // ATTACH_TABLE moving the last endpoint out of a MAP domain.
+        fill(&mut s, 9, 0..3);
+        check(&s, 4);
+        let at = crate::nested::request::encode::attach_vtd(20, 4, 0, 0, 0x1000, 48);
+        let at = crate::nested::request::decode_attach_table(&at).unwrap();
+        s.attach_table(&at, ACKED | features::ATTACH_TABLE).unwrap();
+        check(&s, 1);
+        // Reset and a new session free everything.
+        attach(&mut s, 2, 2).unwrap();
+        fill(&mut s, 2, 0..3);
+        check(&s, 4);
+        s.reset();
+        check(&s, 0);
+        attach(&mut s, 2, 2).unwrap();
+        fill(&mut s, 2, 0..3);
+        s.begin_session();
+        check(&s, 0);
+        attach(&mut s, 2, 2).unwrap();
+        fill(&mut s, 2, 0..3);
+        s.disconnect();
+        check(&s, 0);
+    }
+
     #[test]
     fn map_on_bypass_domain_is_inval() {
         let mut s = state();
@@ -1380,6 +1502,9 @@ mod tests {
         assert!(broken(&|s| s.endpoints.get_mut(&2).unwrap().domain = Some(9)).contains("missing"));
         assert!(broken(&|s| s.limits.max_domains = 0).contains("limit"));
         assert!(broken(&|s| s.limits.max_mappings = 0).contains("limit"));
+        assert!(broken(&|s| s.limits.max_total_mappings = 0).contains("limit"));
+        assert!(broken(&|s| s.mapping_total += 1).contains("total counts"));
+        assert!(broken(&|s| insert(s, 0x8000, 0x8fff)).contains("total counts"));
     }
 
     mod tables {
