@@ -145,7 +145,10 @@ fn other_users_are_refused() {
         assert_forbidden(&request_as(&b.control, uid, uid, &[], STATS).unwrap(), uid);
     }
     // Root's group is not enough either.
-    assert_forbidden(&request_as(&b.control, OTHER, 0, &[0], STATS).unwrap(), OTHER);
+    assert_forbidden(
+        &request_as(&b.control, OTHER, 0, &[0], STATS).unwrap(),
+        OTHER,
+    );
     let s = c.stats().unwrap();
     assert_eq!(s["control_clients_refused"], 3, "{s}");
     assert!(b.stderr().contains("refused"), "{}", b.stderr());
@@ -172,7 +175,10 @@ fn members_of_the_control_group_are_served() {
         ForeignReply::ConnectFailed(libc::EACCES)
     );
     chmod(&b.control, 0o666);
-    assert_forbidden(&request_as(&b.control, OTHER, OTHER, &[], STATS).unwrap(), OTHER);
+    assert_forbidden(
+        &request_as(&b.control, OTHER, OTHER, &[], STATS).unwrap(),
+        OTHER,
+    );
     assert_eq!(c.stats().unwrap()["control_clients_refused"], 1);
     // A group that does not exist is one line naming it.
     let (st, _, err) = run_to_exit(
@@ -245,14 +251,17 @@ fn idle_and_trickling_clients_time_out_and_free_their_slots() {
     assert_eq!(idle.stats().unwrap()["ok"], true);
     let mut trickle = UnixStream::connect(&b.control).unwrap();
     let start = Instant::now();
+    // Ok(at): the daemon closed it, `at` after the start; Err: the whole
+    // line went through.
     let trickler = std::thread::spawn(move || {
         // One byte per 100 ms: each read is quick, the line never ends.
         for &byte in br#"{"op":"stats","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.iter() {
             if trickle.write_all(&[byte]).is_err() {
-                return;
+                return Ok(start.elapsed());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Err(start.elapsed())
     });
     // Both slots are taken.
     let mut third = control(&b);
@@ -266,10 +275,18 @@ fn idle_and_trickling_clients_time_out_and_free_their_slots() {
     })
     .unwrap();
     // Well before the trickle's 4 s line would have ended.
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     let gone = idle.read_reply().unwrap_err().to_string();
     assert!(gone.contains("closed by the backend"), "{gone}");
-    trickler.join().unwrap();
+    let cut = trickler.join().unwrap();
+    assert!(
+        matches!(cut, Ok(t) if t < Duration::from_secs(3)),
+        "the trickling client: {cut:?}"
+    );
     let s = support::retry(Duration::from_secs(5), "both timeouts counted", || {
         let s = served.stats().unwrap();
         if s["control_clients_timed_out"] == 2 {
@@ -309,7 +326,10 @@ fn a_client_that_does_not_read_times_out() {
             }
             Err(e) => panic!("{e}"),
         }
-        assert!(Instant::now() < deadline, "still writing after {sent} lines");
+        assert!(
+            Instant::now() < deadline,
+            "still writing after {sent} lines"
+        );
     }
     let mut served = support::retry(Duration::from_secs(5), "a slot freed by a timeout", || {
         let mut c = control(&b);

@@ -1051,7 +1051,8 @@ fn bad_inherited_fds_exit_with_one_line_naming_the_cause() {
         );
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err:?}");
     }
-    let (st, _out, err) = run_to_exit(&["--socket-fd", "7", "--endpoint", "1,vfio-fd=7"], t).unwrap();
+    let (st, _out, err) =
+        run_to_exit(&["--socket-fd", "7", "--endpoint", "1,vfio-fd=7"], t).unwrap();
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(
         err.contains("fd 7 is named twice: --socket-fd 7 and endpoint 0x1: vfio-fd=7"),
