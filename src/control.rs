@@ -33,7 +33,7 @@ const MAX_TIMEOUT_MS: u64 = 600_000;
 /// `nc -U` or a test pausing between requests, short enough that a client
 /// that stalls (or leaks its connection) gives its slot back within a
 /// minute. Waiting for a `dma`'s page request does not count.
-pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Refused, busy and timed-out clients each log this many warnings; the
 /// rest are counted in `stats` only.
