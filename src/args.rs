@@ -39,6 +39,49 @@ pub enum ArgsError {
     ZeroBound(&'static str),
     #[error("one of --socket-path or --socket-fd is required")]
     NoSocket,
+    #[error("--control-group {0:?}: no such group")]
+    UnknownGroup(String),
+    #[error("--control-timeout-ms must be 1 to {MAX_CONTROL_TIMEOUT_MS}")]
+    ControlTimeout,
+    #[error("{0} is a standard stream (0-2), not a descriptor handed over")]
+    StdioFd(NamedFd),
+    #[error("{0} is not an open file descriptor")]
+    FdNotOpen(NamedFd),
+    #[error("fd {fd} is named twice: {first} and {second}")]
+    DuplicateFd {
+        fd: i32,
+        first: NamedFd,
+        second: NamedFd,
+    },
+}
+
+/// Longest `--control-timeout-ms`: a day (a longer one is a mistake).
+pub const MAX_CONTROL_TIMEOUT_MS: u64 = 86_400_000;
+
+/// Which option hands over an inherited file descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdOption {
+    SocketFd,
+    IommufdFd,
+    /// `--endpoint ID,vfio-fd=N`, of this endpoint.
+    VfioFd(u32),
+}
+
+/// An inherited file descriptor and the option naming it, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamedFd {
+    pub fd: i32,
+    pub by: FdOption,
+}
+
+impl std::fmt::Display for NamedFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.by {
+            FdOption::SocketFd => write!(f, "--socket-fd {}", self.fd),
+            FdOption::IommufdFd => write!(f, "--iommufd-fd {}", self.fd),
+            FdOption::VfioFd(id) => write!(f, "endpoint {id:#x}: vfio-fd={}", self.fd),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -87,8 +130,14 @@ pub struct Args {
     pub iommufd_fd: Option<i32>,
 
     /// Control socket (JSON lines) for virtual endpoints' DMA and statistics.
+    /// Created mode 0600: only this user and root may use it.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Also let the members of this group (name or number) use the control
+    /// socket: it is created mode 0660 in that group.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
 
     /// Config page_size_mask: the lowest bit is the mapping granule.
     #[arg(long, value_name = "MASK", default_value = "0xfffffffffffff000", value_parser = parse_u64)]
@@ -174,6 +223,12 @@ pub struct Args {
     /// Longest control-socket request line in bytes (longer: bad-request).
     #[arg(long, default_value_t = 4096)]
     pub max_control_line: usize,
+
+    /// Time a control-socket client has to send each request line, and to
+    /// take each reply (beyond: it is closed and its slot freed). Waiting
+    /// for a page request's answer does not count.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    pub control_timeout_ms: u64,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -280,12 +335,18 @@ pub struct Options {
     pub endpoints: Vec<EndpointSpec>,
     pub iommufd: IommufdSpec,
     pub control_socket: Option<PathBuf>,
+    /// Members of this group may use the control socket too.
+    pub control_group: Option<libc::gid_t>,
     pub config: DeviceConfig,
     pub limits: Limits,
     pub control_limits: ControlLimits,
     /// Busy-poll of the requestq after serving it (0: off).
     pub poll: std::time::Duration,
     pub seccomp: crate::sandbox::SeccompMode,
+    /// The inherited fds, in the order named (--socket-fd, --iommufd-fd,
+    /// then the endpoints'): each one once, none of them 0-2 except
+    /// --socket-fd (inetd passes the socket as stdin).
+    pub inherited_fds: Vec<NamedFd>,
 }
 
 pub fn parse_u64(s: &str) -> Result<u64, ArgsError> {
@@ -343,6 +404,91 @@ impl Options {
     pub fn endpoint_ids(&self) -> Vec<u32> {
         self.endpoints.iter().map(|e| e.id).collect()
     }
+
+    /// Check that every inherited fd is open. Call it before the process
+    /// opens anything: a number closed at start could otherwise be taken by
+    /// one of our own files and then be adopted a second time.
+    /// (--socket-fd is checked to be a listening socket when it is taken.)
+    pub fn check_inherited_fds_open(&self) -> Result<(), ArgsError> {
+        for n in &self.inherited_fds {
+            // SAFETY: F_GETFD only reads the descriptor flags.
+            if n.by != FdOption::SocketFd && unsafe { libc::fcntl(n.fd, libc::F_GETFD) } < 0 {
+                return Err(ArgsError::FdNotOpen(*n));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The inherited fds `opts` names, refusing 0-2 (but for --socket-fd) and
+/// any fd named twice: the daemon takes each one over to own and close.
+fn inherited_fds(
+    socket: &SocketSpec,
+    iommufd: &IommufdSpec,
+    endpoints: &[EndpointSpec],
+) -> Result<Vec<NamedFd>, ArgsError> {
+    let mut fds = Vec::new();
+    if let SocketSpec::Fd(fd) = *socket {
+        fds.push(NamedFd {
+            fd,
+            by: FdOption::SocketFd,
+        });
+    }
+    if let IommufdSpec::Fd(fd) = *iommufd {
+        fds.push(NamedFd {
+            fd,
+            by: FdOption::IommufdFd,
+        });
+    }
+    for e in endpoints {
+        if let EndpointKind::Vfio(VfioSource::Fd(fd)) = e.kind {
+            fds.push(NamedFd {
+                fd,
+                by: FdOption::VfioFd(e.id),
+            });
+        }
+    }
+    for (i, n) in fds.iter().enumerate() {
+        if n.by != FdOption::SocketFd && (0..=2).contains(&n.fd) {
+            return Err(ArgsError::StdioFd(*n));
+        }
+        if let Some(first) = fds[..i].iter().find(|f| f.fd == n.fd) {
+            return Err(ArgsError::DuplicateFd {
+                fd: n.fd,
+                first: *first,
+                second: *n,
+            });
+        }
+    }
+    Ok(fds)
+}
+
+/// `--control-group`: a number, or a name looked up in the group database.
+fn parse_group(s: &str) -> Result<libc::gid_t, ArgsError> {
+    if let Ok(gid) = s.parse::<libc::gid_t>() {
+        return Ok(gid);
+    }
+    let unknown = || ArgsError::UnknownGroup(s.into());
+    let name = std::ffi::CString::new(s).map_err(|_| unknown())?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: group is plain data; getgrnam_r fills it.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is to memory we own, of the sizes given; the
+    // strings it points into live in `buf`, which we do not read.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(unknown());
+    }
+    Ok(grp.gr_gid)
 }
 
 /// One `--endpoint`: an endpoint, or a range of virtual ones.
@@ -404,6 +550,11 @@ impl Args {
             Some(fd) => IommufdSpec::Fd(fd),
             None => IommufdSpec::Path(self.iommufd.clone()),
         };
+        let inherited_fds = inherited_fds(&socket, &iommufd, &endpoints)?;
+        if !(1..=MAX_CONTROL_TIMEOUT_MS).contains(&self.control_timeout_ms) {
+            return Err(ArgsError::ControlTimeout);
+        }
+        let control_group = self.control_group.as_deref().map(parse_group).transpose()?;
         if self.page_size_mask == 0 {
             return Err(ArgsError::EmptyPageSizeMask);
         }
@@ -442,6 +593,7 @@ impl Args {
             endpoints,
             iommufd,
             control_socket: self.control_socket.clone(),
+            control_group,
             config: DeviceConfig {
                 page_size_mask: self.page_size_mask,
                 input_start,
@@ -465,10 +617,12 @@ impl Args {
             control_limits: ControlLimits {
                 max_clients: self.max_control_clients,
                 max_line: self.max_control_line,
+                timeout: std::time::Duration::from_millis(self.control_timeout_ms),
             },
             // At most a second: a poll that long is a mistake, not a mode.
             poll: std::time::Duration::from_micros(self.poll_us.min(1_000_000)),
             seccomp: self.seccomp,
+            inherited_fds,
         })
     }
 }
@@ -687,6 +841,89 @@ mod tests {
             ArgsError::ZeroBound("max-events")
         );
         assert!(Args::try_parse_from(["x", "--socket-fd", "3", "--socket-path", "/a"]).is_err());
+    }
+
+    #[test]
+    fn inherited_fds_are_named_once_and_not_stdio() {
+        let vfio = |id, fd| NamedFd {
+            fd,
+            by: FdOption::VfioFd(id),
+        };
+        let iommufd = |fd| NamedFd {
+            fd,
+            by: FdOption::IommufdFd,
+        };
+        let o = args(&[
+            "--socket-fd",
+            "0",
+            "--iommufd-fd",
+            "9",
+            "--endpoint",
+            "1,vfio-fd=7",
+        ])
+        .unwrap();
+        // inetd passes the listening socket as stdin.
+        let socket = NamedFd {
+            fd: 0,
+            by: FdOption::SocketFd,
+        };
+        assert_eq!(o.inherited_fds, vec![socket, iommufd(9), vfio(1, 7)]);
+        let s = ["--socket-fd", "3"];
+        let with = |e: &[&str]| args(&[&s[..], e].concat());
+        for fd in ["0", "1", "2"] {
+            assert_eq!(
+                with(&["--endpoint", &format!("4,vfio-fd={fd}")]).unwrap_err(),
+                ArgsError::StdioFd(vfio(4, fd.parse().unwrap()))
+            );
+            assert_eq!(
+                with(&["--iommufd-fd", fd]).unwrap_err(),
+                ArgsError::StdioFd(iommufd(fd.parse().unwrap()))
+            );
+        }
+        assert_eq!(
+            with(&["--iommufd-fd", "5", "--endpoint", "1,vfio-fd=5"]).unwrap_err(),
+            ArgsError::DuplicateFd {
+                fd: 5,
+                first: iommufd(5),
+                second: vfio(1, 5)
+            }
+        );
+        let twice = with(&["--endpoint", "1,vfio-fd=5", "--endpoint", "2,vfio-fd=5"]);
+        assert_eq!(
+            twice.unwrap_err().to_string(),
+            "fd 5 is named twice: endpoint 0x1: vfio-fd=5 and endpoint 0x2: vfio-fd=5"
+        );
+        assert!(matches!(
+            with(&["--endpoint", "1,vfio-fd=3"]).unwrap_err(),
+            ArgsError::DuplicateFd { fd: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn control_access_options() {
+        let s = ["--socket-fd", "3"];
+        let with = |e: &[&str]| args(&[&s[..], e].concat());
+        let o = with(&["--control-group", "123", "--control-timeout-ms", "250"]).unwrap();
+        assert_eq!(o.control_group, Some(123));
+        assert_eq!(
+            o.control_limits.timeout,
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(with(&[]).unwrap().control_group, None);
+        assert_eq!(
+            with(&["--control-group", "root"]).unwrap().control_group,
+            Some(0)
+        );
+        assert_eq!(
+            with(&["--control-group", "no such group"]).unwrap_err(),
+            ArgsError::UnknownGroup("no such group".into())
+        );
+        for bad in ["0", "86400001"] {
+            assert_eq!(
+                with(&["--control-timeout-ms", bad]).unwrap_err(),
+                ArgsError::ControlTimeout
+            );
+        }
     }
 
     fn viot(extra: &[&str]) -> ViotArgs {

@@ -133,9 +133,17 @@ mod lists {
         SYS_pread64,
         SYS_pwrite64,
     ];
-    /// Stream sockets without fds (the control socket's clients).
-    pub const STREAM: &[c_long] = &[SYS_read, SYS_recvfrom, SYS_sendto, SYS_shutdown];
-    /// Accepting connections and starting threads for them.
+    /// Stream sockets without fds (the control socket's clients), with
+    /// their read and write timeouts (setsockopt).
+    pub const STREAM: &[c_long] = &[
+        SYS_read,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_shutdown,
+        SYS_setsockopt,
+    ];
+    /// Accepting connections (getsockopt: the peer's credentials) and
+    /// starting threads for them.
     pub const SPAWN: &[c_long] = &[
         SYS_accept,
         SYS_accept4,
@@ -387,6 +395,10 @@ mod tests {
                 assert!(!has(r, n), "{r:?} {n}");
             }
         }
+        // Control clients set their own read and write timeouts.
+        assert!(has(Role::ControlClient, SYS_setsockopt));
+        // The listener reads its clients' peer credentials.
+        assert!(has(Role::ControlListener, SYS_getsockopt));
         // Only the vhost-user handler receives fds.
         assert!(has(Role::Frontend, SYS_recvmsg) && !has(Role::Worker, SYS_recvmsg));
         assert!(!has(Role::ControlClient, SYS_recvmsg));

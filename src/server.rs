@@ -28,8 +28,12 @@ pub enum ServerError {
     #[error("control socket {path}: {source}")]
     Control {
         path: String,
-        source: std::io::Error,
+        source: control::ControlError,
     },
+    #[error("cannot start the control socket's thread: {0}")]
+    ControlThread(std::io::Error),
+    #[error("{0}")]
+    Args(#[from] crate::args::ArgsError),
     #[error("--socket-fd {fd} is not a listening unix socket: {reason}")]
     BadSocketFd { fd: i32, reason: String },
     #[error("cannot create the device: {0}")]
@@ -61,17 +65,9 @@ fn open_host(opts: &Options) -> Result<Option<Box<dyn HostIommu>>, ServerError> 
     let fd = match &opts.iommufd {
         IommufdSpec::Path(p) => Iommufd::open(p)?,
         IommufdSpec::Fd(fd) => {
-            // SAFETY: F_GETFD only reads the descriptor flags; it checks the
-            // operator's --iommufd-fd is open before we take it over.
-            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                return Err(ServerError::Iommufd(
-                    crate::iommufd_bridge::sys::SysError::Open {
-                        path: format!("--iommufd-fd {fd}"),
-                        source: std::io::Error::last_os_error(),
-                    },
-                ));
-            }
-            // SAFETY: an open fd the operator handed over to us to own.
+            // SAFETY: the operator handed this fd over to us to own; `run`
+            // checked it is open before opening anything itself, and args
+            // that it is not 0-2 and that no other option names it.
             Iommufd::from_file(unsafe { std::fs::File::from_raw_fd(*fd) })
         }
     };
@@ -153,9 +149,22 @@ fn listener_from_fd(fd: i32) -> Result<Listener, ServerError> {
 }
 
 pub fn run(opts: Options) -> Result<(), ServerError> {
-    // Host endpoints first: one that cannot be opened fails before the
-    // socket appears, so a frontend never connects to a dying backend.
+    // Before this process opens anything: a closed fd number must not be
+    // taken by a file of ours and then adopted as the operator's.
+    opts.check_inherited_fds_open()?;
+    // Host endpoints and the control socket first: one that cannot be
+    // opened fails before the socket appears, so a frontend never connects
+    // to a dying backend.
     let host = open_host(&opts)?;
+    let control = match &opts.control_socket {
+        Some(path) => Some(control::bind(path, opts.control_group).map_err(|source| {
+            ServerError::Control {
+                path: path.display().to_string(),
+                source,
+            }
+        })?),
+        None => None,
+    };
     let mut listener = match &opts.socket {
         SocketSpec::Path(p) => Listener::new(p, true).map_err(|source| ServerError::Listen {
             path: p.display().to_string(),
@@ -175,13 +184,6 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         backend = backend.with_host(host);
     }
     let backend = Arc::new(backend);
-    let control = match &opts.control_socket {
-        Some(path) => Some(control::bind(path).map_err(|source| ServerError::Control {
-            path: path.display().to_string(),
-            source,
-        })?),
-        None => None,
-    };
     let virtual_count = opts
         .endpoints
         .iter()
@@ -201,12 +203,8 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         false => warn!("seccomp filter: NOT INSTALLED: this kernel has no seccomp"),
     }
     if let Some(listener) = control {
-        control::spawn(listener, backend.clone(), opts.control_limits).map_err(|source| {
-            ServerError::Control {
-                path: "(thread)".into(),
-                source,
-            }
-        })?;
+        control::spawn(listener, backend.clone(), opts.control_limits)
+            .map_err(ServerError::ControlThread)?;
     }
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

@@ -1083,6 +1083,63 @@ fn bad_options_exit_with_one_line_naming_the_cause() {
     assert_eq!(v["type"], "iommu");
 }
 
+/// Inherited fds (`ID,vfio-fd=`, `--iommufd-fd`, `--socket-fd`) are
+/// checked before the daemon owns them: not a standard stream, open, and
+/// named once; otherwise one line naming the cause, exit 1.
+#[test]
+fn bad_inherited_fds_exit_with_one_line_naming_the_cause() {
+    let t = Duration::from_secs(10);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--endpoint", "1,vfio-fd=2"],
+            "endpoint 0x1: vfio-fd=2 is a standard stream (0-2)",
+        ),
+        (
+            &["--endpoint", "1,vfio-fd=0"],
+            "endpoint 0x1: vfio-fd=0 is a standard stream (0-2)",
+        ),
+        (
+            &["--endpoint", "1,vfio-fd=1", "--iommufd-fd", "900"],
+            "endpoint 0x1: vfio-fd=1 is a standard stream (0-2)",
+        ),
+        (
+            &["--endpoint", "1,vfio-fd=5", "--iommufd-fd", "1"],
+            "--iommufd-fd 1 is a standard stream (0-2)",
+        ),
+        (
+            &["--endpoint", "0x2,vfio-fd=900"],
+            "endpoint 0x2: vfio-fd=900 is not an open file descriptor",
+        ),
+        (
+            &["--endpoint", "1,vfio-fd=7", "--iommufd-fd", "7"],
+            "fd 7 is named twice: --iommufd-fd 7 and endpoint 0x1: vfio-fd=7",
+        ),
+        (
+            &["--endpoint", "1,vfio-fd=7", "--endpoint", "2,vfio-fd=7"],
+            "fd 7 is named twice: endpoint 0x1: vfio-fd=7 and endpoint 0x2: vfio-fd=7",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--socket-path", "{dir}/v.sock"];
+        args.extend_from_slice(extra);
+        let (st, _out, err) = run_to_exit(&args, t).unwrap();
+        assert_eq!(st.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr {err:?} lacks {want:?}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err:?}");
+    }
+    let (st, _out, err) =
+        run_to_exit(&["--socket-fd", "7", "--endpoint", "1,vfio-fd=7"], t).unwrap();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fd 7 is named twice: --socket-fd 7 and endpoint 0x1: vfio-fd=7"),
+        "{err:?}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err:?}");
+}
+
 #[test]
 fn a_garbage_avail_index_does_not_hang_the_device() {
     let b = backend(&[]);

@@ -66,7 +66,9 @@ impl VfioCdev {
             VfioSource::Path(p) => open_rw(p)?,
             VfioSource::Fd(raw) => {
                 // SAFETY: the operator handed us this fd (--endpoint
-                // ID,vfio-fd=N) to own; args checked it is open.
+                // ID,vfio-fd=N) to own. Args refused 0-2 and an fd any
+                // other option names (so this File is its only owner), and
+                // server::run checked it is open before opening anything.
                 unsafe { File::from_raw_fd(*raw) }
             }
         };

@@ -141,3 +141,137 @@ pub fn error_kind(reply: &Value) -> Option<&str> {
         reply["error"].as_str()
     }
 }
+
+/// What a client running as another user got from the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForeignReply {
+    /// connect(2) failed with this errno (the socket file's mode kept it out).
+    ConnectFailed(i32),
+    /// The first line it read, without the newline (empty: closed at once).
+    Line(String),
+}
+
+/// Connect to the control socket at `path` as `uid`, `gid` and
+/// supplementary `groups` (from a forked child: the test must be root),
+/// send `line` and return the first line read back.
+pub fn request_as(
+    path: impl AsRef<Path>,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    line: &str,
+) -> Result<ForeignReply> {
+    use std::os::unix::ffi::OsStrExt;
+    // Everything the child touches is built before the fork: between fork
+    // and _exit it makes raw system calls only (the test process has other
+    // threads, whose locks the child must not need).
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_ref().as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return invalid("control socket path too long");
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let request = format!("{line}\n").into_bytes();
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let timeout = libc::timeval {
+        tv_sec: 10,
+        tv_usec: 0,
+    };
+    let mut reply = vec![0u8; 4096];
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: the child makes only async-signal-safe raw system calls on
+    // memory prepared above, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: raw system calls on the child's own copies of the buffers
+        // above; every path ends in _exit.
+        unsafe {
+            let out = pipe[1];
+            let fail = |what: u8| {
+                let e = *libc::__errno_location();
+                let msg = [what, e as u8];
+                libc::write(out, msg.as_ptr().cast(), 2);
+                libc::_exit(1);
+            };
+            // Raw calls: glibc's wrappers would signal the parent's other
+            // threads, which do not exist in the child.
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                fail(b'g');
+            }
+            if libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0
+            {
+                fail(b'u');
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                fail(b's');
+            }
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            if libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            ) != 0
+            {
+                fail(b'c');
+            }
+            libc::write(fd, request.as_ptr().cast(), request.len());
+            let mut n = 0usize;
+            while n < reply.len() {
+                let r = libc::read(fd, reply.as_mut_ptr().add(n).cast(), reply.len() - n);
+                if r <= 0 {
+                    break;
+                }
+                n += r as usize;
+                if reply[..n].contains(&b'\n') {
+                    break;
+                }
+            }
+            libc::write(out, b"ok".as_ptr().cast(), 2);
+            libc::write(out, reply.as_ptr().cast(), n);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end, an fd we own.
+    unsafe { libc::close(pipe[1]) };
+    if pid < 0 {
+        // SAFETY: the read end is ours.
+        unsafe { libc::close(pipe[0]) };
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: the read end is ours; File closes it.
+    let mut from_child = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(pipe[0]) };
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut from_child, &mut got)?;
+    let mut status = 0;
+    // SAFETY: reaps the child we forked.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match got.as_slice() {
+        [b'o', b'k', rest @ ..] => {
+            let text = String::from_utf8_lossy(rest);
+            Ok(ForeignReply::Line(
+                text.split('\n').next().unwrap_or("").to_string(),
+            ))
+        }
+        [b'c', errno] => Ok(ForeignReply::ConnectFailed(i32::from(*errno))),
+        other => invalid(format!(
+            "the client as uid {uid} failed: {:?}",
+            String::from_utf8_lossy(other)
+        )),
+    }
+}
