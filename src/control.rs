@@ -4,12 +4,12 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{debug, info, Level};
 use serde_json::{json, Value};
 use vm_memory::GuestAddressSpace;
 
@@ -17,11 +17,17 @@ use crate::device::backend::IommuBackend;
 use crate::device::config::features;
 use crate::fault_queue::pages::{SourceId, CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
 use crate::iommufd_bridge::model::{translate_dma, ModelError};
+use crate::log_limit::limited;
 use crate::sandbox::{self, Role};
 
 /// How long a `dma` waits for PAGE_RESP unless it says (protocol.md 6).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
 const MAX_TIMEOUT_MS: u64 = 600_000;
+
+/// Failed accepts and client threads that could not start (`stats`).
+static CONTROL_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Clients refused beyond `max_clients` (`stats`).
+static CLIENTS_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Bounds on what control clients can make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,10 +181,11 @@ fn page_request(
 }
 
 fn stats(backend: &IommuBackend) -> Value {
-    let (requests, p, outstanding) = {
+    let (requests, d, p, outstanding) = {
         let s = backend.session();
         (
             s.stats.to_json(),
+            s.stats.device,
             s.iommu.pages.counters,
             s.iommu.pages.outstanding(),
         )
@@ -204,11 +211,22 @@ fn stats(backend: &IommuBackend) -> Value {
         "page_requests_refused_no_handler": p.refused_no_handler,
         "page_requests_small_buffer": p.small_buffer,
         "page_requests_timed_out": p.timed_out,
+        "page_responses_failed": p.responses_failed,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
         "poll_window_us": window.as_micros() as u64,
+        "bypass_writes": d.bypass_writes,
+        "bypass_writes_refused": d.bypass_refused,
+        "config_writes_ignored": d.config_writes_ignored,
+        "config_reads_refused": d.config_reads_refused,
+        "requestq_bad_avail_index": d.requestq_bad_avail,
+        "eventq_bad_avail_index": d.eventq_bad_avail,
+        "device_resets": d.device_resets,
+        "frontend_connections": d.frontend_connections,
+        "control_clients_refused": CLIENTS_REFUSED.load(Ordering::Relaxed),
+        "control_errors": CONTROL_ERRORS.load(Ordering::Relaxed),
     })
 }
 
@@ -294,12 +312,15 @@ pub fn spawn(
                 let stream = match stream {
                     Ok(s) => s,
                     Err(e) => {
-                        warn!("control socket accept: {e}");
+                        // EMFILE and the like repeat at once: rate-limited.
+                        CONTROL_ERRORS.fetch_add(1, Ordering::Relaxed);
+                        limited!(Level::Warn, "control socket accept: {e}");
                         continue;
                     }
                 };
                 if active.fetch_add(1, Ordering::AcqRel) >= limits.max_clients {
                     active.fetch_sub(1, Ordering::AcqRel);
+                    CLIENTS_REFUSED.fetch_add(1, Ordering::Relaxed);
                     let mut s = stream;
                     let _ = s.write_all(
                         format!("{}\n", error("bad-request", "too many control clients"))
@@ -318,7 +339,8 @@ pub fn spawn(
                         a.fetch_sub(1, Ordering::AcqRel);
                     });
                 if let Err(e) = spawned {
-                    warn!("cannot start a control client thread: {e}");
+                    CONTROL_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    limited!(Level::Warn, "cannot start a control client thread: {e}");
                     active.fetch_sub(1, Ordering::AcqRel);
                 }
             }
