@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info, warn, Level};
 use serde_json::{json, Value};
 use thiserror::Error;
 use vm_memory::GuestAddressSpace;
@@ -22,6 +22,7 @@ use crate::device::backend::IommuBackend;
 use crate::device::config::features;
 use crate::fault_queue::pages::{SourceId, CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
 use crate::iommufd_bridge::model::{translate_dma, ModelError};
+use crate::log_limit::limited;
 use crate::sandbox::{self, Role};
 
 /// How long a `dma` waits for PAGE_RESP unless it says (protocol.md 6).
@@ -58,6 +59,9 @@ pub enum ControlError {
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ControlError {
     move |source| ControlError::Io { op, source }
 }
+
+/// Failed accepts and client threads that could not start (`stats`).
+static CONTROL_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 /// Bounds on what control clients can make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,10 +243,11 @@ fn page_request(
 }
 
 fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
-    let (requests, p, outstanding) = {
+    let (requests, d, p, outstanding) = {
         let s = backend.session();
         (
             s.stats.to_json(),
+            s.stats.device,
             s.iommu.pages.counters,
             s.iommu.pages.outstanding(),
         )
@@ -269,6 +274,7 @@ fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "page_requests_small_buffer": p.small_buffer,
         "page_requests_timed_out": p.timed_out,
         "page_requests_withdrawn": p.withdrawn,
+        "page_responses_failed": p.responses_failed,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
         "vevents_stale": vev.stale,
@@ -278,6 +284,15 @@ fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "control_clients_refused": clients.refused.load(Ordering::Relaxed),
         "control_clients_busy": clients.busy.load(Ordering::Relaxed),
         "control_clients_timed_out": clients.timed_out.load(Ordering::Relaxed),
+        "bypass_writes": d.bypass_writes,
+        "bypass_writes_refused": d.bypass_refused,
+        "config_writes_ignored": d.config_writes_ignored,
+        "config_reads_refused": d.config_reads_refused,
+        "requestq_bad_avail_index": d.requestq_bad_avail,
+        "eventq_bad_avail_index": d.eventq_bad_avail,
+        "device_resets": d.device_resets,
+        "frontend_connections": d.frontend_connections,
+        "control_errors": CONTROL_ERRORS.load(Ordering::Relaxed),
     })
 }
 
@@ -669,7 +684,9 @@ pub fn spawn(
                 let stream = match stream {
                     Ok(s) => s,
                     Err(e) => {
-                        warn!("control socket accept: {e}");
+                        // EMFILE and the like repeat at once: rate-limited.
+                        CONTROL_ERRORS.fetch_add(1, Ordering::Relaxed);
+                        limited!(Level::Warn, "control socket accept: {e}");
                         continue;
                     }
                 };
@@ -708,7 +725,8 @@ pub fn spawn(
                         a.fetch_sub(1, Ordering::AcqRel);
                     });
                 if let Err(e) = spawned {
-                    warn!("cannot start a control client thread: {e}");
+                    CONTROL_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    limited!(Level::Warn, "cannot start a control client thread: {e}");
                     active.fetch_sub(1, Ordering::AcqRel);
                 }
             }

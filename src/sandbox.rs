@@ -299,7 +299,11 @@ pub fn narrow_or_warn(role: Role) {
     match narrow(role) {
         Ok(true) => log::debug!("seccomp: {role:?} filter on this thread"),
         Ok(false) => {}
-        Err(e) => log::warn!("seccomp: {role:?} filter not installed: {e}"),
+        // Once per thread, but control clients come and go: rate-limited.
+        Err(e) => crate::log_limit::limited!(
+            log::Level::Warn,
+            "seccomp: {role:?} filter not installed: {e}"
+        ),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
-use log::{error, info, warn};
+use log::{info, warn, Level};
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
@@ -17,6 +17,7 @@ use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
 use crate::iommufd_bridge::{BridgeError, HostIommu};
+use crate::log_limit::limited;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -232,7 +233,9 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             }
         })));
         daemon.start(&mut listener)?;
-        info!("frontend connected");
+        backend.session().stats.device.frontend_connections += 1;
+        // A frontend can reconnect in a loop: these lines are rate-limited.
+        limited!(Level::Info, "frontend connected");
         let result = daemon.wait();
         // Dropping the daemon stops and joins its vring workers, so none of
         // them touches the next guest's session.
@@ -242,8 +245,14 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
             Ok(())
             | Err(DaemonError::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("frontend disconnected; waiting for the next one"),
-            Err(e) => error!("connection ended: {e}; waiting for the next frontend"),
+            )) => limited!(
+                Level::Info,
+                "frontend disconnected; waiting for the next one"
+            ),
+            Err(e) => limited!(
+                Level::Error,
+                "connection ended: {e}; waiting for the next frontend"
+            ),
         }
     }
 }

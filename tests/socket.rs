@@ -1456,3 +1456,265 @@ fn the_seccomp_filter_is_on_by_default() {
         );
     }
 }
+
+/// Lines the daemon wrote to stderr (its log) so far.
+fn log_lines(b: &BackendProcess) -> usize {
+    b.stderr().lines().count()
+}
+
+/// Nothing a guest, frontend or control client repeats floods the log: at
+/// the daemon's default level, 100 000 each of refused requests, bypass
+/// writes and records lost (no eventq buffer), and a thousand page requests
+/// refused (the group bound) make at most 100 lines in all, and `stats`
+/// counts every one of them.
+#[test]
+fn a_flood_of_guest_events_logs_a_bounded_number_of_lines() {
+    use support::mem::TablePages;
+    use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_4K};
+    const N: u64 = 100_000;
+    const PAGE_REFUSED: u64 = 1000;
+    let b = BackendProcess::spawn_default_log(&[
+        "--endpoint",
+        "8",
+        "--endpoint",
+        "0x10",
+        "--bypass",
+        "off",
+        "--max-events",
+        "4",
+        "--max-page-requests",
+        "1",
+    ])
+    .expect("backend starts");
+    let mut f = connect_with(&b, FrontendOptions::default().queue_size(1024));
+    let mut ctl = control(&b);
+    let t0 = std::time::Instant::now();
+
+    // Refused requests, 512 per notification: unknown endpoints and
+    // domains (NOENT), a DETACH from a domain the endpoint is not in (INVAL).
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let reqs: Vec<(Vec<u8>, u32)> = (0..512u32)
+        .map(|i| match i % 4 {
+            0 => (wire::attach(1, 0x1000 + i, 0, 0).0.to_vec(), 4),
+            1 => (wire::map(7, 0, 0xfff, 0, RW).0.to_vec(), 4),
+            2 => (wire::unmap(7, 0, 0xfff).0.to_vec(), 4),
+            _ => (wire::detach(2, EP).0.to_vec(), 4),
+        })
+        .collect();
+    let mut sent = 0;
+    while sent < N {
+        let n = (N - sent).min(512) as usize;
+        for (used, w) in f.submit_batch(&reqs[..n]).unwrap() {
+            assert!(used == 4 && (w[0] == S_NOENT || w[0] == S_INVAL));
+        }
+        sent += n as u64;
+    }
+    let t_requests = t0.elapsed();
+
+    // One page request outstanding (--max-page-requests 1): every further
+    // one is refused at once.
+    let data = f.mem.alloc(PAGE_4K, PAGE_4K).unwrap();
+    let table = TableBuilder::new(48, TablePages(f.mem.clone()));
+    let req = wire::attach_table_vtd(3, EP2, wire::TABLE_F_PAGE_REQUESTS, 0, table.root(), 48);
+    assert_eq!(status(&mut f, req), S_OK);
+    let mut waiter_ctl = control(&b);
+    let waiter =
+        std::thread::spawn(move || waiter_ctl.dma(EP2, 0x40_0000, 8, false, None, Some(60_000)));
+    support::retry(
+        Duration::from_secs(5),
+        "the page request outstanding",
+        || match ctl.stats().unwrap()["page_requests_outstanding"].as_u64() {
+            Some(1) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    let pipelined = |ctl: &mut ControlClient, n: u64, line: &str, check: &dyn Fn(&Value)| {
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(500);
+            for _ in 0..k {
+                ctl.send_line(line).unwrap();
+            }
+            for _ in 0..k {
+                check(&ctl.read_reply().unwrap());
+            }
+            done += k;
+        }
+    };
+    let page_line = r#"{"op":"dma","endpoint":16,"iova":5242880,"len":8}"#;
+    pipelined(&mut ctl, PAGE_REFUSED, page_line, &|r| {
+        assert_eq!(error_kind(r), Some("page-request-failed"), "{r}")
+    });
+
+    // Fault records while no eventq buffer is posted: 3 more fit the
+    // FIFO (the page request holds one), the rest are lost.
+    let blocked_line = r#"{"op":"dma","endpoint":8,"iova":4096,"len":8}"#;
+    assert_eq!(status(&mut f, wire::detach(1, EP)), S_OK);
+    pipelined(&mut ctl, N, blocked_line, &|r| {
+        assert_eq!(error_kind(r), Some("blocked"), "{r}")
+    });
+    let t_records = t0.elapsed();
+
+    // Bypass writes: changes and rewrites of the same value.
+    for i in 0..N {
+        f.set_bypass(i % 4 < 2).unwrap();
+    }
+    let t_bypass = t0.elapsed();
+    eprintln!(
+        "flood: requests {t_requests:?}, records {:?}, bypass writes {:?}",
+        t_records - t_requests,
+        t_bypass - t_records
+    );
+
+    let lines = log_lines(&b);
+    let s = ctl.stats().unwrap();
+    let refused: u64 = ["attach", "map", "unmap", "detach"]
+        .iter()
+        .map(|t| stat(&s, t, "noent") + stat(&s, t, "inval"))
+        .sum();
+    assert!(
+        lines <= 100,
+        "{lines} log lines for the flood; the first ones:\n{}",
+        b.stderr().lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(refused, N, "{s}");
+    assert_eq!(s["page_requests_refused_full"], PAGE_REFUSED, "{s}");
+    assert_eq!(s["records_queued"], 4, "{s}");
+    assert_eq!(s["records_lost"], N - 3, "{s}");
+    assert_eq!(s["bypass_writes"], N, "{s}");
+    // The waiting `dma` gets its answer: FAILURE.
+    f.post_event_buffers(4, 48).unwrap();
+    let ev = f.collect_events(4).unwrap();
+    let pr = EventRecord::parse(&ev[0].1).unwrap();
+    assert!(pr.is_page_request(), "{pr:?}");
+    let resp = wire::page_resp(EP2, 0, 0, pr.group_id, 2);
+    assert_eq!(status(&mut f, resp), S_OK);
+    let r = waiter.join().unwrap().unwrap();
+    assert_eq!(error_kind(&r), Some("page-request-failed"), "{r}");
+    let _ = data;
+}
+
+/// A corrupt avail index (more than a queue size ahead) found while
+/// polling (`--poll-us`) stops the ring until the next kick: a bounded
+/// number of log lines (virtio-queue's pop logs one per call), no polling
+/// of it, the ring left alone, counted in `stats`; the next kick after the
+/// driver mends it is served.
+#[test]
+fn a_corrupt_avail_index_while_polling_stops_the_ring_until_the_next_kick() {
+    let b = BackendProcess::spawn_default_log(&[
+        "--endpoint",
+        "8",
+        "--endpoint",
+        "0x10",
+        "--poll-us",
+        "300000",
+    ])
+    .expect("backend starts");
+    let mut f = connect(&b);
+    f.requestq().set_spin(true);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    for i in 0..20u64 {
+        let iova = 0x10_0000 + i * 0x1000;
+        assert_eq!(
+            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW)),
+            S_OK
+        );
+    }
+    let lines0 = log_lines(&b);
+    // The window is open: the poller sees the corrupt index at once.
+    let q = f.requestq();
+    let idx = q.avail_idx();
+    q.set_avail_idx_raw(idx.wrapping_add(1000)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let q = f.requestq();
+    let before = (
+        q.device_used_idx().unwrap(),
+        q.used_flags().unwrap(),
+        q.avail_event().unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = log_lines(&b) - lines0;
+    assert!(
+        lines <= 5,
+        "{lines} log lines for one corrupt avail index; the first ones:\n{}",
+        b.stderr()
+            .lines()
+            .skip(lines0)
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let q = f.requestq();
+    let after = (
+        q.device_used_idx().unwrap(),
+        q.used_flags().unwrap(),
+        q.avail_event().unwrap(),
+    );
+    assert_eq!(before, after, "ring written after it was stopped");
+    let mut ctl = control(&b);
+    let s = ctl.stats().unwrap();
+    assert_eq!(
+        s["requestq_bad_avail_index"], 1,
+        "found once, not polled: {s}"
+    );
+    // A kick while it is still corrupt: looked at once more.
+    f.requestq().kick_forced().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(ctl.stats().unwrap()["requestq_bad_avail_index"], 2);
+    // Mended and kicked: served again.
+    f.requestq().set_avail_idx_raw(idx).unwrap();
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x80_0000, 0x80_0fff, 0, RW)),
+        S_OK
+    );
+    let s = ctl.stats().unwrap();
+    assert_eq!(stat(&s, "map", "ok"), 21);
+    assert!(log_lines(&b) - lines0 <= 5);
+}
+
+/// The same on the eventq: records arriving while its avail index is
+/// corrupt do not look at the ring again (one count, a bounded number of
+/// lines) and wait; the driver's next kick delivers them.
+#[test]
+fn a_corrupt_eventq_avail_index_stops_it_until_the_next_kick() {
+    let b = BackendProcess::spawn_default_log(&[
+        "--endpoint",
+        "8",
+        "--endpoint",
+        "0x10",
+        "--bypass",
+        "off",
+    ])
+    .expect("backend starts");
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    let lines0 = log_lines(&b);
+    let idx = f.eventq().avail_idx();
+    f.eventq()
+        .set_avail_idx_raw(idx.wrapping_add(1000))
+        .unwrap();
+    for i in 0..50u64 {
+        let r = ctl.dma(EP, i * 0x1000, 4, false, None, None).unwrap();
+        assert_eq!(error_kind(&r), Some("blocked"));
+    }
+    let s = ctl.stats().unwrap();
+    let lines = log_lines(&b) - lines0;
+    assert!(
+        lines <= 5,
+        "{lines} log lines for one corrupt eventq avail index; the first ones:\n{}",
+        b.stderr()
+            .lines()
+            .skip(lines0)
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(s["eventq_bad_avail_index"], 1, "{s}");
+    assert_eq!(s["records_queued"], 50, "{s}");
+    // Mended, buffers posted, kicked: delivered in order.
+    f.eventq().set_avail_idx_raw(idx).unwrap();
+    f.post_event_buffers(2, 24).unwrap();
+    let ev = f.collect_events(2).unwrap();
+    assert_eq!(EventRecord::parse(&ev[1].1).unwrap().address, 0x1000);
+}

@@ -6,20 +6,22 @@ use std::fs::File;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{debug, Level};
+use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, Permissions,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -42,6 +44,7 @@ use crate::fault_queue::timer::PageTimer;
 use crate::fault_queue::vevents::VEventCounters;
 use crate::fault_queue::{purge_completed, EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
 use crate::iommufd_bridge::{EventQueue, HostIommu, RamRegion};
+use crate::log_limit::limited;
 use crate::nested::Invalidate;
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -100,7 +103,7 @@ impl EventChannel {
         let queued = self.fifo.lock().push(rec);
         if queued {
             if let Err(e) = self.notify.write(1) {
-                warn!("cannot wake the eventq worker: {e}");
+                limited!(Level::Warn, "cannot wake the eventq worker: {e}");
             }
         }
         queued
@@ -136,6 +139,64 @@ pub struct IommuBackend {
     /// through it.
     kernel_events: Ranked<Option<EventQueue>>,
     pub vevents: Ranked<VEventCounters>,
+    /// The eventq's avail index was found broken: records wait for the
+    /// driver's next kick of it rather than look at the ring again.
+    eventq_stopped: AtomicBool,
+}
+
+/// Why a ring is not served until the driver's next kick. virtio-queue's
+/// `pop_descriptor_chain` logs each of these at error level on every call
+/// (and a poller calls it in a loop), so the rings are checked first and
+/// popped with `iter`, which returns the error instead.
+#[derive(Debug, Error)]
+pub enum RingError {
+    #[error(
+        "avail index {avail} is more than the queue size ({size}) ahead of the device's {next}"
+    )]
+    AvailAhead { avail: u16, next: u16, size: u16 },
+    #[error("avail ring at {addr:#x} is not in guest memory")]
+    AvailUnreadable { addr: u64 },
+    #[error("{0}")]
+    Queue(virtio_queue::Error),
+}
+
+/// Check the avail ring of `q` before popping from it: readable, and its
+/// index (read here, from guest memory) at most a queue size ahead of
+/// where the device is (wrapping u16 arithmetic, as the spec counts).
+fn check_avail<M: vm_memory::GuestMemory + ?Sized>(q: &Queue, mem: &M) -> Result<(), RingError> {
+    let addr = q.avail_ring();
+    // flags, idx, ring[size]; virtio-queue refuses a ring at 0 as not ready.
+    let len = 4 + 2 * usize::from(q.size());
+    if addr == 0 || !mem.check_range(GuestAddress(addr), len, Permissions::Read) {
+        return Err(RingError::AvailUnreadable { addr });
+    }
+    let avail = q
+        .avail_idx(mem, AtomicOrdering::Acquire)
+        .map_err(RingError::Queue)?
+        .0;
+    let (next, size) = (q.next_avail(), q.size());
+    if avail.wrapping_sub(next) > size {
+        return Err(RingError::AvailAhead { avail, next, size });
+    }
+    Ok(())
+}
+
+/// `pop_descriptor_chain` without its error log: the error is returned
+/// (the driver moved its avail index since `check_avail`).
+fn pop_chain<'m, M>(q: &mut Queue, mem: &'m M) -> Result<Option<DescriptorChain<&'m M>>, RingError>
+where
+    M: vm_memory::GuestMemory,
+{
+    Ok(q.iter(mem).map_err(RingError::Queue)?.next())
+}
+
+/// What one pass over the requestq did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pass {
+    /// Chains served.
+    served: usize,
+    /// The ring is broken: no polling, nothing more until the next kick.
+    ring_stopped: bool,
 }
 
 /// Registers (fd, epoll data) with the eventq worker (`true`), or removes
@@ -250,6 +311,7 @@ impl IommuBackend {
             kernel_events: Ranked::new(Rank::KernelEvents, None),
             vevents: Ranked::new(Rank::VEvents, VEventCounters::default()),
             exit_consumers: Ranked::new(Rank::ExitConsumers, Vec::new()),
+            eventq_stopped: AtomicBool::new(false),
         })
     }
 
@@ -280,7 +342,7 @@ impl IommuBackend {
             // Level-triggered: events that came after the drain wake the
             // worker at once.
             Ok(()) => *ke = Some(queue),
-            Err(e) => error!("cannot poll the vEVENTQ: {e}"),
+            Err(e) => limited!(Level::Error, "cannot poll the vEVENTQ: {e}"),
         }
     }
 
@@ -295,7 +357,7 @@ impl IommuBackend {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => {
-                    warn!("vEVENTQ read: {e}");
+                    limited!(Level::Warn, "vEVENTQ read: {e}");
                     0
                 }
             };
@@ -305,7 +367,10 @@ impl IommuBackend {
             stale += self.vevents.lock().drop_stale(&buf[..n], queue.data_len);
         }
         if stale > 0 {
-            info!("vEVENTQ: {stale} events from before this guest dropped");
+            limited!(
+                Level::Info,
+                "vEVENTQ: {stale} events from before this guest dropped"
+            );
         }
     }
 
@@ -324,7 +389,7 @@ impl IommuBackend {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) => {
-                        warn!("vEVENTQ read: {e}");
+                        limited!(Level::Warn, "vEVENTQ read: {e}");
                         0
                     }
                 };
@@ -368,7 +433,7 @@ impl IommuBackend {
         };
         match registered {
             Ok(()) => *kf = Some(file),
-            Err(e) => error!("cannot poll the fault queue: {e}"),
+            Err(e) => limited!(Level::Error, "cannot poll the fault queue: {e}"),
         }
     }
 
@@ -411,7 +476,7 @@ impl IommuBackend {
                 SourceId::Virtual => match self.virtual_faults.read(&mut buf) {
                     Ok(n) => n,
                     Err(e) => {
-                        warn!("virtual fault FD: {e}");
+                        limited!(Level::Warn, "virtual fault FD: {e}");
                         return;
                     }
                 },
@@ -451,7 +516,8 @@ impl IommuBackend {
                 Some(FAULT_BATCH)
             }
             Ok(Batch::Stuck) => {
-                error!(
+                limited!(
+                    Level::Error,
                     "fault queue: a page-request group of more than {MAX_GROUP_RECORDS} records \
                      cannot be read; no longer polling the fault queue (the kernel completes \
                      the group when its device detaches)"
@@ -464,7 +530,7 @@ impl IommuBackend {
                 None
             }
             Err(e) => {
-                warn!("Kernel fault FD: {e}");
+                limited!(Level::Warn, "kernel fault FD: {e}");
                 None
             }
         }
@@ -554,6 +620,7 @@ impl IommuBackend {
     /// A new frontend connected: fresh guest memory, state as at power-on.
     pub fn begin_session(&self, mem: GuestMemory) {
         let mut s = self.session();
+        self.eventq_stopped.store(false, AtomicOrdering::Release);
         s.iommu.begin_session();
         s.acked_features = 0;
         s.mem = mem;
@@ -597,11 +664,17 @@ impl IommuBackend {
     fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
         let window = self.poll.lock().kicked(Instant::now());
         let last = if window.is_zero() {
-            (self.serve_requestq(vring, false) > 0).then(Instant::now)
+            (self.serve_requestq(vring, false).served > 0).then(Instant::now)
         } else {
             // Kicks stay off from this first pass on: the poll follows.
-            let first = (self.serve_requestq(vring, true) > 0).then(Instant::now);
-            self.poll_requestq(vring, window, first)
+            let pass = self.serve_requestq(vring, true);
+            let first = (pass.served > 0).then(Instant::now);
+            if pass.ring_stopped {
+                // Not polled: left alone until the next kick.
+                first
+            } else {
+                self.poll_requestq(vring, window, first)
+            }
         };
         if last.is_some() {
             self.poll.lock().last_served = last;
@@ -633,11 +706,21 @@ impl IommuBackend {
         if let Some(mut since) = last {
             suppress_kicks(vring, mem.deref());
             while Instant::now() < since + window {
-                let served = if pending(vring) {
+                let pass = if pending(vring) {
                     self.serve_requestq(vring, true)
                 } else {
-                    0
+                    Pass::default()
                 };
+                let served = pass.served;
+                if pass.ring_stopped {
+                    // Kicks are back on (serve_requestq): wait for one.
+                    self.poll.lock().counters.served_polling += polled + served as u64;
+                    return if served > 0 {
+                        Some(Instant::now())
+                    } else {
+                        last
+                    };
+                }
                 if served > 0 {
                     suppress_kicks(vring, mem.deref());
                     polled += served as u64;
@@ -655,7 +738,7 @@ impl IommuBackend {
         let q = vr.get_queue_mut();
         if q.ready() && q.enable_notification(mem.deref()).unwrap_or(true) {
             drop(vr);
-            let served = self.serve_requestq(vring, false);
+            let served = self.serve_requestq(vring, false).served;
             if served > 0 {
                 polled += served as u64;
                 last = Some(Instant::now());
@@ -665,14 +748,16 @@ impl IommuBackend {
         last
     }
 
-    /// One pass over the requestq; returns how many chains it served.
-    /// `polling`: the caller looks again at once, so kicks stay off (asking
-    /// for one before returning would let a fast driver kick meanwhile).
-    fn serve_requestq(&self, vring: &VringRwLock, polling: bool) -> usize {
+    /// One pass over the requestq. `polling`: the caller looks again at
+    /// once, so kicks stay off (asking for one before returning would let a
+    /// fast driver kick meanwhile). A broken avail ring (`check_avail`) is
+    /// counted, logged (rate-limited) and left until the next kick, with
+    /// kicks back on.
+    fn serve_requestq(&self, vring: &VringRwLock, polling: bool) -> Pass {
         let mut vr = vring.get_mut();
         // Stopped (GET_VRING_BASE) while this worker polled: hands off.
         if !vr.get_queue().ready() {
-            return 0;
+            return Pass::default();
         }
         let mut served = 0usize;
         let mut session = self.session();
@@ -683,11 +768,24 @@ impl IommuBackend {
         let size = vr.get_queue().size();
         // INVALIDATEs waiting for the end of their run (one host call).
         let mut deferred: Deferred<_> = Vec::new();
+        let mut broken = None;
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
                 vr.disable_notification()?;
+                if let Err(e) = check_avail(vr.get_queue(), mem.deref()) {
+                    broken = Some(e);
+                    return Ok(());
+                }
                 let mut popped = 0usize;
-                while let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) {
+                loop {
+                    let chain = match pop_chain(vr.get_queue_mut(), mem.deref()) {
+                        Ok(Some(chain)) => chain,
+                        Ok(None) => break,
+                        Err(e) => {
+                            broken = Some(e);
+                            break;
+                        }
+                    };
                     popped += 1;
                     if chain.head_index() >= size {
                         // No used-ring entry can name it: the entry is lost.
@@ -717,15 +815,20 @@ impl IommuBackend {
                     vr.add_used(chain.head_index(), used as u32)?;
                 }
                 flush_invalidates(s, &mut deferred, &mut vr)?;
-                // "More available" with nothing poppable means a broken avail
-                // ring (index beyond the queue size): stop until the next kick
-                // instead of spinning.
                 served += popped;
-                if polling || !vr.enable_notification()? || popped == 0 {
+                // "More available" with nothing poppable would spin: stop
+                // until the next kick.
+                if broken.is_some() || polling || !vr.enable_notification()? || popped == 0 {
                     return Ok(());
                 }
             }
         })();
+        if let Some(e) = &broken {
+            s.stats.device.requestq_bad_avail += 1;
+            // Kicks on, so that the driver's next one wakes us.
+            let _ = vr.enable_notification();
+            limited!(Level::Warn, "requestq: {e}; not served until the next kick");
+        }
         self.flush_pages(&mut session);
         self.watch_kernel_faults(&session);
         self.watch_kernel_events(&session);
@@ -734,11 +837,21 @@ impl IommuBackend {
             debug!("requestq ring unusable: {e}");
         }
         signal_if_needed(&mut vr);
-        served
+        Pass {
+            served,
+            ring_stopped: broken.is_some(),
+        }
     }
 
     /// Move queued records into the driver's eventq buffers, in order.
-    fn process_eventq(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// `kicked`: the driver kicked the eventq (it may have mended a ring
+    /// found broken before; until it does, new records do not look at it).
+    fn process_eventq(&self, vring: &VringRwLock, kicked: bool) -> io::Result<()> {
+        if kicked {
+            self.eventq_stopped.store(false, AtomicOrdering::Release);
+        } else if self.eventq_stopped.load(AtomicOrdering::Acquire) {
+            return Ok(());
+        }
         let mut vr = vring.get_mut();
         if !vr.is_enabled() || !vr.get_queue().ready() {
             return Ok(());
@@ -751,11 +864,21 @@ impl IommuBackend {
         let mut buf = [0u8; MAX_RECORD_LEN];
         let mut g = Gathered::new();
         let size = vr.get_queue().size();
+        let mut broken = None;
         let result = (|| -> Result<(), virtio_queue::Error> {
             let mut popped_since_enable = true;
             while let Some(rec) = fifo.front().copied() {
                 let len = rec.encode(&mut buf);
-                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.deref()) else {
+                let popped = check_avail(vr.get_queue(), mem.deref())
+                    .and_then(|()| pop_chain(vr.get_queue_mut(), mem.deref()));
+                let chain = match popped {
+                    Ok(c) => c,
+                    Err(e) => {
+                        broken = Some(e);
+                        return Ok(());
+                    }
+                };
+                let Some(chain) = chain else {
                     // Out of buffers: ask to be kicked when the driver posts
                     // more. Retry once if some arrived meanwhile; never spin
                     // on a broken avail ring.
@@ -809,6 +932,12 @@ impl IommuBackend {
             }
             Ok(())
         })();
+        if let Some(e) = &broken {
+            s.stats.device.eventq_bad_avail += 1;
+            self.eventq_stopped.store(true, AtomicOrdering::Release);
+            let _ = vr.enable_notification();
+            limited!(Level::Warn, "eventq: {e}; records wait for the next kick");
+        }
         drop(fifo);
         self.flush_pages(s);
         drop(session);
@@ -951,8 +1080,9 @@ impl VhostUserBackend for IommuBackend {
 
     fn reset_device(&self) {
         narrow_frontend_thread();
-        info!("device reset: all domains dropped");
+        limited!(Level::Info, "device reset: all domains dropped");
         let mut s = self.session();
+        s.stats.device.device_resets += 1;
         s.iommu.reset();
         self.flush_pages(&mut s);
         drop(s);
@@ -965,14 +1095,18 @@ impl VhostUserBackend for IommuBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         narrow_frontend_thread();
-        let s = self.session();
+        let mut s = self.session();
         let bytes = s.iommu.config.to_bytes(s.iommu.bypass);
         let (off, len) = (offset as usize, size as usize);
         match off.checked_add(len) {
             Some(end) if end <= CONFIG_SIZE => bytes[off..end].to_vec(),
             // An empty reply tells the frontend the read failed.
             _ => {
-                warn!("GET_CONFIG {offset}+{size} is outside the {CONFIG_SIZE}-byte config");
+                s.stats.device.config_reads_refused += 1;
+                limited!(
+                    Level::Warn,
+                    "GET_CONFIG {offset}+{size} is outside the {CONFIG_SIZE}-byte config"
+                );
                 Vec::new()
             }
         }
@@ -995,19 +1129,34 @@ impl VhostUserBackend for IommuBackend {
                 buf.len()
             );
         }
+        let mut s = self.session();
         if !(off..end).contains(&BYPASS_OFFSET) {
+            s.stats.device.config_writes_ignored += 1;
             return Ok(());
         }
         let value = buf[BYPASS_OFFSET - off];
-        let mut s = self.session();
         if s.acked_features & features::BYPASS_CONFIG == 0 {
+            s.stats.device.config_writes_ignored += 1;
             debug!("bypass write without F_BYPASS_CONFIG ignored");
         } else if value > 1 {
+            s.stats.device.config_writes_ignored += 1;
             debug!("bypass write of {value} ignored (only 0 or 1)");
         } else {
+            // A guest can write it in a loop: changes are logged,
+            // rate-limited; `stats` counts every write.
+            s.stats.device.bypass_writes += 1;
+            let was = s.iommu.bypass;
             match s.iommu.set_bypass(value == 1) {
-                Ok(()) => info!("bypass {}", if value == 1 { "on" } else { "off" }),
-                Err(e) => error!("bypass {value}: the host refused: {e}"),
+                Ok(()) if was == (value == 1) => debug!("bypass {value}: unchanged"),
+                Ok(()) => limited!(
+                    Level::Info,
+                    "bypass {}",
+                    if value == 1 { "on" } else { "off" }
+                ),
+                Err(e) => {
+                    s.stats.device.bypass_refused += 1;
+                    limited!(Level::Error, "bypass {value}: the host refused: {e}");
+                }
             }
         }
         Ok(())
@@ -1023,7 +1172,7 @@ impl VhostUserBackend for IommuBackend {
         if let Err(e) = s.iommu.set_guest_ram(&regions) {
             // Host endpoints' DMA to the regions that failed will fault;
             // the guest and the virtual endpoints are unaffected.
-            error!("guest RAM for host endpoints: {e}");
+            limited!(Level::Error, "guest RAM for host endpoints: {e}");
         }
         // The host let go of the old regions: now they may be unmapped
         // (outside the lock).
@@ -1057,36 +1206,39 @@ impl VhostUserBackend for IommuBackend {
         name_worker_thread(thread_id);
         crate::sandbox::narrow_or_warn(crate::sandbox::Role::Worker);
         if evset != EventSet::IN {
-            warn!("unexpected event set {evset:?} on event {device_event}");
+            limited!(
+                Level::Warn,
+                "unexpected event set {evset:?} on event {device_event}"
+            );
             return Ok(());
         }
         // Each worker sees only its own vring, at index 0.
         match (thread_id, u64::from(device_event)) {
             (0, 0) => self.process_requestq(&vrings[0]),
-            (1, 0) => self.process_eventq(&vrings[0]),
+            (1, 0) => self.process_eventq(&vrings[0], true),
             (1, EVENTS_PENDING) => {
                 // Non-blocking: EAGAIN only means another wakeup drained it.
                 let _ = self.events.notify_fd().read();
-                self.process_eventq(&vrings[0])
+                self.process_eventq(&vrings[0], false)
             }
             (1, VIRTUAL_FAULTS) => {
                 self.read_faults(SourceId::Virtual);
-                self.process_eventq(&vrings[0])
+                self.process_eventq(&vrings[0], false)
             }
             (1, KERNEL_FAULTS) => {
                 self.read_faults(SourceId::Kernel);
-                self.process_eventq(&vrings[0])
+                self.process_eventq(&vrings[0], false)
             }
             (1, KERNEL_EVENTS) => {
                 self.relay_events();
-                self.process_eventq(&vrings[0])
+                self.process_eventq(&vrings[0], false)
             }
             (1, PAGE_TIMER) => {
                 self.expire_page_requests();
-                self.process_eventq(&vrings[0])
+                self.process_eventq(&vrings[0], false)
             }
             (t, e) => {
-                warn!("unexpected event {e} on worker {t}");
+                limited!(Level::Warn, "unexpected event {e} on worker {t}");
                 Ok(())
             }
         }

@@ -4,7 +4,7 @@
 //! changes the state, and fills the reply. The queue glue only gathers and
 //! scatters bytes.
 
-use log::{debug, info};
+use log::{debug, Level};
 
 use crate::device::config::{features, PROBE_SIZE};
 use crate::device::error::{RequestError, Status};
@@ -12,6 +12,7 @@ use crate::device::request::{decode, Decoded, Request, TAIL_LEN};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::iommufd_bridge::BridgeError;
+use crate::log_limit::limited;
 use crate::nested::request::T_INVALIDATE;
 use crate::nested::{Invalidate, TableCaps};
 
@@ -65,8 +66,10 @@ pub fn handle(
                 RequestError::Host(BridgeError::Kernel { .. } | BridgeError::Host { .. })
             ) {
                 // The host refused what the device state allowed: worth
-                // an operator's eye, with the kernel's errno.
-                info!(
+                // an operator's eye, with the kernel's errno (a guest can
+                // repeat it: rate-limited; `stats` counts each by status).
+                limited!(
+                    Level::Info,
                     "request {}{subject}: {e} -> {:?}",
                     type_name(ty),
                     e.status()
@@ -148,7 +151,8 @@ pub fn complete_invalidates(
                 statuses.push(match state.invalidate(r) {
                     Ok(()) => Status::Ok,
                     Err(e) => {
-                        info!(
+                        limited!(
+                            Level::Info,
                             "request INVALIDATE domain {}: {e} -> {:?}",
                             r.domain,
                             e.status()

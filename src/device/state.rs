@@ -510,7 +510,14 @@ impl IommuState {
                             );
                             pages.reclassify_as_kernel(r);
                         }
-                        Err(e) => log::warn!("page response for cookie {}: {e}", r.cookie),
+                        Err(e) => {
+                            pages.counters.responses_failed += 1;
+                            crate::log_limit::limited!(
+                                log::Level::Warn,
+                                "page response for cookie {}: {e}",
+                                r.cookie
+                            );
+                        }
                     }
                 });
         }

@@ -22,6 +22,31 @@ const TYPE_NAMES: [&str; TYPES] = [
 pub struct Stats {
     by_status: [[u64; Status::COUNT]; TYPES],
     unanswered: [u64; TYPES],
+    pub device: DeviceCounters,
+}
+
+/// What the guest and the frontend did besides requests (each also logged,
+/// rate-limited: these are the totals).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// Writes of the bypass byte that took effect (0 or 1, BYPASS_CONFIG
+    /// negotiated), whether they changed it or not.
+    pub bypass_writes: u64,
+    /// Of those, the ones the host refused (the byte kept its value).
+    pub bypass_refused: u64,
+    /// Other SET_CONFIG writes inside the config: ignored.
+    pub config_writes_ignored: u64,
+    /// GET_CONFIG windows outside the config: failed.
+    pub config_reads_refused: u64,
+    /// Passes over the requestq that found its avail index more than a
+    /// queue size ahead (or the ring unreadable): stopped until the next kick.
+    pub requestq_bad_avail: u64,
+    /// The same for the eventq.
+    pub eventq_bad_avail: u64,
+    /// RESET_DEVICE messages.
+    pub device_resets: u64,
+    /// Frontend connections served.
+    pub frontend_connections: u64,
 }
 
 fn slot(ty: u8) -> usize {

@@ -10,7 +10,9 @@ pub mod vevents;
 
 use std::collections::VecDeque;
 
-use log::warn;
+use log::Level;
+
+use crate::log_limit::limited;
 
 pub const REASON_UNKNOWN: u8 = 0;
 pub const REASON_DOMAIN: u8 = 1;
@@ -151,13 +153,16 @@ impl EventFifo {
     }
 
     /// Queue a record; when the bound is hit the record is counted as lost
-    /// and logged, and false is returned.
+    /// and logged (rate-limited: a guest can make records while it posts no
+    /// buffer), and false is returned.
     pub fn push(&mut self, rec: EventRecord) -> bool {
         if self.queue.len() >= self.capacity {
             self.counters.lost += 1;
-            warn!(
+            limited!(
+                Level::Warn,
                 "event queue full ({} records): lost {rec:?} (lost so far: {})",
-                self.capacity, self.counters.lost
+                self.capacity,
+                self.counters.lost
             );
             return false;
         }
@@ -202,7 +207,10 @@ impl EventFifo {
     pub fn discard_all(&mut self) -> usize {
         let n = self.queue.len();
         if n > 0 {
-            warn!("discarding {n} undelivered event records of a departed guest");
+            limited!(
+                Level::Warn,
+                "discarding {n} undelivered event records of a departed guest"
+            );
         }
         self.counters.discarded += n as u64;
         self.queue.clear();

@@ -10,7 +10,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, Level};
+
+use crate::log_limit::limited;
 
 /// struct iommu_hwpt_pgfault, as read from a fault FD.
 pub const PGFAULT_LEN: usize = 40;
@@ -145,6 +147,8 @@ pub struct PageCounters {
     /// Of those by the device: the frontend set the features again without
     /// F_PAGE_REQUEST while they were outstanding.
     pub withdrawn: u64,
+    /// Responses the kernel refused (written to its fault queue in vain).
+    pub responses_failed: u64,
 }
 
 /// Why a group is completed at once.
@@ -281,12 +285,16 @@ impl PageRequests {
     ) -> Option<u16> {
         if self.groups.len() >= self.max || self.cookies.contains_key(&(source, cookie)) {
             if self.groups.len() >= self.max {
-                warn!(
+                limited!(
+                    Level::Warn,
                     "page requests: {} groups outstanding; group of endpoint {endpoint:#x} failed",
                     self.max
                 );
             } else {
-                warn!("page requests: cookie {cookie} of {source:?} is already outstanding");
+                limited!(
+                    Level::Warn,
+                    "page requests: cookie {cookie} of {source:?} is already outstanding"
+                );
             }
             self.refuse(source, cookie, CODE_FAILURE, Refusal::Full);
             return None;

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info, warn, Level};
+
+use crate::log_limit::limited;
 use serde_json::{json, Value};
 
 use super::sys::{
@@ -692,7 +694,7 @@ impl<D: HostDevice> IommufdHost<D> {
             return Ok(*id);
         }
         let (id, file) = self.fd.fault_queue_alloc()?;
-        info!("iommufd: fault queue {id} for this connection");
+        limited!(Level::Info, "iommufd: fault queue {id} for this connection");
         self.fault = Some((id, file));
         Ok(id)
     }
@@ -838,12 +840,16 @@ impl<D: HostDevice> IommufdHost<D> {
         };
         if d.own_hwpt {
             if let Err(e) = self.fd.destroy(d.hwpt) {
-                error!("domain {domain}: destroying HWPT {}: {e}", d.hwpt);
+                limited!(
+                    Level::Error,
+                    "domain {domain}: destroying HWPT {}: {e}",
+                    d.hwpt
+                );
             }
         }
         if let Some(ioas) = d.ioas {
             if let Err(e) = self.fd.destroy(ioas) {
-                error!("domain {domain}: destroying IOAS {ioas}: {e}");
+                limited!(Level::Error, "domain {domain}: destroying IOAS {ioas}: {e}");
             }
         }
     }
@@ -958,16 +964,19 @@ impl<D: HostDevice> IommufdHost<D> {
         let shown = format!("usable IOVA {usable:x?}, alignment {align:#x}");
         let align = align.max(1);
         let Some(last) = r.len.checked_sub(1).and_then(|l| r.gpa.checked_add(l)) else {
-            warn!(
+            limited!(
+                Level::Warn,
                 "guest RAM {:#x}+{:#x}: empty or beyond 2^64; not mapped",
-                r.gpa, r.len
+                r.gpa,
+                r.len
             );
             return Ok(Vec::new());
         };
         let pieces = region_pieces(r.gpa, last, &usable, align);
         let covered = pieces.iter().fold(0u64, |a, p| a.saturating_add(p.1));
         if covered < r.len {
-            warn!(
+            limited!(
+                Level::Warn,
                 "guest RAM {:#x}+{:#x}: {:#x} bytes lie outside the devices' usable IOVA ranges \
                  ({shown}); host endpoints cannot reach them",
                 r.gpa,
@@ -979,7 +988,8 @@ impl<D: HostDevice> IommufdHost<D> {
         for &(gpa, len) in &pieces {
             let mut res = self.map_piece(r, gpa, len);
             if res.is_err() && self.use_map_file && r.file.is_some() {
-                warn!(
+                limited!(
+                    Level::Warn,
                     "IOAS_MAP_FILE failed ({}); using IOAS_MAP",
                     res.unwrap_err()
                 );
@@ -1044,7 +1054,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             }
             for &(gpa, len) in pieces {
                 if let Err(e) = self.fd.ioas_unmap(self.ram_ioas, gpa, len) {
-                    error!("guest RAM {gpa:#x}+{len:#x}: unmap: {e}");
+                    limited!(Level::Error, "guest RAM {gpa:#x}+{len:#x}: unmap: {e}");
                 }
             }
         }
@@ -1060,7 +1070,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             match self.map_region(r) {
                 Ok(pieces) => self.ram.push((*r, pieces)),
                 Err(e) => {
-                    error!("guest RAM {:#x}+{:#x}: {e}", r.gpa, r.len);
+                    limited!(Level::Error, "guest RAM {:#x}+{:#x}: {e}", r.gpa, r.len);
                     first_err.get_or_insert(e);
                 }
             }
@@ -1130,7 +1140,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             let pasids: Vec<u32> = self.endpoints[&id].pasids.keys().copied().collect();
             for p in pasids {
                 if let Err(e) = self.point_pasid(id, p, None) {
-                    error!("endpoint {id:#x} pasid {p}: reset: {e}");
+                    limited!(Level::Error, "endpoint {id:#x} pasid {p}: reset: {e}");
                     // Forget it anyway: the device is released or reused
                     // by the next guest, and its table must not leak.
                     if let Some(d) = self.endpoints.get_mut(&id).unwrap().pasids.remove(&p) {
@@ -1141,14 +1151,17 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
         for id in ids {
             if let Err(e) = self.point(id, Target::Unattached, &mut std::iter::empty()) {
-                error!("endpoint {id:#x}: reset: {e}");
+                limited!(Level::Error, "endpoint {id:#x}: reset: {e}");
             }
         }
         // Normally gone with their last endpoint; anything left is a bug
         // we would rather not leak.
         let left: Vec<u32> = self.domains.keys().copied().collect();
         for d in left {
-            warn!("domain {d}: still held after reset; destroying");
+            limited!(
+                Level::Warn,
+                "domain {d}: still held after reset; destroying"
+            );
             self.destroy_domain(d);
         }
     }
@@ -1160,7 +1173,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     fn event_queue_reader(&self) -> Option<super::EventQueue> {
         let (_, file) = self.veventq.as_ref()?;
         file.try_clone()
-            .inspect_err(|e| warn!("vEVENTQ FD: {e}"))
+            .inspect_err(|e| limited!(Level::Warn, "vEVENTQ FD: {e}"))
             .ok()
             .map(|file| super::EventQueue {
                 file,
@@ -1172,7 +1185,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     fn fault_queue_reader(&self) -> Option<std::fs::File> {
         let (_, file) = self.fault.as_ref()?;
         file.try_clone()
-            .inspect_err(|e| warn!("fault queue FD: {e}"))
+            .inspect_err(|e| limited!(Level::Warn, "fault queue FD: {e}"))
             .ok()
     }
 
@@ -1246,14 +1259,14 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     fn disconnect(&mut self) {
         self.reset(false);
         if let Err(e) = self.set_guest_ram(&[]) {
-            error!("iommufd: unmapping guest RAM: {e}");
+            limited!(Level::Error, "iommufd: unmapping guest RAM: {e}");
         }
         // The fault object goes with the connection: close its FD first,
         // then destroy it (nothing refers to it once the tables are gone).
         if let Some((id, file)) = self.fault.take() {
             drop(file);
             if let Err(e) = self.fd.destroy(id) {
-                error!("iommufd: destroying fault queue {id}: {e}");
+                limited!(Level::Error, "iommufd: destroying fault queue {id}: {e}");
             }
         }
     }

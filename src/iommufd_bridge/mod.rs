@@ -143,7 +143,11 @@ pub trait HostIommu: Debug + Send {
     fn disconnect(&mut self) {
         self.reset(false);
         if let Err(e) = self.set_guest_ram(&[]) {
-            log::error!("{}: unmapping guest RAM: {e}", self.name());
+            crate::log_limit::limited!(
+                log::Level::Error,
+                "{}: unmapping guest RAM: {e}",
+                self.name()
+            );
         }
     }
 

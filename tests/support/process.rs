@@ -115,7 +115,23 @@ impl BackendProcess {
             control.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut p = Self::spawn_in(dir, &args)?;
+        let mut p = Self::spawn_in(dir, &args, false)?;
+        p.wait_for_socket(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// [`BackendProcess::spawn`] at the daemon's default log level (no
+    /// `RUST_LOG`, whatever the test runs with): what an operator sees.
+    pub fn spawn_default_log(extra: &[&str]) -> Result<Self> {
+        let dir = fresh_temp_dir("backend")?;
+        let mut args: Vec<String> = vec![
+            "--socket-path".into(),
+            dir.join("vhost.sock").display().to_string(),
+            "--control-socket".into(),
+            dir.join("control.sock").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Self::spawn_in(dir, &args, true)?;
         p.wait_for_socket(Duration::from_secs(10))?;
         Ok(p)
     }
@@ -125,23 +141,27 @@ impl BackendProcess {
     pub fn spawn_raw(args: &[&str]) -> Result<Self> {
         let dir = fresh_temp_dir("backend")?;
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Self::spawn_in(dir, &args)
+        Self::spawn_in(dir, &args, false)
     }
 
-    fn spawn_in(dir: PathBuf, args: &[String]) -> Result<Self> {
+    fn spawn_in(dir: PathBuf, args: &[String], default_log: bool) -> Result<Self> {
         let d = dir.display().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
         let stderr_path = dir.join("stderr.log");
         let stderr = File::create(&stderr_path)?;
         let stdout = File::create(dir.join("stdout.log"))?;
         let bin = binary();
-        let child = Command::new(&bin)
-            .args(&args)
-            .current_dir(&dir)
-            .env(
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args).current_dir(&dir);
+        if default_log {
+            cmd.env_remove("RUST_LOG");
+        } else {
+            cmd.env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            );
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
