@@ -12,11 +12,14 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
-use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING, VIRTUAL_FAULTS};
+use crate::device::backend::{
+    IommuBackend, EVENTQ, EVENTS_PENDING, FRONTEND_THREAD, VIRTUAL_FAULTS,
+};
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
 use crate::iommufd_bridge::{BridgeError, HostIommu};
+use crate::sandbox::{on_narrowed_thread, Role};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -47,6 +50,8 @@ pub enum ServerError {
     Endpoint { id: u32, source: BridgeError },
     #[error("{0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The host IOMMU for the endpoints that are not virtual, if any.
@@ -211,7 +216,14 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         backend.begin_session(mem.clone());
-        let mut daemon = VhostUserDaemon::new("viommu-vhost".into(), backend.clone(), mem)?;
+        // The library starts the vring workers here and the frontend
+        // handler in `start`, and runs them; each is made from a thread
+        // already narrowed to its role (plus making threads), so they never
+        // serve under the whole process list.
+        let mut daemon = on_narrowed_thread("viommu-mkworker", Role::StartWorkers, || {
+            VhostUserDaemon::new(FRONTEND_THREAD.into(), backend.clone(), mem)
+        })
+        .map_err(ServerError::Thread)??;
         daemon.get_epoll_handlers()[EVENTQ as usize]
             .register_listener(
                 backend.events.notify_fd().as_raw_fd(),
@@ -230,7 +242,10 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
                 eventq.unregister_listener(fd, EventSet::IN, data)
             }
         })));
-        daemon.start(&mut listener)?;
+        on_narrowed_thread("viommu-accept", Role::StartHandler, || {
+            daemon.start(&mut listener)
+        })
+        .map_err(ServerError::Thread)??;
         info!("frontend connected");
         let result = daemon.wait();
         // Dropping the daemon stops and joins its vring workers, so none of

@@ -1294,21 +1294,13 @@ fn the_seccomp_filter_is_on_by_default() {
     // (a control client on its listener's too): the kernel counts them.
     let mut c = control(&b);
     let _ = c.stats().unwrap();
-    let mut filters = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", b.pid())).unwrap() {
-        let st = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        let field = |k: &str| {
-            st.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-                .unwrap()
-        };
-        filters.insert(field("Name:"), field("Seccomp_filters:"));
-    }
+    let filters = seccomp_filters_by_thread(b.pid());
+    // The vring workers and the vhost-user handler also hold the filter
+    // of the thread that made them (its role plus making threads).
     let want = [
         ("vhost-device-io", "1"),
-        ("viommu-vhost", "2"),
-        ("viommu-reqq", "2"),
+        ("viommu-vhost", "3"),
+        ("viommu-reqq", "3"),
         ("viommu-control", "2"),
         ("viommu-ctl-clie", "3"),
     ];
@@ -1317,6 +1309,54 @@ fn the_seccomp_filter_is_on_by_default() {
             filters.get(name).map(String::as_str),
             Some(n),
             "{name}: {filters:?}"
+        );
+    }
+}
+
+/// Each thread's name and Seccomp_filters count, from /proc.
+fn seccomp_filters_by_thread(pid: u32) -> std::collections::BTreeMap<String, String> {
+    let mut filters = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A thread may end between the listing and the read.
+        let Ok(st) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        filters.insert(field("Name:"), field("Seccomp_filters:"));
+    }
+    filters
+}
+
+/// The vhost-user handler thread holds more than the process filter from
+/// its start: a frontend's first message (before any backend callback) is
+/// read under the handler's list (plus accept and threads, until its first
+/// callback drops them), not the process's.
+#[test]
+fn the_vhost_user_thread_is_narrowed_before_its_first_message() {
+    let b = backend(&[]);
+    // Connected, not a byte sent.
+    let _conn =
+        support::frontend::connect_stream(&b.socket, Duration::from_secs(5)).expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let filters = loop {
+        let f = seccomp_filters_by_thread(b.pid());
+        if f.contains_key("viommu-vhost") || std::time::Instant::now() > deadline {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The vring workers too, before their first event (the library names
+    // them; they rename themselves then).
+    for name in ["viommu-vhost", "vring_worker"] {
+        assert_eq!(
+            filters.get(name).map(String::as_str),
+            Some("2"),
+            "{filters:?}"
         );
     }
 }
