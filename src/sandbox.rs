@@ -6,7 +6,17 @@
 //! - a narrower filter per role, which each serving thread stacks on itself
 //!   when it starts serving (the kernel applies both; the stricter wins):
 //!   the vring workers, the vhost-user frontend handler, the control socket
-//!   listener and its clients.
+//!   listener and its clients. vhost-user-backend starts the workers and the
+//!   handler itself, with no hook of ours before they serve, so they are
+//!   made from a short-lived thread already narrowed to their role plus
+//!   making threads ([`on_narrowed_thread`]): they inherit that from their
+//!   first instruction, and drop the extras at their first event/callback.
+//!
+//! Arguments are checked where it matters: ioctl only with the requests of
+//! [`IOCTLS`]; mmap and mprotect never with PROT_EXEC; clone only for
+//! threads (clone3, whose flags the filter cannot read, answers ENOSYS and
+//! glibc falls back to clone); prctl only PR_SET_NAME and
+//! PR_SET_NO_NEW_PRIVS; seccomp only to stack a filter on the caller.
 //!
 //! A system call outside a thread's lists kills the process (`--seccomp
 //! kill`, the default), or with `trap` prints its number first, or with
@@ -63,6 +73,14 @@ pub enum Role {
     /// A control client: reads lines and writes replies; `dma` writes the
     /// virtual fault pipe and waits.
     ControlClient,
+    /// The short-lived thread that makes a connection's vring workers (the
+    /// library starts them, with no hook of ours before their first event):
+    /// the worker's list plus what making them takes, so the workers hold
+    /// that from their first instruction.
+    StartWorkers,
+    /// The short-lived thread that accepts the frontend and starts its
+    /// handler (same reason): the handler's list plus accept and threads.
+    StartHandler,
 }
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -71,6 +89,7 @@ mod lists {
 
     /// Every thread: the Rust and glibc runtime (allocation, locks, time,
     /// randomness for hash maps, logging to stderr, closing fds, exiting).
+    /// mmap and mprotect never with PROT_EXEC (see `rules_for`).
     pub const RUNTIME: &[c_long] = &[
         SYS_write,
         SYS_close,
@@ -116,7 +135,8 @@ mod lists {
     pub const EVENTS_OLD: &[c_long] = &[SYS_epoll_wait, SYS_poll];
     #[cfg(target_arch = "aarch64")]
     pub const EVENTS_OLD: &[c_long] = &[];
-    /// The host IOMMU: iommufd and VFIO ioctls.
+    /// The host IOMMU: iommufd and VFIO ioctls, only the request numbers of
+    /// `super::IOCTLS`.
     pub const HOST: &[c_long] = &[SYS_ioctl];
     /// vhost-user messages (fds travel with SCM_RIGHTS) and the guest
     /// memory files they carry.
@@ -142,23 +162,31 @@ mod lists {
         SYS_shutdown,
         SYS_setsockopt,
     ];
-    /// Accepting connections (getsockopt: the peer's credentials) and
-    /// starting threads for them.
-    pub const SPAWN: &[c_long] = &[
+    /// Accepting connections (getsockopt: the peer's credentials).
+    pub const ACCEPT: &[c_long] = &[
         SYS_accept,
         SYS_accept4,
         SYS_getsockname,
         SYS_getpeername,
         SYS_getsockopt,
+    ];
+    /// Starting threads, and what a new thread does before its first line
+    /// of ours (glibc registers its robust list and rseq area, Rust names
+    /// it): clone only with thread flags, clone3 answered ENOSYS (glibc
+    /// then uses clone), prctl only PR_SET_NAME and PR_SET_NO_NEW_PRIVS
+    /// (see `rules_for`).
+    pub const THREADS: &[c_long] = &[
         SYS_clone,
         SYS_clone3,
         SYS_set_robust_list,
         SYS_rseq,
         SYS_prctl,
-        SYS_rt_sigaction,
     ];
-    /// Setting up a connection's event loops (main thread).
-    pub const SETUP: &[c_long] = &[SYS_eventfd2, SYS_pipe2, SYS_epoll_create1];
+    /// Setting up a connection's event loops (main thread, and the thread
+    /// making the vring workers).
+    pub const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
+    /// Main thread only: the control socket's pipes.
+    pub const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
 }
 
 /// The system calls a thread of `role` may make (x86_64 and aarch64; none
@@ -168,12 +196,17 @@ pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
     use lists::*;
     let groups: &[&[libc::c_long]] = match role {
         Role::Process => &[
-            RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, STREAM, SPAWN, SETUP,
+            RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, STREAM, ACCEPT, THREADS, SETUP,
+            SETUP_MAIN,
         ],
         Role::Worker => &[RUNTIME, EVENTS, EVENTS_OLD, HOST],
         Role::Frontend => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER],
-        Role::ControlListener => &[RUNTIME, STREAM, SPAWN],
+        Role::ControlListener => &[RUNTIME, STREAM, ACCEPT, THREADS],
         Role::ControlClient => &[RUNTIME, STREAM],
+        Role::StartWorkers => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, SETUP, THREADS],
+        Role::StartHandler => &[
+            RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, ACCEPT, THREADS,
+        ],
     };
     let mut v: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     v.sort_unstable();
@@ -191,17 +224,129 @@ pub fn allowed() -> Vec<libc::c_long> {
     allowed_for(Role::Process)
 }
 
+/// `_IO(';', nr)`: iommufd and VFIO share the type ';' and use no size or
+/// direction bits (VFIO numbers from 100, iommufd from 0x80).
+const fn io(nr: u32) -> u32 {
+    (b';' as u32) << 8 | nr
+}
+
+/// Every ioctl request the daemon issues once the filters are on, and
+/// where. Start-up only (before the filter; not listed): VFIO_DEVICE_
+/// BIND_IOMMUFD, GET_INFO, GET_REGION_INFO, GET_IRQ_INFO (vfio-ioctls'
+/// `VfioDevice::new_from_fd`, for `--endpoint ID,vfio=`), and the iommufd
+/// capability probes (`Iommufd::features`; their numbers are here anyway,
+/// but IOMMU_TEST_CMD's only with `selftest`). No other crate we use
+/// issues one on a serving path: vhost, vhost-user-backend, vm-memory and
+/// vmm-sys-util's epoll and eventfd make none; env_logger asks whether
+/// stderr is a terminal (TCGETS) once, at start-up; nothing sets a socket
+/// non-blocking (FIONBIO) after it.
+pub const IOCTLS: &[(u32, &str)] = &[
+    // iommufd (`iommufd_bridge::sys`, through iommufd-ioctls or by hand).
+    (io(0x80), "IOMMU_DESTROY"),
+    (io(0x81), "IOMMU_IOAS_ALLOC"),
+    (io(0x83), "IOMMU_IOAS_COPY"),
+    (io(0x84), "IOMMU_IOAS_IOVA_RANGES"),
+    (io(0x85), "IOMMU_IOAS_MAP"),
+    (io(0x86), "IOMMU_IOAS_UNMAP"),
+    (io(0x89), "IOMMU_HWPT_ALLOC"),
+    (io(0x8a), "IOMMU_GET_HW_INFO"),
+    (io(0x8d), "IOMMU_HWPT_INVALIDATE"),
+    (io(0x8e), "IOMMU_FAULT_QUEUE_ALLOC"),
+    (io(0x8f), "IOMMU_IOAS_MAP_FILE"),
+    (io(0x90), "IOMMU_VIOMMU_ALLOC"),
+    (io(0x91), "IOMMU_VDEVICE_ALLOC"),
+    (io(0x93), "IOMMU_VEVENTQ_ALLOC"),
+    // The iommufd selftest's mock devices (`--endpoint ID,selftest`).
+    #[cfg(feature = "selftest")]
+    (io(0xa0), "IOMMU_TEST_CMD"),
+    // VFIO cdevs (vfio-ioctls' attach_hwpt, detach_hwpt and the PASID
+    // variants, and VfioDevice's drop).
+    (io(100 + 19), "VFIO_DEVICE_ATTACH_IOMMUFD_PT"),
+    (io(100 + 20), "VFIO_DEVICE_DETACH_IOMMUFD_PT"),
+];
+
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, SandboxError> {
+    Ok(SeccompCondition::new(arg, len, op, value)?)
+}
+
+/// ioctl(fd, request, ...): only the requests of `IOCTLS`. The kernel
+/// reads the request as 32 bits, and so does the filter.
+fn ioctl_rules() -> Result<Vec<SeccompRule>, SandboxError> {
+    IOCTLS
+        .iter()
+        .map(|&(nr, _)| {
+            let c = cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, nr.into())?;
+            Ok(SeccompRule::new(vec![c])?)
+        })
+        .collect()
+}
+
+/// mmap(addr, len, prot, ...) and mprotect(addr, len, prot): never
+/// PROT_EXEC (nothing here loads code once serving).
+fn no_exec_rule() -> Result<Vec<SeccompRule>, SandboxError> {
+    let exec = libc::PROT_EXEC as u64;
+    let c = cond(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0)?;
+    Ok(vec![SeccompRule::new(vec![c])?])
+}
+
+/// clone(flags, ...) (flags first on x86_64 and aarch64): threads only,
+/// glibc's pthread_create flags; a new process (fork) has none of them.
+fn thread_clone_rule() -> Result<Vec<SeccompRule>, SandboxError> {
+    let thread = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD) as u64;
+    let c = cond(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
+    )?;
+    Ok(vec![SeccompRule::new(vec![c])?])
+}
+
+/// prctl: PR_SET_NAME (a new thread names itself) and
+/// PR_SET_NO_NEW_PRIVS(1) (seccompiler's, before a thread stacks its
+/// filter).
+fn prctl_rules() -> Result<Vec<SeccompRule>, SandboxError> {
+    let op = |v: libc::c_int| cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64);
+    Ok(vec![
+        SeccompRule::new(vec![op(libc::PR_SET_NAME)?])?,
+        SeccompRule::new(vec![
+            op(libc::PR_SET_NO_NEW_PRIVS)?,
+            cond(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 1)?,
+        ])?,
+    ])
+}
+
 /// `seccomp(SECCOMP_SET_MODE_FILTER, 0, ...)`: a thread may stack a filter
 /// on itself (which can only take calls away), never TSYNC one onto others.
 fn narrowing_rule() -> Result<Vec<SeccompRule>, SandboxError> {
-    let op = SeccompCondition::new(
+    let op = cond(
         0,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::Eq,
         libc::SECCOMP_SET_MODE_FILTER as u64,
     )?;
-    let flags = SeccompCondition::new(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)?;
+    let flags = cond(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)?;
     Ok(vec![SeccompRule::new(vec![op, flags])?])
+}
+
+/// The argument conditions of system call `nr` (empty: any arguments).
+fn rules_for(nr: libc::c_long) -> Result<Vec<SeccompRule>, SandboxError> {
+    match nr {
+        libc::SYS_ioctl => ioctl_rules(),
+        libc::SYS_mmap | libc::SYS_mprotect => no_exec_rule(),
+        libc::SYS_clone => thread_clone_rule(),
+        libc::SYS_prctl => prctl_rules(),
+        _ => Ok(Vec::new()),
+    }
 }
 
 fn action(mode: SeccompMode) -> Option<SeccompAction> {
@@ -213,28 +358,65 @@ fn action(mode: SeccompMode) -> Option<SeccompAction> {
     }
 }
 
+/// clone3 takes its flags in a struct the filter cannot read, so it is
+/// answered ENOSYS, as if the kernel were older; glibc (2.34+) then makes
+/// the thread with clone, whose flags the filter checks. seccompiler gives
+/// one action to every rule, so this goes in front of its program: native
+/// architecture and clone3 return ERRNO(ENOSYS); everything else falls
+/// through to it (jumps are relative, so its offsets stand).
+fn clone3_enosys(arch: u32) -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        // seccomp_data.arch
+        ins(LD_W_ABS, 0, 0, 4),
+        ins(JEQ_K, 0, 3, arch),
+        // seccomp_data.nr
+        ins(LD_W_ABS, 0, 0, 0),
+        ins(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+    ]
+}
+
+/// AUDIT_ARCH_X86_64 and AUDIT_ARCH_AARCH64 (EM_* | 64-bit | little endian).
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
+
 /// The filter of `role` for `mode` (None for `off`).
 pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, SandboxError> {
     let Some(mismatch) = action(mode) else {
         return Ok(None);
     };
-    let arch = if cfg!(target_arch = "x86_64") {
-        TargetArch::x86_64
+    let (arch, audit_arch) = if cfg!(target_arch = "x86_64") {
+        (TargetArch::x86_64, AUDIT_ARCH_X86_64)
     } else if cfg!(target_arch = "aarch64") {
-        TargetArch::aarch64
+        (TargetArch::aarch64, AUDIT_ARCH_AARCH64)
     } else {
         return Err(SandboxError::Arch);
     };
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_for(role)
-        .into_iter()
-        .map(|n| (n, Vec::new()))
-        .collect();
-    if matches!(role, Role::Process | Role::ControlListener) {
+    let list = allowed_for(role);
+    let mut rules = BTreeMap::new();
+    for &nr in &list {
+        // clone3 never reaches seccompiler's program (clone3_enosys).
+        if nr != libc::SYS_clone3 {
+            rules.insert(nr, rules_for(nr)?);
+        }
+    }
+    if list.contains(&libc::SYS_clone) {
         // The threads these make narrow themselves once they start.
         rules.insert(libc::SYS_seccomp, narrowing_rule()?);
     }
     let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
-    Ok(Some(f.try_into()?))
+    let prog: BpfProgram = f.try_into()?;
+    if list.contains(&libc::SYS_clone3) {
+        let mut with_prefix = clone3_enosys(audit_arch);
+        with_prefix.extend(prog);
+        return Ok(Some(with_prefix));
+    }
+    Ok(Some(prog))
 }
 
 /// The process filter for `mode` (None for `off`).
@@ -268,6 +450,7 @@ pub fn install(mode: SeccompMode) -> Result<bool, SandboxError> {
         trap_reporter();
     }
     settle_allocator();
+    settle_threads();
     seccompiler::apply_filter_all_threads(&prog)?;
     let _ = INSTALLED.set(mode);
     Ok(true)
@@ -307,6 +490,27 @@ pub fn narrow_or_warn(role: Role) {
     }
 }
 
+/// Run `make` on a short-lived thread named `name` that first stacks the
+/// filter of `role` on itself, and wait for it: the threads `make` starts
+/// inherit that filter from their first instruction. For threads a library
+/// starts and runs (vhost-user-backend's vring workers and frontend
+/// handler), with no hook of ours before their first message or event.
+pub fn on_narrowed_thread<T: Send>(
+    name: &str,
+    role: Role,
+    make: impl FnOnce() -> T + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(s, || {
+                narrow_or_warn(role);
+                make()
+            })?;
+        Ok(t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
+}
+
 /// glibc's malloc reads /sys/devices/system/cpu/online (openat) the first
 /// time a thread needs a new arena, to cap their number; a fixed cap (its
 /// own default, 8 per CPU) means it never has to.
@@ -317,6 +521,16 @@ fn settle_allocator() {
         let max = libc::c_int::try_from(8 * cpus).unwrap_or(64);
         // SAFETY: mallopt only sets an allocator parameter.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, max) };
+    }
+}
+
+/// glibc's first pthread_create, while the process is single-threaded,
+/// installs its SIGCANCEL and SIGSETXID handlers (rt_sigaction): one
+/// thread made and joined before the filter means no thread made after it
+/// needs rt_sigaction.
+fn settle_threads() {
+    if let Err(e) = std::thread::Builder::new().spawn(|| ()).map(|t| t.join()) {
+        log::warn!("seccomp: no thread before the filter: {e}");
     }
 }
 
@@ -409,6 +623,17 @@ mod tests {
         // The control socket never touches the host IOMMU.
         assert!(!has(Role::ControlClient, SYS_ioctl) && !has(Role::ControlListener, SYS_ioctl));
         assert!(has(Role::Worker, SYS_ioctl) && has(Role::Frontend, SYS_ioctl));
+        // The threads that make the library's threads: their role's list,
+        // plus only what making them takes; never the other roles' calls.
+        let subset = |a: Role, b: Role| allowed_for(a).iter().all(|n| has(b, *n));
+        assert!(subset(Role::Worker, Role::StartWorkers));
+        assert!(subset(Role::Frontend, Role::StartHandler));
+        for r in [Role::StartWorkers, Role::StartHandler] {
+            assert!(subset(r, Role::Process) && allowed_for(r).len() < process.len());
+            assert!(has(r, SYS_clone) && !has(r, SYS_recvfrom) && !has(r, SYS_pipe2));
+        }
+        assert!(!has(Role::StartWorkers, SYS_recvmsg) && !has(Role::StartWorkers, SYS_accept4));
+        assert!(!has(Role::StartHandler, SYS_eventfd2) && has(Role::StartHandler, SYS_accept4));
         // What the single list allowed before the roles, the process still does.
         for n in [
             SYS_read,
@@ -427,5 +652,37 @@ mod tests {
         ] {
             assert!(process.contains(&n), "{n}");
         }
+    }
+
+    #[test]
+    fn the_ioctl_list_has_every_request_the_bridge_issues() {
+        use crate::iommufd_bridge::sys;
+        let listed = |nr: libc::c_ulong| IOCTLS.iter().any(|&(n, _)| libc::c_ulong::from(n) == nr);
+        // Issued by hand in iommufd_bridge::sys.
+        assert!(listed(sys::IOMMU_IOAS_COPY()));
+        assert!(listed(sys::IOMMU_IOAS_IOVA_RANGES()));
+        assert!(listed(sys::IOMMU_FAULT_QUEUE_ALLOC()));
+        // The capability probes (Iommufd::features).
+        for nr in [0x8d, 0x8e, 0x8f, 0x90, 0x93] {
+            assert!(listed(0x3b00 | nr), "{nr:#x}");
+        }
+        // The kernel's numbers: IOMMU_DESTROY, VFIO_DEVICE_ATTACH_IOMMUFD_PT.
+        assert!(listed(0x3b80) && listed(0x3b77) && listed(0x3b78));
+        // Not the start-up ones (VFIO_DEVICE_BIND_IOMMUFD, GET_INFO).
+        assert!(!listed(0x3b76) && !listed(0x3b6b));
+    }
+
+    #[test]
+    fn clone3_is_answered_enosys_before_the_rest() {
+        let prog = filter_for(SeccompMode::Kill, Role::Process)
+            .unwrap()
+            .unwrap();
+        assert_eq!(prog[3].k, libc::SYS_clone3 as u32);
+        assert_eq!(prog[4].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
+        // Roles that make no threads kill it like any unlisted call.
+        let worker = filter_for(SeccompMode::Kill, Role::Worker)
+            .unwrap()
+            .unwrap();
+        assert_ne!(worker[..5], prog[..5]);
     }
 }

@@ -12,12 +12,15 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
-use crate::device::backend::{IommuBackend, EVENTQ, EVENTS_PENDING, PAGE_TIMER, VIRTUAL_FAULTS};
+use crate::device::backend::{
+    IommuBackend, EVENTQ, EVENTS_PENDING, FRONTEND_THREAD, PAGE_TIMER, VIRTUAL_FAULTS,
+};
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
 use crate::iommufd_bridge::{BridgeError, HostIommu};
 use crate::log_limit::limited;
+use crate::sandbox::{on_narrowed_thread, Role};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -52,6 +55,8 @@ pub enum ServerError {
     Endpoint { id: u32, source: BridgeError },
     #[error("{0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The host IOMMU for the endpoints that are not virtual, if any.
@@ -210,7 +215,14 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         backend.begin_session(mem.clone());
-        let mut daemon = VhostUserDaemon::new("viommu-vhost".into(), backend.clone(), mem)?;
+        // The library starts the vring workers here and the frontend
+        // handler in `start`, and runs them; each is made from a thread
+        // already narrowed to its role (plus making threads), so they never
+        // serve under the whole process list.
+        let mut daemon = on_narrowed_thread("viommu-mkworker", Role::StartWorkers, || {
+            VhostUserDaemon::new(FRONTEND_THREAD.into(), backend.clone(), mem)
+        })
+        .map_err(ServerError::Thread)??;
         daemon.get_epoll_handlers()[EVENTQ as usize]
             .register_listener(
                 backend.events.notify_fd().as_raw_fd(),
@@ -232,7 +244,10 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
                 eventq.unregister_listener(fd, EventSet::IN, data)
             }
         })));
-        daemon.start(&mut listener)?;
+        on_narrowed_thread("viommu-accept", Role::StartHandler, || {
+            daemon.start(&mut listener)
+        })
+        .map_err(ServerError::Thread)??;
         backend.session().stats.device.frontend_connections += 1;
         // A frontend can reconnect in a loop: these lines are rate-limited.
         limited!(Level::Info, "frontend connected");

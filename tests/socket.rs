@@ -1313,9 +1313,13 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
             "polling (event_idx {event_idx}): {busy} kicks of 200 back-to-back requests, \
              {sporadic} of 10 sporadic; {polled} of 411 served by polling"
         );
-        // A descheduled worker may miss a few; most must be served by polling.
-        assert!(busy <= 20, "{busy} of 200 back-to-back requests kicked");
-        assert!(polled >= 380, "{polled} of 411 requests served by polling");
+        // Most must be served by polling (none are without it, below). How
+        // many exactly depends on the host scheduling the worker while it
+        // polls, which a loaded host (parallel tests, CI's kernel builds)
+        // does not promise: at load 8 on 2 cores 336 of 411 were, so the
+        // bound is a majority, not a timing figure.
+        assert!(busy <= 100, "{busy} of 200 back-to-back requests kicked");
+        assert!(polled > 411 / 2, "{polled} of 411 requests served by polling");
         assert_eq!(sporadic, 10, "a window left open past 20 ms gaps");
         assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10, 0));
     }
@@ -1430,21 +1434,13 @@ fn the_seccomp_filter_is_on_by_default() {
     // (a control client on its listener's too): the kernel counts them.
     let mut c = control(&b);
     let _ = c.stats().unwrap();
-    let mut filters = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", b.pid())).unwrap() {
-        let st = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        let field = |k: &str| {
-            st.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-                .unwrap()
-        };
-        filters.insert(field("Name:"), field("Seccomp_filters:"));
-    }
+    let filters = seccomp_filters_by_thread(b.pid());
+    // The vring workers and the vhost-user handler also hold the filter
+    // of the thread that made them (its role plus making threads).
     let want = [
         ("vhost-device-io", "1"),
-        ("viommu-vhost", "2"),
-        ("viommu-reqq", "2"),
+        ("viommu-vhost", "3"),
+        ("viommu-reqq", "3"),
         ("viommu-control", "2"),
         ("viommu-ctl-clie", "3"),
     ];
@@ -1717,4 +1713,52 @@ fn a_corrupt_eventq_avail_index_stops_it_until_the_next_kick() {
     f.post_event_buffers(2, 24).unwrap();
     let ev = f.collect_events(2).unwrap();
     assert_eq!(EventRecord::parse(&ev[1].1).unwrap().address, 0x1000);
+}
+
+/// Each thread's name and Seccomp_filters count, from /proc.
+fn seccomp_filters_by_thread(pid: u32) -> std::collections::BTreeMap<String, String> {
+    let mut filters = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A thread may end between the listing and the read.
+        let Ok(st) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        filters.insert(field("Name:"), field("Seccomp_filters:"));
+    }
+    filters
+}
+
+/// The vhost-user handler thread holds more than the process filter from
+/// its start: a frontend's first message (before any backend callback) is
+/// read under the handler's list (plus accept and threads, until its first
+/// callback drops them), not the process's.
+#[test]
+fn the_vhost_user_thread_is_narrowed_before_its_first_message() {
+    let b = backend(&[]);
+    // Connected, not a byte sent.
+    let _conn =
+        support::frontend::connect_stream(&b.socket, Duration::from_secs(5)).expect("connect");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let filters = loop {
+        let f = seccomp_filters_by_thread(b.pid());
+        if f.contains_key("viommu-vhost") || std::time::Instant::now() > deadline {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The vring workers too, before their first event (the library names
+    // them; they rename themselves then).
+    for name in ["viommu-vhost", "vring_worker"] {
+        assert_eq!(
+            filters.get(name).map(String::as_str),
+            Some("2"),
+            "{filters:?}"
+        );
+    }
 }

@@ -227,7 +227,10 @@ fn name_worker_thread(thread_id: usize) {
 pub const FRONTEND_THREAD: &str = "viommu-vhost";
 
 /// On the frontend handler's thread (the daemon calls some backend methods
-/// from the main thread while setting up): its seccomp filter, once.
+/// from the main thread while setting up): its seccomp filter, once. The
+/// thread already holds, from its start, the filter of the thread that
+/// accepted the frontend (`Role::StartHandler`: this list plus accept and
+/// threads); this drops those at the first callback.
 fn narrow_frontend_thread() {
     if std::thread::current().name() == Some(FRONTEND_THREAD) {
         crate::sandbox::narrow_or_warn(crate::sandbox::Role::Frontend);
