@@ -20,7 +20,7 @@ use vm_memory::GuestAddressSpace;
 
 use crate::device::backend::IommuBackend;
 use crate::device::config::features;
-use crate::fault_queue::pages::{SourceId, CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
+use crate::fault_queue::pages::{CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
 use crate::iommufd_bridge::model::{translate_dma, ModelError};
 use crate::log_limit::limited;
 use crate::sandbox::{self, Role};
@@ -171,7 +171,7 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         }
         Err(e) => {
             if let Some(rec) = e.record() {
-                backend.events.send(rec);
+                backend.relay.send(rec);
             }
             let kind = match e {
                 ModelError::NoEndpoint(_) => "no-endpoint",
@@ -196,25 +196,22 @@ fn page_request(
     timeout: Duration,
 ) -> Result<(), Value> {
     let perm = if write { PERM_WRITE } else { PERM_READ };
-    let src = &backend.virtual_faults;
-    let (cookie, rx) = src
+    let (cookie, rx) = backend
+        .relay
+        .virtual_source()
         .raise(endpoint, pasid, iova & !0xfff, perm)
         .map_err(|e| error("page-request-failed", format!("cannot raise it: {e}")))?;
     let code = match rx.recv_timeout(timeout) {
         Ok(code) => code,
         Err(_) => {
-            let mut s = backend.session();
-            if s.iommu.pages.time_out(SourceId::Virtual, cookie) {
+            if backend.virtual_timed_out(cookie) {
                 // Outstanding: completed here with FAILURE, exactly once.
-                backend.flush_pages(&mut s);
                 return Err(error(
                     "timeout",
                     format!("no PAGE_RESP within {} ms", timeout.as_millis()),
                 ));
             }
             // Not read yet (dropped when it is), or answered just now.
-            src.cancel(cookie);
-            drop(s);
             match rx.try_recv() {
                 Ok(code) => code,
                 Err(_) => {
@@ -253,8 +250,8 @@ fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         )
     };
     let (poll, window) = backend.poll_stats();
-    let vev = *backend.vevents.lock();
-    let fifo = backend.events.fifo();
+    let vev = backend.relay.vevent_counters();
+    let fifo = backend.relay.fifo();
     let c = fifo.counters;
     json!({
         "ok": true,

@@ -13,7 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
 use crate::device::backend::{
-    IommuBackend, EVENTQ, EVENTS_PENDING, FRONTEND_THREAD, PAGE_TIMER, VIRTUAL_FAULTS,
+    epoll_data, IommuBackend, EVENTQ, EVENTS_PENDING, FRONTEND_THREAD, PAGE_TIMER, VIRTUAL_FAULTS,
 };
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::sys::Iommufd;
@@ -225,25 +225,32 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         .map_err(ServerError::Thread)??;
         daemon.get_epoll_handlers()[EVENTQ as usize]
             .register_listener(
-                backend.events.notify_fd().as_raw_fd(),
+                backend.relay.notify_fd().as_raw_fd(),
                 EventSet::IN,
                 EVENTS_PENDING,
             )
             .map_err(ServerError::Register)?;
         daemon.get_epoll_handlers()[EVENTQ as usize]
-            .register_listener(backend.virtual_faults.fd(), EventSet::IN, VIRTUAL_FAULTS)
+            .register_listener(
+                backend.relay.virtual_source().fd(),
+                EventSet::IN,
+                VIRTUAL_FAULTS,
+            )
             .map_err(ServerError::Register)?;
         daemon.get_epoll_handlers()[EVENTQ as usize]
-            .register_listener(backend.page_timer_fd(), EventSet::IN, PAGE_TIMER)
+            .register_listener(backend.relay.timer_fd(), EventSet::IN, PAGE_TIMER)
             .map_err(ServerError::Register)?;
         let eventq = daemon.get_epoll_handlers()[EVENTQ as usize].clone();
-        backend.set_registrar(Some(Box::new(move |fd, data, watch| {
-            if watch {
-                eventq.register_listener(fd, EventSet::IN, data)
-            } else {
-                eventq.unregister_listener(fd, EventSet::IN, data)
-            }
-        })));
+        backend
+            .relay
+            .set_registrar(Some(Box::new(move |fd, what, watch| {
+                let data = epoll_data(what);
+                if watch {
+                    eventq.register_listener(fd, EventSet::IN, data)
+                } else {
+                    eventq.unregister_listener(fd, EventSet::IN, data)
+                }
+            })));
         on_narrowed_thread("viommu-accept", Role::StartHandler, || {
             daemon.start(&mut listener)
         })

@@ -27,23 +27,20 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFIG_SIZE};
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
-use crate::device::lock_order::{Rank, Ranked, RankedGuard};
 use crate::device::poll::PollWindow;
-use crate::device::state::{IommuState, NO_RESPONSE};
+use crate::device::state::IommuState;
 use crate::device::stats::Stats;
-use crate::fault_queue::pages::{FaultRecord, SourceId, PGFAULT_LEN};
-use crate::fault_queue::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
-use crate::fault_queue::timer::PageTimer;
-use crate::fault_queue::vevents::VEventCounters;
-use crate::fault_queue::{purge_completed, EventFifo, EventRecord, MAX_RECORD_LEN, REASON_UNKNOWN};
-use crate::iommufd_bridge::{EventQueue, HostIommu, RamRegion};
+use crate::fault_queue::pages::{FaultRecord, PageRequests, Response, SourceId};
+use crate::fault_queue::relay::{EventSource, FaultRelay, FaultSink, Watched};
+use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
+use crate::iommufd_bridge::{HostIommu, RamRegion};
+use crate::lock_order::{Rank, Ranked, RankedGuard};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
 
@@ -64,9 +61,14 @@ pub const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
 pub const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
 /// epoll data of the page-response timer (`--page-response-timeout-ms`).
 pub const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
-/// Records read from a fault FD at once (a stack buffer: no allocation per
-/// fault).
-const FAULT_BATCH: usize = 64;
+
+/// The eventq worker's epoll data for an FD the relay watches.
+pub fn epoll_data(what: Watched) -> u64 {
+    match what {
+        Watched::KernelFaults => KERNEL_FAULTS,
+        Watched::KernelEvents => KERNEL_EVENTS,
+    }
+}
 
 /// The guest-facing state, behind one lock with short critical sections.
 pub struct Session {
@@ -74,8 +76,6 @@ pub struct Session {
     pub stats: Stats,
     pub acked_features: u64,
     pub mem: GuestMemory,
-    /// Fires when outstanding page requests may have timed out.
-    page_timer: PageTimer,
     /// The memory table the host maps guest RAM from, kept until the host
     /// has unmapped its regions: vhost-user-backend drops a replaced table
     /// before telling us, and IOAS_MAP by address pins lazily (an IOAS
@@ -83,38 +83,43 @@ pub struct Session {
     host_ram: Option<Arc<GuestMemoryMmap>>,
 }
 
-/// Records for the eventq and the eventfd that wakes its worker.
-pub struct EventChannel {
-    fifo: Ranked<EventFifo>,
-    notify: EventFd,
-}
+/// The relay routes page requests into the guest state and writes the
+/// kernel's responses through it.
+impl FaultSink for Session {
+    fn pages(&mut self) -> &mut PageRequests {
+        &mut self.iommu.pages
+    }
 
-impl EventChannel {
-    fn new(capacity: usize) -> io::Result<Self> {
-        Ok(EventChannel {
-            fifo: Ranked::new(Rank::EventFifo, EventFifo::new(capacity)),
-            notify: EventFd::new(EFD_NONBLOCK)?,
+    fn accept(
+        &mut self,
+        source: SourceId,
+        recs: &[FaultRecord],
+        fifo: &mut EventFifo,
+        now: Instant,
+    ) {
+        let acked = self.acked_features;
+        self.iommu
+            .accept_page_requests(source, recs, acked, fifo, now);
+    }
+
+    fn respond_kernel(&mut self, rs: &[Response]) {
+        self.iommu.respond_host_faults(rs);
+    }
+
+    fn has_endpoint(&self, id: u32) -> bool {
+        self.iommu.has_endpoint(id)
+    }
+
+    fn fault_queue_reader(&self) -> Option<File> {
+        self.iommu.fault_queue_reader()
+    }
+
+    fn event_queue_reader(&self) -> Option<EventSource> {
+        self.iommu.event_queue_reader().map(|q| EventSource {
+            file: q.file,
+            data_len: q.data_len,
+            id_at: q.id_at,
         })
-    }
-
-    /// Queue a record and wake the eventq worker. False if it was lost
-    /// (the bound was hit; counted and logged by the FIFO).
-    pub fn send(&self, rec: EventRecord) -> bool {
-        let queued = self.fifo.lock().push(rec);
-        if queued {
-            if let Err(e) = self.notify.write(1) {
-                limited!(Level::Warn, "cannot wake the eventq worker: {e}");
-            }
-        }
-        queued
-    }
-
-    pub fn fifo(&self) -> RankedGuard<'_, EventFifo> {
-        self.fifo.lock()
-    }
-
-    pub fn notify_fd(&self) -> &EventFd {
-        &self.notify
     }
 }
 
@@ -122,23 +127,12 @@ pub struct IommuBackend {
     session: Ranked<Session>,
     /// Adaptive busy-polling of the requestq (`--poll-us`).
     poll: Ranked<Polling>,
-    pub events: EventChannel,
-    /// Page requests of virtual endpoints (the control socket's `dma`).
-    pub virtual_faults: VirtualSource,
-    /// This connection's kernel fault queue (host endpoints), for reading.
-    kernel_faults: Ranked<Option<File>>,
-    /// Whole-group reads of the kernel's fault FD (the eventq worker's; taken
-    /// before `kernel_faults` and the session).
-    fault_reader: Ranked<GroupReader>,
-    /// Adds an FD to the eventq worker's epoll (set per connection).
-    registrar: Ranked<Option<Registrar>>,
+    /// Faults and page requests from their sources to the eventq, and the
+    /// driver's answers back.
+    pub relay: FaultRelay,
     /// Exit-event FDs the library leaks (see `exit_event`), closed at the
     /// end of their connection.
     exit_consumers: Ranked<Vec<RawFd>>,
-    /// The vIOMMU's vEVENTQ (host endpoints), for reading; and what came
-    /// through it.
-    kernel_events: Ranked<Option<EventQueue>>,
-    pub vevents: Ranked<VEventCounters>,
     /// The eventq's avail index was found broken: records wait for the
     /// driver's next kick of it rather than look at the ring again.
     eventq_stopped: AtomicBool,
@@ -198,10 +192,6 @@ struct Pass {
     /// The ring is broken: no polling, nothing more until the next kick.
     ring_stopped: bool,
 }
-
-/// Registers (fd, epoll data) with the eventq worker (`true`), or removes
-/// it (`false`).
-pub type Registrar = Box<dyn Fn(RawFd, u64, bool) -> io::Result<()> + Send>;
 
 thread_local! {
     static NAMED: Cell<bool> = const { Cell::new(false) };
@@ -302,298 +292,13 @@ impl IommuBackend {
                     stats: Stats::default(),
                     acked_features: 0,
                     mem,
-                    page_timer: PageTimer::new()?,
                     host_ram: None,
                 },
             ),
-            events: EventChannel::new(limits.max_events)?,
-            virtual_faults: VirtualSource::new()?,
-            kernel_faults: Ranked::new(Rank::KernelFaults, None),
-            fault_reader: Ranked::new(Rank::FaultReader, GroupReader::default()),
-            registrar: Ranked::new(Rank::Registrar, None),
-            kernel_events: Ranked::new(Rank::KernelEvents, None),
-            vevents: Ranked::new(Rank::VEvents, VEventCounters::default()),
+            relay: FaultRelay::new(limits.max_events)?,
             exit_consumers: Ranked::new(Rank::ExitConsumers, Vec::new()),
             eventq_stopped: AtomicBool::new(false),
         })
-    }
-
-    /// How to add FDs to this connection's eventq worker (None: no
-    /// connection).
-    pub fn set_registrar(&self, r: Option<Registrar>) {
-        *self.registrar.lock() = r;
-    }
-
-    /// Poll the vIOMMU's vEVENTQ from now on, if there is one; what waited
-    /// in it from before this guest is dropped first, so the eventq worker
-    /// never relays it. Called with the session held: takes only locks
-    /// ranked after it.
-    fn watch_kernel_events(&self, s: &Session) {
-        let mut ke = self.kernel_events.lock();
-        if ke.is_some() {
-            return;
-        }
-        let Some(queue) = s.iommu.event_queue_reader() else {
-            return;
-        };
-        self.drop_stale_events(&queue);
-        let registered = match self.registrar.lock().as_ref() {
-            Some(reg) => reg(queue.file.as_raw_fd(), KERNEL_EVENTS, true),
-            None => return,
-        };
-        match registered {
-            // Level-triggered: events that came after the drain wake the
-            // worker at once.
-            Ok(()) => *ke = Some(queue),
-            Err(e) => limited!(Level::Error, "cannot poll the vEVENTQ: {e}"),
-        }
-    }
-
-    /// Read `queue` dry without relaying: its events belong to no guest
-    /// (raised before this connection's watch or after its workers
-    /// stopped). Counted in `vevents_stale`.
-    fn drop_stale_events(&self, queue: &EventQueue) {
-        let mut buf = [0u8; 4096];
-        let mut stale = 0;
-        loop {
-            let n = match std::io::Read::read(&mut &queue.file, &mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    limited!(Level::Warn, "vEVENTQ read: {e}");
-                    0
-                }
-            };
-            if n == 0 {
-                break;
-            }
-            stale += self.vevents.lock().drop_stale(&buf[..n], queue.data_len);
-        }
-        if stale > 0 {
-            limited!(
-                Level::Info,
-                "vEVENTQ: {stale} events from before this guest dropped"
-            );
-        }
-    }
-
-    /// Read the vEVENTQ dry: each event becomes a fault record for the
-    /// eventq (unrecoverable: reason UNKNOWN, the endpoint its vDEVICE
-    /// names).
-    fn relay_events(&self) {
-        let mut buf = [0u8; 4096];
-        loop {
-            let (n, data_len, id_at) = {
-                let mut ke = self.kernel_events.lock();
-                let Some(q) = ke.as_mut() else {
-                    return;
-                };
-                let n = match std::io::Read::read(&mut q.file, &mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => {
-                        limited!(Level::Warn, "vEVENTQ read: {e}");
-                        0
-                    }
-                };
-                (n, q.data_len, q.id_at)
-            };
-            if n == 0 {
-                return;
-            }
-            let s = self.session();
-            let mut fifo = self.events.fifo();
-            let mut c = self.vevents.lock();
-            c.parse(&buf[..n], data_len, |data| {
-                let virt_id = data
-                    .get(id_at..id_at + 4)
-                    .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
-                if s.iommu.has_endpoint(virt_id) {
-                    fifo.push(EventRecord::Fault {
-                        reason: REASON_UNKNOWN,
-                        flags: 0,
-                        endpoint: virt_id,
-                        address: 0,
-                        pasid: None,
-                    });
-                }
-            });
-        }
-    }
-
-    /// A request made the host's fault queue: poll it from now on.
-    fn watch_kernel_faults(&self, s: &Session) {
-        let mut kf = self.kernel_faults.lock();
-        if kf.is_some() {
-            return;
-        }
-        let Some(file) = s.iommu.fault_queue_reader() else {
-            return;
-        };
-        let registered = match self.registrar.lock().as_ref() {
-            Some(reg) => reg(file.as_raw_fd(), KERNEL_FAULTS, true),
-            None => Err(io::Error::other("no connection")),
-        };
-        match registered {
-            Ok(()) => *kf = Some(file),
-            Err(e) => limited!(Level::Error, "cannot poll the fault queue: {e}"),
-        }
-    }
-
-    /// Carry out what the page-request bookkeeping decided: responses to
-    /// their sources, and records of completed groups out of the FIFO.
-    /// Called with the session lock held (so a `dma` that times out sees a
-    /// consistent picture), before the FIFO lock.
-    pub fn flush_pages(&self, s: &mut Session) {
-        // The kernel's responses go in one write per 64 (its write() takes
-        // many); a virtual one wakes its `dma` at once.
-        let mut kernel = [NO_RESPONSE; 64];
-        let mut n = 0;
-        while let Some(r) = s.iommu.pages.pop_response() {
-            match r.source {
-                SourceId::Virtual => self.virtual_faults.respond(r.cookie, r.code),
-                SourceId::Kernel => {
-                    kernel[n] = r;
-                    n += 1;
-                    if n == kernel.len() {
-                        s.iommu.respond_host_faults(&kernel);
-                        n = 0;
-                    }
-                }
-            }
-        }
-        if n > 0 {
-            s.iommu.respond_host_faults(&kernel[..n]);
-        }
-        if s.iommu.pages.has_purged() {
-            purge_completed(&mut s.iommu.pages, &mut self.events.fifo());
-        }
-    }
-
-    /// Read a fault FD dry and relay its records: one path for the kernel's
-    /// fault queue and the virtual endpoints'.
-    fn read_faults(&self, source: SourceId) {
-        let mut buf = [0u8; PGFAULT_LEN * FAULT_BATCH];
-        loop {
-            let n = match source {
-                SourceId::Virtual => match self.virtual_faults.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        limited!(Level::Warn, "virtual fault FD: {e}");
-                        return;
-                    }
-                },
-                SourceId::Kernel => match self.read_kernel_faults(&mut buf) {
-                    Some(n) => n,
-                    None => return,
-                },
-            };
-            if n == 0 {
-                return;
-            }
-            self.relay_faults(source, &buf[..n * PGFAULT_LEN]);
-            if n < FAULT_BATCH {
-                return;
-            }
-        }
-    }
-
-    /// One read of the kernel's fault FD into `buf`: how many records are
-    /// there, or None when there are none. A group too large for `buf` is
-    /// read into the reader's own buffer and relayed from there (FAULT_BATCH
-    /// is returned: read on). One that is too large for that too stops the
-    /// watch on the FD rather than spin: the kernel completes it when the
-    /// device detaches.
-    fn read_kernel_faults(&self, buf: &mut [u8]) -> Option<usize> {
-        let mut reader = self.fault_reader.lock();
-        let read = {
-            let mut kf = self.kernel_faults.lock();
-            reader.read(kf.as_mut()?, buf)
-        };
-        match read {
-            Ok(Batch::Small(n)) => Some(n),
-            Ok(Batch::Empty) => None,
-            Ok(Batch::Big(n)) => {
-                debug!("fault queue: a read of {n} records (a group larger than {FAULT_BATCH})");
-                self.relay_faults(SourceId::Kernel, reader.big(n));
-                Some(FAULT_BATCH)
-            }
-            Ok(Batch::Stuck) => {
-                limited!(
-                    Level::Error,
-                    "fault queue: a page-request group of more than {MAX_GROUP_RECORDS} records \
-                     cannot be read; no longer polling the fault queue (the kernel completes \
-                     the group when its device detaches)"
-                );
-                if let Some(f) = self.kernel_faults.lock().as_ref() {
-                    if let Some(reg) = self.registrar.lock().as_ref() {
-                        let _ = reg(f.as_raw_fd(), KERNEL_FAULTS, false);
-                    }
-                }
-                None
-            }
-            Err(e) => {
-                limited!(Level::Warn, "kernel fault FD: {e}");
-                None
-            }
-        }
-    }
-
-    /// Relay whole groups of records read from `source`.
-    fn relay_faults(&self, source: SourceId, bytes: &[u8]) {
-        let count = bytes.len() / PGFAULT_LEN;
-        let mut stack = [FaultRecord::default(); FAULT_BATCH];
-        // Only a group larger than a stack batch allocates (a cold path).
-        let mut heap = Vec::new();
-        let recs: &mut [FaultRecord] = if count <= FAULT_BATCH {
-            &mut stack[..count]
-        } else {
-            heap.resize(count, FaultRecord::default());
-            &mut heap
-        };
-        let mut kept = 0;
-        let mut s = self.session();
-        for chunk in bytes.chunks_exact(PGFAULT_LEN) {
-            let r = FaultRecord::parse(chunk.try_into().expect("40-byte chunk"));
-            if source == SourceId::Virtual && self.virtual_faults.take_cancelled(r.cookie) {
-                // Its `dma` timed out before we got here.
-                s.iommu.pages.note_cancelled();
-                continue;
-            }
-            recs[kept] = r;
-            kept += 1;
-        }
-        let acked = s.acked_features;
-        let now = Instant::now();
-        let mut fifo = self.events.fifo();
-        s.iommu
-            .accept_page_requests(source, &recs[..kept], acked, &mut fifo, now);
-        drop(fifo);
-        self.flush_pages(&mut s);
-        if let Some(t) = s.iommu.pages.timeout() {
-            if s.iommu.pages.outstanding() > 0 {
-                s.page_timer.group_raised(now, now + t);
-            }
-        }
-    }
-
-    /// The page-response timer fired: the device completes the groups the
-    /// driver has not answered in time.
-    fn expire_page_requests(&self) {
-        let mut s = self.session();
-        s.page_timer.fired();
-        let Some(timeout) = s.iommu.pages.timeout() else {
-            return;
-        };
-        let now = Instant::now();
-        let next = s.iommu.pages.expire(now);
-        self.flush_pages(&mut s);
-        s.page_timer.rearm(now, next, timeout);
-    }
-
-    /// The page-response timer's FD, for the eventq worker's epoll.
-    pub fn page_timer_fd(&self) -> RawFd {
-        self.session().page_timer.fd()
     }
 
     /// Requestq wakeups and requests served by polling, and the current
@@ -616,6 +321,13 @@ impl IommuBackend {
         self
     }
 
+    /// A virtual `dma` stopped waiting for page request `cookie`: true if
+    /// the device completed it now (FAILURE), false if it was not read yet
+    /// (dropped when it is) or was answered meanwhile.
+    pub fn virtual_timed_out(&self, cookie: u32) -> bool {
+        self.relay.virtual_timed_out(&self.session, cookie)
+    }
+
     pub fn session(&self) -> RankedGuard<'_, Session> {
         self.session.lock()
     }
@@ -627,22 +339,17 @@ impl IommuBackend {
         s.iommu.begin_session();
         s.acked_features = 0;
         s.mem = mem;
-        self.flush_pages(&mut s);
+        self.relay.flush(&mut *s);
     }
 
     /// The frontend went away: drop everything that guest made us hold.
     pub fn end_session(&self) {
         let mut s = self.session();
-        // Our copy of the fault queue FD first: the host destroys the queue.
-        drop(self.kernel_faults.lock().take());
-        // What the device raised after this guest's workers stopped is
-        // nobody's: dropped and counted now, not at the next guest.
-        if let Some(queue) = self.kernel_events.lock().take() {
-            self.drop_stale_events(&queue);
-        }
-        // The last reference to the connection's epoll handler; then the
-        // exit eventfds the library leaked (its workers are joined).
-        self.set_registrar(None);
+        // The relay's copies of the kernel's FDs first: the host destroys
+        // the queues. With the registrar goes the last reference to the
+        // connection's epoll handler; then the exit eventfds the library
+        // leaked (its workers are joined).
+        self.relay.close_sources();
         for fd in self.exit_consumers.lock().drain(..) {
             // SAFETY: the library gave this fd up with into_raw_fd() and
             // its epoll and workers are gone with the daemon: nothing else
@@ -653,12 +360,10 @@ impl IommuBackend {
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let old_ram = s.host_ram.take();
-        self.flush_pages(&mut s);
+        self.relay.flush(&mut *s);
         drop(s);
         drop(old_ram);
-        // Page requests still on their way: no driver, completed at once.
-        self.read_faults(SourceId::Virtual);
-        self.events.fifo().discard_all();
+        self.relay.drain_after_session(&self.session);
     }
 
     /// Serve every available request. Errors of the guest's ring (bad
@@ -832,9 +537,8 @@ impl IommuBackend {
             let _ = vr.enable_notification();
             limited!(Level::Warn, "requestq: {e}; not served until the next kick");
         }
-        self.flush_pages(&mut session);
-        self.watch_kernel_faults(&session);
-        self.watch_kernel_events(&session);
+        self.relay.flush(&mut *session);
+        self.relay.watch(&*session);
         drop(session);
         if let Err(e) = result {
             debug!("requestq ring unusable: {e}");
@@ -863,7 +567,7 @@ impl IommuBackend {
         let mut session = self.session();
         let s = &mut *session;
         let mem = s.mem.memory();
-        let mut fifo = self.events.fifo();
+        let mut fifo = self.relay.fifo();
         let mut buf = [0u8; MAX_RECORD_LEN];
         let mut g = Gathered::new();
         let size = vr.get_queue().size();
@@ -942,7 +646,7 @@ impl IommuBackend {
             limited!(Level::Warn, "eventq: {e}; records wait for the next kick");
         }
         drop(fifo);
-        self.flush_pages(s);
+        self.relay.flush(s);
         drop(session);
         if let Err(e) = result {
             debug!("eventq ring unusable: {e}");
@@ -1068,7 +772,7 @@ impl VhostUserBackend for IommuBackend {
         if s.acked_features & !acked & features::PAGE_REQUEST != 0 {
             // No driver can answer them any more.
             s.iommu.pages.withdraw_all();
-            self.flush_pages(&mut s);
+            self.relay.flush(&mut *s);
         }
         s.acked_features = acked;
     }
@@ -1087,9 +791,9 @@ impl VhostUserBackend for IommuBackend {
         let mut s = self.session();
         s.stats.device.device_resets += 1;
         s.iommu.reset();
-        self.flush_pages(&mut s);
+        self.relay.flush(&mut *s);
         drop(s);
-        self.events.fifo().discard_all();
+        self.relay.fifo().discard_all();
     }
 
     // The library applies EVENT_IDX to each vring; the queue loops only use
@@ -1221,23 +925,23 @@ impl VhostUserBackend for IommuBackend {
             (1, 0) => self.process_eventq(&vrings[0], true),
             (1, EVENTS_PENDING) => {
                 // Non-blocking: EAGAIN only means another wakeup drained it.
-                let _ = self.events.notify_fd().read();
+                let _ = self.relay.notify_fd().read();
                 self.process_eventq(&vrings[0], false)
             }
             (1, VIRTUAL_FAULTS) => {
-                self.read_faults(SourceId::Virtual);
+                self.relay.source_readable(&self.session, SourceId::Virtual);
                 self.process_eventq(&vrings[0], false)
             }
             (1, KERNEL_FAULTS) => {
-                self.read_faults(SourceId::Kernel);
+                self.relay.source_readable(&self.session, SourceId::Kernel);
                 self.process_eventq(&vrings[0], false)
             }
             (1, KERNEL_EVENTS) => {
-                self.relay_events();
+                self.relay.events_readable(&self.session);
                 self.process_eventq(&vrings[0], false)
             }
             (1, PAGE_TIMER) => {
-                self.expire_page_requests();
+                self.relay.timer_fired(&self.session);
                 self.process_eventq(&vrings[0], false)
             }
             (t, e) => {

@@ -5,7 +5,6 @@ pub mod chain;
 pub mod config;
 pub mod dispatch;
 pub mod error;
-pub(crate) mod lock_order;
 pub mod poll;
 pub mod request;
 pub mod state;

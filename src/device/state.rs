@@ -12,22 +12,14 @@ use crate::device::error::RequestError;
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::fault_queue::pages::{
-    FaultRecord, PageRequests, Refusal, Response, SourceId, CODE_FAILURE, CODE_INVALID, PERM_EXEC,
-    PERM_PRIV, PERM_READ, PERM_WRITE,
+    FaultRecord, PageRequests, Refusal, Response, SourceId, CODE_FAILURE, CODE_INVALID,
+    NO_RESPONSE, PERM_EXEC, PERM_PRIV, PERM_READ, PERM_WRITE,
 };
 use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
-
-/// Fills response batches (never sent).
-pub const NO_RESPONSE: Response = Response {
-    source: SourceId::Kernel,
-    cookie: 0,
-    code: 0,
-    by_driver: false,
-};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (virtio-iommu.md P11).

@@ -4,6 +4,7 @@
 //! deliver them (`source`).
 
 pub mod pages;
+pub mod relay;
 pub mod source;
 pub mod timer;
 pub mod vevents;

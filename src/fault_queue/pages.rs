@@ -104,6 +104,14 @@ pub struct Response {
     pub by_driver: bool,
 }
 
+/// Fills response batches (never sent).
+pub const NO_RESPONSE: Response = Response {
+    source: SourceId::Kernel,
+    cookie: 0,
+    code: 0,
+    by_driver: false,
+};
+
 /// (endpoint, PASID, group id as the guest sees it).
 pub type GroupKey = (u32, Option<u32>, u16);
 

@@ -32,6 +32,8 @@ pub enum Rank {
     EventFifo,
     /// vEVENTQ counters.
     VEvents,
+    /// The page-response timer.
+    PageTimer,
     /// The requestq's polling window.
     Poll,
 }
@@ -66,7 +68,7 @@ impl<T> Ranked<T> {
             let after = !(bit - 1);
             assert!(
                 held.get() & after == 0,
-                "lock order: taking {:?} while holding ranks {:#b} (see device::lock_order)",
+                "lock order: taking {:?} while holding ranks {:#b} (see lock_order)",
                 self.rank,
                 held.get()
             );

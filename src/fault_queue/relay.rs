@@ -1,0 +1,480 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The fault relay, one room: its sources (the kernel's fault queue, the
+//! vIOMMU's vEVENTQ, the virtual endpoints' pipe), whole-group reads, the
+//! bounded FIFO of event records, the page-response timer, and the
+//! responses written back to the sources. One entry point per event:
+//!
+//! | Event | Entry point |
+//! |---|---|
+//! | a fault FD is readable | `source_readable` |
+//! | the vEVENTQ is readable | `events_readable` |
+//! | the page-response timer fired | `timer_fired` |
+//! | a request pass ended (PAGE_RESP answered, tables attached) | `flush`, `watch` |
+//! | a virtual `dma` gave up | `virtual_timed_out` |
+//! | a session starts or ends | `session_started`, `session_ended` |
+//!
+//! The device glue moves records into eventq buffers (`fifo`) and owns
+//! the guest state this relay routes into (`FaultSink`), behind the
+//! session lock the relay takes through `Ranked` in the crate's one lock
+//! order (`crate::lock_order`).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
+
+use log::{debug, Level};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::pages::{FaultRecord, PageRequests, Response, SourceId, NO_RESPONSE, PGFAULT_LEN};
+use super::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
+use super::timer::PageTimer;
+use super::vevents::VEventCounters;
+use super::{purge_completed, EventFifo, EventRecord, REASON_UNKNOWN};
+use crate::lock_order::{Rank, Ranked, RankedGuard};
+use crate::log_limit::limited;
+
+/// Records read from a fault FD at once (a stack buffer: no allocation per
+/// fault).
+const FAULT_BATCH: usize = 64;
+
+/// The FDs the relay starts watching during a session (the glue maps each
+/// to its epoll data and back to an entry point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// The kernel's fault queue: `source_readable(Kernel)`.
+    KernelFaults,
+    /// The vIOMMU's vEVENTQ: `events_readable`.
+    KernelEvents,
+}
+
+/// Registers an FD with the eventq worker's epoll (`true`), or removes it
+/// (`false`).
+pub type Registrar = Box<dyn Fn(RawFd, Watched, bool) -> io::Result<()> + Send>;
+
+/// A handle for reading a vIOMMU's vEVENTQ.
+pub struct EventSource {
+    pub file: File,
+    /// The size of each event's data (after its header).
+    pub data_len: usize,
+    /// Where in the data the virtual ID (the vDEVICE's virt_id) is.
+    pub id_at: usize,
+}
+
+/// What the relay needs of the guest-facing state (held under the
+/// session lock while the relay uses it).
+pub trait FaultSink {
+    /// The outstanding page-request groups.
+    fn pages(&mut self) -> &mut PageRequests;
+    /// Route whole groups read from `source` to their endpoints and tables
+    /// and queue their records in `fifo`, or complete them at once.
+    fn accept(
+        &mut self,
+        source: SourceId,
+        recs: &[FaultRecord],
+        fifo: &mut EventFifo,
+        now: Instant,
+    );
+    /// Write responses to the kernel's fault queue.
+    fn respond_kernel(&mut self, rs: &[Response]);
+    /// Is `id` an endpoint of the device (a vEVENT's virtual ID)?
+    fn has_endpoint(&self, id: u32) -> bool;
+    /// The host's fault queue, once a table with PAGE_REQUESTS made it.
+    fn fault_queue_reader(&self) -> Option<File>;
+    /// The host's vEVENTQ, if it has one.
+    fn event_queue_reader(&self) -> Option<EventSource>;
+}
+
+pub struct FaultRelay {
+    /// Records waiting for eventq buffers, and the eventfd that wakes the
+    /// eventq worker when one is queued from another thread.
+    fifo: Ranked<EventFifo>,
+    notify: EventFd,
+    /// Page requests of virtual endpoints (the control socket's `dma`).
+    virtual_source: VirtualSource,
+    /// This connection's kernel fault queue (host endpoints), for reading.
+    kernel_faults: Ranked<Option<File>>,
+    /// Whole-group reads of the kernel's fault FD (the eventq worker's;
+    /// taken before the session and `kernel_faults`).
+    fault_reader: Ranked<GroupReader>,
+    /// The vIOMMU's vEVENTQ (host endpoints), for reading; and what came
+    /// through it.
+    kernel_events: Ranked<Option<EventSource>>,
+    vevents: Ranked<VEventCounters>,
+    /// Adds an FD to the eventq worker's epoll (set per connection).
+    registrar: Ranked<Option<Registrar>>,
+    /// Fires when outstanding page requests may have timed out.
+    timer: Ranked<PageTimer>,
+}
+
+impl FaultRelay {
+    pub fn new(max_events: usize) -> io::Result<Self> {
+        Ok(FaultRelay {
+            fifo: Ranked::new(Rank::EventFifo, EventFifo::new(max_events)),
+            notify: EventFd::new(EFD_NONBLOCK)?,
+            virtual_source: VirtualSource::new()?,
+            kernel_faults: Ranked::new(Rank::KernelFaults, None),
+            fault_reader: Ranked::new(Rank::FaultReader, GroupReader::default()),
+            kernel_events: Ranked::new(Rank::KernelEvents, None),
+            vevents: Ranked::new(Rank::VEvents, VEventCounters::default()),
+            registrar: Ranked::new(Rank::Registrar, None),
+            timer: Ranked::new(Rank::PageTimer, PageTimer::new()?),
+        })
+    }
+
+    /// Queue a record and wake the eventq worker. False if it was lost
+    /// (the bound was hit; counted and logged by the FIFO).
+    pub fn send(&self, rec: EventRecord) -> bool {
+        let queued = self.fifo.lock().push(rec);
+        if queued {
+            if let Err(e) = self.notify.write(1) {
+                limited!(Level::Warn, "cannot wake the eventq worker: {e}");
+            }
+        }
+        queued
+    }
+
+    /// The records waiting for eventq buffers (taken after the session).
+    pub fn fifo(&self) -> RankedGuard<'_, EventFifo> {
+        self.fifo.lock()
+    }
+
+    /// The eventfd that says records are pending.
+    pub fn notify_fd(&self) -> &EventFd {
+        &self.notify
+    }
+
+    /// The virtual endpoints' source (raise a page request, wait for it).
+    pub fn virtual_source(&self) -> &VirtualSource {
+        &self.virtual_source
+    }
+
+    /// The page-response timer's FD, for the eventq worker's epoll.
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.lock().fd()
+    }
+
+    /// What came through the vEVENTQ.
+    pub fn vevent_counters(&self) -> VEventCounters {
+        *self.vevents.lock()
+    }
+
+    /// How to add FDs to this connection's eventq worker (None: no
+    /// connection).
+    pub fn set_registrar(&self, r: Option<Registrar>) {
+        *self.registrar.lock() = r;
+    }
+
+    /// The guest is going away: our copies of the kernel's FDs go first
+    /// (the host destroys the queues when it disconnects), what the vEVENTQ
+    /// holds is dropped as stale, and the connection's epoll is forgotten.
+    /// Then the sink completes its groups and the glue calls `flush`.
+    pub fn close_sources(&self) {
+        drop(self.kernel_faults.lock().take());
+        // What the device raised after this guest's workers stopped is
+        // nobody's: dropped and counted now, not at the next guest.
+        if let Some(queue) = self.kernel_events.lock().take() {
+            self.drop_stale_events(&queue);
+        }
+        self.set_registrar(None);
+    }
+
+    /// After the guest's groups were completed and flushed, with the
+    /// session lock released: page requests
+    /// still on their way from virtual endpoints are completed at once (no
+    /// driver), and the guest's records are discarded.
+    pub fn drain_after_session<G: FaultSink>(&self, session: &Ranked<G>) {
+        self.source_readable(session, SourceId::Virtual);
+        self.fifo().discard_all();
+    }
+
+    /// Start polling the host's fault queue and vEVENTQ once a request made
+    /// them. Called with the session held: takes only locks ranked after it.
+    pub fn watch<G: FaultSink>(&self, g: &G) {
+        self.watch_kernel_faults(g);
+        self.watch_kernel_events(g);
+    }
+
+    fn watch_kernel_faults<G: FaultSink>(&self, g: &G) {
+        let mut kf = self.kernel_faults.lock();
+        if kf.is_some() {
+            return;
+        }
+        let Some(file) = g.fault_queue_reader() else {
+            return;
+        };
+        let registered = match self.registrar.lock().as_ref() {
+            Some(reg) => reg(file.as_raw_fd(), Watched::KernelFaults, true),
+            None => Err(io::Error::other("no connection")),
+        };
+        match registered {
+            Ok(()) => *kf = Some(file),
+            Err(e) => limited!(Level::Error, "cannot poll the fault queue: {e}"),
+        }
+    }
+
+    /// Poll the vIOMMU's vEVENTQ from now on, if there is one; what waited
+    /// in it from before this guest is dropped first, so the eventq worker
+    /// never relays it.
+    fn watch_kernel_events<G: FaultSink>(&self, g: &G) {
+        let mut ke = self.kernel_events.lock();
+        if ke.is_some() {
+            return;
+        }
+        let Some(queue) = g.event_queue_reader() else {
+            return;
+        };
+        self.drop_stale_events(&queue);
+        let registered = match self.registrar.lock().as_ref() {
+            Some(reg) => reg(queue.file.as_raw_fd(), Watched::KernelEvents, true),
+            None => return,
+        };
+        match registered {
+            // Level-triggered: events that came after the drain wake the
+            // worker at once.
+            Ok(()) => *ke = Some(queue),
+            Err(e) => limited!(Level::Error, "cannot poll the vEVENTQ: {e}"),
+        }
+    }
+
+    /// Read `queue` dry without relaying: its events belong to no guest
+    /// (raised before this connection's watch or after its workers
+    /// stopped). Counted in `vevents_stale`.
+    fn drop_stale_events(&self, queue: &EventSource) {
+        let mut buf = [0u8; 4096];
+        let mut stale = 0;
+        loop {
+            let n = match std::io::Read::read(&mut &queue.file, &mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    limited!(Level::Warn, "vEVENTQ read: {e}");
+                    0
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            stale += self.vevents.lock().drop_stale(&buf[..n], queue.data_len);
+        }
+        if stale > 0 {
+            limited!(
+                Level::Info,
+                "vEVENTQ: {stale} events from before this guest dropped"
+            );
+        }
+    }
+
+    /// The vEVENTQ is readable: read it dry; each event becomes a fault
+    /// record for the eventq (unrecoverable: reason UNKNOWN, the endpoint
+    /// its vDEVICE names).
+    pub fn events_readable<G: FaultSink>(&self, session: &Ranked<G>) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let (n, data_len, id_at) = {
+                let mut ke = self.kernel_events.lock();
+                let Some(q) = ke.as_mut() else {
+                    return;
+                };
+                let n = match std::io::Read::read(&mut q.file, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => {
+                        limited!(Level::Warn, "vEVENTQ read: {e}");
+                        0
+                    }
+                };
+                (n, q.data_len, q.id_at)
+            };
+            if n == 0 {
+                return;
+            }
+            let s = session.lock();
+            let mut fifo = self.fifo.lock();
+            let mut c = self.vevents.lock();
+            c.parse(&buf[..n], data_len, |data| {
+                let virt_id = data
+                    .get(id_at..id_at + 4)
+                    .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
+                if s.has_endpoint(virt_id) {
+                    fifo.push(EventRecord::Fault {
+                        reason: REASON_UNKNOWN,
+                        flags: 0,
+                        endpoint: virt_id,
+                        address: 0,
+                        pasid: None,
+                    });
+                }
+            });
+        }
+    }
+
+    /// Carry out what the page-request bookkeeping decided: responses to
+    /// their sources, and records of completed groups out of the FIFO.
+    /// Called with the session held (so a `dma` that times out sees a
+    /// consistent picture), before the FIFO lock.
+    pub fn flush<G: FaultSink>(&self, g: &mut G) {
+        // The kernel's responses go in one write per 64 (its write() takes
+        // many); a virtual one wakes its `dma` at once.
+        let mut kernel = [NO_RESPONSE; 64];
+        let mut n = 0;
+        while let Some(r) = g.pages().pop_response() {
+            match r.source {
+                SourceId::Virtual => self.virtual_source.respond(r.cookie, r.code),
+                SourceId::Kernel => {
+                    kernel[n] = r;
+                    n += 1;
+                    if n == kernel.len() {
+                        g.respond_kernel(&kernel);
+                        n = 0;
+                    }
+                }
+            }
+        }
+        if n > 0 {
+            g.respond_kernel(&kernel[..n]);
+        }
+        if g.pages().has_purged() {
+            purge_completed(g.pages(), &mut self.fifo.lock());
+        }
+    }
+
+    /// A fault FD is readable: read it dry and relay its records (one path
+    /// for the kernel's fault queue and the virtual endpoints').
+    pub fn source_readable<G: FaultSink>(&self, session: &Ranked<G>, source: SourceId) {
+        let mut buf = [0u8; PGFAULT_LEN * FAULT_BATCH];
+        loop {
+            let n = match source {
+                SourceId::Virtual => match self.virtual_source.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        limited!(Level::Warn, "virtual fault FD: {e}");
+                        return;
+                    }
+                },
+                SourceId::Kernel => match self.read_kernel_faults(session, &mut buf) {
+                    Some(n) => n,
+                    None => return,
+                },
+            };
+            if n == 0 {
+                return;
+            }
+            self.relay(session, source, &buf[..n * PGFAULT_LEN]);
+            if n < FAULT_BATCH {
+                return;
+            }
+        }
+    }
+
+    /// One read of the kernel's fault FD into `buf`: how many records are
+    /// there, or None when there are none. A group too large for `buf` is
+    /// read into the reader's own buffer and relayed from there (FAULT_BATCH
+    /// is returned: read on). One that is too large for that too stops the
+    /// watch on the FD rather than spin: the kernel completes it when the
+    /// device detaches.
+    fn read_kernel_faults<G: FaultSink>(
+        &self,
+        session: &Ranked<G>,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        let mut reader = self.fault_reader.lock();
+        let read = {
+            let mut kf = self.kernel_faults.lock();
+            reader.read(kf.as_mut()?, buf)
+        };
+        match read {
+            Ok(Batch::Small(n)) => Some(n),
+            Ok(Batch::Empty) => None,
+            Ok(Batch::Big(n)) => {
+                debug!("fault queue: a read of {n} records (a group larger than {FAULT_BATCH})");
+                self.relay(session, SourceId::Kernel, reader.big(n));
+                Some(FAULT_BATCH)
+            }
+            Ok(Batch::Stuck) => {
+                limited!(
+                    Level::Error,
+                    "fault queue: a page-request group of more than {MAX_GROUP_RECORDS} records \
+                     cannot be read; no longer polling the fault queue (the kernel completes \
+                     the group when its device detaches)"
+                );
+                if let Some(f) = self.kernel_faults.lock().as_ref() {
+                    if let Some(reg) = self.registrar.lock().as_ref() {
+                        let _ = reg(f.as_raw_fd(), Watched::KernelFaults, false);
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                limited!(Level::Warn, "Kernel fault FD: {e}");
+                None
+            }
+        }
+    }
+
+    /// Relay whole groups of records read from `source`.
+    fn relay<G: FaultSink>(&self, session: &Ranked<G>, source: SourceId, bytes: &[u8]) {
+        let count = bytes.len() / PGFAULT_LEN;
+        let mut stack = [FaultRecord::default(); FAULT_BATCH];
+        // Only a group larger than a stack batch allocates (a cold path).
+        let mut heap = Vec::new();
+        let recs: &mut [FaultRecord] = if count <= FAULT_BATCH {
+            &mut stack[..count]
+        } else {
+            heap.resize(count, FaultRecord::default());
+            &mut heap
+        };
+        let mut kept = 0;
+        let mut s = session.lock();
+        for chunk in bytes.chunks_exact(PGFAULT_LEN) {
+            let r = FaultRecord::parse(chunk.try_into().expect("40-byte chunk"));
+            if source == SourceId::Virtual && self.virtual_source.take_cancelled(r.cookie) {
+                // Its `dma` timed out before we got here.
+                s.pages().note_cancelled();
+                continue;
+            }
+            recs[kept] = r;
+            kept += 1;
+        }
+        let now = Instant::now();
+        let mut fifo = self.fifo.lock();
+        s.accept(source, &recs[..kept], &mut fifo, now);
+        drop(fifo);
+        self.flush(&mut *s);
+        if let Some(t) = s.pages().timeout() {
+            if s.pages().outstanding() > 0 {
+                self.timer.lock().group_raised(now, now + t);
+            }
+        }
+    }
+
+    /// The page-response timer fired: the device completes the groups the
+    /// driver has not answered in time.
+    pub fn timer_fired<G: FaultSink>(&self, session: &Ranked<G>) {
+        let mut s = session.lock();
+        let mut timer = self.timer.lock();
+        timer.fired();
+        let Some(timeout) = s.pages().timeout() else {
+            return;
+        };
+        let now = Instant::now();
+        let next = s.pages().expire(now);
+        drop(timer);
+        self.flush(&mut *s);
+        self.timer.lock().rearm(now, next, timeout);
+    }
+
+    /// A virtual `dma` stopped waiting for its page request. True: it was
+    /// outstanding and is completed now with FAILURE, exactly once. False:
+    /// not read from the pipe yet (dropped when it is), or answered just
+    /// now (the answer waits in the `dma`'s channel).
+    pub fn virtual_timed_out<G: FaultSink>(&self, session: &Ranked<G>, cookie: u32) -> bool {
+        let mut s = session.lock();
+        if s.pages().time_out(SourceId::Virtual, cookie) {
+            self.flush(&mut *s);
+            return true;
+        }
+        self.virtual_source.cancel(cookie);
+        false
+    }
+}
