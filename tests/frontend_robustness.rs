@@ -215,3 +215,62 @@ fn a_thousand_connection_cycles_keep_files_and_memory_flat() {
     assert_eq!(fds1, fds0, "no file descriptor leaked");
     assert!(rss1 <= rss0 + 2048, "RSS grew from {rss0} to {rss1} KiB");
 }
+
+/// A frontend that acknowledges CONFIGURE_MEM_SLOTS (never offered: the
+/// vhost crate records whatever is acknowledged) and adds memory regions
+/// one by one could make the backend map, and keep, any number of them.
+/// A memory table beyond the vhost-user limit without that feature (8
+/// regions) ends the connection, so its regions go with it; the next
+/// frontend is served and memory stays flat over many such frontends.
+#[test]
+fn a_frontend_adding_regions_without_end_loses_its_connection() {
+    use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+    use vhost::VhostUserMemoryRegionInfo;
+    const REGION: u64 = 1 << 20;
+    let mut b = backend(&[]);
+    let memfd = {
+        let name = std::ffi::CString::new("regions").unwrap();
+        // SAFETY: memfd_create with a valid name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by this File alone.
+        let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(REGION).unwrap();
+        f
+    };
+    let mut rss = Vec::new();
+    for round in 0..20 {
+        let mut f = Frontend::connect_default(&b.socket).unwrap();
+        let p = f.acked_protocol | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        f.vu.set_protocol_features(p).unwrap();
+        let mut added = 0;
+        for i in 0..64u64 {
+            let region = VhostUserMemoryRegionInfo {
+                guest_phys_addr: (1 << 40) + i * REGION,
+                memory_size: REGION,
+                userspace_addr: 0x7000_0000_0000 + i * REGION,
+                mmap_offset: 0,
+                mmap_handle: memfd.as_raw_fd(),
+            };
+            if f.vu.add_mem_region(&region).is_err() {
+                break;
+            }
+            added += 1;
+        }
+        assert!(
+            added < 64,
+            "round {round}: {added} regions added, the connection never ended"
+        );
+        drop(f);
+        assert!(alive(&mut b), "round {round}: the backend died");
+        if round == 2 || round == 19 {
+            std::thread::sleep(Duration::from_millis(100));
+            rss.push(proc_rss_kib(b.child.id()).unwrap());
+        }
+    }
+    // The next frontend is served.
+    let mut f = Frontend::connect_default(&b.socket).unwrap();
+    assert_eq!(f.request_status(&wire::attach(1, EP, 0, 0)).unwrap(), S_OK);
+    eprintln!("regions: rss {} KiB -> {} KiB", rss[0], rss[1]);
+    assert!(rss[1] <= rss[0] + 1024, "rss {rss:?}");
+}

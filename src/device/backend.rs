@@ -62,6 +62,11 @@ pub const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
 /// epoll data of the page-response timer (`--page-response-timeout-ms`).
 pub const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
 
+/// Memory regions a frontend may give us: SET_MEM_TABLE's limit (we never
+/// offer CONFIGURE_MEM_SLOTS, but the vhost crate takes ADD_MEM_REG from a
+/// frontend that acknowledges it anyway).
+const MAX_MEM_REGIONS: usize = 8;
+
 /// The eventq worker's epoll data for an FD the relay watches.
 pub fn epoll_data(what: Watched) -> u64 {
     match what {
@@ -872,6 +877,17 @@ impl VhostUserBackend for IommuBackend {
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         narrow_frontend_thread();
         debug!("guest memory table updated");
+        let regions = mem.memory().num_regions();
+        if regions > MAX_MEM_REGIONS {
+            // The library has mapped them already: ending the connection
+            // (an error here does) is what lets them go.
+            limited!(
+                Level::Warn,
+                "frontend: a memory table of {regions} regions (at most {MAX_MEM_REGIONS} \
+                 without CONFIGURE_MEM_SLOTS, which we never offer): connection ended"
+            );
+            return Err(io::Error::other("too many memory regions"));
+        }
         let table = mem.memory().into_inner();
         let regions = ram_regions(&mem);
         let mut s = self.session();
