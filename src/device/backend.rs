@@ -4,45 +4,42 @@
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
-use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, Level};
-use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, Permissions,
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFIG_SIZE};
-use crate::device::dispatch::{
-    complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
-};
-use crate::device::poll::PollWindow;
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, PageRequests, Response, SourceId};
 use crate::fault_queue::relay::{EventSource, FaultRelay, FaultSink, Watched};
-use crate::fault_queue::{EventFifo, EventRecord, MAX_RECORD_LEN};
+use crate::fault_queue::EventFifo;
 use crate::iommufd_bridge::{HostIommu, RamRegion};
 use crate::lock_order::{Rank, Ranked, RankedGuard};
 use crate::log_limit::limited;
-use crate::nested::Invalidate;
+
+mod eventq;
+mod requestq;
+mod ring;
+
+pub use requestq::PollCounters;
+use requestq::Polling;
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -143,61 +140,6 @@ pub struct IommuBackend {
     eventq_stopped: AtomicBool,
 }
 
-/// Why a ring is not served until the driver's next kick. virtio-queue's
-/// `pop_descriptor_chain` logs each of these at error level on every call
-/// (and a poller calls it in a loop), so the rings are checked first and
-/// popped with `iter`, which returns the error instead.
-#[derive(Debug, Error)]
-pub enum RingError {
-    #[error(
-        "avail index {avail} is more than the queue size ({size}) ahead of the device's {next}"
-    )]
-    AvailAhead { avail: u16, next: u16, size: u16 },
-    #[error("avail ring at {addr:#x} is not in guest memory")]
-    AvailUnreadable { addr: u64 },
-    #[error("{0}")]
-    Queue(virtio_queue::Error),
-}
-
-/// Check the avail ring of `q` before popping from it: readable, and its
-/// index (read here, from guest memory) at most a queue size ahead of
-/// where the device is (wrapping u16 arithmetic, as the spec counts).
-fn check_avail<M: vm_memory::GuestMemory + ?Sized>(q: &Queue, mem: &M) -> Result<(), RingError> {
-    let addr = q.avail_ring();
-    // flags, idx, ring[size]; virtio-queue refuses a ring at 0 as not ready.
-    let len = 4 + 2 * usize::from(q.size());
-    if addr == 0 || !mem.check_range(GuestAddress(addr), len, Permissions::Read) {
-        return Err(RingError::AvailUnreadable { addr });
-    }
-    let avail = q
-        .avail_idx(mem, AtomicOrdering::Acquire)
-        .map_err(RingError::Queue)?
-        .0;
-    let (next, size) = (q.next_avail(), q.size());
-    if avail.wrapping_sub(next) > size {
-        return Err(RingError::AvailAhead { avail, next, size });
-    }
-    Ok(())
-}
-
-/// `pop_descriptor_chain` without its error log: the error is returned
-/// (the driver moved its avail index since `check_avail`).
-fn pop_chain<'m, M>(q: &mut Queue, mem: &'m M) -> Result<Option<DescriptorChain<&'m M>>, RingError>
-where
-    M: vm_memory::GuestMemory,
-{
-    Ok(q.iter(mem).map_err(RingError::Queue)?.next())
-}
-
-/// What one pass over the requestq did.
-#[derive(Debug, Default, Clone, Copy)]
-struct Pass {
-    /// Chains served.
-    served: usize,
-    /// The ring is broken: no polling, nothing more until the next kick.
-    ring_stopped: bool,
-}
-
 thread_local! {
     static NAMED: Cell<bool> = const { Cell::new(false) };
 }
@@ -229,42 +171,6 @@ pub const FRONTEND_THREAD: &str = "viommu-vhost";
 fn narrow_frontend_thread() {
     if std::thread::current().name() == Some(FRONTEND_THREAD) {
         crate::sandbox::narrow_or_warn(crate::sandbox::Role::Frontend);
-    }
-}
-
-/// The requestq's polling window, when its last request was served, and
-/// what polling did (the control socket's `stats`).
-struct Polling {
-    window: PollWindow,
-    last_served: Option<Instant>,
-    counters: PollCounters,
-}
-
-/// Requestq wakeups (kicks the worker was woken for) and requests served by
-/// polling instead.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PollCounters {
-    pub wakeups: u64,
-    pub served_polling: u64,
-}
-
-impl Polling {
-    fn new(max: Duration) -> Self {
-        Self {
-            window: PollWindow::new(max),
-            last_served: None,
-            counters: PollCounters::default(),
-        }
-    }
-
-    /// A kick arrived at `now`: learn from the gap since the last request
-    /// was served, and say how long to poll after this pass.
-    fn kicked(&mut self, now: Instant) -> Duration {
-        self.counters.wakeups += 1;
-        if let Some(last) = self.last_served.take() {
-            self.window.observe(now.saturating_duration_since(last));
-        }
-        self.window.current()
     }
 }
 
@@ -369,382 +275,6 @@ impl IommuBackend {
         drop(s);
         drop(old_ram);
         self.relay.drain_after_session(&self.session);
-    }
-
-    /// Serve every available request. Errors of the guest's ring (bad
-    /// addresses, indices) are logged and end this pass; they never reach
-    /// the worker loop, which would stop serving the queue for good.
-    fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
-        let window = self.poll.lock().kicked(Instant::now());
-        let last = if window.is_zero() {
-            (self.serve_requestq(vring, false).served > 0).then(Instant::now)
-        } else {
-            // Kicks stay off from this first pass on: the poll follows.
-            let pass = self.serve_requestq(vring, true);
-            let first = (pass.served > 0).then(Instant::now);
-            if pass.ring_stopped {
-                // Not polled: left alone until the next kick.
-                first
-            } else {
-                self.poll_requestq(vring, window, first)
-            }
-        };
-        if last.is_some() {
-            self.poll.lock().last_served = last;
-        }
-        Ok(())
-    }
-
-    /// Busy-poll (--poll-us): a driver that sends its next request at once
-    /// (the next MAP, a PAGE_RESP after a page request) is served without a
-    /// wakeup, and is asked not to notify meanwhile (no kick, no exit).
-    /// Polls until `window` passes without a request after the last one
-    /// served (`last`; none: nothing to wait for), then turns kicks back
-    /// on. Returns when the last request was served.
-    fn poll_requestq(
-        &self,
-        vring: &VringRwLock,
-        window: Duration,
-        mut last: Option<Instant>,
-    ) -> Option<Instant> {
-        let mem = self.session().mem.memory();
-        let pending = |vring: &VringRwLock| {
-            let vr = vring.get_ref();
-            let q = vr.get_queue();
-            q.ready()
-                && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
-                    .is_ok_and(|a| a.0 != q.next_avail())
-        };
-        let mut polled = 0u64;
-        if let Some(mut since) = last {
-            suppress_kicks(vring, mem.deref());
-            while Instant::now() < since + window {
-                let pass = if pending(vring) {
-                    self.serve_requestq(vring, true)
-                } else {
-                    Pass::default()
-                };
-                let served = pass.served;
-                if pass.ring_stopped {
-                    // Kicks are back on (serve_requestq): wait for one.
-                    self.poll.lock().counters.served_polling += polled + served as u64;
-                    return if served > 0 {
-                        Some(Instant::now())
-                    } else {
-                        last
-                    };
-                }
-                if served > 0 {
-                    suppress_kicks(vring, mem.deref());
-                    polled += served as u64;
-                    since = Instant::now();
-                    last = Some(since);
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-        // Kicks on again (unless the ring was stopped meanwhile: the
-        // frontend owns it then); a request that came in between is served
-        // now.
-        let mut vr = vring.get_mut();
-        let q = vr.get_queue_mut();
-        if q.ready() && q.enable_notification(mem.deref()).unwrap_or(true) {
-            drop(vr);
-            let served = self.serve_requestq(vring, false).served;
-            if served > 0 {
-                polled += served as u64;
-                last = Some(Instant::now());
-            }
-        }
-        self.poll.lock().counters.served_polling += polled;
-        last
-    }
-
-    /// One pass over the requestq. `polling`: the caller looks again at
-    /// once, so kicks stay off (asking for one before returning would let a
-    /// fast driver kick meanwhile). A broken avail ring (`check_avail`) is
-    /// counted, logged (rate-limited) and left until the next kick, with
-    /// kicks back on.
-    fn serve_requestq(&self, vring: &VringRwLock, polling: bool) -> Pass {
-        let mut vr = vring.get_mut();
-        // Stopped (GET_VRING_BASE) while this worker polled: hands off.
-        if !vr.get_queue().ready() {
-            return Pass::default();
-        }
-        let mut served = 0usize;
-        let mut session = self.session();
-        let s = &mut *session;
-        let mem = s.mem.memory();
-        let mut g = Gathered::new();
-        let mut out = [0u8; MAX_REPLY];
-        let size = vr.get_queue().size();
-        // INVALIDATEs waiting for the end of their run (one host call).
-        let mut deferred: Deferred<_> = Vec::new();
-        let mut broken = None;
-        let result = (|| -> Result<(), virtio_queue::Error> {
-            loop {
-                vr.disable_notification()?;
-                if let Err(e) = check_avail(vr.get_queue(), mem.deref()) {
-                    broken = Some(e);
-                    return Ok(());
-                }
-                let mut popped = 0usize;
-                loop {
-                    let chain = match pop_chain(vr.get_queue_mut(), mem.deref()) {
-                        Ok(Some(chain)) => chain,
-                        Ok(None) => break,
-                        Err(e) => {
-                            broken = Some(e);
-                            break;
-                        }
-                    };
-                    popped += 1;
-                    if chain.head_index() >= size {
-                        // No used-ring entry can name it: the entry is lost.
-                        debug!(
-                            "requestq: head index {} beyond the queue",
-                            chain.head_index()
-                        );
-                        s.stats.count_unanswered(0);
-                        continue;
-                    }
-                    if let Err(e) = gather(&chain, &mut g) {
-                        debug!("unusable request chain: {e}");
-                        s.stats
-                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-                        vr.add_used(chain.head_index(), 0)?;
-                        continue;
-                    }
-                    let acked = s.acked_features;
-                    match deferrable_invalidate(&s.iommu, acked, g.bytes(), g.writable_len) {
-                        Some(inv) if deferred.first().is_none_or(|d| d.2.domain == inv.domain) => {
-                            deferred.push((chain, g.clone(), inv));
-                            continue;
-                        }
-                        _ => flush_invalidates(s, &mut deferred, &mut vr)?,
-                    }
-                    let used = serve_request(s, &chain, &g, &mut out);
-                    vr.add_used(chain.head_index(), used as u32)?;
-                }
-                flush_invalidates(s, &mut deferred, &mut vr)?;
-                served += popped;
-                // "More available" with nothing poppable would spin: stop
-                // until the next kick.
-                if broken.is_some() || polling || !vr.enable_notification()? || popped == 0 {
-                    return Ok(());
-                }
-            }
-        })();
-        if let Some(e) = &broken {
-            s.stats.device.requestq_bad_avail += 1;
-            // Kicks on, so that the driver's next one wakes us.
-            let _ = vr.enable_notification();
-            limited!(Level::Warn, "requestq: {e}; not served until the next kick");
-        }
-        self.relay.flush(&mut *session);
-        self.relay.watch(&*session);
-        drop(session);
-        if let Err(e) = result {
-            debug!("requestq ring unusable: {e}");
-        }
-        signal_if_needed(&mut vr);
-        Pass {
-            served,
-            ring_stopped: broken.is_some(),
-        }
-    }
-
-    /// Move queued records into the driver's eventq buffers, in order.
-    /// `kicked`: the driver kicked the eventq (it may have mended a ring
-    /// found broken before; until it does, new records do not look at it).
-    fn process_eventq(&self, vring: &VringRwLock, kicked: bool) -> io::Result<()> {
-        if kicked {
-            self.eventq_stopped.store(false, AtomicOrdering::Release);
-        } else if self.eventq_stopped.load(AtomicOrdering::Acquire) {
-            return Ok(());
-        }
-        let mut vr = vring.get_mut();
-        if !vr.is_enabled() || !vr.get_queue().ready() {
-            return Ok(());
-        }
-        // Session before FIFO, as everywhere.
-        let mut session = self.session();
-        let s = &mut *session;
-        let mem = s.mem.memory();
-        let mut fifo = self.relay.fifo();
-        let mut buf = [0u8; MAX_RECORD_LEN];
-        let mut g = Gathered::new();
-        let size = vr.get_queue().size();
-        let mut broken = None;
-        let result = (|| -> Result<(), virtio_queue::Error> {
-            let mut popped_since_enable = true;
-            while let Some(rec) = fifo.front().copied() {
-                let len = rec.encode(&mut buf);
-                let popped = check_avail(vr.get_queue(), mem.deref())
-                    .and_then(|()| pop_chain(vr.get_queue_mut(), mem.deref()));
-                let chain = match popped {
-                    Ok(c) => c,
-                    Err(e) => {
-                        broken = Some(e);
-                        return Ok(());
-                    }
-                };
-                let Some(chain) = chain else {
-                    // Out of buffers: ask to be kicked when the driver posts
-                    // more. Retry once if some arrived meanwhile; never spin
-                    // on a broken avail ring.
-                    if popped_since_enable && vr.enable_notification()? {
-                        popped_since_enable = false;
-                        continue;
-                    }
-                    return Ok(());
-                };
-                popped_since_enable = true;
-                if chain.head_index() >= size {
-                    debug!("eventq: head index {} beyond the queue", chain.head_index());
-                    continue;
-                }
-                let used = match gather(&chain, &mut g) {
-                    Ok(()) if g.writable_len >= len as u64 => {
-                        match scatter_gathered(&chain, &g, &buf[..len]) {
-                            Ok(n) => {
-                                fifo.delivered();
-                                if let EventRecord::PageRequest { last: true, .. } = rec {
-                                    let key = rec.group().expect("a page request");
-                                    s.iommu.pages.mark_delivered(&key);
-                                }
-                                n
-                            }
-                            Err(e) => {
-                                debug!("event buffer not written: {e}");
-                                0
-                            }
-                        }
-                    }
-                    Ok(()) => {
-                        debug!(
-                            "eventq buffer of {} bytes is too small for a {len}-byte record",
-                            g.writable_len
-                        );
-                        if let Some(key) = rec.group() {
-                            // A driver that takes page requests posts 48-byte
-                            // buffers; waiting would stall the device.
-                            s.iommu.pages.small_buffer(&key);
-                            fifo.remove_group(&key);
-                        }
-                        0
-                    }
-                    Err(e) => {
-                        debug!("unusable eventq buffer: {e}");
-                        0
-                    }
-                };
-                vr.add_used(chain.head_index(), used as u32)?;
-            }
-            Ok(())
-        })();
-        if let Some(e) = &broken {
-            s.stats.device.eventq_bad_avail += 1;
-            self.eventq_stopped.store(true, AtomicOrdering::Release);
-            let _ = vr.enable_notification();
-            limited!(Level::Warn, "eventq: {e}; records wait for the next kick");
-        }
-        drop(fifo);
-        self.relay.flush(s);
-        drop(session);
-        if let Err(e) = result {
-            debug!("eventq ring unusable: {e}");
-        }
-        signal_if_needed(&mut vr);
-        Ok(())
-    }
-}
-
-/// Deferred INVALIDATEs: their chain, what was gathered, the request.
-type Deferred<M> = Vec<(virtio_queue::DescriptorChain<M>, Gathered, Invalidate)>;
-
-/// Send the deferred INVALIDATEs to the host in one call and answer each.
-fn flush_invalidates<M>(
-    s: &mut Session,
-    deferred: &mut Deferred<M>,
-    vr: &mut VringState<GuestMemory>,
-) -> Result<(), virtio_queue::Error>
-where
-    M: Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
-{
-    if deferred.is_empty() {
-        return Ok(());
-    }
-    let reqs: Vec<Invalidate> = deferred.iter().map(|d| d.2).collect();
-    let mut statuses = Vec::with_capacity(reqs.len());
-    complete_invalidates(&mut s.iommu, &mut s.stats, &reqs, &mut statuses);
-    for ((chain, g, _), st) in deferred.drain(..).zip(statuses) {
-        let used = scatter_gathered(&chain, &g, &[st as u8, 0, 0, 0]).unwrap_or_else(|e| {
-            debug!("INVALIDATE reply not written: {e}");
-            0
-        });
-        vr.add_used(chain.head_index(), used as u32)?;
-    }
-    Ok(())
-}
-
-/// One gathered request chain: handle, scatter; returns the used length.
-fn serve_request<M>(
-    s: &mut Session,
-    chain: &virtio_queue::DescriptorChain<M>,
-    g: &Gathered,
-    out: &mut [u8; MAX_REPLY],
-) -> usize
-where
-    M: Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
-{
-    match handle(
-        &mut s.iommu,
-        &mut s.stats,
-        s.acked_features,
-        g.bytes(),
-        g.writable_len,
-        out,
-    ) {
-        Reply::None => 0,
-        Reply::Write { len } => scatter_gathered(chain, g, &out[..len]).unwrap_or_else(|e| {
-            debug!("request reply not written: {e}");
-            0
-        }),
-    }
-}
-
-/// While the device polls the requestq, ask the driver not to notify it:
-/// with EVENT_IDX, an avail_event one behind what was consumed (the driver
-/// kicks only when its avail index passes it); without, VRING_USED_F_NO_NOTIFY.
-fn suppress_kicks<M: vm_memory::GuestMemory>(vring: &VringRwLock, mem: &M) {
-    use vm_memory::{Bytes, GuestAddress};
-    let mut vr = vring.get_mut();
-    let q = vr.get_queue_mut();
-    if !q.ready() {
-        // Stopped: no more writes to the ring.
-        return;
-    }
-    if !q.event_idx_enabled() {
-        let _ = q.disable_notification(mem);
-        return;
-    }
-    // avail_event follows the used ring: flags, idx, ring[size].
-    let at = q.used_ring() + 4 + 8 * u64::from(q.size());
-    let behind = q.next_avail().wrapping_sub(1);
-    let _ = mem.store(behind.to_le(), GuestAddress(at), AtomicOrdering::Relaxed);
-}
-
-/// Interrupt the driver if the ring's suppression rules ask for it. A ring
-/// whose flags cannot be read gets the interrupt (the safe side).
-fn signal_if_needed(vr: &mut VringState<GuestMemory>) {
-    if vr.needs_notification().unwrap_or(true) {
-        if let Err(e) = vr.signal_used_queue() {
-            debug!("cannot signal the driver: {e}");
-        }
     }
 }
 
@@ -971,6 +501,7 @@ impl VhostUserBackend for IommuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost_user_backend::VringT;
 
     fn backend() -> IommuBackend {
         IommuBackend::new(

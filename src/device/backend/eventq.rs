@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The eventq worker's side of the device: queued records (fault records,
+//! page requests) are written into the driver's buffers in posting order.
+
+use std::io;
+use std::ops::Deref;
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use log::{debug, Level};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use super::ring::{check_avail, pop_chain, signal_if_needed};
+use super::IommuBackend;
+use crate::device::chain::{gather, scatter_gathered, Gathered};
+use crate::fault_queue::{EventRecord, MAX_RECORD_LEN};
+use crate::log_limit::limited;
+
+impl IommuBackend {
+    /// Move queued records into the driver's eventq buffers, in order.
+    /// `kicked`: the driver kicked the eventq (it may have mended a ring
+    /// found broken before; until it does, new records do not look at it).
+    pub(super) fn process_eventq(&self, vring: &VringRwLock, kicked: bool) -> io::Result<()> {
+        if kicked {
+            self.eventq_stopped.store(false, AtomicOrdering::Release);
+        } else if self.eventq_stopped.load(AtomicOrdering::Acquire) {
+            return Ok(());
+        }
+        let mut vr = vring.get_mut();
+        if !vr.is_enabled() || !vr.get_queue().ready() {
+            return Ok(());
+        }
+        // Session before FIFO, as everywhere.
+        let mut session = self.session();
+        let s = &mut *session;
+        let mem = s.mem.memory();
+        let mut fifo = self.relay.fifo();
+        let mut buf = [0u8; MAX_RECORD_LEN];
+        let mut g = Gathered::new();
+        let size = vr.get_queue().size();
+        let mut broken = None;
+        let result = (|| -> Result<(), virtio_queue::Error> {
+            let mut popped_since_enable = true;
+            while let Some(rec) = fifo.front().copied() {
+                let len = rec.encode(&mut buf);
+                let popped = check_avail(vr.get_queue(), mem.deref())
+                    .and_then(|()| pop_chain(vr.get_queue_mut(), mem.deref()));
+                let chain = match popped {
+                    Ok(c) => c,
+                    Err(e) => {
+                        broken = Some(e);
+                        return Ok(());
+                    }
+                };
+                let Some(chain) = chain else {
+                    // Out of buffers: ask to be kicked when the driver posts
+                    // more. Retry once if some arrived meanwhile; never spin
+                    // on a broken avail ring.
+                    if popped_since_enable && vr.enable_notification()? {
+                        popped_since_enable = false;
+                        continue;
+                    }
+                    return Ok(());
+                };
+                popped_since_enable = true;
+                if chain.head_index() >= size {
+                    debug!("eventq: head index {} beyond the queue", chain.head_index());
+                    continue;
+                }
+                let used = match gather(&chain, &mut g) {
+                    Ok(()) if g.writable_len >= len as u64 => {
+                        match scatter_gathered(&chain, &g, &buf[..len]) {
+                            Ok(n) => {
+                                fifo.delivered();
+                                if let EventRecord::PageRequest { last: true, .. } = rec {
+                                    let key = rec.group().expect("a page request");
+                                    s.iommu.pages.mark_delivered(&key);
+                                }
+                                n
+                            }
+                            Err(e) => {
+                                debug!("event buffer not written: {e}");
+                                0
+                            }
+                        }
+                    }
+                    Ok(()) => {
+                        debug!(
+                            "eventq buffer of {} bytes is too small for a {len}-byte record",
+                            g.writable_len
+                        );
+                        if let Some(key) = rec.group() {
+                            // A driver that takes page requests posts 48-byte
+                            // buffers; waiting would stall the device.
+                            s.iommu.pages.small_buffer(&key);
+                            fifo.remove_group(&key);
+                        }
+                        0
+                    }
+                    Err(e) => {
+                        debug!("unusable eventq buffer: {e}");
+                        0
+                    }
+                };
+                vr.add_used(chain.head_index(), used as u32)?;
+            }
+            Ok(())
+        })();
+        if let Some(e) = &broken {
+            s.stats.device.eventq_bad_avail += 1;
+            self.eventq_stopped.store(true, AtomicOrdering::Release);
+            let _ = vr.enable_notification();
+            limited!(Level::Warn, "eventq: {e}; records wait for the next kick");
+        }
+        drop(fifo);
+        self.relay.flush(s);
+        drop(session);
+        if let Err(e) = result {
+            debug!("eventq ring unusable: {e}");
+        }
+        signal_if_needed(&mut vr);
+        Ok(())
+    }
+}

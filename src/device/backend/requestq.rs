@@ -1,0 +1,312 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The requestq worker: each pass pops the available chains, serves them
+//! (decode, state change, reply: `dispatch`), batches consecutive
+//! INVALIDATEs of one domain into one host call, and with `--poll-us` keeps
+//! polling for the driver's next request.
+
+use std::io;
+use std::ops::Deref;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::{Duration, Instant};
+
+use log::{debug, Level};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use super::ring::{check_avail, pop_chain, signal_if_needed, suppress_kicks};
+use super::{GuestMemory, IommuBackend, Session};
+use crate::device::chain::{gather, scatter_gathered, Gathered};
+use crate::device::dispatch::{
+    complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
+};
+use crate::device::poll::PollWindow;
+use crate::log_limit::limited;
+use crate::nested::Invalidate;
+
+/// What one pass over the requestq did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pass {
+    /// Chains served.
+    served: usize,
+    /// The ring is broken: no polling, nothing more until the next kick.
+    ring_stopped: bool,
+}
+
+/// The requestq's polling window, when its last request was served, and
+/// what polling did (the control socket's `stats`).
+pub(super) struct Polling {
+    pub(super) window: PollWindow,
+    last_served: Option<Instant>,
+    pub(super) counters: PollCounters,
+}
+
+/// Requestq wakeups (kicks the worker was woken for) and requests served by
+/// polling instead.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PollCounters {
+    pub wakeups: u64,
+    pub served_polling: u64,
+}
+
+impl Polling {
+    pub(super) fn new(max: Duration) -> Self {
+        Self {
+            window: PollWindow::new(max),
+            last_served: None,
+            counters: PollCounters::default(),
+        }
+    }
+
+    /// A kick arrived at `now`: learn from the gap since the last request
+    /// was served, and say how long to poll after this pass.
+    fn kicked(&mut self, now: Instant) -> Duration {
+        self.counters.wakeups += 1;
+        if let Some(last) = self.last_served.take() {
+            self.window.observe(now.saturating_duration_since(last));
+        }
+        self.window.current()
+    }
+}
+
+impl IommuBackend {
+    /// Serve every available request. Errors of the guest's ring (bad
+    /// addresses, indices) are logged and end this pass; they never reach
+    /// the worker loop, which would stop serving the queue for good.
+    pub(super) fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
+        let window = self.poll.lock().kicked(Instant::now());
+        let last = if window.is_zero() {
+            (self.serve_requestq(vring, false).served > 0).then(Instant::now)
+        } else {
+            // Kicks stay off from this first pass on: the poll follows.
+            let pass = self.serve_requestq(vring, true);
+            let first = (pass.served > 0).then(Instant::now);
+            if pass.ring_stopped {
+                // Not polled: left alone until the next kick.
+                first
+            } else {
+                self.poll_requestq(vring, window, first)
+            }
+        };
+        if last.is_some() {
+            self.poll.lock().last_served = last;
+        }
+        Ok(())
+    }
+
+    /// Busy-poll (--poll-us): a driver that sends its next request at once
+    /// (the next MAP, a PAGE_RESP after a page request) is served without a
+    /// wakeup, and is asked not to notify meanwhile (no kick, no exit).
+    /// Polls until `window` passes without a request after the last one
+    /// served (`last`; none: nothing to wait for), then turns kicks back
+    /// on. Returns when the last request was served.
+    fn poll_requestq(
+        &self,
+        vring: &VringRwLock,
+        window: Duration,
+        mut last: Option<Instant>,
+    ) -> Option<Instant> {
+        let mem = self.session().mem.memory();
+        let pending = |vring: &VringRwLock| {
+            let vr = vring.get_ref();
+            let q = vr.get_queue();
+            q.ready()
+                && q.avail_idx(mem.deref(), AtomicOrdering::Acquire)
+                    .is_ok_and(|a| a.0 != q.next_avail())
+        };
+        let mut polled = 0u64;
+        if let Some(mut since) = last {
+            suppress_kicks(vring, mem.deref());
+            while Instant::now() < since + window {
+                let pass = if pending(vring) {
+                    self.serve_requestq(vring, true)
+                } else {
+                    Pass::default()
+                };
+                let served = pass.served;
+                if pass.ring_stopped {
+                    // Kicks are back on (serve_requestq): wait for one.
+                    self.poll.lock().counters.served_polling += polled + served as u64;
+                    return if served > 0 {
+                        Some(Instant::now())
+                    } else {
+                        last
+                    };
+                }
+                if served > 0 {
+                    suppress_kicks(vring, mem.deref());
+                    polled += served as u64;
+                    since = Instant::now();
+                    last = Some(since);
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        // Kicks on again (unless the ring was stopped meanwhile: the
+        // frontend owns it then); a request that came in between is served
+        // now.
+        let mut vr = vring.get_mut();
+        let q = vr.get_queue_mut();
+        if q.ready() && q.enable_notification(mem.deref()).unwrap_or(true) {
+            drop(vr);
+            let served = self.serve_requestq(vring, false).served;
+            if served > 0 {
+                polled += served as u64;
+                last = Some(Instant::now());
+            }
+        }
+        self.poll.lock().counters.served_polling += polled;
+        last
+    }
+
+    /// One pass over the requestq. `polling`: the caller looks again at
+    /// once, so kicks stay off (asking for one before returning would let a
+    /// fast driver kick meanwhile). A broken avail ring (`check_avail`) is
+    /// counted, logged (rate-limited) and left until the next kick, with
+    /// kicks back on.
+    fn serve_requestq(&self, vring: &VringRwLock, polling: bool) -> Pass {
+        let mut vr = vring.get_mut();
+        // Stopped (GET_VRING_BASE) while this worker polled: hands off.
+        if !vr.get_queue().ready() {
+            return Pass::default();
+        }
+        let mut served = 0usize;
+        let mut session = self.session();
+        let s = &mut *session;
+        let mem = s.mem.memory();
+        let mut g = Gathered::new();
+        let mut out = [0u8; MAX_REPLY];
+        let size = vr.get_queue().size();
+        // INVALIDATEs waiting for the end of their run (one host call).
+        let mut deferred: Deferred<_> = Vec::new();
+        let mut broken = None;
+        let result = (|| -> Result<(), virtio_queue::Error> {
+            loop {
+                vr.disable_notification()?;
+                if let Err(e) = check_avail(vr.get_queue(), mem.deref()) {
+                    broken = Some(e);
+                    return Ok(());
+                }
+                let mut popped = 0usize;
+                loop {
+                    let chain = match pop_chain(vr.get_queue_mut(), mem.deref()) {
+                        Ok(Some(chain)) => chain,
+                        Ok(None) => break,
+                        Err(e) => {
+                            broken = Some(e);
+                            break;
+                        }
+                    };
+                    popped += 1;
+                    if chain.head_index() >= size {
+                        // No used-ring entry can name it: the entry is lost.
+                        debug!(
+                            "requestq: head index {} beyond the queue",
+                            chain.head_index()
+                        );
+                        s.stats.count_unanswered(0);
+                        continue;
+                    }
+                    if let Err(e) = gather(&chain, &mut g) {
+                        debug!("unusable request chain: {e}");
+                        s.stats
+                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
+                        vr.add_used(chain.head_index(), 0)?;
+                        continue;
+                    }
+                    let acked = s.acked_features;
+                    match deferrable_invalidate(&s.iommu, acked, g.bytes(), g.writable_len) {
+                        Some(inv) if deferred.first().is_none_or(|d| d.2.domain == inv.domain) => {
+                            deferred.push((chain, g.clone(), inv));
+                            continue;
+                        }
+                        _ => flush_invalidates(s, &mut deferred, &mut vr)?,
+                    }
+                    let used = serve_request(s, &chain, &g, &mut out);
+                    vr.add_used(chain.head_index(), used as u32)?;
+                }
+                flush_invalidates(s, &mut deferred, &mut vr)?;
+                served += popped;
+                // "More available" with nothing poppable would spin: stop
+                // until the next kick.
+                if broken.is_some() || polling || !vr.enable_notification()? || popped == 0 {
+                    return Ok(());
+                }
+            }
+        })();
+        if let Some(e) = &broken {
+            s.stats.device.requestq_bad_avail += 1;
+            // Kicks on, so that the driver's next one wakes us.
+            let _ = vr.enable_notification();
+            limited!(Level::Warn, "requestq: {e}; not served until the next kick");
+        }
+        self.relay.flush(&mut *session);
+        self.relay.watch(&*session);
+        drop(session);
+        if let Err(e) = result {
+            debug!("requestq ring unusable: {e}");
+        }
+        signal_if_needed(&mut vr);
+        Pass {
+            served,
+            ring_stopped: broken.is_some(),
+        }
+    }
+}
+
+/// Deferred INVALIDATEs: their chain, what was gathered, the request.
+type Deferred<M> = Vec<(virtio_queue::DescriptorChain<M>, Gathered, Invalidate)>;
+
+/// Send the deferred INVALIDATEs to the host in one call and answer each.
+fn flush_invalidates<M>(
+    s: &mut Session,
+    deferred: &mut Deferred<M>,
+    vr: &mut VringState<GuestMemory>,
+) -> Result<(), virtio_queue::Error>
+where
+    M: Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let reqs: Vec<Invalidate> = deferred.iter().map(|d| d.2).collect();
+    let mut statuses = Vec::with_capacity(reqs.len());
+    complete_invalidates(&mut s.iommu, &mut s.stats, &reqs, &mut statuses);
+    for ((chain, g, _), st) in deferred.drain(..).zip(statuses) {
+        let used = scatter_gathered(&chain, &g, &[st as u8, 0, 0, 0]).unwrap_or_else(|e| {
+            debug!("INVALIDATE reply not written: {e}");
+            0
+        });
+        vr.add_used(chain.head_index(), used as u32)?;
+    }
+    Ok(())
+}
+
+/// One gathered request chain: handle, scatter; returns the used length.
+fn serve_request<M>(
+    s: &mut Session,
+    chain: &virtio_queue::DescriptorChain<M>,
+    g: &Gathered,
+    out: &mut [u8; MAX_REPLY],
+) -> usize
+where
+    M: Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    match handle(
+        &mut s.iommu,
+        &mut s.stats,
+        s.acked_features,
+        g.bytes(),
+        g.writable_len,
+        out,
+    ) {
+        Reply::None => 0,
+        Reply::Write { len } => scatter_gathered(chain, g, &out[..len]).unwrap_or_else(|e| {
+            debug!("request reply not written: {e}");
+            0
+        }),
+    }
+}

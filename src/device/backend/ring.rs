@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The split rings as the device reads them: the avail index checked
+//! before anything is popped, chains popped without the crate's error log,
+//! kicks suppressed while polling, and the driver interrupted when the
+//! ring's suppression rules ask for it.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use log::debug;
+use thiserror::Error;
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, Permissions};
+
+use super::GuestMemory;
+
+/// Why a ring is not served until the driver's next kick. virtio-queue's
+/// `pop_descriptor_chain` logs each of these at error level on every call
+/// (and a poller calls it in a loop), so the rings are checked first and
+/// popped with `iter`, which returns the error instead.
+#[derive(Debug, Error)]
+pub enum RingError {
+    #[error(
+        "avail index {avail} is more than the queue size ({size}) ahead of the device's {next}"
+    )]
+    AvailAhead { avail: u16, next: u16, size: u16 },
+    #[error("avail ring at {addr:#x} is not in guest memory")]
+    AvailUnreadable { addr: u64 },
+    #[error("{0}")]
+    Queue(virtio_queue::Error),
+}
+
+/// Check the avail ring of `q` before popping from it: readable, and its
+/// index (read here, from guest memory) at most a queue size ahead of
+/// where the device is (wrapping u16 arithmetic, as the spec counts).
+pub(super) fn check_avail<M: vm_memory::GuestMemory + ?Sized>(
+    q: &Queue,
+    mem: &M,
+) -> Result<(), RingError> {
+    let addr = q.avail_ring();
+    // flags, idx, ring[size]; virtio-queue refuses a ring at 0 as not ready.
+    let len = 4 + 2 * usize::from(q.size());
+    if addr == 0 || !mem.check_range(GuestAddress(addr), len, Permissions::Read) {
+        return Err(RingError::AvailUnreadable { addr });
+    }
+    let avail = q
+        .avail_idx(mem, AtomicOrdering::Acquire)
+        .map_err(RingError::Queue)?
+        .0;
+    let (next, size) = (q.next_avail(), q.size());
+    if avail.wrapping_sub(next) > size {
+        return Err(RingError::AvailAhead { avail, next, size });
+    }
+    Ok(())
+}
+
+/// `pop_descriptor_chain` without its error log: the error is returned
+/// (the driver moved its avail index since `check_avail`).
+pub(super) fn pop_chain<'m, M>(
+    q: &mut Queue,
+    mem: &'m M,
+) -> Result<Option<DescriptorChain<&'m M>>, RingError>
+where
+    M: vm_memory::GuestMemory,
+{
+    Ok(q.iter(mem).map_err(RingError::Queue)?.next())
+}
+
+/// While the device polls the requestq, ask the driver not to notify it:
+/// with EVENT_IDX, an avail_event one behind what was consumed (the driver
+/// kicks only when its avail index passes it); without, VRING_USED_F_NO_NOTIFY.
+pub(super) fn suppress_kicks<M: vm_memory::GuestMemory>(vring: &VringRwLock, mem: &M) {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut vr = vring.get_mut();
+    let q = vr.get_queue_mut();
+    if !q.ready() {
+        // Stopped: no more writes to the ring.
+        return;
+    }
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(mem);
+        return;
+    }
+    // avail_event follows the used ring: flags, idx, ring[size].
+    let at = q.used_ring() + 4 + 8 * u64::from(q.size());
+    let behind = q.next_avail().wrapping_sub(1);
+    let _ = mem.store(behind.to_le(), GuestAddress(at), AtomicOrdering::Relaxed);
+}
+
+/// Interrupt the driver if the ring's suppression rules ask for it. A ring
+/// whose flags cannot be read gets the interrupt (the safe side).
+pub(super) fn signal_if_needed(vr: &mut VringState<GuestMemory>) {
+    if vr.needs_notification().unwrap_or(true) {
+        if let Err(e) = vr.signal_used_queue() {
+            debug!("cannot signal the driver: {e}");
+        }
+    }
+}
