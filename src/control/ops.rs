@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The control socket's operations: `dma` (translate, fault, raise a page
+//! request and wait for it), `stats`, `host`; one JSON reply per line.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vm_memory::GuestAddressSpace;
+
+use super::{ClientCounters, CONTROL_ERRORS, DEFAULT_TIMEOUT, MAX_TIMEOUT_MS};
+use crate::device::backend::IommuBackend;
+use crate::device::config::features;
+use crate::fault_queue::pages::{CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
+use crate::iommufd_bridge::model::{translate_dma, ModelError};
+
+pub(super) fn error(kind: &str, detail: impl ToString) -> Value {
+    json!({"ok": false, "error": kind, "detail": detail.to_string()})
+}
+
+fn field_u64(req: &Value, name: &str) -> Result<u64, Value> {
+    req.get(name)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| error("bad-request", format!("missing or bad \"{name}\"")))
+}
+
+fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
+    let endpoint = u32::try_from(field_u64(req, "endpoint")?)
+        .map_err(|_| error("bad-request", "endpoint is not a 32-bit number"))?;
+    let iova = field_u64(req, "iova")?;
+    let len = field_u64(req, "len")?;
+    let write = match req.get("write") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(error("bad-request", "\"write\" must be a boolean")),
+    };
+    let pasid = match req.get("pasid") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|&p| p >> crate::nested::request::MAX_PASID_BITS == 0)
+                .ok_or_else(|| error("bad-request", "\"pasid\" must be a 20-bit number"))?
+                as u32,
+        ),
+    };
+    let timeout = match req.get("timeout_ms") {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT,
+        Some(v) => Duration::from_millis(
+            v.as_u64()
+                .filter(|&t| t <= MAX_TIMEOUT_MS)
+                .ok_or_else(|| error("bad-request", "\"timeout_ms\" must be 0..=600000"))?,
+        ),
+    };
+    let attempt = |page_requests: bool| {
+        let s = backend.session();
+        let mem = s.mem.memory();
+        let pr = page_requests && s.acked_features & features::PAGE_REQUEST != 0;
+        translate_dma(&s.iommu, &*mem, endpoint, pasid, iova, len, write, pr)
+    };
+    let mut result = attempt(true);
+    if let Err(ModelError::PageRequest {
+        iova: at, write, ..
+    }) = result
+    {
+        // Ask the driver (protocol.md 6), then walk once more.
+        page_request(backend, endpoint, pasid, at, write, timeout)?;
+        result = attempt(false);
+    }
+    match result {
+        Ok(pieces) => {
+            let ranges: Vec<Value> = pieces
+                .iter()
+                .map(|p| json!({"iova": p.iova, "gpa": p.gpa, "len": p.len}))
+                .collect();
+            Ok(json!({"ok": true, "ranges": ranges}))
+        }
+        Err(e) => {
+            if let Some(rec) = e.record() {
+                backend.relay.send(rec);
+            }
+            let kind = match e {
+                ModelError::NoEndpoint(_) => "no-endpoint",
+                ModelError::Blocked { .. } => "blocked",
+                ModelError::Fault { .. } | ModelError::OutsideRam { .. } => "fault",
+                ModelError::BadRequest(_) => "bad-request",
+                ModelError::PageRequest { .. } => "fault",
+            };
+            Err(error(kind, e))
+        }
+    }
+}
+
+/// Raise one page request for a virtual endpoint's access at `iova` and
+/// wait for the driver's answer. Ok: SUCCESS.
+fn page_request(
+    backend: &IommuBackend,
+    endpoint: u32,
+    pasid: Option<u32>,
+    iova: u64,
+    write: bool,
+    timeout: Duration,
+) -> Result<(), Value> {
+    let perm = if write { PERM_WRITE } else { PERM_READ };
+    let (cookie, rx) = backend
+        .relay
+        .virtual_source()
+        .raise(endpoint, pasid, iova & !0xfff, perm)
+        .map_err(|e| error("page-request-failed", format!("cannot raise it: {e}")))?;
+    let code = match rx.recv_timeout(timeout) {
+        Ok(code) => code,
+        Err(_) => {
+            if backend.virtual_timed_out(cookie) {
+                // Outstanding: completed here with FAILURE, exactly once.
+                return Err(error(
+                    "timeout",
+                    format!("no PAGE_RESP within {} ms", timeout.as_millis()),
+                ));
+            }
+            // Not read yet (dropped when it is), or answered just now.
+            match rx.try_recv() {
+                Ok(code) => code,
+                Err(_) => {
+                    return Err(error(
+                        "timeout",
+                        format!("no PAGE_RESP within {} ms", timeout.as_millis()),
+                    ))
+                }
+            }
+        }
+    };
+    match code {
+        CODE_SUCCESS => Ok(()),
+        c => Err(error(
+            "page-request-failed",
+            format!(
+                "the page request was answered {}",
+                if c == CODE_INVALID {
+                    "INVALID"
+                } else {
+                    "FAILURE"
+                }
+            ),
+        )),
+    }
+}
+
+pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
+    let (requests, d, p, outstanding) = {
+        let s = backend.session();
+        (
+            s.stats.to_json(),
+            s.stats.device,
+            s.iommu.pages.counters,
+            s.iommu.pages.outstanding(),
+        )
+    };
+    let (poll, window) = backend.poll_stats();
+    let vev = backend.relay.vevent_counters();
+    let fifo = backend.relay.fifo();
+    let c = fifo.counters;
+    json!({
+        "ok": true,
+        "requests": requests,
+        "faults_sent": c.delivered,
+        "records_queued": fifo.len(),
+        "records_lost": c.lost,
+        "records_discarded": c.discarded,
+        "page_requests_outstanding": outstanding,
+        "page_requests_raised": p.raised,
+        "page_requests_completed_by_driver": p.completed_by_driver,
+        "page_requests_completed_by_device": p.completed_by_device,
+        "page_requests_completed_by_kernel": p.completed_by_kernel,
+        "page_requests_refused_full": p.refused_full,
+        "page_requests_refused_unnegotiated": p.refused_unnegotiated,
+        "page_requests_refused_no_handler": p.refused_no_handler,
+        "page_requests_small_buffer": p.small_buffer,
+        "page_requests_timed_out": p.timed_out,
+        "page_requests_withdrawn": p.withdrawn,
+        "page_responses_failed": p.responses_failed,
+        "vevents_received": vev.received,
+        "vevents_lost": vev.lost,
+        "vevents_stale": vev.stale,
+        "requestq_wakeups": poll.wakeups,
+        "requestq_served_by_polling": poll.served_polling,
+        "poll_window_us": window.as_micros() as u64,
+        "control_clients_refused": clients.refused.load(Ordering::Relaxed),
+        "control_clients_busy": clients.busy.load(Ordering::Relaxed),
+        "control_clients_timed_out": clients.timed_out.load(Ordering::Relaxed),
+        "bypass_writes": d.bypass_writes,
+        "bypass_writes_refused": d.bypass_refused,
+        "config_writes_ignored": d.config_writes_ignored,
+        "config_reads_refused": d.config_reads_refused,
+        "requestq_bad_avail_index": d.requestq_bad_avail,
+        "eventq_bad_avail_index": d.eventq_bad_avail,
+        "device_resets": d.device_resets,
+        "frontend_connections": d.frontend_connections,
+        "control_errors": CONTROL_ERRORS.load(Ordering::Relaxed),
+    })
+}
+
+/// One request line in, one reply object out.
+pub(super) fn handle_line(backend: &IommuBackend, clients: &ClientCounters, line: &str) -> Value {
+    let req: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return error("bad-request", format!("not JSON: {e}")),
+    };
+    match req.get("op").and_then(Value::as_str) {
+        Some("dma") => dma(backend, &req).unwrap_or_else(|e| e),
+        Some("stats") => stats(backend, clients),
+        Some("host") => serde_json::json!({
+            "ok": true,
+            "host": backend.session().iommu.host().describe(),
+        }),
+        Some(op) => error("bad-request", format!("unknown op {op:?}")),
+        None => error("bad-request", "missing \"op\""),
+    }
+}
