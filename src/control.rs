@@ -1,4 +1,4 @@
-//! The control socket (protocol.md section 6): JSON lines that make a
+//! The control socket (spec-notes/protocol.md 8): JSON lines that make a
 //! virtual endpoint issue DMA through the software IOMMU, and report stats.
 
 use std::ffi::CString;
@@ -25,7 +25,7 @@ use crate::iommufd_bridge::model::{translate_dma, ModelError};
 use crate::log_limit::limited;
 use crate::sandbox::{self, Role};
 
-/// How long a `dma` waits for PAGE_RESP unless it says (protocol.md 6).
+/// How long a `dma` waits for PAGE_RESP unless it says (spec-notes/protocol.md 8).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
 const MAX_TIMEOUT_MS: u64 = 600_000;
 
@@ -157,7 +157,7 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         iova: at, write, ..
     }) = result
     {
-        // Ask the driver (protocol.md 6), then walk once more.
+        // Ask the driver (spec-notes/protocol.md 8), then walk once more.
         page_request(backend, endpoint, pasid, at, write, timeout)?;
         result = attempt(false);
     }
