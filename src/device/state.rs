@@ -336,7 +336,7 @@ impl IommuState {
                 .flatten();
             self.host.attach(req.endpoint, target, &mut existing)?;
         }
-        // An attached endpoint moves: detach first (spec 1.5, CH 3fa02b34c).
+        // An attached endpoint moves: detach first (ratified ATTACH; cloud-hypervisor 3fa02b34c).
         if let Some(old) = ep.domain {
             self.pages.attachment_gone(req.endpoint, None, old);
             self.release(req.endpoint, old);
