@@ -1,4 +1,4 @@
-//! The control socket (protocol.md section 6): JSON lines that make a
+//! The control socket (spec-notes/protocol.md 8): JSON lines that make a
 //! virtual endpoint issue DMA through the software IOMMU, and report stats.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
@@ -22,7 +22,7 @@ use access::turn_away;
 pub use access::{bind, ControlSocket};
 use ops::{error, handle_line};
 
-/// How long a `dma` waits for PAGE_RESP unless it says (protocol.md 6).
+/// How long a `dma` waits for PAGE_RESP unless it says (spec-notes/protocol.md 8).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
 const MAX_TIMEOUT_MS: u64 = 600_000;
 

@@ -1,4 +1,4 @@
-//! Page-request soak (protocol.md 3.1): at least 100 000 page requests
+//! Page-request soak (spec-notes/protocol.md 6.8): at least 100 000 page requests
 //! (VIOMMU_SOAK_PAGE_REQUESTS to change it) from virtual endpoints, with
 //! random driver delays and answers, `dma` timeouts, detaches and frontend
 //! reconnects. Every request is counted and every completion too; none may

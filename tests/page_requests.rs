@@ -1,4 +1,4 @@
-//! Socket tier, page requests on virtual endpoints (protocol.md 2.3, 3, 6):
+//! Socket tier, page requests on virtual endpoints (spec-notes/protocol.md 6.4, 6.7, 6.8, 8):
 //! a `dma` that misses in a table attached with PAGE_REQUESTS raises a page
 //! request on the eventq and waits for the driver's PAGE_RESP. Every way a
 //! group can end is exercised here, and the counters prove each group ended

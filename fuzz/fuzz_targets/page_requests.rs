@@ -1,4 +1,4 @@
-//! Page requests and PAGE_RESP, exactly once (protocol.md 3.1): arbitrary
+//! Page requests and PAGE_RESP, exactly once (spec-notes/protocol.md 6.8): arbitrary
 //! sequences of table attaches and detaches, records from both sources
 //! (groups of several records, PASIDs, unknown devices), deliveries, small
 //! buffers, driver answers (right, wrong, repeated), timeouts and resets,

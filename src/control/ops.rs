@@ -62,7 +62,7 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         iova: at, write, ..
     }) = result
     {
-        // Ask the driver (protocol.md 6), then walk once more.
+        // Ask the driver (spec-notes/protocol.md 8), then walk once more.
         page_request(backend, endpoint, pasid, at, write, timeout)?;
         result = attempt(false);
     }

@@ -11,7 +11,7 @@ pub mod features {
     /// Legacy F_BYPASS (bit 3) is never offered.
     pub const DEVICE_FEATURES: u64 =
         INPUT_RANGE | DOMAIN_RANGE | MAP_UNMAP | PROBE | MMIO | BYPASS_CONFIG;
-    /// Extension F_ATTACH_TABLE (protocol.md 1). Inside the device it is
+    /// Extension F_ATTACH_TABLE (spec-notes/protocol.md 3.2). Inside the device it is
     /// always this bit; on the wire it is `DeviceConfig::attach_table_bit`.
     pub const ATTACH_TABLE: u64 = 1 << 7;
     /// Default wire bit of F_ATTACH_TABLE.

@@ -18,7 +18,7 @@ use crate::nested::{Invalidate, TableCaps};
 
 pub const PROBE_T_RESV_MEM: u16 = 1;
 const RESV_MEM_LEN: usize = 24;
-/// Extension PROBE properties (spec-notes/nested.md), only with F_ATTACH_TABLE.
+/// Extension PROBE properties (spec-notes/protocol.md 6.6), only with F_ATTACH_TABLE.
 pub const PROBE_T_TABLE: u16 = 0x100;
 pub const PROBE_T_HW_INFO: u16 = 0x101;
 pub const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
@@ -300,7 +300,7 @@ fn put_prop(out: &mut [u8], off: &mut usize, ty: u16, value: &[u8]) -> bool {
     true
 }
 
-/// The extension properties of one endpoint (layouts in spec-notes/nested.md).
+/// The extension properties of one endpoint (layouts in spec-notes/protocol.md 6.6).
 fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
     let mut off = 0;
     let mut v = Vec::with_capacity(4 + caps.formats.len());

@@ -104,9 +104,9 @@ pub fn request_type(readable: &[u8]) -> Option<u8> {
     readable.first().copied()
 }
 
-/// Decode the readable part. `readable` holds the first bytes of the
-/// readable part (at most MAX_READABLE); `readable_total` is its full length,
-/// which may be longer (extra readable bytes are ignored).
+/// Decode the readable part. `readable` holds its first bytes (at most
+/// MAX_READABLE; readable bytes beyond a type's size are ignored);
+/// `acked_features` (internal bits) decides which types are known.
 pub fn decode(readable: &[u8], acked_features: u64) -> Decoded {
     let Some(ty) = request_type(readable) else {
         return Decoded::Unknown(0);

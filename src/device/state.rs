@@ -22,7 +22,7 @@ use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
-/// mappable (virtio-iommu.md P11).
+/// mappable (spec-notes/protocol.md 6.6).
 pub const MSI_START: u64 = 0xfee0_0000;
 pub const MSI_END: u64 = 0xfeef_ffff;
 
@@ -112,7 +112,7 @@ pub struct IommuState {
     /// Keeps the host in step: called after a request is validated and
     /// before it is committed, so a host refusal changes nothing.
     host: Box<dyn HostIommu>,
-    /// Outstanding page-request groups (protocol.md 3.1).
+    /// Outstanding page-request groups (spec-notes/protocol.md 6.8).
     pub pages: PageRequests,
 }
 
@@ -328,7 +328,7 @@ impl IommuState {
                 .flatten();
             self.host.attach(req.endpoint, target, &mut existing)?;
         }
-        // An attached endpoint moves: detach first (spec 1.5, CH 3fa02b34c).
+        // An attached endpoint moves: detach first (ratified ATTACH; cloud-hypervisor 3fa02b34c).
         if let Some(old) = ep.domain {
             self.pages.attachment_gone(req.endpoint, None, old);
             self.release(req.endpoint, old);
@@ -581,7 +581,7 @@ impl IommuState {
 
     /// Page-request records read from a source: each group (records up to
     /// one with LAST_PAGE, one cookie) is queued for the eventq as 48-byte
-    /// records, or completed at once (protocol.md 3.1) when the driver did
+    /// records, or completed at once (spec-notes/protocol.md 6.8) when the driver did
     /// not negotiate F_PAGE_REQUEST, nothing handles it, or the bounds are
     /// hit. Virtual records name their endpoint in `dev_id`.
     pub fn accept_page_requests(

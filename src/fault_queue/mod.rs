@@ -31,7 +31,7 @@ pub const FLAG_GROUP_ID: u32 = 1 << 10;
 
 /// Size of a ratified fault record.
 pub const FAULT_RECORD_LEN: usize = 24;
-/// Size of a page-request record (protocol.md 3).
+/// Size of a page-request record (spec-notes/protocol.md 6.7).
 pub const PAGE_REQUEST_LEN: usize = 48;
 /// Size of the largest record (extension page requests).
 pub const MAX_RECORD_LEN: usize = 48;

@@ -1,7 +1,7 @@
 //! Page requests: the records sources deliver (the kernel's fault FD and the
 //! virtual endpoints' FD share one format, struct iommu_hwpt_pgfault), and
 //! the outstanding groups that must each be completed exactly once
-//! (protocol.md 3.1).
+//! (spec-notes/protocol.md 6.8).
 //!
 //! Pure bookkeeping: completions are queued as `Response`s in an outbox and
 //! the glue writes them to their source; groups whose records must leave the
@@ -25,7 +25,7 @@ pub const PERM_WRITE: u32 = 1 << 1;
 pub const PERM_EXEC: u32 = 1 << 2;
 pub const PERM_PRIV: u32 = 1 << 3;
 
-/// PAGE_RESP codes (protocol.md 2.3).
+/// PAGE_RESP codes (spec-notes/protocol.md 6.4).
 pub const CODE_SUCCESS: u16 = 0;
 pub const CODE_INVALID: u16 = 1;
 pub const CODE_FAILURE: u16 = 2;

@@ -1,5 +1,5 @@
 //! Guest-owned page tables: the ATTACH_TABLE and INVALIDATE extension
-//! (protocol.md 2.1, 2.2) decoded into typed values, and the software walker
+//! (spec-notes/protocol.md 6.2, 6.3) decoded into typed values, and the walker
 //! that serves virtual endpoints attached to a guest table.
 
 pub mod request;

@@ -82,7 +82,7 @@ pub enum NestedError {
     BadSte(u64, u64),
 }
 
-/// One PAGE_RESP request (protocol.md 2.3).
+/// One PAGE_RESP request (spec-notes/protocol.md 6.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageResp {
     pub endpoint: u32,

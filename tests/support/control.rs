@@ -1,4 +1,4 @@
-//! Client of the backend's control socket (JSON lines, protocol.md section 6).
+//! Client of the backend's control socket (JSON lines, spec-notes/protocol.md 8).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -1,5 +1,5 @@
 //! virtio-iommu wire formats: request builders, reply/property/config/event
-//! parsers (all little-endian; layouts from protocol.md and virtio-iommu.md).
+//! parsers (all little-endian; layouts from spec-notes/protocol.md and virtio 5.13).
 
 use std::time::{Duration, Instant};
 
