@@ -521,6 +521,16 @@ fn probe_describes_what_attach_table_can_do() {
         props.iter().all(|p| p.ty() != 0x101),
         "no HW_INFO on a virtual endpoint"
     );
+    // TABLE_INTEL_VTD: the walker's widths and leaf sizes.
+    let vtd = props
+        .iter()
+        .find(|p| p.ty() == 0x102)
+        .expect("TABLE_INTEL_VTD property");
+    assert_eq!(&vtd.value[..4], &[57, 52, 0, 0]);
+    assert_eq!(
+        u64::from_le_bytes(vtd.value[4..12].try_into().unwrap()),
+        (1 << 12) | (1 << 21) | (1 << 30)
+    );
     f.disconnect();
     let mut g = connect_with(
         &b,

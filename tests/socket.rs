@@ -356,10 +356,12 @@ fn probe_reports_msi_window_and_sizes() {
     assert_eq!(resv.len(), 1);
     assert_eq!(resv[0].subtype, wire::RESV_MEM_T_MSI);
     assert_eq!((resv[0].start, resv[0].end), (0xfee0_0000, 0xfeef_ffff));
-    // With F_ATTACH_TABLE: the table property (16 bytes) follows.
+    // With F_ATTACH_TABLE: the table property (16 bytes) follows, then
+    // TABLE_INTEL_VTD (16 bytes).
     assert_eq!(u16::from_le_bytes([p.raw[24], p.raw[25]]), 0x100);
+    assert_eq!(u16::from_le_bytes([p.raw[40], p.raw[41]]), 0x102);
     assert!(
-        p.raw[40..].iter().all(|&x| x == 0),
+        p.raw[56..].iter().all(|&x| x == 0),
         "zero-filled after the properties"
     );
     assert_eq!(f.probe(77).unwrap().status, S_NOENT);

@@ -21,6 +21,7 @@ const RESV_MEM_LEN: usize = 24;
 /// Extension PROBE properties (spec-notes/protocol.md 6.6), only with F_ATTACH_TABLE.
 pub const PROBE_T_TABLE: u16 = 0x100;
 pub const PROBE_T_HW_INFO: u16 = 0x101;
+pub const PROBE_T_TABLE_INTEL_VTD: u16 = 0x102;
 pub const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
 
 /// Largest reply: PROBE properties plus the tail.
@@ -314,6 +315,15 @@ fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
     if !put_prop(out, &mut off, PROBE_T_TABLE, &v) {
         return;
     }
+    if let Some(l) = caps.vtd_limits() {
+        let mut v = [0u8; 12];
+        v[0] = l.ias;
+        v[1] = l.oas;
+        v[4..12].copy_from_slice(&l.pgsize_bitmap.to_le_bytes());
+        if !put_prop(out, &mut off, PROBE_T_TABLE_INTEL_VTD, &v) {
+            return;
+        }
+    }
     if let Some(hw) = &caps.hw_info {
         let mut v = Vec::with_capacity(20 + hw.data.len());
         v.extend_from_slice(&hw.info_type.to_le_bytes());
@@ -384,7 +394,67 @@ mod tests {
         assert_eq!(u16::from_le_bytes([p[2], p[3]]), 12, "16 bytes in all");
         // 20 PASID bits, page requests, one format: INTEL_VTD.
         assert_eq!(&p[4..9], &[20, 1, 1, 0, 2]);
-        assert!(out[40..512].iter().all(|&b| b == 0), "no HW_INFO: virtual");
+        // Then TABLE_INTEL_VTD (the next test), and no HW_INFO: virtual.
+        assert_eq!(
+            u16::from_le_bytes([out[40], out[41]]),
+            PROBE_T_TABLE_INTEL_VTD
+        );
+        assert!(out[56..512].iter().all(|&b| b == 0), "no HW_INFO: virtual");
+    }
+
+    #[test]
+    fn probe_has_intel_vtd_limits_after_table_property() {
+        let (mut s, mut st, mut out) = setup();
+        let acked = ACKED | features::ATTACH_TABLE;
+        handle(&mut s, &mut st, acked, &probe_req(1), 516, &mut out);
+        // RESV_MEM (24 bytes), TABLE (16), then TABLE_INTEL_VTD (16).
+        let p = &out[40..];
+        assert_eq!(u16::from_le_bytes([p[0], p[1]]), PROBE_T_TABLE_INTEL_VTD);
+        assert_eq!(u16::from_le_bytes([p[2], p[3]]), 12, "16 bytes in all");
+        // The walker: 4- and 5-level tables, 52-bit frames, 4 KiB, 2 MiB, 1 GiB leaves.
+        assert_eq!(&p[4..8], &[57, 52, 0, 0]);
+        assert_eq!(
+            u64::from_le_bytes(p[8..16].try_into().unwrap()),
+            (1 << 12) | (1 << 21) | (1 << 30)
+        );
+        assert!(out[56..512].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn intel_vtd_limits_of_a_vtd_host_follow_its_cap_reg() {
+        // cap_reg: MGAW 48 (bits 21:16 = 47), no FL1GP (56), no FL5LP (60).
+        let vtd = |cap: u64| TableCaps {
+            formats: vec![crate::nested::request::FORMAT_INTEL_VTD],
+            pasid_bits: 0,
+            page_requests: false,
+            hw_info: Some(crate::nested::HwInfo {
+                info_type: crate::iommufd_bridge::sys::HW_INFO_INTEL_VTD,
+                capabilities: 0,
+                max_pasid_log2: 0,
+                // struct iommu_hw_info_vtd: flags, reserved, cap_reg, ecap_reg
+                data: [[0u8; 8], cap.to_le_bytes(), [0u8; 8]].concat(),
+            }),
+        };
+        let mut out = [0u8; 128];
+        write_table_props(&vtd(47 << 16), &mut out);
+        let p = &out[16..];
+        assert_eq!(u16::from_le_bytes([p[0], p[1]]), PROBE_T_TABLE_INTEL_VTD);
+        assert_eq!(&p[4..8], &[48, 48, 0, 0]);
+        assert_eq!(u64::from_le_bytes(p[8..16].try_into().unwrap()), 0x20_1000);
+        assert_eq!(u16::from_le_bytes([out[32], out[33]]), PROBE_T_HW_INFO);
+        let mut out = [0u8; 128];
+        write_table_props(&vtd((56 << 16) | (1 << 56) | (1 << 60)), &mut out);
+        assert_eq!(&out[20..24], &[57, 52, 0, 0]);
+        assert_eq!(
+            u64::from_le_bytes(out[24..32].try_into().unwrap()),
+            0x4020_1000
+        );
+        // A format list without INTEL_VTD: no such property.
+        let mut out = [0u8; 128];
+        let mut caps = vtd(47 << 16);
+        caps.formats = vec![0xf0];
+        write_table_props(&caps, &mut out);
+        assert_eq!(u16::from_le_bytes([out[16], out[17]]), PROBE_T_HW_INFO);
     }
 
     #[test]

@@ -3,6 +3,11 @@
 # backend, a 7.x test kernel whose virtio-iommu driver must bind the device, and a pci-testdev
 # endpoint behind it (VIOT from our own `viot` subcommand) that must join an IOMMU group.
 #
+# The 7.x kernel carries the virtio-iommu page-table series of contrib/linux: two more boots
+# (table1, table2) run it in page-table mode against a backend of their own (checks named
+# table-mode:*); the other boots of our device turn it off (virtio_iommu.table_mode=0), QEMU's
+# device does not offer it.
+#
 # Usage: bash tests/vm/guest-tier.sh        (as root; works from any directory)
 # Prints `guest-tier: N passed, M failed` on stdout; exit status non-zero if anything failed.
 # Progress, each PASS/FAIL and the interesting console lines go to stderr.
@@ -29,12 +34,15 @@ if [ -n "${VIOMMU_GT_WORK:-}" ]; then
 else
     W="$(mktemp -d "${TMPDIR:-/tmp}/viommu-guest-tier.XXXXXX")"
 fi
-backend_pid=""
+backend_pid="" table_pid=""
 cleanup() {
-    if [ -n "$backend_pid" ] && kill -0 "$backend_pid" 2>/dev/null; then
-        kill "$backend_pid" 2>/dev/null || true
-        wait "$backend_pid" 2>/dev/null || true
-    fi
+    local p
+    for p in "$backend_pid" "$table_pid"; do
+        if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+            kill "$p" 2>/dev/null || true
+            wait "$p" 2>/dev/null || true
+        fi
+    done
 }
 trap cleanup EXIT
 t_start="$(date +%s.%N)"
@@ -44,6 +52,8 @@ elapsed() { printf '%.1f' "$(echo "$(date +%s.%N) - $t_start" | bc)"; }
 qemu="$("${VM_DIR}/fetch-qemu.sh")"
 vm_log "qemu wrapper: $qemu ($(elapsed) s)"
 src="$("${VM_DIR}/fetch-kernel-source.sh" "${VIOMMU_VM_GUEST_KERNEL:-7.x}")"
+# 7.x: patched with the page-table series of contrib/linux (the kernel tier boots the same one).
+src="$("${VM_DIR}/x86-kernel-source.sh" "$src")"
 kernel="$("${VM_DIR}/build-kernel.sh" "$src")"
 vm_log "kernel: $kernel ($(elapsed) s)"
 (cd "$repo" && cargo build --release --quiet) >&2 || vm_die "cargo build --release failed"
@@ -87,7 +97,7 @@ else
     exit 1
 fi
 
-ctl() { # ctl JSON: one request on the control socket, prints the answer line
+ctl() { # ctl JSON: one request on the control socket ($CTL, default ctl.sock), prints the answer line
     python3 -c 'import socket,sys
 s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])
 s.sendall(sys.argv[2].encode()+b"\n"); b=b""
@@ -95,7 +105,7 @@ while not b.endswith(b"\n"):
     c=s.recv(65536)
     if not c: break
     b+=c
-print(b.decode().strip())' "$W/ctl.sock" "$1"
+print(b.decode().strip())' "${CTL:-$W/ctl.sock}" "$1"
 }
 
 # 3. Boot the guest: our device (twice, against the same backend: it must serve a second boot),
@@ -104,28 +114,39 @@ print(b.decode().strip())' "$W/ctl.sock" "$1"
 ours_args=(-object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem
     -device vhost-user-test-device-pci,chardev=c,virtio-id=23,num_vqs=2,config_size=40,addr=03.0
     -device pci-testdev,addr=04.0 -device pci-testdev,addr=05.0 -acpitable "file=$W/viot.bin")
+# The kernel carries the page-table series (contrib/linux): the other boots of our device turn it
+# off (virtio_iommu.table_mode=0), so they check the ratified MAP/UNMAP path; QEMU's device does not
+# offer the extension, so its boots keep the default and check that the series is inert there. The
+# table* boots' checks are named table-mode:NAME:check.
 boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count as NAME:check
-    local name="$1" mode="$2" grc=0 t_boot
+    local name="$1" mode="$2" grc=0 t_boot label="$1" tm=(virtio_iommu.table_mode=0)
     shift 2
+    case "$mode" in
+        table*) label="table-mode:${name}" tm=() ;;
+        qemu | none) tm=() ;;
+    esac
     vm_log "booting ${name} (mode ${mode}) with QEMU 11 ($(elapsed) s)"
     t_boot="$(date +%s.%N)"
     # virtio-iommu does not isolate MSIs: VFIO type1 needs to be told this test VM accepts that.
     VIOMMU_VM_QEMU="$qemu" "${VM_DIR}/run-guest.sh" "$kernel" "$W/initramfs.cpio.gz" "$W/console-${name}.log" \
-        "$tmo" "viommu.mode=${mode}" vfio_iommu_type1.allow_unsafe_interrupts=1 -- "$@" || grc=$?
+        "$tmo" "viommu.mode=${mode}" vfio_iommu_type1.allow_unsafe_interrupts=1 "${tm[@]}" -- "$@" || grc=$?
     vm_log "${name}: guest finished in $(printf '%.1f' "$(echo "$(date +%s.%N) - $t_boot" | bc)") s wall (status $grc)"
     while read -r word check rest; do
         case "$word" in
-            PASS) pass "${name}:$check" ;;
-            FAIL) fail "${name}:$check" "$rest" ;;
+            PASS) pass "${label}:$check" ;;
+            FAIL) fail "${label}:$check" "$rest" ;;
         esac
     done < <(tr -d '\r' <"$W/console-${name}.log" | grep -aE '^(PASS|FAIL) ' || true)
     tr -d '\r' <"$W/console-${name}.log" | grep -aE '^(guest-tier|dma-bench):' | sed "s/^/[vm]   ${name}: /" >&2 || true
-    if [ "$grc" -eq 0 ]; then pass "${name}:guest-exit-0"; else fail "${name}:guest-exit-0" "status $grc, console $W/console-${name}.log"; fi
+    if [ "$grc" -eq 0 ]; then pass "${label}:guest-exit-0"; else fail "${label}:guest-exit-0" "status $grc, console $W/console-${name}.log"; fi
 }
 # While the first guest's VFIO program holds its mappings, the control socket must translate each
 # IOVA of endpoint 0x28 (00:05.0) to the guest-physical page it printed; after it unmapped, fault.
+# vfio_watch NAME [EP...]: the boot NAME's console; more endpoints (decimal) that must translate
+# the same way (a table shared with 0x28), checked as shared-table-epN-IOVA / shared-unmapped-.
 vfio_watch() {
-    local log="$W/console-ours.log" out="$W/vfio-host.txt" i
+    local log="$W/console-$1.log" out="$W/vfio-host-$1.txt" i e
+    shift
     : >"$out"
     for i in $(seq 600); do
         grep -aq 'vfio-map: ready' "$log" 2>/dev/null && break
@@ -140,6 +161,14 @@ vfio_watch() {
         else
             echo "FAIL vfio-translation-$iova $r (guest says gpa $gpa)" >>"$out"
         fi
+        for e in "$@"; do
+            r="$(ctl "{\"op\":\"dma\",\"endpoint\":$e,\"iova\":$((iova)),\"len\":4096,\"write\":true}")"
+            if python3 -c 'import json,sys; r=json.loads(sys.argv[1]); g=int(sys.argv[2],16); sys.exit(0 if r.get("ok") and r["ranges"]==[{"iova":int(sys.argv[3],16),"gpa":g,"len":4096}] else 1)' "$r" "$gpa" "$iova"; then
+                echo "PASS shared-table-ep$e-$iova" >>"$out"
+            else
+                echo "FAIL shared-table-ep$e-$iova $r (guest says gpa $gpa)" >>"$out"
+            fi
+        done
     done <"$W/vfio-maps.txt"
     for i in $(seq 600); do
         grep -aq 'vfio-map: unmapped' "$log" 2>/dev/null && break
@@ -151,23 +180,70 @@ vfio_watch() {
             *'"error":"fault"'*) echo "PASS vfio-unmapped-$iova" >>"$out" ;;
             *) echo "FAIL vfio-unmapped-$iova $r" >>"$out" ;;
         esac
+        for e in "$@"; do
+            r="$(ctl "{\"op\":\"dma\",\"endpoint\":$e,\"iova\":$((iova)),\"len\":4096,\"write\":true}")"
+            case "$r" in
+                *'"error":"fault"'*) echo "PASS shared-unmapped-ep$e-$iova" >>"$out" ;;
+                *) echo "FAIL shared-unmapped-ep$e-$iova $r" >>"$out" ;;
+            esac
+        done
     done <"$W/vfio-maps.txt"
 }
-vfio_watch &
+# host_checks NAME PREFIX MIN: count vfio_watch's lines of boot NAME as PREFIX:check, at least MIN.
+host_checks() {
+    local nv=0 word check rest
+    while read -r word check rest; do
+        nv=$((nv + 1))
+        case "$word" in
+            PASS) pass "$2:$check" ;;
+            FAIL) fail "$2:$check" "$rest" ;;
+        esac
+    done <"$W/vfio-host-$1.txt"
+    [ "$nv" -ge "$3" ] || fail "$2:vfio-translations" "$nv of $3 checks ran (see $W/console-$1.log)"
+}
+vfio_watch ours &
 watch_pid=$!
 boot ours ours -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"
 wait "$watch_pid" 2>/dev/null || true
-nv=0
-while read -r word check rest; do
-    nv=$((nv + 1))
-    case "$word" in
-        PASS) pass "host:$check" ;;
-        FAIL) fail "host:$check" "$rest" ;;
-    esac
-done <"$W/vfio-host.txt"
-[ "$nv" -ge 6 ] || fail host:vfio-translations "$nv of 6 checks ran (see $W/console-ours.log)"
+host_checks ours host 6
 if kill -0 "$backend_pid" 2>/dev/null; then pass backend-survived-first-guest; else fail backend-survived-first-guest; fi
 boot ours2 ours2 -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"
+
+# Page-table mode (contrib/linux), on a backend of its own so that its counters are the driver's
+# in that mode alone: two boots; in the first the VFIO program's mappings, on a table shared by
+# both endpoints (0x28 and 0x20), must reach the guest's pages through each and fault after the
+# unmap (and its INVALIDATE); then the counters must show ATTACH_TABLE and INVALIDATE, no MAP.
+rm -f "$W/table.sock" "$W/ctl-table.sock"
+RUST_LOG="${RUST_LOG:-debug}" "$bin" --socket-path "$W/table.sock" --endpoint 0x20 --endpoint 0x28 \
+    --control-socket "$W/ctl-table.sock" >"$W/backend-table.log" 2>&1 &
+table_pid=$!
+for _ in $(seq 100); do [ -S "$W/table.sock" ] && [ -S "$W/ctl-table.sock" ] && break; sleep 0.1; done
+CTL="$W/ctl-table.sock" vfio_watch table1 32 &
+watch_pid=$!
+boot table1 table1 -chardev "socket,id=c,path=$W/table.sock" "${ours_args[@]}"
+wait "$watch_pid" 2>/dev/null || true
+host_checks table1 table-mode 12
+boot table2 table2 -chardev "socket,id=c,path=$W/table.sock" "${ours_args[@]}"
+if kill -0 "$table_pid" 2>/dev/null; then pass table-mode:backend-survived; else fail table-mode:backend-survived; fi
+CTL="$W/ctl-table.sock" ctl '{"op":"stats"}' >"$W/stats-table.json" 2>&1 || true
+if python3 - "$W/stats-table.json" >&2 <<'PY'; then
+import json, sys
+r = json.load(open(sys.argv[1])).get("requests", {})
+def n(ty, ok=None):
+    v = r.get(ty, {})
+    return sum(c for s, c in v.items() if ok is None or (s == "ok") == ok)
+a, i, m, u = n("attach_table", True), n("invalidate", True), n("map"), n("unmap")
+bad = n("attach_table", False) + n("invalidate", False)
+print(f"[vm] table-mode stats: attach_table ok={a} invalidate ok={i} not ok={bad} map={m} unmap={u}")
+sys.exit(0 if a > 0 and i > 0 and bad == 0 and m == 0 and u == 0 else 1)
+PY
+    pass table-mode:stats-attach-table-invalidate-no-map
+else
+    fail table-mode:stats-attach-table-invalidate-no-map "see $W/stats-table.json"
+fi
+kill "$table_pid" 2>/dev/null || true
+wait "$table_pid" 2>/dev/null || true
+table_pid=""
 # The same device with --poll-us on a second backend, and QEMU's built-in device: booted in turn
 # (VIOMMU_GT_ROUNDS times each), so that the machine's drift between boots, which is as large as
 # the difference measured, affects both alike; the figures are the medians.
@@ -202,7 +278,7 @@ def median(prefix, t=1, g=1):
     if not runs:
         return None
     return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), len(runs))
-o, q, p = res.get(("ours2", 1, 1)), median("qemu"), median("poll")
+o, q, p, t = res.get(("ours2", 1, 1)), median("qemu"), median("poll"), res.get(("table2", 1, 1))
 if not o or not q:
     print("dma-map-bench: missing figures", file=sys.stderr)
     sys.exit(1)
@@ -210,6 +286,8 @@ ratio = (o[0] + o[1]) / (q[0] + q[1])
 line = f"dma-map-bench ours_map_us={o[0]:.1f} ours_unmap_us={o[1]:.1f} qemu_map_us={q[0]:.1f} qemu_unmap_us={q[1]:.1f} ratio={ratio:.2f}"
 if p:
     line += f" poll_map_us={p[0]:.1f} poll_unmap_us={p[1]:.1f} poll_ratio={(p[0] + p[1]) / (q[0] + q[1]):.2f} boots={p[2]}"
+if t:
+    line += f" table_map_us={t[0]:.1f} table_unmap_us={t[1]:.1f} table_ratio={(t[0] + t[1]) / (q[0] + q[1]):.2f}"
 print(line)
 open(f"{w}/dma-map-bench.txt", "w").write(line + "\n")
 PY

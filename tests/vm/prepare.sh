@@ -50,8 +50,10 @@ for spec in ${VIOMMU_VM_KERNELS:-7.x 6.12} ${VIOMMU_VM_GUEST_KERNEL:-7.x} ${VIOM
 done
 
 # Then the builds, in the order the tiers need them.
+# x86: a 7.x tree is built patched with contrib/linux (x86-kernel-source.sh), as the tiers do.
+x86_kernel() { "${VM_DIR}/build-kernel.sh" "$("${VM_DIR}/x86-kernel-source.sh" "$1")"; }
 for spec in ${VIOMMU_VM_KERNELS:-7.x 6.12}; do
-    [ -n "${src[$spec]}" ] && step "x86 kernel ${spec}" "${VM_DIR}/build-kernel.sh" "${src[$spec]}" >/dev/null
+    [ -n "${src[$spec]}" ] && step "x86 kernel ${spec}" x86_kernel "${src[$spec]}" >/dev/null
 done
 arm="${src[${VIOMMU_ARM64_KERNEL:-7.x}]}"
 if [ -n "$arm" ] && psrc="$(step "patched arm64 source" "${VM_DIR}/patch-kernel-source.sh" "$arm" \

@@ -1,10 +1,12 @@
-// Guest helper of tests/vm/guest-tier.sh: a user-space driver of a VFIO device behind our
-// virtio-iommu. It maps three pages of its own memory at chosen IOVAs through VFIO type1 (each a
-// MAP request to our device), prints `vfio-map: iova=0x.. gpa=0x..` per page (the guest-physical
+// Guest helper of tests/vm/guest-tier.sh: a user-space driver of VFIO devices behind our
+// virtio-iommu. It puts the groups of the devices named (BDF, or BDF,BDF: one container, so
+// type1 attaches the second group to the first one's domain) in one container, maps three pages
+// of its own memory at chosen IOVAs through VFIO type1 (each a MAP request to our device, or in
+// page-table mode an edit of the domain's table), prints `vfio-map: iova=0x.. gpa=0x..` per page (the guest-physical
 // address from /proc/self/pagemap) and `vfio-map: ready`, waits while the host's control socket
 // checks each translation, unmaps, prints `vfio-map: unmapped`, and waits again for the host to
 // see the faults. Static build: gcc -static -O2 -o vfio-map vfio-map.c
-// Usage: vfio-map BDF SECONDS
+// Usage: vfio-map BDF[,BDF] SECONDS
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/vfio.h>
@@ -27,30 +29,35 @@ static int die(const char *what) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: vfio-map BDF SECONDS\n");
+        fprintf(stderr, "usage: vfio-map BDF[,BDF] SECONDS\n");
         return 2;
     }
     unsigned wait_s = (unsigned)atoi(argv[2]);
-    char path[512], link[256];
-    snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", argv[1]);
-    ssize_t n = readlink(path, link, sizeof(link) - 1);
-    if (n < 0) return die("iommu_group");
-    link[n] = 0;
-    const char *g = strrchr(link, '/');
-    snprintf(path, sizeof(path), "/dev/vfio/%s", g ? g + 1 : link);
-
     int container = open("/dev/vfio/vfio", O_RDWR);
     if (container < 0) return die("open /dev/vfio/vfio");
-    int group = open(path, O_RDWR);
-    if (group < 0) return die(path);
-    struct vfio_group_status st = {.argsz = sizeof(st)};
-    if (ioctl(group, VFIO_GROUP_GET_STATUS, &st) < 0) return die("VFIO_GROUP_GET_STATUS");
-    if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) {
-        fprintf(stderr, "vfio-map: group not viable\n");
-        return 1;
+    int ngroups = 0;
+    for (char *bdf = strtok(argv[1], ","); bdf; bdf = strtok(NULL, ",")) {
+        char path[512], link[256];
+        snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", bdf);
+        ssize_t n = readlink(path, link, sizeof(link) - 1);
+        if (n < 0) return die("iommu_group");
+        link[n] = 0;
+        const char *g = strrchr(link, '/');
+        snprintf(path, sizeof(path), "/dev/vfio/%s", g ? g + 1 : link);
+        int group = open(path, O_RDWR);
+        if (group < 0) return die(path);
+        struct vfio_group_status st = {.argsz = sizeof(st)};
+        if (ioctl(group, VFIO_GROUP_GET_STATUS, &st) < 0) return die("VFIO_GROUP_GET_STATUS");
+        if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) {
+            fprintf(stderr, "vfio-map: group of %s not viable\n", bdf);
+            return 1;
+        }
+        if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container) < 0) return die("VFIO_GROUP_SET_CONTAINER");
+        // The IOMMU is chosen once, with the first group; later groups join its domain.
+        if (ngroups++ == 0 && ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0)
+            return die("VFIO_SET_IOMMU");
+        printf("vfio-map: group %s of %s in the container\n", g ? g + 1 : link, bdf);
     }
-    if (ioctl(group, VFIO_GROUP_SET_CONTAINER, &container) < 0) return die("VFIO_GROUP_SET_CONTAINER");
-    if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) return die("VFIO_SET_IOMMU");
 
     long page = sysconf(_SC_PAGESIZE);
     uint8_t *buf = mmap(NULL, PAGES * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
