@@ -1266,7 +1266,7 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
     // (kicks among the last 100 of 200 back-to-back pairs, kicks of 10
     // requests 20 ms apart, the device's count of requests served by
     // polling)
-    let run = |args: &[&str], event_idx: bool| -> (u64, u64, u64) {
+    let run = |args: &[&str], event_idx: bool| -> (u64, u64, u64, u64) {
         let b = backend(args);
         let opts = FrontendOptions::default();
         let mut f = connect_with(
@@ -1306,25 +1306,34 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
             // What polling served needed no wakeup.
             assert!(wakeups <= 411 - polled + 10, "{s}");
         }
-        (k1 - k0, k2 - k1, polled)
+        let stalls = s["requestq_poll_stalls"].as_u64().unwrap();
+        (k1 - k0, k2 - k1, polled, stalls)
     };
     // With EVENT_IDX (avail_event) and without it (VRING_USED_F_NO_NOTIFY).
     for event_idx in [true, false] {
-        let (busy, sporadic, polled) = run(&["--poll-us", "5000"], event_idx);
+        let (busy, sporadic, polled, stalls) = run(&["--poll-us", "5000"], event_idx);
         eprintln!(
             "polling (event_idx {event_idx}): {busy} kicks of 200 back-to-back requests, \
-             {sporadic} of 10 sporadic; {polled} of 411 served by polling"
+             {sporadic} of 10 sporadic; {polled} of 411 served by polling; {stalls} stalls"
         );
         // Most must be served by polling (none are without it, below). How
         // many exactly depends on the host scheduling the worker while it
         // polls, which a loaded host (parallel tests, CI's kernel builds)
         // does not promise: at load 8 on 2 cores 336 of 411 were, so the
         // bound is a majority, not a timing figure.
-        assert!(busy <= 100, "{busy} of 200 back-to-back requests kicked");
-        assert!(
-            polled > 411 / 2,
-            "{polled} of 411 requests served by polling"
-        );
+        // On a host whose cores are taken (parallel tests, CI's kernel
+        // builds), the worker is descheduled while it polls and must back
+        // off (polling_backs_off_when_the_host_is_contended): then the
+        // kicks are the point, and no figure of polling is asserted.
+        if stalls == 0 {
+            assert!(busy <= 100, "{busy} of 200 back-to-back requests kicked");
+            assert!(
+                polled > 411 / 2,
+                "{polled} of 411 requests served by polling"
+            );
+        } else {
+            assert!(polled > 0, "polling never opened");
+        }
         // A worker descheduled for 20 ms while polling finds the next
         // request as if it had come within the window (seen at load 11):
         // most, not all, must kick. The window's rules themselves are unit
@@ -1333,7 +1342,7 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
             sporadic >= 8,
             "{sporadic} of 10: a window left open past 20 ms gaps"
         );
-        assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10, 0));
+        assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10, 0, 0));
     }
 }
 
@@ -1662,14 +1671,21 @@ fn a_corrupt_avail_index_while_polling_stops_the_ring_until_the_next_kick() {
     assert_eq!(before, after, "ring written after it was stopped");
     let mut ctl = control(&b);
     let s = ctl.stats().unwrap();
-    assert_eq!(
-        s["requestq_bad_avail_index"], 1,
+    // Found by the poller, then looked at only on kicks (a kick left in
+    // the eventfd from before the corruption is one), never polled.
+    let bad = s["requestq_bad_avail_index"].as_u64().unwrap();
+    let wakeups = s["requestq_wakeups"].as_u64().unwrap();
+    let stalls = s["requestq_poll_stalls"].as_u64().unwrap();
+    // A worker that was descheduled while polling backs off (polling
+    // never hurts) and leaves the ring to the next kick: then none yet.
+    assert!(
+        (bad >= 1 || stalls > 0) && bad <= wakeups + 1,
         "found once, not polled: {s}"
     );
     // A kick while it is still corrupt: looked at once more.
     f.requestq().kick_forced().unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(ctl.stats().unwrap()["requestq_bad_avail_index"], 2);
+    assert_eq!(ctl.stats().unwrap()["requestq_bad_avail_index"], bad + 1);
     // Mended and kicked: served again.
     f.requestq().set_avail_idx_raw(idx).unwrap();
     assert_eq!(
@@ -1773,4 +1789,52 @@ fn the_vhost_user_thread_is_narrowed_before_its_first_message() {
             "{filters:?}"
         );
     }
+}
+
+/// Polling must never hurt: with every host core taken by busy threads,
+/// a polling worker gets descheduled mid-window; it notices (a gap between
+/// two looks at the ring far above a look), stops polling and backs off,
+/// so the requests are served by kicks as without `--poll-us`. The
+/// mechanism is asserted (stalls counted, requests kicked), not a timing.
+#[test]
+fn polling_backs_off_when_the_host_is_contended() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let b = backend(&["--poll-us", "5000"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.requestq().set_spin(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs: Vec<_> = (0..cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let k0 = f.requestq().stats().kicks;
+    for i in 0..400u64 {
+        let iova = 0x10_0000 + i * 0x1000;
+        assert_eq!(
+            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW)),
+            S_OK
+        );
+    }
+    let kicks = f.requestq().stats().kicks - k0;
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let s = control(&b).stats().unwrap();
+    let stalls = s["requestq_poll_stalls"].as_u64().unwrap();
+    eprintln!(
+        "contended polling: {stalls} stalls, {kicks} of 400 requests kicked, {} served by polling",
+        s["requestq_served_by_polling"]
+    );
+    assert!(stalls >= 1, "no stall noticed under contention: {s}");
+    assert!(kicks >= 1, "polling never backed off: {s}");
 }

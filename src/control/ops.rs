@@ -182,6 +182,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "vevents_stale": vev.stale,
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
+        "requestq_poll_stalls": poll.stalls,
         "poll_window_us": window.as_micros() as u64,
         "control_clients_refused": clients.refused.load(Ordering::Relaxed),
         "control_clients_busy": clients.busy.load(Ordering::Relaxed),

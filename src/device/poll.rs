@@ -5,16 +5,39 @@
 //! time and spins for the answer (Linux's) is then served without a wakeup,
 //! while an idle or sporadic one costs no CPU.
 
-use std::time::Duration;
+//!
+//! Polling must never hurt: a poller that takes the core the vCPU needs
+//! turns a 10 us request into a scheduler time slice. While it polls, the
+//! worker looks at the ring every ~100 ns; a gap of `STALL` between two
+//! looks means it was not running (the host's cores are taken by others).
+//! Then polling stops at once and stays off for a back-off that doubles
+//! with each stall (`BACKOFF_MIN` to `BACKOFF_MAX`) and halves with each
+//! window that runs clean, so on a contended host the requestq is served by
+//! kicks, as without `--poll-us`, and a quiet host gets polling back.
+
+use std::time::{Duration, Instant};
 
 /// The least window worth polling; a smaller one is closed.
 pub const POLL_MIN: Duration = Duration::from_micros(4);
+
+/// A gap between two looks at the ring, while polling, that only a
+/// descheduled worker has (a look takes well under a microsecond; a time
+/// slice given to another thread takes milliseconds).
+pub const STALL: Duration = Duration::from_micros(200);
+
+/// How long polling stays off after a stall, at first and at most.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// How long to keep polling after serving the requestq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollWindow {
     max: Duration,
     current: Duration,
+    /// The back-off after the last stall (zero: none).
+    backoff: Duration,
+    /// No polling before this (a stall's back-off).
+    off_until: Option<Instant>,
 }
 
 impl PollWindow {
@@ -23,12 +46,39 @@ impl PollWindow {
         Self {
             max,
             current: Duration::ZERO,
+            backoff: Duration::ZERO,
+            off_until: None,
         }
     }
 
-    /// How long to poll after this pass.
+    /// How long to poll after this pass (the adaptive window, ignoring a
+    /// back-off).
     pub fn current(&self) -> Duration {
         self.current
+    }
+
+    /// How long to poll after a pass at `now`: nothing while backing off.
+    pub fn at(&self, now: Instant) -> Duration {
+        match self.off_until {
+            Some(t) if now < t => Duration::ZERO,
+            _ => self.current,
+        }
+    }
+
+    /// Polling stalled at `now` (the worker was descheduled): stop, and
+    /// stay off for twice the last back-off.
+    pub fn stalled(&mut self, now: Instant) {
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+        self.off_until = now.checked_add(self.backoff);
+    }
+
+    /// A polling window ran its course without a stall: the host has room
+    /// again, so a later stall backs off less.
+    pub fn ran_clean(&mut self) {
+        self.backoff /= 2;
+        if self.backoff < BACKOFF_MIN {
+            self.backoff = Duration::ZERO;
+        }
     }
 
     /// The next request came `gap` after the previous one was served (the
@@ -116,5 +166,46 @@ mod tests {
         assert_eq!(w.current(), us(2));
         w.observe(us(3));
         assert_eq!(w.current(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        assert_eq!(w.at(t0), us(200));
+        w.stalled(t0);
+        assert_eq!(w.at(t0), Duration::ZERO);
+        assert_eq!(w.at(t0 + ms(49)), Duration::ZERO);
+        assert_eq!(w.at(t0 + ms(50)), us(200), "back after BACKOFF_MIN");
+        // Stalls in a row: 100 ms, 200 ms, ... up to BACKOFF_MAX.
+        let t1 = t0 + ms(50);
+        w.stalled(t1);
+        assert_eq!(w.at(t1 + ms(99)), Duration::ZERO);
+        assert_eq!(w.at(t1 + ms(100)), us(200));
+        for _ in 0..20 {
+            w.stalled(t1);
+        }
+        assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
+        // Clean windows halve it, down to nothing.
+        for _ in 0..6 {
+            w.ran_clean();
+        }
+        let t2 = t1 + BACKOFF_MAX;
+        w.stalled(t2);
+        assert_eq!(
+            w.at(t2 + ms(64)),
+            us(200),
+            "decayed to 2 s / 64, then doubled"
+        );
+        for _ in 0..20 {
+            w.ran_clean();
+        }
+        w.stalled(t2);
+        assert_eq!(w.at(t2 + BACKOFF_MIN), us(200));
+        // The adaptive window itself is unchanged by a back-off.
+        assert_eq!(w.current(), us(200));
     }
 }

@@ -20,7 +20,7 @@ use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
-use crate::device::poll::PollWindow;
+use crate::device::poll::{PollWindow, STALL};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
 
@@ -47,6 +47,9 @@ pub(super) struct Polling {
 pub struct PollCounters {
     pub wakeups: u64,
     pub served_polling: u64,
+    /// Polling stopped because the worker was descheduled while it polled
+    /// (`device::poll::STALL`): the host's cores were taken.
+    pub stalls: u64,
 }
 
 impl Polling {
@@ -65,7 +68,7 @@ impl Polling {
         if let Some(last) = self.last_served.take() {
             self.window.observe(now.saturating_duration_since(last));
         }
-        self.window.current()
+        self.window.at(now)
     }
 }
 
@@ -115,9 +118,26 @@ impl IommuBackend {
                     .is_ok_and(|a| a.0 != q.next_avail())
         };
         let mut polled = 0u64;
+        let mut stalled = false;
+        let polled_a_window = last.is_some();
         if let Some(mut since) = last {
             suppress_kicks(vring, mem.deref());
-            while Instant::now() < since + window {
+            // When the worker last looked at the ring without serving.
+            let mut looked = Instant::now();
+            loop {
+                let now = Instant::now();
+                // First: a time slice lost is usually longer than the
+                // window, and must not pass for its end.
+                if now.saturating_duration_since(looked) >= STALL {
+                    // Descheduled: the cores are taken and polling now
+                    // costs the vCPU its time. Kicks from here on.
+                    stalled = true;
+                    break;
+                }
+                if now >= since + window {
+                    break;
+                }
+                looked = now;
                 let pass = if pending(vring) {
                     self.serve_requestq(vring, true)
                 } else {
@@ -138,6 +158,8 @@ impl IommuBackend {
                     polled += served as u64;
                     since = Instant::now();
                     last = Some(since);
+                    // Serving (host calls included) is not a stall.
+                    looked = since;
                 } else {
                     std::hint::spin_loop();
                 }
@@ -156,7 +178,14 @@ impl IommuBackend {
                 last = Some(Instant::now());
             }
         }
-        self.poll.lock().counters.served_polling += polled;
+        let mut p = self.poll.lock();
+        p.counters.served_polling += polled;
+        if stalled {
+            p.counters.stalls += 1;
+            p.window.stalled(Instant::now());
+        } else if polled_a_window {
+            p.window.ran_clean();
+        }
         last
     }
 
