@@ -1319,7 +1319,10 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
         // does not promise: at load 8 on 2 cores 336 of 411 were, so the
         // bound is a majority, not a timing figure.
         assert!(busy <= 100, "{busy} of 200 back-to-back requests kicked");
-        assert!(polled > 411 / 2, "{polled} of 411 requests served by polling");
+        assert!(
+            polled > 411 / 2,
+            "{polled} of 411 requests served by polling"
+        );
         assert_eq!(sporadic, 10, "a window left open past 20 ms gaps");
         assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10, 0));
     }
