@@ -20,8 +20,8 @@ use vm_memory::GuestAddressSpace;
 
 use crate::device::backend::IommuBackend;
 use crate::device::config::features;
+use crate::device::translate::{translate_dma, ModelError};
 use crate::fault_queue::pages::{SourceId, CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
-use crate::iommufd_bridge::model::{translate_dma, ModelError};
 use crate::log_limit::limited;
 use crate::sandbox::{self, Role};
 

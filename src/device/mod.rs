@@ -10,5 +10,6 @@ pub mod poll;
 pub mod request;
 pub mod state;
 pub mod stats;
+pub mod translate;
 
 pub use config::features;

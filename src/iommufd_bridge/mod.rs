@@ -3,7 +3,7 @@
 //! The device state (`device::state`) decides what a request means; a
 //! `HostIommu` makes the host agree with it. Three implementations:
 //! - `software::SoftwareIommu`: every endpoint virtual, translated by the
-//!   software model (`model`) from the device state itself;
+//!   software model (`device::translate`) from the device state itself;
 //! - `host::IommufdHost<vfio::VfioCdev>`: real iommufd, VFIO cdev devices;
 //! - `host::IommufdHost<selftest::SelftestDevice>` (feature `selftest`): the
 //!   kernel's iommufd selftest mock devices, for the kernel test tier.
@@ -11,7 +11,6 @@
 //! The iommufd calls themselves live in `sys`.
 
 pub mod host;
-pub mod model;
 #[cfg(feature = "selftest")]
 pub mod selftest;
 pub mod software;

@@ -1,6 +1,6 @@
 //! The software IOMMU as a `HostIommu`: nothing on the host to keep in
 //! step. Virtual endpoints translate through the device state itself
-//! (`model::translate_dma`), so every operation here succeeds at no cost.
+//! (`device::translate::translate_dma`), so every operation here succeeds at no cost.
 
 use super::{HostIommu, HostMapping, RamRegion, Result, Target};
 use crate::device::state::ReservedRegion;
