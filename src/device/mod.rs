@@ -5,6 +5,7 @@ pub mod chain;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub(crate) mod host_port;
 pub(crate) mod lock_order;
 pub mod poll;
 pub mod request;

@@ -23,10 +23,10 @@ use super::sys::{
     VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
     VIOMMU_TYPE_ARM_SMMUV3, VIOMMU_TYPE_SELFTEST,
 };
-use super::{BridgeError, HostIommu, HostMapping, RamRegion, Result, Target};
-use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
-use crate::device::state::RESV_MEM_T_RESERVED;
-use crate::device::state::{ReservedRegion, MSI_END, MSI_START, RESV_MEM_T_MSI};
+use super::{
+    Access, BridgeError, HoleKind, HostIommu, HostMapping, IovaHole, RamRegion, Result, Target,
+    MSI_END, MSI_START,
+};
 use crate::nested::request::{
     AT_F_EAFE, AT_F_SRE, AT_F_WPE, FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD,
     INV_CACHE_CONFIG,
@@ -66,7 +66,7 @@ struct HostEndpoint<D> {
     target: Target,
     /// The IOAS or HWPT it is attached to now.
     pt: u32,
-    reserved: Vec<ReservedRegion>,
+    reserved: Vec<IovaHole>,
     caps: TableCaps,
     /// PASID -> the table domain it is attached to.
     pasids: BTreeMap<u32, u32>,
@@ -307,21 +307,21 @@ fn region_pieces(gpa: u64, last: u64, usable: &[(u64, u64)], align: u64) -> Vec<
     pieces
 }
 
-/// Read/write flags of IOAS_MAP/COPY for virtio MAP flags.
-fn ioas_flags(virtio: u32) -> u32 {
+/// Read/write flags of IOAS_MAP/COPY for a mapping's access.
+fn ioas_flags(access: Access) -> u32 {
     let mut f = 0;
-    if virtio & MAP_F_READ != 0 {
+    if access.read {
         f |= IOAS_MAP_READABLE;
     }
-    if virtio & MAP_F_WRITE != 0 {
+    if access.write {
         f |= IOAS_MAP_WRITEABLE;
     }
     f
 }
 
 /// The complement of `ranges` (usable IOVAs, inclusive) in the 64-bit space,
-/// as RESERVED regions, with the MSI window cut out and reported as MSI.
-pub fn reserved_from_ranges(ranges: &[(u64, u64)]) -> Vec<ReservedRegion> {
+/// as untranslated holes, with the MSI window cut out and reported as MSI.
+pub fn reserved_from_ranges(ranges: &[(u64, u64)]) -> Vec<IovaHole> {
     let mut usable = ranges.to_vec();
     usable.sort_unstable();
     let mut holes = Vec::new();
@@ -339,25 +339,25 @@ pub fn reserved_from_ranges(ranges: &[(u64, u64)]) -> Vec<ReservedRegion> {
     if let Some(n) = next {
         holes.push((n, u64::MAX));
     }
-    let mut out = vec![ReservedRegion {
+    let mut out = vec![IovaHole {
         start: MSI_START,
         end: MSI_END,
-        subtype: RESV_MEM_T_MSI,
+        kind: HoleKind::Msi,
     }];
     for (s, e) in holes {
         // Cut [MSI_START, MSI_END] out of the hole.
         if s < MSI_START {
-            out.push(ReservedRegion {
+            out.push(IovaHole {
                 start: s,
                 end: e.min(MSI_START - 1),
-                subtype: RESV_MEM_T_RESERVED,
+                kind: HoleKind::Untranslated,
             });
         }
         if e > MSI_END {
-            out.push(ReservedRegion {
+            out.push(IovaHole {
                 start: s.max(MSI_END + 1),
                 end: e,
-                subtype: RESV_MEM_T_RESERVED,
+                kind: HoleKind::Untranslated,
             });
         }
     }
@@ -1091,7 +1091,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         let Some(ioas) = self.domains.get(&domain).and_then(|d| d.ioas) else {
             return Ok(());
         };
-        let flags = ioas_flags(m.flags);
+        let flags = ioas_flags(m.access);
         if flags == 0 {
             // No access allowed: nothing for the IOMMU to hold.
             return Ok(());
@@ -1271,7 +1271,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
     }
 
-    fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]> {
+    fn reserved(&self, endpoint: u32) -> Option<&[IovaHole]> {
         self.endpoints.get(&endpoint).map(|e| e.reserved.as_slice())
     }
 
@@ -1486,25 +1486,25 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                ReservedRegion {
+                IovaHole {
                     start: MSI_START,
                     end: MSI_END,
-                    subtype: RESV_MEM_T_MSI
+                    kind: HoleKind::Msi
                 },
-                ReservedRegion {
+                IovaHole {
                     start: 0,
                     end: (1 << 24) - 1,
-                    subtype: RESV_MEM_T_RESERVED
+                    kind: HoleKind::Untranslated
                 },
-                ReservedRegion {
+                IovaHole {
                     start: 1 << 31,
                     end: MSI_START - 1,
-                    subtype: RESV_MEM_T_RESERVED
+                    kind: HoleKind::Untranslated
                 },
-                ReservedRegion {
+                IovaHole {
                     start: MSI_END + 1,
                     end: u64::MAX,
-                    subtype: RESV_MEM_T_RESERVED
+                    kind: HoleKind::Untranslated
                 },
             ]
         );

@@ -21,7 +21,6 @@ use std::fmt::Debug;
 
 use thiserror::Error;
 
-use crate::device::state::ReservedRegion;
 use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// One region of guest RAM as the frontend's memory table gives it.
@@ -53,14 +52,42 @@ pub enum Target {
     },
 }
 
+/// What a mapping lets a device do, as the host IOMMU enforces it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    pub read: bool,
+    pub write: bool,
+}
+
 /// One mapping of a MAP/UNMAP domain (inclusive end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostMapping {
     pub iova: u64,
     pub end: u64,
     pub phys: u64,
-    /// virtio MAP flags (READ 1, WRITE 2, MMIO 4).
-    pub flags: u32,
+    pub access: Access,
+}
+
+/// x86's MSI doorbell window: DMA there is an interrupt, never memory, so
+/// no IOMMU translates it (virtio-iommu.md P11).
+pub const MSI_START: u64 = 0xfee0_0000;
+pub const MSI_END: u64 = 0xfeef_ffff;
+
+/// Why the host cannot translate an IOVA range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoleKind {
+    /// Outside the device's usable IOVA ranges.
+    Untranslated,
+    /// An MSI doorbell window.
+    Msi,
+}
+
+/// An IOVA range (inclusive end) the host IOMMU cannot map for an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IovaHole {
+    pub start: u64,
+    pub end: u64,
+    pub kind: HoleKind,
 }
 
 /// A host operation that failed. Comparable, so that request errors can
@@ -207,8 +234,9 @@ pub trait HostIommu: Debug + Send {
         TableCaps::default()
     }
 
-    /// RESV_MEM regions of a host endpoint (None: use the platform's).
-    fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]>;
+    /// The IOVA holes of a host endpoint (None: use the platform's). Known
+    /// from `add`ing the endpoint on; never changes after.
+    fn reserved(&self, endpoint: u32) -> Option<&[IovaHole]>;
 
     /// A JSON description of the host objects, for the control socket.
     fn describe(&self) -> serde_json::Value;
