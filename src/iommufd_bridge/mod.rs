@@ -10,7 +10,9 @@
 //!
 //! The iommufd calls themselves live in `sys`.
 
+mod abi;
 pub mod host;
+pub mod reserved;
 #[cfg(feature = "selftest")]
 pub mod selftest;
 pub mod software;
