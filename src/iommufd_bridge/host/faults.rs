@@ -1,8 +1,10 @@
 //! The connection's fault queue (page requests and their responses).
 
+use iommufd_bindings::iommufd::iommu_hwpt_page_response;
 use log::Level;
 
 use super::{HostDevice, IommufdHost};
+use crate::iommufd_bridge::abi::{bytes_of, page_response};
 use crate::iommufd_bridge::{BridgeError, Result};
 use crate::log_limit::limited;
 
@@ -17,20 +19,17 @@ fn write_page_responses(
     responses: &[(u32, u16)],
     each: &mut dyn FnMut(usize, Result<bool>),
 ) {
-    const RESP: usize = 8;
+    const RESP: usize = std::mem::size_of::<iommu_hwpt_page_response>();
     const BATCH: usize = 64;
     for (base, chunk) in responses.chunks(BATCH).enumerate() {
         let base = base * BATCH;
-        // The kernel takes SUCCESS (0) and INVALID (1) only.
-        let mut buf = [0u8; RESP * BATCH];
-        for (i, &(cookie, code)) in chunk.iter().enumerate() {
-            let kcode: u32 = if code == 0 { 0 } else { 1 };
-            buf[i * RESP..i * RESP + 4].copy_from_slice(&cookie.to_le_bytes());
-            buf[i * RESP + 4..(i + 1) * RESP].copy_from_slice(&kcode.to_le_bytes());
+        let mut buf = [iommu_hwpt_page_response::default(); BATCH];
+        for (b, &(cookie, code)) in buf.iter_mut().zip(chunk) {
+            *b = page_response(cookie, code);
         }
         let mut i = 0;
         while i < chunk.len() {
-            match w.write(&buf[i * RESP..chunk.len() * RESP]) {
+            match w.write(bytes_of(&buf[i..chunk.len()])) {
                 Ok(n) if n >= RESP && n % RESP == 0 => {
                     for k in i..i + n / RESP {
                         each(base + k, Ok(true));

@@ -20,6 +20,7 @@ mod faults;
 mod ram;
 mod tables;
 
+use super::abi::{VeventFormat, VEVENT_SELFTEST};
 use super::reserved::reserved_from_ranges;
 use super::sys::{Features, Iommufd, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 use super::{Access, BridgeError, HostIommu, HostMapping, IovaHole, RamRegion, Result, Target};
@@ -122,8 +123,8 @@ pub struct IommufdHost<D: HostDevice> {
     /// reports unrecoverable faults.
     viommu: Option<u32>,
     veventq: Option<(u32, std::fs::File)>,
-    /// The vEVENTQ's events: (data length, offset of the virtual ID in it).
-    vevent_format: (usize, usize),
+    /// The vEVENTQ's events.
+    vevent_format: VeventFormat,
     /// Page responses written (accepted by the kernel), and those it
     /// refused because it had completed the group itself.
     responses_written: u64,
@@ -168,7 +169,7 @@ impl<D: HostDevice> IommufdHost<D> {
             fault: None,
             viommu: None,
             veventq: None,
-            vevent_format: (4, 0),
+            vevent_format: VEVENT_SELFTEST,
             responses_written: 0,
             responses_stale: 0,
         })
@@ -519,8 +520,8 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             .ok()
             .map(|file| super::EventQueue {
                 file,
-                data_len: self.vevent_format.0,
-                id_at: self.vevent_format.1,
+                data_len: self.vevent_format.data_len,
+                id_at: self.vevent_format.id_at,
             })
     }
 

@@ -4,7 +4,10 @@
 use log::{debug, info, warn};
 
 use super::{target_domain, HostDevice, HostDomain, IommufdHost};
-use crate::iommufd_bridge::abi::{invalidate_entries, nested_data};
+use crate::iommufd_bridge::abi::{
+    invalidate_entries, nested_data, smmu3_entries, Entries, NestedData, VEVENT_ARM_SMMUV3,
+    VEVENT_SELFTEST,
+};
 use crate::iommufd_bridge::sys::{
     HwInfoRaw, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HW_INFO_ARM_SMMUV3, HW_INFO_INTEL_VTD,
     HW_INFO_SELFTEST, VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, VIOMMU_TYPE_ARM_SMMUV3,
@@ -90,12 +93,16 @@ impl<D: HostDevice> IommufdHost<D> {
     pub(super) fn virtual_device(&mut self, id: u32, dev: &D, caps: &TableCaps) -> Option<u32> {
         let parent = self.nest_parent?;
         let info_type = caps.hw_info.as_ref().map(|h| h.info_type);
-        // (vIOMMU type, vEVENTQ type, event length, virt_id offset in it)
+        // (vIOMMU type, vEVENTQ type, its events)
         let kind = match info_type {
-            Some(HW_INFO_SELFTEST) => (VIOMMU_TYPE_SELFTEST, VEVENTQ_TYPE_SELFTEST, 4, 0),
-            // struct iommu_vevent_arm_smmuv3 {evt[4]}: the vSID is
-            // evt[0] bits 63:32.
-            Some(HW_INFO_ARM_SMMUV3) => (VIOMMU_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_ARM_SMMUV3, 32, 4),
+            Some(HW_INFO_SELFTEST) => {
+                (VIOMMU_TYPE_SELFTEST, VEVENTQ_TYPE_SELFTEST, VEVENT_SELFTEST)
+            }
+            Some(HW_INFO_ARM_SMMUV3) => (
+                VIOMMU_TYPE_ARM_SMMUV3,
+                VEVENTQ_TYPE_ARM_SMMUV3,
+                VEVENT_ARM_SMMUV3,
+            ),
             _ => return None,
         };
         if !self.features.viommu {
@@ -114,7 +121,7 @@ impl<D: HostDevice> IommufdHost<D> {
                             Ok(q) => {
                                 info!("iommufd: vEVENTQ {} for unrecoverable faults", q.0);
                                 self.veventq = Some(q);
-                                self.vevent_format = (kind.2, kind.3);
+                                self.vevent_format = kind.2;
                             }
                             Err(e) => info!("iommufd: no vEVENTQ ({e})"),
                         }
@@ -157,7 +164,11 @@ impl<D: HostDevice> IommufdHost<D> {
                 ))?,
         };
         let smmu = matches!(table, TableDesc::ArmSmmu3 { .. });
-        let (data_type, inv_type, mut data) = nested_data(table)?;
+        let NestedData {
+            data_type,
+            invalidate_type: inv_type,
+            mut data,
+        } = nested_data(table)?;
         let fault_id = if page_requests {
             Some(self.fault_queue()?)
         } else {
@@ -186,14 +197,14 @@ impl<D: HostDevice> IommufdHost<D> {
     }
 
     /// SMMUv3 commands for `invs` on a domain whose vSTE is `ste`, for the
-    /// vIOMMU (struct iommu_viommu_arm_smmuv3_invalidate {cmd[2]} each):
-    /// (entry_len, bytes). The streams are the domain's endpoints' vDEVICEs.
+    /// vIOMMU (struct iommu_viommu_arm_smmuv3_invalidate each). The
+    /// streams are the domain's endpoints' vDEVICEs.
     pub(super) fn smmu3_commands(
         &self,
         domain: u32,
         ste: [u64; 2],
         invs: &[Invalidate],
-    ) -> (u32, Vec<u8>) {
+    ) -> Entries {
         let members = || {
             self.endpoints
                 .iter()
@@ -210,12 +221,7 @@ impl<D: HostDevice> IommufdHost<D> {
         for inv in invs {
             smmu3::commands(inv, ste, &vsids, info, &mut cmds);
         }
-        let mut out = Vec::with_capacity(cmds.len() * 16);
-        for c in cmds {
-            out.extend_from_slice(&c[0].to_le_bytes());
-            out.extend_from_slice(&c[1].to_le_bytes());
-        }
-        (16, out)
+        smmu3_entries(&cmds)
     }
 
     /// Point `pasid` of endpoint `id` at a table domain, or detach it.
@@ -340,7 +346,10 @@ impl<D: HostDevice> IommufdHost<D> {
                 "INVALIDATE of a domain without a table",
             ));
         };
-        let (entry_len, mut entries) = match d.table {
+        let Entries {
+            entry_len,
+            data: mut entries,
+        } = match d.table {
             Some(TableDesc::ArmSmmu3 { ste }) => self.smmu3_commands(domain, ste, invs),
             _ => invalidate_entries(data_type, invs),
         };

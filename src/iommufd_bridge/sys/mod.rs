@@ -10,43 +10,56 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
-    iommu_fault_alloc, iommu_hw_info, iommu_hwpt_alloc, iommu_hwpt_invalidate, iommu_ioas_alloc,
+    iommu_fault_alloc, iommu_hw_info, iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+    iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD, iommu_hwpt_alloc,
+    iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3, iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1,
+    iommu_hwpt_invalidate, iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+    iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, iommu_ioas_alloc,
     iommu_ioas_copy, iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
-    iommu_iova_range, iommu_vdevice_alloc, iommu_veventq_alloc, iommu_viommu_alloc, IOMMUFD_TYPE,
+    iommu_iova_range, iommu_vdevice_alloc, iommu_veventq_alloc,
+    iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, iommu_viommu_alloc,
+    iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE, IOMMUFD_CMD_FAULT_QUEUE_ALLOC,
+    IOMMUFD_CMD_IOAS_COPY, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::IommuFd;
 use thiserror::Error;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-pub const IOAS_MAP_FIXED_IOVA: u32 = 1;
-pub const IOAS_MAP_WRITEABLE: u32 = 2;
-pub const IOAS_MAP_READABLE: u32 = 4;
-pub const HWPT_ALLOC_NEST_PARENT: u32 = 1;
-pub const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+pub const IOAS_MAP_FIXED_IOVA: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
+pub const IOAS_MAP_WRITEABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
+pub const IOAS_MAP_READABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
+pub const HWPT_ALLOC_NEST_PARENT: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
+pub const HWPT_FAULT_ID_VALID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
 /// IOMMU_HWPT_ALLOC_PASID (6.15): the HWPT may sit next to PASID attachments.
-pub const HWPT_ALLOC_PASID: u32 = 1 << 3;
+pub const HWPT_ALLOC_PASID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
 /// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
-pub const HWPT_DATA_VTD_S1: u32 = 1;
-pub const HWPT_DATA_ARM_SMMUV3: u32 = 2;
-pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
+pub const HWPT_DATA_VTD_S1: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
+pub const HWPT_DATA_ARM_SMMUV3: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
 /// enum iommu_hwpt_invalidate_data_type values we use.
-pub const INVALIDATE_DATA_VTD_S1: u32 = 0;
-pub const INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+pub const INVALIDATE_DATA_VTD_S1: u32 =
+    iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1;
 /// IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: raw SMMUv3 commands, sent to
 /// the vIOMMU (not to the nested HWPT).
-pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
+    iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
 /// IOMMU_VIOMMU_TYPE_ARM_SMMUV3, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3.
-pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
-pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
-/// vIOMMU and vEVENTQ types of the selftest mock (IOMMU_VIOMMU_TYPE_SELFTEST,
-/// IOMMU_VEVENTQ_TYPE_SELFTEST).
-pub const VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
-pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
+pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
+pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
 /// enum iommu_hw_info_type values we recognise.
-pub const HW_INFO_INTEL_VTD: u32 = 1;
-pub const HW_INFO_ARM_SMMUV3: u32 = 2;
-pub const HW_INFO_SELFTEST: u32 = 0xfeed_beef;
+pub const HW_INFO_INTEL_VTD: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD;
+pub const HW_INFO_ARM_SMMUV3: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+/// The selftest mock's types: not in the bindings (see `abi`).
+pub use super::abi::{
+    HWPT_DATA_SELFTEST, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST, VEVENTQ_TYPE_SELFTEST,
+    VIOMMU_TYPE_SELFTEST,
+};
 
 /// IOMMU_GET_HW_INFO's answer for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,9 +71,17 @@ pub struct HwInfoRaw {
     pub data: Vec<u8>,
 }
 
-ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, 0x83);
-ioctl_io_nr!(IOMMU_IOAS_IOVA_RANGES, IOMMUFD_TYPE as u32, 0x84);
-ioctl_io_nr!(IOMMU_FAULT_QUEUE_ALLOC, IOMMUFD_TYPE as u32, 0x8e);
+ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, IOMMUFD_CMD_IOAS_COPY);
+ioctl_io_nr!(
+    IOMMU_IOAS_IOVA_RANGES,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_IOAS_IOVA_RANGES
+);
+ioctl_io_nr!(
+    IOMMU_FAULT_QUEUE_ALLOC,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_FAULT_QUEUE_ALLOC
+);
 
 /// A refused host operation: which one, and the kernel's errno.
 #[derive(Debug, Error)]
