@@ -12,6 +12,7 @@
 
 mod abi;
 pub mod host;
+pub mod ids;
 pub mod reserved;
 #[cfg(feature = "selftest")]
 pub mod selftest;

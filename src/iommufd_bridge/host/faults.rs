@@ -3,8 +3,9 @@
 use iommufd_bindings::iommufd::iommu_hwpt_page_response;
 use log::Level;
 
-use super::{HostDevice, IommufdHost};
+use super::{HostDevice, IommufdHost, KernelQueue};
 use crate::iommufd_bridge::abi::{bytes_of, page_response};
+use crate::iommufd_bridge::ids::FaultId;
 use crate::iommufd_bridge::{BridgeError, Result};
 use crate::log_limit::limited;
 
@@ -70,13 +71,14 @@ fn write_page_responses(
 impl<D: HostDevice> IommufdHost<D> {
     /// The connection's fault queue, made when the first table with
     /// PAGE_REQUESTS needs it (IOMMU_FAULT_QUEUE_ALLOC).
-    pub(super) fn fault_queue(&mut self) -> Result<u32> {
-        if let Some((id, _)) = &self.fault {
-            return Ok(*id);
+    pub(super) fn fault_queue(&mut self) -> Result<FaultId> {
+        if let Some(q) = &self.fault {
+            return Ok(q.id);
         }
         let (id, file) = self.fd.fault_queue_alloc()?;
+        let id = FaultId(id);
         limited!(Level::Info, "iommufd: fault queue {id} for this connection");
-        self.fault = Some((id, file));
+        self.fault = Some(KernelQueue { id, file });
         Ok(id)
     }
 
@@ -85,7 +87,7 @@ impl<D: HostDevice> IommufdHost<D> {
         responses: &[(u32, u16)],
         each: &mut dyn FnMut(usize, Result<bool>),
     ) {
-        let Some((_, file)) = self.fault.as_mut() else {
+        let Some(KernelQueue { file, .. }) = self.fault.as_mut() else {
             for i in 0..responses.len() {
                 each(i, Err(BridgeError::Unsupported("no fault queue")));
             }

@@ -21,6 +21,7 @@ mod ram;
 mod tables;
 
 use super::abi::{VeventFormat, VEVENT_SELFTEST};
+use super::ids::{FaultId, HwptId, IoasId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use super::reserved::reserved_from_ranges;
 use super::sys::{Features, Iommufd, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 use super::{Access, BridgeError, HostIommu, HostMapping, IovaHole, RamRegion, Result, Target};
@@ -30,15 +31,15 @@ use crate::nested::{Invalidate, TableCaps, TableDesc};
 pub trait HostDevice: Debug + Send {
     /// The iommufd device id (HWPT_ALLOC, fault records).
     fn dev_id(&self) -> u32;
-    /// Attach, or atomically replace the attachment, to `pt_id`.
-    fn attach(&mut self, fd: &Iommufd, pt_id: u32) -> Result<()>;
+    /// Attach, or atomically replace the attachment, to `pt`.
+    fn attach(&mut self, fd: &Iommufd, pt: PtId) -> Result<()>;
     /// Can it attach page tables per PASID?
     fn supports_pasid(&self) -> bool {
         false
     }
-    /// Attach `pasid` to `pt_id`; `replace` when that PASID is attached.
-    fn attach_pasid(&mut self, fd: &Iommufd, pasid: u32, pt_id: u32, replace: bool) -> Result<()> {
-        let _ = (fd, pasid, pt_id, replace);
+    /// Attach `pasid` to `pt`; `replace` when that PASID is attached.
+    fn attach_pasid(&mut self, fd: &Iommufd, pasid: u32, pt: PtId, replace: bool) -> Result<()> {
+        let _ = (fd, pasid, pt, replace);
         Err(BridgeError::Unsupported("PASID attach"))
     }
     /// Detach `pasid`.
@@ -57,31 +58,52 @@ struct HostEndpoint<D> {
     dev: D,
     target: Target,
     /// The IOAS or HWPT it is attached to now.
-    pt: u32,
+    pt: PtId,
     reserved: Vec<IovaHole>,
     caps: TableCaps,
     /// PASID -> the table domain it is attached to.
     pasids: BTreeMap<u32, u32>,
     /// Its vDEVICE on the vIOMMU (virt_id = the endpoint ID).
-    vdevice: Option<u32>,
+    vdevice: Option<VdeviceId>,
 }
 
 #[derive(Debug)]
 struct HostDomain {
     /// The IOAS of a MAP/UNMAP domain; None for a table domain.
-    ioas: Option<u32>,
-    /// The HWPT endpoints attach to (== ioas when the kernel made it; the
+    ioas: Option<IoasId>,
+    /// The HWPT endpoints attach to (the IOAS when the kernel made it; the
     /// nested HWPT of a table domain).
-    hwpt: u32,
+    hwpt: PtId,
     own_hwpt: bool,
     users: usize,
-    /// IOMMU_HWPT_INVALIDATE data type of a table domain's nested HWPT.
-    invalidate_type: Option<u32>,
-    /// Whom IOMMU_HWPT_INVALIDATE names: the nested HWPT, or for SMMUv3
-    /// the vIOMMU.
-    invalidate_id: u32,
+    /// How a table domain's nested HWPT is invalidated.
+    invalidate: Option<NestedInvalidate>,
     /// A table domain's guest table.
     table: Option<TableDesc>,
+}
+
+/// IOMMU_HWPT_INVALIDATE for a table domain.
+#[derive(Debug, Clone, Copy)]
+struct NestedInvalidate {
+    /// Its data type.
+    data_type: u32,
+    /// Whom it names: the nested HWPT, or for SMMUv3 the vIOMMU.
+    id: NestId,
+}
+
+/// A kernel object read through an FD (fault queue, vEVENTQ).
+#[derive(Debug)]
+struct KernelQueue<I> {
+    id: I,
+    file: std::fs::File,
+}
+
+/// A region of the memory table with the pieces of it mapped, (gpa, len)
+/// each: the parts inside the RAM IOAS's usable IOVA ranges.
+#[derive(Debug)]
+struct MappedRegion {
+    region: RamRegion,
+    pieces: Vec<(u64, u64)>,
 }
 
 /// The domain a target names, if any.
@@ -96,33 +118,32 @@ fn target_domain(t: Target) -> Option<u32> {
 pub struct IommufdHost<D: HostDevice> {
     fd: Iommufd,
     features: Features,
-    ram_ioas: u32,
-    block_ioas: u32,
+    ram_ioas: IoasId,
+    block_ioas: IoasId,
     /// A HWPT on the blocking IOAS made with IOMMU_HWPT_ALLOC_PASID, so that
     /// a blocked endpoint may keep PASIDs attached (the kernel refuses PASID
     /// attachments next to a RID on an HWPT made without it).
-    block_hwpt: Option<u32>,
+    block_hwpt: Option<HwptId>,
     /// The kernel took IOMMU_HWPT_ALLOC_PASID: every HWPT we make has it.
     pasid_mode: bool,
-    nest_parent: Option<u32>,
+    nest_parent: Option<HwptId>,
     /// A plain HWPT on the RAM IOAS where no nesting parent can be made.
-    ram_hwpt: Option<u32>,
-    /// Regions of the memory table, each with the pieces of it mapped (the
-    /// parts inside the RAM IOAS's usable IOVA ranges).
-    ram: Vec<(RamRegion, Vec<(u64, u64)>)>,
+    ram_hwpt: Option<HwptId>,
+    /// Regions of the memory table, as mapped.
+    ram: Vec<MappedRegion>,
     use_map_file: bool,
     bypass: bool,
     endpoints: BTreeMap<u32, HostEndpoint<D>>,
     domains: HashMap<u32, HostDomain>,
     /// IOMMU_HWPT_INVALIDATE calls made (one per run of INVALIDATEs).
     invalidate_calls: u64,
-    /// This connection's fault queue: (fault id, its FD).
-    fault: Option<(u32, std::fs::File)>,
+    /// This connection's fault queue.
+    fault: Option<KernelQueue<FaultId>>,
     /// A vIOMMU on the nesting parent (kernels with vIOMMU, hosts whose
     /// type we drive): table domains are nested on it, and its vEVENTQ
     /// reports unrecoverable faults.
-    viommu: Option<u32>,
-    veventq: Option<(u32, std::fs::File)>,
+    viommu: Option<ViommuId>,
+    veventq: Option<KernelQueue<VeventqId>>,
     /// The vEVENTQ's events.
     vevent_format: VeventFormat,
     /// Page responses written (accepted by the kernel), and those it
@@ -147,8 +168,8 @@ impl<D: HostDevice> IommufdHost<D> {
     /// Take over an iommufd: allocate the RAM and blocking IOASes.
     pub fn new(fd: Iommufd, bypass: bool) -> Result<Self> {
         // The first call proves it is an iommufd at all.
-        let ram_ioas = fd.ioas_alloc()?;
-        let block_ioas = fd.ioas_alloc()?;
+        let ram_ioas = IoasId(fd.ioas_alloc()?);
+        let block_ioas = IoasId(fd.ioas_alloc()?);
         let features = fd.features();
         info!("iommufd: {features}");
         Ok(IommufdHost {
@@ -181,17 +202,17 @@ impl<D: HostDevice> IommufdHost<D> {
     pub fn add_endpoint(
         &mut self,
         id: u32,
-        make: impl FnOnce(&Iommufd, u32) -> Result<D>,
+        make: impl FnOnce(&Iommufd, IoasId) -> Result<D>,
     ) -> Result<()> {
         let mut dev = make(&self.fd, self.block_ioas)?;
-        let scratch = self.fd.ioas_alloc()?;
+        let scratch = IoasId(self.fd.ioas_alloc()?);
         let ranges = dev
-            .attach(&self.fd, scratch)
-            .and_then(|_| Ok(self.fd.iova_ranges(scratch)?));
-        if let Err(e) = dev.attach(&self.fd, self.block_ioas) {
+            .attach(&self.fd, PtId::Ioas(scratch))
+            .and_then(|_| Ok(self.fd.iova_ranges(scratch.raw())?));
+        if let Err(e) = dev.attach(&self.fd, PtId::Ioas(self.block_ioas)) {
             error!("endpoint {id:#x}: back to the blocking IOAS: {e}");
         }
-        let _ = self.fd.destroy(scratch);
+        let _ = self.fd.destroy(scratch.raw());
         let (ranges, align) = match ranges {
             Ok(r) => r,
             Err(e) => {
@@ -210,7 +231,7 @@ impl<D: HostDevice> IommufdHost<D> {
             HostEndpoint {
                 dev,
                 target: Target::Unattached,
-                pt: self.block_ioas,
+                pt: PtId::Ioas(self.block_ioas),
                 reserved: reserved_from_ranges(&ranges),
                 caps,
                 pasids: BTreeMap::new(),
@@ -224,8 +245,8 @@ impl<D: HostDevice> IommufdHost<D> {
     /// aperture? Some drivers (virtio-iommu on 6.12) size a domain only when
     /// a device attaches; for them the kernel must allocate the HWPT itself
     /// at attach time (attach to the IOAS).
-    fn degenerate(&self, ioas: u32) -> bool {
-        match self.fd.iova_ranges(ioas) {
+    fn degenerate(&self, ioas: IoasId) -> bool {
+        match self.fd.iova_ranges(ioas.raw()) {
             Ok((ranges, _)) => ranges.iter().all(|&(s, e)| e.saturating_sub(s) < 1 << 20),
             Err(_) => true,
         }
@@ -241,8 +262,9 @@ impl<D: HostDevice> IommufdHost<D> {
     }
 
     /// Where blocked DMA goes.
-    fn block_pt(&self) -> u32 {
-        self.block_hwpt.unwrap_or(self.block_ioas)
+    fn block_pt(&self) -> PtId {
+        self.block_hwpt
+            .map_or(PtId::Ioas(self.block_ioas), PtId::Hwpt)
     }
 
     /// Drop one attachment of `domain`; the last one destroys it.
@@ -256,8 +278,10 @@ impl<D: HostDevice> IommufdHost<D> {
     }
 
     /// The HWPT or IOAS that bypass DMA goes through.
-    fn ram_pt(&self) -> u32 {
-        self.nest_parent.or(self.ram_hwpt).unwrap_or(self.ram_ioas)
+    fn ram_pt(&self) -> PtId {
+        self.nest_parent
+            .or(self.ram_hwpt)
+            .map_or(PtId::Ioas(self.ram_ioas), PtId::Hwpt)
     }
 
     /// Create the host side of `domain` for a device, with its mappings.
@@ -267,21 +291,21 @@ impl<D: HostDevice> IommufdHost<D> {
         dev_id: u32,
         mappings: &mut dyn Iterator<Item = HostMapping>,
     ) -> Result<()> {
-        let ioas = self.fd.ioas_alloc()?;
+        let ioas = IoasId(self.fd.ioas_alloc()?);
         let (hwpt, own_hwpt) =
             match self
                 .fd
-                .hwpt_alloc(dev_id, ioas, self.hwpt_flags(), 0, &mut [], None)
+                .hwpt_alloc(dev_id, ioas.raw(), self.hwpt_flags(), 0, &mut [], None)
             {
                 Ok(h) if self.degenerate(ioas) => {
                     debug!("domain {domain}: HWPT without an aperture yet; attaching to the IOAS");
                     let _ = self.fd.destroy(h);
-                    (ioas, false)
+                    (PtId::Ioas(ioas), false)
                 }
-                Ok(h) => (h, true),
+                Ok(h) => (PtId::Hwpt(HwptId(h)), true),
                 Err(e) => {
                     debug!("domain {domain}: HWPT_ALLOC ({e}); attaching to the IOAS");
-                    (ioas, false)
+                    (PtId::Ioas(ioas), false)
                 }
             };
         self.domains.insert(
@@ -291,8 +315,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 hwpt,
                 own_hwpt,
                 users: 0,
-                invalidate_type: None,
-                invalidate_id: hwpt,
+                invalidate: None,
                 table: None,
             },
         );
@@ -310,7 +333,7 @@ impl<D: HostDevice> IommufdHost<D> {
             return;
         };
         if d.own_hwpt {
-            if let Err(e) = self.fd.destroy(d.hwpt) {
+            if let Err(e) = self.fd.destroy(d.hwpt.raw()) {
                 limited!(
                     Level::Error,
                     "domain {domain}: destroying HWPT {}: {e}",
@@ -319,7 +342,7 @@ impl<D: HostDevice> IommufdHost<D> {
             }
         }
         if let Some(ioas) = d.ioas {
-            if let Err(e) = self.fd.destroy(ioas) {
+            if let Err(e) = self.fd.destroy(ioas.raw()) {
                 limited!(Level::Error, "domain {domain}: destroying IOAS {ioas}: {e}");
             }
         }
@@ -369,11 +392,11 @@ impl<D: HostDevice> IommufdHost<D> {
                 // kernel pick one for the IOAS instead (not for tables).
                 let dom = self.domains.get_mut(&d).expect("created above");
                 if let Some(ioas) = dom.ioas {
-                    if ep.dev.attach(&self.fd, ioas).is_ok() {
+                    if ep.dev.attach(&self.fd, PtId::Ioas(ioas)).is_ok() {
                         if dom.own_hwpt {
-                            let _ = self.fd.destroy(dom.hwpt);
+                            let _ = self.fd.destroy(dom.hwpt.raw());
                         }
-                        dom.hwpt = ioas;
+                        dom.hwpt = PtId::Ioas(ioas);
                         dom.own_hwpt = false;
                         r = Ok(());
                     }
@@ -445,7 +468,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
         Ok(self
             .fd
-            .ioas_copy(ioas, m.iova, self.ram_ioas, m.phys, len, flags)?)
+            .ioas_copy(ioas.raw(), m.iova, self.ram_ioas.raw(), m.phys, len, flags)?)
     }
 
     fn unmap(&mut self, domain: u32, iova: u64, end: u64) -> Result<()> {
@@ -453,7 +476,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             return Ok(());
         };
         let len = end.wrapping_sub(iova).wrapping_add(1);
-        match self.fd.ioas_unmap(ioas, iova, len) {
+        match self.fd.ioas_unmap(ioas.raw(), iova, len) {
             Ok(_) => Ok(()),
             // Never mapped on the host (no access flags) or already gone.
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
@@ -514,7 +537,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     }
 
     fn event_queue_reader(&self) -> Option<super::EventQueue> {
-        let (_, file) = self.veventq.as_ref()?;
+        let KernelQueue { file, .. } = self.veventq.as_ref()?;
         file.try_clone()
             .inspect_err(|e| limited!(Level::Warn, "vEVENTQ FD: {e}"))
             .ok()
@@ -526,7 +549,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     }
 
     fn fault_queue_reader(&self) -> Option<std::fs::File> {
-        let (_, file) = self.fault.as_ref()?;
+        let KernelQueue { file, .. } = self.fault.as_ref()?;
         file.try_clone()
             .inspect_err(|e| limited!(Level::Warn, "fault queue FD: {e}"))
             .ok()
@@ -571,9 +594,9 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
         // The fault object goes with the connection: close its FD first,
         // then destroy it (nothing refers to it once the tables are gone).
-        if let Some((id, file)) = self.fault.take() {
+        if let Some(KernelQueue { id, file }) = self.fault.take() {
             drop(file);
-            if let Err(e) = self.fd.destroy(id) {
+            if let Err(e) = self.fd.destroy(id.raw()) {
                 limited!(Level::Error, "iommufd: destroying fault queue {id}: {e}");
             }
         }
@@ -600,12 +623,12 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "nest_parent": self.nest_parent,
             "bypass_pt": self.ram_pt(),
             "invalidate_calls": self.invalidate_calls,
-            "fault_queue": self.fault.as_ref().map(|f| f.0),
+            "fault_queue": self.fault.as_ref().map(|f| f.id),
             "viommu": self.viommu,
-            "veventq": self.veventq.as_ref().map(|q| q.0),
+            "veventq": self.veventq.as_ref().map(|q| q.id),
             "page_responses_written": self.responses_written,
             "page_responses_stale": self.responses_stale,
-            "ram": self.ram.iter().flat_map(|(_, p)| p).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
+            "ram": self.ram.iter().flat_map(|m| &m.pieces).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
             "endpoints": self.endpoints.iter().map(|(id, e)| json!({
                 "id": id,
                 "table_formats": e.caps.formats,
@@ -620,7 +643,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
                 "id": id,
                 "ioas": d.ioas,
                 "hwpt": d.hwpt,
-                "nested": d.invalidate_type.is_some(),
+                "nested": d.invalidate.is_some(),
                 "endpoints": d.users,
             })).collect::<Vec<_>>(),
         })
@@ -636,22 +659,22 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         // vIOMMU before the nesting parent.
         for ep in self.endpoints.values_mut() {
             if let Some(v) = ep.vdevice.take() {
-                let _ = self.fd.destroy(v);
+                let _ = self.fd.destroy(v.raw());
             }
         }
         for (_, mut ep) in std::mem::take(&mut self.endpoints) {
             ep.dev.release(&self.fd);
         }
-        if let Some((id, file)) = self.veventq.take() {
+        if let Some(KernelQueue { id, file }) = self.veventq.take() {
             drop(file);
-            let _ = self.fd.destroy(id);
+            let _ = self.fd.destroy(id.raw());
         }
         if let Some(v) = self.viommu.take() {
-            let _ = self.fd.destroy(v);
+            let _ = self.fd.destroy(v.raw());
         }
-        if let Some((id, file)) = self.fault.take() {
+        if let Some(KernelQueue { id, file }) = self.fault.take() {
             drop(file);
-            let _ = self.fd.destroy(id);
+            let _ = self.fd.destroy(id.raw());
         }
         for h in [
             self.block_hwpt.take(),
@@ -661,9 +684,9 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         .into_iter()
         .flatten()
         {
-            let _ = self.fd.destroy(h);
+            let _ = self.fd.destroy(h.raw());
         }
-        let _ = self.fd.destroy(self.ram_ioas);
-        let _ = self.fd.destroy(self.block_ioas);
+        let _ = self.fd.destroy(self.ram_ioas.raw());
+        let _ = self.fd.destroy(self.block_ioas.raw());
     }
 }

@@ -3,7 +3,7 @@
 
 use log::{debug, Level};
 
-use super::{HostDevice, IommufdHost};
+use super::{HostDevice, IommufdHost, MappedRegion};
 use crate::iommufd_bridge::sys::{IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 use crate::iommufd_bridge::{BridgeError, RamRegion, Result};
 use crate::log_limit::limited;
@@ -48,11 +48,11 @@ impl<D: HostDevice> IommufdHost<D> {
                 let at = start.checked_add(off).ok_or_else(outside)?;
                 Ok(self
                     .fd
-                    .ioas_map_file(self.ram_ioas, fd, at, len, gpa, flags)?)
+                    .ioas_map_file(self.ram_ioas.raw(), fd, at, len, gpa, flags)?)
             }
             _ => {
                 let va = r.host_va.checked_add(off).ok_or_else(outside)?;
-                Ok(self.fd.ioas_map(self.ram_ioas, va, len, gpa, flags)?)
+                Ok(self.fd.ioas_map(self.ram_ioas.raw(), va, len, gpa, flags)?)
             }
         }
     }
@@ -61,7 +61,7 @@ impl<D: HostDevice> IommufdHost<D> {
     /// IOAS's usable IOVA ranges); a part outside them is logged, and a
     /// MAP that needs it answers FAULT.
     pub(super) fn map_region(&mut self, r: &RamRegion) -> Result<Vec<(u64, u64)>> {
-        let (usable, align) = self.fd.iova_ranges(self.ram_ioas)?;
+        let (usable, align) = self.fd.iova_ranges(self.ram_ioas.raw())?;
         let shown = format!("usable IOVA {usable:x?}, alignment {align:#x}");
         let align = align.max(1);
         let Some(last) = r.len.checked_sub(1).and_then(|l| r.gpa.checked_add(l)) else {
@@ -99,7 +99,7 @@ impl<D: HostDevice> IommufdHost<D> {
             }
             if let Err(e) = res {
                 for &(g, l) in &done {
-                    let _ = self.fd.ioas_unmap(self.ram_ioas, g, l);
+                    let _ = self.fd.ioas_unmap(self.ram_ioas.raw(), g, l);
                 }
                 return Err(e);
             }
@@ -119,7 +119,7 @@ impl<D: HostDevice> IommufdHost<D> {
             let Some(&(p_gpa, p_len)) = self
                 .ram
                 .iter()
-                .flat_map(|(_, pieces)| pieces)
+                .flat_map(|m| &m.pieces)
                 .find(|&&(g, l)| g <= cur && cur - g < l)
             else {
                 return false;
@@ -135,27 +135,27 @@ impl<D: HostDevice> IommufdHost<D> {
 
     pub(super) fn set_ram(&mut self, regions: &[RamRegion]) -> Result<()> {
         let old = std::mem::take(&mut self.ram);
-        for (r, pieces) in &old {
-            if regions.contains(r) {
+        for MappedRegion { region, pieces } in &old {
+            if regions.contains(region) {
                 continue;
             }
             for &(gpa, len) in pieces {
-                if let Err(e) = self.fd.ioas_unmap(self.ram_ioas, gpa, len) {
+                if let Err(e) = self.fd.ioas_unmap(self.ram_ioas.raw(), gpa, len) {
                     limited!(Level::Error, "guest RAM {gpa:#x}+{len:#x}: unmap: {e}");
                 }
             }
         }
         self.ram = old
             .into_iter()
-            .filter(|(r, _)| regions.contains(r))
+            .filter(|m| regions.contains(&m.region))
             .collect();
         let mut first_err = None;
         for r in regions {
-            if self.ram.iter().any(|(k, _)| k == r) {
+            if self.ram.iter().any(|m| m.region == *r) {
                 continue;
             }
             match self.map_region(r) {
-                Ok(pieces) => self.ram.push((*r, pieces)),
+                Ok(pieces) => self.ram.push(MappedRegion { region: *r, pieces }),
                 Err(e) => {
                     limited!(Level::Error, "guest RAM {:#x}+{:#x}: {e}", r.gpa, r.len);
                     first_err.get_or_insert(e);

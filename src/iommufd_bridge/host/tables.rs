@@ -3,11 +3,12 @@
 
 use log::{debug, info, warn};
 
-use super::{target_domain, HostDevice, HostDomain, IommufdHost};
+use super::{target_domain, HostDevice, HostDomain, IommufdHost, KernelQueue, NestedInvalidate};
 use crate::iommufd_bridge::abi::{
     invalidate_entries, nested_data, smmu3_entries, Entries, NestedData, VEVENT_ARM_SMMUV3,
     VEVENT_SELFTEST,
 };
+use crate::iommufd_bridge::ids::{FaultId, HwptId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use crate::iommufd_bridge::sys::{
     HwInfoRaw, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HW_INFO_ARM_SMMUV3, HW_INFO_INTEL_VTD,
     HW_INFO_SELFTEST, VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, VIOMMU_TYPE_ARM_SMMUV3,
@@ -90,7 +91,12 @@ impl<D: HostDevice> IommufdHost<D> {
     /// ID in SMMUv3 commands), so that its tables nest on the vIOMMU and its
     /// unrecoverable faults reach the vEVENTQ. Types driven: the selftest
     /// mock's and SMMUv3.
-    pub(super) fn virtual_device(&mut self, id: u32, dev: &D, caps: &TableCaps) -> Option<u32> {
+    pub(super) fn virtual_device(
+        &mut self,
+        id: u32,
+        dev: &D,
+        caps: &TableCaps,
+    ) -> Option<VdeviceId> {
         let parent = self.nest_parent?;
         let info_type = caps.hw_info.as_ref().map(|h| h.info_type);
         // (vIOMMU type, vEVENTQ type, its events)
@@ -109,18 +115,20 @@ impl<D: HostDevice> IommufdHost<D> {
             return None;
         }
         if self.viommu.is_none() {
-            match self.fd.viommu_alloc(dev.dev_id(), parent, kind.0) {
+            match self.fd.viommu_alloc(dev.dev_id(), parent.raw(), kind.0) {
                 Ok(v) => {
+                    let v = ViommuId(v);
                     info!(
                         "iommufd: vIOMMU {v} (type {:#x}) on the nesting parent",
                         kind.0
                     );
                     self.viommu = Some(v);
                     if self.features.veventq {
-                        match self.fd.veventq_alloc(v, kind.1, VEVENTQ_DEPTH) {
-                            Ok(q) => {
-                                info!("iommufd: vEVENTQ {} for unrecoverable faults", q.0);
-                                self.veventq = Some(q);
+                        match self.fd.veventq_alloc(v.raw(), kind.1, VEVENTQ_DEPTH) {
+                            Ok((id, file)) => {
+                                let id = VeventqId(id);
+                                info!("iommufd: vEVENTQ {id} for unrecoverable faults");
+                                self.veventq = Some(KernelQueue { id, file });
                                 self.vevent_format = kind.2;
                             }
                             Err(e) => info!("iommufd: no vEVENTQ ({e})"),
@@ -134,8 +142,11 @@ impl<D: HostDevice> IommufdHost<D> {
             }
         }
         let viommu = self.viommu?;
-        match self.fd.vdevice_alloc(viommu, dev.dev_id(), u64::from(id)) {
-            Ok(v) => Some(v),
+        match self
+            .fd
+            .vdevice_alloc(viommu.raw(), dev.dev_id(), u64::from(id))
+        {
+            Ok(v) => Some(VdeviceId(v)),
             Err(e) => {
                 warn!("endpoint {id:#x}: vDEVICE: {e}");
                 None
@@ -153,12 +164,17 @@ impl<D: HostDevice> IommufdHost<D> {
         page_requests: bool,
     ) -> Result<()> {
         let parent = match table {
-            TableDesc::ArmSmmu3 { .. } => self.viommu.ok_or(BridgeError::Unsupported(
-                "ARM_SMMU3 tables need a vIOMMU, and none could be made",
-            ))?,
+            TableDesc::ArmSmmu3 { .. } => {
+                self.viommu
+                    .map(NestId::Viommu)
+                    .ok_or(BridgeError::Unsupported(
+                        "ARM_SMMU3 tables need a vIOMMU, and none could be made",
+                    ))?
+            }
             _ => self
                 .viommu
-                .or(self.nest_parent)
+                .map(NestId::Viommu)
+                .or(self.nest_parent.map(NestId::Hwpt))
                 .ok_or(BridgeError::Unsupported(
                     "the host IOMMU has no nesting parent",
                 ))?,
@@ -177,19 +193,26 @@ impl<D: HostDevice> IommufdHost<D> {
         // An SMMUv3 nested domain takes no flags: its PASIDs live in the
         // guest's CD table.
         let flags = if smmu { 0 } else { self.hwpt_flags() };
-        let hwpt = self
-            .fd
-            .hwpt_alloc(dev_id, parent, flags, data_type, &mut data, fault_id)?;
+        let hwpt = HwptId(self.fd.hwpt_alloc(
+            dev_id,
+            parent.raw(),
+            flags,
+            data_type,
+            &mut data,
+            fault_id.map(FaultId::raw),
+        )?);
         debug!("domain {domain}: nested HWPT {hwpt} on parent {parent}");
         self.domains.insert(
             domain,
             HostDomain {
                 ioas: None,
-                hwpt,
+                hwpt: PtId::Hwpt(hwpt),
                 own_hwpt: true,
                 users: 0,
-                invalidate_type: Some(inv_type),
-                invalidate_id: if smmu { parent } else { hwpt },
+                invalidate: Some(NestedInvalidate {
+                    data_type: inv_type,
+                    id: if smmu { parent } else { NestId::Hwpt(hwpt) },
+                }),
                 table: Some(*table),
             },
         );
@@ -284,7 +307,8 @@ impl<D: HostDevice> IommufdHost<D> {
     pub(super) fn make_ram_parent(&mut self, dev: &D) {
         let parent = |flags| {
             self.fd
-                .hwpt_alloc(dev.dev_id(), self.ram_ioas, flags, 0, &mut [], None)
+                .hwpt_alloc(dev.dev_id(), self.ram_ioas.raw(), flags, 0, &mut [], None)
+                .map(HwptId)
         };
         // With PASID support where the kernel and device have it (6.15+).
         let with_pasid = if dev.supports_pasid() {
@@ -300,13 +324,13 @@ impl<D: HostDevice> IommufdHost<D> {
             self.pasid_mode = true;
             match self.fd.hwpt_alloc(
                 dev.dev_id(),
-                self.block_ioas,
+                self.block_ioas.raw(),
                 HWPT_ALLOC_PASID,
                 0,
                 &mut [],
                 None,
             ) {
-                Ok(h) => self.block_hwpt = Some(h),
+                Ok(h) => self.block_hwpt = Some(HwptId(h)),
                 Err(e) => info!("iommufd: blocking HWPT with PASID support: {e}"),
             }
         }
@@ -324,11 +348,12 @@ impl<D: HostDevice> IommufdHost<D> {
                 info!("iommufd: no nesting parent ({e}); a plain HWPT on the RAM IOAS");
                 match self
                     .fd
-                    .hwpt_alloc(dev.dev_id(), self.ram_ioas, 0, 0, &mut [], None)
+                    .hwpt_alloc(dev.dev_id(), self.ram_ioas.raw(), 0, 0, &mut [], None)
+                    .map(HwptId)
                 {
                     Ok(h) if self.degenerate(self.ram_ioas) => {
                         info!("iommufd: the RAM IOAS's HWPT has no usable aperture before attach; bypass attaches to the IOAS");
-                        let _ = self.fd.destroy(h);
+                        let _ = self.fd.destroy(h.raw());
                     }
                     Ok(h) => self.ram_hwpt = Some(h),
                     Err(e) => info!("iommufd: HWPT_ALLOC on the RAM IOAS: {e}"),
@@ -341,7 +366,7 @@ impl<D: HostDevice> IommufdHost<D> {
         let Some(d) = self.domains.get(&domain) else {
             return Ok(());
         };
-        let Some(data_type) = d.invalidate_type else {
+        let Some(NestedInvalidate { data_type, id }) = d.invalidate else {
             return Err(BridgeError::Unsupported(
                 "INVALIDATE of a domain without a table",
             ));
@@ -356,10 +381,9 @@ impl<D: HostDevice> IommufdHost<D> {
         if entries.is_empty() {
             return Ok(());
         }
-        let id = d.invalidate_id;
         self.invalidate_calls += 1;
         Ok(self
             .fd
-            .hwpt_invalidate(id, data_type, entry_len, &mut entries)?)
+            .hwpt_invalidate(id.raw(), data_type, entry_len, &mut entries)?)
     }
 }
