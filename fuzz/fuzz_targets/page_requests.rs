@@ -24,7 +24,7 @@ use vhost_device_iommu::fault_queue::pages::{
 };
 use vhost_device_iommu::fault_queue::{purge_completed, EventFifo, EventRecord};
 use vhost_device_iommu::iommufd_bridge::{
-    HostIommu, HostMapping, IovaHole, RamRegion, Result, Target,
+    HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target,
 };
 use vhost_device_iommu::nested::request::{
     decode_attach_table, decode_page_resp, encode, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID,
@@ -77,8 +77,8 @@ impl HostIommu for Recorder {
     fn endpoint_of_dev(&self, dev_id: u32) -> Option<u32> {
         Some(dev_id)
     }
-    fn page_response(&mut self, cookie: u32, _: u16) -> Result<bool> {
-        self.0.lock().unwrap().push(cookie);
+    fn page_response(&mut self, r: PageResponse) -> Result<bool> {
+        self.0.lock().unwrap().push(r.cookie);
         Ok(true)
     }
 }

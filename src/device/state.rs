@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::error::RequestError;
-use crate::device::host_port::{host_mapping, reserved_region};
+use crate::device::host_port::{host_mapping, page_response, reserved_region};
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::fault_queue::pages::{
@@ -497,10 +497,10 @@ impl IommuState {
     /// kernel's.
     /// Write the kernel's responses, up to 64 in one write.
     pub fn respond_host_faults(&mut self, rs: &[Response]) {
-        let mut pairs = [(0u32, 0u16); 64];
+        let mut pairs = [page_response(0, 0); 64];
         for chunk in rs.chunks(pairs.len()) {
             for (p, r) in pairs.iter_mut().zip(chunk) {
-                *p = (r.cookie, r.code);
+                *p = page_response(r.cookie, r.code);
             }
             let pages = &mut self.pages;
             self.host

@@ -22,7 +22,7 @@ use super::sys::{
     HWPT_DATA_ARM_SMMUV3, HWPT_DATA_VTD_S1, INVALIDATE_DATA_VTD_S1,
     VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
 };
-use super::Result;
+use super::{PageOutcome, PageResponse, Result};
 use crate::nested::request::{AT_F_EAFE, AT_F_SRE, AT_F_WPE, INV_CACHE_CONFIG};
 use crate::nested::{Invalidate, TableDesc};
 
@@ -232,15 +232,13 @@ pub(super) fn smmu3_entries(cmds: &[[u64; 2]]) -> Entries {
     entries(&out)
 }
 
-/// A page response for the fault queue; the kernel takes SUCCESS (0) and
-/// INVALID only, so any other code (FAILURE) is sent as INVALID.
-pub(super) fn page_response(cookie: u32, code: u16) -> iommu_hwpt_page_response {
+/// A page response for the fault queue.
+pub(super) fn page_response(r: PageResponse) -> iommu_hwpt_page_response {
     iommu_hwpt_page_response {
-        cookie,
-        code: if code == 0 {
-            iommufd_page_response_code_IOMMUFD_PAGE_RESP_SUCCESS
-        } else {
-            iommufd_page_response_code_IOMMUFD_PAGE_RESP_INVALID
+        cookie: r.cookie,
+        code: match r.outcome {
+            PageOutcome::Success => iommufd_page_response_code_IOMMUFD_PAGE_RESP_SUCCESS,
+            PageOutcome::Invalid => iommufd_page_response_code_IOMMUFD_PAGE_RESP_INVALID,
         },
     }
 }
@@ -331,7 +329,16 @@ mod tests {
             (16, 16, 3, 4)
         );
 
-        let r = [page_response(7, 0), page_response(8, 2)];
+        let r = [
+            page_response(PageResponse {
+                cookie: 7,
+                outcome: PageOutcome::Success,
+            }),
+            page_response(PageResponse {
+                cookie: 8,
+                outcome: PageOutcome::Invalid,
+            }),
+        ];
         assert_eq!(
             bytes_of(&r),
             [7, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0]

@@ -93,6 +93,21 @@ pub struct IovaHole {
     pub kind: HoleKind,
 }
 
+/// How the host IOMMU ends a page-request group: the device retries the
+/// access, or gives up on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageOutcome {
+    Success,
+    Invalid,
+}
+
+/// The answer to the fault queue's page-request group `cookie`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageResponse {
+    pub cookie: u32,
+    pub outcome: PageOutcome,
+}
+
 /// A host operation that failed. Comparable, so that request errors can
 /// carry it; the errno is what the kernel said.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -205,11 +220,10 @@ pub trait HostIommu: Debug + Send {
         None
     }
 
-    /// Answer the page-request group `cookie` of the fault queue (`code`:
-    /// PAGE_RESP's; FAILURE is sent as INVALID). `Ok(false)`: the kernel had
-    /// completed that group itself (detach, replace: EINVAL).
-    fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {
-        let _ = (cookie, code);
+    /// Answer a page-request group of the fault queue. `Ok(false)`: the
+    /// kernel had completed that group itself (detach, replace: EINVAL).
+    fn page_response(&mut self, response: PageResponse) -> Result<bool> {
+        let _ = response;
         Err(BridgeError::Unsupported("no fault queue"))
     }
 
@@ -217,11 +231,11 @@ pub trait HostIommu: Debug + Send {
     /// one write); `each(i, result)` is called for every one, in order.
     fn page_responses(
         &mut self,
-        responses: &[(u32, u16)],
+        responses: &[PageResponse],
         each: &mut dyn FnMut(usize, Result<bool>),
     ) {
-        for (i, &(cookie, code)) in responses.iter().enumerate() {
-            each(i, self.page_response(cookie, code));
+        for (i, &r) in responses.iter().enumerate() {
+            each(i, self.page_response(r));
         }
     }
 

@@ -6,7 +6,7 @@ use log::Level;
 use super::{HostDevice, IommufdHost, KernelQueue};
 use crate::iommufd_bridge::abi::{bytes_of, page_response};
 use crate::iommufd_bridge::ids::FaultId;
-use crate::iommufd_bridge::{BridgeError, Result};
+use crate::iommufd_bridge::{BridgeError, PageResponse, Result};
 use crate::log_limit::limited;
 
 /// Write struct iommu_hwpt_page_response {cookie, code} records, up to 64
@@ -17,7 +17,7 @@ use crate::log_limit::limited;
 /// response's errno: so write, skip the refused one, go on.
 fn write_page_responses(
     w: &mut impl std::io::Write,
-    responses: &[(u32, u16)],
+    responses: &[PageResponse],
     each: &mut dyn FnMut(usize, Result<bool>),
 ) {
     const RESP: usize = std::mem::size_of::<iommu_hwpt_page_response>();
@@ -25,8 +25,8 @@ fn write_page_responses(
     for (base, chunk) in responses.chunks(BATCH).enumerate() {
         let base = base * BATCH;
         let mut buf = [iommu_hwpt_page_response::default(); BATCH];
-        for (b, &(cookie, code)) in buf.iter_mut().zip(chunk) {
-            *b = page_response(cookie, code);
+        for (b, &r) in buf.iter_mut().zip(chunk) {
+            *b = page_response(r);
         }
         let mut i = 0;
         while i < chunk.len() {
@@ -84,7 +84,7 @@ impl<D: HostDevice> IommufdHost<D> {
 
     pub(super) fn write_responses(
         &mut self,
-        responses: &[(u32, u16)],
+        responses: &[PageResponse],
         each: &mut dyn FnMut(usize, Result<bool>),
     ) {
         let Some(KernelQueue { file, .. }) = self.fault.as_mut() else {
@@ -148,7 +148,12 @@ mod tests {
             outstanding: (1..=100).filter(|c| c % 10 != 5).collect(),
             writes: 0,
         };
-        let rs: Vec<(u32, u16)> = (1..=100).map(|c| (c, 0)).collect();
+        let rs: Vec<PageResponse> = (1..=100)
+            .map(|cookie| PageResponse {
+                cookie,
+                outcome: crate::iommufd_bridge::PageOutcome::Success,
+            })
+            .collect();
         let mut got = Vec::new();
         write_page_responses(&mut k, &rs, &mut |i, r| got.push((i, r.unwrap())));
         assert_eq!(got.len(), 100);

@@ -24,7 +24,9 @@ use super::abi::{VeventFormat, VEVENT_SELFTEST};
 use super::ids::{FaultId, HwptId, IoasId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use super::reserved::reserved_from_ranges;
 use super::sys::{Features, Iommufd, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
-use super::{Access, BridgeError, HostIommu, HostMapping, IovaHole, RamRegion, Result, Target};
+use super::{
+    Access, BridgeError, HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target,
+};
 use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// A device the host IOMMU translates for, bound to our iommufd.
@@ -555,15 +557,15 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             .ok()
     }
 
-    fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {
+    fn page_response(&mut self, response: PageResponse) -> Result<bool> {
         let mut out = Ok(false);
-        self.page_responses(&[(cookie, code)], &mut |_, r| out = r);
+        self.page_responses(&[response], &mut |_, r| out = r);
         out
     }
 
     fn page_responses(
         &mut self,
-        responses: &[(u32, u16)],
+        responses: &[PageResponse],
         each: &mut dyn FnMut(usize, Result<bool>),
     ) {
         self.write_responses(responses, each)
