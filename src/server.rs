@@ -16,6 +16,7 @@ use crate::device::backend::{
     epoll_data, IommuBackend, EVENTQ, EVENTS_PENDING, FRONTEND_THREAD, PAGE_TIMER, VIRTUAL_FAULTS,
 };
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
+use crate::iommufd_bridge::ids::IoasId;
 use crate::iommufd_bridge::sys::Iommufd;
 use crate::iommufd_bridge::vfio::VfioCdev;
 use crate::iommufd_bridge::{BridgeError, HostIommu};
@@ -101,7 +102,7 @@ fn open_host(opts: &Options) -> Result<Option<Box<dyn HostIommu>>, ServerError> 
 fn add_endpoints<D: HostDevice>(
     mut host: IommufdHost<D>,
     opts: &Options,
-    make: impl Fn(&Iommufd, &EndpointKind, u32) -> Result<D, BridgeError>,
+    make: impl Fn(&Iommufd, &EndpointKind, IoasId) -> Result<D, BridgeError>,
 ) -> Result<IommufdHost<D>, ServerError> {
     for e in opts
         .endpoints

@@ -19,12 +19,13 @@ use libfuzzer_sys::fuzz_target;
 use vhost_device_iommu::device::config::{features, DeviceConfig};
 use vhost_device_iommu::device::request::Detach;
 use vhost_device_iommu::device::state::IommuState;
-use vhost_device_iommu::device::state::ReservedRegion;
 use vhost_device_iommu::fault_queue::pages::{
     FaultRecord, SourceId, PGFAULT_F_LAST_PAGE, PGFAULT_F_PASID_VALID,
 };
 use vhost_device_iommu::fault_queue::{purge_completed, EventFifo, EventRecord};
-use vhost_device_iommu::iommufd_bridge::{HostIommu, HostMapping, RamRegion, Result, Target};
+use vhost_device_iommu::iommufd_bridge::{
+    HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target,
+};
 use vhost_device_iommu::nested::request::{
     decode_attach_table, decode_page_resp, encode, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID,
 };
@@ -67,7 +68,7 @@ impl HostIommu for Recorder {
         Ok(())
     }
     fn reset(&mut self, _: bool) {}
-    fn reserved(&self, _: u32) -> Option<&[ReservedRegion]> {
+    fn reserved(&self, _: u32) -> Option<&[IovaHole]> {
         None
     }
     fn describe(&self) -> serde_json::Value {
@@ -76,8 +77,8 @@ impl HostIommu for Recorder {
     fn endpoint_of_dev(&self, dev_id: u32) -> Option<u32> {
         Some(dev_id)
     }
-    fn page_response(&mut self, cookie: u32, _: u16) -> Result<bool> {
-        self.0.lock().unwrap().push(cookie);
+    fn page_response(&mut self, r: PageResponse) -> Result<bool> {
+        self.0.lock().unwrap().push(r.cookie);
         Ok(true)
     }
 }

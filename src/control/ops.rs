@@ -11,8 +11,8 @@ use vm_memory::GuestAddressSpace;
 use super::{ClientCounters, CONTROL_ERRORS, DEFAULT_TIMEOUT, MAX_TIMEOUT_MS};
 use crate::device::backend::IommuBackend;
 use crate::device::config::features;
+use crate::device::translate::{translate_dma, ModelError};
 use crate::fault_queue::pages::{CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
-use crate::iommufd_bridge::model::{translate_dma, ModelError};
 
 pub(super) fn error(kind: &str, detail: impl ToString) -> Value {
     json!({"ok": false, "error": kind, "detail": detail.to_string()})

@@ -622,7 +622,7 @@ mod tests {
             Ok(())
         }
         fn reset(&mut self, _: bool) {}
-        fn reserved(&self, _: u32) -> Option<&[crate::device::state::ReservedRegion]> {
+        fn reserved(&self, _: u32) -> Option<&[crate::iommufd_bridge::IovaHole]> {
             None
         }
         fn describe(&self) -> serde_json::Value {

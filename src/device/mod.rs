@@ -5,9 +5,11 @@ pub mod chain;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub(crate) mod host_port;
 pub mod poll;
 pub mod request;
 pub mod state;
 pub mod stats;
+pub mod translate;
 
 pub use config::features;

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::error::RequestError;
+use crate::device::host_port::{host_mapping, page_response, reserved_region};
 use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
 use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::fault_queue::pages::{
@@ -17,14 +18,13 @@ use crate::fault_queue::pages::{
 };
 use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
 use crate::iommufd_bridge::software::SoftwareIommu;
-use crate::iommufd_bridge::{BridgeError, HostIommu, HostMapping, RamRegion, Target};
+use crate::iommufd_bridge::{BridgeError, HostIommu, RamRegion, Target};
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
-/// mappable (spec-notes/protocol.md 6.6).
-pub const MSI_START: u64 = 0xfee0_0000;
-pub const MSI_END: u64 = 0xfeef_ffff;
+/// mappable (spec-notes/protocol.md 6.6); the host port's, so both agree.
+pub use crate::iommufd_bridge::{MSI_END, MSI_START};
 
 pub const RESV_MEM_T_RESERVED: u8 = 0;
 pub const RESV_MEM_T_MSI: u8 = 1;
@@ -109,6 +109,9 @@ pub struct IommuState {
     /// (endpoint, PASID) -> domain, for tables attached at a PASID.
     pasids: BTreeMap<(u32, u32), u32>,
     reserved: Vec<ReservedRegion>,
+    /// RESV_MEM regions of host endpoints: the host's IOVA holes, converted
+    /// once when the host is set (they never change after).
+    host_reserved: HashMap<u32, Vec<ReservedRegion>>,
     /// Keeps the host in step: called after a request is validated and
     /// before it is committed, so a host refusal changes nothing.
     host: Box<dyn HostIommu>,
@@ -130,15 +133,6 @@ fn map_domain(
     }
 }
 
-fn host_mapping(iova: u64, m: &Mapping) -> HostMapping {
-    HostMapping {
-        iova,
-        end: m.end,
-        phys: m.phys,
-        flags: m.flags,
-    }
-}
-
 impl IommuState {
     pub fn new(config: DeviceConfig, limits: Limits, endpoint_ids: &[u32]) -> Self {
         IommuState {
@@ -157,6 +151,7 @@ impl IommuState {
                 end: MSI_END,
                 subtype: RESV_MEM_T_MSI,
             }],
+            host_reserved: HashMap::new(),
             host: Box::new(SoftwareIommu),
             pages: PageRequests::new(limits.max_page_requests)
                 .with_timeout(limits.page_response_timeout),
@@ -167,6 +162,14 @@ impl IommuState {
     pub fn set_host(&mut self, mut host: Box<dyn HostIommu>) {
         // No guest yet: host devices are blocked until one brings its RAM.
         host.reset(false);
+        self.host_reserved = self
+            .endpoints
+            .keys()
+            .filter_map(|&id| {
+                let holes = host.reserved(id)?;
+                Some((id, holes.iter().map(reserved_region).collect()))
+            })
+            .collect();
         self.host = host;
     }
 
@@ -247,7 +250,9 @@ impl IommuState {
     }
 
     pub fn reserved_regions(&self, endpoint: u32) -> &[ReservedRegion] {
-        self.host.reserved(endpoint).unwrap_or(&self.reserved)
+        self.host_reserved
+            .get(&endpoint)
+            .map_or(&self.reserved, Vec::as_slice)
     }
 
     pub fn mapping_count(&self, domain: u32) -> usize {
@@ -484,10 +489,10 @@ impl IommuState {
     /// kernel's.
     /// Write the kernel's responses, up to 64 in one write.
     pub fn respond_host_faults(&mut self, rs: &[Response]) {
-        let mut pairs = [(0u32, 0u16); 64];
+        let mut pairs = [page_response(0, 0); 64];
         for chunk in rs.chunks(pairs.len()) {
             for (p, r) in pairs.iter_mut().zip(chunk) {
-                *p = (r.cookie, r.code);
+                *p = page_response(r.cookie, r.code);
             }
             let pages = &mut self.pages;
             self.host

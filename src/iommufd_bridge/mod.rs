@@ -3,15 +3,17 @@
 //! The device state (`device::state`) decides what a request means; a
 //! `HostIommu` makes the host agree with it. Three implementations:
 //! - `software::SoftwareIommu`: every endpoint virtual, translated by the
-//!   software model (`model`) from the device state itself;
+//!   software model (`device::translate`) from the device state itself;
 //! - `host::IommufdHost<vfio::VfioCdev>`: real iommufd, VFIO cdev devices;
 //! - `host::IommufdHost<selftest::SelftestDevice>` (feature `selftest`): the
 //!   kernel's iommufd selftest mock devices, for the kernel test tier.
 //!
 //! The iommufd calls themselves live in `sys`.
 
+mod abi;
 pub mod host;
-pub mod model;
+pub mod ids;
+pub mod reserved;
 #[cfg(feature = "selftest")]
 pub mod selftest;
 pub mod software;
@@ -22,7 +24,6 @@ use std::fmt::Debug;
 
 use thiserror::Error;
 
-use crate::device::state::ReservedRegion;
 use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// One region of guest RAM as the frontend's memory table gives it.
@@ -54,14 +55,57 @@ pub enum Target {
     },
 }
 
+/// What a mapping lets a device do, as the host IOMMU enforces it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Access {
+    pub read: bool,
+    pub write: bool,
+}
+
 /// One mapping of a MAP/UNMAP domain (inclusive end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostMapping {
     pub iova: u64,
     pub end: u64,
     pub phys: u64,
-    /// virtio MAP flags (READ 1, WRITE 2, MMIO 4).
-    pub flags: u32,
+    pub access: Access,
+}
+
+/// x86's MSI doorbell window: DMA there is an interrupt, never memory, so
+/// no IOMMU translates it (virtio-iommu.md P11).
+pub const MSI_START: u64 = 0xfee0_0000;
+pub const MSI_END: u64 = 0xfeef_ffff;
+
+/// Why the host cannot translate an IOVA range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoleKind {
+    /// Outside the device's usable IOVA ranges.
+    Untranslated,
+    /// An MSI doorbell window.
+    Msi,
+}
+
+/// An IOVA range (inclusive end) the host IOMMU cannot map for an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IovaHole {
+    pub start: u64,
+    pub end: u64,
+    pub kind: HoleKind,
+}
+
+/// How the host IOMMU ends a page-request group: the device retries the
+/// access, or gives up on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageOutcome {
+    Success,
+    Invalid,
+}
+
+/// The answer to the fault queue's page-request group `cookie`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageResponse {
+    pub cookie: u32,
+    pub outcome: PageOutcome,
 }
 
 /// A host operation that failed. Comparable, so that request errors can
@@ -176,11 +220,10 @@ pub trait HostIommu: Debug + Send {
         None
     }
 
-    /// Answer the page-request group `cookie` of the fault queue (`code`:
-    /// PAGE_RESP's; FAILURE is sent as INVALID). `Ok(false)`: the kernel had
-    /// completed that group itself (detach, replace: EINVAL).
-    fn page_response(&mut self, cookie: u32, code: u16) -> Result<bool> {
-        let _ = (cookie, code);
+    /// Answer a page-request group of the fault queue. `Ok(false)`: the
+    /// kernel had completed that group itself (detach, replace: EINVAL).
+    fn page_response(&mut self, response: PageResponse) -> Result<bool> {
+        let _ = response;
         Err(BridgeError::Unsupported("no fault queue"))
     }
 
@@ -188,11 +231,11 @@ pub trait HostIommu: Debug + Send {
     /// one write); `each(i, result)` is called for every one, in order.
     fn page_responses(
         &mut self,
-        responses: &[(u32, u16)],
+        responses: &[PageResponse],
         each: &mut dyn FnMut(usize, Result<bool>),
     ) {
-        for (i, &(cookie, code)) in responses.iter().enumerate() {
-            each(i, self.page_response(cookie, code));
+        for (i, &r) in responses.iter().enumerate() {
+            each(i, self.page_response(r));
         }
     }
 
@@ -208,8 +251,9 @@ pub trait HostIommu: Debug + Send {
         TableCaps::default()
     }
 
-    /// RESV_MEM regions of a host endpoint (None: use the platform's).
-    fn reserved(&self, endpoint: u32) -> Option<&[ReservedRegion]>;
+    /// The IOVA holes of a host endpoint (None: use the platform's). Known
+    /// from `add`ing the endpoint on; never changes after.
+    fn reserved(&self, endpoint: u32) -> Option<&[IovaHole]>;
 
     /// A JSON description of the host objects, for the control socket.
     fn describe(&self) -> serde_json::Value;

@@ -6,6 +6,7 @@
 use serde_json::{json, Value};
 
 use super::host::HostDevice;
+use super::ids::{IoasId, PtId};
 use super::sys::{Iommufd, MockDevice, MOCK_FLAGS_DEVICE_PASID};
 use super::Result;
 
@@ -17,15 +18,15 @@ pub struct SelftestDevice {
 }
 
 impl SelftestDevice {
-    /// A mock device attached to `pt_id`: with PASID support where the
+    /// A mock device attached to `ioas`: with PASID support where the
     /// kernel has it (MOCK_DOMAIN_FLAGS), else a plain MOCK_DOMAIN.
-    pub fn create(fd: &Iommufd, pt_id: u32) -> Result<Self> {
-        match fd.mock_domain_flags(pt_id, MOCK_FLAGS_DEVICE_PASID) {
+    pub fn create(fd: &Iommufd, ioas: IoasId) -> Result<Self> {
+        match fd.mock_domain_flags(ioas.raw(), MOCK_FLAGS_DEVICE_PASID) {
             Ok(mock) => Ok(SelftestDevice { mock, pasid: true }),
             Err(e) => {
                 log::info!("selftest device without PASID support: {e}");
                 Ok(SelftestDevice {
-                    mock: fd.mock_domain(pt_id)?,
+                    mock: fd.mock_domain(ioas.raw())?,
                     pasid: false,
                 })
             }
@@ -38,8 +39,8 @@ impl HostDevice for SelftestDevice {
         self.mock.dev_id
     }
 
-    fn attach(&mut self, fd: &Iommufd, pt_id: u32) -> Result<()> {
-        fd.mock_domain_replace(self.mock.stdev_id, pt_id)?;
+    fn attach(&mut self, fd: &Iommufd, pt: PtId) -> Result<()> {
+        fd.mock_domain_replace(self.mock.stdev_id, pt.raw())?;
         Ok(())
     }
 
@@ -47,8 +48,8 @@ impl HostDevice for SelftestDevice {
         self.pasid
     }
 
-    fn attach_pasid(&mut self, fd: &Iommufd, pasid: u32, pt_id: u32, replace: bool) -> Result<()> {
-        Ok(fd.mock_pasid_attach(self.mock.stdev_id, pasid, pt_id, replace)?)
+    fn attach_pasid(&mut self, fd: &Iommufd, pasid: u32, pt: PtId, replace: bool) -> Result<()> {
+        Ok(fd.mock_pasid_attach(self.mock.stdev_id, pasid, pt.raw(), replace)?)
     }
 
     fn detach_pasid(&mut self, fd: &Iommufd, pasid: u32) -> Result<()> {

@@ -1,9 +1,8 @@
 //! The software IOMMU as a `HostIommu`: nothing on the host to keep in
 //! step. Virtual endpoints translate through the device state itself
-//! (`model::translate_dma`), so every operation here succeeds at no cost.
+//! (`device::translate::translate_dma`), so every operation here succeeds at no cost.
 
-use super::{HostIommu, HostMapping, RamRegion, Result, Target};
-use crate::device::state::ReservedRegion;
+use super::{HostIommu, HostMapping, IovaHole, RamRegion, Result, Target};
 
 #[derive(Debug, Default)]
 pub struct SoftwareIommu;
@@ -48,7 +47,7 @@ impl HostIommu for SoftwareIommu {
 
     fn reset(&mut self, _bypass: bool) {}
 
-    fn reserved(&self, _endpoint: u32) -> Option<&[ReservedRegion]> {
+    fn reserved(&self, _endpoint: u32) -> Option<&[IovaHole]> {
         None
     }
 

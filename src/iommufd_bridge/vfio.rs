@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
 
 use super::host::HostDevice;
+use super::ids::PtId;
 use super::sys::Iommufd;
 use super::{BridgeError, Result};
 
@@ -110,9 +111,9 @@ impl HostDevice for VfioCdev {
         self.dev_id
     }
 
-    fn attach(&mut self, _fd: &Iommufd, pt_id: u32) -> Result<()> {
+    fn attach(&mut self, _fd: &Iommufd, pt: PtId) -> Result<()> {
         self.dev
-            .attach_hwpt(pt_id)
+            .attach_hwpt(pt.raw())
             .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT", e))
     }
 
@@ -120,16 +121,10 @@ impl HostDevice for VfioCdev {
         true
     }
 
-    fn attach_pasid(
-        &mut self,
-        _fd: &Iommufd,
-        pasid: u32,
-        pt_id: u32,
-        _replace: bool,
-    ) -> Result<()> {
+    fn attach_pasid(&mut self, _fd: &Iommufd, pasid: u32, pt: PtId, _replace: bool) -> Result<()> {
         // VFIO replaces an attached PASID itself.
         self.dev
-            .attach_iommufd_pt_pasid(pt_id, pasid)
+            .attach_iommufd_pt_pasid(pt.raw(), pasid)
             .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)", e))
     }
 

@@ -10,43 +10,56 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
-    iommu_fault_alloc, iommu_hw_info, iommu_hwpt_alloc, iommu_hwpt_invalidate, iommu_ioas_alloc,
+    iommu_fault_alloc, iommu_hw_info, iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+    iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD, iommu_hwpt_alloc,
+    iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3, iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1,
+    iommu_hwpt_invalidate, iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+    iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, iommu_ioas_alloc,
     iommu_ioas_copy, iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
-    iommu_iova_range, iommu_vdevice_alloc, iommu_veventq_alloc, iommu_viommu_alloc, IOMMUFD_TYPE,
+    iommu_iova_range, iommu_vdevice_alloc, iommu_veventq_alloc,
+    iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, iommu_viommu_alloc,
+    iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE, IOMMUFD_CMD_FAULT_QUEUE_ALLOC,
+    IOMMUFD_CMD_IOAS_COPY, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::IommuFd;
 use thiserror::Error;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-pub const IOAS_MAP_FIXED_IOVA: u32 = 1;
-pub const IOAS_MAP_WRITEABLE: u32 = 2;
-pub const IOAS_MAP_READABLE: u32 = 4;
-pub const HWPT_ALLOC_NEST_PARENT: u32 = 1;
-pub const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+pub const IOAS_MAP_FIXED_IOVA: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
+pub const IOAS_MAP_WRITEABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
+pub const IOAS_MAP_READABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
+pub const HWPT_ALLOC_NEST_PARENT: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
+pub const HWPT_FAULT_ID_VALID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
 /// IOMMU_HWPT_ALLOC_PASID (6.15): the HWPT may sit next to PASID attachments.
-pub const HWPT_ALLOC_PASID: u32 = 1 << 3;
+pub const HWPT_ALLOC_PASID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
 /// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
-pub const HWPT_DATA_VTD_S1: u32 = 1;
-pub const HWPT_DATA_ARM_SMMUV3: u32 = 2;
-pub const HWPT_DATA_SELFTEST: u32 = 0xdead;
+pub const HWPT_DATA_VTD_S1: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
+pub const HWPT_DATA_ARM_SMMUV3: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
 /// enum iommu_hwpt_invalidate_data_type values we use.
-pub const INVALIDATE_DATA_VTD_S1: u32 = 0;
-pub const INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+pub const INVALIDATE_DATA_VTD_S1: u32 =
+    iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1;
 /// IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: raw SMMUv3 commands, sent to
 /// the vIOMMU (not to the nested HWPT).
-pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
+    iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
 /// IOMMU_VIOMMU_TYPE_ARM_SMMUV3, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3.
-pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
-pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
-/// vIOMMU and vEVENTQ types of the selftest mock (IOMMU_VIOMMU_TYPE_SELFTEST,
-/// IOMMU_VEVENTQ_TYPE_SELFTEST).
-pub const VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
-pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
+pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
+pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
 /// enum iommu_hw_info_type values we recognise.
-pub const HW_INFO_INTEL_VTD: u32 = 1;
-pub const HW_INFO_ARM_SMMUV3: u32 = 2;
-pub const HW_INFO_SELFTEST: u32 = 0xfeed_beef;
+pub const HW_INFO_INTEL_VTD: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD;
+pub const HW_INFO_ARM_SMMUV3: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+/// The selftest mock's types: not in the bindings (see `abi`).
+pub use super::abi::{
+    HWPT_DATA_SELFTEST, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST, VEVENTQ_TYPE_SELFTEST,
+    VIOMMU_TYPE_SELFTEST,
+};
 
 /// IOMMU_GET_HW_INFO's answer for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,9 +71,17 @@ pub struct HwInfoRaw {
     pub data: Vec<u8>,
 }
 
-ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, 0x83);
-ioctl_io_nr!(IOMMU_IOAS_IOVA_RANGES, IOMMUFD_TYPE as u32, 0x84);
-ioctl_io_nr!(IOMMU_FAULT_QUEUE_ALLOC, IOMMUFD_TYPE as u32, 0x8e);
+ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, IOMMUFD_CMD_IOAS_COPY);
+ioctl_io_nr!(
+    IOMMU_IOAS_IOVA_RANGES,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_IOAS_IOVA_RANGES
+);
+ioctl_io_nr!(
+    IOMMU_FAULT_QUEUE_ALLOC,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_FAULT_QUEUE_ALLOC
+);
 
 /// A refused host operation: which one, and the kernel's errno.
 #[derive(Debug, Error)]
@@ -516,199 +537,5 @@ impl Iommufd {
 #[cfg(feature = "selftest")]
 pub use selftest::*;
 
-/// The kernel's iommufd selftest ABI (CONFIG_IOMMUFD_TEST): a mock device
-/// and checks of what the kernel really mapped. Tests only.
 #[cfg(feature = "selftest")]
-mod selftest {
-    use super::*;
-
-    ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, 0xa0);
-
-    pub const OP_MOCK_DOMAIN: u32 = 2;
-    pub const OP_MD_CHECK_MAP: u32 = 3;
-    pub const OP_MD_CHECK_REFS: u32 = 4;
-    pub const OP_MOCK_DOMAIN_REPLACE: u32 = 10;
-    pub const OP_MOCK_DOMAIN_FLAGS: u32 = 12;
-    pub const OP_MD_CHECK_IOTLB: u32 = 14;
-    pub const OP_TRIGGER_IOPF: u32 = 15;
-    pub const OP_PASID_ATTACH: u32 = 18;
-    pub const OP_PASID_REPLACE: u32 = 19;
-    pub const OP_PASID_DETACH: u32 = 20;
-    pub const OP_PASID_CHECK_HWPT: u32 = 21;
-    pub const OP_TRIGGER_VEVENT: u32 = 17;
-    /// MOCK_FLAGS_DEVICE_PASID (6.15): the mock device gets 20 PASID bits.
-    pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
-
-    /// struct iommu_test_cmd: 72 bytes on 6.12 and 7.x.
-    #[repr(C, align(8))]
-    struct TestCmd {
-        size: u32,
-        op: u32,
-        id: u32,
-        reserved: u32,
-        u: [u8; 48],
-        last: u32,
-    }
-
-    const _: () = assert!(std::mem::size_of::<TestCmd>() == 72);
-
-    impl TestCmd {
-        fn new(op: u32, id: u32) -> Self {
-            TestCmd {
-                size: size_of::<TestCmd>(),
-                op,
-                id,
-                reserved: 0,
-                u: [0; 48],
-                last: 0,
-            }
-        }
-        fn put32(&mut self, off: usize, v: u32) -> &mut Self {
-            self.u[off..off + 4].copy_from_slice(&v.to_le_bytes());
-            self
-        }
-        fn put64(&mut self, off: usize, v: u64) -> &mut Self {
-            self.u[off..off + 8].copy_from_slice(&v.to_le_bytes());
-            self
-        }
-        fn get32(&self, off: usize) -> u32 {
-            u32::from_le_bytes(self.u[off..off + 4].try_into().unwrap())
-        }
-    }
-
-    /// A mock device made by MOCK_DOMAIN.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct MockDevice {
-        /// Handle for REPLACE and for IOMMU_DESTROY of the device.
-        pub stdev_id: u32,
-        /// The HWPT it was attached to.
-        pub hwpt_id: u32,
-        /// The iommufd device id (dev_id for HWPT_ALLOC, faults).
-        pub dev_id: u32,
-    }
-
-    impl Iommufd {
-        fn test_cmd(&self, op: &'static str, cmd: &mut TestCmd) -> Result<()> {
-            // SAFETY: IOMMU_TEST_CMD reads and writes back one 72-byte
-            // iommu_test_cmd; `cmd` is one, with `size` set.
-            check(op, unsafe {
-                ioctl_with_mut_ref(self, IOMMU_TEST_CMD(), cmd)
-            })
-        }
-
-        /// Create a mock device attached to `pt_id` (an IOAS or a HWPT).
-        pub fn mock_domain(&self, pt_id: u32) -> Result<MockDevice> {
-            let mut c = TestCmd::new(OP_MOCK_DOMAIN, pt_id);
-            self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN", &mut c)?;
-            Ok(MockDevice {
-                stdev_id: c.get32(0),
-                hwpt_id: c.get32(4),
-                dev_id: c.get32(8),
-            })
-        }
-
-        /// Re-attach a mock device to `pt_id`; returns the HWPT it is on now.
-        /// MOCK_DOMAIN_FLAGS: a mock device with `dev_flags` (6.15's PASID
-        /// flag; older kernels refuse unknown flags with EINVAL).
-        pub fn mock_domain_flags(&self, pt_id: u32, dev_flags: u32) -> Result<MockDevice> {
-            let mut c = TestCmd::new(OP_MOCK_DOMAIN_FLAGS, pt_id);
-            c.put32(12, dev_flags);
-            self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS", &mut c)?;
-            Ok(MockDevice {
-                stdev_id: c.get32(0),
-                hwpt_id: c.get32(4),
-                dev_id: c.get32(8),
-            })
-        }
-
-        /// PASID_ATTACH (or PASID_REPLACE when `replace`): `pasid` of the
-        /// mock device to `pt_id`.
-        pub fn mock_pasid_attach(
-            &self,
-            stdev_id: u32,
-            pasid: u32,
-            pt_id: u32,
-            replace: bool,
-        ) -> Result<()> {
-            let (op, name) = if replace {
-                (OP_PASID_REPLACE, "IOMMU_TEST_OP_PASID_REPLACE")
-            } else {
-                (OP_PASID_ATTACH, "IOMMU_TEST_OP_PASID_ATTACH")
-            };
-            let mut c = TestCmd::new(op, stdev_id);
-            c.put32(0, pasid).put32(4, pt_id);
-            self.test_cmd(name, &mut c)
-        }
-
-        /// TRIGGER_VEVENT (6.15): the mock reports one vEVENT {virt_id} of
-        /// device `dev_id` to its vIOMMU's selftest vEVENTQ.
-        pub fn trigger_vevent(&self, dev_id: u32) -> Result<()> {
-            let mut c = TestCmd::new(OP_TRIGGER_VEVENT, 0);
-            c.put32(0, dev_id);
-            self.test_cmd("IOMMU_TEST_OP_TRIGGER_VEVENT", &mut c)
-        }
-
-        /// PASID_DETACH.
-        pub fn mock_pasid_detach(&self, stdev_id: u32, pasid: u32) -> Result<()> {
-            let mut c = TestCmd::new(OP_PASID_DETACH, stdev_id);
-            c.put32(0, pasid);
-            self.test_cmd("IOMMU_TEST_OP_PASID_DETACH", &mut c)
-        }
-
-        /// PASID_CHECK_HWPT: is `pasid` of the mock device on `hwpt` (0:
-        /// is it detached)?
-        pub fn mock_pasid_check_hwpt(&self, stdev_id: u32, pasid: u32, hwpt: u32) -> Result<()> {
-            let mut c = TestCmd::new(OP_PASID_CHECK_HWPT, stdev_id);
-            c.put32(0, pasid).put32(4, hwpt);
-            self.test_cmd("IOMMU_TEST_OP_PASID_CHECK_HWPT", &mut c)
-        }
-
-        pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> Result<u32> {
-            let mut c = TestCmd::new(OP_MOCK_DOMAIN_REPLACE, stdev_id);
-            c.put32(0, pt_id);
-            self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE", &mut c)?;
-            Ok(c.get32(0))
-        }
-
-        /// Ask the kernel whether `hwpt` maps [iova, iova + len) to the pages
-        /// at our address `uptr`.
-        pub fn md_check_map(&self, hwpt: u32, iova: u64, len: u64, uptr: u64) -> Result<()> {
-            let mut c = TestCmd::new(OP_MD_CHECK_MAP, hwpt);
-            c.put64(0, iova).put64(8, len).put64(16, uptr);
-            self.test_cmd("IOMMU_TEST_OP_MD_CHECK_MAP", &mut c)
-        }
-
-        /// Ask the kernel whether every page of [uptr, uptr + len) has
-        /// `refs` pins.
-        pub fn md_check_refs(&self, uptr: u64, len: u64, refs: u32) -> Result<()> {
-            let mut c = TestCmd::new(OP_MD_CHECK_REFS, 0);
-            c.put64(0, len).put64(8, uptr).put32(16, refs);
-            self.test_cmd("IOMMU_TEST_OP_MD_CHECK_REFS", &mut c)
-        }
-
-        /// Check one IOTLB slot of a mock nested HWPT.
-        pub fn md_check_iotlb(&self, hwpt: u32, slot: u32, value: u32) -> Result<()> {
-            let mut c = TestCmd::new(OP_MD_CHECK_IOTLB, hwpt);
-            c.put32(0, slot).put32(4, value);
-            self.test_cmd("IOMMU_TEST_OP_MD_CHECK_IOTLB", &mut c)
-        }
-
-        /// Inject one page request (LAST set) from a mock device.
-        pub fn trigger_iopf(
-            &self,
-            dev_id: u32,
-            pasid: u32,
-            grpid: u32,
-            perm: u32,
-            addr: u64,
-        ) -> Result<()> {
-            let mut c = TestCmd::new(OP_TRIGGER_IOPF, 0);
-            c.put32(0, dev_id)
-                .put32(4, pasid)
-                .put32(8, grpid)
-                .put32(12, perm)
-                .put64(16, addr);
-            self.test_cmd("IOMMU_TEST_OP_TRIGGER_IOPF", &mut c)
-        }
-    }
-}
+mod selftest;
