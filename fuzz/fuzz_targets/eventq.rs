@@ -1,4 +1,4 @@
-//! The eventq: fault records pushed with `backend.events.send`, eventq
+//! The eventq: fault records pushed with `backend.relay.send`, eventq
 //! buffers posted by a well-behaved driver model, and the eventq worker's
 //! `handle_event(.., 1)`, in any order, checked against a model FIFO.
 //!
@@ -168,7 +168,7 @@ struct Model {
 }
 
 fn check_counters(backend: &IommuBackend, m: &Model) {
-    let fifo = backend.events.fifo();
+    let fifo = backend.relay.fifo();
     assert_eq!(fifo.counters, m.counters, "event counters");
     assert_eq!(fifo.len(), m.queued.len(), "records queued");
     let c = fifo.counters;
@@ -313,7 +313,7 @@ fuzz_target!(|data: &[u8]| {
                     pasid: None,
                 };
                 let want = m.queued.len() < m.capacity;
-                let got = backend.events.send(rec);
+                let got = backend.relay.send(rec);
                 assert_eq!(
                     got,
                     want,

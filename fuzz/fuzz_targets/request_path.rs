@@ -111,7 +111,7 @@ fn worker_result(r: std::io::Result<()>, what: &str) -> bool {
 struct Sent(u64);
 
 fn check_counters(backend: &IommuBackend, sent: &Sent) {
-    let fifo = backend.events.fifo();
+    let fifo = backend.relay.fifo();
     let c = fifo.counters;
     let total = c.delivered + c.lost + c.discarded + fifo.len() as u64;
     assert_eq!(
@@ -276,7 +276,7 @@ fuzz_target!(|data: &[u8]| {
                     address: o.u64(),
                     pasid: None,
                 };
-                backend.events.send(rec);
+                backend.relay.send(rec);
                 sent.0 += 1;
             }
             3 => {
