@@ -1,0 +1,463 @@
+//! Machine-independent costs of the backend: user-space instructions
+//! (callgrind) and system calls (strace), per operation, in steady state.
+//!
+//! Both use the difference method: the same workload is run for N and for
+//! 2N operations after the same set-up and warm-up, and (count(2N) -
+//! count(N)) / N is the cost of one operation; start-up, warm-up and
+//! shut-down cancel exactly. Only the backend process is counted, never the
+//! test driver, and only the threads the caller names by role.
+//!
+//! - Instructions: the backend runs under `valgrind --tool=callgrind
+//!   --separate-threads=yes` (one process per N), with `--seccomp off`
+//!   (valgrind does not implement seccomp(2)); each thread's profile is
+//!   read from its output file, self cost per function.
+//! - System calls: the backend runs natively with its seccomp filter on
+//!   (the deployed configuration); `strace -c -p TID` is attached to the
+//!   chosen threads for N operations, then again for 2N, in the same
+//!   process (the attach and detach artefacts cancel too).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::{binary, BackendProcess};
+use super::{invalid, Error, Result};
+
+/// Why the cost benches cannot run here (valgrind or strace missing), or
+/// None when both work.
+pub fn missing_tools() -> Option<String> {
+    let works = |cmd: &str, arg: &str| {
+        Command::new(cmd)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let mut missing = Vec::new();
+    if !works("valgrind", "--version") {
+        missing.push("valgrind not installed (apt-get install -y valgrind)");
+    }
+    if !works("strace", "-V") {
+        missing.push("strace not installed (apt-get install -y strace)");
+    }
+    (!missing.is_empty()).then(|| missing.join("; "))
+}
+
+/// The thread roles of the backend, from the names it gives its threads
+/// (`/proc/PID/task/TID/comm`) or, under callgrind, from the functions a
+/// thread ran (callgrind does not record thread names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// `viommu-reqq`: serves the requestq.
+    RequestQueue,
+    /// `viommu-evtq`: the eventq and the fault sources.
+    EventQueue,
+    /// `viommu-ctl-client`: one control-socket connection.
+    ControlClient,
+    /// Everything else (main, frontend handler, accept loops).
+    Other,
+}
+
+impl Role {
+    fn of_comm(comm: &str) -> Role {
+        match comm.trim() {
+            "viommu-reqq" => Role::RequestQueue,
+            "viommu-evtq" => Role::EventQueue,
+            "viommu-ctl-clie" | "viommu-ctl-client" => Role::ControlClient,
+            _ => Role::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::RequestQueue => "reqq",
+            Role::EventQueue => "evtq",
+            Role::ControlClient => "ctl-client",
+            Role::Other => "other",
+        }
+    }
+}
+
+/// The backend's threads and their roles (Linux thread names are cut to
+/// 15 bytes).
+pub fn threads(pid: u32) -> Result<Vec<(u32, Role)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let e = e?;
+        let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        out.push((tid, Role::of_comm(&comm)));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Start the backend under callgrind (with `--seccomp off` appended), one
+/// output file per thread in the backend's directory. Waits for the
+/// vhost-user socket (valgrind's start-up is slow).
+pub fn spawn_callgrind(extra: &[&str]) -> Result<BackendProcess> {
+    let bin = binary();
+    let mut args: Vec<&str> = vec![
+        "--tool=callgrind",
+        "--separate-threads=yes",
+        "--callgrind-out-file={dir}/callgrind.out",
+        // The whole-process summary goes to stderr.log with the backend's.
+        "--log-file={dir}/valgrind.log",
+        &bin,
+        "--seccomp",
+        "off",
+    ];
+    args.extend_from_slice(extra);
+    BackendProcess::spawn_wrapped("valgrind", &args, Duration::from_secs(120))
+}
+
+/// One thread's profile: instructions executed in each function (self
+/// cost, i.e. not counting the functions it called).
+#[derive(Debug, Default, Clone)]
+pub struct Profile {
+    pub by_fn: HashMap<String, u64>,
+    pub total: u64,
+}
+
+impl Profile {
+    pub fn add(&mut self, other: &Profile) {
+        for (f, n) in &other.by_fn {
+            *self.by_fn.entry(f.clone()).or_default() += n;
+        }
+        self.total += other.total;
+    }
+
+    /// Does any function name contain `pat`?
+    fn ran(&self, pat: &str) -> bool {
+        self.by_fn.keys().any(|f| f.contains(pat))
+    }
+
+    /// The thread's role, from what it ran.
+    fn role(&self) -> Role {
+        if self.ran("control::serve_client") || self.ran("control::handle_line") {
+            Role::ControlClient
+        } else if self.ran("requestq::") && self.ran("VringEpollHandler") {
+            Role::RequestQueue
+        } else if self.ran("VringEpollHandler") {
+            Role::EventQueue
+        } else {
+            Role::Other
+        }
+    }
+}
+
+/// Parse one callgrind output file (events: Ir only): self cost per
+/// function. Cost lines right after `calls=` are the call's inclusive
+/// cost and belong to the callee: skipped.
+pub fn parse_callgrind(text: &str) -> Result<Profile> {
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut p = Profile::default();
+    let mut current = String::new();
+    let mut after_calls = false;
+    for line in text.lines() {
+        let first = line.as_bytes().first().copied().unwrap_or(b' ');
+        if first.is_ascii_digit() || first == b'+' || first == b'-' || first == b'*' {
+            if std::mem::take(&mut after_calls) {
+                continue;
+            }
+            let n: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            *p.by_fn.entry(current.clone()).or_default() += n;
+            p.total += n;
+        } else if let Some(rest) = line.strip_prefix("fn=") {
+            current = compressed_name(&mut names, rest);
+        } else if let Some(rest) = line.strip_prefix("cfn=") {
+            // Registers the compressed name only.
+            compressed_name(&mut names, rest);
+        } else if line.starts_with("calls=") {
+            after_calls = true;
+        }
+    }
+    Ok(p)
+}
+
+/// `(id) name` defines a compressed name, `(id)` uses one.
+fn compressed_name(names: &mut HashMap<String, String>, s: &str) -> String {
+    if let Some(rest) = s.strip_prefix('(') {
+        if let Some((id, name)) = rest.split_once(')') {
+            let name = name.trim();
+            if name.is_empty() {
+                return names.get(id).cloned().unwrap_or_else(|| s.to_string());
+            }
+            names.insert(id.to_string(), name.to_string());
+            return name.to_string();
+        }
+    }
+    s.to_string()
+}
+
+/// Stop a backend started by [`spawn_callgrind`] (SIGTERM: valgrind writes
+/// its profiles on the way out) and sum the profiles of its threads by role.
+pub fn finish_callgrind(mut b: BackendProcess) -> Result<BTreeMap<Role, Profile>> {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGTERM) };
+    b.wait_exit(Duration::from_secs(120))?;
+    let mut by_role: BTreeMap<Role, Profile> = BTreeMap::new();
+    let mut files = 0;
+    for e in fs::read_dir(&b.dir)? {
+        let path = e?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if !name.starts_with("callgrind.out") {
+            continue;
+        }
+        let p = parse_callgrind(&fs::read_to_string(&path)?)?;
+        by_role.entry(p.role()).or_default().add(&p);
+        files += 1;
+    }
+    if files == 0 {
+        return invalid(format!(
+            "callgrind wrote no profile; its log:\n{}",
+            fs::read_to_string(b.dir.join("valgrind.log")).unwrap_or_default()
+        ));
+    }
+    Ok(by_role)
+}
+
+/// System calls counted by strace, by name.
+#[derive(Debug, Default, Clone)]
+pub struct Syscalls {
+    pub by_name: BTreeMap<String, u64>,
+    pub total: u64,
+}
+
+/// strace attached to some of the backend's threads.
+pub struct StraceSession {
+    child: Child,
+    out: PathBuf,
+}
+
+impl StraceSession {
+    /// Attach `strace -c` to `tids` (threads only, not their process) and
+    /// wait until every one is attached.
+    pub fn attach(dir: &Path, tag: &str, tids: &[u32]) -> Result<StraceSession> {
+        let out = dir.join(format!("strace-{tag}.txt"));
+        let mut cmd = Command::new("strace");
+        cmd.arg("-c").arg("-o").arg(&out);
+        for t in tids {
+            cmd.arg("-p").arg(t.to_string());
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Invalid(format!("cannot start strace: {e}")))?;
+        let stderr = child.stderr.take().expect("piped");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut attached = 0;
+        while attached < tids.len() {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("attached") => attached += 1,
+                Some(Ok(_)) => {}
+                _ => {
+                    let _ = child.kill();
+                    return invalid("strace exited before attaching");
+                }
+            }
+        }
+        // Keep draining its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(StraceSession { child, out })
+    }
+
+    /// Detach (SIGINT) and read the counts.
+    pub fn finish(mut self) -> Result<Syscalls> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                return Err(Error::Timeout("strace did not detach".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut text = String::new();
+        fs::File::open(&self.out)?.read_to_string(&mut text)?;
+        Ok(parse_strace_summary(&text))
+    }
+}
+
+/// strace -c's table: `% time seconds usecs/call calls [errors] syscall`.
+pub fn parse_strace_summary(text: &str) -> Syscalls {
+    let mut s = Syscalls::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || f[0].starts_with('-') || f[0] == "%" {
+            continue;
+        }
+        let (Some(name), Ok(calls)) = (f.last(), f[3].parse::<u64>()) else {
+            continue;
+        };
+        if *name == "total" {
+            continue;
+        }
+        *s.by_name.entry(name.to_string()).or_default() += calls;
+        s.total += calls;
+    }
+    s
+}
+
+/// (b - a) / n per function, the `k` largest, as `name=<n>` pairs.
+pub fn top_diff(a: &Profile, b: &Profile, n: u64, k: usize) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = b
+        .by_fn
+        .iter()
+        .map(|(f, &nb)| {
+            let na = a.by_fn.get(f).copied().unwrap_or(0);
+            (f.clone(), (nb as f64 - na as f64) / n as f64)
+        })
+        .collect();
+    v.sort_by(|x, y| y.1.total_cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+    v.truncate(k);
+    v
+}
+
+/// A function's name for a one-line summary: its type (or trait impl)
+/// and name, `GuestMemoryBackend::to_region_addr`, without crate paths
+/// and generics.
+pub fn short_name(f: &str) -> String {
+    let Some((prefix, name)) = split_last_path(f) else {
+        return f.to_string();
+    };
+    let ty = match prefix.strip_suffix('>').and_then(|p| p.strip_prefix('<')) {
+        // `<X as Trait>::f` or `<impl Trait for X>::f`.
+        Some(inner) => match inner.strip_prefix("impl ") {
+            Some(i) => i.split(" for ").next().unwrap_or(i).to_string(),
+            None => inner.split(" as ").next().unwrap_or(inner).to_string(),
+        },
+        None => prefix.to_string(),
+    };
+    let ty = strip_generics(&ty);
+    match ty.rsplit("::").find(|s| !s.is_empty()) {
+        Some(t) => format!("{t}::{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// `(path, last)` split at the last `::` outside angle brackets.
+fn split_last_path(f: &str) -> Option<(&str, &str)> {
+    let b = f.as_bytes();
+    let mut depth = 0i32;
+    let mut at = None;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'<' => depth += 1,
+            b'>' => depth -= 1,
+            b':' if depth == 0 && b.get(i + 1) == Some(&b':') => {
+                at = Some(i);
+                i += 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    at.map(|i| (&f[..i], &f[i + 2..]))
+}
+
+fn strip_generics(s: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0;
+    for c in s.chars() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The top `k` functions as `name=<n>` separated by spaces.
+pub fn format_top(top: &[(String, f64)]) -> String {
+    top.iter()
+        .map(|(f, n)| format!("{}={n:.0}", short_name(f)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Per-role (b - a) / n, e.g. `reqq=2600 other=12`.
+pub fn format_roles(a: &BTreeMap<Role, Profile>, b: &BTreeMap<Role, Profile>, n: u64) -> String {
+    b.iter()
+        .map(|(r, pb)| {
+            let na = a.get(r).map_or(0, |p| p.total);
+            let d = ((pb.total as f64 - na as f64) / n as f64).round() as i64;
+            format!("{}={d}", r.name())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The syscalls' (b - a) / n by name, e.g. `read=0.0039 write=0.0044`.
+pub fn format_syscalls(a: &Syscalls, b: &Syscalls, n: u64) -> String {
+    syscall_diff(a, b, n)
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.4}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// (b - a) / n of the syscalls, by name, largest first.
+pub fn syscall_diff(a: &Syscalls, b: &Syscalls, n: u64) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = b
+        .by_name
+        .iter()
+        .map(|(k, &nb)| {
+            let na = a.by_name.get(k).copied().unwrap_or(0);
+            (k.clone(), (nb as f64 - na as f64) / n as f64)
+        })
+        .filter(|(_, d)| *d != 0.0)
+        .collect();
+    v.sort_by(|x, y| y.1.total_cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names() {
+        assert_eq!(
+            short_name("vm_memory::guest_memory::GuestMemoryBackend::to_region_addr"),
+            "GuestMemoryBackend::to_region_addr"
+        );
+        assert_eq!(
+            short_name("<virtio_queue::chain::DescriptorChain<M> as core::iter::Iterator>::next"),
+            "DescriptorChain::next"
+        );
+        assert_eq!(
+            short_name(
+                "vm_memory::guest_memory::<impl vm_memory::bytes::Bytes<A> for T>::read_slice"
+            ),
+            "guest_memory::read_slice"
+        );
+        assert_eq!(short_name("memcpy"), "memcpy");
+    }
+
+    #[test]
+    fn callgrind_self_cost_skips_call_costs() {
+        let text = "events: Ir\nfn=(1) a\n1 10\n+1 5\ncfn=(2) b\ncalls=1 0\n3 100\nfn=(2)\n4 100\n";
+        let p = parse_callgrind(text).unwrap();
+        assert_eq!(p.by_fn["a"], 15);
+        assert_eq!(p.by_fn["b"], 100);
+        assert_eq!(p.total, 115);
+    }
+}
