@@ -206,6 +206,7 @@ impl CostRig {
         let mut opts = FrontendOptions::default().queue_size(BATCH as u16);
         opts.queue.batch_indirect = true;
         let mut f = Frontend::connect(&b.socket, mem, opts).expect("frontend");
+        f.requestq().set_eager_used_event(true);
         assert_eq!(f.request_status(&wire::attach(1, 1, 0, 0)).unwrap(), S_OK);
         let mut rig = CostRig {
             b,
@@ -240,8 +241,20 @@ impl CostRig {
         rig
     }
 
+    /// The worker idle, the start or end of the counted window.
+    fn mark(&self) {
+        let pid = self.b.pid();
+        let workers: Vec<u32> = cost::workers(pid).unwrap().iter().map(|t| t.0).collect();
+        cost::wait_idle(pid, &workers).unwrap();
+        cost::mark(&self.b).expect("mark");
+    }
+
     fn rounds(&mut self, n: usize) {
+        let pid = self.b.pid();
+        let workers: Vec<u32> = cost::workers(pid).unwrap().iter().map(|t| t.0).collect();
         for _ in 0..n {
+            // The worker is asleep: each notification starts one pass.
+            cost::wait_idle(pid, &workers).unwrap();
             for pair in self.reqs.chunks_mut(2) {
                 self.seed ^= self.seed << 13;
                 self.seed ^= self.seed >> 7;
@@ -272,23 +285,34 @@ fn request_cost(rounds: usize) {
     }
     let args = ["--endpoint", "1"];
     let per = (rounds * BATCH) as u64;
-    // Instructions: one process per N, the whole backend.
-    let profile = |n: usize| {
+    // Instructions and system calls: one process under callgrind per N,
+    // every thread of the backend.
+    let run = |n: usize| {
         let mut rig = CostRig::new(cost::spawn_callgrind(&args).expect("backend under callgrind"));
+        // System calls are counted between the marks (the instructions by
+        // the difference of the two runs).
+        rig.mark();
         rig.rounds(n);
+        rig.mark();
+        // Stopped while connected: no thread ends in the counted runs.
         let CostRig { b, f, .. } = rig;
+        let run = cost::finish_callgrind(b).expect("callgrind profiles");
         drop(f);
-        let by_role = cost::finish_callgrind(b).expect("callgrind profiles");
-        let mut all = cost::Profile::default();
-        for p in by_role.values() {
-            all.add(p);
-        }
-        (all, by_role)
+        run
     };
-    let (one, roles1) = profile(rounds);
-    let (two, roles2) = profile(2 * rounds);
-    let instr = (two.total - one.total) as f64 / per as f64;
-    // System calls: natively, seccomp on, every thread of the backend.
+    let (r1, r2) = (run(rounds), run(2 * rounds));
+    // Every thread but the marks' control clients.
+    let all: Vec<cost::Role> = r2
+        .profiles
+        .keys()
+        .copied()
+        .filter(|r| *r != cost::Role::ControlClient)
+        .collect();
+    let (one, two) = (r1.profile(&all), r2.profile(&all));
+    let instr = (two.total as f64 - one.total as f64) / per as f64;
+    let (s1, s2) = (r1.syscalls(&all, false), r2.syscalls(&all, false));
+    let sys = (s2.total as f64 - s1.total as f64) / per as f64;
+    // Cross-check: strace on the native backend (seccomp on), all threads.
     let mut rig = CostRig::new(BackendProcess::spawn(&args).expect("backend starts"));
     let tids: Vec<u32> = cost::threads(rig.b.pid())
         .unwrap()
@@ -300,13 +324,14 @@ fn request_cost(rounds: usize) {
         rig.rounds(n);
         s.finish().expect("strace counts")
     };
-    let s1 = count(rounds, "n");
-    let s2 = count(2 * rounds, "2n");
-    let sys = (s2.total as f64 - s1.total as f64) / per as f64;
+    let n1 = count(rounds, "n");
+    let n2 = count(2 * rounds, "2n");
+    let native = (n2.total as f64 - n1.total as f64) / per as f64;
     println!("request-cost instructions_per_request={instr:.0} syscalls_per_request={sys:.4}");
     println!(
-        "request-cost-detail requests={per} threads=[{}] syscalls=[{}] top5_self=[{}]",
-        cost::format_roles(&roles1, &roles2, per),
+        "request-cost-detail requests={per} instructions_by_thread=[{}] syscalls=[{}] \
+         strace_native_syscalls_per_request={native:.4} top5_self=[{}]",
+        cost::format_roles(&r1.profiles, &r2.profiles, per),
         cost::format_syscalls(&s1, &s2, per),
         cost::format_top(&cost::top_diff(&one, &two, per, 5)),
     );

@@ -99,6 +99,178 @@ pub fn threads(pid: u32) -> Result<Vec<(u32, Role)>> {
     Ok(out)
 }
 
+/// Wait until every thread in `tids` of `pid` sleeps in epoll_wait (its
+/// `/proc/PID/task/TID/syscall`): the workers finished everything they had,
+/// so the next event the driver makes starts one whole pass, the same in
+/// every run (no pass that finds work another already took, no kick the
+/// device had suppressed). Ring notifications would otherwise depend on
+/// how the driver's and the device's threads interleave.
+pub fn wait_idle(pid: u32, tids: &[u32]) -> Result<()> {
+    // epoll_wait, epoll_pwait, epoll_pwait2.
+    wait_blocked(pid, tids, "in epoll_wait", |c| {
+        matches!(c[0], 232 | 281 | 441)
+    })
+}
+
+/// Wait until every thread in `tids` sleeps in a futex wait with a timeout
+/// (a `dma` waiting for its page request's answer: a channel's
+/// recv_timeout), not on a lock (no timeout) nor on valgrind's own lock.
+pub fn wait_answer_pending(pid: u32, tids: &[u32]) -> Result<()> {
+    const FUTEX: u64 = 202;
+    wait_blocked(pid, tids, "waiting for an answer", |c| {
+        c.len() > 4 && c[0] == FUTEX && matches!(c[2] & 0x7f, 0 | 9) && c[4] != 0
+    })
+}
+
+/// Wait until `is` holds for the system call (number, then arguments) in
+/// which each thread of `tids` sleeps (`/proc/PID/task/TID/syscall`).
+fn wait_blocked(pid: u32, tids: &[u32], what: &str, is: impl Fn(&[u64]) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for t in tids {
+        let path = format!("/proc/{pid}/task/{t}/syscall");
+        loop {
+            let s = fs::read_to_string(&path)?;
+            // "NR 0xARG1 ... 0xSP 0xPC", or "running", or "-1 SP PC".
+            let mut fields = s.split_whitespace();
+            let mut call: Vec<u64> = fields
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .into_iter()
+                .collect();
+            if !call.is_empty() {
+                call.extend(
+                    fields.map_while(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()),
+                );
+            }
+            if !call.is_empty() && is(&call) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!("thread {t} never {what}: {s}")));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(())
+}
+
+/// One thread of the backend held in a ptrace stop while the others run
+/// (PTRACE_SEIZE + PTRACE_INTERRUPT; released on drop): what the others
+/// do meanwhile is all there when it runs again. Its blocking call is
+/// interrupted: epoll_wait returns EINTR once when released (one more
+/// epoll_wait per hold, counted like any other).
+pub struct Held {
+    tid: u32,
+}
+
+impl Held {
+    pub fn hold(tid: u32) -> Result<Held> {
+        let t = tid as libc::pid_t;
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: ptrace requests on a thread of our own child that pass
+        // no memory (null addr and data).
+        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, t, null, null) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let held = Held { tid };
+        // SAFETY: as above.
+        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, t, null, null) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut status = 0;
+        // SAFETY: waits for our tracee's stop; `status` is ours to fill.
+        if unsafe { libc::waitpid(t, &mut status, libc::__WALL) } != t {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(held)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: detaching our stopped tracee resumes it; no memory passed.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid as libc::pid_t, null, null) };
+    }
+}
+
+/// The virtual endpoints' fault FD of the backend `pid` (the one pipe
+/// whose both ends it holds; valgrind's own FDs sit above 1000), opened for
+/// looking at how many bytes wait in it (`pending`), never read.
+pub struct FaultPipe {
+    file: fs::File,
+}
+
+impl FaultPipe {
+    pub fn open(pid: u32) -> Result<FaultPipe> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut pipes: Vec<(u32, String)> = Vec::new();
+        for e in fs::read_dir(format!("/proc/{pid}/fd"))? {
+            let e = e?;
+            let Ok(fd) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let link = fs::read_link(e.path())?.to_string_lossy().into_owned();
+            if fd < 1000 && link.starts_with("pipe:") {
+                pipes.push((fd, link));
+            }
+        }
+        // The backend holds both ends of its own pipe; a lone end was
+        // inherited (a jobserver's).
+        let both: Vec<&(u32, String)> = pipes
+            .iter()
+            .filter(|p| pipes.iter().filter(|q| q.1 == p.1).count() == 2)
+            .collect();
+        if both.len() != 2 {
+            return invalid(format!(
+                "expected one pipe of the backend's, found {pipes:?}"
+            ));
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/{pid}/fd/{}", both[0].0))?;
+        Ok(FaultPipe { file })
+    }
+
+    /// Bytes waiting in the pipe.
+    pub fn pending(&self) -> Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to the pointer we pass.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(n.max(0) as usize)
+    }
+
+    /// Wait until `bytes` wait in the pipe.
+    pub fn wait_for(&self, bytes: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = self.pending()?;
+            if n >= bytes {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "{n} of {bytes} bytes in the fault pipe"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// The backend's queue workers (`viommu-reqq`, `viommu-evtq`), once named
+/// (at their first event).
+pub fn workers(pid: u32) -> Result<Vec<(u32, Role)>> {
+    Ok(threads(pid)?
+        .into_iter()
+        .filter(|t| matches!(t.1, Role::RequestQueue | Role::EventQueue))
+        .collect())
+}
+
 /// Start the backend under callgrind (with `--seccomp off` appended), one
 /// output file per thread in the backend's directory. Waits for the
 /// vhost-user socket (valgrind's start-up is slow).
@@ -107,6 +279,13 @@ pub fn spawn_callgrind(extra: &[&str]) -> Result<BackendProcess> {
     let mut args: Vec<&str> = vec![
         "--tool=callgrind",
         "--separate-threads=yes",
+        // Threads take valgrind's lock in the order they asked for it:
+        // with the driver's rendezvous (`wait_idle`, `Gate`) the backend's
+        // threads run in the same order in every run.
+        "--fair-sched=yes",
+        // Every system call the program makes, with its thread, in the
+        // log: counted per thread in the same run as the instructions.
+        "--trace-syscalls=yes",
         "--callgrind-out-file={dir}/callgrind.out",
         // The whole-process summary goes to stderr.log with the backend's.
         "--log-file={dir}/valgrind.log",
@@ -141,12 +320,14 @@ impl Profile {
 
     /// The thread's role, from what it ran.
     fn role(&self) -> Role {
-        if self.ran("control::serve_client") || self.ran("control::handle_line") {
+        if self.ran("control::serve_client") {
             Role::ControlClient
-        } else if self.ran("requestq::") && self.ran("VringEpollHandler") {
-            Role::RequestQueue
-        } else if self.ran("VringEpollHandler") {
-            Role::EventQueue
+        } else if self.ran("VhostUserBackend>::handle_event") {
+            if self.ran("backend::requestq::") {
+                Role::RequestQueue
+            } else {
+                Role::EventQueue
+            }
         } else {
             Role::Other
         }
@@ -201,13 +382,70 @@ fn compressed_name(names: &mut HashMap<String, String>, s: &str) -> String {
     s.to_string()
 }
 
+/// What one run under callgrind counted, summed by thread role.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub profiles: BTreeMap<Role, Profile>,
+    pub syscalls: BTreeMap<Role, Syscalls>,
+}
+
+impl Run {
+    /// The profiles of `roles`, summed.
+    pub fn profile(&self, roles: &[Role]) -> Profile {
+        let mut p = Profile::default();
+        for r in roles {
+            if let Some(x) = self.profiles.get(r) {
+                p.add(x);
+            }
+        }
+        p
+    }
+
+    /// The system calls of `roles`, summed, each name prefixed with its
+    /// role (`evtq:read`) when `by_role`.
+    pub fn syscalls(&self, roles: &[Role], by_role: bool) -> Syscalls {
+        let mut all = Syscalls::default();
+        for r in roles {
+            let Some(s) = self.syscalls.get(r) else {
+                continue;
+            };
+            for (k, v) in &s.by_name {
+                let k = if by_role {
+                    format!("{}:{k}", r.name())
+                } else {
+                    k.clone()
+                };
+                *all.by_name.entry(k).or_default() += v;
+            }
+            all.total += s.total;
+        }
+        all
+    }
+}
+
 /// Stop a backend started by [`spawn_callgrind`] (SIGTERM: valgrind writes
-/// its profiles on the way out) and sum the profiles of its threads by role.
-pub fn finish_callgrind(mut b: BackendProcess) -> Result<BTreeMap<Role, Profile>> {
+/// its profiles on the way out) and sum the profiles and system calls of
+/// its threads by role.
+pub fn finish_callgrind(mut b: BackendProcess) -> Result<Run> {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(b.pid() as i32, libc::SIGTERM) };
     b.wait_exit(Duration::from_secs(120))?;
-    let mut by_role: BTreeMap<Role, Profile> = BTreeMap::new();
+    // VIOMMU_COST_KEEP=DIR: keep the profiles and the log (for
+    // callgrind_annotate), in DIR/<pid>/.
+    if let Ok(keep) = std::env::var("VIOMMU_COST_KEEP") {
+        let to = Path::new(&keep).join(b.pid().to_string());
+        fs::create_dir_all(&to)?;
+        for e in fs::read_dir(&b.dir)? {
+            let path = e?.path();
+            if path.is_file() {
+                fs::copy(&path, to.join(path.file_name().unwrap_or_default()))?;
+            }
+        }
+        eprintln!("callgrind profiles kept in {}", to.display());
+    }
+    let log = fs::read_to_string(b.dir.join("valgrind.log")).unwrap_or_default();
+    let calls = parse_syscall_trace(marked_window(&log));
+    let mut run = Run::default();
     let mut files = 0;
     for e in fs::read_dir(&b.dir)? {
         let path = e?.path();
@@ -215,17 +453,111 @@ pub fn finish_callgrind(mut b: BackendProcess) -> Result<BTreeMap<Role, Profile>
         if !name.starts_with("callgrind.out") {
             continue;
         }
-        let p = parse_callgrind(&fs::read_to_string(&path)?)?;
-        by_role.entry(p.role()).or_default().add(&p);
+        let text = fs::read_to_string(&path)?;
+        let Some(tid) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("thread: "))
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let p = parse_callgrind(&text)?;
+        let role = p.role();
+        run.profiles.entry(role).or_default().add(&p);
+        if let Some(s) = calls.get(&tid) {
+            let mine = run.syscalls.entry(role).or_default();
+            for (k, v) in &s.by_name {
+                *mine.by_name.entry(k.clone()).or_default() += v;
+            }
+            mine.total += s.total;
+        }
         files += 1;
     }
     if files == 0 {
-        return invalid(format!(
-            "callgrind wrote no profile; its log:\n{}",
-            fs::read_to_string(b.dir.join("valgrind.log")).unwrap_or_default()
-        ));
+        return invalid(format!("callgrind wrote no profile; its log:\n{log}"));
     }
-    Ok(by_role)
+    Ok(run)
+}
+
+/// Mark the start or the end of the counted window in the syscall trace
+/// of a backend under callgrind: a new control-socket client, whose thread
+/// the backend starts with clone(2) (no other thread starts in steady
+/// state). Call it with the workers idle (`wait_idle`).
+pub fn mark(b: &BackendProcess) -> Result<()> {
+    let mut c = super::ControlClient::connect_timeout(
+        &b.control,
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+    )?;
+    // Answered: its thread exists.
+    c.stats()?;
+    Ok(())
+}
+
+/// The part of the trace between the last two `mark`s (the whole trace
+/// when there are fewer).
+pub fn marked_window(log: &str) -> &str {
+    let clones: Vec<usize> = log
+        .match_indices("SYSCALL[")
+        .map(|(i, _)| i)
+        .filter(|&i| {
+            let rest = &log[i..];
+            let rest = rest.split_once(") ").map_or("", |(_, r)| r);
+            rest.starts_with("sys_clone")
+        })
+        .collect();
+    match clones.len() {
+        0 | 1 => log,
+        n => {
+            let (a, b) = (clones[n - 2], clones[n - 1]);
+            // From after the first marker's clone to before the second's.
+            let a = a + log[a..].find('\n').unwrap_or(0);
+            &log[a..b]
+        }
+    }
+}
+
+/// Calls served by the vDSO natively (no system call); valgrind has no
+/// vDSO and makes them real calls: not counted.
+const VDSO: [&str; 4] = ["clock_gettime", "gettimeofday", "time", "getcpu"];
+
+/// valgrind --trace-syscalls=yes: `SYSCALL[pid,tid](nr) name ( args ) -->`
+/// once per call (a blocking call adds a `SYSCALL[pid,tid](nr) ...
+/// [async] -->` line when it returns: not counted again). By valgrind
+/// thread id (the callgrind files' `thread:`).
+
+pub fn parse_syscall_trace(log: &str) -> HashMap<u32, Syscalls> {
+    let mut out: HashMap<u32, Syscalls> = HashMap::new();
+    for piece in log.split("SYSCALL[").skip(1) {
+        let Some((ids, rest)) = piece.split_once(']') else {
+            continue;
+        };
+        let Some(tid) = ids.split(',').nth(1).and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some((nr, rest)) = rest.strip_prefix('(').and_then(|r| r.split_once(')')) else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if rest.starts_with("...") {
+            continue;
+        }
+        let name = rest.split_whitespace().next().unwrap_or("");
+        let name = name.strip_prefix("sys_").unwrap_or(name);
+        let name = name.split('(').next().unwrap_or(name);
+        if VDSO.contains(&name) {
+            continue;
+        }
+        let name = if name.is_empty() || name == "unimplemented" {
+            format!("nr{nr}")
+        } else {
+            name.to_string()
+        };
+        let s = out.entry(tid).or_default();
+        *s.by_name.entry(name).or_default() += 1;
+        s.total += 1;
+    }
+    out
 }
 
 /// System calls counted by strace, by name.
@@ -432,6 +764,17 @@ pub fn syscall_diff(a: &Syscalls, b: &Syscalls, n: u64) -> Vec<(String, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_trace_counts_each_call_once() {
+        let log = "SYSCALL[7,2](232) sys_epoll_wait ( 16, 0x1, 100, -1 ) --> [async] ... \n\
+                   SYSCALL[7,2](232) ... [async] --> Success(0x1) \n\
+                   SYSCALL[7,2](0) sys_read ( 6 )[sync] --> Success(0x28) SYSCALL[7,3](0) sys_read ( 5 )\n";
+        let s = parse_syscall_trace(log);
+        assert_eq!(s[&2].total, 2);
+        assert_eq!(s[&2].by_name["epoll_wait"], 1);
+        assert_eq!(s[&3].by_name["read"], 1);
+    }
 
     #[test]
     fn short_names() {
