@@ -277,6 +277,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     if let Some(why) = cost::missing_tools() {
         println!("fault-cost: SKIPPED ({why})");
+        eprintln!("fault-cost: SKIPPED ({why})");
         return;
     }
     let k = if quick { 1 } else { 2 };

@@ -10,8 +10,13 @@
 //! as Linux's driver sends them), queue size 256. Latency: one request per
 //! notification, from adding it to seeing it used. RSS: the backend's VmRSS
 //! growth while the mappings are added, divided by their number.
-//! Last, `request-path-polled p50_ns=<n> p99_ns=<n>`: single requests with
+//! Then `request-path-polled p50_ns=<n> p99_ns=<n>`: single requests with
 //! the backend polling (`--poll-us`) and the driver spinning, no wakeups.
+//! Last, the costs that do not depend on the machine (spec-notes/
+//! benchmarks.md): `request-cost instructions_per_request=<n>
+//! syscalls_per_request=<x>` and a `request-cost-detail` line, for
+//! MAP+UNMAP pairs, 256 requests per notification, 10^3 mappings
+//! (`-- --cost`: only these).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -281,6 +286,7 @@ impl CostRig {
 fn request_cost(rounds: usize) {
     if let Some(why) = cost::missing_tools() {
         println!("request-cost: SKIPPED ({why})");
+        eprintln!("request-cost: SKIPPED ({why})");
         return;
     }
     let args = ["--endpoint", "1"];

@@ -1,20 +1,27 @@
 //! Machine-independent costs of the backend: user-space instructions
-//! (callgrind) and system calls (strace), per operation, in steady state.
+//! and system calls per operation, in steady state (spec-notes/
+//! benchmarks.md, "Costs that do not depend on the machine").
 //!
-//! Both use the difference method: the same workload is run for N and for
-//! 2N operations after the same set-up and warm-up, and (count(2N) -
-//! count(N)) / N is the cost of one operation; start-up, warm-up and
-//! shut-down cancel exactly. Only the backend process is counted, never the
-//! test driver, and only the threads the caller names by role.
+//! The backend runs under `valgrind --tool=callgrind --separate-threads=yes
+//! --fair-sched=yes --trace-syscalls=yes`, with `--seccomp off` (valgrind
+//! does not implement seccomp(2)), once for N and once for 2N operations
+//! after the same set-up and warm-up. Only the backend is counted, never
+//! the test driver, and only the threads the caller names by role.
 //!
-//! - Instructions: the backend runs under `valgrind --tool=callgrind
-//!   --separate-threads=yes` (one process per N), with `--seccomp off`
-//!   (valgrind does not implement seccomp(2)); each thread's profile is
-//!   read from its output file, self cost per function.
-//! - System calls: the backend runs natively with its seccomp filter on
-//!   (the deployed configuration); `strace -c -p TID` is attached to the
-//!   chosen threads for N operations, then again for 2N, in the same
-//!   process (the attach and detach artefacts cancel too).
+//! - Instructions: each thread's profile (self cost per function) from its
+//!   callgrind file; (count(2N) - count(N)) / N cancels start-up, warm-up
+//!   and shut-down exactly.
+//! - System calls: valgrind's trace of the program's calls, by thread,
+//!   between two marks (`mark`) around the measured operations, then the
+//!   same difference. strace (`StraceSession`, attached to threads of a
+//!   native backend, seccomp on) gives the same figure where the threads'
+//!   interleaving does not matter, and is printed as a cross-check.
+//!
+//! Repeatable counts need the same interleaving of the driver's and the
+//! backend's threads in every run: the driver waits for the workers to be
+//! idle before each step (`wait_idle`), asks for interrupts when it kicks
+//! (`SplitQueue::set_eager_used_event`) and holds threads where a race
+//! would change the work (`Held`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -525,7 +532,6 @@ const VDSO: [&str; 4] = ["clock_gettime", "gettimeofday", "time", "getcpu"];
 /// once per call (a blocking call adds a `SYSCALL[pid,tid](nr) ...
 /// [async] -->` line when it returns: not counted again). By valgrind
 /// thread id (the callgrind files' `thread:`).
-
 pub fn parse_syscall_trace(log: &str) -> HashMap<u32, Syscalls> {
     let mut out: HashMap<u32, Syscalls> = HashMap::new();
     for piece in log.split("SYSCALL[").skip(1) {
