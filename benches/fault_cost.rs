@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::control::error_kind;
-use support::cost::{self, Role, StraceSession};
+use support::cost::{self, Role};
 use support::mem::TablePages;
 use support::wire::{self, EventRecord, S_OK};
 use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem};
@@ -249,22 +249,15 @@ fn fault_cost(batch: usize, rounds: usize, warmup: usize) {
     let b = BackendProcess::spawn(&backend_args()).expect("backend starts");
     // strace and the hold would both ptrace the eventq worker: no hold.
     let mut rig = FaultRig::new(b, batch, warmup, false);
-    let tids: Vec<u32> = rig.workers.clone();
-    let mut count = |n: usize, tag: &str| {
-        let s = StraceSession::attach(&rig.b.dir, tag, &tids).expect("strace attaches");
-        rig.rounds(n);
-        s.finish().expect("strace counts")
-    };
-    let n1 = count(rounds, "n");
-    let n2 = count(2 * rounds, "2n");
-    let native = (n2.total as f64 - n1.total as f64) / faults as f64;
+    let (tids, dir) = (rig.workers.clone(), rig.b.dir.clone());
+    let native = cost::strace_per_op(&dir, &tids, rounds, faults, |n| rig.rounds(n));
 
     println!(
         "fault-cost instructions_per_fault={instr:.0} syscalls_per_fault={sys:.3} batch={batch}"
     );
     println!(
         "fault-cost-detail batch={batch} faults={faults} instructions_by_thread=[{}] \
-         syscalls=[{}] strace_native_syscalls_per_fault={native:.3} top5_self=[{}]",
+         syscalls=[{}] strace_native_syscalls_per_fault={native} top5_self=[{}]",
         cost::format_roles(&r1.profiles, &r2.profiles, faults),
         cost::format_syscalls(&s1, &s2, faults),
         cost::format_top(&cost::top_diff(&one, &two, faults, 5)),

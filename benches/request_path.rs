@@ -325,18 +325,12 @@ fn request_cost(rounds: usize) {
         .iter()
         .map(|t| t.0)
         .collect();
-    let mut count = |n: usize, tag: &str| {
-        let s = cost::StraceSession::attach(&rig.b.dir, tag, &tids).expect("strace attaches");
-        rig.rounds(n);
-        s.finish().expect("strace counts")
-    };
-    let n1 = count(rounds, "n");
-    let n2 = count(2 * rounds, "2n");
-    let native = (n2.total as f64 - n1.total as f64) / per as f64;
+    let dir = rig.b.dir.clone();
+    let native = cost::strace_per_op(&dir, &tids, rounds, per, |n| rig.rounds(n));
     println!("request-cost instructions_per_request={instr:.0} syscalls_per_request={sys:.4}");
     println!(
         "request-cost-detail requests={per} instructions_by_thread=[{}] syscalls=[{}] \
-         strace_native_syscalls_per_request={native:.4} top5_self=[{}]",
+         strace_native_syscalls_per_request={native} top5_self=[{}]",
         cost::format_roles(&r1.profiles, &r2.profiles, per),
         cost::format_syscalls(&s1, &s2, per),
         cost::format_top(&cost::top_diff(&one, &two, per, 5)),

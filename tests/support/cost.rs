@@ -631,6 +631,27 @@ impl StraceSession {
     }
 }
 
+/// System calls per operation by strace on `tids`: `run(rounds)` then
+/// `run(2 * rounds)`, each under its own attach, `per` operations apart;
+/// `n/a (<why>)` when strace cannot attach (no ptrace rights).
+pub fn strace_per_op(
+    dir: &Path,
+    tids: &[u32],
+    rounds: usize,
+    per: u64,
+    mut run: impl FnMut(usize),
+) -> String {
+    let mut count = |n: usize, tag: &str| -> Result<Syscalls> {
+        let s = StraceSession::attach(dir, tag, tids)?;
+        run(n);
+        s.finish()
+    };
+    match (count(rounds, "n"), count(2 * rounds, "2n")) {
+        (Ok(a), Ok(b)) => format!("{:.4}", (b.total as f64 - a.total as f64) / per as f64),
+        (Err(e), _) | (_, Err(e)) => format!("n/a ({e})").replace(' ', "_"),
+    }
+}
+
 /// strace -c's table: `% time seconds usecs/call calls [errors] syscall`.
 pub fn parse_strace_summary(text: &str) -> Syscalls {
     let mut s = Syscalls::default();
