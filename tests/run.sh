@@ -34,8 +34,22 @@ cargo test
 stage "page-request soak: 100 000 page requests, every completion counted (release build)"
 cargo test --release --features soak --test page_request_soak -- --nocapture
 
-stage "benchmark smoke: the request-path benchmark at small sizes (figures: cargo bench)"
+# The cost benches count instructions under valgrind (callgrind) and system calls (valgrind's
+# trace, strace as a cross-check); a fresh machine gets both here (without them the benches print
+# SKIPPED).
+missing=""
+for tool in valgrind strace; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+if [ -n "$missing" ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get install -y $missing || { $sudo apt-get update && $sudo apt-get install -y $missing; } \
+        || echo "could not install$missing: the cost benches will be SKIPPED"
+fi
+
+stage "benchmark smoke: the request-path benchmark at small sizes, and its request-cost line (figures: cargo bench)"
 cargo bench --bench request_path -- --quick
+
+stage "fault-cost: instructions and system calls per page request relayed, batch 1 and 64"
+cargo bench --bench fault_cost -- --quick
 
 stage "fuzzing: each libFuzzer target for 30 s from its seed corpus (long runs: bash fuzz/run.sh 3600)"
 bash fuzz/run.sh 30

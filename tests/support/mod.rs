@@ -8,11 +8,13 @@
 //! - [`control`]: JSON-lines client for the backend's control socket.
 //! - [`process`]: spawn the backend binary, inspect its RSS and fds.
 //! - [`host`]: the backend sharing the test's iommufd, for host endpoints.
+//! - [`cost`]: instructions (callgrind) and system calls (strace) per operation.
 #![allow(dead_code)]
 // Each test crate uses a subset of the re-exports below.
 #![allow(unused_imports)]
 
 pub mod control;
+pub mod cost;
 pub mod fixtures;
 pub mod frontend;
 pub mod host;

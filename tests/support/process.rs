@@ -136,6 +136,25 @@ impl BackendProcess {
         Ok(p)
     }
 
+    /// Start `program` (a wrapper such as valgrind) with `args` (the
+    /// wrapper's, then the binary and its arguments: `{dir}` is replaced by
+    /// the temp dir) followed by `--socket-path DIR/vhost.sock
+    /// --control-socket DIR/control.sock`, and wait up to `timeout` for the
+    /// vhost-user socket.
+    pub fn spawn_wrapped(program: &str, args: &[&str], timeout: Duration) -> Result<Self> {
+        let dir = fresh_temp_dir("backend")?;
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.extend([
+            "--socket-path".to_string(),
+            dir.join("vhost.sock").display().to_string(),
+            "--control-socket".to_string(),
+            dir.join("control.sock").display().to_string(),
+        ]);
+        let mut p = Self::spawn_program(program, dir, &args, false)?;
+        p.wait_for_socket(timeout)?;
+        Ok(p)
+    }
+
     /// Start the binary with exactly `args` (after `{dir}` substitution) in
     /// a fresh temp dir; does not wait for anything.
     pub fn spawn_raw(args: &[&str]) -> Result<Self> {
@@ -145,13 +164,16 @@ impl BackendProcess {
     }
 
     fn spawn_in(dir: PathBuf, args: &[String], default_log: bool) -> Result<Self> {
+        Self::spawn_program(&binary(), dir, args, default_log)
+    }
+
+    fn spawn_program(bin: &str, dir: PathBuf, args: &[String], default_log: bool) -> Result<Self> {
         let d = dir.display().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
         let stderr_path = dir.join("stderr.log");
         let stderr = File::create(&stderr_path)?;
         let stdout = File::create(dir.join("stdout.log"))?;
-        let bin = binary();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(bin);
         cmd.args(&args).current_dir(&dir);
         if default_log {
             cmd.env_remove("RUST_LOG");

@@ -251,6 +251,7 @@ pub struct SplitQueue {
     raw_map: Vec<u16>,
     poll_interval: Option<Duration>,
     spin: bool,
+    eager_used_event: bool,
 }
 
 impl SplitQueue {
@@ -316,6 +317,7 @@ impl SplitQueue {
             raw_map: Vec::with_capacity(opts.size as usize),
             poll_interval: None,
             spin: false,
+            eager_used_event: false,
         })
     }
 
@@ -364,6 +366,13 @@ impl SplitQueue {
     /// also re-checked every `d` (for tests that bypass notifications).
     pub fn set_poll_interval(&mut self, interval: Option<Duration>) {
         self.poll_interval = interval;
+    }
+    /// EVENT_IDX: ask for the interrupt (`used_event` = the last chain in
+    /// flight) when kicking, not only when a wait finds the chains not yet
+    /// used: whether the device signals then no longer depends on which of
+    /// the two got there first (the cost benches count its system calls).
+    pub fn set_eager_used_event(&mut self, on: bool) {
+        self.eager_used_event = on;
     }
     /// Busy-wait on the used ring instead of sleeping on the call eventfd,
     /// as Linux's virtio-iommu driver does for its requests.
@@ -671,6 +680,9 @@ impl SplitQueue {
     /// Notify the device if it asked for it (EVENT_IDX: `avail_event`;
     /// otherwise: VRING_USED_F_NO_NOTIFY clear). Returns whether it kicked.
     pub fn kick(&mut self) -> Result<bool> {
+        if self.eager_used_event && self.event_idx && self.in_flight > 0 {
+            self.set_used_event(self.last_used.wrapping_add(self.in_flight as u16 - 1))?;
+        }
         fence(Ordering::SeqCst);
         let new = self.next_avail;
         let old = self.kicked_avail;
