@@ -37,13 +37,9 @@ cargo test --release --features soak --test page_request_soak -- --nocapture
 # The cost benches count instructions under valgrind (callgrind) and system calls (valgrind's
 # trace, strace as a cross-check); a fresh machine gets both here (without them the benches print
 # SKIPPED).
-missing=""
-for tool in valgrind strace; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
-if [ -n "$missing" ]; then
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get install -y $missing || { $sudo apt-get update && $sudo apt-get install -y $missing; } \
-        || echo "could not install$missing: the cost benches will be SKIPPED"
-fi
+# vm_need_pkgs waits for dpkg's lock (prepare.sh may be installing in the background).
+( . tests/vm/lib.sh && vm_need_pkgs valgrind strace ) ||
+    echo "!! could not install valgrind/strace: the cost benches will say SKIPPED"
 
 stage "benchmark smoke: the request-path benchmark at small sizes, and its request-cost line (figures: cargo bench)"
 cargo bench --bench request_path -- --quick
