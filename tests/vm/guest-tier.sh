@@ -7,7 +7,8 @@
 # (table1, table2) run it in page-table mode against a backend of their own (checks named
 # table-mode:*); the other boots of our device turn it off (virtio_iommu.table_mode=0), QEMU's
 # device does not offer it. Three more (tpoll1..3) run it against the polling backend, in the
-# same rounds as QEMU's device, for `dma-map-bench-table`.
+# same rounds as QEMU's device, for `dma-map-bench-table`, and one (tstrict1) with iommu.strict=1
+# for where an unmap's time goes (spec-notes/benchmarks.md).
 #
 # Usage: bash tests/vm/guest-tier.sh        (as root; works from any directory)
 # Prints `guest-tier: N passed, M failed` on stdout; exit status non-zero if anything failed.
@@ -363,7 +364,8 @@ if tp and tn:
     # (tstrict1, iommu.strict=1: one per unmap, so there the count is the configuration's unmaps).
     # The benchmark's loop does more than the map and the unmap it times (a memset of the buffer,
     # four clock reads): the strict boot's counts give that time per iteration (loop_us), and with
-    # it the unmaps of the tpoll boots, from their own map + unmap times.
+    # it the unmaps of the tpoll boots, from their own map + unmap times (each configuration runs
+    # one second: test.sh).
     order = ((1, 1), (1, 16), (2, 1), (2, 16))  # test.sh's order
     def inv(name):  # {configuration: INVALIDATEs}, from the counts read at marks k and k + 1
         try:
