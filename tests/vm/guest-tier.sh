@@ -6,7 +6,9 @@
 # The 7.x kernel carries the virtio-iommu page-table series of contrib/linux: two more boots
 # (table1, table2) run it in page-table mode against a backend of their own (checks named
 # table-mode:*); the other boots of our device turn it off (virtio_iommu.table_mode=0), QEMU's
-# device does not offer it.
+# device does not offer it. Three more (tpoll1..3) run it against the polling backend, in the
+# same rounds as QEMU's device, for `dma-map-bench-table`, and one (tstrict1) with iommu.strict=1
+# for where an unmap's time goes (spec-notes/benchmarks.md).
 #
 # Usage: bash tests/vm/guest-tier.sh        (as root; works from any directory)
 # Prints `guest-tier: N passed, M failed` on stdout; exit status non-zero if anything failed.
@@ -15,7 +17,8 @@
 #      VIOMMU_GT_WORK=DIR (keep the work dir there; default a temp dir, removed on success),
 #      VIOMMU_GT_BENCH_SECONDS=1 (DMA_MAP_BENCHMARK run in the guest, 0 = skip; drives MAP/UNMAP),
 #      VIOMMU_GT_POLL_US=200 (--poll-us of the backend of the `poll` boots),
-#      VIOMMU_GT_ROUNDS=3 (boots with polling and of QEMU's device, in turn, for the medians).
+#      VIOMMU_GT_ROUNDS=3 (boots with polling, of QEMU's device and in page-table mode with
+#      polling, in turn, for the medians).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 repo="$(cd "${VM_DIR}/../.." && pwd)"
@@ -34,10 +37,10 @@ if [ -n "${VIOMMU_GT_WORK:-}" ]; then
 else
     W="$(mktemp -d "${TMPDIR:-/tmp}/viommu-guest-tier.XXXXXX")"
 fi
-backend_pid="" table_pid=""
+backend_pid="" table_pid="" poll_pid=""
 cleanup() {
     local p
-    for p in "$backend_pid" "$table_pid"; do
+    for p in "$backend_pid" "$table_pid" "$poll_pid"; do
         if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
             kill "$p" 2>/dev/null || true
             wait "$p" 2>/dev/null || true
@@ -125,6 +128,8 @@ boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count
         table*) label="table-mode:${name}" tm=() ;;
         qemu | none) tm=() ;;
     esac
+    # tstrict*: page-table mode without the flush queue, one IOTLB flush (INVALIDATE) per unmap.
+    case "$name" in tstrict*) tm+=(iommu.strict=1) ;; esac
     vm_log "booting ${name} (mode ${mode}) with QEMU 11 ($(elapsed) s)"
     t_boot="$(date +%s.%N)"
     # virtio-iommu does not isolate MSIs: VFIO type1 needs to be told this test VM accepts that.
@@ -244,17 +249,63 @@ fi
 kill "$table_pid" 2>/dev/null || true
 wait "$table_pid" 2>/dev/null || true
 table_pid=""
-# The same device with --poll-us on a second backend, and QEMU's built-in device: booted in turn
-# (VIOMMU_GT_ROUNDS times each), so that the machine's drift between boots, which is as large as
-# the difference measured, affects both alike; the figures are the medians.
-rm -f "$W/poll.sock"
-"$bin" --socket-path "$W/poll.sock" --endpoint 0x20 --endpoint 0x28 --poll-us "${VIOMMU_GT_POLL_US:-200}" >"$W/backend-poll.log" 2>&1 &
+# The same device with --poll-us on a second backend, in MAP/UNMAP mode (poll*) and in page-table
+# mode (tpoll*), and QEMU's built-in device: booted in turn (VIOMMU_GT_ROUNDS times each), so that
+# the machine's drift between boots, which is as large as the difference measured, affects all
+# alike; the figures are the medians. Around each tpoll boot the backend's counters are read: the
+# boot's INVALIDATEs (its IOTLB flushes) against its unmaps, and no MAP or UNMAP.
+rm -f "$W/poll.sock" "$W/ctl-poll.sock"
+"$bin" --socket-path "$W/poll.sock" --endpoint 0x20 --endpoint 0x28 --poll-us "${VIOMMU_GT_POLL_US:-200}" \
+    --control-socket "$W/ctl-poll.sock" >"$W/backend-poll.log" 2>&1 &
 poll_pid=$!
-for _ in $(seq 100); do [ -S "$W/poll.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ -S "$W/poll.sock" ] && [ -S "$W/ctl-poll.sock" ] && break; sleep 0.1; done
+# inv_watch NAME: while boot NAME runs, the polling backend's INVALIDATE count at each of the
+# guest's `dma-bench-mark` lines (test.sh pauses 0.5 s after each: before every configuration of
+# the benchmark and after the last), as `MARKS COUNT` lines of inv-NAME.txt.
+inv_watch() {
+    local log="$W/console-$1.log" out="$W/inv-$1.txt" seen=0 k i
+    : >"$out"
+    for i in $(seq 1200); do
+        k="$(tr -d '\r' <"$log" 2>/dev/null | grep -ac '^dma-bench-mark ' || true)"
+        if [ "$k" -gt "$seen" ]; then
+            seen=$k
+            CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' |
+                python3 -c 'import json,sys; print(sys.argv[1], sum(json.load(sys.stdin).get("requests",{}).get("invalidate",{}).values()))' "$k" \
+                    >>"$out" 2>/dev/null || true
+        fi
+        [ "$seen" -ge 5 ] && return
+        grep -aq 'VIOMMU-TEST-EXIT' "$log" 2>/dev/null && return
+        sleep 0.05
+    done
+}
+tboot() { # tboot NAME: a page-table-mode boot on the polling backend, with its INVALIDATE counts
+    CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-$1-before.json" 2>&1 || true
+    inv_watch "$1" &
+    local watch_pid=$!
+    boot "$1" tablepoll -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
+    wait "$watch_pid" 2>/dev/null || true
+    CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-$1-after.json" 2>&1 || true
+    if python3 - "$W/stats-$1-before.json" "$W/stats-$1-after.json" >"$W/stats-$1.txt" <<'PY'; then
+import json, sys
+def n(path, ty):
+    return sum(json.load(open(path)).get("requests", {}).get(ty, {}).values())
+d = {ty: n(sys.argv[2], ty) - n(sys.argv[1], ty) for ty in ("attach_table", "invalidate", "map", "unmap")}
+print(" ".join(f"{k}={v}" for k, v in d.items()))
+sys.exit(0 if d["attach_table"] > 0 and d["invalidate"] > 0 and d["map"] == 0 and d["unmap"] == 0 else 1)
+PY
+        pass "table-mode:$1:stats-invalidate-no-map"
+    else
+        fail "table-mode:$1:stats-invalidate-no-map" "$(cat "$W/stats-$1.txt" 2>/dev/null)"
+    fi
+}
 for r in $(seq "${VIOMMU_GT_ROUNDS:-3}"); do
     boot "poll${r}" ours2 -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
     boot "qemu${r}" qemu -device virtio-iommu-pci,addr=03.0 -device pci-testdev,addr=04.0 -device pci-testdev,addr=05.0
+    tboot "tpoll${r}"
 done
+# Once, for where the unmap's time goes: iommu.strict=1 (no flush queue), so every unmap is
+# followed by its own INVALIDATE, and the boot's INVALIDATE count is its unmap count.
+tboot tstrict1
 kill "$poll_pid" 2>/dev/null || true
 wait "$poll_pid" 2>/dev/null || true
 boot none none -device pci-testdev,addr=04.0 -device pci-testdev,addr=05.0
@@ -289,7 +340,61 @@ if p:
 if t:
     line += f" table_map_us={t[0]:.1f} table_unmap_us={t[1]:.1f} table_ratio={(t[0] + t[1]) / (q[0] + q[1]):.2f}"
 print(line)
-open(f"{w}/dma-map-bench.txt", "w").write(line + "\n")
+lines = [line]
+# Page-table mode (issue 16): the tpoll boots (their backend polls) against QEMU's, the same
+# rounds; the table1/table2 boots (no polling) give the figures without it (median of 2), and
+# the polling MAP/UNMAP boots of our device the comparison with our own MAP/UNMAP mode.
+def r(a, b):
+    return f"{a / b:.2f}" if b else "inf"
+tp, tn = median("tpoll"), median("table")
+if tp and tn:
+    lines.append(f"dma-map-bench-table table_map_us={tp[0]:.1f} table_unmap_us={tp[1]:.1f} qemu_map_us={q[0]:.1f} "
+                 f"qemu_unmap_us={q[1]:.1f} map_ratio={r(tp[0], q[0])} unmap_ratio={r(tp[1], q[1])} boots={tp[2]} "
+                 f"table_unmap_nopoll_us={tn[1]:.1f} unmap_nopoll_ratio={r(tn[1], q[1])} nopoll_boots={tn[2]}")
+    for t_, g_ in ((1, 1), (1, 16), (2, 1), (2, 16)):
+        a, b, c, d = median("tpoll", t_, g_), median("table", t_, g_), median("qemu", t_, g_), median("poll", t_, g_)
+        if not (a and b and c and d):
+            continue
+        lines.append(f"dma-map-bench-table-detail threads={t_} granule_kib={4 * g_} table_map_us={a[0]:.1f} "
+                     f"table_unmap_us={a[1]:.1f} table_nopoll_map_us={b[0]:.1f} table_nopoll_unmap_us={b[1]:.1f} "
+                     f"qemu_map_us={c[0]:.1f} qemu_unmap_us={c[1]:.1f} ours_poll_map_us={d[0]:.1f} "
+                     f"ours_poll_unmap_us={d[1]:.1f} map_ratio={r(a[0], c[0])} unmap_ratio={r(a[1], c[1])} "
+                     f"map_vs_ours={r(a[0], d[0])} unmap_vs_ours={r(a[1], d[1])}")
+    # INVALIDATEs per configuration (inv_watch): with the flush queue (tpoll*) and without it
+    # (tstrict1, iommu.strict=1: one per unmap, so there the count is the configuration's unmaps).
+    # The benchmark's loop does more than the map and the unmap it times (a memset of the buffer,
+    # four clock reads): the strict boot's counts give that time per iteration (loop_us), and with
+    # it the unmaps of the tpoll boots, from their own map + unmap times (each configuration runs
+    # one second: test.sh).
+    order = ((1, 1), (1, 16), (2, 1), (2, 16))  # test.sh's order
+    def inv(name):  # {configuration: INVALIDATEs}, from the counts read at marks k and k + 1
+        try:
+            c = dict(tuple(int(x) for x in l.split()) for l in open(f"{w}/inv-{name}.txt") if l.strip())
+        except (OSError, ValueError):
+            return {}
+        return {cfg: c[k + 2] - c[k + 1] for k, cfg in enumerate(order) if k + 1 in c and k + 2 in c}
+    strict = inv("tstrict1")
+    loop = {}
+    for cfg, n in strict.items():
+        m, u = res.get(("tstrict1",) + cfg, (0, 0))
+        # One thread only: two contend for the request lock, the loop's share is not theirs.
+        if n > 0 and cfg[0] == 1:
+            loop[cfg] = max(cfg[0] * 1e6 / n - m - u, 0.0)
+    if (1, 1) in strict and ("tstrict1", 1, 1) in res:
+        m, u = res[("tstrict1", 1, 1)]
+        lines.append(f"dma-map-bench-table-strict table_strict_map_us={m:.1f} table_strict_unmap_us={u:.1f} "
+                     f"invalidate={strict[(1, 1)]} loop_us={loop.get((1, 1), 0):.1f}")
+    for name in sorted({n for (n, _, _) in res if re.fullmatch(r"tpoll\d+", n)}):
+        for cfg, n in inv(name).items():
+            line = f"dma-map-bench-table-invalidate boot={name} threads={cfg[0]} granule_kib={4 * cfg[1]} invalidate={n}"
+            if cfg in loop and (name,) + cfg in res:
+                m, u = res[(name,) + cfg]
+                ops = cfg[0] * 1e6 / (m + u + loop[cfg])
+                line += f" unmaps_est={ops:.0f} unmaps_per_invalidate_est={ops / max(n, 1):.0f}"
+            lines.append(line)
+    for l in lines[1:]:
+        print(l)
+open(f"{w}/dma-map-bench.txt", "w").write("\n".join(lines) + "\n")
 PY
 [ -f "$W/dma-map-bench.txt" ] && cat "$W/dma-map-bench.txt"
 

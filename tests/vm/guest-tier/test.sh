@@ -10,7 +10,7 @@ ep=0000:00:04.0
 # viommu.mode= on the kernel command line: ours (our device, first boot), ours2 (the same backend,
 # a second boot), qemu (QEMU's built-in virtio-iommu-pci), none (no IOMMU: the floor); ours* with
 # virtio_iommu.table_mode=0; table1, table2 (our device in page-table mode, contrib/linux: two
-# boots against one backend).
+# boots against one backend), tablepoll (page-table mode on the polling backend).
 mode=ours
 for w in $(cat /proc/cmdline); do
     case "$w" in viommu.mode=*) mode="${w#viommu.mode=}" ;; esac
@@ -69,9 +69,18 @@ if [ "$mode" != none ]; then
     fi
 fi
 # The benchmark: 1 and 2 threads, 4 KiB and 64 KiB granules (pages of 4 KiB), one second each.
+# tablepoll: a marker and a pause before each configuration and after the last, in which the
+# host reads the backend's INVALIDATE count (guest-tier.sh, inv_watch).
+mark() {
+    if [ "$mode" = tablepoll ]; then
+        echo "dma-bench-mark $1"
+        sleep 0.5
+    fi
+}
 if [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
     for t in 1 2; do
         for g in 1 16; do
+            mark "t=$t g=$g"
             if /bin/dma-bench "${VIOMMU_BENCH_SECONDS:-1}" "$t" "$g"; then
                 pass "dma-map-benchmark-t$t-g$g"
             else
@@ -79,6 +88,7 @@ if [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
             fi
         done
     done
+    mark end
 fi
 
 # A user-space VFIO driver (type1) on the second endpoint, first boot only: the host checks each
