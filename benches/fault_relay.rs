@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault-relay benchmark (kernel tier): an I/O page fault's round trip
 //! through our device against two baselines measured in the same run.
 //!

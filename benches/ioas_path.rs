@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! IOAS-path benchmark (kernel tier): MAP+UNMAP pairs through our device to
 //! a selftest endpoint, against the same IOAS ioctls issued directly.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Nested-translation benchmark.
 //!
 //! - attach_ns: one ATTACH_TABLE round trip through our device (request

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Request-path benchmark: MAP+UNMAP pairs through the real binary over the
 //! vhost-user socket, with 1, 10^3 and 10^6 mappings already in the domain.
 //!

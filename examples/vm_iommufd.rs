@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Kernel-tier guest test: our iommufd layer (`iommufd_bridge::sys`)
 //! against the real /dev/iommu of a test kernel, checked by the kernel's own
 //! selftest mock (CONFIG_IOMMUFD_TEST). Built static and run inside the VM by

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-device-iommu: a virtio-iommu device served over vhost-user.
 
 pub mod args;

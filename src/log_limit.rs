@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Rate-limited logging for what a guest, a frontend or a control client
 //! can repeat: per kind (one `limited!` call site), the first `BURST` lines
 //! of each `INTERVAL` are logged, the rest are counted and dropped, and the

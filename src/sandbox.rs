@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seccomp filters installed once the backend has opened everything it
 //! needs (sockets, devices, the iommufd). Two layers:
 //! - the process filter, installed by the main thread on every thread with

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The serving loop: one frontend at a time, a fresh device for each.
 
 use std::os::fd::{AsRawFd, FromRawFd};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The ACPI VIOT (Virtual I/O Translation Table) that tells a guest which PCI
 //! devices this virtio-iommu manages. QEMU's generic vhost-user device
 //! describes no topology, so the table is passed with `-acpitable file=...`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests of the test harness itself, against rust-vmm's device-side
 //! implementations running in this process:
 //! - the split-queue driver against `virtio_queue::Queue` over the same memfd;

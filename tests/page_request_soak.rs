@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Page-request soak (spec-notes/protocol.md 6.8): at least 100 000 page requests
 //! (VIOMMU_SOAK_PAGE_REQUESTS to change it) from virtual endpoints, with
 //! random driver delays and answers, `dma` timeouts, detaches and frontend

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Host endpoints on the REAL /dev/iommu: the socket-level harness drives
 //! our binary, whose endpoints are the kernel's iommufd selftest mock
 //! devices (`--endpoint ID,selftest`), and the kernel itself checks what

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O page faults on the REAL /dev/iommu: a selftest mock device attached
 //! to a nested HWPT with our connection's fault queue; the kernel injects a
 //! page request (IOMMU_TEST_OP_TRIGGER_IOPF), our device relays it to the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Nested translation on the REAL /dev/iommu: ATTACH_TABLE with the
 //! selftest mock's nested format becomes a nested HWPT on the nesting
 //! parent of guest RAM, attached through MOCK_DOMAIN_REPLACE; INVALIDATE

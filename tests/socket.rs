@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Socket tier: the real binary on a real unix socket, driven by the vhost
 //! crate's frontend and the guest-driver harness in `tests/support/`.
 

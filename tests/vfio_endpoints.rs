@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A VFIO endpoint on a real kernel: `--endpoint ID,vfio=CDEV` with the cdev
 //! named by `VIOMMU_VFIO_CDEV` (a device bound to vfio-pci).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user glue: the `VhostUserBackend` implementation. Queue plumbing
 //! only; the request semantics live in `dispatch` and `state`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Feature bits and the 40-byte configuration space.
 
 /// Device feature bits (virtio-iommu, ratified).

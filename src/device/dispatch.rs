@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One request in, one reply out: the pure core of the requestq.
 //!
 //! `handle` takes the readable bytes and the size of the writable part,

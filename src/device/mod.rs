@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-iommu semantics and the vhost-user glue.
 
 pub mod backend;

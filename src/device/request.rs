@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Decoding of requestq requests (head + body) into typed values.
 //!
 //! Pure: bytes in, `Request` out. Which request types exist depends on the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-iommu state of one guest: endpoints, domains, mappings, and
 //! the pure transitions that requests make on it.
 //!

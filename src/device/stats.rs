@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Request counters, reported by the control socket's `stats` op.
 
 use serde_json::{json, Map, Value};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Event records waiting for eventq buffers: a bounded FIFO, allocated once,
 //! and the counters that prove nothing is dropped silently; page requests
 //! and their exactly-once completion (`pages`), and the sources that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Page requests: the records sources deliver (the kernel's fault FD and the
 //! virtual endpoints' FD share one format, struct iommu_hwpt_pgfault), and
 //! the outstanding groups that must each be completed exactly once

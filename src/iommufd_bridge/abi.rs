@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The type-specific structures iommufd takes and gives (HWPT_ALLOC data,
 //! HWPT_INVALIDATE entries, page responses, vEVENT data), built from the
 //! `iommufd-bindings` structs.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The host side of the IOMMU, behind one trait.
 //!
 //! The device state (`device::state`) decides what a request means; a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-owned page tables: the ATTACH_TABLE and INVALIDATE extension
 //! (spec-notes/protocol.md 6.2, 6.3) decoded into typed values, and the walker
 //! that serves virtual endpoints attached to a guest table.

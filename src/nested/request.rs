@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ATTACH_TABLE (type 6) and INVALIDATE (type 7) bodies decoded into typed,
 //! validated values. Pure: bytes in, values or a `NestedError` out; what an
 //! error means to the guest is decided in `device::error`.

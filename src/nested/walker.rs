@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Software walker for Intel VT-d first-stage page tables, and a builder
 //! that writes such tables.
 //!

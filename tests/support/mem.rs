@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM: one memfd, mapped `MAP_SHARED` in the test process and handed
 //! to the backend with `SET_MEM_TABLE`. Region `i` of the guest-physical
 //! layout lives at memfd offset `sum(size of regions before i)`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-side driver harness for the vhost-user virtio-iommu backend.
 //!
 //! Layers, bottom up:

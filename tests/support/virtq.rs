@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Driver side of a virtio 1.x split virtqueue laid out in [`GuestMem`].
 //!
 //! Chains are built from per-head "arenas" (guest buffers owned by the head

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd calls the device makes, in one place. What the
 //! `iommufd-ioctls` crate wraps is called through it; what it lacks
 //! (IOAS_IOVA_RANGES, IOAS_COPY, FAULT_QUEUE_ALLOC, and the selftest ABI)
