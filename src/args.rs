@@ -521,7 +521,9 @@ impl Args {
             });
         }
         let mut seen = std::collections::HashSet::new();
-        let mut endpoints = Vec::with_capacity(given as usize);
+        // `given` is at most --max-endpoints, a usize, so it converts.
+        let mut endpoints =
+            Vec::with_capacity(usize::try_from(given).unwrap_or(self.max_endpoints));
         for (a, b, spec) in parsed {
             for id in a..=b {
                 if !seen.insert(id) {

@@ -316,6 +316,8 @@ fn thread_clone_rule() -> Result<Vec<SeccompRule>, SandboxError> {
 /// PR_SET_NO_NEW_PRIVS(1) (seccompiler's, before a thread stacks its
 /// filter).
 fn prctl_rules() -> Result<Vec<SeccompRule>, SandboxError> {
+    // The PR_* options are small positive ints.
+    #[allow(clippy::cast_sign_loss)]
     let op = |v: libc::c_int| cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64);
     Ok(vec![
         SeccompRule::new(vec![op(libc::PR_SET_NAME)?])?,
@@ -333,7 +335,7 @@ fn narrowing_rule() -> Result<Vec<SeccompRule>, SandboxError> {
         0,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::Eq,
-        libc::SECCOMP_SET_MODE_FILTER as u64,
+        u64::from(libc::SECCOMP_SET_MODE_FILTER),
     )?;
     let flags = cond(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)?;
     Ok(vec![SeccompRule::new(vec![op, flags])?])
@@ -359,6 +361,11 @@ fn action(mode: SeccompMode) -> Option<SeccompAction> {
     }
 }
 
+/// clone3's number as the filter compares it.
+// System call numbers are small (clone3 is 435): it fits a u32.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+const SYS_CLONE3: u32 = libc::SYS_clone3 as u32;
+
 /// clone3 takes its flags in a struct the filter cannot read, so it is
 /// answered ENOSYS, as if the kernel were older; glibc (2.34+) then makes
 /// the thread with clone, whose flags the filter checks. seccompiler gives
@@ -377,7 +384,7 @@ fn clone3_enosys(arch: u32) -> BpfProgram {
         ins(JEQ_K, 0, 3, arch),
         // seccomp_data.nr
         ins(LD_W_ABS, 0, 0, 0),
-        ins(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        ins(JEQ_K, 0, 1, SYS_CLONE3),
         ins(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
     ]
 }
@@ -541,7 +548,7 @@ fn trap_reporter() {
         // siginfo_t for SIGSYS: the system call number is the int at
         // offset 24 on x86_64 and aarch64 (_sigsys._syscall).
         // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO.
-        let nr = unsafe { *((info as *const u8).add(24) as *const i32) };
+        let nr = unsafe { *info.cast_const().cast::<u8>().add(24).cast::<i32>() };
         let prefix = b"vhost-device-iommu: seccomp: refused system call ";
         let mut digits = [0u8; 12];
         let mut n = nr.unsigned_abs();
@@ -573,6 +580,8 @@ fn trap_reporter() {
 }
 
 #[cfg(test)]
+// Test code with known small values.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -678,7 +687,7 @@ mod tests {
         let prog = filter_for(SeccompMode::Kill, Role::Process)
             .unwrap()
             .unwrap();
-        assert_eq!(prog[3].k, libc::SYS_clone3 as u32);
+        assert_eq!(prog[3].k, SYS_CLONE3);
         assert_eq!(prog[4].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
         // Roles that make no threads kill it like any unlisted call.
         let worker = filter_for(SeccompMode::Kill, Role::Worker)

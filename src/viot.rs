@@ -123,7 +123,8 @@ impl PciAddress {
         };
         let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
         let (bus, dev, func) = (hex(bus, 2)?, hex(dev, 2)?, hex(func, 1)?);
-        Self::new(segment, bus as u8, dev as u8, func as u8).ok_or_else(bad)
+        let byte = |v: u16| u8::try_from(v).map_err(|_| bad());
+        Self::new(segment, byte(bus)?, byte(dev)?, byte(func)?).ok_or_else(bad)
     }
 }
 
@@ -276,12 +277,14 @@ impl ViotTable {
         let len = usize::from(NODE_OFFSET)
             + usize::from(VIRTIO_IOMMU_PCI_NODE_LEN)
             + self.ranges.len() * usize::from(PCI_RANGE_NODE_LEN);
-        // validate() bounds the range count, so these cannot truncate.
-        let node_count = (self.ranges.len() + 1) as u16;
+        // validate() bounds the range count, so these always convert.
+        let too_many = |_| ViotError::TooManyRanges(self.ranges.len());
+        let node_count = u16::try_from(self.ranges.len() + 1).map_err(too_many)?;
+        let table_len = u32::try_from(len).map_err(too_many)?;
         let mut t = Vec::with_capacity(len);
 
         t.extend_from_slice(SIGNATURE);
-        t.extend_from_slice(&(len as u32).to_le_bytes());
+        t.extend_from_slice(&table_len.to_le_bytes());
         t.push(0); // revision
         t.push(0); // checksum, set last
         t.extend_from_slice(OEM_ID);
@@ -340,6 +343,8 @@ impl ViotTable {
 }
 
 #[cfg(test)]
+// Test code with known small values.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

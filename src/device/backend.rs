@@ -590,7 +590,7 @@ mod tests {
                 let rc = unsafe {
                     libc::msync(
                         r.host_va as *mut libc::c_void,
-                        r.len as usize,
+                        usize::try_from(r.len).expect("test region fits the address space"),
                         libc::MS_ASYNC,
                     )
                 };

@@ -109,7 +109,7 @@ impl DeviceConfig {
         b[24..28].copy_from_slice(&self.domain_start.to_le_bytes());
         b[28..32].copy_from_slice(&self.domain_end.to_le_bytes());
         b[32..36].copy_from_slice(&PROBE_SIZE.to_le_bytes());
-        b[BYPASS_OFFSET] = bypass as u8;
+        b[BYPASS_OFFSET] = u8::from(bypass);
         b
     }
 }

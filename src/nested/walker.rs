@@ -93,7 +93,8 @@ pub fn levels_for_width(addr_width: u32) -> Result<u8, WalkError> {
 /// must be 48 or 57 (anything in 1..=64 gives a meaningful answer).
 pub fn is_canonical(iova: u64, addr_width: u32) -> bool {
     let shift = 64u32.saturating_sub(addr_width).min(63);
-    (((iova << shift) as i64) >> shift) as u64 == iova
+    // Sign-extend from bit addr_width-1: an arithmetic shift on the bits as i64.
+    ((iova << shift).cast_signed() >> shift).cast_unsigned() == iova
 }
 
 /// Index of `iova` in a table at `level` (1..=5).
@@ -224,8 +225,11 @@ impl<M: GuestMemory + ?Sized> TableMemory for MmapTableMemory<'_, M> {
         );
         self.next = after;
         // The pool may hold old tables: hand out zeroed pages only.
+        // 4096 fits any usize.
+        #[allow(clippy::cast_possible_truncation)]
+        const PAGE_LEN: usize = PAGE_4K as usize;
         self.mem
-            .write_slice(&[0u8; PAGE_4K as usize], GuestAddress(page))
+            .write_slice(&[0u8; PAGE_LEN], GuestAddress(page))
             .expect("table page outside guest memory");
         page
     }
@@ -399,6 +403,8 @@ impl<M: TableMemory> TableBuilder<M> {
 }
 
 #[cfg(test)]
+// Test code with known small values.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -765,7 +771,7 @@ mod tests {
             if iova & 3 != 0 {
                 // Mostly canonical, so that the walk gets past the first check.
                 let s = 64 - width;
-                iova = ((iova << s) as i64 >> s) as u64;
+                iova = ((iova << s).cast_signed() >> s).cast_unsigned();
             }
             if let Ok(w) = walk(&mem, root, width, iova, rng.next() & 1 == 0) {
                 assert!(matches!(w.page_size, PAGE_4K | PAGE_2M | PAGE_1G));

@@ -130,8 +130,19 @@ fn check(op: &'static str, rc: i32) -> Result<()> {
     Ok(())
 }
 
+// Only kernel ABI structs (tens of bytes) are measured: the size fits a u32.
+#[allow(clippy::cast_possible_truncation)]
 fn size_of<T>() -> u32 {
     std::mem::size_of::<T>() as u32
+}
+
+/// A buffer's length or entry count as the u32 the ioctl structs carry;
+/// EOVERFLOW (before any call) if it does not fit.
+fn len_u32(op: &'static str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| SysError::Ioctl {
+        op,
+        source: io::Error::from_raw_os_error(libc::EOVERFLOW),
+    })
 }
 
 /// One open iommufd context.
@@ -210,7 +221,7 @@ impl Iommufd {
         let mut probe = [0u64; 16];
         let req = vmm_sys_util::ioctl::ioctl_expr(
             vmm_sys_util::ioctl::_IOC_NONE,
-            IOMMUFD_TYPE as u32,
+            u32::from(IOMMUFD_TYPE),
             nr,
             0,
         );
@@ -352,7 +363,7 @@ impl Iommufd {
             let mut r = iommu_ioas_iova_ranges {
                 size: size_of::<iommu_ioas_iova_ranges>(),
                 ioas_id: ioas,
-                num_iovas: ranges.len() as u32,
+                num_iovas: len_u32("IOMMU_IOAS_IOVA_RANGES", ranges.len())?,
                 allowed_iovas: ranges.as_mut_ptr() as u64,
                 ..Default::default()
             };
@@ -390,7 +401,7 @@ impl Iommufd {
             dev_id,
             pt_id,
             data_type,
-            data_len: data.len() as u32,
+            data_len: len_u32("IOMMU_HWPT_ALLOC", data.len())?,
             data_uptr: if data.is_empty() {
                 0
             } else {
@@ -411,11 +422,12 @@ impl Iommufd {
     /// IOMMU_GET_HW_INFO for device `dev_id`.
     pub fn hw_info(&self, dev_id: u32) -> Result<HwInfoRaw> {
         // Larger than every known info structure (SMMUv3: 40 bytes).
-        let mut data = vec![0u8; 256];
+        const DATA_MAX: u32 = 256;
+        let mut data = vec![0u8; DATA_MAX as usize];
         let mut h = iommu_hw_info {
             size: size_of::<iommu_hw_info>(),
             dev_id,
-            data_len: data.len() as u32,
+            data_len: DATA_MAX,
             data_uptr: data.as_mut_ptr() as u64,
             ..Default::default()
         };
@@ -425,7 +437,7 @@ impl Iommufd {
                 op: "IOMMU_GET_HW_INFO",
                 source,
             })?;
-        data.truncate((h.data_len as usize).min(256));
+        data.truncate(h.data_len.min(DATA_MAX) as usize);
         Ok(HwInfoRaw {
             // SAFETY: a union of two u32s; the kernel wrote out_data_type.
             info_type: unsafe { h.__bindgen_anon_1.out_data_type },
@@ -450,7 +462,10 @@ impl Iommufd {
             data_uptr: entries.as_mut_ptr() as u64,
             data_type,
             entry_len,
-            entry_num: (entries.len() / entry_len.max(1) as usize) as u32,
+            entry_num: len_u32(
+                "IOMMU_HWPT_INVALIDATE",
+                entries.len() / entry_len.max(1) as usize,
+            )?,
             ..Default::default()
         };
         self.fd
@@ -530,7 +545,7 @@ impl Iommufd {
         })?;
         // SAFETY: on success the kernel installed a new fd in our table and
         // handed its ownership to us in out_fault_fd.
-        let file = unsafe { File::from_raw_fd(f.out_fault_fd as RawFd) };
+        let file = unsafe { File::from_raw_fd(f.out_fault_fd.cast_signed()) };
         Ok((f.out_fault_id, file))
     }
 }
