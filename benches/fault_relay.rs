@@ -21,6 +21,9 @@
 //!
 //! Prints `fault-relay p50_ns=.. p99_ns=.. raw_p50_ns=.. floor_p50_ns=..
 //! ratio=.. batch_faults_per_s=.. raw_batch_faults_per_s=..`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -19,6 +19,9 @@
 //! (medians of three runs). Elsewhere (`cargo bench --features selftest
 //! --bench nested`) it prints the walker figure and says the kernel part
 //! was SKIPPED.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -4,6 +4,9 @@
 //! selftest mock (CONFIG_IOMMUFD_TEST). Built static and run inside the VM by
 //! tests/vm/kernel-tier.sh; prints one PASS/FAIL line per check and
 //! `vm-iommufd: N passed, M failed`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
 use std::path::Path;
 use std::process::ExitCode;

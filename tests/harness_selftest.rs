@@ -3,6 +3,9 @@
 //! implementations running in this process:
 //! - the split-queue driver against `virtio_queue::Queue` over the same memfd;
 //! - the vhost-user frontend against a `vhost_user_backend` echo daemon.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -8,6 +8,9 @@
 //! because the kernel had completed the group itself).
 //!
 //! Run inside a test guest by `tests/vm/kernel-tier.sh` (`--ignored`).
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -6,6 +6,9 @@
 //! (IOMMU_TEST_OP_MD_CHECK_IOTLB).
 //!
 //! Run inside a test guest by `tests/vm/kernel-tier.sh` (`--ignored`).
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -11,6 +11,9 @@
 //! are proven with the selftest mock (tests/selftest_endpoints.rs); here
 //! the kernel accepting every bind, attach, replace, copy and unmap on a
 //! real device is what is tested.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -133,7 +133,7 @@ impl GuestMem {
             .collect();
         Ok(GuestMem {
             file,
-            base: base as *mut u8,
+            base: base.cast::<u8>(),
             total,
             regions,
             next: Mutex::new(next),
@@ -367,7 +367,7 @@ impl Drop for GuestMem {
     fn drop(&mut self) {
         // SAFETY: `base`/`total` describe the mapping created in `with_regions`,
         // and nothing can reference it once `self` is being dropped.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.total) };
+        unsafe { libc::munmap(self.base.cast::<libc::c_void>(), self.total) };
     }
 }
 
