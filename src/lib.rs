@@ -2,7 +2,7 @@
 //! vhost-device-iommu: a virtio-iommu device served over vhost-user.
 
 pub mod args;
-pub mod control;
+pub(crate) mod control;
 pub mod device;
 pub mod fault_queue;
 pub mod iommufd_bridge;
@@ -11,4 +11,4 @@ pub(crate) mod log_limit;
 pub mod nested;
 pub mod sandbox;
 pub mod server;
-pub mod viot;
+pub(crate) mod viot;

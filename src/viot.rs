@@ -15,9 +15,7 @@ use std::str::FromStr;
 use thiserror::Error;
 
 pub const SIGNATURE: &[u8; 4] = b"VIOT";
-/// The standard ACPI table header.
-pub const ACPI_HEADER_LEN: usize = 36;
-/// Nodes start after the ACPI header and VIOT's own 12 bytes; the IOMMU node
+/// Nodes start after the 36-byte ACPI header and VIOT's own 12 bytes; the IOMMU node
 /// is the first, so this is also every range's `output_node`.
 pub const NODE_OFFSET: u16 = 48;
 pub const NODE_PCI_RANGE: u8 = 1;

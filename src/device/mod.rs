@@ -2,15 +2,15 @@
 //! virtio-iommu semantics and the vhost-user glue.
 
 pub mod backend;
-pub mod chain;
+pub(crate) mod chain;
 pub mod config;
 pub mod dispatch;
-pub mod error;
+pub(crate) mod error;
 pub(crate) mod host_port;
-pub mod poll;
+pub(crate) mod poll;
 pub mod request;
 pub mod state;
 pub mod stats;
-pub mod translate;
+pub(crate) mod translate;
 
 pub use config::features;

@@ -5,10 +5,10 @@
 //! deliver them (`source`).
 
 pub mod pages;
-pub mod relay;
-pub mod source;
-pub mod timer;
-pub mod vevents;
+pub(crate) mod relay;
+pub(crate) mod source;
+pub(crate) mod timer;
+pub(crate) mod vevents;
 
 use std::collections::VecDeque;
 

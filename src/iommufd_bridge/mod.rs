@@ -12,14 +12,14 @@
 //! The iommufd calls themselves live in `sys`.
 
 mod abi;
-pub mod host;
-pub mod ids;
-pub mod reserved;
+pub(crate) mod host;
+pub(crate) mod ids;
+pub(crate) mod reserved;
 #[cfg(feature = "selftest")]
-pub mod selftest;
-pub mod software;
+pub(crate) mod selftest;
+pub(crate) mod software;
 pub mod sys;
-pub mod vfio;
+pub(crate) mod vfio;
 
 use std::fmt::Debug;
 

@@ -4,7 +4,7 @@
 //! that serves virtual endpoints attached to a guest table.
 
 pub mod request;
-pub mod smmu3;
+pub(crate) mod smmu3;
 pub mod walker;
 
 pub use request::{AttachTable, InvScope, Invalidate, NestedError, TableDesc};
