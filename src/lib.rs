@@ -6,7 +6,7 @@ pub(crate) mod control;
 pub mod device;
 pub mod fault_queue;
 pub mod iommufd_bridge;
-pub(crate) mod lock_order;
+pub mod lock_order;
 pub(crate) mod log_limit;
 pub mod nested;
 pub mod sandbox;

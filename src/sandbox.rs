@@ -91,7 +91,7 @@ mod lists {
     /// Every thread: the Rust and glibc runtime (allocation, locks, time,
     /// randomness for hash maps, logging to stderr, closing fds, exiting).
     /// mmap and mprotect never with PROT_EXEC (see `rules_for`).
-    pub const RUNTIME: &[c_long] = &[
+    pub(crate) const RUNTIME: &[c_long] = &[
         SYS_write,
         SYS_close,
         SYS_fcntl,
@@ -119,7 +119,7 @@ mod lists {
         SYS_getrandom,
     ];
     /// Event loops: epoll sets, eventfds, the fault FDs, the vEVENTQ.
-    pub const EVENTS: &[c_long] = &[
+    pub(crate) const EVENTS: &[c_long] = &[
         SYS_read,
         SYS_readv,
         SYS_writev,
@@ -133,15 +133,15 @@ mod lists {
     /// The same, where the architecture still has the old calls (aarch64
     /// has only the p-variants, which its libc uses).
     #[cfg(target_arch = "x86_64")]
-    pub const EVENTS_OLD: &[c_long] = &[SYS_epoll_wait, SYS_poll];
+    pub(crate) const EVENTS_OLD: &[c_long] = &[SYS_epoll_wait, SYS_poll];
     #[cfg(target_arch = "aarch64")]
-    pub const EVENTS_OLD: &[c_long] = &[];
+    pub(crate) const EVENTS_OLD: &[c_long] = &[];
     /// The host IOMMU: iommufd and VFIO ioctls, only the request numbers of
     /// `super::IOCTLS`.
-    pub const HOST: &[c_long] = &[SYS_ioctl];
+    pub(crate) const HOST: &[c_long] = &[SYS_ioctl];
     /// vhost-user messages (fds travel with SCM_RIGHTS) and the guest
     /// memory files they carry.
-    pub const VHOST_USER: &[c_long] = &[
+    pub(crate) const VHOST_USER: &[c_long] = &[
         SYS_recvmsg,
         SYS_sendmsg,
         SYS_shutdown,
@@ -156,7 +156,7 @@ mod lists {
     ];
     /// Stream sockets without fds (the control socket's clients), with
     /// their read and write timeouts (setsockopt).
-    pub const STREAM: &[c_long] = &[
+    pub(crate) const STREAM: &[c_long] = &[
         SYS_read,
         SYS_recvfrom,
         SYS_sendto,
@@ -164,7 +164,7 @@ mod lists {
         SYS_setsockopt,
     ];
     /// Accepting connections (getsockopt: the peer's credentials).
-    pub const ACCEPT: &[c_long] = &[
+    pub(crate) const ACCEPT: &[c_long] = &[
         SYS_accept,
         SYS_accept4,
         SYS_getsockname,
@@ -176,7 +176,7 @@ mod lists {
     /// it): clone only with thread flags, clone3 answered ENOSYS (glibc
     /// then uses clone), prctl only PR_SET_NAME and PR_SET_NO_NEW_PRIVS
     /// (see `rules_for`).
-    pub const THREADS: &[c_long] = &[
+    pub(crate) const THREADS: &[c_long] = &[
         SYS_clone,
         SYS_clone3,
         SYS_set_robust_list,
@@ -185,15 +185,15 @@ mod lists {
     ];
     /// Setting up a connection's event loops (main thread, and the thread
     /// making the vring workers).
-    pub const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
+    pub(crate) const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
     /// Main thread only: the control socket's pipes.
-    pub const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
+    pub(crate) const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
 }
 
 /// The system calls a thread of `role` may make (x86_64 and aarch64; none
 /// elsewhere).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
+pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
     use lists::*;
     let groups: &[&[libc::c_long]] = match role {
         Role::Process => &[
@@ -216,12 +216,13 @@ pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-pub fn allowed_for(_role: Role) -> Vec<libc::c_long> {
+pub(crate) fn allowed_for(_role: Role) -> Vec<libc::c_long> {
     Vec::new()
 }
 
 /// The process filter's list: what any serving thread may do.
-pub fn allowed() -> Vec<libc::c_long> {
+#[cfg(test)]
+pub(crate) fn allowed() -> Vec<libc::c_long> {
     allowed_for(Role::Process)
 }
 
@@ -241,7 +242,7 @@ const fn io(nr: u32) -> u32 {
 /// vmm-sys-util's epoll and eventfd make none; env_logger asks whether
 /// stderr is a terminal (TCGETS) once, at start-up; nothing sets a socket
 /// non-blocking (FIONBIO) after it.
-pub const IOCTLS: &[(u32, &str)] = &[
+pub(crate) const IOCTLS: &[(u32, &str)] = &[
     // iommufd (`iommufd_bridge::sys`, through iommufd-ioctls or by hand).
     (io(0x80), "IOMMU_DESTROY"),
     (io(0x81), "IOMMU_IOAS_ALLOC"),
@@ -394,7 +395,10 @@ const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
 
 /// The filter of `role` for `mode` (None for `off`).
-pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, SandboxError> {
+pub(crate) fn filter_for(
+    mode: SeccompMode,
+    role: Role,
+) -> Result<Option<BpfProgram>, SandboxError> {
     let Some(mismatch) = action(mode) else {
         return Ok(None);
     };
@@ -428,7 +432,7 @@ pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, S
 }
 
 /// The process filter for `mode` (None for `off`).
-pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
+pub(crate) fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
     filter_for(mode, Role::Process)
 }
 
@@ -486,7 +490,7 @@ pub fn narrow(role: Role) -> Result<bool, SandboxError> {
 
 /// `narrow`, for threads that serve whatever happens: a failure is logged
 /// (the process filter still holds).
-pub fn narrow_or_warn(role: Role) {
+pub(crate) fn narrow_or_warn(role: Role) {
     match narrow(role) {
         Ok(true) => log::debug!("seccomp: {role:?} filter on this thread"),
         Ok(false) => {}
@@ -503,7 +507,7 @@ pub fn narrow_or_warn(role: Role) {
 /// inherit that filter from their first instruction. For threads a library
 /// starts and runs (vhost-user-backend's vring workers and frontend
 /// handler), with no hook of ours before their first message or event.
-pub fn on_narrowed_thread<T: Send>(
+pub(crate) fn on_narrowed_thread<T: Send>(
     name: &str,
     role: Role,
     make: impl FnOnce() -> T + Send,

@@ -325,6 +325,7 @@ impl ViotTable {
     /// (what `--endpoint` must name), computed as Linux's
     /// `viot_pci_dev_iommu_init` does. None if no range covers `addr`, or
     /// `addr` is the IOMMU itself (Linux does not translate it).
+    #[cfg(test)]
     pub fn endpoint_id(&self, addr: PciAddress) -> Option<u32> {
         if addr == self.iommu {
             return None;

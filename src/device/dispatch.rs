@@ -17,17 +17,17 @@ use crate::log_limit::limited;
 use crate::nested::request::T_INVALIDATE;
 use crate::nested::{Invalidate, TableCaps};
 
-pub const PROBE_T_RESV_MEM: u16 = 1;
+pub(crate) const PROBE_T_RESV_MEM: u16 = 1;
 const RESV_MEM_LEN: usize = 24;
 /// RESV_MEM's length field: the property less its 4-byte header.
 // 20 fits a u16.
 #[allow(clippy::cast_possible_truncation)]
 const RESV_MEM_VALUE_LEN: u16 = (RESV_MEM_LEN - 4) as u16;
 /// Extension PROBE properties (spec-notes/protocol.md 6.6), only with F_ATTACH_TABLE.
-pub const PROBE_T_TABLE: u16 = 0x100;
-pub const PROBE_T_HW_INFO: u16 = 0x101;
-pub const PROBE_T_TABLE_INTEL_VTD: u16 = 0x102;
-pub const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
+pub(crate) const PROBE_T_TABLE: u16 = 0x100;
+pub(crate) const PROBE_T_HW_INFO: u16 = 0x101;
+pub(crate) const PROBE_T_TABLE_INTEL_VTD: u16 = 0x102;
+pub(crate) const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
 
 /// Largest reply: PROBE properties plus the tail.
 pub const MAX_REPLY: usize = PROBE_SIZE as usize + TAIL_LEN;
@@ -120,7 +120,7 @@ pub fn handle(
 /// Is this request an INVALIDATE that can wait for the ones after it, so
 /// that consecutive invalidations of one domain reach the host in one call?
 /// Only valid ones on host-held tables, with room for the tail.
-pub fn deferrable_invalidate(
+pub(crate) fn deferrable_invalidate(
     state: &IommuState,
     acked: u64,
     readable: &[u8],
@@ -139,7 +139,7 @@ pub fn deferrable_invalidate(
 /// `deferrable_invalidate`, in ring order): one host call; if the host
 /// refuses it, each again alone, so that every request gets its own status.
 /// `statuses` receives one status per request.
-pub fn complete_invalidates(
+pub(crate) fn complete_invalidates(
     state: &mut IommuState,
     stats: &mut Stats,
     reqs: &[Invalidate],

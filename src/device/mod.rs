@@ -13,4 +13,4 @@ pub mod state;
 pub mod stats;
 pub(crate) mod translate;
 
-pub use config::features;
+pub(crate) use config::features;

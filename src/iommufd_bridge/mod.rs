@@ -75,7 +75,7 @@ pub struct HostMapping {
 /// x86's MSI doorbell window: DMA there is an interrupt, never memory, so
 /// no IOMMU translates it (virtio-iommu.md P11).
 pub const MSI_START: u64 = 0xfee0_0000;
-pub const MSI_END: u64 = 0xfeef_ffff;
+pub(crate) const MSI_END: u64 = 0xfeef_ffff;
 
 /// Why the host cannot translate an IOVA range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -44,7 +44,7 @@ pub(super) struct Polling {
 /// Requestq wakeups (kicks the worker was woken for) and requests served by
 /// polling instead.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct PollCounters {
+pub(crate) struct PollCounters {
     pub wakeups: u64,
     pub served_polling: u64,
     /// Polling stopped because the worker was descheduled while it polled

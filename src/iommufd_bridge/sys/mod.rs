@@ -33,34 +33,32 @@ use thiserror::Error;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-pub const IOAS_MAP_FIXED_IOVA: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
+pub(crate) const IOAS_MAP_FIXED_IOVA: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
 pub const IOAS_MAP_WRITEABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
 pub const IOAS_MAP_READABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
 pub const HWPT_ALLOC_NEST_PARENT: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
-pub const HWPT_FAULT_ID_VALID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
+pub(crate) const HWPT_FAULT_ID_VALID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
 /// IOMMU_HWPT_ALLOC_PASID (6.15): the HWPT may sit next to PASID attachments.
-pub const HWPT_ALLOC_PASID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
+pub(crate) const HWPT_ALLOC_PASID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
 /// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
-pub const HWPT_DATA_VTD_S1: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
-pub const HWPT_DATA_ARM_SMMUV3: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
+pub(crate) const HWPT_DATA_VTD_S1: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
+pub(crate) const HWPT_DATA_ARM_SMMUV3: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
 /// enum iommu_hwpt_invalidate_data_type values we use.
-pub const INVALIDATE_DATA_VTD_S1: u32 =
+pub(crate) const INVALIDATE_DATA_VTD_S1: u32 =
     iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1;
 /// IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: raw SMMUv3 commands, sent to
 /// the vIOMMU (not to the nested HWPT).
-pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
+pub(crate) const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
     iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
 /// IOMMU_VIOMMU_TYPE_ARM_SMMUV3, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3.
-pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
-pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
+pub(crate) const VIOMMU_TYPE_ARM_SMMUV3: u32 = iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
+pub(crate) const VEVENTQ_TYPE_ARM_SMMUV3: u32 = iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
 /// enum iommu_hw_info_type values we recognise.
-pub const HW_INFO_INTEL_VTD: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD;
-pub const HW_INFO_ARM_SMMUV3: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+pub(crate) const HW_INFO_INTEL_VTD: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD;
+pub(crate) const HW_INFO_ARM_SMMUV3: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
 /// The selftest mock's types: not in the bindings (see `abi`).
-pub use super::abi::{
-    HWPT_DATA_SELFTEST, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST, VEVENTQ_TYPE_SELFTEST,
-    VIOMMU_TYPE_SELFTEST,
-};
+pub use super::abi::{HWPT_DATA_SELFTEST, INVALIDATE_DATA_SELFTEST};
+pub(crate) use super::abi::{HW_INFO_SELFTEST, VEVENTQ_TYPE_SELFTEST, VIOMMU_TYPE_SELFTEST};
 
 /// IOMMU_GET_HW_INFO's answer for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +98,7 @@ pub enum SysError {
 
 impl SysError {
     /// The operation that failed.
-    pub fn op(&self) -> &'static str {
+    pub(crate) fn op(&self) -> &'static str {
         match self {
             SysError::Open { .. } => "open",
             SysError::Ioctl { op, .. } | SysError::Crate { op, .. } => op,
@@ -118,7 +116,7 @@ impl SysError {
     }
 }
 
-pub type Result<T> = std::result::Result<T, SysError>;
+pub(crate) type Result<T> = std::result::Result<T, SysError>;
 
 fn check(op: &'static str, rc: i32) -> Result<()> {
     if rc < 0 {
@@ -203,21 +201,21 @@ impl Iommufd {
         Ok(Iommufd::from_file(file))
     }
 
-    pub fn from_file(file: File) -> Self {
+    pub(crate) fn from_file(file: File) -> Self {
         Iommufd {
             fd: Arc::new(IommuFd::new_from_fd(file)),
         }
     }
 
     /// The crate's handle, shared with vfio-ioctls.
-    pub fn handle(&self) -> &Arc<IommuFd> {
+    pub(crate) fn handle(&self) -> &Arc<IommuFd> {
         &self.fd
     }
 
     /// Is ioctl number `nr` known to this kernel? A zero `size` makes every
     /// known command fail its size check (EINVAL) before doing anything;
     /// an unknown one fails with ENOTTY.
-    pub fn has_ioctl(&self, nr: u32) -> bool {
+    pub(crate) fn has_ioctl(&self, nr: u32) -> bool {
         let mut probe = [0u64; 16];
         let req = vmm_sys_util::ioctl::ioctl_expr(
             vmm_sys_util::ioctl::_IOC_NONE,
@@ -285,7 +283,7 @@ impl Iommufd {
     }
 
     /// Map `len` bytes of file `fd` from `offset` to `iova` (fixed).
-    pub fn ioas_map_file(
+    pub(crate) fn ioas_map_file(
         &self,
         ioas: u32,
         fd: RawFd,
@@ -420,7 +418,7 @@ impl Iommufd {
     }
 
     /// IOMMU_GET_HW_INFO for device `dev_id`.
-    pub fn hw_info(&self, dev_id: u32) -> Result<HwInfoRaw> {
+    pub(crate) fn hw_info(&self, dev_id: u32) -> Result<HwInfoRaw> {
         // Larger than every known info structure (SMMUv3: 40 bytes).
         const DATA_MAX: u32 = 256;
         let mut data = vec![0u8; DATA_MAX as usize];
@@ -478,7 +476,7 @@ impl Iommufd {
 
     /// IOMMU_VIOMMU_ALLOC (6.13): a vIOMMU of `ty` for device `dev_id` on
     /// the nesting parent `parent`.
-    pub fn viommu_alloc(&self, dev_id: u32, parent: u32, ty: u32) -> Result<u32> {
+    pub(crate) fn viommu_alloc(&self, dev_id: u32, parent: u32, ty: u32) -> Result<u32> {
         let mut v = iommu_viommu_alloc {
             size: size_of::<iommu_viommu_alloc>(),
             type_: ty,
@@ -496,7 +494,7 @@ impl Iommufd {
     }
 
     /// IOMMU_VDEVICE_ALLOC (6.13): device `dev_id` as `virt_id` on `viommu`.
-    pub fn vdevice_alloc(&self, viommu: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
+    pub(crate) fn vdevice_alloc(&self, viommu: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
         let mut v = iommu_vdevice_alloc {
             size: size_of::<iommu_vdevice_alloc>(),
             viommu_id: viommu,
@@ -515,7 +513,7 @@ impl Iommufd {
 
     /// IOMMU_VEVENTQ_ALLOC (6.15): a vEVENTQ of `ty` on `viommu`, and its
     /// FD (non-blocking).
-    pub fn veventq_alloc(&self, viommu: u32, ty: u32, depth: u32) -> Result<(u32, File)> {
+    pub(crate) fn veventq_alloc(&self, viommu: u32, ty: u32, depth: u32) -> Result<(u32, File)> {
         let mut v = iommu_veventq_alloc {
             size: size_of::<iommu_veventq_alloc>(),
             viommu_id: viommu,
@@ -551,7 +549,7 @@ impl Iommufd {
 }
 
 #[cfg(feature = "selftest")]
-pub use selftest::*;
+pub(crate) use selftest::*;
 
 #[cfg(feature = "selftest")]
 mod selftest;
