@@ -10,11 +10,11 @@
 //!   listener and its clients. vhost-user-backend starts the workers and the
 //!   handler itself, with no hook of ours before they serve, so they are
 //!   made from a short-lived thread already narrowed to their role plus
-//!   making threads ([`on_narrowed_thread`]): they inherit that from their
+//!   making threads (`on_narrowed_thread`): they inherit that from their
 //!   first instruction, and drop the extras at their first event/callback.
 //!
 //! Arguments are checked where it matters: ioctl only with the requests of
-//! [`IOCTLS`]; mmap and mprotect never with PROT_EXEC; clone only for
+//! `IOCTLS`; mmap and mprotect never with PROT_EXEC; clone only for
 //! threads (clone3, whose flags the filter cannot read, answers ENOSYS and
 //! glibc falls back to clone); prctl only PR_SET_NAME and
 //! PR_SET_NO_NEW_PRIVS; seccomp only to stack a filter on the caller.
