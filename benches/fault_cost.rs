@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault-relay cost: the backend's user-space instructions (callgrind) and
 //! system calls (strace) per page request relayed end to end, in steady
 //! state, on the native socket tier (no /dev/iommu needed).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault-relay benchmark (kernel tier): an I/O page fault's round trip
 //! through our device against two baselines measured in the same run.
 //!
@@ -20,6 +21,9 @@
 //!
 //! Prints `fault-relay p50_ns=.. p99_ns=.. raw_p50_ns=.. floor_p50_ns=..
 //! ratio=.. batch_faults_per_s=.. raw_batch_faults_per_s=..`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! IOAS-path benchmark (kernel tier): MAP+UNMAP pairs through our device to
 //! a selftest endpoint, against the same IOAS ioctls issued directly.
 //!
@@ -15,6 +16,9 @@
 //! by a mock device, a domain IOAS with its own mock device), from one
 //! thread with nothing else: the floor any implementation pays.
 //! Prints `ioas-path ours_ns=<n> raw_ns=<n> ratio=<x>`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

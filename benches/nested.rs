@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Nested-translation benchmark.
 //!
 //! - attach_ns: one ATTACH_TABLE round trip through our device (request
@@ -18,6 +19,9 @@
 //! (medians of three runs). Elsewhere (`cargo bench --features selftest
 //! --bench nested`) it prints the walker figure and says the kernel part
 //! was SKIPPED.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Request-path benchmark: MAP+UNMAP pairs through the real binary over the
 //! vhost-user socket, with 1, 10^3 and 10^6 mappings already in the domain.
 //!
@@ -17,6 +18,9 @@
 //! syscalls_per_request=<x>` and a `request-cost-detail` line, for
 //! MAP+UNMAP pairs, 256 requests per notification, 10^3 mappings
 //! (`-- --cost`: only these).
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

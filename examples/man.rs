@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Write the man page, generated from the command line's clap definitions:
 //!
 //!   cargo run --example man > vhost-device-iommu.1 && man ./vhost-device-iommu.1

@@ -1,8 +1,12 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Kernel-tier guest test: our iommufd layer (`iommufd_bridge::sys`)
 //! against the real /dev/iommu of a test kernel, checked by the kernel's own
 //! selftest mock (CONFIG_IOMMUFD_TEST). Built static and run inside the VM by
 //! tests/vm/kernel-tier.sh; prints one PASS/FAIL line per check and
 //! `vm-iommufd: N passed, M failed`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
 use std::path::Path;
 use std::process::ExitCode;

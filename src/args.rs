@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Command line (clap derive), kept apart from everything else.
 
 use std::io::Write;
@@ -56,7 +57,7 @@ pub enum ArgsError {
 }
 
 /// Longest `--control-timeout-ms`: a day (a longer one is a mistake).
-pub const MAX_CONTROL_TIMEOUT_MS: u64 = 86_400_000;
+pub(crate) const MAX_CONTROL_TIMEOUT_MS: u64 = 86_400_000;
 
 /// Which option hands over an inherited file descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +264,7 @@ pub struct ViotArgs {
 }
 
 impl ViotArgs {
-    pub fn table(&self) -> Result<ViotTable, ViotError> {
+    pub(crate) fn table(&self) -> Result<ViotTable, ViotError> {
         let iommu = self.iommu.as_deref().ok_or(ViotError::NoIommu)?.parse()?;
         if self.ranges.is_empty() {
             return Err(ViotError::NoRange);
@@ -277,7 +278,7 @@ impl ViotArgs {
     }
 
     /// None: stdout.
-    pub fn output_path(&self) -> Option<&Path> {
+    pub(crate) fn output_path(&self) -> Option<&Path> {
         self.output.as_deref().filter(|p| *p != Path::new("-"))
     }
 
@@ -377,7 +378,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), ArgsError> {
 }
 
 /// `ID`, `ID,vfio=PATH`, `ID,vfio-fd=FD` or `ID,selftest`.
-pub fn parse_endpoint(s: &str) -> Result<EndpointSpec, ArgsError> {
+pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointSpec, ArgsError> {
     let bad = || ArgsError::BadEndpoint(s.into());
     let (id, rest) = match s.split_once(',') {
         Some((id, rest)) => (id, Some(rest)),
@@ -401,7 +402,7 @@ pub fn parse_endpoint(s: &str) -> Result<EndpointSpec, ArgsError> {
 }
 
 impl Options {
-    pub fn endpoint_ids(&self) -> Vec<u32> {
+    pub(crate) fn endpoint_ids(&self) -> Vec<u32> {
         self.endpoints.iter().map(|e| e.id).collect()
     }
 
@@ -409,7 +410,7 @@ impl Options {
     /// opens anything: a number closed at start could otherwise be taken by
     /// one of our own files and then be adopted a second time.
     /// (--socket-fd is checked to be a listening socket when it is taken.)
-    pub fn check_inherited_fds_open(&self) -> Result<(), ArgsError> {
+    pub(crate) fn check_inherited_fds_open(&self) -> Result<(), ArgsError> {
         for n in &self.inherited_fds {
             // SAFETY: F_GETFD only reads the descriptor flags.
             if n.by != FdOption::SocketFd && unsafe { libc::fcntl(n.fd, libc::F_GETFD) } < 0 {
@@ -520,7 +521,9 @@ impl Args {
             });
         }
         let mut seen = std::collections::HashSet::new();
-        let mut endpoints = Vec::with_capacity(given as usize);
+        // `given` is at most --max-endpoints, a usize, so it converts.
+        let mut endpoints =
+            Vec::with_capacity(usize::try_from(given).unwrap_or(self.max_endpoints));
         for (a, b, spec) in parsed {
             for id in a..=b {
                 if !seen.insert(id) {

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket (spec-notes/protocol.md 8): JSON lines that make a
 //! virtual endpoint issue DMA through the software IOMMU, and report stats.
 

@@ -1,13 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-device-iommu: a virtio-iommu device served over vhost-user.
 
 pub mod args;
-pub mod control;
+pub(crate) mod control;
 pub mod device;
 pub mod fault_queue;
 pub mod iommufd_bridge;
-pub(crate) mod lock_order;
+pub mod lock_order;
 pub(crate) mod log_limit;
 pub mod nested;
 pub mod sandbox;
 pub mod server;
-pub mod viot;
+pub(crate) mod viot;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Rate-limited logging for what a guest, a frontend or a control client
 //! can repeat: per kind (one `limited!` call site), the first `BURST` lines
 //! of each `INTERVAL` are logged, the rest are counted and dropped, and the
@@ -64,6 +65,8 @@ impl LogLimit {
     pub(crate) const fn new(burst: u64, interval: Duration) -> Self {
         LogLimit {
             burst,
+            // Intervals are seconds; u64 nanoseconds last 584 years.
+            #[allow(clippy::cast_possible_truncation)]
             interval_ns: interval.as_nanos() as u64,
             start: AtomicU64::new(0),
             seen: AtomicU64::new(0),
@@ -106,7 +109,7 @@ impl LogLimit {
 /// Nanoseconds since the first call (monotonic, never 0 after the first).
 pub(crate) fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    u64::try_from(BASE.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// `log!` for lines a guest, frontend or control client can repeat: at

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use std::io::{self, IsTerminal};
 use std::process::ExitCode;
 

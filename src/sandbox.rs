@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seccomp filters installed once the backend has opened everything it
 //! needs (sockets, devices, the iommufd). Two layers:
 //! - the process filter, installed by the main thread on every thread with
@@ -9,11 +10,11 @@
 //!   listener and its clients. vhost-user-backend starts the workers and the
 //!   handler itself, with no hook of ours before they serve, so they are
 //!   made from a short-lived thread already narrowed to their role plus
-//!   making threads ([`on_narrowed_thread`]): they inherit that from their
+//!   making threads (`on_narrowed_thread`): they inherit that from their
 //!   first instruction, and drop the extras at their first event/callback.
 //!
 //! Arguments are checked where it matters: ioctl only with the requests of
-//! [`IOCTLS`]; mmap and mprotect never with PROT_EXEC; clone only for
+//! `IOCTLS`; mmap and mprotect never with PROT_EXEC; clone only for
 //! threads (clone3, whose flags the filter cannot read, answers ENOSYS and
 //! glibc falls back to clone); prctl only PR_SET_NAME and
 //! PR_SET_NO_NEW_PRIVS; seccomp only to stack a filter on the caller.
@@ -90,7 +91,7 @@ mod lists {
     /// Every thread: the Rust and glibc runtime (allocation, locks, time,
     /// randomness for hash maps, logging to stderr, closing fds, exiting).
     /// mmap and mprotect never with PROT_EXEC (see `rules_for`).
-    pub const RUNTIME: &[c_long] = &[
+    pub(crate) const RUNTIME: &[c_long] = &[
         SYS_write,
         SYS_close,
         SYS_fcntl,
@@ -118,7 +119,7 @@ mod lists {
         SYS_getrandom,
     ];
     /// Event loops: epoll sets, eventfds, the fault FDs, the vEVENTQ.
-    pub const EVENTS: &[c_long] = &[
+    pub(crate) const EVENTS: &[c_long] = &[
         SYS_read,
         SYS_readv,
         SYS_writev,
@@ -132,15 +133,15 @@ mod lists {
     /// The same, where the architecture still has the old calls (aarch64
     /// has only the p-variants, which its libc uses).
     #[cfg(target_arch = "x86_64")]
-    pub const EVENTS_OLD: &[c_long] = &[SYS_epoll_wait, SYS_poll];
+    pub(crate) const EVENTS_OLD: &[c_long] = &[SYS_epoll_wait, SYS_poll];
     #[cfg(target_arch = "aarch64")]
-    pub const EVENTS_OLD: &[c_long] = &[];
+    pub(crate) const EVENTS_OLD: &[c_long] = &[];
     /// The host IOMMU: iommufd and VFIO ioctls, only the request numbers of
     /// `super::IOCTLS`.
-    pub const HOST: &[c_long] = &[SYS_ioctl];
+    pub(crate) const HOST: &[c_long] = &[SYS_ioctl];
     /// vhost-user messages (fds travel with SCM_RIGHTS) and the guest
     /// memory files they carry.
-    pub const VHOST_USER: &[c_long] = &[
+    pub(crate) const VHOST_USER: &[c_long] = &[
         SYS_recvmsg,
         SYS_sendmsg,
         SYS_shutdown,
@@ -155,7 +156,7 @@ mod lists {
     ];
     /// Stream sockets without fds (the control socket's clients), with
     /// their read and write timeouts (setsockopt).
-    pub const STREAM: &[c_long] = &[
+    pub(crate) const STREAM: &[c_long] = &[
         SYS_read,
         SYS_recvfrom,
         SYS_sendto,
@@ -163,7 +164,7 @@ mod lists {
         SYS_setsockopt,
     ];
     /// Accepting connections (getsockopt: the peer's credentials).
-    pub const ACCEPT: &[c_long] = &[
+    pub(crate) const ACCEPT: &[c_long] = &[
         SYS_accept,
         SYS_accept4,
         SYS_getsockname,
@@ -175,7 +176,7 @@ mod lists {
     /// it): clone only with thread flags, clone3 answered ENOSYS (glibc
     /// then uses clone), prctl only PR_SET_NAME and PR_SET_NO_NEW_PRIVS
     /// (see `rules_for`).
-    pub const THREADS: &[c_long] = &[
+    pub(crate) const THREADS: &[c_long] = &[
         SYS_clone,
         SYS_clone3,
         SYS_set_robust_list,
@@ -184,15 +185,15 @@ mod lists {
     ];
     /// Setting up a connection's event loops (main thread, and the thread
     /// making the vring workers).
-    pub const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
+    pub(crate) const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
     /// Main thread only: the control socket's pipes.
-    pub const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
+    pub(crate) const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
 }
 
 /// The system calls a thread of `role` may make (x86_64 and aarch64; none
 /// elsewhere).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
+pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
     use lists::*;
     let groups: &[&[libc::c_long]] = match role {
         Role::Process => &[
@@ -215,12 +216,13 @@ pub fn allowed_for(role: Role) -> Vec<libc::c_long> {
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-pub fn allowed_for(_role: Role) -> Vec<libc::c_long> {
+pub(crate) fn allowed_for(_role: Role) -> Vec<libc::c_long> {
     Vec::new()
 }
 
 /// The process filter's list: what any serving thread may do.
-pub fn allowed() -> Vec<libc::c_long> {
+#[cfg(test)]
+pub(crate) fn allowed() -> Vec<libc::c_long> {
     allowed_for(Role::Process)
 }
 
@@ -240,7 +242,7 @@ const fn io(nr: u32) -> u32 {
 /// vmm-sys-util's epoll and eventfd make none; env_logger asks whether
 /// stderr is a terminal (TCGETS) once, at start-up; nothing sets a socket
 /// non-blocking (FIONBIO) after it.
-pub const IOCTLS: &[(u32, &str)] = &[
+pub(crate) const IOCTLS: &[(u32, &str)] = &[
     // iommufd (`iommufd_bridge::sys`, through iommufd-ioctls or by hand).
     (io(0x80), "IOMMU_DESTROY"),
     (io(0x81), "IOMMU_IOAS_ALLOC"),
@@ -315,6 +317,8 @@ fn thread_clone_rule() -> Result<Vec<SeccompRule>, SandboxError> {
 /// PR_SET_NO_NEW_PRIVS(1) (seccompiler's, before a thread stacks its
 /// filter).
 fn prctl_rules() -> Result<Vec<SeccompRule>, SandboxError> {
+    // The PR_* options are small positive ints.
+    #[allow(clippy::cast_sign_loss)]
     let op = |v: libc::c_int| cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64);
     Ok(vec![
         SeccompRule::new(vec![op(libc::PR_SET_NAME)?])?,
@@ -332,7 +336,7 @@ fn narrowing_rule() -> Result<Vec<SeccompRule>, SandboxError> {
         0,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::Eq,
-        libc::SECCOMP_SET_MODE_FILTER as u64,
+        u64::from(libc::SECCOMP_SET_MODE_FILTER),
     )?;
     let flags = cond(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)?;
     Ok(vec![SeccompRule::new(vec![op, flags])?])
@@ -358,6 +362,11 @@ fn action(mode: SeccompMode) -> Option<SeccompAction> {
     }
 }
 
+/// clone3's number as the filter compares it.
+// System call numbers are small (clone3 is 435): it fits a u32.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+const SYS_CLONE3: u32 = libc::SYS_clone3 as u32;
+
 /// clone3 takes its flags in a struct the filter cannot read, so it is
 /// answered ENOSYS, as if the kernel were older; glibc (2.34+) then makes
 /// the thread with clone, whose flags the filter checks. seccompiler gives
@@ -376,7 +385,7 @@ fn clone3_enosys(arch: u32) -> BpfProgram {
         ins(JEQ_K, 0, 3, arch),
         // seccomp_data.nr
         ins(LD_W_ABS, 0, 0, 0),
-        ins(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        ins(JEQ_K, 0, 1, SYS_CLONE3),
         ins(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
     ]
 }
@@ -386,7 +395,10 @@ const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
 
 /// The filter of `role` for `mode` (None for `off`).
-pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, SandboxError> {
+pub(crate) fn filter_for(
+    mode: SeccompMode,
+    role: Role,
+) -> Result<Option<BpfProgram>, SandboxError> {
     let Some(mismatch) = action(mode) else {
         return Ok(None);
     };
@@ -420,7 +432,7 @@ pub fn filter_for(mode: SeccompMode, role: Role) -> Result<Option<BpfProgram>, S
 }
 
 /// The process filter for `mode` (None for `off`).
-pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
+pub(crate) fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
     filter_for(mode, Role::Process)
 }
 
@@ -478,7 +490,7 @@ pub fn narrow(role: Role) -> Result<bool, SandboxError> {
 
 /// `narrow`, for threads that serve whatever happens: a failure is logged
 /// (the process filter still holds).
-pub fn narrow_or_warn(role: Role) {
+pub(crate) fn narrow_or_warn(role: Role) {
     match narrow(role) {
         Ok(true) => log::debug!("seccomp: {role:?} filter on this thread"),
         Ok(false) => {}
@@ -495,7 +507,7 @@ pub fn narrow_or_warn(role: Role) {
 /// inherit that filter from their first instruction. For threads a library
 /// starts and runs (vhost-user-backend's vring workers and frontend
 /// handler), with no hook of ours before their first message or event.
-pub fn on_narrowed_thread<T: Send>(
+pub(crate) fn on_narrowed_thread<T: Send>(
     name: &str,
     role: Role,
     make: impl FnOnce() -> T + Send,
@@ -540,7 +552,7 @@ fn trap_reporter() {
         // siginfo_t for SIGSYS: the system call number is the int at
         // offset 24 on x86_64 and aarch64 (_sigsys._syscall).
         // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO.
-        let nr = unsafe { *((info as *const u8).add(24) as *const i32) };
+        let nr = unsafe { *info.cast_const().cast::<u8>().add(24).cast::<i32>() };
         let prefix = b"vhost-device-iommu: seccomp: refused system call ";
         let mut digits = [0u8; 12];
         let mut n = nr.unsigned_abs();
@@ -572,6 +584,8 @@ fn trap_reporter() {
 }
 
 #[cfg(test)]
+// Test code with known small values.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -643,7 +657,6 @@ mod tests {
             SYS_accept4,
             SYS_ioctl,
             SYS_eventfd2,
-            SYS_epoll_wait,
             SYS_mmap,
             SYS_clone3,
             SYS_futex,
@@ -652,6 +665,9 @@ mod tests {
         ] {
             assert!(process.contains(&n), "{n}");
         }
+        // aarch64 has only epoll_pwait (listed in calls::EVENTS).
+        #[cfg(target_arch = "x86_64")]
+        assert!(process.contains(&SYS_epoll_wait), "{SYS_epoll_wait}");
     }
 
     #[test]
@@ -677,7 +693,7 @@ mod tests {
         let prog = filter_for(SeccompMode::Kill, Role::Process)
             .unwrap()
             .unwrap();
-        assert_eq!(prog[3].k, libc::SYS_clone3 as u32);
+        assert_eq!(prog[3].k, SYS_CLONE3);
         assert_eq!(prog[4].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
         // Roles that make no threads kill it like any unlisted call.
         let worker = filter_for(SeccompMode::Kill, Role::Worker)

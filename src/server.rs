@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The serving loop: one frontend at a time, a fresh device for each.
 
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -126,6 +127,8 @@ impl From<vhost_user_backend::Error> for ServerError {
 fn listener_from_fd(fd: i32) -> Result<Listener, ServerError> {
     let bad = |reason: String| ServerError::BadSocketFd { fd, reason };
     let mut accepting: libc::c_int = 0;
+    // A c_int's size (4) fits socklen_t.
+    #[allow(clippy::cast_possible_truncation)]
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `accepting`, a
     // c_int we own; an fd that is not a socket only makes it fail.
@@ -134,7 +137,7 @@ fn listener_from_fd(fd: i32) -> Result<Listener, ServerError> {
             fd,
             libc::SOL_SOCKET,
             libc::SO_ACCEPTCONN,
-            &mut accepting as *mut libc::c_int as *mut libc::c_void,
+            (&mut accepting as *mut libc::c_int).cast::<libc::c_void>(),
             &mut len,
         )
     };

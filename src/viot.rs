@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The ACPI VIOT (Virtual I/O Translation Table) that tells a guest which PCI
 //! devices this virtio-iommu manages. QEMU's generic vhost-user device
 //! describes no topology, so the table is passed with `-acpitable file=...`.
@@ -14,9 +15,7 @@ use std::str::FromStr;
 use thiserror::Error;
 
 pub const SIGNATURE: &[u8; 4] = b"VIOT";
-/// The standard ACPI table header.
-pub const ACPI_HEADER_LEN: usize = 36;
-/// Nodes start after the ACPI header and VIOT's own 12 bytes; the IOMMU node
+/// Nodes start after the 36-byte ACPI header and VIOT's own 12 bytes; the IOMMU node
 /// is the first, so this is also every range's `output_node`.
 pub const NODE_OFFSET: u16 = 48;
 pub const NODE_PCI_RANGE: u8 = 1;
@@ -122,7 +121,8 @@ impl PciAddress {
         };
         let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
         let (bus, dev, func) = (hex(bus, 2)?, hex(dev, 2)?, hex(func, 1)?);
-        Self::new(segment, bus as u8, dev as u8, func as u8).ok_or_else(bad)
+        let byte = |v: u16| u8::try_from(v).map_err(|_| bad());
+        Self::new(segment, byte(bus)?, byte(dev)?, byte(func)?).ok_or_else(bad)
     }
 }
 
@@ -275,12 +275,14 @@ impl ViotTable {
         let len = usize::from(NODE_OFFSET)
             + usize::from(VIRTIO_IOMMU_PCI_NODE_LEN)
             + self.ranges.len() * usize::from(PCI_RANGE_NODE_LEN);
-        // validate() bounds the range count, so these cannot truncate.
-        let node_count = (self.ranges.len() + 1) as u16;
+        // validate() bounds the range count, so these always convert.
+        let too_many = |_| ViotError::TooManyRanges(self.ranges.len());
+        let node_count = u16::try_from(self.ranges.len() + 1).map_err(too_many)?;
+        let table_len = u32::try_from(len).map_err(too_many)?;
         let mut t = Vec::with_capacity(len);
 
         t.extend_from_slice(SIGNATURE);
-        t.extend_from_slice(&(len as u32).to_le_bytes());
+        t.extend_from_slice(&table_len.to_le_bytes());
         t.push(0); // revision
         t.push(0); // checksum, set last
         t.extend_from_slice(OEM_ID);
@@ -323,6 +325,7 @@ impl ViotTable {
     /// (what `--endpoint` must name), computed as Linux's
     /// `viot_pci_dev_iommu_init` does. None if no range covers `addr`, or
     /// `addr` is the IOMMU itself (Linux does not translate it).
+    #[cfg(test)]
     pub fn endpoint_id(&self, addr: PciAddress) -> Option<u32> {
         if addr == self.iommu {
             return None;
@@ -339,6 +342,8 @@ impl ViotTable {
 }
 
 #[cfg(test)]
+// Test code with known small values.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Socket tier: who may use the control socket, and for how long
 //! (requests.md, "Control socket access").
 

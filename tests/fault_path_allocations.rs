@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The page-request hot path allocates nothing per fault: records accepted
 //! from a source, queued for the eventq, delivered, answered with
 //! PAGE_RESP and the response taken for the source, a thousand times, with

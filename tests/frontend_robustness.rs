@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A frontend that misbehaves ends only its own connection: malformed
 //! vhost-user messages, wrong sizes, setup out of order, file descriptors
 //! where none are expected, a frontend that vanishes mid-request or with

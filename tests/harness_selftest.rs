@@ -1,7 +1,11 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests of the test harness itself, against rust-vmm's device-side
 //! implementations running in this process:
 //! - the split-queue driver against `virtio_queue::Queue` over the same memfd;
 //! - the vhost-user frontend against a `vhost_user_backend` echo daemon.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

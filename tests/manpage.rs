@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The man page is generated from the command line's clap definitions
 //! (`cargo run --example man`): it renders, and names every option.
 

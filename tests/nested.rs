@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Socket tier, nested translation on virtual endpoints: the harness builds
 //! VT-d first-stage tables in guest memory, attaches them with ATTACH_TABLE,
 //! and the control socket's `dma` op walks them in the backend.

@@ -1,9 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Page-request soak (spec-notes/protocol.md 6.8): at least 100 000 page requests
 //! (VIOMMU_SOAK_PAGE_REQUESTS to change it) from virtual endpoints, with
 //! random driver delays and answers, `dma` timeouts, detaches and frontend
 //! reconnects. Every request is counted and every completion too; none may
 //! be missing or doubled. The seed (VIOMMU_SOAK_SEED to replay) and the
 //! counts are printed.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

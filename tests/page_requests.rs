@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Socket tier, page requests on virtual endpoints (spec-notes/protocol.md 6.4, 6.7, 6.8, 8):
 //! a `dma` that misses in a table attached with PAGE_REQUESTS raises a page
 //! request on the eventq and waits for the driver's PAGE_RESP. Every way a

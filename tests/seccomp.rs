@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seccomp filter (`--seccomp`, default `kill`): a system call outside
 //! the serving threads' list kills the process; `trap` names it first; `log`
 //! lets it through. Each case runs in a child process (this test binary,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Host endpoints on the REAL /dev/iommu: the socket-level harness drives
 //! our binary, whose endpoints are the kernel's iommufd selftest mock
 //! devices (`--endpoint ID,selftest`), and the kernel itself checks what
@@ -7,6 +8,9 @@
 //! ids the backend reports on its control socket (`{"op":"host"}`) are valid
 //! here too. Needs a kernel with CONFIG_IOMMUFD_TEST: `tests/vm/kernel-tier.sh`
 //! builds this file static and runs it inside a test guest with `--ignored`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O page faults on the REAL /dev/iommu: a selftest mock device attached
 //! to a nested HWPT with our connection's fault queue; the kernel injects a
 //! page request (IOMMU_TEST_OP_TRIGGER_IOPF), our device relays it to the
@@ -7,6 +8,9 @@
 //! because the kernel had completed the group itself).
 //!
 //! Run inside a test guest by `tests/vm/kernel-tier.sh` (`--ignored`).
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Nested translation on the REAL /dev/iommu: ATTACH_TABLE with the
 //! selftest mock's nested format becomes a nested HWPT on the nesting
 //! parent of guest RAM, attached through MOCK_DOMAIN_REPLACE; INVALIDATE
@@ -5,6 +6,9 @@
 //! (IOMMU_TEST_OP_MD_CHECK_IOTLB).
 //!
 //! Run inside a test guest by `tests/vm/kernel-tier.sh` (`--ignored`).
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ARM_SMMU3 tables on a real SMMUv3: a VFIO endpoint (`VIOMMU_VFIO_CDEV`)
 //! behind an Arm SMMUv3 with nesting. Run by tests/vm/arm64-tier.sh inside
 //! an aarch64 guest whose QEMU emulates an SMMUv3 with both stages, with a

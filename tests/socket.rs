@@ -1,5 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Socket tier: the real binary on a real unix socket, driven by the vhost
 //! crate's frontend and the guest-driver harness in `tests/support/`.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A VFIO endpoint on a real kernel: `--endpoint ID,vfio=CDEV` with the cdev
 //! named by `VIOMMU_VFIO_CDEV` (a device bound to vfio-pci).
 //!
@@ -10,6 +11,9 @@
 //! are proven with the selftest mock (tests/selftest_endpoints.rs); here
 //! the kernel accepting every bind, attach, replace, copy and unmap on a
 //! real device is what is tested.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The eventq: fault records pushed with `backend.relay.send`, eventq
 //! buffers posted by a well-behaved driver model, and the eventq worker's
 //! `handle_event(.., 1)`, in any order, checked against a model FIFO.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Page requests and PAGE_RESP, exactly once (spec-notes/protocol.md 6.8): arbitrary
 //! sequences of table attaches and detaches, records from both sources
 //! (groups of several records, PASIDs, unknown devices), deliveries, small

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Arbitrary bytes into the request decoder and the dispatcher.
 //!
 //! Input: acked features (u64 LE), a config byte (see `config_from`), then

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The whole request path through the public vhost-user-backend API, the
 //! way cloud-hypervisor fuzzes its virtio-iommu: guest memory filled with
 //! fuzz bytes, rings wherever the input says, `handle_event` on the requestq

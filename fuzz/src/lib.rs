@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the fuzz targets: a byte reader that never fails, split
 //! virtqueue layout arithmetic, and a prediction of what the device will
 //! pop from a ring (used to bound every used-ring length).

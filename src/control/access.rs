@@ -24,6 +24,13 @@ pub(super) struct Access {
     group: Option<libc::gid_t>,
 }
 
+/// `size_of::<T>()` as the socklen_t the socket calls take.
+// Only small kernel structs (sockaddr_un, ucred) are passed: far below 4 GiB.
+#[allow(clippy::cast_possible_truncation)]
+const fn socklen_of<T>() -> libc::socklen_t {
+    std::mem::size_of::<T>() as libc::socklen_t
+}
+
 /// The peer's credentials as of its connect(2) (effective uid and gid).
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
     let mut cred = libc::ucred {
@@ -31,7 +38,7 @@ fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len = socklen_of::<libc::ucred>();
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, ours.
     let rc = unsafe {
         libc::getsockopt(
@@ -55,7 +62,9 @@ fn peer_has_group(s: &UnixStream, gid: libc::gid_t) -> io::Result<bool> {
     // Twice at most: when ours is short the kernel answers ERANGE with the
     // room it needs, bounded by NGROUPS_MAX (65536).
     for _ in 0..2 {
-        let mut len = (groups.len() * size) as libc::socklen_t;
+        // At most NGROUPS_MAX gids, checked below before growing.
+        let mut len = libc::socklen_t::try_from(groups.len() * size)
+            .map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))?;
         // SAFETY: getsockopt writes at most `len` bytes into `groups`.
         let rc = unsafe {
             libc::getsockopt(
@@ -156,13 +165,16 @@ fn listen_owner_only(path: &Path) -> Result<UnixListener, ControlError> {
     let last_os = |op| io_err(op)(io::Error::last_os_error());
     // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // AF_UNIX is 1: it fits sa_family_t.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = family;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() {
         return Err(ControlError::PathTooLong(addr.sun_path.len() - 1));
     }
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -183,7 +195,7 @@ fn listen_owner_only(path: &Path) -> Result<UnixListener, ControlError> {
         libc::bind(
             fd,
             (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            socklen_of::<libc::sockaddr_un>(),
         )
     };
     if rc != 0 {

@@ -39,8 +39,8 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         Some(v) => Some(
             v.as_u64()
                 .filter(|&p| p >> crate::nested::request::MAX_PASID_BITS == 0)
-                .ok_or_else(|| error("bad-request", "\"pasid\" must be a 20-bit number"))?
-                as u32,
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or_else(|| error("bad-request", "\"pasid\" must be a 20-bit number"))?,
         ),
     };
     let timeout = match req.get("timeout_ms") {
@@ -183,7 +183,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
         "requestq_poll_stalls": poll.stalls,
-        "poll_window_us": window.as_micros() as u64,
+        "poll_window_us": u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
         "control_clients_refused": clients.refused.load(Ordering::Relaxed),
         "control_clients_busy": clients.busy.load(Ordering::Relaxed),
         "control_clients_timed_out": clients.timed_out.load(Ordering::Relaxed),

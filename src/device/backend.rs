@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user glue: the `VhostUserBackend` implementation. Queue plumbing
 //! only; the request semantics live in `dispatch` and `state`.
 
@@ -38,26 +39,26 @@ mod eventq;
 mod requestq;
 mod ring;
 
-pub use requestq::PollCounters;
+pub(crate) use requestq::PollCounters;
 use requestq::Polling;
 
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+pub(crate) type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-pub const REQUESTQ: u16 = 0;
-pub const EVENTQ: u16 = 1;
+pub(crate) const REQUESTQ: u16 = 0;
+pub(crate) const EVENTQ: u16 = 1;
 const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: usize = 1024;
 /// epoll data of the "records pending" eventfd in the eventq worker; values
 /// up to NUM_QUEUES are the library's.
 pub const EVENTS_PENDING: u64 = NUM_QUEUES as u64 + 1;
 /// epoll data of the virtual endpoints' fault FD in the eventq worker.
-pub const VIRTUAL_FAULTS: u64 = NUM_QUEUES as u64 + 2;
+pub(crate) const VIRTUAL_FAULTS: u64 = NUM_QUEUES as u64 + 2;
 /// epoll data of the kernel's fault queue FD (host endpoints).
-pub const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
+pub(crate) const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
 /// epoll data of the vIOMMU's vEVENTQ FD (unrecoverable faults).
-pub const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
+pub(crate) const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
 /// epoll data of the page-response timer (`--page-response-timeout-ms`).
-pub const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
+pub(crate) const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
 
 /// Memory regions a frontend may give us: SET_MEM_TABLE's limit (we never
 /// offer CONFIGURE_MEM_SLOTS, but the vhost crate takes ADD_MEM_REG from a
@@ -65,7 +66,7 @@ pub const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
 const MAX_MEM_REGIONS: usize = 8;
 
 /// The eventq worker's epoll data for an FD the relay watches.
-pub fn epoll_data(what: Watched) -> u64 {
+pub(crate) fn epoll_data(what: Watched) -> u64 {
     match what {
         Watched::KernelFaults => KERNEL_FAULTS,
         Watched::KernelEvents => KERNEL_EVENTS,
@@ -161,7 +162,7 @@ fn name_worker_thread(thread_id: usize) {
 
 /// The name vhost-user-backend gives the thread that handles the frontend's
 /// messages (the daemon's name).
-pub const FRONTEND_THREAD: &str = "viommu-vhost";
+pub(crate) const FRONTEND_THREAD: &str = "viommu-vhost";
 
 /// On the frontend handler's thread (the daemon calls some backend methods
 /// from the main thread while setting up): its seccomp filter, once. The
@@ -214,20 +215,20 @@ impl IommuBackend {
 
     /// Requestq wakeups and requests served by polling, and the current
     /// polling window.
-    pub fn poll_stats(&self) -> (PollCounters, Duration) {
+    pub(crate) fn poll_stats(&self) -> (PollCounters, Duration) {
         let p = self.poll.lock();
         (p.counters, p.window.current())
     }
 
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
     /// (zero: never).
-    pub fn with_poll(self, max: Duration) -> Self {
+    pub(crate) fn with_poll(self, max: Duration) -> Self {
         *self.poll.lock() = Polling::new(max);
         self
     }
 
     /// Serve host endpoints (VFIO, selftest) through `host`.
-    pub fn with_host(self, host: Box<dyn HostIommu>) -> Self {
+    pub(crate) fn with_host(self, host: Box<dyn HostIommu>) -> Self {
         self.session().iommu.set_host(host);
         self
     }
@@ -235,7 +236,7 @@ impl IommuBackend {
     /// A virtual `dma` stopped waiting for page request `cookie`: true if
     /// the device completed it now (FAILURE), false if it was not read yet
     /// (dropped when it is) or was answered meanwhile.
-    pub fn virtual_timed_out(&self, cookie: u32) -> bool {
+    pub(crate) fn virtual_timed_out(&self, cookie: u32) -> bool {
         self.relay.virtual_timed_out(&self.session, cookie)
     }
 
@@ -254,7 +255,7 @@ impl IommuBackend {
     }
 
     /// The frontend went away: drop everything that guest made us hold.
-    pub fn end_session(&self) {
+    pub(crate) fn end_session(&self) {
         let mut s = self.session();
         // The relay's copies of the kernel's FDs first: the host destroys
         // the queues. With the registrar goes the last reference to the
@@ -589,7 +590,7 @@ mod tests {
                 let rc = unsafe {
                     libc::msync(
                         r.host_va as *mut libc::c_void,
-                        r.len as usize,
+                        usize::try_from(r.len).expect("test region fits the address space"),
                         libc::MS_ASYNC,
                     )
                 };

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Gathering a request out of a descriptor chain and scattering the reply
 //! back, without allocating: the guest may split a request at any byte,
 //! across direct or indirect descriptors.

@@ -1,13 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Feature bits and the 40-byte configuration space.
 
 /// Device feature bits (virtio-iommu, ratified).
 pub mod features {
-    pub const INPUT_RANGE: u64 = 1 << 0;
-    pub const DOMAIN_RANGE: u64 = 1 << 1;
-    pub const MAP_UNMAP: u64 = 1 << 2;
-    pub const PROBE: u64 = 1 << 4;
-    pub const MMIO: u64 = 1 << 5;
-    pub const BYPASS_CONFIG: u64 = 1 << 6;
+    pub(crate) const INPUT_RANGE: u64 = 1 << 0;
+    pub(crate) const DOMAIN_RANGE: u64 = 1 << 1;
+    pub(crate) const MAP_UNMAP: u64 = 1 << 2;
+    pub(crate) const PROBE: u64 = 1 << 4;
+    pub(crate) const MMIO: u64 = 1 << 5;
+    pub(crate) const BYPASS_CONFIG: u64 = 1 << 6;
     /// Legacy F_BYPASS (bit 3) is never offered.
     pub const DEVICE_FEATURES: u64 =
         INPUT_RANGE | DOMAIN_RANGE | MAP_UNMAP | PROBE | MMIO | BYPASS_CONFIG;
@@ -15,16 +16,16 @@ pub mod features {
     /// always this bit; on the wire it is `DeviceConfig::attach_table_bit`.
     pub const ATTACH_TABLE: u64 = 1 << 7;
     /// Default wire bit of F_ATTACH_TABLE.
-    pub const DEFAULT_ATTACH_TABLE_BIT: u8 = 7;
+    pub(crate) const DEFAULT_ATTACH_TABLE_BIT: u8 = 7;
     /// Extension F_PAGE_REQUEST, internal bit (wire: `page_request_bit`).
     pub const PAGE_REQUEST: u64 = 1 << 10;
-    pub const DEFAULT_PAGE_REQUEST_BIT: u8 = 10;
+    pub(crate) const DEFAULT_PAGE_REQUEST_BIT: u8 = 10;
 }
 
-pub const CONFIG_SIZE: usize = 40;
-pub const BYPASS_OFFSET: usize = 36;
+pub(crate) const CONFIG_SIZE: usize = 40;
+pub(crate) const BYPASS_OFFSET: usize = 36;
 /// Bytes of properties in each PROBE reply (QEMU uses the same value).
-pub const PROBE_SIZE: u32 = 512;
+pub(crate) const PROBE_SIZE: u32 = 512;
 
 /// The configuration-space values an operator chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,14 +75,14 @@ impl DeviceConfig {
     }
 
     /// The device-specific feature bits offered on the wire.
-    pub fn offered_features(&self) -> u64 {
+    pub(crate) fn offered_features(&self) -> u64 {
         self.extensions()
             .fold(features::DEVICE_FEATURES, |f, (b, _)| f | 1u64 << b)
     }
 
     /// The driver's acknowledged bits as the device uses them: extension
     /// bits moved from their wire position to the internal one.
-    pub fn internal_features(&self, wire: u64) -> u64 {
+    pub(crate) fn internal_features(&self, wire: u64) -> u64 {
         let mut out = wire & !(features::ATTACH_TABLE | features::PAGE_REQUEST);
         for (b, _) in self.extensions() {
             out &= !(1u64 << b);
@@ -95,12 +96,12 @@ impl DeviceConfig {
     }
 
     /// The mapping granule: the lowest set bit of page_size_mask.
-    pub fn granule(&self) -> u64 {
+    pub(crate) fn granule(&self) -> u64 {
         1u64 << self.page_size_mask.trailing_zeros().min(63)
     }
 
     /// Serialize the config space with the current bypass byte.
-    pub fn to_bytes(&self, bypass: bool) -> [u8; CONFIG_SIZE] {
+    pub(crate) fn to_bytes(self, bypass: bool) -> [u8; CONFIG_SIZE] {
         let mut b = [0u8; CONFIG_SIZE];
         b[0..8].copy_from_slice(&self.page_size_mask.to_le_bytes());
         b[8..16].copy_from_slice(&self.input_start.to_le_bytes());
@@ -108,14 +109,14 @@ impl DeviceConfig {
         b[24..28].copy_from_slice(&self.domain_start.to_le_bytes());
         b[28..32].copy_from_slice(&self.domain_end.to_le_bytes());
         b[32..36].copy_from_slice(&PROBE_SIZE.to_le_bytes());
-        b[BYPASS_OFFSET] = bypass as u8;
+        b[BYPASS_OFFSET] = u8::from(bypass);
         b
     }
 }
 
 /// `--page-response-timeout-ms` by default (spec-notes/page-requests.md
 /// argues the figure).
-pub const DEFAULT_PAGE_RESPONSE_TIMEOUT_MS: u64 = 10_000;
+pub(crate) const DEFAULT_PAGE_RESPONSE_TIMEOUT_MS: u64 = 10_000;
 
 /// Bounds on what one guest may make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One request in, one reply out: the pure core of the requestq.
 //!
 //! `handle` takes the readable bytes and the size of the writable part,
@@ -16,13 +17,17 @@ use crate::log_limit::limited;
 use crate::nested::request::T_INVALIDATE;
 use crate::nested::{Invalidate, TableCaps};
 
-pub const PROBE_T_RESV_MEM: u16 = 1;
+pub(crate) const PROBE_T_RESV_MEM: u16 = 1;
 const RESV_MEM_LEN: usize = 24;
+/// RESV_MEM's length field: the property less its 4-byte header.
+// 20 fits a u16.
+#[allow(clippy::cast_possible_truncation)]
+const RESV_MEM_VALUE_LEN: u16 = (RESV_MEM_LEN - 4) as u16;
 /// Extension PROBE properties (spec-notes/protocol.md 6.6), only with F_ATTACH_TABLE.
-pub const PROBE_T_TABLE: u16 = 0x100;
-pub const PROBE_T_HW_INFO: u16 = 0x101;
-pub const PROBE_T_TABLE_INTEL_VTD: u16 = 0x102;
-pub const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
+pub(crate) const PROBE_T_TABLE: u16 = 0x100;
+pub(crate) const PROBE_T_HW_INFO: u16 = 0x101;
+pub(crate) const PROBE_T_TABLE_INTEL_VTD: u16 = 0x102;
+pub(crate) const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
 
 /// Largest reply: PROBE properties plus the tail.
 pub const MAX_REPLY: usize = PROBE_SIZE as usize + TAIL_LEN;
@@ -84,9 +89,12 @@ pub fn handle(
             }
             // PROBE's tail follows the whole properties area, even on error.
             let body = if ty == crate::device::request::T_PROBE {
-                writable_len
+                // At most PROBE_SIZE (512) after the min().
+                #[allow(clippy::cast_possible_truncation)]
+                let body = writable_len
                     .saturating_sub(TAIL_LEN as u64)
-                    .min(PROBE_SIZE as u64) as usize
+                    .min(u64::from(PROBE_SIZE)) as usize;
+                body
             } else {
                 0
             };
@@ -112,7 +120,7 @@ pub fn handle(
 /// Is this request an INVALIDATE that can wait for the ones after it, so
 /// that consecutive invalidations of one domain reach the host in one call?
 /// Only valid ones on host-held tables, with room for the tail.
-pub fn deferrable_invalidate(
+pub(crate) fn deferrable_invalidate(
     state: &IommuState,
     acked: u64,
     readable: &[u8],
@@ -131,7 +139,7 @@ pub fn deferrable_invalidate(
 /// `deferrable_invalidate`, in ring order): one host call; if the host
 /// refuses it, each again alone, so that every request gets its own status.
 /// `statuses` receives one status per request.
-pub fn complete_invalidates(
+pub(crate) fn complete_invalidates(
     state: &mut IommuState,
     stats: &mut Stats,
     reqs: &[Invalidate],
@@ -255,7 +263,7 @@ fn execute(
         Request::Probe(p) => {
             let area = writable_len.saturating_sub(TAIL_LEN as u64);
             let regions = state.probe(p.endpoint)?;
-            if area < PROBE_SIZE as u64 {
+            if area < u64::from(PROBE_SIZE) {
                 return Err(RequestError::ProbeBufferTooSmall {
                     got: area,
                     need: PROBE_SIZE,
@@ -270,7 +278,7 @@ fn execute(
                 }
                 let p = &mut props[off..off + RESV_MEM_LEN];
                 p[0..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
-                p[2..4].copy_from_slice(&((RESV_MEM_LEN - 4) as u16).to_le_bytes());
+                p[2..4].copy_from_slice(&RESV_MEM_VALUE_LEN.to_le_bytes());
                 p[4] = r.subtype;
                 p[8..16].copy_from_slice(&r.start.to_le_bytes());
                 p[16..24].copy_from_slice(&r.end.to_le_bytes());
@@ -293,9 +301,12 @@ fn put_prop(out: &mut [u8], off: &mut usize, ty: u16, value: &[u8]) -> bool {
     if *off + total > out.len() {
         return false;
     }
+    let Ok(value_len) = u16::try_from(total - 4) else {
+        return false;
+    };
     let p = &mut out[*off..*off + total];
     p[0..2].copy_from_slice(&ty.to_le_bytes());
-    p[2..4].copy_from_slice(&((total - 4) as u16).to_le_bytes());
+    p[2..4].copy_from_slice(&value_len.to_le_bytes());
     p[4..4 + value.len()].copy_from_slice(value);
     *off += total;
     true
@@ -310,7 +321,10 @@ fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
     } else {
         0
     };
-    v.extend_from_slice(&[caps.pasid_bits, flags, caps.formats.len() as u8, 0]);
+    let Ok(nformats) = u8::try_from(caps.formats.len()) else {
+        return;
+    };
+    v.extend_from_slice(&[caps.pasid_bits, flags, nformats, 0]);
     v.extend_from_slice(&caps.formats);
     if !put_prop(out, &mut off, PROBE_T_TABLE, &v) {
         return;
@@ -325,11 +339,14 @@ fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
         }
     }
     if let Some(hw) = &caps.hw_info {
+        let Ok(data_len) = u32::try_from(hw.data.len()) else {
+            return;
+        };
         let mut v = Vec::with_capacity(20 + hw.data.len());
         v.extend_from_slice(&hw.info_type.to_le_bytes());
         v.extend_from_slice(&hw.capabilities.to_le_bytes());
         v.extend_from_slice(&[hw.max_pasid_log2, 0, 0, 0]);
-        v.extend_from_slice(&(hw.data.len() as u32).to_le_bytes());
+        v.extend_from_slice(&data_len.to_le_bytes());
         v.extend_from_slice(&hw.data);
         put_prop(out, &mut off, PROBE_T_HW_INFO, &v);
     }

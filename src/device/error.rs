@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-visible errors of the request path and the one place that maps them
 //! to virtio-iommu status codes.
 

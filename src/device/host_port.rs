@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where virtio meets the host port: the one place the device turns its
 //! types (MAP flags, RESV_MEM regions, PAGE_RESP codes) into
 //! `iommufd_bridge`'s and back.

@@ -1,15 +1,16 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-iommu semantics and the vhost-user glue.
 
 pub mod backend;
-pub mod chain;
+pub(crate) mod chain;
 pub mod config;
 pub mod dispatch;
-pub mod error;
+pub(crate) mod error;
 pub(crate) mod host_port;
-pub mod poll;
+pub(crate) mod poll;
 pub mod request;
 pub mod state;
 pub mod stats;
-pub mod translate;
+pub(crate) mod translate;
 
-pub use config::features;
+pub(crate) use config::features;

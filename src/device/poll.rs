@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive busy-polling of the requestq (`--poll-us`), after QEMU's
 //! AioContext polling (poll-max-ns): the window opens when a request comes
 //! within the bound after the window lapsed, and shrinks to nothing while

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Decoding of requestq requests (head + body) into typed values.
 //!
 //! Pure: bytes in, `Request` out. Which request types exist depends on the
@@ -12,27 +13,27 @@ use crate::nested::request::{
 };
 use crate::nested::{AttachTable, Invalidate};
 
-pub const T_ATTACH: u8 = 1;
-pub const T_DETACH: u8 = 2;
-pub const T_MAP: u8 = 3;
-pub const T_UNMAP: u8 = 4;
-pub const T_PROBE: u8 = 5;
+pub(crate) const T_ATTACH: u8 = 1;
+pub(crate) const T_DETACH: u8 = 2;
+pub(crate) const T_MAP: u8 = 3;
+pub(crate) const T_UNMAP: u8 = 4;
+pub(crate) const T_PROBE: u8 = 5;
 
 /// Readable sizes (head + body) of the ratified requests.
-pub const ATTACH_LEN: usize = 20;
-pub const DETACH_LEN: usize = 20;
-pub const MAP_LEN: usize = 36;
-pub const UNMAP_LEN: usize = 28;
-pub const PROBE_LEN: usize = 72;
+pub(crate) const ATTACH_LEN: usize = 20;
+pub(crate) const DETACH_LEN: usize = 20;
+pub(crate) const MAP_LEN: usize = 36;
+pub(crate) const UNMAP_LEN: usize = 28;
+pub(crate) const PROBE_LEN: usize = 72;
 /// The longest readable part we ever need to look at (ATTACH_TABLE: 124).
 pub const MAX_READABLE: usize = 128;
 
 pub const TAIL_LEN: usize = 4;
 
-pub const ATTACH_F_BYPASS: u32 = 1;
-pub const MAP_F_READ: u32 = 1 << 0;
-pub const MAP_F_WRITE: u32 = 1 << 1;
-pub const MAP_F_MMIO: u32 = 1 << 2;
+pub(crate) const ATTACH_F_BYPASS: u32 = 1;
+pub(crate) const MAP_F_READ: u32 = 1 << 0;
+pub(crate) const MAP_F_WRITE: u32 = 1 << 1;
+pub(crate) const MAP_F_MMIO: u32 = 1 << 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attach {
@@ -100,7 +101,7 @@ fn le64(b: &[u8], off: usize) -> u64 {
 }
 
 /// The request type byte, if there is one.
-pub fn request_type(readable: &[u8]) -> Option<u8> {
+pub(crate) fn request_type(readable: &[u8]) -> Option<u8> {
     readable.first().copied()
 }
 

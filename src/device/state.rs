@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-iommu state of one guest: endpoints, domains, mappings, and
 //! the pure transitions that requests make on it.
 //!
@@ -24,18 +25,18 @@ use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (spec-notes/protocol.md 6.6); the host port's, so both agree.
-pub use crate::iommufd_bridge::{MSI_END, MSI_START};
+pub(crate) use crate::iommufd_bridge::{MSI_END, MSI_START};
 
 mod invariants;
 mod page_routing;
 mod ratified;
 mod tables;
 
-pub const RESV_MEM_T_RESERVED: u8 = 0;
-pub const RESV_MEM_T_MSI: u8 = 1;
+pub(crate) const RESV_MEM_T_RESERVED: u8 = 0;
+pub(crate) const RESV_MEM_T_MSI: u8 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReservedRegion {
+pub(crate) struct ReservedRegion {
     pub start: u64,
     pub end: u64,
     pub subtype: u8,
@@ -43,14 +44,14 @@ pub struct ReservedRegion {
 
 /// One MAP: indivisible until an UNMAP covers it whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mapping {
+pub(crate) struct Mapping {
     pub end: u64,
     pub phys: u64,
     pub flags: u32,
 }
 
 #[derive(Debug, Default)]
-pub enum DomainKind {
+pub(crate) enum DomainKind {
     /// MAP/UNMAP domain: mappings keyed by virt_start (inclusive ends).
     Map(BTreeMap<u64, Mapping>),
     #[default]
@@ -62,13 +63,13 @@ pub enum DomainKind {
 /// The table a table domain was created with; every endpoint that joins
 /// must name the same one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableDomain {
+pub(crate) struct TableDomain {
     pub table: TableDesc,
     pub page_requests: bool,
 }
 
 #[derive(Debug)]
-pub struct Domain {
+pub(crate) struct Domain {
     pub kind: DomainKind,
     /// Number of attachments (endpoints, and endpoint PASIDs); the domain
     /// dies with the last one.
@@ -76,13 +77,13 @@ pub struct Domain {
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub domain: Option<u32>,
 }
 
 /// What a virtual endpoint's DMA resolves to, before guest-RAM checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Translation {
+pub(crate) enum Translation {
     /// Identity (bypass).
     Identity,
     /// Not attached and bypass off.
@@ -178,17 +179,17 @@ impl IommuState {
         self.host = host;
     }
 
-    pub fn host(&self) -> &dyn HostIommu {
+    pub(crate) fn host(&self) -> &dyn HostIommu {
         self.host.as_ref()
     }
 
     /// Is `endpoint` a host (VFIO, selftest) endpoint?
-    pub fn is_host_endpoint(&self, endpoint: u32) -> bool {
+    pub(crate) fn is_host_endpoint(&self, endpoint: u32) -> bool {
         self.host.owns(endpoint)
     }
 
     /// The frontend's memory table changed.
-    pub fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<(), BridgeError> {
+    pub(crate) fn set_guest_ram(&mut self, regions: &[RamRegion]) -> Result<(), BridgeError> {
         // Host devices stay blocked between guests; the memory table is
         // where a guest begins, so unattached endpoints take its bypass now,
         // before RAM is mapped: some drivers (virtio-iommu on 6.12) refuse
@@ -214,14 +215,14 @@ impl IommuState {
 
     /// A frontend connected (or is about to): state as at power-on, host
     /// devices blocked until its memory table arrives.
-    pub fn begin_session(&mut self) {
+    pub(crate) fn begin_session(&mut self) {
         self.forget_domains();
         self.bypass = self.config.boot_bypass;
         self.host.reset(false);
     }
 
     /// The bypass byte was written.
-    pub fn set_bypass(&mut self, on: bool) -> Result<(), BridgeError> {
+    pub(crate) fn set_bypass(&mut self, on: bool) -> Result<(), BridgeError> {
         self.host.set_bypass(on)?;
         self.bypass = on;
         Ok(())
@@ -229,7 +230,7 @@ impl IommuState {
 
     /// The frontend is gone: as system reset, and the host lets go of
     /// guest RAM and blocks its devices until the next guest.
-    pub fn disconnect(&mut self) {
+    pub(crate) fn disconnect(&mut self) {
         self.forget_domains();
         self.bypass = self.config.boot_bypass;
         self.host.disconnect();
@@ -242,25 +243,29 @@ impl IommuState {
         self.host.reset(self.bypass);
     }
 
-    pub fn domain_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn domain_count(&self) -> usize {
         self.domains.len()
     }
 
-    pub fn domain(&self, id: u32) -> Option<&Domain> {
+    #[cfg(test)]
+    pub(crate) fn domain(&self, id: u32) -> Option<&Domain> {
         self.domains.get(&id)
     }
 
-    pub fn endpoint(&self, id: u32) -> Option<&Endpoint> {
+    #[cfg(test)]
+    pub(crate) fn endpoint(&self, id: u32) -> Option<&Endpoint> {
         self.endpoints.get(&id)
     }
 
-    pub fn reserved_regions(&self, endpoint: u32) -> &[ReservedRegion] {
+    pub(crate) fn reserved_regions(&self, endpoint: u32) -> &[ReservedRegion] {
         self.host_reserved
             .get(&endpoint)
             .map_or(&self.reserved, Vec::as_slice)
     }
 
-    pub fn mapping_count(&self, domain: u32) -> usize {
+    #[cfg(test)]
+    pub(crate) fn mapping_count(&self, domain: u32) -> usize {
         match self.domains.get(&domain).map(|d| &d.kind) {
             Some(DomainKind::Map(m)) => m.len(),
             _ => 0,
@@ -268,7 +273,8 @@ impl IommuState {
     }
 
     /// Mappings of all domains together.
-    pub fn total_mappings(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn total_mappings(&self) -> usize {
         self.mapping_total
     }
 
@@ -303,7 +309,7 @@ impl IommuState {
     /// How an access of `len` bytes at `iova` by `endpoint` translates, for
     /// the software model. Only the first piece is returned; the caller
     /// walks on from `iova + len` for the rest (mappings may be adjacent).
-    pub fn translate(
+    pub(crate) fn translate(
         &self,
         endpoint: u32,
         pasid: Option<u32>,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Request counters, reported by the control socket's `stats` op.
 
 use serde_json::{json, Map, Value};
@@ -59,20 +60,22 @@ fn slot(ty: u8) -> usize {
 }
 
 impl Stats {
-    pub fn count(&mut self, ty: u8, status: Status) {
+    pub(crate) fn count(&mut self, ty: u8, status: Status) {
         self.by_status[slot(ty)][status as usize] += 1;
     }
 
     /// A request answered with used length 0 (unknown type, no room).
-    pub fn count_unanswered(&mut self, ty: u8) {
+    pub(crate) fn count_unanswered(&mut self, ty: u8) {
         self.unanswered[slot(ty)] += 1;
     }
 
-    pub fn get(&self, ty: u8, status: Status) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn get(&self, ty: u8, status: Status) -> u64 {
         self.by_status[slot(ty)][status as usize]
     }
 
-    pub fn unanswered(&self, ty: u8) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn unanswered(&self, ty: u8) -> u64 {
         self.unanswered[slot(ty)]
     }
 

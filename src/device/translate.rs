@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The software IOMMU: how a virtual endpoint's DMA translates, using the
 //! device state as its page tables, and which fault record a miss raises.
 

@@ -1,13 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Event records waiting for eventq buffers: a bounded FIFO, allocated once,
 //! and the counters that prove nothing is dropped silently; page requests
 //! and their exactly-once completion (`pages`), and the sources that
 //! deliver them (`source`).
 
 pub mod pages;
-pub mod relay;
-pub mod source;
-pub mod timer;
-pub mod vevents;
+pub(crate) mod relay;
+pub(crate) mod source;
+pub(crate) mod timer;
+pub(crate) mod vevents;
 
 use std::collections::VecDeque;
 
@@ -15,24 +16,24 @@ use log::Level;
 
 use crate::log_limit::limited;
 
-pub const REASON_UNKNOWN: u8 = 0;
-pub const REASON_DOMAIN: u8 = 1;
-pub const REASON_MAPPING: u8 = 2;
+pub(crate) const REASON_UNKNOWN: u8 = 0;
+pub(crate) const REASON_DOMAIN: u8 = 1;
+pub(crate) const REASON_MAPPING: u8 = 2;
 
-pub const FLAG_READ: u32 = 1 << 0;
-pub const FLAG_WRITE: u32 = 1 << 1;
-pub const FLAG_ADDRESS: u32 = 1 << 8;
-pub const FLAG_EXEC: u32 = 1 << 2;
-pub const FLAG_PRIV: u32 = 1 << 3;
-pub const FLAG_LAST: u32 = 1 << 4;
-pub const FLAG_PAGE_REQ: u32 = 1 << 5;
-pub const FLAG_PASID: u32 = 1 << 9;
-pub const FLAG_GROUP_ID: u32 = 1 << 10;
+pub(crate) const FLAG_READ: u32 = 1 << 0;
+pub(crate) const FLAG_WRITE: u32 = 1 << 1;
+pub(crate) const FLAG_ADDRESS: u32 = 1 << 8;
+pub(crate) const FLAG_EXEC: u32 = 1 << 2;
+pub(crate) const FLAG_PRIV: u32 = 1 << 3;
+pub(crate) const FLAG_LAST: u32 = 1 << 4;
+pub(crate) const FLAG_PAGE_REQ: u32 = 1 << 5;
+pub(crate) const FLAG_PASID: u32 = 1 << 9;
+pub(crate) const FLAG_GROUP_ID: u32 = 1 << 10;
 
 /// Size of a ratified fault record.
 pub const FAULT_RECORD_LEN: usize = 24;
 /// Size of a page-request record (spec-notes/protocol.md 6.7).
-pub const PAGE_REQUEST_LEN: usize = 48;
+pub(crate) const PAGE_REQUEST_LEN: usize = 48;
 /// Size of the largest record (extension page requests).
 pub const MAX_RECORD_LEN: usize = 48;
 
@@ -156,7 +157,7 @@ impl EventFifo {
     /// Queue a record; when the bound is hit the record is counted as lost
     /// and logged (rate-limited: a guest can make records while it posts no
     /// buffer), and false is returned.
-    pub fn push(&mut self, rec: EventRecord) -> bool {
+    pub(crate) fn push(&mut self, rec: EventRecord) -> bool {
         if self.queue.len() >= self.capacity {
             self.counters.lost += 1;
             limited!(
@@ -187,7 +188,7 @@ impl EventFifo {
     }
 
     /// Room for `n` more records?
-    pub fn has_room(&self, n: usize) -> bool {
+    pub(crate) fn has_room(&self, n: usize) -> bool {
         self.queue.len() + n <= self.capacity
     }
 
@@ -205,7 +206,7 @@ impl EventFifo {
     }
 
     /// The guest went away: its records go with it, counted.
-    pub fn discard_all(&mut self) -> usize {
+    pub(crate) fn discard_all(&mut self) -> usize {
         let n = self.queue.len();
         if n > 0 {
             limited!(

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Page requests: the records sources deliver (the kernel's fault FD and the
 //! virtual endpoints' FD share one format, struct iommu_hwpt_pgfault), and
 //! the outstanding groups that must each be completed exactly once
@@ -15,20 +16,18 @@ use log::{debug, Level};
 use crate::log_limit::limited;
 
 /// struct iommu_hwpt_pgfault, as read from a fault FD.
-pub const PGFAULT_LEN: usize = 40;
-/// struct iommu_hwpt_page_response, as written to a fault FD.
-pub const PAGE_RESPONSE_LEN: usize = 8;
+pub(crate) const PGFAULT_LEN: usize = 40;
 pub const PGFAULT_F_PASID_VALID: u32 = 1 << 0;
 pub const PGFAULT_F_LAST_PAGE: u32 = 1 << 1;
 pub const PERM_READ: u32 = 1 << 0;
-pub const PERM_WRITE: u32 = 1 << 1;
-pub const PERM_EXEC: u32 = 1 << 2;
-pub const PERM_PRIV: u32 = 1 << 3;
+pub(crate) const PERM_WRITE: u32 = 1 << 1;
+pub(crate) const PERM_EXEC: u32 = 1 << 2;
+pub(crate) const PERM_PRIV: u32 = 1 << 3;
 
 /// PAGE_RESP codes (spec-notes/protocol.md 6.4).
-pub const CODE_SUCCESS: u16 = 0;
-pub const CODE_INVALID: u16 = 1;
-pub const CODE_FAILURE: u16 = 2;
+pub(crate) const CODE_SUCCESS: u16 = 0;
+pub(crate) const CODE_INVALID: u16 = 1;
+pub(crate) const CODE_FAILURE: u16 = 2;
 
 /// Where a group came from, and where its response goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,7 +56,7 @@ fn le32(b: &[u8], off: usize) -> u32 {
 }
 
 impl FaultRecord {
-    pub fn parse(b: &[u8; PGFAULT_LEN]) -> Self {
+    pub(crate) fn parse(b: &[u8; PGFAULT_LEN]) -> Self {
         FaultRecord {
             // The kernel copies internal flag bits too (VT-d): mask them.
             flags: le32(b, 0) & (PGFAULT_F_PASID_VALID | PGFAULT_F_LAST_PAGE),
@@ -71,7 +70,7 @@ impl FaultRecord {
         }
     }
 
-    pub fn encode(&self) -> [u8; PGFAULT_LEN] {
+    pub(crate) fn encode(&self) -> [u8; PGFAULT_LEN] {
         let mut b = [0u8; PGFAULT_LEN];
         b[0..4].copy_from_slice(&self.flags.to_le_bytes());
         b[4..8].copy_from_slice(&self.dev_id.to_le_bytes());
@@ -84,11 +83,11 @@ impl FaultRecord {
         b
     }
 
-    pub fn pasid(&self) -> Option<u32> {
+    pub(crate) fn pasid(&self) -> Option<u32> {
         (self.flags & PGFAULT_F_PASID_VALID != 0).then_some(self.pasid)
     }
 
-    pub fn last(&self) -> bool {
+    pub(crate) fn last(&self) -> bool {
         self.flags & PGFAULT_F_LAST_PAGE != 0
     }
 }
@@ -105,7 +104,7 @@ pub struct Response {
 }
 
 /// Fills response batches (never sent).
-pub const NO_RESPONSE: Response = Response {
+pub(crate) const NO_RESPONSE: Response = Response {
     source: SourceId::Kernel,
     cookie: 0,
     code: 0,
@@ -113,11 +112,11 @@ pub const NO_RESPONSE: Response = Response {
 };
 
 /// (endpoint, PASID, group id as the guest sees it).
-pub type GroupKey = (u32, Option<u32>, u16);
+pub(crate) type GroupKey = (u32, Option<u32>, u16);
 
 /// One outstanding group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Group {
+pub(crate) struct Group {
     pub source: SourceId,
     pub cookie: u32,
     /// The attachment that handles it: the PASID it was attached at (None:
@@ -161,7 +160,7 @@ pub struct PageCounters {
 
 /// Why a group is completed at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     Full,
     Unnegotiated,
     NoHandler,
@@ -196,7 +195,7 @@ pub struct PageRequests {
 
 impl PageRequests {
     /// At most `max` groups outstanding (beyond: FAILURE at once).
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         PageRequests {
             groups: HashMap::with_capacity(max.min(1 << 16)),
             cookies: HashMap::with_capacity(max.min(1 << 16)),
@@ -212,12 +211,12 @@ impl PageRequests {
 
     /// Groups not answered `timeout` after they were raised are completed
     /// by the device (`expire`).
-    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+    pub(crate) fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.timeout = timeout;
         self
     }
 
-    pub fn timeout(&self) -> Option<Duration> {
+    pub(crate) fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
 
@@ -225,12 +224,13 @@ impl PageRequests {
         self.groups.len()
     }
 
-    pub fn group(&self, key: &GroupKey) -> Option<&Group> {
+    #[cfg(test)]
+    pub(crate) fn group(&self, key: &GroupKey) -> Option<&Group> {
         self.groups.get(key)
     }
 
     /// The group a source's cookie names, if it is outstanding.
-    pub fn by_cookie(&self, source: SourceId, cookie: u32) -> Option<GroupKey> {
+    pub(crate) fn by_cookie(&self, source: SourceId, cookie: u32) -> Option<GroupKey> {
         self.cookies.get(&(source, cookie)).copied()
     }
 
@@ -244,7 +244,7 @@ impl PageRequests {
     }
 
     /// A group arrived that cannot be relayed: complete it at once.
-    pub fn refuse(&mut self, source: SourceId, cookie: u32, code: u16, why: Refusal) {
+    pub(crate) fn refuse(&mut self, source: SourceId, cookie: u32, code: u16, why: Refusal) {
         self.counters.raised += 1;
         self.counters.completed_by_device += 1;
         match why {
@@ -262,7 +262,7 @@ impl PageRequests {
 
     /// A virtual `dma` gave up (timeout) before its record was read: the
     /// record is dropped when read, and counts as completed by the device.
-    pub fn note_cancelled(&mut self) {
+    pub(crate) fn note_cancelled(&mut self) {
         self.counters.raised += 1;
         self.counters.completed_by_device += 1;
         self.counters.timed_out += 1;
@@ -281,7 +281,7 @@ impl PageRequests {
     /// or None when the bound is hit (then it is completed with FAILURE at
     /// once).
     #[allow(clippy::too_many_arguments)]
-    pub fn raise(
+    pub(crate) fn raise(
         &mut self,
         endpoint: u32,
         pasid: Option<u32>,
@@ -347,7 +347,7 @@ impl PageRequests {
 
     /// The driver's PAGE_RESP. Groups not (yet) delivered to it cannot be
     /// answered: it never saw them.
-    pub fn driver_response(
+    pub(crate) fn driver_response(
         &mut self,
         endpoint: u32,
         pasid: Option<u32>,
@@ -372,7 +372,7 @@ impl PageRequests {
     }
 
     /// Complete one group with a code of the device's own.
-    pub fn complete_by_device(&mut self, key: &GroupKey, code: u16) -> bool {
+    pub(crate) fn complete_by_device(&mut self, key: &GroupKey, code: u16) -> bool {
         let Some(g) = self.remove(key) else {
             return false;
         };
@@ -393,7 +393,7 @@ impl PageRequests {
 
     /// Complete the group a source's cookie names: true if it was
     /// outstanding.
-    pub fn complete_cookie(&mut self, source: SourceId, cookie: u32, code: u16) -> bool {
+    pub(crate) fn complete_cookie(&mut self, source: SourceId, cookie: u32, code: u16) -> bool {
         match self.by_cookie(source, cookie) {
             Some(key) => self.complete_by_device(&key, code),
             None => false,
@@ -403,7 +403,7 @@ impl PageRequests {
     /// `endpoint` left `domain` at `slot` (detach, replace): its groups
     /// there are complete. The kernel answers its own (forgotten here, no
     /// second response); the device answers virtual ones with INVALID.
-    pub fn attachment_gone(&mut self, endpoint: u32, slot: Option<u32>, domain: u32) {
+    pub(crate) fn attachment_gone(&mut self, endpoint: u32, slot: Option<u32>, domain: u32) {
         let keys: Vec<GroupKey> = self
             .groups
             .iter()
@@ -457,14 +457,14 @@ impl PageRequests {
     /// The frontend set the features again without F_PAGE_REQUEST: the
     /// driver can answer nothing any more, so the device completes every
     /// group (INVALID).
-    pub fn withdraw_all(&mut self) {
+    pub(crate) fn withdraw_all(&mut self) {
         let n = self.groups.len() as u64;
         self.complete_all(CODE_INVALID);
         self.counters.withdrawn += n;
     }
 
     /// Reset, disconnect: every group completed by the device with `code`.
-    pub fn complete_all(&mut self, code: u16) {
+    pub(crate) fn complete_all(&mut self, code: u16) {
         let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
         for key in keys {
             self.complete_by_device(&key, code);
@@ -484,7 +484,7 @@ impl PageRequests {
 
     /// A response found the group already completed by the kernel (a
     /// detach raced its record): the kernel's completion, not this one.
-    pub fn reclassify_as_kernel(&mut self, r: &Response) {
+    pub(crate) fn reclassify_as_kernel(&mut self, r: &Response) {
         let c = if r.by_driver {
             &mut self.counters.completed_by_driver
         } else {
@@ -497,17 +497,17 @@ impl PageRequests {
     }
 
     /// Are there groups whose queued records must leave the event FIFO?
-    pub fn has_purged(&self) -> bool {
+    pub(crate) fn has_purged(&self) -> bool {
         !self.purged.is_empty()
     }
 
     /// The next group whose queued records must leave the event FIFO.
-    pub fn pop_purged(&mut self) -> Option<GroupKey> {
+    pub(crate) fn pop_purged(&mut self) -> Option<GroupKey> {
         self.purged.pop_front()
     }
 
     /// raised == outstanding + by_driver + by_device + by_kernel.
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
         let c = &self.counters;
         let ended = c.completed_by_driver + c.completed_by_device + c.completed_by_kernel;
         if c.raised != self.groups.len() as u64 + ended {

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where page requests come from. The kernel's fault FD
 //! (IOMMU_FAULT_QUEUE_ALLOC) and the virtual endpoints' FD deliver the same
 //! 40-byte records (struct iommu_hwpt_pgfault), read by one code path

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vEVENTQ records (IOMMU_VEVENTQ_ALLOC, 6.15+): unrecoverable faults a
 //! vIOMMU reports, each `struct iommufd_vevent_header` {flags, sequence}
 //! followed by the type's data, relayed to the eventq as fault records.

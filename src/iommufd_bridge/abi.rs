@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The type-specific structures iommufd takes and gives (HWPT_ALLOC data,
 //! HWPT_INVALIDATE entries, page responses, vEVENT data), built from the
 //! `iommufd-bindings` structs.
@@ -163,6 +164,8 @@ pub(super) struct Entries {
     pub data: Vec<u8>,
 }
 
+// The entries are kernel ABI structs of a few dozen bytes: the size fits a u32.
+#[allow(clippy::cast_possible_truncation)]
 fn entries<T: Plain>(v: &[T]) -> Entries {
     Entries {
         entry_len: std::mem::size_of::<T>() as u32,

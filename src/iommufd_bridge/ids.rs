@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! iommufd object IDs, one type per kind of object, so that an IOAS is
 //! never passed where a HWPT is meant. `sys` takes and gives the kernel's
 //! raw numbers; `.raw()` is where they meet.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The host side of the IOMMU, behind one trait.
 //!
 //! The device state (`device::state`) decides what a request means; a
@@ -11,14 +12,14 @@
 //! The iommufd calls themselves live in `sys`.
 
 mod abi;
-pub mod host;
-pub mod ids;
-pub mod reserved;
+pub(crate) mod host;
+pub(crate) mod ids;
+pub(crate) mod reserved;
 #[cfg(feature = "selftest")]
-pub mod selftest;
-pub mod software;
+pub(crate) mod selftest;
+pub(crate) mod software;
 pub mod sys;
-pub mod vfio;
+pub(crate) mod vfio;
 
 use std::fmt::Debug;
 
@@ -74,7 +75,7 @@ pub struct HostMapping {
 /// x86's MSI doorbell window: DMA there is an interrupt, never memory, so
 /// no IOMMU translates it (virtio-iommu.md P11).
 pub const MSI_START: u64 = 0xfee0_0000;
-pub const MSI_END: u64 = 0xfeef_ffff;
+pub(crate) const MSI_END: u64 = 0xfeef_ffff;
 
 /// Why the host cannot translate an IOVA range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

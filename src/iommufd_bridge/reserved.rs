@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a host endpoint cannot translate, from what it can.
 
 use super::{HoleKind, IovaHole, MSI_END, MSI_START};

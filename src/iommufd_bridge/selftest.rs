@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The selftest mock-device provider: `--endpoint ID,selftest` makes a mock
 //! device of the kernel's iommufd selftest (CONFIG_IOMMUFD_TEST) stand in
 //! for a PCI device, so the whole iommufd path runs on a test kernel with

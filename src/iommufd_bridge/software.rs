@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The software IOMMU as a `HostIommu`: nothing on the host to keep in
 //! step. Virtual endpoints translate through the device state itself
 //! (`device::translate::translate_dma`), so every operation here succeeds at no cost.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! VFIO devices through their cdev (`/dev/vfio/devices/vfioN`), bound to our
 //! iommufd with the vfio-ioctls crate.
 

@@ -1,12 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-owned page tables: the ATTACH_TABLE and INVALIDATE extension
 //! (spec-notes/protocol.md 6.2, 6.3) decoded into typed values, and the walker
 //! that serves virtual endpoints attached to a guest table.
 
 pub mod request;
-pub mod smmu3;
+pub(crate) mod smmu3;
 pub mod walker;
 
-pub use request::{AttachTable, InvScope, Invalidate, NestedError, TableDesc};
+pub(crate) use request::{AttachTable, InvScope, Invalidate, NestedError, TableDesc};
 
 /// What ATTACH_TABLE can do on one endpoint, as PROBE reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -34,7 +35,7 @@ pub struct HwInfo {
 
 /// What an INTEL_VTD table of an endpoint may use (PROBE TABLE_INTEL_VTD).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VtdLimits {
+pub(crate) struct VtdLimits {
     /// Widest addr_width ATTACH_TABLE takes: 48, or 57 (then 48 too).
     pub ias: u8,
     /// Table entries must point below 2^oas.
@@ -51,7 +52,7 @@ impl TableCaps {
     /// The limits of an INTEL_VTD table, if the endpoint takes the format:
     /// a VT-d host's from its capability register (the nested first stage
     /// runs on it), otherwise the software walker's.
-    pub fn vtd_limits(&self) -> Option<VtdLimits> {
+    pub(crate) fn vtd_limits(&self) -> Option<VtdLimits> {
         if !self.formats.contains(&request::FORMAT_INTEL_VTD) {
             return None;
         }
@@ -81,7 +82,7 @@ impl TableCaps {
     }
 
     /// What the software walker serves on virtual endpoints.
-    pub fn virtual_endpoint() -> Self {
+    pub(crate) fn virtual_endpoint() -> Self {
         TableCaps {
             formats: vec![request::FORMAT_INTEL_VTD],
             pasid_bits: request::MAX_PASID_BITS,

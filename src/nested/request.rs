@@ -1,45 +1,46 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ATTACH_TABLE (type 6) and INVALIDATE (type 7) bodies decoded into typed,
 //! validated values. Pure: bytes in, values or a `NestedError` out; what an
 //! error means to the guest is decided in `device::error`.
 
 use thiserror::Error;
 
-pub const T_ATTACH_TABLE: u8 = 6;
-pub const T_INVALIDATE: u8 = 7;
-pub const T_PAGE_RESP: u8 = 8;
+pub(crate) const T_ATTACH_TABLE: u8 = 6;
+pub(crate) const T_INVALIDATE: u8 = 7;
+pub(crate) const T_PAGE_RESP: u8 = 8;
 
 /// Readable sizes (head + body) of the extension requests.
-pub const ATTACH_TABLE_LEN: usize = 124;
-pub const INVALIDATE_LEN: usize = 60;
-pub const PAGE_RESP_LEN: usize = 28;
-pub const PAGE_RESP_F_PASID_VALID: u32 = 1 << 0;
+pub(crate) const ATTACH_TABLE_LEN: usize = 124;
+pub(crate) const INVALIDATE_LEN: usize = 60;
+pub(crate) const PAGE_RESP_LEN: usize = 28;
+pub(crate) const PAGE_RESP_F_PASID_VALID: u32 = 1 << 0;
 
-pub const FORMAT_ARM_SMMU3: u8 = 1;
-pub const FORMAT_INTEL_VTD: u8 = 2;
-pub const FORMAT_HOST_SELFTEST: u8 = 0xf0;
+pub(crate) const FORMAT_ARM_SMMU3: u8 = 1;
+pub(crate) const FORMAT_INTEL_VTD: u8 = 2;
+pub(crate) const FORMAT_HOST_SELFTEST: u8 = 0xf0;
 
 /// ATTACH_TABLE flags (INTEL_VTD and HOST_SELFTEST).
-pub const AT_F_SRE: u32 = 1 << 0;
-pub const AT_F_WPE: u32 = 1 << 1;
-pub const AT_F_EAFE: u32 = 1 << 2;
+pub(crate) const AT_F_SRE: u32 = 1 << 0;
+pub(crate) const AT_F_WPE: u32 = 1 << 1;
+pub(crate) const AT_F_EAFE: u32 = 1 << 2;
 pub const AT_F_PASID_VALID: u32 = 1 << 8;
 pub const AT_F_PAGE_REQUESTS: u32 = 1 << 9;
 const AT_F_VTD_S1: u32 = AT_F_SRE | AT_F_WPE | AT_F_EAFE;
 const AT_F_KNOWN: u32 = AT_F_VTD_S1 | AT_F_PASID_VALID | AT_F_PAGE_REQUESTS;
 
 /// INVALIDATE scopes, caches and flags.
-pub const INV_SCOPE_DOMAIN: u8 = 1;
-pub const INV_SCOPE_PASID: u8 = 2;
-pub const INV_SCOPE_ADDRESS: u8 = 3;
-pub const INV_CACHE_CONFIG: u8 = 1 << 0;
-pub const INV_CACHE_TLB: u8 = 1 << 1;
-pub const INV_F_LEAF: u16 = 1 << 0;
-pub const INV_F_PASID_VALID: u16 = 1 << 1;
-pub const INV_F_ID_VALID: u16 = 1 << 2;
-pub const INV_F_GLOBAL: u16 = 1 << 3;
+pub(crate) const INV_SCOPE_DOMAIN: u8 = 1;
+pub(crate) const INV_SCOPE_PASID: u8 = 2;
+pub(crate) const INV_SCOPE_ADDRESS: u8 = 3;
+pub(crate) const INV_CACHE_CONFIG: u8 = 1 << 0;
+pub(crate) const INV_CACHE_TLB: u8 = 1 << 1;
+pub(crate) const INV_F_LEAF: u16 = 1 << 0;
+pub(crate) const INV_F_PASID_VALID: u16 = 1 << 1;
+pub(crate) const INV_F_ID_VALID: u16 = 1 << 2;
+pub(crate) const INV_F_GLOBAL: u16 = 1 << 3;
 
 /// Largest PASID any endpoint can have (20-bit PCIe PASID).
-pub const MAX_PASID_BITS: u8 = 20;
+pub(crate) const MAX_PASID_BITS: u8 = 20;
 /// The page sizes an ADDRESS invalidation may name: 4 KiB .. 2^52.
 const MIN_PAGE_SHIFT: u8 = 12;
 const MAX_PAGE_SHIFT: u8 = 52;
@@ -136,7 +137,7 @@ pub enum TableDesc {
 }
 
 impl TableDesc {
-    pub fn format(&self) -> u8 {
+    pub(crate) fn format(&self) -> u8 {
         match self {
             TableDesc::ArmSmmu3 { .. } => FORMAT_ARM_SMMU3,
             TableDesc::IntelVtd { .. } => FORMAT_INTEL_VTD,
@@ -187,7 +188,8 @@ pub struct Invalidate {
 
 impl Invalidate {
     /// The byte range it names, inclusive, or None for "everything".
-    pub fn range(&self) -> Option<(u64, u64)> {
+    #[cfg(test)]
+    pub(crate) fn range(&self) -> Option<(u64, u64)> {
         match self.scope {
             InvScope::Address {
                 address,
@@ -287,7 +289,7 @@ pub fn decode_attach_table(b: &[u8]) -> Result<AttachTable, NestedError> {
 }
 
 /// Decode an INVALIDATE request; `b` holds at least INVALIDATE_LEN bytes.
-pub fn decode_invalidate(b: &[u8]) -> Result<Invalidate, NestedError> {
+pub(crate) fn decode_invalidate(b: &[u8]) -> Result<Invalidate, NestedError> {
     debug_assert!(b.len() >= INVALIDATE_LEN);
     let scope = b[4];
     let caches = b[5];
@@ -378,7 +380,7 @@ pub mod encode {
     use super::*;
 
     /// An ATTACH_TABLE request (readable part) with raw fields.
-    pub fn attach_table(
+    pub(crate) fn attach_table(
         domain: u32,
         endpoint: u32,
         format: u8,
@@ -412,7 +414,8 @@ pub mod encode {
     }
 
     /// A HOST_SELFTEST ATTACH_TABLE.
-    pub fn attach_selftest(
+    #[cfg(test)]
+    pub(crate) fn attach_selftest(
         domain: u32,
         endpoint: u32,
         flags: u32,
@@ -428,7 +431,8 @@ pub mod encode {
 
     /// An INVALIDATE request (readable part).
     #[allow(clippy::too_many_arguments)]
-    pub fn invalidate(
+    #[cfg(test)]
+    pub(crate) fn invalidate(
         domain: u32,
         scope: u8,
         caches: u8,
@@ -476,7 +480,8 @@ pub mod encode {
     }
 
     /// INVALIDATE of a whole domain's TLB.
-    pub fn invalidate_domain(domain: u32) -> [u8; INVALIDATE_LEN] {
+    #[cfg(test)]
+    pub(crate) fn invalidate_domain(domain: u32) -> [u8; INVALIDATE_LEN] {
         invalidate(domain, INV_SCOPE_DOMAIN, INV_CACHE_TLB, 0, 0, 0, 0, 0, 0)
     }
 }

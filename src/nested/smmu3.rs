@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The ARM_SMMU3 table format: the guest's Stream Table Entry (its first two
 //! words, naming the guest's Context Descriptor table) checked as the
 //! kernel checks a vSTE, and INVALIDATE turned into SMMUv3 commands for the

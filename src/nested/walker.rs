@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Software walker for Intel VT-d first-stage page tables, and a builder
 //! that writes such tables.
 //!
@@ -29,17 +30,15 @@ pub const PAGE_1G: u64 = 1 << 30;
 
 // x86-64 paging entry bits we use.
 /// Present.
-pub const PTE_P: u64 = 1 << 0;
+pub(crate) const PTE_P: u64 = 1 << 0;
 /// Writable.
 pub const PTE_RW: u64 = 1 << 1;
 /// User; ignored by the walker (requests are supervisor requests).
-pub const PTE_US: u64 = 1 << 2;
-/// Accessed; never set, as the walker does not write guest tables.
-pub const PTE_A: u64 = 1 << 5;
+pub(crate) const PTE_US: u64 = 1 << 2;
 /// Page size: a leaf at level 3 (1 GiB) or 2 (2 MiB); PAT at level 1.
-pub const PTE_PS: u64 = 1 << 7;
+pub(crate) const PTE_PS: u64 = 1 << 7;
 /// Address field of an entry: bits 51:12.
-pub const PTE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub(crate) const PTE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Frame address of a 1 GiB leaf: bits 51:30.
 const ADDR_MASK_1G: u64 = 0x000f_ffff_c000_0000;
@@ -80,7 +79,7 @@ pub enum WalkError {
 }
 
 /// Number of paging levels for `addr_width` (48 → 4, 57 → 5).
-pub fn levels_for_width(addr_width: u32) -> Result<u8, WalkError> {
+pub(crate) fn levels_for_width(addr_width: u32) -> Result<u8, WalkError> {
     match addr_width {
         48 => Ok(4),
         57 => Ok(5),
@@ -90,9 +89,10 @@ pub fn levels_for_width(addr_width: u32) -> Result<u8, WalkError> {
 
 /// Whether bits 63..(addr_width-1) of `iova` are all equal. `addr_width`
 /// must be 48 or 57 (anything in 1..=64 gives a meaningful answer).
-pub fn is_canonical(iova: u64, addr_width: u32) -> bool {
+pub(crate) fn is_canonical(iova: u64, addr_width: u32) -> bool {
     let shift = 64u32.saturating_sub(addr_width).min(63);
-    (((iova << shift) as i64) >> shift) as u64 == iova
+    // Sign-extend from bit addr_width-1: an arithmetic shift on the bits as i64.
+    ((iova << shift).cast_signed() >> shift).cast_unsigned() == iova
 }
 
 /// Index of `iova` in a table at `level` (1..=5).
@@ -223,8 +223,11 @@ impl<M: GuestMemory + ?Sized> TableMemory for MmapTableMemory<'_, M> {
         );
         self.next = after;
         // The pool may hold old tables: hand out zeroed pages only.
+        // 4096 fits any usize.
+        #[allow(clippy::cast_possible_truncation)]
+        const PAGE_LEN: usize = PAGE_4K as usize;
         self.mem
-            .write_slice(&[0u8; PAGE_4K as usize], GuestAddress(page))
+            .write_slice(&[0u8; PAGE_LEN], GuestAddress(page))
             .expect("table page outside guest memory");
         page
     }
@@ -282,26 +285,18 @@ impl<M: TableMemory> TableBuilder<M> {
     }
 
     /// Number of levels (4 or 5).
-    pub fn levels(&self) -> u8 {
+    #[cfg(test)]
+    pub(crate) fn levels(&self) -> u8 {
         self.levels
     }
 
     /// Address width the table serves (48 or 57).
-    pub fn addr_width(&self) -> u32 {
+    pub(crate) fn addr_width(&self) -> u32 {
         if self.levels == 5 {
             57
         } else {
             48
         }
-    }
-
-    /// The memory the tables live in.
-    pub fn memory(&mut self) -> &mut M {
-        &mut self.mem
-    }
-
-    pub fn into_inner(self) -> M {
-        self.mem
     }
 
     /// Map one page of `page_size` (4K/2M/1G) at iova -> gpa, with RW if
@@ -349,7 +344,7 @@ impl<M: TableMemory> TableBuilder<M> {
 
     /// GPA of the entry at `level` on the walk path of `iova`, if the path
     /// exists down to it (every entry above is present and not a leaf).
-    pub fn entry_gpa(&mut self, iova: u64, level: u8) -> Option<u64> {
+    pub(crate) fn entry_gpa(&mut self, iova: u64, level: u8) -> Option<u64> {
         if level == 0 || level > self.levels {
             return None;
         }
@@ -398,6 +393,8 @@ impl<M: TableMemory> TableBuilder<M> {
 }
 
 #[cfg(test)]
+// Test code with known small values.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -764,7 +761,7 @@ mod tests {
             if iova & 3 != 0 {
                 // Mostly canonical, so that the walk gets past the first check.
                 let s = 64 - width;
-                iova = ((iova << s) as i64 >> s) as u64;
+                iova = ((iova << s).cast_signed() >> s).cast_unsigned();
             }
             if let Ok(w) = walk(&mem, root, width, iova, rng.next() & 1 == 0) {
                 assert!(matches!(w.page_size, PAGE_4K | PAGE_2M | PAGE_1G));

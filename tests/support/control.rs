@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Client of the backend's control socket (JSON lines, spec-notes/protocol.md 8).
 
 use std::io::{BufRead, BufReader, Write};

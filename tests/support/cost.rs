@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Machine-independent costs of the backend: user-space instructions
 //! and system calls per operation, in steady state (spec-notes/
 //! benchmarks.md, "Costs that do not depend on the machine").

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The socket tier's usual set-up: the backend with virtual endpoints 8
 //! and 0x10, a fully set-up frontend, the control socket, one status.
 

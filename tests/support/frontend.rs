@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user frontend: connection, negotiation, memory table, vrings.
 
 use std::os::unix::net::UnixStream;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Host endpoints (VFIO, selftest) on a real /dev/iommu: the backend gets
 //! a copy of the test's own iommufd (`--iommufd-fd`), so the object ids it
 //! reports on its control socket (`{"op":"host"}`) are valid in the test

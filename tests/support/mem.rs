@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM: one memfd, mapped `MAP_SHARED` in the test process and handed
 //! to the backend with `SET_MEM_TABLE`. Region `i` of the guest-physical
 //! layout lives at memfd offset `sum(size of regions before i)`.
@@ -132,7 +133,7 @@ impl GuestMem {
             .collect();
         Ok(GuestMem {
             file,
-            base: base as *mut u8,
+            base: base.cast::<u8>(),
             total,
             regions,
             next: Mutex::new(next),
@@ -366,7 +367,7 @@ impl Drop for GuestMem {
     fn drop(&mut self) {
         // SAFETY: `base`/`total` describe the mapping created in `with_regions`,
         // and nothing can reference it once `self` is being dropped.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.total) };
+        unsafe { libc::munmap(self.base.cast::<libc::c_void>(), self.total) };
     }
 }
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-side driver harness for the vhost-user virtio-iommu backend.
 //!
 //! Layers, bottom up:
@@ -9,6 +10,13 @@
 //! - [`process`]: spawn the backend binary, inspect its RSS and fds.
 //! - [`host`]: the backend sharing the test's iommufd, for host endpoints.
 //! - [`cost`]: instructions (callgrind) and system calls (strace) per operation.
+// Test code with known small values (sizes, counts, timings): these casts
+// cannot truncate or wrap.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 #![allow(dead_code)]
 // Each test crate uses a subset of the re-exports below.
 #![allow(unused_imports)]

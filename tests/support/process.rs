@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Running the backend binary under test.
 
 use std::fs::{self, File};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Driver side of a virtio 1.x split virtqueue laid out in [`GuestMem`].
 //!
 //! Chains are built from per-head "arenas" (guest buffers owned by the head
@@ -257,7 +258,7 @@ pub struct SplitQueue {
 impl SplitQueue {
     /// Allocate rings in guest memory (page-aligned) and create the eventfds.
     pub fn new(mem: Arc<GuestMem>, index: u16, opts: &QueueOptions) -> Result<Self> {
-        let size = opts.size as u64;
+        let size = u64::from(opts.size);
         let desc = mem.alloc(DESC_SIZE * size, 4096)?;
         let avail = mem.alloc(6 + 2 * size, 4096)?;
         let used = mem.alloc(6 + 8 * size, 4096)?;
@@ -274,7 +275,7 @@ impl SplitQueue {
         if opts.size == 0 {
             return invalid("queue size 0");
         }
-        let size = opts.size as u64;
+        let size = u64::from(opts.size);
         mem.fill(layout.desc, (DESC_SIZE * size) as usize, 0)?;
         mem.fill(layout.avail, (6 + 2 * size) as usize, 0)?;
         mem.fill(layout.used, (6 + 8 * size) as usize, 0)?;
@@ -406,10 +407,10 @@ impl SplitQueue {
     }
 
     fn used_event_gpa(&self) -> u64 {
-        self.layout.avail + 4 + 2 * self.size as u64
+        self.layout.avail + 4 + 2 * u64::from(self.size)
     }
     fn avail_event_gpa(&self) -> u64 {
-        self.layout.used + 4 + 8 * self.size as u64
+        self.layout.used + 4 + 8 * u64::from(self.size)
     }
     /// `used.idx` as the device last published it.
     pub fn device_used_idx(&self) -> Result<u16> {
@@ -451,7 +452,7 @@ impl SplitQueue {
     fn ensure_arena(&mut self, head: u16, need: u64) -> Result<()> {
         let slot = &mut self.slots[head as usize];
         if slot.arena_cap < need {
-            let cap = need.max(self.arena_bytes as u64).next_power_of_two();
+            let cap = need.max(u64::from(self.arena_bytes)).next_power_of_two();
             slot.arena = self.mem.alloc(cap, 64)?;
             slot.arena_cap = cap;
         }
@@ -460,7 +461,7 @@ impl SplitQueue {
 
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) -> Result<()> {
         self.mem.write(
-            self.layout.desc + i as u64 * DESC_SIZE,
+            self.layout.desc + u64::from(i) * DESC_SIZE,
             &encode_desc(addr, len, flags, next),
         )
     }
@@ -511,7 +512,7 @@ impl SplitQueue {
             need = align8(need) + r.len() as u64;
         }
         for &w in writable {
-            need = align8(need) + w as u64;
+            need = align8(need) + u64::from(w);
         }
         let head = self.free.pop_front().expect("checked free count");
         if let Err(e) = self.ensure_arena(head, need) {
@@ -546,7 +547,7 @@ impl SplitQueue {
                 wtotal += len as usize;
                 (len, VRING_DESC_F_WRITE)
             };
-            off += len as u64;
+            off += u64::from(len);
             let last = k + 1 == n;
             let flags = flags | if last { 0 } else { VRING_DESC_F_NEXT };
             if indirect {
@@ -625,7 +626,7 @@ impl SplitQueue {
             }
             if d.flags & VRING_DESC_F_WRITE != 0
                 && d.flags & VRING_DESC_F_INDIRECT == 0
-                && self.mem.is_ram(d.addr, d.len as u64)
+                && self.mem.is_ram(d.addr, u64::from(d.len))
             {
                 if let Some(p) = self.poison {
                     self.mem.fill(d.addr, d.len as usize, p)?;
@@ -659,7 +660,7 @@ impl SplitQueue {
     pub fn push_avail_raw(&mut self, head: u16) -> Result<()> {
         let pos = self.next_avail % self.size;
         self.mem
-            .write_u16(self.layout.avail + 4 + 2 * pos as u64, head)?;
+            .write_u16(self.layout.avail + 4 + 2 * u64::from(pos), head)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         self.mem
             .atomic_u16(self.layout.avail + 2)?
@@ -724,7 +725,7 @@ impl SplitQueue {
         }
         let mut count = 0;
         while self.last_used != used_idx {
-            let e = self.layout.used + 4 + 8 * (self.last_used % self.size) as u64;
+            let e = self.layout.used + 4 + 8 * u64::from(self.last_used % self.size);
             let id = self.mem.read_u32(e)?;
             let len = self.mem.read_u32(e + 4)?;
             self.last_used = self.last_used.wrapping_add(1);
@@ -740,7 +741,7 @@ impl SplitQueue {
     }
 
     fn complete(&mut self, id: u32, len: u32) -> Option<Token> {
-        if id >= self.size as u32 {
+        if id >= u32::from(self.size) {
             return None;
         }
         let slot = &mut self.slots[id as usize];

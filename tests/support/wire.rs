@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-iommu wire formats: request builders, reply/property/config/event
 //! parsers (all little-endian; layouts from spec-notes/protocol.md and virtio 5.13).
 

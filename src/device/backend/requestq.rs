@@ -44,7 +44,7 @@ pub(super) struct Polling {
 /// Requestq wakeups (kicks the worker was woken for) and requests served by
 /// polling instead.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct PollCounters {
+pub(crate) struct PollCounters {
     pub wakeups: u64,
     pub served_polling: u64,
     /// Polling stopped because the worker was descheduled while it polled
@@ -253,7 +253,10 @@ impl IommuBackend {
                         _ => flush_invalidates(s, &mut deferred, &mut vr)?,
                     }
                     let used = serve_request(s, &chain, &g, &mut out);
-                    vr.add_used(chain.head_index(), used as u32)?;
+                    // At most the reply buffer (MAX_REPLY bytes) was written.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let used = used as u32;
+                    vr.add_used(chain.head_index(), used)?;
                 }
                 flush_invalidates(s, &mut deferred, &mut vr)?;
                 served += popped;
@@ -308,7 +311,10 @@ where
             debug!("INVALIDATE reply not written: {e}");
             0
         });
-        vr.add_used(chain.head_index(), used as u32)?;
+        // At most the 4-byte tail was written.
+        #[allow(clippy::cast_possible_truncation)]
+        let used = used as u32;
+        vr.add_used(chain.head_index(), used)?;
     }
     Ok(())
 }

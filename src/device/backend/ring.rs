@@ -19,7 +19,7 @@ use super::GuestMemory;
 /// (and a poller calls it in a loop), so the rings are checked first and
 /// popped with `iter`, which returns the error instead.
 #[derive(Debug, Error)]
-pub enum RingError {
+pub(crate) enum RingError {
     #[error(
         "avail index {avail} is more than the queue size ({size}) ahead of the device's {next}"
     )]

@@ -9,7 +9,7 @@ impl IommuState {
     /// Write the kernel's responses to the host's fault queue, up to 64 in
     /// one write. A group the kernel had completed itself (a detach raced
     /// the record) counts as the kernel's.
-    pub fn respond_host_faults(&mut self, rs: &[Response]) {
+    pub(crate) fn respond_host_faults(&mut self, rs: &[Response]) {
         let mut pairs = [page_response(0, 0); 64];
         for chunk in rs.chunks(pairs.len()) {
             for (p, r) in pairs.iter_mut().zip(chunk) {
@@ -62,17 +62,17 @@ impl IommuState {
     }
 
     /// The host's vIOMMU event queue, if any (the caller polls the handle).
-    pub fn event_queue_reader(&self) -> Option<crate::iommufd_bridge::EventQueue> {
+    pub(crate) fn event_queue_reader(&self) -> Option<crate::iommufd_bridge::EventQueue> {
         self.host.event_queue_reader()
     }
 
     /// Does this endpoint exist?
-    pub fn has_endpoint(&self, id: u32) -> bool {
+    pub(crate) fn has_endpoint(&self, id: u32) -> bool {
         self.endpoints.contains_key(&id)
     }
 
     /// The host's fault queue, once made (the caller polls the handle).
-    pub fn fault_queue_reader(&self) -> Option<std::fs::File> {
+    pub(crate) fn fault_queue_reader(&self) -> Option<std::fs::File> {
         self.host.fault_queue_reader()
     }
 

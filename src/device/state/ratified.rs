@@ -5,7 +5,7 @@
 use super::*;
 
 impl IommuState {
-    pub fn attach(&mut self, req: &Attach, acked: u64) -> Result<(), RequestError> {
+    pub(crate) fn attach(&mut self, req: &Attach, acked: u64) -> Result<(), RequestError> {
         let mut known = 0;
         if acked & features::BYPASS_CONFIG != 0 {
             known |= ATTACH_F_BYPASS;
@@ -122,7 +122,7 @@ impl IommuState {
         Ok(())
     }
 
-    pub fn map(&mut self, req: &Map, acked: u64) -> Result<(), RequestError> {
+    pub(crate) fn map(&mut self, req: &Map, acked: u64) -> Result<(), RequestError> {
         let mut known = MAP_F_READ | MAP_F_WRITE;
         if acked & features::MMIO != 0 {
             known |= MAP_F_MMIO;
@@ -189,7 +189,7 @@ impl IommuState {
 
     /// UNMAP: removes every mapping inside [virt_start, virt_end]; refuses
     /// with RANGE, removing nothing, if one would be split.
-    pub fn unmap(&mut self, req: &Unmap) -> Result<usize, RequestError> {
+    pub(crate) fn unmap(&mut self, req: &Unmap) -> Result<usize, RequestError> {
         let backed = self.host.backs(req.domain);
         let mappings = map_domain(&mut self.domains, req.domain)?;
         let (start, end) = (req.virt_start, req.virt_end);
@@ -243,7 +243,7 @@ impl IommuState {
     }
 
     /// PROBE: the endpoint must exist.
-    pub fn probe(&self, endpoint: u32) -> Result<&[ReservedRegion], RequestError> {
+    pub(crate) fn probe(&self, endpoint: u32) -> Result<&[ReservedRegion], RequestError> {
         if !self.endpoints.contains_key(&endpoint) {
             return Err(RequestError::NoEndpoint(endpoint));
         }

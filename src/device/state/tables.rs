@@ -6,7 +6,7 @@ use super::*;
 
 impl IommuState {
     /// What ATTACH_TABLE can do on `endpoint` (None: no such endpoint).
-    pub fn table_caps(&self, endpoint: u32) -> Option<TableCaps> {
+    pub(crate) fn table_caps(&self, endpoint: u32) -> Option<TableCaps> {
         if !self.endpoints.contains_key(&endpoint) {
             return None;
         }
@@ -19,14 +19,15 @@ impl IommuState {
 
     /// The domain `endpoint` (at `pasid`, or its default address space)
     /// is attached to.
-    pub fn attached(&self, endpoint: u32, pasid: Option<u32>) -> Option<u32> {
+    pub(crate) fn attached(&self, endpoint: u32, pasid: Option<u32>) -> Option<u32> {
         match pasid {
             None => self.endpoints.get(&endpoint)?.domain,
             Some(p) => self.pasids.get(&(endpoint, p)).copied(),
         }
     }
 
-    pub fn pasid_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pasid_count(&self) -> usize {
         self.pasids.len()
     }
 
@@ -120,7 +121,7 @@ impl IommuState {
     /// May this (decoded) INVALIDATE wait to be sent to the host together
     /// with the ones that follow it? Only when it is valid and the host
     /// holds the domain's table.
-    pub fn batchable_invalidate(&self, req: &Invalidate) -> bool {
+    pub(crate) fn batchable_invalidate(&self, req: &Invalidate) -> bool {
         matches!(
             self.domains.get(&req.domain).map(|d| &d.kind),
             Some(DomainKind::Table(_))
@@ -130,7 +131,7 @@ impl IommuState {
     /// Consecutive INVALIDATEs of one domain that `batchable_invalidate`
     /// accepted: one host call for all. `Err` if the host refused the
     /// batch; the caller then sends them one by one for their statuses.
-    pub fn invalidate_batch(
+    pub(crate) fn invalidate_batch(
         &mut self,
         domain: u32,
         reqs: &[Invalidate],
@@ -142,7 +143,7 @@ impl IommuState {
     /// INVALIDATE: only table domains have caches of guest tables. The
     /// software walker caches nothing, so for virtual endpoints there is
     /// nothing to drop; the host's caches are invalidated before we answer.
-    pub fn invalidate(&mut self, req: &Invalidate) -> Result<(), RequestError> {
+    pub(crate) fn invalidate(&mut self, req: &Invalidate) -> Result<(), RequestError> {
         match self.domains.get(&req.domain).map(|d| &d.kind) {
             Some(DomainKind::Table(_)) => {}
             Some(_) => return Err(RequestError::NotTableDomain(req.domain)),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The connection's fault queue (page requests and their responses).
 
 use iommufd_bindings::iommufd::iommu_hwpt_page_response;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Real iommufd behind the `HostIommu` trait, for any kind of host device
 //! (VFIO cdev, selftest mock).
 //!

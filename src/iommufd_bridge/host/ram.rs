@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM in the RAM IOAS (stage 2): guest RAM at IOVA = GPA, mapped
 //! from the frontend's memory table.
 

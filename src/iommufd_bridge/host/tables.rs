@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest tables nested on guest RAM: what a device can nest, the vIOMMU
 //! and its vDEVICEs, nested HWPTs, PASID attachments.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd calls the device makes, in one place. What the
 //! `iommufd-ioctls` crate wraps is called through it; what it lacks
 //! (IOAS_IOVA_RANGES, IOAS_COPY, FAULT_QUEUE_ALLOC, and the selftest ABI)
@@ -32,34 +33,32 @@ use thiserror::Error;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-pub const IOAS_MAP_FIXED_IOVA: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
+pub(crate) const IOAS_MAP_FIXED_IOVA: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
 pub const IOAS_MAP_WRITEABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
 pub const IOAS_MAP_READABLE: u32 = iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
 pub const HWPT_ALLOC_NEST_PARENT: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
-pub const HWPT_FAULT_ID_VALID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
+pub(crate) const HWPT_FAULT_ID_VALID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
 /// IOMMU_HWPT_ALLOC_PASID (6.15): the HWPT may sit next to PASID attachments.
-pub const HWPT_ALLOC_PASID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
+pub(crate) const HWPT_ALLOC_PASID: u32 = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
 /// enum iommu_hwpt_data_type (HWPT_ALLOC) values we use.
-pub const HWPT_DATA_VTD_S1: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
-pub const HWPT_DATA_ARM_SMMUV3: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
+pub(crate) const HWPT_DATA_VTD_S1: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
+pub(crate) const HWPT_DATA_ARM_SMMUV3: u32 = iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
 /// enum iommu_hwpt_invalidate_data_type values we use.
-pub const INVALIDATE_DATA_VTD_S1: u32 =
+pub(crate) const INVALIDATE_DATA_VTD_S1: u32 =
     iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1;
 /// IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: raw SMMUv3 commands, sent to
 /// the vIOMMU (not to the nested HWPT).
-pub const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
+pub(crate) const VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
     iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
 /// IOMMU_VIOMMU_TYPE_ARM_SMMUV3, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3.
-pub const VIOMMU_TYPE_ARM_SMMUV3: u32 = iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
-pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
+pub(crate) const VIOMMU_TYPE_ARM_SMMUV3: u32 = iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
+pub(crate) const VEVENTQ_TYPE_ARM_SMMUV3: u32 = iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
 /// enum iommu_hw_info_type values we recognise.
-pub const HW_INFO_INTEL_VTD: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD;
-pub const HW_INFO_ARM_SMMUV3: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+pub(crate) const HW_INFO_INTEL_VTD: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD;
+pub(crate) const HW_INFO_ARM_SMMUV3: u32 = iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
 /// The selftest mock's types: not in the bindings (see `abi`).
-pub use super::abi::{
-    HWPT_DATA_SELFTEST, HW_INFO_SELFTEST, INVALIDATE_DATA_SELFTEST, VEVENTQ_TYPE_SELFTEST,
-    VIOMMU_TYPE_SELFTEST,
-};
+pub use super::abi::{HWPT_DATA_SELFTEST, INVALIDATE_DATA_SELFTEST};
+pub(crate) use super::abi::{HW_INFO_SELFTEST, VEVENTQ_TYPE_SELFTEST, VIOMMU_TYPE_SELFTEST};
 
 /// IOMMU_GET_HW_INFO's answer for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +98,7 @@ pub enum SysError {
 
 impl SysError {
     /// The operation that failed.
-    pub fn op(&self) -> &'static str {
+    pub(crate) fn op(&self) -> &'static str {
         match self {
             SysError::Open { .. } => "open",
             SysError::Ioctl { op, .. } | SysError::Crate { op, .. } => op,
@@ -117,7 +116,7 @@ impl SysError {
     }
 }
 
-pub type Result<T> = std::result::Result<T, SysError>;
+pub(crate) type Result<T> = std::result::Result<T, SysError>;
 
 fn check(op: &'static str, rc: i32) -> Result<()> {
     if rc < 0 {
@@ -129,8 +128,19 @@ fn check(op: &'static str, rc: i32) -> Result<()> {
     Ok(())
 }
 
+// Only kernel ABI structs (tens of bytes) are measured: the size fits a u32.
+#[allow(clippy::cast_possible_truncation)]
 fn size_of<T>() -> u32 {
     std::mem::size_of::<T>() as u32
+}
+
+/// A buffer's length or entry count as the u32 the ioctl structs carry;
+/// EOVERFLOW (before any call) if it does not fit.
+fn len_u32(op: &'static str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| SysError::Ioctl {
+        op,
+        source: io::Error::from_raw_os_error(libc::EOVERFLOW),
+    })
 }
 
 /// One open iommufd context.
@@ -191,25 +201,25 @@ impl Iommufd {
         Ok(Iommufd::from_file(file))
     }
 
-    pub fn from_file(file: File) -> Self {
+    pub(crate) fn from_file(file: File) -> Self {
         Iommufd {
             fd: Arc::new(IommuFd::new_from_fd(file)),
         }
     }
 
     /// The crate's handle, shared with vfio-ioctls.
-    pub fn handle(&self) -> &Arc<IommuFd> {
+    pub(crate) fn handle(&self) -> &Arc<IommuFd> {
         &self.fd
     }
 
     /// Is ioctl number `nr` known to this kernel? A zero `size` makes every
     /// known command fail its size check (EINVAL) before doing anything;
     /// an unknown one fails with ENOTTY.
-    pub fn has_ioctl(&self, nr: u32) -> bool {
+    pub(crate) fn has_ioctl(&self, nr: u32) -> bool {
         let mut probe = [0u64; 16];
         let req = vmm_sys_util::ioctl::ioctl_expr(
             vmm_sys_util::ioctl::_IOC_NONE,
-            IOMMUFD_TYPE as u32,
+            u32::from(IOMMUFD_TYPE),
             nr,
             0,
         );
@@ -273,7 +283,7 @@ impl Iommufd {
     }
 
     /// Map `len` bytes of file `fd` from `offset` to `iova` (fixed).
-    pub fn ioas_map_file(
+    pub(crate) fn ioas_map_file(
         &self,
         ioas: u32,
         fd: RawFd,
@@ -351,7 +361,7 @@ impl Iommufd {
             let mut r = iommu_ioas_iova_ranges {
                 size: size_of::<iommu_ioas_iova_ranges>(),
                 ioas_id: ioas,
-                num_iovas: ranges.len() as u32,
+                num_iovas: len_u32("IOMMU_IOAS_IOVA_RANGES", ranges.len())?,
                 allowed_iovas: ranges.as_mut_ptr() as u64,
                 ..Default::default()
             };
@@ -389,7 +399,7 @@ impl Iommufd {
             dev_id,
             pt_id,
             data_type,
-            data_len: data.len() as u32,
+            data_len: len_u32("IOMMU_HWPT_ALLOC", data.len())?,
             data_uptr: if data.is_empty() {
                 0
             } else {
@@ -408,13 +418,14 @@ impl Iommufd {
     }
 
     /// IOMMU_GET_HW_INFO for device `dev_id`.
-    pub fn hw_info(&self, dev_id: u32) -> Result<HwInfoRaw> {
+    pub(crate) fn hw_info(&self, dev_id: u32) -> Result<HwInfoRaw> {
         // Larger than every known info structure (SMMUv3: 40 bytes).
-        let mut data = vec![0u8; 256];
+        const DATA_MAX: u32 = 256;
+        let mut data = vec![0u8; DATA_MAX as usize];
         let mut h = iommu_hw_info {
             size: size_of::<iommu_hw_info>(),
             dev_id,
-            data_len: data.len() as u32,
+            data_len: DATA_MAX,
             data_uptr: data.as_mut_ptr() as u64,
             ..Default::default()
         };
@@ -424,7 +435,7 @@ impl Iommufd {
                 op: "IOMMU_GET_HW_INFO",
                 source,
             })?;
-        data.truncate((h.data_len as usize).min(256));
+        data.truncate(h.data_len.min(DATA_MAX) as usize);
         Ok(HwInfoRaw {
             // SAFETY: a union of two u32s; the kernel wrote out_data_type.
             info_type: unsafe { h.__bindgen_anon_1.out_data_type },
@@ -449,7 +460,10 @@ impl Iommufd {
             data_uptr: entries.as_mut_ptr() as u64,
             data_type,
             entry_len,
-            entry_num: (entries.len() / entry_len.max(1) as usize) as u32,
+            entry_num: len_u32(
+                "IOMMU_HWPT_INVALIDATE",
+                entries.len() / entry_len.max(1) as usize,
+            )?,
             ..Default::default()
         };
         self.fd
@@ -462,7 +476,7 @@ impl Iommufd {
 
     /// IOMMU_VIOMMU_ALLOC (6.13): a vIOMMU of `ty` for device `dev_id` on
     /// the nesting parent `parent`.
-    pub fn viommu_alloc(&self, dev_id: u32, parent: u32, ty: u32) -> Result<u32> {
+    pub(crate) fn viommu_alloc(&self, dev_id: u32, parent: u32, ty: u32) -> Result<u32> {
         let mut v = iommu_viommu_alloc {
             size: size_of::<iommu_viommu_alloc>(),
             type_: ty,
@@ -480,7 +494,7 @@ impl Iommufd {
     }
 
     /// IOMMU_VDEVICE_ALLOC (6.13): device `dev_id` as `virt_id` on `viommu`.
-    pub fn vdevice_alloc(&self, viommu: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
+    pub(crate) fn vdevice_alloc(&self, viommu: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
         let mut v = iommu_vdevice_alloc {
             size: size_of::<iommu_vdevice_alloc>(),
             viommu_id: viommu,
@@ -499,7 +513,7 @@ impl Iommufd {
 
     /// IOMMU_VEVENTQ_ALLOC (6.15): a vEVENTQ of `ty` on `viommu`, and its
     /// FD (non-blocking).
-    pub fn veventq_alloc(&self, viommu: u32, ty: u32, depth: u32) -> Result<(u32, File)> {
+    pub(crate) fn veventq_alloc(&self, viommu: u32, ty: u32, depth: u32) -> Result<(u32, File)> {
         let mut v = iommu_veventq_alloc {
             size: size_of::<iommu_veventq_alloc>(),
             viommu_id: viommu,
@@ -529,13 +543,13 @@ impl Iommufd {
         })?;
         // SAFETY: on success the kernel installed a new fd in our table and
         // handed its ownership to us in out_fault_fd.
-        let file = unsafe { File::from_raw_fd(f.out_fault_fd as RawFd) };
+        let file = unsafe { File::from_raw_fd(f.out_fault_fd.cast_signed()) };
         Ok((f.out_fault_id, file))
     }
 }
 
 #[cfg(feature = "selftest")]
-pub use selftest::*;
+pub(crate) use selftest::*;
 
 #[cfg(feature = "selftest")]
 mod selftest;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The kernel's iommufd selftest ABI (CONFIG_IOMMUFD_TEST): a mock device
 //! and checks of what the kernel really mapped. Tests only.
 
