@@ -11,18 +11,26 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use iommufd_bindings::iommufd::{
+    iommu_hwpt_pgfault, iommu_hwpt_pgfault_flags_IOMMU_PGFAULT_FLAGS_LAST_PAGE,
+    iommu_hwpt_pgfault_flags_IOMMU_PGFAULT_FLAGS_PASID_VALID,
+    iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_EXEC,
+    iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_PRIV,
+    iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_READ,
+    iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_WRITE,
+};
 use log::{debug, Level};
 
 use crate::log_limit::limited;
 
 /// struct iommu_hwpt_pgfault, as read from a fault FD.
-pub(crate) const PGFAULT_LEN: usize = 40;
-pub const PGFAULT_F_PASID_VALID: u32 = 1 << 0;
-pub const PGFAULT_F_LAST_PAGE: u32 = 1 << 1;
-pub const PERM_READ: u32 = 1 << 0;
-pub(crate) const PERM_WRITE: u32 = 1 << 1;
-pub(crate) const PERM_EXEC: u32 = 1 << 2;
-pub(crate) const PERM_PRIV: u32 = 1 << 3;
+pub(crate) const PGFAULT_LEN: usize = std::mem::size_of::<iommu_hwpt_pgfault>();
+pub const PGFAULT_F_PASID_VALID: u32 = iommu_hwpt_pgfault_flags_IOMMU_PGFAULT_FLAGS_PASID_VALID;
+pub const PGFAULT_F_LAST_PAGE: u32 = iommu_hwpt_pgfault_flags_IOMMU_PGFAULT_FLAGS_LAST_PAGE;
+pub const PERM_READ: u32 = iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_READ;
+pub(crate) const PERM_WRITE: u32 = iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_WRITE;
+pub(crate) const PERM_EXEC: u32 = iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_EXEC;
+pub(crate) const PERM_PRIV: u32 = iommu_hwpt_pgfault_perm_IOMMU_PGFAULT_PERM_PRIV;
 
 /// PAGE_RESP codes (spec-notes/protocol.md 6.4).
 pub(crate) const CODE_SUCCESS: u16 = 0;
@@ -51,35 +59,47 @@ pub struct FaultRecord {
     pub cookie: u32,
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-}
-
 impl FaultRecord {
+    /// A record as the kernel wrote it (native endianness, struct
+    /// iommu_hwpt_pgfault of the bindings).
     pub(crate) fn parse(b: &[u8; PGFAULT_LEN]) -> Self {
+        // SAFETY: `b` holds exactly size_of::<iommu_hwpt_pgfault>() bytes
+        // (PGFAULT_LEN is that size); the struct is #[repr(C)] of u32/u64
+        // fields, for which every bit pattern is valid; read_unaligned
+        // needs no alignment of `b`.
+        let r: iommu_hwpt_pgfault = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
         FaultRecord {
             // The kernel copies internal flag bits too (VT-d): mask them.
-            flags: le32(b, 0) & (PGFAULT_F_PASID_VALID | PGFAULT_F_LAST_PAGE),
-            dev_id: le32(b, 4),
-            pasid: le32(b, 8),
-            grpid: le32(b, 12),
-            perm: le32(b, 16) & (PERM_READ | PERM_WRITE | PERM_EXEC | PERM_PRIV),
-            addr: u64::from_le_bytes(b[24..32].try_into().unwrap()),
-            length: le32(b, 32),
-            cookie: le32(b, 36),
+            flags: r.flags & (PGFAULT_F_PASID_VALID | PGFAULT_F_LAST_PAGE),
+            dev_id: r.dev_id,
+            pasid: r.pasid,
+            grpid: r.grpid,
+            perm: r.perm & (PERM_READ | PERM_WRITE | PERM_EXEC | PERM_PRIV),
+            addr: r.addr,
+            length: r.length,
+            cookie: r.cookie,
         }
     }
 
+    /// The record as a source writes it (the virtual endpoints' pipe).
     pub(crate) fn encode(&self) -> [u8; PGFAULT_LEN] {
+        let r = iommu_hwpt_pgfault {
+            flags: self.flags,
+            dev_id: self.dev_id,
+            pasid: self.pasid,
+            grpid: self.grpid,
+            perm: self.perm,
+            __reserved: 0,
+            addr: self.addr,
+            length: self.length,
+            cookie: self.cookie,
+        };
         let mut b = [0u8; PGFAULT_LEN];
-        b[0..4].copy_from_slice(&self.flags.to_le_bytes());
-        b[4..8].copy_from_slice(&self.dev_id.to_le_bytes());
-        b[8..12].copy_from_slice(&self.pasid.to_le_bytes());
-        b[12..16].copy_from_slice(&self.grpid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.perm.to_le_bytes());
-        b[24..32].copy_from_slice(&self.addr.to_le_bytes());
-        b[32..36].copy_from_slice(&self.length.to_le_bytes());
-        b[36..40].copy_from_slice(&self.cookie.to_le_bytes());
+        // SAFETY: writes size_of::<iommu_hwpt_pgfault>() == PGFAULT_LEN
+        // bytes into `b`, unaligned; the struct has no padding (its fields
+        // fill 40 bytes, asserted by the bindings), so every byte written is
+        // initialised.
+        unsafe { std::ptr::write_unaligned(b.as_mut_ptr().cast(), r) };
         b
     }
 
