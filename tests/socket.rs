@@ -1320,23 +1320,18 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
             "polling (event_idx {event_idx}): {busy} kicks of 200 back-to-back requests, \
              {sporadic} of 10 sporadic; {polled} of 411 served by polling; {stalls} stalls"
         );
-        // Most must be served by polling (none are without it, below). How
-        // many exactly depends on the host scheduling the worker while it
-        // polls, which a loaded host (parallel tests, CI's kernel builds)
-        // does not promise: at load 8 on 2 cores 336 of 411 were, so the
-        // bound is a majority, not a timing figure.
-        // On a host whose cores are taken (parallel tests, CI's kernel
-        // builds), the worker is descheduled while it polls and must back
-        // off (polling_backs_off_when_the_host_is_contended): then the
-        // kicks are the point, and no figure of polling is asserted.
+        // Most must be served by polling (none are without it, below) --
+        // unless the host's cores are taken (parallel tests, CI's kernel
+        // builds): then the worker is descheduled while it polls and must
+        // back off (polling_backs_off_when_the_host_is_contended), and a
+        // stall, which is only seen inside an open window, shows that the
+        // window opened; no figure of polling is asserted then.
         if stalls == 0 {
             assert!(busy <= 100, "{busy} of 200 back-to-back requests kicked");
             assert!(
                 polled > 411 / 2,
                 "{polled} of 411 requests served by polling"
             );
-        } else {
-            assert!(polled > 0, "polling never opened");
         }
         // A worker descheduled for 20 ms while polling finds the next
         // request as if it had come within the window (seen at load 11):
