@@ -12,11 +12,9 @@
 //! worker looks at the ring every ~100 ns; a gap of `STALL` between two
 //! looks means it was not running (the host's cores are taken by others).
 //! Then polling stops at once and stays off for a back-off that doubles
-//! with each stall (`BACKOFF_MIN` to `BACKOFF_MAX`) and halves only after
-//! `CLEAN_STREAK` windows in a row ran clean: on a contended host most
-//! windows are short enough to run clean, but each one still takes the
-//! core from the vCPU, so a stall now and then must keep polling off; a
-//! quiet host gets polling back after a run of clean windows.
+//! with each stall (`BACKOFF_MIN` to `BACKOFF_MAX`) and halves with each
+//! window that runs clean, so on a contended host the requestq is served by
+//! kicks, as without `--poll-us`, and a quiet host gets polling back.
 
 use std::time::{Duration, Instant};
 
@@ -32,9 +30,6 @@ pub const STALL: Duration = Duration::from_micros(200);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Clean windows in a row that halve the back-off.
-pub const CLEAN_STREAK: u32 = 64;
-
 /// How long to keep polling after serving the requestq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollWindow {
@@ -44,8 +39,6 @@ pub struct PollWindow {
     backoff: Duration,
     /// No polling before this (a stall's back-off).
     off_until: Option<Instant>,
-    /// Windows that ran clean since the last stall or halving.
-    clean: u32,
 }
 
 impl PollWindow {
@@ -56,7 +49,6 @@ impl PollWindow {
             current: Duration::ZERO,
             backoff: Duration::ZERO,
             off_until: None,
-            clean: 0,
         }
     }
 
@@ -77,20 +69,13 @@ impl PollWindow {
     /// Polling stalled at `now` (the worker was descheduled): stop, and
     /// stay off for twice the last back-off.
     pub fn stalled(&mut self, now: Instant) {
-        self.clean = 0;
         self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
         self.off_until = now.checked_add(self.backoff);
     }
 
-    /// A polling window ran its course without a stall; after
-    /// `CLEAN_STREAK` of them in a row the host has room again, so a later
-    /// stall backs off less.
+    /// A polling window ran its course without a stall: the host has room
+    /// again, so a later stall backs off less.
     pub fn ran_clean(&mut self) {
-        self.clean += 1;
-        if self.clean < CLEAN_STREAK {
-            return;
-        }
-        self.clean = 0;
         self.backoff /= 2;
         if self.backoff < BACKOFF_MIN {
             self.backoff = Duration::ZERO;
@@ -205,18 +190,8 @@ mod tests {
         }
         assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
         assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
-        // A run of CLEAN_STREAK clean windows halves it; fewer do nothing.
-        for _ in 0..CLEAN_STREAK - 1 {
-            w.ran_clean();
-        }
-        let t3 = t1 + BACKOFF_MAX;
-        w.stalled(t3);
-        assert_eq!(
-            w.at(t3 + BACKOFF_MAX - ms(1)),
-            Duration::ZERO,
-            "not decayed"
-        );
-        for _ in 0..6 * CLEAN_STREAK {
+        // Clean windows halve it, down to nothing.
+        for _ in 0..6 {
             w.ran_clean();
         }
         let t2 = t1 + BACKOFF_MAX;
@@ -226,7 +201,7 @@ mod tests {
             us(200),
             "decayed to 2 s / 64, then doubled"
         );
-        for _ in 0..20 * CLEAN_STREAK {
+        for _ in 0..20 {
             w.ran_clean();
         }
         w.stalled(t2);
