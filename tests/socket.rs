@@ -1341,7 +1341,13 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
             sporadic >= 8,
             "{sporadic} of 10: a window left open past 20 ms gaps"
         );
-        assert_eq!(run(&["--poll-us", "0"], event_idx), (200, 10, 0, 0));
+        // Without the option nothing is polled. Nearly every request kicks:
+        // not all, as the driver's next request can come before the worker
+        // turns kicks back on at the end of its pass, and the pass then
+        // serves it (correct, and timing: not asserted).
+        let (busy, sporadic, polled, stalls) = run(&["--poll-us", "0"], event_idx);
+        assert!(busy <= 200, "{busy}");
+        assert_eq!((sporadic, polled, stalls), (10, 0, 0));
     }
 }
 
@@ -1799,13 +1805,14 @@ fn the_vhost_user_thread_is_narrowed_before_its_first_message() {
 fn polling_backs_off_when_the_host_is_contended() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
+    use std::time::Instant;
     let b = backend(&["--poll-us", "5000"]);
     let mut f = connect(&b);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     f.requestq().set_spin(true);
     let stop = Arc::new(AtomicBool::new(false));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let hogs: Vec<_> = (0..cores)
+    let hogs: Vec<_> = (0..2 * cores)
         .map(|_| {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -1815,13 +1822,42 @@ fn polling_backs_off_when_the_host_is_contended() {
             })
         })
         .collect();
+    // A driver pausing 20 us between requests (well inside the window, but
+    // long enough for the worker's pass to end, so the window opens and the
+    // worker polls) until the worker is seen descheduled while polling. How
+    // soon that happens is up to the scheduler: bounded, not asserted.
+    let pause = |d: Duration| {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            std::hint::spin_loop();
+        }
+    };
+    let map_unmap = |f: &mut Frontend, i: u64| {
+        let iova = 0x10_0000 + (i % 256) * 0x1000;
+        pause(Duration::from_micros(20));
+        assert_eq!(status(f, wire::map(1, iova, iova + 0xfff, iova, RW)), S_OK);
+        pause(Duration::from_micros(20));
+        assert_eq!(status(f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    let stalls = loop {
+        for _ in 0..50 {
+            map_unmap(&mut f, i);
+            i += 1;
+        }
+        let s = control(&b).stats().unwrap();
+        let stalls = s["requestq_poll_stalls"].as_u64().unwrap();
+        if stalls >= 1 || Instant::now() > deadline {
+            break stalls;
+        }
+    };
+    // Right after a stall polling is off (BACKOFF_MIN, 50 ms, at least):
+    // the next requests kick.
     let k0 = f.requestq().stats().kicks;
-    for i in 0..400u64 {
-        let iova = 0x10_0000 + i * 0x1000;
-        assert_eq!(
-            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW)),
-            S_OK
-        );
+    for _ in 0..20 {
+        map_unmap(&mut f, i);
+        i += 1;
     }
     let kicks = f.requestq().stats().kicks - k0;
     stop.store(true, Ordering::Relaxed);
@@ -1829,11 +1865,48 @@ fn polling_backs_off_when_the_host_is_contended() {
         h.join().unwrap();
     }
     let s = control(&b).stats().unwrap();
-    let stalls = s["requestq_poll_stalls"].as_u64().unwrap();
     eprintln!(
-        "contended polling: {stalls} stalls, {kicks} of 400 requests kicked, {} served by polling",
+        "contended polling: {stalls} stalls after {i} pairs, {kicks} of the next 40 requests kicked, \
+         {} served by polling",
         s["requestq_served_by_polling"]
     );
-    assert!(stalls >= 1, "no stall noticed under contention: {s}");
+    assert!(
+        stalls >= 1,
+        "no stall noticed under contention in 60 s: {s}"
+    );
+    assert!(
+        s["requestq_served_by_polling"].as_u64().unwrap() > 0,
+        "never polled: {s}"
+    );
     assert!(kicks >= 1, "polling never backed off: {s}");
+}
+
+/// A kick that finds nothing to serve (left over from a request an earlier
+/// drain of the same pass served) must not end the pass while a request
+/// is waiting: the driver posts its next request while the worker has
+/// kicks off (VRING_USED_F_NO_NOTIFY), so it does not kick, and only the
+/// worker's look after turning kicks back on finds it. Each round here
+/// sends a spurious kick and then a request at once, so that the request
+/// often lands in the worker's empty pass; before the fix one such round
+/// in a few thousand hung until the next kick (a request the driver waits
+/// for forever).
+#[test]
+fn a_request_posted_during_an_empty_pass_is_served() {
+    let b = backend(&[]);
+    let mut f = connect_with(
+        &b,
+        FrontendOptions::default().without(wire::VIRTIO_RING_F_EVENT_IDX),
+    );
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.requestq().set_spin(true);
+    for i in 0..20_000u64 {
+        f.requestq().kick_forced().unwrap();
+        let iova = 0x10_0000 + (i % 512) * 0x1000;
+        let st = if i % 2 == 0 {
+            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW))
+        } else {
+            status(&mut f, wire::unmap(1, iova - 0x1000, iova - 0x1000 + 0xfff))
+        };
+        assert_eq!(st, S_OK, "round {i}");
+    }
 }

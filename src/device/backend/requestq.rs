@@ -210,6 +210,7 @@ impl IommuBackend {
         // INVALIDATEs waiting for the end of their run (one host call).
         let mut deferred: Deferred<_> = Vec::new();
         let mut broken = None;
+        let mut empty_drains = 0u32;
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
                 vr.disable_notification()?;
@@ -260,9 +261,12 @@ impl IommuBackend {
                 }
                 flush_invalidates(s, &mut deferred, &mut vr)?;
                 served += popped;
-                // "More available" with nothing poppable would spin: stop
-                // until the next kick.
-                if broken.is_some() || polling || !vr.enable_notification()? || popped == 0 {
+                empty_drains = if popped == 0 { empty_drains + 1 } else { 0 };
+                if broken.is_some() || polling {
+                    return Ok(());
+                }
+                let more = vr.enable_notification()?;
+                if !drain_again(more, empty_drains) {
                     return Ok(());
                 }
             }
@@ -285,6 +289,18 @@ impl IommuBackend {
             ring_stopped: broken.is_some(),
         }
     }
+}
+
+/// After a drain of the requestq, with kicks turned back on: whether to
+/// drain again. `more`: the driver posted meanwhile; it did not kick (kicks
+/// were off), so the request must be served now, even when this drain found
+/// nothing (a kick left over from a request an earlier drain served): ending
+/// the pass then leaves the request waiting for a kick that never comes.
+/// Two empty drains in a row while `more` would come only from a ring whose
+/// entries cannot be read (`check_avail` stops those first): stop rather
+/// than spin.
+fn drain_again(more: bool, empty_drains: u32) -> bool {
+    more && empty_drains < 2
 }
 
 /// Deferred INVALIDATEs: their chain, what was gathered, the request.
@@ -343,5 +359,25 @@ where
             debug!("request reply not written: {e}");
             0
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drain_again;
+
+    #[test]
+    fn a_request_found_after_an_empty_drain_is_served() {
+        // A stale kick: the first drain pops nothing, then the request
+        // posted meanwhile shows up.
+        assert!(drain_again(true, 1));
+        assert!(drain_again(true, 0));
+    }
+
+    #[test]
+    fn nothing_more_or_an_unreadable_ring_ends_the_pass() {
+        assert!(!drain_again(false, 0));
+        assert!(!drain_again(false, 1));
+        assert!(!drain_again(true, 2));
     }
 }
