@@ -6,7 +6,7 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
 
 use crate::device::error::ChainError;
 use crate::device::request::MAX_READABLE;
@@ -67,7 +67,7 @@ where
     for desc in chain.clone() {
         let len = u64::from(desc.len());
         if desc.is_write_only() {
-            if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
+            if !writable_range(mem, desc.addr(), desc.len() as usize) {
                 return Err(ChainError::OutsideMemory(desc.addr().raw_value(), len));
             }
             g.writable_len += len;
@@ -81,8 +81,8 @@ where
             }
             let n = (desc.len() as usize).min(MAX_READABLE - g.copied);
             if n > 0 {
-                mem.read_slice(&mut g.readable[g.copied..g.copied + n], desc.addr())
-                    .map_err(|_| ChainError::OutsideMemory(desc.addr().raw_value(), len))?;
+                read_at(mem, desc.addr(), &mut g.readable[g.copied..g.copied + n])
+                    .map_err(|()| ChainError::OutsideMemory(desc.addr().raw_value(), len))?;
                 g.copied += n;
             }
             g.readable_len += len;
@@ -144,11 +144,88 @@ where
     Ok(done)
 }
 
+// vm-memory's `read_slice`, `write_slice` and `check_range` walk a slice
+// iterator even for a range inside one region (a few hundred instructions
+// each, most of a request's cost: spec-notes/benchmarks.md). A request's
+// buffers lie in one region nearly always: look it up once, and take the
+// general path only for a range that crosses regions.
+
+/// Is `[addr, addr + len)` guest memory the device may write?
+fn writable_range<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, len: usize) -> bool {
+    if let Some(pm) = mem.physical_memory() {
+        if pm.get_slice(addr, len).is_ok() {
+            return true;
+        }
+    }
+    mem.check_range(addr, len, Permissions::Write)
+}
+
+/// Copy guest memory at `addr` into `buf`.
+fn read_at<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ()> {
+    if let Some(slice) = mem
+        .physical_memory()
+        .and_then(|pm| pm.get_slice(addr, buf.len()).ok())
+    {
+        slice.copy_to(buf);
+        return Ok(());
+    }
+    mem.read_slice(buf, addr).map_err(|_| ())
+}
+
 fn write_at<G: GuestMemory + ?Sized>(
     mem: &G,
     addr: GuestAddress,
     data: &[u8],
 ) -> Result<(), ChainError> {
+    if let Some(slice) = mem
+        .physical_memory()
+        .and_then(|pm| pm.get_slice(addr, data.len()).ok())
+    {
+        slice.copy_from(data);
+        return Ok(());
+    }
     mem.write_slice(data, addr)
         .map_err(|_| ChainError::OutsideMemory(addr.raw_value(), data.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Two adjacent regions, [0, 0x2000) and [0x2000, 0x4000), then a hole.
+    fn two_regions() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x2000), 0x2000)])
+            .unwrap()
+    }
+
+    #[test]
+    fn a_range_inside_one_region_takes_one_lookup() {
+        let mem = two_regions();
+        write_at(&mem, GuestAddress(0x100), b"inside").unwrap();
+        let mut buf = [0u8; 6];
+        read_at(&mem, GuestAddress(0x100), &mut buf).unwrap();
+        assert_eq!(&buf, b"inside");
+        assert!(writable_range(&mem, GuestAddress(0x100), 6));
+    }
+
+    #[test]
+    fn a_range_across_two_regions_takes_the_general_path() {
+        let mem = two_regions();
+        write_at(&mem, GuestAddress(0x1ffd), b"across").unwrap();
+        let mut buf = [0u8; 6];
+        read_at(&mem, GuestAddress(0x1ffd), &mut buf).unwrap();
+        assert_eq!(&buf, b"across");
+        assert!(writable_range(&mem, GuestAddress(0x1ffd), 6));
+    }
+
+    #[test]
+    fn a_range_into_a_hole_is_refused() {
+        let mem = two_regions();
+        let mut buf = [0u8; 6];
+        assert!(read_at(&mem, GuestAddress(0x3ffd), &mut buf).is_err());
+        assert!(write_at(&mem, GuestAddress(0x3ffd), b"beyond").is_err());
+        assert!(!writable_range(&mem, GuestAddress(0x3ffd), 6));
+        assert!(!writable_range(&mem, GuestAddress(0x5000), 1));
+    }
 }
