@@ -320,7 +320,7 @@ impl FaultRelay {
                         dropped += 1;
                         limited!(
                             Level::Warn,
-                            "vEVENTQ: an event of {}, no endpoint of this guest, dropped",
+                            "vEVENTQ: an event of ID {:#x}, no endpoint of this guest, dropped",
                             f.endpoint
                         );
                     }
