@@ -180,6 +180,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
         "vevents_stale": vev.stale,
+        "vevents_dropped": vev.dropped,
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
         "requestq_poll_stalls": poll.stalls,

@@ -120,8 +120,7 @@ impl FaultSink for Session {
     fn event_queue_reader(&self) -> Option<EventSource> {
         self.iommu.event_queue_reader().map(|q| EventSource {
             file: q.file,
-            data_len: q.data_len,
-            id_at: q.id_at,
+            kind: q.kind,
         })
     }
 }

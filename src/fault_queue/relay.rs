@@ -29,10 +29,22 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::pages::{FaultRecord, PageRequests, Response, SourceId, NO_RESPONSE, PGFAULT_LEN};
 use super::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
 use super::timer::PageTimer;
-use super::vevents::VEventCounters;
-use super::{purge_completed, EventFifo, EventRecord, REASON_UNKNOWN};
+use super::vevents::{decode, VEventCounters, VeventKind, Walked};
+use super::{purge_completed, EventFifo, EventRecord};
 use crate::lock_order::{Rank, Ranked, RankedGuard};
 use crate::log_limit::limited;
+
+/// Once per burst of lost vEVENTs (and at most `limited!`'s lines a
+/// minute: bursts are as frequent as the device makes them).
+fn log_losses(w: Walked) {
+    if w.bursts > 0 {
+        limited!(
+            Level::Warn,
+            "vEVENTQ: {} events lost (the kernel's queue was full); `vevents_lost` counts them",
+            w.lost
+        );
+    }
+}
 
 /// Records read from a fault FD at once (a stack buffer: no allocation per
 /// fault).
@@ -55,10 +67,8 @@ pub type Registrar = Box<dyn Fn(RawFd, Watched, bool) -> io::Result<()> + Send>;
 /// A handle for reading a vIOMMU's vEVENTQ.
 pub struct EventSource {
     pub file: File,
-    /// The size of each event's data (after its header).
-    pub data_len: usize,
-    /// Where in the data the virtual ID (the vDEVICE's virt_id) is.
-    pub id_at: usize,
+    /// What its events are.
+    pub kind: VeventKind,
 }
 
 /// What the relay needs of the guest-facing state (held under the
@@ -243,6 +253,7 @@ impl FaultRelay {
     fn drop_stale_events(&self, queue: &EventSource) {
         let mut buf = [0u8; 4096];
         let mut stale = 0;
+        let mut walked = Walked::default();
         loop {
             let n = match std::io::Read::read(&mut &queue.file, &mut buf) {
                 Ok(n) => n,
@@ -255,8 +266,15 @@ impl FaultRelay {
             if n == 0 {
                 break;
             }
-            stale += self.vevents.lock().drop_stale(&buf[..n], queue.data_len);
+            let w = self
+                .vevents
+                .lock()
+                .drop_stale(&buf[..n], queue.kind.data_len());
+            stale += w.events;
+            walked.lost += w.lost;
+            walked.bursts += w.bursts;
         }
+        log_losses(walked);
         if stale > 0 {
             limited!(
                 Level::Info,
@@ -265,13 +283,13 @@ impl FaultRelay {
         }
     }
 
-    /// The vEVENTQ is readable: read it dry; each event becomes a fault
-    /// record for the eventq (unrecoverable: reason UNKNOWN, the endpoint
-    /// its vDEVICE names).
+    /// The vEVENTQ is readable: read it dry; each event of an endpoint of
+    /// the guest becomes a fault record for the eventq (`decode`).
     pub fn events_readable<G: FaultSink>(&self, session: &Ranked<G>) {
         let mut buf = [0u8; 4096];
+        let mut walked = Walked::default();
         loop {
-            let (n, data_len, id_at) = {
+            let (n, kind) = {
                 let mut ke = self.kernel_events.lock();
                 let Some(q) = ke.as_mut() else {
                     return;
@@ -284,29 +302,39 @@ impl FaultRelay {
                         0
                     }
                 };
-                (n, q.data_len, q.id_at)
+                (n, q.kind)
             };
             if n == 0 {
-                return;
+                break;
             }
             let s = session.lock();
             let mut fifo = self.fifo.lock();
             let mut c = self.vevents.lock();
-            c.parse(&buf[..n], data_len, |data| {
-                let virt_id = data
-                    .get(id_at..id_at + 4)
-                    .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()));
-                if s.has_endpoint(virt_id) {
-                    fifo.push(EventRecord::Fault {
-                        reason: REASON_UNKNOWN,
-                        flags: 0,
-                        endpoint: virt_id,
-                        address: 0,
-                        pasid: None,
-                    });
+            let mut dropped = 0;
+            let w = c.parse(&buf[..n], kind.data_len(), |data| {
+                match decode(kind, data) {
+                    Ok(f) if s.has_endpoint(f.endpoint) => {
+                        fifo.push(f.record());
+                    }
+                    Ok(f) => {
+                        dropped += 1;
+                        limited!(
+                            Level::Warn,
+                            "vEVENTQ: an event of ID {:#x}, no endpoint of this guest, dropped",
+                            f.endpoint
+                        );
+                    }
+                    Err(e) => {
+                        dropped += 1;
+                        limited!(Level::Warn, "vEVENTQ: {e}, dropped");
+                    }
                 }
             });
+            c.dropped += dropped;
+            walked.lost += w.lost;
+            walked.bursts += w.bursts;
         }
+        log_losses(walked);
     }
 
     /// Carry out what the page-request bookkeeping decided: responses to
@@ -476,5 +504,161 @@ impl FaultRelay {
         }
         self.virtual_source.cancel(cookie);
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::fault_queue::{FLAG_ADDRESS, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
+    use crate::fault_queue::{REASON_DOMAIN, REASON_MAPPING, REASON_UNKNOWN};
+
+    /// The guest-facing state, reduced to what the vEVENTQ path asks.
+    struct Sink {
+        pages: PageRequests,
+        endpoints: Vec<u32>,
+        events: File,
+    }
+
+    impl FaultSink for Sink {
+        fn pages(&mut self) -> &mut PageRequests {
+            &mut self.pages
+        }
+        fn accept(&mut self, _: SourceId, _: &[FaultRecord], _: &mut EventFifo, _: Instant) {}
+        fn respond_kernel(&mut self, _: &[Response]) {}
+        fn has_endpoint(&self, id: u32) -> bool {
+            self.endpoints.contains(&id)
+        }
+        fn fault_queue_reader(&self) -> Option<File> {
+            None
+        }
+        fn event_queue_reader(&self) -> Option<EventSource> {
+            Some(EventSource {
+                file: self.events.try_clone().unwrap(),
+                kind: VeventKind::ArmSmmuv3,
+            })
+        }
+    }
+
+    /// One vEVENT as the kernel's read() gives it: struct
+    /// iommufd_vevent_header {flags, sequence} (native endianness) and
+    /// struct iommu_vevent_arm_smmuv3 {__le64 evt[4]}.
+    fn smmu_vevent(out: &mut Vec<u8>, seq: u32, evt: [u64; 4]) {
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(&seq.to_ne_bytes());
+        for dw in evt {
+            out.extend_from_slice(&dw.to_le_bytes());
+        }
+    }
+
+    /// A relay watching a vEVENTQ (a socket standing in for its FD) of a
+    /// guest with endpoints 5 and 6; and the queue's writing end.
+    fn watched_relay() -> (FaultRelay, Ranked<Sink>, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let relay = FaultRelay::new(16).unwrap();
+        relay.set_registrar(Some(Box::new(|_, _, _| Ok(()))));
+        let sink = Ranked::new(
+            Rank::Session,
+            Sink {
+                pages: PageRequests::new(4),
+                endpoints: vec![5, 6],
+                events: File::from(OwnedFd::from(ours)),
+            },
+        );
+        relay.watch(&*sink.lock());
+        (relay, sink, theirs)
+    }
+
+    fn records(relay: &FaultRelay) -> Vec<EventRecord> {
+        let mut fifo = relay.fifo();
+        let mut out = Vec::new();
+        while let Some(r) = fifo.front().copied() {
+            out.push(r);
+            fifo.delivered();
+        }
+        out
+    }
+
+    /// SMMUv3 events (EVTQ_* fields of the kernel's arm-smmu-v3.h; the
+    /// StreamID is the vSID, the endpoint) become fault records with their
+    /// content: translation-table faults MAPPING with the input address and
+    /// the access, configuration faults DOMAIN, the rest UNKNOWN; the SSID
+    /// is the PASID when SSV says it is valid.
+    #[test]
+    fn smmuv3_vevents_become_decoded_fault_records() {
+        let (relay, sink, mut queue) = watched_relay();
+        let mut b = Vec::new();
+        // F_TRANSLATION, vSID 5, SSV with SSID 3; PnU, InD, RnW (a
+        // privileged instruction fetch, a read); input address, IPA.
+        smmu_vevent(
+            &mut b,
+            0,
+            [
+                0x0000_0005_0000_3810,
+                0x0000_000e_0000_0000,
+                0x0000_7f12_3456_7000,
+                0x0000_0000_4000_0000,
+            ],
+        );
+        // F_PERMISSION, vSID 6, no SSID, a write (RnW 0).
+        smmu_vevent(&mut b, 1, [0x0000_0006_0000_0013, 0, 0x1000, 0]);
+        // C_BAD_CD, vSID 5, SSID 1.
+        smmu_vevent(&mut b, 2, [0x0000_0005_0000_180a, 0, 0, 0]);
+        // C_BAD_STE, vSID 6.
+        smmu_vevent(&mut b, 3, [0x0000_0006_0000_0004, 0, 0, 0]);
+        // F_VMS_FETCH (not one the kernel forwards today), vSID 5.
+        smmu_vevent(&mut b, 4, [0x0000_0005_0000_0025, 0, 0, 0xdead_0000]);
+        // F_TRANSLATION of vSID 9: no endpoint of this guest.
+        smmu_vevent(&mut b, 5, [0x0000_0009_0000_0010, 0, 0x2000, 0]);
+        queue.write_all(&b).unwrap();
+        relay.events_readable(&sink);
+        assert_eq!(
+            records(&relay),
+            vec![
+                EventRecord::Fault {
+                    reason: REASON_MAPPING,
+                    flags: FLAG_READ | FLAG_EXEC | FLAG_PRIV | FLAG_ADDRESS,
+                    endpoint: 5,
+                    address: 0x7f12_3456_7000,
+                    pasid: Some(3),
+                },
+                EventRecord::Fault {
+                    reason: REASON_MAPPING,
+                    flags: FLAG_WRITE | FLAG_ADDRESS,
+                    endpoint: 6,
+                    address: 0x1000,
+                    pasid: None,
+                },
+                EventRecord::Fault {
+                    reason: REASON_DOMAIN,
+                    flags: 0,
+                    endpoint: 5,
+                    address: 0,
+                    pasid: Some(1),
+                },
+                EventRecord::Fault {
+                    reason: REASON_DOMAIN,
+                    flags: 0,
+                    endpoint: 6,
+                    address: 0,
+                    pasid: None,
+                },
+                EventRecord::Fault {
+                    reason: REASON_UNKNOWN,
+                    flags: 0,
+                    endpoint: 5,
+                    address: 0,
+                    pasid: None,
+                },
+            ]
+        );
+        // The vSID 9 event was read, and dropped counted.
+        let c = relay.vevent_counters();
+        assert_eq!((c.received, c.lost, c.dropped), (6, 0, 1), "{c:?}");
     }
 }

@@ -1,20 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The type-specific structures iommufd takes and gives (HWPT_ALLOC data,
-//! HWPT_INVALIDATE entries, page responses, vEVENT data), built from the
-//! `iommufd-bindings` structs.
+//! HWPT_INVALIDATE entries, page responses), built from the
+//! `iommufd-bindings` structs. vEVENT data is decoded with the fault
+//! relay (`fault_queue::vevents`).
 //!
 //! Gaps: what the bindings lack is declared here, once, each marked GAP.
 //! All of it is the kernel's selftest ABI (`iommufd_test.h`, which is not
 //! a uapi header, so bindgen never sees it): the selftest data, invalidate
-//! and vIOMMU/vEVENTQ/HW_INFO type numbers and their structs below, and the
-//! IOMMU_TEST_CMD ioctl with struct iommu_test_cmd (the mock-device glue,
+//! and vIOMMU/vEVENTQ/HW_INFO type numbers and their structs below (the
+//! selftest vEVENT's struct is with its decoder, `fault_queue::vevents`),
+//! and the IOMMU_TEST_CMD ioctl with struct iommu_test_cmd (the mock-device glue,
 //! in `sys/selftest.rs`, feature `selftest`). See spec-notes/iommufd.md.
 
 use iommufd_bindings::iommufd::{
     iommu_hwpt_arm_smmuv3, iommu_hwpt_page_response, iommu_hwpt_vtd_s1,
     iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_EAFE, iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_SRE,
     iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_WPE, iommu_hwpt_vtd_s1_invalidate,
-    iommu_hwpt_vtd_s1_invalidate_flags_IOMMU_VTD_INV_FLAGS_LEAF, iommu_vevent_arm_smmuv3,
+    iommu_hwpt_vtd_s1_invalidate_flags_IOMMU_VTD_INV_FLAGS_LEAF,
     iommu_viommu_arm_smmuv3_invalidate, iommufd_page_response_code_IOMMUFD_PAGE_RESP_INVALID,
     iommufd_page_response_code_IOMMUFD_PAGE_RESP_SUCCESS,
 };
@@ -53,13 +55,6 @@ struct InvalidateSelftest {
     iotlb_id: u32,
 }
 const INVALIDATE_SELFTEST_ALL: u32 = 1;
-
-/// GAP: struct iommu_viommu_event_selftest.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct ViommuEventSelftest {
-    virt_id: u32,
-}
 
 /// A kernel structure that is plain data.
 ///
@@ -246,26 +241,6 @@ pub(super) fn page_response(r: PageResponse) -> iommu_hwpt_page_response {
     }
 }
 
-/// A vEVENTQ's events: the length of each one's data (after its header),
-/// and where in it the virtual ID (the vDEVICE's virt_id) is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct VeventFormat {
-    pub data_len: usize,
-    pub id_at: usize,
-}
-
-/// The selftest mock's events: {virt_id}.
-pub(super) const VEVENT_SELFTEST: VeventFormat = VeventFormat {
-    data_len: std::mem::size_of::<ViommuEventSelftest>(),
-    id_at: std::mem::offset_of!(ViommuEventSelftest, virt_id),
-};
-
-/// SMMUv3's events {evt[4]}: the vSID is evt[0] bits 63:32 (little-endian).
-pub(super) const VEVENT_ARM_SMMUV3: VeventFormat = VeventFormat {
-    data_len: std::mem::size_of::<iommu_vevent_arm_smmuv3>(),
-    id_at: 4,
-};
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,20 +320,6 @@ mod tests {
         assert_eq!(
             bytes_of(&r),
             [7, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0]
-        );
-        assert_eq!(
-            VEVENT_SELFTEST,
-            VeventFormat {
-                data_len: 4,
-                id_at: 0
-            }
-        );
-        assert_eq!(
-            VEVENT_ARM_SMMUV3,
-            VeventFormat {
-                data_len: 32,
-                id_at: 4
-            }
         );
     }
 }

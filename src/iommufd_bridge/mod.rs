@@ -140,10 +140,8 @@ pub type Result<T> = std::result::Result<T, BridgeError>;
 /// A handle for reading a vIOMMU's vEVENTQ.
 pub struct EventQueue {
     pub file: std::fs::File,
-    /// The size of each event's data (after its header).
-    pub data_len: usize,
-    /// Where in the data the virtual ID (the vDEVICE's virt_id) is.
-    pub id_at: usize,
+    /// What its events are.
+    pub kind: crate::fault_queue::vevents::VeventKind,
 }
 
 /// What the host must do so that endpoints' DMA follows the device state.

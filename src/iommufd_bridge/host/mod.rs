@@ -21,13 +21,13 @@ mod faults;
 mod ram;
 mod tables;
 
-use super::abi::{VeventFormat, VEVENT_SELFTEST};
 use super::ids::{FaultId, HwptId, IoasId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use super::reserved::reserved_from_ranges;
 use super::sys::{Features, Iommufd, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 use super::{
     Access, BridgeError, HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target,
 };
+use crate::fault_queue::vevents::VeventKind;
 use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// A device the host IOMMU translates for, bound to our iommufd.
@@ -148,7 +148,7 @@ pub struct IommufdHost<D: HostDevice> {
     viommu: Option<ViommuId>,
     veventq: Option<KernelQueue<VeventqId>>,
     /// The vEVENTQ's events.
-    vevent_format: VeventFormat,
+    vevent_kind: VeventKind,
     /// Page responses written (accepted by the kernel), and those it
     /// refused because it had completed the group itself.
     responses_written: u64,
@@ -193,7 +193,7 @@ impl<D: HostDevice> IommufdHost<D> {
             fault: None,
             viommu: None,
             veventq: None,
-            vevent_format: VEVENT_SELFTEST,
+            vevent_kind: VeventKind::Selftest,
             responses_written: 0,
             responses_stale: 0,
         })
@@ -546,8 +546,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             .ok()
             .map(|file| super::EventQueue {
                 file,
-                data_len: self.vevent_format.data_len,
-                id_at: self.vevent_format.id_at,
+                kind: self.vevent_kind,
             })
     }
 

@@ -5,9 +5,9 @@
 use log::{debug, info, warn};
 
 use super::{target_domain, HostDevice, HostDomain, IommufdHost, KernelQueue, NestedInvalidate};
+use crate::fault_queue::vevents::VeventKind;
 use crate::iommufd_bridge::abi::{
-    invalidate_entries, nested_data, smmu3_entries, Entries, NestedData, VEVENT_ARM_SMMUV3,
-    VEVENT_SELFTEST,
+    invalidate_entries, nested_data, smmu3_entries, Entries, NestedData,
 };
 use crate::iommufd_bridge::ids::{FaultId, HwptId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use crate::iommufd_bridge::sys::{
@@ -102,13 +102,15 @@ impl<D: HostDevice> IommufdHost<D> {
         let info_type = caps.hw_info.as_ref().map(|h| h.info_type);
         // (vIOMMU type, vEVENTQ type, its events)
         let kind = match info_type {
-            Some(HW_INFO_SELFTEST) => {
-                (VIOMMU_TYPE_SELFTEST, VEVENTQ_TYPE_SELFTEST, VEVENT_SELFTEST)
-            }
+            Some(HW_INFO_SELFTEST) => (
+                VIOMMU_TYPE_SELFTEST,
+                VEVENTQ_TYPE_SELFTEST,
+                VeventKind::Selftest,
+            ),
             Some(HW_INFO_ARM_SMMUV3) => (
                 VIOMMU_TYPE_ARM_SMMUV3,
                 VEVENTQ_TYPE_ARM_SMMUV3,
-                VEVENT_ARM_SMMUV3,
+                VeventKind::ArmSmmuv3,
             ),
             _ => return None,
         };
@@ -130,7 +132,7 @@ impl<D: HostDevice> IommufdHost<D> {
                                 let id = VeventqId(id);
                                 info!("iommufd: vEVENTQ {id} for unrecoverable faults");
                                 self.veventq = Some(KernelQueue { id, file });
-                                self.vevent_format = kind.2;
+                                self.vevent_kind = kind.2;
                             }
                             Err(e) => info!("iommufd: no vEVENTQ ({e})"),
                         }
