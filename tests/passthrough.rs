@@ -72,9 +72,7 @@ mod qemu_standin {
     use std::fs::File;
     use std::os::fd::AsRawFd;
 
-    use vhost_device_iommu::iommufd_bridge::sys::{
-        Iommufd, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
-    };
+    use vhost_device_iommu::iommufd_bridge::sys::{Iommufd, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
     use vmm_sys_util::ioctl::ioctl_with_mut_ref;
     use vmm_sys_util::ioctl_io_nr;
 
@@ -311,9 +309,7 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
     unsafe { libc::close(shared) };
     let mut control = ControlClient::connect(&backend.control).expect("control socket");
     let mut host = || {
-        let r = control
-            .request(&serde_json::json!({"op": "host"}))
-            .unwrap();
+        let r = control.request(&serde_json::json!({"op": "host"})).unwrap();
         r["host"].clone()
     };
     let endpoint = |h: &serde_json::Value| {
@@ -327,9 +323,15 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
     };
     let h = host();
     let e = endpoint(&h);
-    assert_eq!(e["dev_id"], qemu.devid, "the backend learned QEMU's device id: {h}");
+    assert_eq!(
+        e["dev_id"], qemu.devid,
+        "the backend learned QEMU's device id: {h}"
+    );
     assert_eq!(e["device"]["bound_by"], "vmm", "{e}");
-    assert_eq!(e["pt_id"], h["blocking_pt"], "the backend attached last: {h}");
+    assert_eq!(
+        e["pt_id"], h["blocking_pt"],
+        "the backend attached last: {h}"
+    );
     // The kernel agrees: QEMU's HWPT has no device any more.
     assert!(!busy(qemu.hwpt), "QEMU's HWPT still has the device");
     // (That destroy freed QEMU's HWPT; QEMU itself never destroys it while
@@ -337,8 +339,8 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
 
     // The guest attaches the endpoint to a MAP/UNMAP domain.
     let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(0, 16 << 20)]).unwrap());
-    let mut f = support::Frontend::connect(&backend.socket, mem, Default::default())
-        .expect("frontend");
+    let mut f =
+        support::Frontend::connect(&backend.socket, mem, Default::default()).expect("frontend");
     assert_eq!(f.request_status(&wire::attach(1, EP, 0, 0)).unwrap(), S_OK);
     let h = host();
     let pt = u32::try_from(endpoint(&h)["pt_id"].as_u64().unwrap()).unwrap();
@@ -350,7 +352,10 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
     eprintln!("stand-in reset: {r:?}");
     let h = host();
     assert_eq!(endpoint(&h)["pt_id"], pt, "{h}");
-    assert!(busy(pt), "after the reset the device is still on our domain");
+    assert!(
+        busy(pt),
+        "after the reset the device is still on our domain"
+    );
 
     // And the guest's next attach still wins.
     assert_eq!(f.request_status(&wire::detach(1, EP)).unwrap(), S_OK);
