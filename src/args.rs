@@ -20,7 +20,9 @@ pub enum ArgsError {
     BadRange(String),
     #[error("range {0:?} ends before it starts")]
     EmptyRange(String),
-    #[error("bad endpoint {0:?}: expected ID, ID,vfio=PATH, ID,vfio-fd=FD or ID,selftest")]
+    #[error(
+        "bad endpoint {0:?}: expected ID, ID,vfio=PATH, ID,vfio-fd=FD, ID,vfio-bound-fd=FD or ID,selftest"
+    )]
     BadEndpoint(String),
     #[error("endpoint {0:#x} is given twice")]
     DuplicateEndpoint(u32),
@@ -44,6 +46,8 @@ pub enum ArgsError {
     UnknownGroup(String),
     #[error("--control-timeout-ms must be 1 to {MAX_CONTROL_TIMEOUT_MS}")]
     ControlTimeout,
+    #[error("endpoint {0:#x}: vfio-bound-fd needs --iommufd-fd (the iommufd the VMM binds it to)")]
+    BoundNeedsIommufdFd(u32),
     #[error("{0} is a standard stream (0-2), not a descriptor handed over")]
     StdioFd(NamedFd),
     #[error("{0} is not an open file descriptor")]
@@ -66,6 +70,8 @@ pub enum FdOption {
     IommufdFd,
     /// `--endpoint ID,vfio-fd=N`, of this endpoint.
     VfioFd(u32),
+    /// `--endpoint ID,vfio-bound-fd=N`, of this endpoint.
+    VfioBoundFd(u32),
 }
 
 /// An inherited file descriptor and the option naming it, for messages.
@@ -81,6 +87,7 @@ impl std::fmt::Display for NamedFd {
             FdOption::SocketFd => write!(f, "--socket-fd {}", self.fd),
             FdOption::IommufdFd => write!(f, "--iommufd-fd {}", self.fd),
             FdOption::VfioFd(id) => write!(f, "endpoint {id:#x}: vfio-fd={}", self.fd),
+            FdOption::VfioBoundFd(id) => write!(f, "endpoint {id:#x}: vfio-bound-fd={}", self.fd),
         }
     }
 }
@@ -112,7 +119,9 @@ pub struct Args {
 
     /// An endpoint the guest may attach: ID (a virtual endpoint served by the
     /// software IOMMU), FIRST-LAST (virtual endpoints FIRST to LAST
-    /// inclusive), ID,vfio=CDEV_PATH or ID,vfio-fd=FD. Repeatable.
+    /// inclusive), ID,vfio=CDEV_PATH, ID,vfio-fd=FD or ID,vfio-bound-fd=FD
+    /// (a cdev the VMM binds to --iommufd-fd: QEMU's vfio-pci,fd=; waited
+    /// for up to --bind-wait-ms, never bound by us). Repeatable.
     /// ID is decimal or 0x-hex (e.g. a PCI requester ID).
     #[arg(long = "endpoint", value_name = "SPEC")]
     pub endpoints: Vec<String>,
@@ -129,6 +138,11 @@ pub struct Args {
     /// An already open iommufd, inherited as this file descriptor.
     #[arg(long, value_name = "FD")]
     pub iommufd_fd: Option<i32>,
+
+    /// How long to wait at start-up for the VMM to bind each
+    /// ID,vfio-bound-fd cdev (QEMU binds it when it realizes vfio-pci).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub bind_wait_ms: u64,
 
     /// Control socket (JSON lines) for virtual endpoints' DMA and statistics.
     /// Created mode 0600: only this user and root may use it.
@@ -344,6 +358,8 @@ pub struct Options {
     /// Busy-poll of the requestq after serving it (0: off).
     pub poll: std::time::Duration,
     pub seccomp: crate::sandbox::SeccompMode,
+    /// How long to wait for the VMM to bind a `vfio-bound-fd` cdev.
+    pub bind_wait: std::time::Duration,
     /// The inherited fds, in the order named (--socket-fd, --iommufd-fd,
     /// then the endpoints'): each one once, none of them 0-2 except
     /// --socket-fd (inetd passes the socket as stdin).
@@ -395,6 +411,10 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<EndpointSpec, ArgsError> {
                 let fd = i32::try_from(parse_u64(fd).map_err(|_| bad())?).map_err(|_| bad())?;
                 EndpointKind::Vfio(VfioSource::Fd(fd))
             }
+            Some(("vfio-bound-fd", fd)) => {
+                let fd = i32::try_from(parse_u64(fd).map_err(|_| bad())?).map_err(|_| bad())?;
+                EndpointKind::Vfio(VfioSource::BoundFd(fd))
+            }
             _ => return Err(bad()),
         },
     };
@@ -442,11 +462,16 @@ fn inherited_fds(
         });
     }
     for e in endpoints {
-        if let EndpointKind::Vfio(VfioSource::Fd(fd)) = e.kind {
-            fds.push(NamedFd {
+        match e.kind {
+            EndpointKind::Vfio(VfioSource::Fd(fd)) => fds.push(NamedFd {
                 fd,
                 by: FdOption::VfioFd(e.id),
-            });
+            }),
+            EndpointKind::Vfio(VfioSource::BoundFd(fd)) => fds.push(NamedFd {
+                fd,
+                by: FdOption::VfioBoundFd(e.id),
+            }),
+            _ => {}
         }
     }
     for (i, n) in fds.iter().enumerate() {
@@ -553,6 +578,15 @@ impl Args {
             Some(fd) => IommufdSpec::Fd(fd),
             None => IommufdSpec::Path(self.iommufd.clone()),
         };
+        // A bound cdev's device id and objects live in the VMM's iommufd.
+        if let (IommufdSpec::Path(_), Some(e)) = (
+            &iommufd,
+            endpoints
+                .iter()
+                .find(|e| matches!(e.kind, EndpointKind::Vfio(VfioSource::BoundFd(_)))),
+        ) {
+            return Err(ArgsError::BoundNeedsIommufdFd(e.id));
+        }
         let inherited_fds = inherited_fds(&socket, &iommufd, &endpoints)?;
         if !(1..=MAX_CONTROL_TIMEOUT_MS).contains(&self.control_timeout_ms) {
             return Err(ArgsError::ControlTimeout);
@@ -625,6 +659,7 @@ impl Args {
             // At most a second: a poll that long is a mistake, not a mode.
             poll: std::time::Duration::from_micros(self.poll_us.min(1_000_000)),
             seccomp: self.seccomp,
+            bind_wait: std::time::Duration::from_millis(self.bind_wait_ms),
             inherited_fds,
         })
     }

@@ -94,7 +94,7 @@ fn open_host(opts: &Options) -> Result<Option<Box<dyn HostIommu>>, ServerError> 
         return Ok(Some(Box::new(host)));
     }
     let host = add_endpoints(IommufdHost::new(fd, bypass)?, opts, |fd, e, _pt| match e {
-        EndpointKind::Vfio(src) => VfioCdev::open(fd, src),
+        EndpointKind::Vfio(src) => VfioCdev::open(fd, src, opts.bind_wait),
         _ => unreachable!("only VFIO endpoints reach here"),
     })?;
     Ok(Some(Box::new(host)))

@@ -20,6 +20,7 @@ pub(crate) mod selftest;
 pub(crate) mod software;
 pub mod sys;
 pub(crate) mod vfio;
+pub(crate) mod vfio_adopt;
 
 use std::fmt::Debug;
 

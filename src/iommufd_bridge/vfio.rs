@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
@@ -13,6 +14,7 @@ use vfio_ioctls::{VfioDevice, VfioIommufd};
 use super::host::HostDevice;
 use super::ids::PtId;
 use super::sys::Iommufd;
+use super::vfio_adopt::BoundCdev;
 use super::{BridgeError, Result};
 
 /// Where a VFIO endpoint's device comes from.
@@ -21,10 +23,21 @@ pub enum VfioSource {
     Path(std::path::PathBuf),
     /// An inherited, already open cdev.
     Fd(i32),
+    /// An inherited cdev the VMM binds to the shared `--iommufd-fd`
+    /// (passthrough: QEMU's `-device vfio-pci,fd=`); never bound by us.
+    BoundFd(i32),
+}
+
+/// How we hold the device.
+enum Device {
+    /// Bound by us, through the vfio-ioctls crate.
+    Ours(VfioDevice),
+    /// Bound by the VMM; we only attach.
+    Vmm(BoundCdev),
 }
 
 pub struct VfioCdev {
-    dev: VfioDevice,
+    dev: Device,
     source: VfioSource,
     dev_id: u32,
 }
@@ -62,10 +75,22 @@ fn vfio_err(op: &'static str, e: vfio_ioctls::VfioError) -> BridgeError {
 }
 
 impl VfioCdev {
-    /// Open (or adopt) the cdev and bind it to `fd`, unattached.
-    pub fn open(fd: &Iommufd, source: &VfioSource) -> Result<Self> {
+    /// Open (or adopt) the cdev and bind it to `fd`, unattached; a
+    /// `BoundFd` is waited for (up to `bind_wait`) until the VMM bound it.
+    pub fn open(fd: &Iommufd, source: &VfioSource, bind_wait: Duration) -> Result<Self> {
         let file = match source {
             VfioSource::Path(p) => open_rw(p)?,
+            VfioSource::BoundFd(raw) => {
+                // SAFETY: as for Fd below: handed over to us to own (our
+                // copy of the VMM's open file), checked open and unique.
+                let file = unsafe { File::from_raw_fd(*raw) };
+                let dev = BoundCdev::adopt(fd, file, bind_wait)?;
+                return Ok(VfioCdev {
+                    dev_id: dev.dev_id,
+                    dev: Device::Vmm(dev),
+                    source: source.clone(),
+                });
+            }
             VfioSource::Fd(raw) => {
                 // SAFETY: the operator handed us this fd (--endpoint
                 // ID,vfio-fd=N) to own. Args refused 0-2 and an fd any
@@ -83,7 +108,7 @@ impl VfioCdev {
             detail: "no device id".into(),
         })?;
         Ok(VfioCdev {
-            dev,
+            dev: Device::Ours(dev),
             source: source.clone(),
             dev_id,
         })
@@ -113,9 +138,12 @@ impl HostDevice for VfioCdev {
     }
 
     fn attach(&mut self, _fd: &Iommufd, pt: PtId) -> Result<()> {
-        self.dev
-            .attach_hwpt(pt.raw())
-            .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT", e))
+        match &self.dev {
+            Device::Ours(d) => d
+                .attach_hwpt(pt.raw())
+                .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT", e)),
+            Device::Vmm(d) => d.attach(pt.raw(), None),
+        }
     }
 
     fn supports_pasid(&self) -> bool {
@@ -124,26 +152,39 @@ impl HostDevice for VfioCdev {
 
     fn attach_pasid(&mut self, _fd: &Iommufd, pasid: u32, pt: PtId, _replace: bool) -> Result<()> {
         // VFIO replaces an attached PASID itself.
-        self.dev
-            .attach_iommufd_pt_pasid(pt.raw(), pasid)
-            .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)", e))
+        match &self.dev {
+            Device::Ours(d) => d
+                .attach_iommufd_pt_pasid(pt.raw(), pasid)
+                .map_err(|e| vfio_err("VFIO_DEVICE_ATTACH_IOMMUFD_PT (PASID)", e)),
+            Device::Vmm(d) => d.attach(pt.raw(), Some(pasid)),
+        }
     }
 
     fn detach_pasid(&mut self, _fd: &Iommufd, pasid: u32) -> Result<()> {
-        self.dev
-            .detach_iommufd_pt_pasid(pasid)
-            .map_err(|e| vfio_err("VFIO_DEVICE_DETACH_IOMMUFD_PT (PASID)", e))
+        match &self.dev {
+            Device::Ours(d) => d
+                .detach_iommufd_pt_pasid(pasid)
+                .map_err(|e| vfio_err("VFIO_DEVICE_DETACH_IOMMUFD_PT (PASID)", e)),
+            Device::Vmm(d) => d.detach(Some(pasid)),
+        }
     }
 
     fn describe(&self) -> Value {
         match &self.source {
             VfioSource::Path(p) => json!({ "kind": "vfio", "path": p }),
             VfioSource::Fd(fd) => json!({ "kind": "vfio", "fd": fd }),
+            VfioSource::BoundFd(fd) => json!({ "kind": "vfio", "fd": fd, "bound_by": "vmm" }),
         }
     }
 
     fn release(&mut self, _fd: &Iommufd) {
-        if let Err(e) = self.dev.detach_hwpt() {
+        // A VMM-bound device is detached (blocked) too: the VMM's own
+        // attachment was replaced by ours, so it must not come back.
+        let r = match &self.dev {
+            Device::Ours(d) => d.detach_hwpt().map_err(|e| e.to_string()),
+            Device::Vmm(d) => d.detach(None).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = r {
             log::warn!("VFIO device {:?}: detach: {e}", self.source);
         }
     }

@@ -80,7 +80,7 @@ if [ -f /etc/viommu-cargo-tests ]; then
     while IFS= read -r t; do
         [ -n "$t" ] || continue
         name="$(basename "$t")"
-        if [ "$name" = vfio_endpoints ] && [ "$kmaj" -eq 6 ] && [ "$kmin" -lt 13 ]; then
+        if { [ "$name" = vfio_endpoints ] || [ "$name" = passthrough ]; } && [ "$kmaj" -eq 6 ] && [ "$kmin" -lt 13 ]; then
             # Not our code: 6.12's virtio-iommu driver sizes a domain only when a device attaches,
             # after iommufd has fixed the IOAS aperture, so every iommufd domain of a device behind
             # it has usable IOVA [(0, 0)] (6.13 moved the driver to domain_alloc_paging).

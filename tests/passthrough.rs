@@ -1,0 +1,370 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The passthrough deployment (spec-notes/passthrough.md): QEMU binds a
+//! VFIO cdev to an iommufd a launcher opened and passes to both processes;
+//! the backend takes the same open cdev as `--endpoint ID,vfio-bound-fd=N`
+//! with `--iommufd-fd`, never binds it, and attaches last.
+//!
+//! What runs here needs no VFIO device: the options. The kernel tier runs
+//! the rest inside its guest (`qemu_standin_*`, ignored here), with a
+//! stand-in that issues QEMU 11's iommufd calls on the shared fds.
+
+mod support;
+
+use std::time::Duration;
+
+use support::process::run_to_exit;
+
+/// A bound cdev lives in the VMM's iommufd: without `--iommufd-fd` the
+/// backend would open its own /dev/iommu, where the device does not exist.
+#[test]
+fn a_vmm_bound_cdev_needs_the_vmms_iommufd() {
+    let (st, _out, err) = run_to_exit(
+        &[
+            "--socket-path",
+            "{dir}/v.sock",
+            "--endpoint",
+            "1,vfio-bound-fd=900",
+        ],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(st.code(), Some(1), "{err}");
+    let want = "endpoint 0x1: vfio-bound-fd needs --iommufd-fd (the iommufd the VMM binds it to)";
+    assert!(err.contains(want), "stderr {err:?} lacks {want:?}");
+    assert_eq!(err.trim().lines().count(), 1, "{err:?}");
+}
+
+/// A bound cdev is an inherited fd like the others: checked open and named
+/// once before the daemon owns it.
+#[test]
+fn a_vmm_bound_cdev_fd_is_checked_like_every_inherited_fd() {
+    let t = Duration::from_secs(10);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--endpoint", "1,vfio-bound-fd=7", "--iommufd-fd", "7"],
+            "fd 7 is named twice: --iommufd-fd 7 and endpoint 0x1: vfio-bound-fd=7",
+        ),
+        (
+            &["--endpoint", "2,vfio-bound-fd=900", "--iommufd-fd", "901"],
+            "is not an open file descriptor",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--socket-path", "{dir}/v.sock"];
+        args.extend_from_slice(extra);
+        let (st, _out, err) = run_to_exit(&args, t).unwrap();
+        assert_eq!(st.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr {err:?} lacks {want:?}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err:?}");
+    }
+}
+
+/// A stand-in for QEMU 11: the iommufd and VFIO calls QEMU issues on the
+/// fds the launcher passed it (`-object iommufd,fd=` and
+/// `-device vfio-pci,iommufd=,fd=`), named after the QEMU functions
+/// (hw/vfio/iommufd.c, backends/iommufd.c, hw/vfio/pci.c; line numbers in
+/// spec-notes/passthrough.md). Only the ioctls: QEMU's config-space writes
+/// around a reset do not touch the IOMMU.
+mod qemu_standin {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    use vhost_device_iommu::iommufd_bridge::sys::{Iommufd, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
+    use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+    use vmm_sys_util::ioctl_io_nr;
+
+    const VFIO_TYPE: u32 = b';' as u32;
+    ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE, 100 + 7);
+    ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE, 100 + 11);
+    ioctl_io_nr!(VFIO_DEVICE_PCI_HOT_RESET, VFIO_TYPE, 100 + 13);
+    ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, 100 + 18);
+    ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, 100 + 19);
+
+    /// `vfio_device_bind_iommufd` up to `out_devid` (the kernel's minsz).
+    #[repr(C)]
+    #[derive(Default)]
+    struct Bind {
+        argsz: u32,
+        flags: u32,
+        iommufd: i32,
+        out_devid: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attach {
+        argsz: u32,
+        flags: u32,
+        pt_id: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct DeviceInfo {
+        argsz: u32,
+        flags: u32,
+        num_regions: u32,
+        num_irqs: u32,
+        cap_offset: u32,
+        pad: u32,
+    }
+
+    /// `vfio_pci_hot_reset` with no group fds: iommufd's form.
+    #[repr(C)]
+    #[derive(Default)]
+    struct HotReset {
+        argsz: u32,
+        flags: u32,
+        count: u32,
+    }
+
+    const VFIO_DEVICE_FLAGS_RESET: u32 = 1;
+
+    fn ioctl<T>(f: &File, req: std::os::raw::c_ulong, arg: &mut T) -> std::io::Result<()> {
+        // SAFETY: `arg` is the repr(C) struct `req` takes, with argsz set
+        // to its size; the kernel touches no more than that.
+        let rc = unsafe { ioctl_with_mut_ref(f, req, arg) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    // Test structs of a few u32s: their sizes fit argsz.
+    #[allow(clippy::cast_possible_truncation)]
+    fn argsz<T>() -> u32 {
+        std::mem::size_of::<T>() as u32
+    }
+
+    /// What QEMU holds after realizing vfio-pci.
+    pub struct Realized {
+        pub devid: u32,
+        pub ioas: u32,
+        pub hwpt: u32,
+        pub reset_works: bool,
+        /// The "guest RAM" QEMU's listener mapped (and pinned) in its IOAS.
+        pub ram: (*mut libc::c_void, usize),
+    }
+
+    /// vfio_pci_realize -> vfio_device_attach -> iommufd_cdev_attach.
+    pub fn realize(fd: &Iommufd, cdev: &File, ram_len: usize) -> Realized {
+        // iommufd_cdev_connect_and_bind: VFIO_DEVICE_BIND_IOMMUFD.
+        let mut bind = Bind {
+            argsz: argsz::<Bind>(),
+            iommufd: fd.as_raw_fd(),
+            ..Default::default()
+        };
+        ioctl(cdev, VFIO_DEVICE_BIND_IOMMUFD(), &mut bind).expect("BIND_IOMMUFD");
+        // iommufd_backend_alloc_ioas: the container's IOAS.
+        let ioas = fd.ioas_alloc().expect("IOAS_ALLOC");
+        // iommufd_cdev_autodomains_get: iommufd_backend_alloc_hwpt (no
+        // dirty tracking, no nesting parent without a vIOMMU), then
+        // iommufd_cdev_attach_ioas_hwpt.
+        let hwpt = fd
+            .hwpt_alloc(bind.out_devid, ioas, 0, 0, &mut [], None)
+            .expect("HWPT_ALLOC");
+        let mut attach = Attach {
+            argsz: argsz::<Attach>(),
+            pt_id: hwpt,
+            ..Default::default()
+        };
+        ioctl(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT(), &mut attach).expect("ATTACH");
+        // iommufd_cdev_get_info_iova_range.
+        let _ = fd.iova_ranges(ioas).expect("IOAS_IOVA_RANGES");
+        // vfio_listener_register -> vfio_listener_region_add ->
+        // vfio_container_dma_map -> iommufd_backend_map_dma: every RAM
+        // section at IOVA = GPA (QEMU 10.1+ uses IOAS_MAP_FILE for memfd
+        // RAM; both pin the pages).
+        // SAFETY: anonymous shared mapping of our own; unmapped in drop.
+        let va = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ram_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(va, libc::MAP_FAILED);
+        fd.ioas_map(
+            ioas,
+            va as u64,
+            ram_len as u64,
+            0,
+            IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE,
+        )
+        .expect("IOAS_MAP of guest RAM");
+        // iommufd_cdev_attach (found_container): VFIO_DEVICE_GET_INFO.
+        let mut info = DeviceInfo {
+            argsz: argsz::<DeviceInfo>(),
+            ..Default::default()
+        };
+        ioctl(cdev, VFIO_DEVICE_GET_INFO(), &mut info).expect("GET_INFO");
+        Realized {
+            devid: bind.out_devid,
+            ioas,
+            hwpt,
+            reset_works: info.flags & VFIO_DEVICE_FLAGS_RESET != 0,
+            ram: (va, ram_len),
+        }
+    }
+
+    /// What the reset did: which ioctls the kernel took.
+    #[derive(Debug)]
+    pub struct ResetOutcome {
+        pub flr: Option<i32>,
+        pub hot_reset: Option<i32>,
+    }
+
+    fn outcome(r: std::io::Result<()>) -> Option<i32> {
+        Some(r.err().and_then(|e| e.raw_os_error()).unwrap_or(0))
+    }
+
+    /// vfio_pci_reset (device reset, and each device's part of a system
+    /// reset): VFIO_DEVICE_RESET when reset_works, else
+    /// iommufd_cdev_pci_hot_reset's VFIO_DEVICE_PCI_HOT_RESET with no
+    /// group fds. QEMU ignores a failure; so does this.
+    pub fn reset(cdev: &File, realized: &Realized) -> ResetOutcome {
+        let mut out = ResetOutcome {
+            flr: None,
+            hot_reset: None,
+        };
+        if realized.reset_works {
+            // SAFETY: VFIO_DEVICE_RESET takes no argument.
+            let rc = unsafe { vmm_sys_util::ioctl::ioctl(cdev, VFIO_DEVICE_RESET()) };
+            out.flr = outcome(if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            });
+            if out.flr == Some(0) {
+                return out;
+            }
+        }
+        let mut hr = HotReset {
+            argsz: argsz::<HotReset>(),
+            ..Default::default()
+        };
+        out.hot_reset = outcome(ioctl(cdev, VFIO_DEVICE_PCI_HOT_RESET(), &mut hr));
+        out
+    }
+
+    impl Drop for Realized {
+        fn drop(&mut self) {
+            // SAFETY: our mapping from realize.
+            unsafe { libc::munmap(self.ram.0, self.ram.1) };
+        }
+    }
+}
+
+/// The whole handover on a real VFIO device (VIOMMU_VFIO_CDEV): the
+/// stand-in realizes vfio-pci (bind, its IOAS and HWPT, attach, guest RAM
+/// pinned), the backend adopts the same open cdev and attaches last; the
+/// kernel's own bookkeeping shows who governs the device: an HWPT a device
+/// is attached to cannot be destroyed (EBUSY).
+#[test]
+#[ignore = "needs a VFIO cdev in VIOMMU_VFIO_CDEV: run by tests/vm/kernel-tier.sh"]
+fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
+    use std::os::fd::AsRawFd;
+    use support::host::spawn_sharing_iommufd;
+    use support::wire::{self, S_OK};
+    use support::ControlClient;
+    use vhost_device_iommu::iommufd_bridge::sys::Iommufd;
+
+    const EP: u32 = 0x8;
+    const EBUSY: i32 = libc::EBUSY;
+    let path = std::env::var("VIOMMU_VFIO_CDEV").expect("VIOMMU_VFIO_CDEV names the VFIO cdev");
+    // The launcher: one iommufd, one open cdev, for both processes.
+    let fd = Iommufd::open("/dev/iommu".as_ref()).expect("open /dev/iommu");
+    let cdev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open the cdev");
+
+    // QEMU realizes vfio-pci first (it is before the vhost-user device on
+    // its command line): it binds, attaches its HWPT and pins guest RAM.
+    let qemu = qemu_standin::realize(&fd, &cdev, 16 << 20);
+    eprintln!(
+        "stand-in: devid {} ioas {} hwpt {} reset_works {}",
+        qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works
+    );
+    let busy = |id: u32| fd.destroy(id).err().and_then(|e| e.errno()) == Some(EBUSY);
+    assert!(busy(qemu.hwpt), "QEMU's HWPT is in use before the backend");
+
+    // The backend gets a copy of the same open cdev.
+    // SAFETY: dup of a file we own; the copy has no CLOEXEC, so the child
+    // inherits it; ours is closed after the spawn.
+    let shared = unsafe { libc::dup(cdev.as_raw_fd()) };
+    assert!(shared >= 0);
+    let ep = format!("{EP:#x},vfio-bound-fd={shared}");
+    let backend = spawn_sharing_iommufd(&fd, &["--endpoint", &ep, "--bind-wait-ms", "5000"])
+        .expect("the backend adopts the bound cdev");
+    // SAFETY: our copy; the child has its own.
+    unsafe { libc::close(shared) };
+    let mut control = ControlClient::connect(&backend.control).expect("control socket");
+    let mut host = || {
+        let r = control.request(&serde_json::json!({"op": "host"})).unwrap();
+        r["host"].clone()
+    };
+    let endpoint = |h: &serde_json::Value| {
+        h["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == EP)
+            .cloned()
+            .unwrap()
+    };
+    let h = host();
+    let e = endpoint(&h);
+    assert_eq!(
+        e["dev_id"], qemu.devid,
+        "the backend learned QEMU's device id: {h}"
+    );
+    assert_eq!(e["device"]["bound_by"], "vmm", "{e}");
+    assert_eq!(
+        e["pt_id"], h["blocking_pt"],
+        "the backend attached last: {h}"
+    );
+    // The kernel agrees: QEMU's HWPT has no device any more.
+    assert!(!busy(qemu.hwpt), "QEMU's HWPT still has the device");
+    // (That destroy freed QEMU's HWPT; QEMU itself never destroys it while
+    // the device is realized.)
+
+    // The guest attaches the endpoint to a MAP/UNMAP domain.
+    let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(0, 16 << 20)]).unwrap());
+    let mut f =
+        support::Frontend::connect(&backend.socket, mem, Default::default()).expect("frontend");
+    assert_eq!(f.request_status(&wire::attach(1, EP, 0, 0)).unwrap(), S_OK);
+    let h = host();
+    let pt = u32::try_from(endpoint(&h)["pt_id"].as_u64().unwrap()).unwrap();
+    assert_ne!(Some(u64::from(pt)), h["blocking_pt"].as_u64());
+    assert!(busy(pt), "the device is on the guest's domain: {h}");
+
+    // QEMU resets the device (guest reset, or FLR from the guest).
+    let r = qemu_standin::reset(&cdev, &qemu);
+    eprintln!("stand-in reset: {r:?}");
+    let h = host();
+    assert_eq!(endpoint(&h)["pt_id"], pt, "{h}");
+    assert!(
+        busy(pt),
+        "after the reset the device is still on our domain"
+    );
+
+    // And the guest's next attach still wins.
+    assert_eq!(f.request_status(&wire::detach(1, EP)).unwrap(), S_OK);
+    let h = host();
+    assert_eq!(endpoint(&h)["pt_id"], h["bypass_pt"], "{h}");
+    assert_eq!(
+        fd.destroy(pt).err().and_then(|e| e.errno()),
+        Some(libc::ENOENT),
+        "domain 1's HWPT is gone with the domain"
+    );
+    eprintln!("qemu-standin: attach-last PASS, after-reset PASS");
+}
