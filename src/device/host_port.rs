@@ -4,8 +4,8 @@
 //! `iommufd_bridge`'s and back.
 //! The bridge knows nothing of virtio.
 
-use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::device::state::{Mapping, ReservedRegion, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED};
+use crate::device::wire::{MAP_F_READ, MAP_F_WRITE};
 use crate::fault_queue::pages::CODE_SUCCESS;
 use crate::iommufd_bridge::{Access, HoleKind, HostMapping, IovaHole, PageOutcome, PageResponse};
 
@@ -56,7 +56,7 @@ pub(crate) fn page_response(cookie: u32, code: u16) -> PageResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::request::MAP_F_MMIO;
+    use crate::device::wire::MAP_F_MMIO;
     use crate::fault_queue::pages::{CODE_FAILURE, CODE_INVALID};
 
     #[test]

@@ -12,5 +12,6 @@ pub mod request;
 pub mod state;
 pub mod stats;
 pub(crate) mod translate;
+pub mod wire;
 
 pub(crate) use config::features;

@@ -6,9 +6,8 @@ use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::device::state::{IommuState, Translation};
-use crate::fault_queue::{
-    EventRecord, FLAG_ADDRESS, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING,
-};
+use crate::device::wire::{FLAG_ADDRESS, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING};
+use crate::fault_queue::EventRecord;
 use crate::nested::walker::walk;
 
 /// Largest single DMA the model translates (bounds the reply).
@@ -167,7 +166,8 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
 mod tests {
     use super::*;
     use crate::device::config::{features, DeviceConfig, Limits};
-    use crate::device::request::{Attach, Map, MAP_F_READ, MAP_F_WRITE};
+    use crate::device::request::{Attach, Map};
+    use crate::device::wire::{MAP_F_READ, MAP_F_WRITE};
     use vm_memory::GuestMemoryMmap;
 
     fn setup() -> (IommuState, GuestMemoryMmap) {
@@ -288,7 +288,8 @@ mod tests {
 
     #[test]
     fn table_domain_walks_the_guest_table() {
-        use crate::nested::request::{decode_attach_table, encode, AT_F_PASID_VALID};
+        use crate::device::wire::AT_F_PASID_VALID;
+        use crate::nested::request::{decode_attach_table, encode};
         use crate::nested::walker::{MmapTableMemory, TableBuilder, PAGE_2M, PAGE_4K};
         let (mut s, mem) = setup();
         let mut t = TableBuilder::new(48, MmapTableMemory::new(&mem, 0x8_0000, 0x10_0000));

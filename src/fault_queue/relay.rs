@@ -30,7 +30,8 @@ use super::pages::{FaultRecord, PageRequests, Response, SourceId, NO_RESPONSE, P
 use super::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
 use super::timer::PageTimer;
 use super::vevents::VEventCounters;
-use super::{purge_completed, EventFifo, EventRecord, REASON_UNKNOWN};
+use super::{purge_completed, EventFifo, EventRecord};
+use crate::device::wire::REASON_UNKNOWN;
 use crate::lock_order::{Rank, Ranked, RankedGuard};
 use crate::log_limit::limited;
 

@@ -24,7 +24,7 @@ use super::sys::{
     VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
 };
 use super::{PageOutcome, PageResponse, Result};
-use crate::nested::request::{AT_F_EAFE, AT_F_SRE, AT_F_WPE, INV_CACHE_CONFIG};
+use crate::device::wire::{AT_F_EAFE, AT_F_SRE, AT_F_WPE, INV_CACHE_CONFIG};
 use crate::nested::{Invalidate, TableDesc};
 
 /// GAP: IOMMU_HWPT_DATA_SELFTEST.

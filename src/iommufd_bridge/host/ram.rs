@@ -45,11 +45,11 @@ impl<D: HostDevice> IommufdHost<D> {
             .filter(|&o| o <= r.len && len <= r.len - o)
             .ok_or_else(outside)?;
         match r.file {
-            Some((fd, start)) if self.use_map_file => {
-                let at = start.checked_add(off).ok_or_else(outside)?;
+            Some(file) if self.use_map_file => {
+                let at = file.offset.checked_add(off).ok_or_else(outside)?;
                 Ok(self
                     .fd
-                    .ioas_map_file(self.ram_ioas.raw(), fd, at, len, gpa, flags)?)
+                    .ioas_map_file(self.ram_ioas.raw(), file.fd, at, len, gpa, flags)?)
             }
             _ => {
                 let va = r.host_va.checked_add(off).ok_or_else(outside)?;

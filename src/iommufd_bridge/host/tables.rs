@@ -5,6 +5,7 @@
 use log::{debug, info, warn};
 
 use super::{target_domain, HostDevice, HostDomain, IommufdHost, KernelQueue, NestedInvalidate};
+use crate::device::wire::{FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD};
 use crate::iommufd_bridge::abi::{
     invalidate_entries, nested_data, smmu3_entries, Entries, NestedData, VEVENT_ARM_SMMUV3,
     VEVENT_SELFTEST,
@@ -16,7 +17,6 @@ use crate::iommufd_bridge::sys::{
     VIOMMU_TYPE_SELFTEST,
 };
 use crate::iommufd_bridge::{BridgeError, Result, Target};
-use crate::nested::request::{FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD};
 use crate::nested::smmu3::{self, SmmuInfo};
 use crate::nested::{HwInfo, Invalidate, TableCaps, TableDesc};
 
