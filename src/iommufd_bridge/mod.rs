@@ -13,7 +13,7 @@
 
 mod abi;
 pub(crate) mod host;
-pub(crate) mod ids;
+pub mod ids;
 pub(crate) mod reserved;
 #[cfg(feature = "selftest")]
 pub(crate) mod selftest;
