@@ -38,7 +38,7 @@ use support::host::HostRig;
 use support::process::proc_cpu_ns;
 use support::wire::{self, EventRecord, S_OK};
 use vhost_device_iommu::iommufd_bridge::sys::{
-    Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_SELFTEST,
+    FaultQueue, Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_SELFTEST,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -67,7 +67,10 @@ fn direct() -> Direct {
     let parent = fd
         .hwpt_alloc(dev.dev_id, ioas, HWPT_ALLOC_NEST_PARENT, 0, &mut [], None)
         .unwrap();
-    let (fault_id, fault) = fd.fault_queue_alloc().unwrap();
+    let FaultQueue {
+        id: fault_id,
+        file: fault,
+    } = fd.fault_queue_alloc().unwrap();
     let mut data = 0u32.to_le_bytes();
     let nested = fd
         .hwpt_alloc(

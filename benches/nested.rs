@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use support::host::spawn_sharing_iommufd;
 use support::wire::{self, Invalidate, S_NOENT, S_OK};
 use support::{Frontend, FrontendOptions, GuestMem};
+use vhost_device_iommu::iommufd_bridge::ids::NestId;
 use vhost_device_iommu::iommufd_bridge::sys::{
     Iommufd, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_SELFTEST, INVALIDATE_DATA_SELFTEST,
 };
@@ -99,7 +100,7 @@ fn raw(n: usize) -> (f64, f64) {
             // struct iommu_hwpt_invalidate_selftest {flags = ALL, iotlb_id}.
             let mut entry = [1u8, 0, 0, 0, 0, 0, 0, 0];
             let start = Instant::now();
-            fd.hwpt_invalidate(cur, INVALIDATE_DATA_SELFTEST, 8, &mut entry)
+            fd.hwpt_invalidate(NestId::Hwpt(cur), INVALIDATE_DATA_SELFTEST, 8, &mut entry)
                 .unwrap();
             start.elapsed().as_nanos()
         })

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use vhost_device_iommu::iommufd_bridge::sys::{
-    Iommufd, SysError, HWPT_ALLOC_NEST_PARENT, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+    FaultQueue, Iommufd, IovaRanges, SysError, HWPT_ALLOC_NEST_PARENT, IOAS_MAP_READABLE,
+    IOAS_MAP_WRITEABLE,
 };
 
 /// Inside the mock's IOVA aperture [1 << 24, (1 << 31) - 1].
@@ -96,12 +97,15 @@ fn main() -> ExitCode {
         let dev = fd.mock_domain(ioas).map_err(s)?;
         r.check("IOAS_ALLOC + MOCK_DOMAIN", Ok(()));
 
-        let (ranges, align) = fd.iova_ranges(ioas).map_err(s)?;
+        let IovaRanges {
+            usable: ranges,
+            alignment: align,
+        } = fd.iova_ranges(ioas).map_err(s)?;
         r.check(
             "IOAS_IOVA_RANGES reports the mock aperture",
             if ranges
                 .iter()
-                .any(|&(a, z)| a <= IOVA && IOVA2 + LEN - 1 <= z)
+                .any(|r| r.start <= IOVA && IOVA2 + LEN - 1 <= r.last)
                 && align >= 1
             {
                 Ok(())
@@ -168,7 +172,10 @@ fn main() -> ExitCode {
             "HWPT_ALLOC nesting parent on the IOAS",
             parent.as_ref().map(|_| ()).map_err(|e| format!("{e}")),
         );
-        let (fault_id, fault_fd) = fd.fault_queue_alloc().map_err(s)?;
+        let FaultQueue {
+            id: fault_id,
+            file: fault_fd,
+        } = fd.fault_queue_alloc().map_err(s)?;
         let mut rec = [0u8; 40];
         // SAFETY: reads at most 40 bytes into `rec`, which has 40.
         let n = unsafe {
@@ -180,7 +187,7 @@ fn main() -> ExitCode {
         };
         r.check(
             "FAULT_QUEUE_ALLOC: an empty fault fd reads 0",
-            if fault_id != 0 && n == 0 {
+            if fault_id.raw() != 0 && n == 0 {
                 Ok(())
             } else {
                 Err(format!("id {fault_id} read {n}"))

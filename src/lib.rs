@@ -12,3 +12,4 @@ pub mod nested;
 pub mod sandbox;
 pub mod server;
 pub(crate) mod viot;
+pub mod wire;

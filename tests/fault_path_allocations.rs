@@ -16,8 +16,8 @@ use vhost_device_iommu::fault_queue::pages::{
     FaultRecord, SourceId, PERM_READ, PGFAULT_F_LAST_PAGE,
 };
 use vhost_device_iommu::fault_queue::EventFifo;
-use vhost_device_iommu::nested::request::AT_F_PAGE_REQUESTS;
 use vhost_device_iommu::nested::request::{decode_attach_table, decode_page_resp, encode};
+use vhost_device_iommu::wire::AT_F_PAGE_REQUESTS;
 
 struct Counting;
 
@@ -85,7 +85,7 @@ fn accepting_delivering_and_answering_a_fault_allocates_nothing() {
         fifo.delivered();
         let key = r.group().expect("a page request");
         s.pages.mark_delivered(&key);
-        let resp = encode::page_resp(EP, None, key.2, 0);
+        let resp = encode::page_resp(EP, None, key.group, 0);
         s.page_resp(&decode_page_resp(&resp).unwrap()).unwrap();
         let out = s.pages.pop_response().expect("a response");
         assert_eq!(out.cookie, i + 1);

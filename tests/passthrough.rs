@@ -169,7 +169,7 @@ mod qemu_standin {
             .expect("HWPT_ALLOC");
         let mut attach = Attach {
             argsz: argsz::<Attach>(),
-            pt_id: hwpt,
+            pt_id: hwpt.raw(),
             ..Default::default()
         };
         ioctl(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT(), &mut attach).expect("ATTACH");
@@ -207,8 +207,8 @@ mod qemu_standin {
         ioctl(cdev, VFIO_DEVICE_GET_INFO(), &mut info).expect("GET_INFO");
         Realized {
             devid: bind.out_devid,
-            ioas,
-            hwpt,
+            ioas: ioas.raw(),
+            hwpt: hwpt.raw(),
             reset_works: info.flags & VFIO_DEVICE_FLAGS_RESET != 0,
             ram: (va, ram_len),
         }

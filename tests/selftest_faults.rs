@@ -335,7 +335,7 @@ fn raise_stale_vevents(rig: &mut HostRig, ep: u32, count: usize) -> u32 {
     for _ in 0..count {
         rig.fd.trigger_vevent(dev).unwrap();
     }
-    hwpt
+    hwpt.raw()
 }
 
 /// Events that waited in the vEVENTQ from before a connection (the device

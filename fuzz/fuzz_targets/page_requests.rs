@@ -27,9 +27,8 @@ use vhost_device_iommu::fault_queue::{purge_completed, EventFifo, EventRecord};
 use vhost_device_iommu::iommufd_bridge::{
     HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target,
 };
-use vhost_device_iommu::nested::request::{
-    decode_attach_table, decode_page_resp, encode, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID,
-};
+use vhost_device_iommu::wire::{AT_F_PAGE_REQUESTS, AT_F_PASID_VALID};
+use vhost_device_iommu::nested::request::{decode_attach_table, decode_page_resp, encode};
 
 const MAX_OPS: usize = 512;
 

@@ -15,7 +15,8 @@
 use iommu_fuzz::{config_from, small_limits, Input, ENDPOINTS};
 use libfuzzer_sys::fuzz_target;
 use vhost_device_iommu::device::dispatch::{handle, Reply, MAX_REPLY};
-use vhost_device_iommu::device::request::{decode, Decoded, MAX_READABLE, TAIL_LEN};
+use vhost_device_iommu::device::request::{decode, Decoded};
+use vhost_device_iommu::wire::{MAX_READABLE, TAIL_LEN};
 use vhost_device_iommu::device::state::IommuState;
 use vhost_device_iommu::device::stats::Stats;
 

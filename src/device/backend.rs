@@ -25,15 +25,16 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::device::config::{features, DeviceConfig, Limits, BYPASS_OFFSET, CONFIG_SIZE};
+use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, PageRequests, Response, SourceId};
 use crate::fault_queue::relay::{EventSource, FaultRelay, FaultSink, Watched};
 use crate::fault_queue::EventFifo;
-use crate::iommufd_bridge::{HostIommu, RamRegion};
+use crate::iommufd_bridge::{HostIommu, RamFile, RamRegion};
 use crate::lock_order::{Rank, Ranked, RankedGuard};
 use crate::log_limit::limited;
+use crate::wire::{BYPASS_OFFSET, CONFIG_SIZE};
 
 mod eventq;
 mod requestq;
@@ -182,7 +183,10 @@ fn ram_regions(mem: &GuestMemory) -> Vec<RamRegion> {
             gpa: r.start_addr().0,
             len: r.len(),
             host_va: r.as_ptr() as u64,
-            file: r.file_offset().map(|f| (f.file().as_raw_fd(), f.start())),
+            file: r.file_offset().map(|f| RamFile {
+                fd: f.file().as_raw_fd(),
+                offset: f.start(),
+            }),
         })
         .collect()
 }

@@ -9,7 +9,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
 
 use crate::device::error::ChainError;
-use crate::device::request::MAX_READABLE;
+use crate::wire::MAX_READABLE;
 
 /// Writable buffers remembered by `gather`, so that the reply is written
 /// without walking the chain (and re-reading indirect tables) again.

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Feature bits and the 40-byte configuration space.
 
+use vm_memory::ByteValued;
+
+use crate::wire;
+
 /// Device feature bits (virtio-iommu, ratified).
 pub mod features {
     pub(crate) const INPUT_RANGE: u64 = 1 << 0;
@@ -22,8 +26,7 @@ pub mod features {
     pub(crate) const DEFAULT_PAGE_REQUEST_BIT: u8 = 10;
 }
 
-pub(crate) const CONFIG_SIZE: usize = 40;
-pub(crate) const BYPASS_OFFSET: usize = 36;
+use crate::wire::CONFIG_SIZE;
 /// Bytes of properties in each PROBE reply (QEMU uses the same value).
 pub(crate) const PROBE_SIZE: u32 = 512;
 
@@ -102,14 +105,18 @@ impl DeviceConfig {
 
     /// Serialize the config space with the current bypass byte.
     pub(crate) fn to_bytes(self, bypass: bool) -> [u8; CONFIG_SIZE] {
+        let config = wire::Config {
+            page_size_mask: self.page_size_mask.into(),
+            input_start: self.input_start.into(),
+            input_end: self.input_end.into(),
+            domain_start: self.domain_start.into(),
+            domain_end: self.domain_end.into(),
+            probe_size: PROBE_SIZE.into(),
+            bypass: u8::from(bypass),
+            reserved: [0; 3],
+        };
         let mut b = [0u8; CONFIG_SIZE];
-        b[0..8].copy_from_slice(&self.page_size_mask.to_le_bytes());
-        b[8..16].copy_from_slice(&self.input_start.to_le_bytes());
-        b[16..24].copy_from_slice(&self.input_end.to_le_bytes());
-        b[24..28].copy_from_slice(&self.domain_start.to_le_bytes());
-        b[28..32].copy_from_slice(&self.domain_end.to_le_bytes());
-        b[32..36].copy_from_slice(&PROBE_SIZE.to_le_bytes());
-        b[BYPASS_OFFSET] = u8::from(bypass);
+        b.copy_from_slice(config.as_slice());
         b
     }
 }

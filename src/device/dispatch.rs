@@ -9,25 +9,21 @@ use log::{debug, Level};
 
 use crate::device::config::{features, PROBE_SIZE};
 use crate::device::error::{RequestError, Status};
-use crate::device::request::{decode, Decoded, Request, TAIL_LEN};
+use std::mem::size_of;
+
+use vm_memory::ByteValued;
+
+use crate::device::request::{decode, Decoded, Request};
 use crate::device::state::IommuState;
 use crate::device::stats::Stats;
 use crate::iommufd_bridge::BridgeError;
 use crate::log_limit::limited;
-use crate::nested::request::T_INVALIDATE;
 use crate::nested::{Invalidate, TableCaps};
-
-pub(crate) const PROBE_T_RESV_MEM: u16 = 1;
-const RESV_MEM_LEN: usize = 24;
-/// RESV_MEM's length field: the property less its 4-byte header.
-// 20 fits a u16.
-#[allow(clippy::cast_possible_truncation)]
-const RESV_MEM_VALUE_LEN: u16 = (RESV_MEM_LEN - 4) as u16;
-/// Extension PROBE properties (spec-notes/protocol.md 6.6), only with F_ATTACH_TABLE.
-pub(crate) const PROBE_T_TABLE: u16 = 0x100;
-pub(crate) const PROBE_T_HW_INFO: u16 = 0x101;
-pub(crate) const PROBE_T_TABLE_INTEL_VTD: u16 = 0x102;
-pub(crate) const PROBE_TABLE_F_PAGE_REQUESTS: u8 = 1;
+use crate::wire::{
+    ProbeHwInfo, ProbeProperty, ProbeResvMem, ProbeTable, ProbeTableIntelVtd, ReqTail, RequestType,
+    PROBE_TABLE_F_PAGE_REQUESTS, PROBE_T_HW_INFO, PROBE_T_RESV_MEM, PROBE_T_TABLE,
+    PROBE_T_TABLE_INTEL_VTD, TAIL_LEN,
+};
 
 /// Largest reply: PROBE properties plus the tail.
 pub const MAX_REPLY: usize = PROBE_SIZE as usize + TAIL_LEN;
@@ -59,7 +55,7 @@ pub fn handle(
         }
         Decoded::Refused(ty, e) => (ty, Subject::default(), Err(e)),
         Decoded::Request(req) => (
-            type_of(&req),
+            req.ty(),
             Subject::of(&req),
             execute(state, acked, &req, writable_len, out),
         ),
@@ -76,19 +72,14 @@ pub fn handle(
                 // repeat it: rate-limited; `stats` counts each by status).
                 limited!(
                     Level::Info,
-                    "request {}{subject}: {e} -> {:?}",
-                    type_name(ty),
+                    "request {ty}{subject}: {e} -> {:?}",
                     e.status()
                 );
             } else {
-                debug!(
-                    "request {}{subject}: {e} -> {:?}",
-                    type_name(ty),
-                    e.status()
-                );
+                debug!("request {ty}{subject}: {e} -> {:?}", e.status());
             }
             // PROBE's tail follows the whole properties area, even on error.
-            let body = if ty == crate::device::request::T_PROBE {
+            let body = if ty == RequestType::Probe {
                 // At most PROBE_SIZE (512) after the min().
                 #[allow(clippy::cast_possible_truncation)]
                 let body = writable_len
@@ -107,10 +98,10 @@ pub fn handle(
         debug!(
             "request type {ty}: writable part of {writable_len} bytes has no room for the reply"
         );
-        stats.count_unanswered(ty);
+        stats.count_unanswered(ty as u8);
         return Reply::None;
     }
-    out[body_len..body_len + TAIL_LEN].copy_from_slice(&[status as u8, 0, 0, 0]);
+    out[body_len..body_len + TAIL_LEN].copy_from_slice(ReqTail::new(status as u8).as_slice());
     stats.count(ty, status);
     Reply::Write {
         len: body_len + TAIL_LEN,
@@ -173,7 +164,7 @@ pub(crate) fn complete_invalidates(
         }
     }
     for &st in statuses.iter() {
-        stats.count(T_INVALIDATE, st);
+        stats.count(RequestType::Invalidate, st);
     }
 }
 
@@ -212,37 +203,6 @@ impl std::fmt::Display for Subject {
     }
 }
 
-/// A request type's name, for logs.
-fn type_name(ty: u8) -> String {
-    use crate::device::request::*;
-    use crate::nested::request::{T_ATTACH_TABLE, T_INVALIDATE, T_PAGE_RESP};
-    match ty {
-        T_ATTACH => "ATTACH".into(),
-        T_DETACH => "DETACH".into(),
-        T_MAP => "MAP".into(),
-        T_UNMAP => "UNMAP".into(),
-        T_PROBE => "PROBE".into(),
-        T_ATTACH_TABLE => "ATTACH_TABLE".into(),
-        T_INVALIDATE => "INVALIDATE".into(),
-        T_PAGE_RESP => "PAGE_RESP".into(),
-        t => format!("type {t}"),
-    }
-}
-
-fn type_of(req: &Request) -> u8 {
-    use crate::device::request::*;
-    match req {
-        Request::Attach(_) => T_ATTACH,
-        Request::Detach(_) => T_DETACH,
-        Request::Map(_) => T_MAP,
-        Request::Unmap(_) => T_UNMAP,
-        Request::Probe(_) => T_PROBE,
-        Request::AttachTable(_) => crate::nested::request::T_ATTACH_TABLE,
-        Request::Invalidate(_) => crate::nested::request::T_INVALIDATE,
-        Request::PageResp(_) => crate::nested::request::T_PAGE_RESP,
-    }
-}
-
 /// Run a decoded request; Ok carries the length of the body written to
 /// `out` before the tail.
 fn execute(
@@ -273,16 +233,16 @@ fn execute(
             props.fill(0);
             let mut off = 0;
             for r in regions {
-                if off + RESV_MEM_LEN > props.len() {
+                let resv = |head| ProbeResvMem {
+                    head,
+                    subtype: r.subtype,
+                    reserved: [0; 3],
+                    start: r.start.into(),
+                    end: r.end.into(),
+                };
+                if !put_prop(props, &mut off, PROBE_T_RESV_MEM, &[], resv) {
                     break;
                 }
-                let p = &mut props[off..off + RESV_MEM_LEN];
-                p[0..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
-                p[2..4].copy_from_slice(&RESV_MEM_VALUE_LEN.to_le_bytes());
-                p[4] = r.subtype;
-                p[8..16].copy_from_slice(&r.start.to_le_bytes());
-                p[16..24].copy_from_slice(&r.end.to_le_bytes());
-                off += RESV_MEM_LEN;
             }
             if acked & features::ATTACH_TABLE != 0 {
                 if let Some(caps) = state.table_caps(p.endpoint) {
@@ -294,20 +254,27 @@ fn execute(
     }
 }
 
-/// Append a property (type, then the value); false if it does not fit.
-fn put_prop(out: &mut [u8], off: &mut usize, ty: u16, value: &[u8]) -> bool {
-    // Properties are 8-byte aligned like RESV_MEM's.
-    let total = (4 + value.len()).next_multiple_of(8);
-    if *off + total > out.len() {
-        return false;
-    }
-    let Ok(value_len) = u16::try_from(total - 4) else {
+/// Append a property: its fixed part (`fixed` makes it from the header),
+/// then `tail`, then zeros to a multiple of 8 bytes (like RESV_MEM's);
+/// false, writing nothing, if it does not fit.
+fn put_prop<T: ByteValued>(
+    out: &mut [u8],
+    off: &mut usize,
+    ty: u16,
+    tail: &[u8],
+    fixed: impl FnOnce(ProbeProperty) -> T,
+) -> bool {
+    let len = size_of::<T>() + tail.len();
+    let total = len.next_multiple_of(8);
+    let Some(head) = ProbeProperty::new(ty, total) else {
         return false;
     };
-    let p = &mut out[*off..*off + total];
-    p[0..2].copy_from_slice(&ty.to_le_bytes());
-    p[2..4].copy_from_slice(&value_len.to_le_bytes());
-    p[4..4 + value.len()].copy_from_slice(value);
+    let Some(dst) = out.get_mut(*off..*off + total) else {
+        return false;
+    };
+    dst[..size_of::<T>()].copy_from_slice(fixed(head).as_slice());
+    dst[size_of::<T>()..len].copy_from_slice(tail);
+    dst[len..].fill(0);
     *off += total;
     true
 }
@@ -315,26 +282,33 @@ fn put_prop(out: &mut [u8], off: &mut usize, ty: u16, value: &[u8]) -> bool {
 /// The extension properties of one endpoint (layouts in spec-notes/protocol.md 6.6).
 fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
     let mut off = 0;
-    let mut v = Vec::with_capacity(4 + caps.formats.len());
     let flags = if caps.page_requests {
         PROBE_TABLE_F_PAGE_REQUESTS
     } else {
         0
     };
-    let Ok(nformats) = u8::try_from(caps.formats.len()) else {
+    let Ok(count) = u8::try_from(caps.formats.len()) else {
         return;
     };
-    v.extend_from_slice(&[caps.pasid_bits, flags, nformats, 0]);
-    v.extend_from_slice(&caps.formats);
-    if !put_prop(out, &mut off, PROBE_T_TABLE, &v) {
+    let table = |head| ProbeTable {
+        head,
+        pasid_bits: caps.pasid_bits,
+        flags,
+        count,
+        reserved: 0,
+    };
+    if !put_prop(out, &mut off, PROBE_T_TABLE, &caps.formats, table) {
         return;
     }
     if let Some(l) = caps.vtd_limits() {
-        let mut v = [0u8; 12];
-        v[0] = l.ias;
-        v[1] = l.oas;
-        v[4..12].copy_from_slice(&l.pgsize_bitmap.to_le_bytes());
-        if !put_prop(out, &mut off, PROBE_T_TABLE_INTEL_VTD, &v) {
+        let vtd = |head| ProbeTableIntelVtd {
+            head,
+            ias: l.ias,
+            oas: l.oas,
+            reserved: [0; 2],
+            pgsize_bitmap: l.pgsize_bitmap.into(),
+        };
+        if !put_prop(out, &mut off, PROBE_T_TABLE_INTEL_VTD, &[], vtd) {
             return;
         }
     }
@@ -342,13 +316,15 @@ fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
         let Ok(data_len) = u32::try_from(hw.data.len()) else {
             return;
         };
-        let mut v = Vec::with_capacity(20 + hw.data.len());
-        v.extend_from_slice(&hw.info_type.to_le_bytes());
-        v.extend_from_slice(&hw.capabilities.to_le_bytes());
-        v.extend_from_slice(&[hw.max_pasid_log2, 0, 0, 0]);
-        v.extend_from_slice(&data_len.to_le_bytes());
-        v.extend_from_slice(&hw.data);
-        put_prop(out, &mut off, PROBE_T_HW_INFO, &v);
+        let info = |head| ProbeHwInfo {
+            head,
+            info_type: hw.info_type.into(),
+            capabilities: hw.capabilities.into(),
+            max_pasid_log2: hw.max_pasid_log2,
+            reserved: [0; 3],
+            data_len: data_len.into(),
+        };
+        put_prop(out, &mut off, PROBE_T_HW_INFO, &hw.data, info);
     }
 }
 
@@ -356,7 +332,11 @@ fn write_table_props(caps: &TableCaps, out: &mut [u8]) {
 mod tests {
     use super::*;
     use crate::device::config::{DeviceConfig, Limits};
-    use crate::device::request::*;
+    use crate::wire::*;
+
+    const T_ATTACH: u8 = RequestType::Attach as u8;
+    const T_MAP: u8 = RequestType::Map as u8;
+    const T_PROBE: u8 = RequestType::Probe as u8;
 
     const ACKED: u64 = features::DEVICE_FEATURES;
 
@@ -371,7 +351,7 @@ mod tests {
     fn probe_req(ep: u32) -> Vec<u8> {
         let mut b = vec![T_PROBE, 0, 0, 0];
         b.extend_from_slice(&ep.to_le_bytes());
-        b.resize(PROBE_LEN, 0);
+        b.resize(RequestType::Probe.readable_len(), 0);
         b
     }
 
@@ -396,7 +376,7 @@ mod tests {
             "zero-filled to probe_size"
         );
         assert_eq!(&out[512..516], &[0, 0, 0, 0]);
-        assert_eq!(st.get(T_PROBE, Status::Ok), 1);
+        assert_eq!(st.get(RequestType::Probe, Status::Ok), 1);
     }
 
     #[test]
@@ -441,7 +421,7 @@ mod tests {
     fn intel_vtd_limits_of_a_vtd_host_follow_its_cap_reg() {
         // cap_reg: MGAW 48 (bits 21:16 = 47), no FL1GP (56), no FL5LP (60).
         let vtd = |cap: u64| TableCaps {
-            formats: vec![crate::nested::request::FORMAT_INTEL_VTD],
+            formats: vec![crate::wire::FORMAT_INTEL_VTD],
             pasid_bits: 0,
             page_requests: false,
             hw_info: Some(crate::nested::HwInfo {
@@ -536,7 +516,7 @@ mod tests {
     fn no_room_for_tail_is_no_reply() {
         let (mut s, mut st, mut out) = setup();
         let mut a = vec![T_ATTACH, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0];
-        a.resize(ATTACH_LEN, 0);
+        a.resize(RequestType::Attach.readable_len(), 0);
         assert_eq!(handle(&mut s, &mut st, ACKED, &a, 3, &mut out), Reply::None);
         assert_eq!(
             handle(&mut s, &mut st, ACKED, &a, 4, &mut out),

@@ -4,10 +4,10 @@
 //! `iommufd_bridge`'s and back.
 //! The bridge knows nothing of virtio.
 
-use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
 use crate::device::state::{Mapping, ReservedRegion, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED};
 use crate::fault_queue::pages::CODE_SUCCESS;
 use crate::iommufd_bridge::{Access, HoleKind, HostMapping, IovaHole, PageOutcome, PageResponse};
+use crate::wire::{MAP_F_READ, MAP_F_WRITE};
 
 /// What a MAP's flags let a device do (MMIO is no access right).
 pub(crate) fn access(flags: u32) -> Access {
@@ -56,8 +56,8 @@ pub(crate) fn page_response(cookie: u32, code: u16) -> PageResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::request::MAP_F_MMIO;
     use crate::fault_queue::pages::{CODE_FAILURE, CODE_INVALID};
+    use crate::wire::MAP_F_MMIO;
 
     #[test]
     fn page_resp_codes_become_the_two_the_kernel_takes() {

@@ -7,33 +7,9 @@
 
 use crate::device::error::RequestError;
 use crate::device::features;
-use crate::nested::request::{
-    decode_attach_table, decode_invalidate, decode_page_resp, PageResp, ATTACH_TABLE_LEN,
-    INVALIDATE_LEN, PAGE_RESP_LEN, T_ATTACH_TABLE, T_INVALIDATE, T_PAGE_RESP,
-};
+use crate::nested::request::{decode_attach_table, decode_invalidate, decode_page_resp, PageResp};
 use crate::nested::{AttachTable, Invalidate};
-
-pub(crate) const T_ATTACH: u8 = 1;
-pub(crate) const T_DETACH: u8 = 2;
-pub(crate) const T_MAP: u8 = 3;
-pub(crate) const T_UNMAP: u8 = 4;
-pub(crate) const T_PROBE: u8 = 5;
-
-/// Readable sizes (head + body) of the ratified requests.
-pub(crate) const ATTACH_LEN: usize = 20;
-pub(crate) const DETACH_LEN: usize = 20;
-pub(crate) const MAP_LEN: usize = 36;
-pub(crate) const UNMAP_LEN: usize = 28;
-pub(crate) const PROBE_LEN: usize = 72;
-/// The longest readable part we ever need to look at (ATTACH_TABLE: 124).
-pub const MAX_READABLE: usize = 128;
-
-pub const TAIL_LEN: usize = 4;
-
-pub(crate) const ATTACH_F_BYPASS: u32 = 1;
-pub(crate) const MAP_F_READ: u32 = 1 << 0;
-pub(crate) const MAP_F_WRITE: u32 = 1 << 1;
-pub(crate) const MAP_F_MMIO: u32 = 1 << 2;
+use crate::wire::{self, ReqAttach, ReqDetach, ReqMap, ReqProbe, ReqUnmap, RequestType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attach {
@@ -82,112 +58,130 @@ pub enum Request {
     PageResp(PageResp),
 }
 
+impl Request {
+    pub(crate) fn ty(&self) -> RequestType {
+        match self {
+            Request::Attach(_) => RequestType::Attach,
+            Request::Detach(_) => RequestType::Detach,
+            Request::Map(_) => RequestType::Map,
+            Request::Unmap(_) => RequestType::Unmap,
+            Request::Probe(_) => RequestType::Probe,
+            Request::AttachTable(_) => RequestType::AttachTable,
+            Request::Invalidate(_) => RequestType::Invalidate,
+            Request::PageResp(_) => RequestType::PageResp,
+        }
+    }
+}
+
 /// What decoding can conclude besides a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
     Request(Request),
     /// Known type, body refused: answer with this error's status.
-    Refused(u8, RequestError),
+    Refused(RequestType, RequestError),
     /// Unknown type (or a type whose feature was not negotiated): no reply.
     Unknown(u8),
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-}
-
-fn le64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
-}
-
-/// The request type byte, if there is one.
-pub(crate) fn request_type(readable: &[u8]) -> Option<u8> {
-    readable.first().copied()
+/// Is `ty` usable with these (internal) feature bits?
+fn negotiated(ty: RequestType, acked_features: u64) -> bool {
+    let needs = match ty {
+        RequestType::Attach | RequestType::Detach => return true,
+        RequestType::Map | RequestType::Unmap => features::MAP_UNMAP,
+        RequestType::Probe => features::PROBE,
+        RequestType::AttachTable | RequestType::Invalidate => features::ATTACH_TABLE,
+        RequestType::PageResp => features::PAGE_REQUEST,
+    };
+    acked_features & needs != 0
 }
 
 /// Decode the readable part. `readable` holds its first bytes (at most
 /// MAX_READABLE; readable bytes beyond a type's size are ignored);
 /// `acked_features` (internal bits) decides which types are known.
 pub fn decode(readable: &[u8], acked_features: u64) -> Decoded {
-    let Some(ty) = request_type(readable) else {
+    let Some(&byte) = readable.first() else {
         return Decoded::Unknown(0);
     };
-    let need = match ty {
-        T_ATTACH => ATTACH_LEN,
-        T_DETACH => DETACH_LEN,
-        T_MAP | T_UNMAP if acked_features & features::MAP_UNMAP == 0 => {
-            return Decoded::Unknown(ty)
-        }
-        T_MAP => MAP_LEN,
-        T_UNMAP => UNMAP_LEN,
-        T_PROBE if acked_features & features::PROBE == 0 => return Decoded::Unknown(ty),
-        T_PROBE => PROBE_LEN,
-        T_ATTACH_TABLE | T_INVALIDATE if acked_features & features::ATTACH_TABLE == 0 => {
-            return Decoded::Unknown(ty)
-        }
-        T_ATTACH_TABLE => ATTACH_TABLE_LEN,
-        T_INVALIDATE => INVALIDATE_LEN,
-        T_PAGE_RESP if acked_features & features::PAGE_REQUEST == 0 => return Decoded::Unknown(ty),
-        T_PAGE_RESP => PAGE_RESP_LEN,
-        _ => return Decoded::Unknown(ty),
+    let ty = match RequestType::try_from(byte) {
+        Ok(ty) if negotiated(ty, acked_features) => ty,
+        _ => return Decoded::Unknown(byte),
     };
-    if readable.len() < need {
-        return Decoded::Refused(
-            ty,
-            RequestError::Truncated {
-                got: readable.len() as u64,
-                need,
-            },
-        );
+    match decode_body(ty, readable) {
+        Ok(req) => Decoded::Request(req),
+        Err(e) => Decoded::Refused(ty, e),
     }
-    let b = readable;
-    let req = match ty {
-        T_ATTACH => Request::Attach(Attach {
-            domain: le32(b, 4),
-            endpoint: le32(b, 8),
-            flags: le32(b, 12),
-            reserved_nonzero: b[16..20].iter().any(|&x| x != 0),
-        }),
+}
+
+/// The readable part as `T`, or Truncated.
+fn body<T: vm_memory::ByteValued>(readable: &[u8]) -> Result<&T, RequestError> {
+    wire::read(readable).ok_or(RequestError::Truncated {
+        got: readable.len() as u64,
+        need: std::mem::size_of::<T>(),
+    })
+}
+
+fn decode_body(ty: RequestType, b: &[u8]) -> Result<Request, RequestError> {
+    Ok(match ty {
+        RequestType::Attach => {
+            let r: &ReqAttach = body(b)?;
+            Request::Attach(Attach {
+                domain: r.domain.into(),
+                endpoint: r.endpoint.into(),
+                flags: r.flags.into(),
+                reserved_nonzero: r.reserved != [0; 4],
+            })
+        }
         // DETACH's reserved bytes are ignored by the device (spec).
-        T_DETACH => Request::Detach(Detach {
-            domain: le32(b, 4),
-            endpoint: le32(b, 8),
-        }),
-        T_MAP => Request::Map(Map {
-            domain: le32(b, 4),
-            virt_start: le64(b, 8),
-            virt_end: le64(b, 16),
-            phys_start: le64(b, 24),
-            flags: le32(b, 32),
-        }),
+        RequestType::Detach => {
+            let r: &ReqDetach = body(b)?;
+            Request::Detach(Detach {
+                domain: r.domain.into(),
+                endpoint: r.endpoint.into(),
+            })
+        }
+        RequestType::Map => {
+            let r: &ReqMap = body(b)?;
+            Request::Map(Map {
+                domain: r.domain.into(),
+                virt_start: r.virt_start.into(),
+                virt_end: r.virt_end.into(),
+                phys_start: r.phys_start.into(),
+                flags: r.flags.into(),
+            })
+        }
         // UNMAP's reserved bytes: the device MAY refuse; we ignore them.
-        T_UNMAP => Request::Unmap(Unmap {
-            domain: le32(b, 4),
-            virt_start: le64(b, 8),
-            virt_end: le64(b, 16),
-        }),
-        T_PROBE => Request::Probe(Probe {
-            endpoint: le32(b, 4),
-        }),
-        T_ATTACH_TABLE => match decode_attach_table(b) {
-            Ok(a) => Request::AttachTable(a),
-            Err(e) => return Decoded::Refused(ty, e.into()),
-        },
-        T_INVALIDATE => match decode_invalidate(b) {
-            Ok(i) => Request::Invalidate(i),
-            Err(e) => return Decoded::Refused(ty, e.into()),
-        },
-        _ => match decode_page_resp(b) {
-            Ok(p) => Request::PageResp(p),
-            Err(e) => return Decoded::Refused(ty, e.into()),
-        },
-    };
-    Decoded::Request(req)
+        RequestType::Unmap => {
+            let r: &ReqUnmap = body(b)?;
+            Request::Unmap(Unmap {
+                domain: r.domain.into(),
+                virt_start: r.virt_start.into(),
+                virt_end: r.virt_end.into(),
+            })
+        }
+        RequestType::Probe => {
+            let r: &ReqProbe = body(b)?;
+            Request::Probe(Probe {
+                endpoint: r.endpoint.into(),
+            })
+        }
+        RequestType::AttachTable => Request::AttachTable(decode_attach_table(body(b)?)?),
+        RequestType::Invalidate => Request::Invalidate(decode_invalidate(body(b)?)?),
+        RequestType::PageResp => Request::PageResp(decode_page_resp(body(b)?)?),
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::ByteValued;
+
     use super::*;
+    use crate::wire::MAX_READABLE;
+
+    const T_ATTACH: u8 = RequestType::Attach as u8;
+    const T_MAP: u8 = RequestType::Map as u8;
+    const T_UNMAP: u8 = RequestType::Unmap as u8;
+    const T_PROBE: u8 = RequestType::Probe as u8;
+    const T_INVALIDATE: u8 = RequestType::Invalidate as u8;
 
     const ALL: u64 = features::MAP_UNMAP | features::PROBE;
 
@@ -228,7 +222,7 @@ mod tests {
     fn truncated_body_is_refused_with_inval() {
         let b = attach_bytes(1, 1, 0);
         match decode(&b[..19], ALL) {
-            Decoded::Refused(T_ATTACH, e) => {
+            Decoded::Refused(RequestType::Attach, e) => {
                 assert_eq!(e.status(), crate::device::error::Status::Inval)
             }
             other => panic!("{other:?}"),
@@ -240,25 +234,28 @@ mod tests {
         assert_eq!(decode(&[0x42; 64], ALL), Decoded::Unknown(0x42));
         assert_eq!(decode(&[], ALL), Decoded::Unknown(0));
         let mut probe = vec![T_PROBE, 0, 0, 0];
-        probe.resize(PROBE_LEN, 0);
+        probe.resize(RequestType::Probe.readable_len(), 0);
         assert_eq!(
             decode(&probe, features::MAP_UNMAP),
             Decoded::Unknown(T_PROBE)
         );
         let mut map = vec![T_MAP, 0, 0, 0];
-        map.resize(MAP_LEN, 0);
+        map.resize(RequestType::Map.readable_len(), 0);
         assert_eq!(decode(&map, features::PROBE), Decoded::Unknown(T_MAP));
         // Extension types are unknown until their feature is negotiated.
         for t in 6..=8 {
-            assert_eq!(decode(&[t; 128], ALL), Decoded::Unknown(t));
+            assert_eq!(decode(&[t; MAX_READABLE], ALL), Decoded::Unknown(t));
         }
         assert_eq!(
-            decode(&[8; 128], ALL | features::ATTACH_TABLE),
+            decode(&[8; MAX_READABLE], ALL | features::ATTACH_TABLE),
             Decoded::Unknown(8)
         );
         let pr = crate::nested::request::encode::page_resp(1, None, 2, 0);
         assert!(matches!(
-            decode(&pr, ALL | features::ATTACH_TABLE | features::PAGE_REQUEST),
+            decode(
+                pr.as_slice(),
+                ALL | features::ATTACH_TABLE | features::PAGE_REQUEST
+            ),
             Decoded::Request(Request::PageResp(_))
         ));
     }
@@ -268,27 +265,32 @@ mod tests {
         use crate::nested::request::encode;
         let acked = ALL | features::ATTACH_TABLE;
         let b = encode::attach_vtd(1, 2, 0, 0, 0x1000, 48);
+        let b = b.as_slice();
         assert!(matches!(
-            decode(&b, acked),
+            decode(b, acked),
             Decoded::Request(Request::AttachTable(AttachTable { domain: 1, .. }))
         ));
-        match decode(&b[..ATTACH_TABLE_LEN - 1], acked) {
-            Decoded::Refused(T_ATTACH_TABLE, RequestError::Truncated { .. }) => {}
+        match decode(&b[..123], acked) {
+            Decoded::Refused(
+                RequestType::AttachTable,
+                RequestError::Truncated { need: 124, .. },
+            ) => {}
             other => panic!("{other:?}"),
         }
         let b = encode::attach_table(1, 2, 0x77, &[]);
-        match decode(&b, acked) {
-            Decoded::Refused(T_ATTACH_TABLE, e) => {
+        match decode(b.as_slice(), acked) {
+            Decoded::Refused(RequestType::AttachTable, e) => {
                 assert_eq!(e.status(), crate::device::error::Status::Inval)
             }
             other => panic!("{other:?}"),
         }
         let b = encode::invalidate_domain(4);
+        let b = b.as_slice();
         assert!(matches!(
-            decode(&b, acked),
+            decode(b, acked),
             Decoded::Request(Request::Invalidate(Invalidate { domain: 4, .. }))
         ));
-        assert_eq!(decode(&b, ALL), Decoded::Unknown(T_INVALIDATE));
+        assert_eq!(decode(b, ALL), Decoded::Unknown(T_INVALIDATE));
     }
 
     #[test]
@@ -311,7 +313,7 @@ mod tests {
         );
         b[0] = T_UNMAP;
         assert_eq!(
-            decode(&b[..UNMAP_LEN], ALL),
+            decode(&b[..28], ALL),
             Decoded::Request(Request::Unmap(Unmap {
                 domain: 5,
                 virt_start: 0x1000,

@@ -11,17 +11,18 @@ use std::collections::{BTreeMap, HashMap};
 use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::error::RequestError;
 use crate::device::host_port::{host_mapping, page_response, reserved_region};
-use crate::device::request::{Attach, Detach, Map, Unmap, ATTACH_F_BYPASS, MAP_F_MMIO};
-use crate::device::request::{MAP_F_READ, MAP_F_WRITE};
+use crate::device::request::{Attach, Detach, Map, Unmap};
 use crate::fault_queue::pages::{
     FaultRecord, PageRequests, Refusal, Response, SourceId, CODE_FAILURE, CODE_INVALID,
     NO_RESPONSE, PERM_EXEC, PERM_PRIV, PERM_READ, PERM_WRITE,
 };
-use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
+use crate::fault_queue::{EventFifo, EventRecord};
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, RamRegion, Target};
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
+use crate::wire::{ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+use crate::wire::{FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (spec-notes/protocol.md 6.6); the host port's, so both agree.
@@ -839,8 +840,8 @@ mod tests {
 
     mod tables {
         use super::*;
-        use crate::nested::request::{decode_attach_table, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID};
-        use crate::nested::request::{encode, FORMAT_HOST_SELFTEST};
+        use crate::nested::request::{decode_attach_table, encode};
+        use crate::wire::{AT_F_PAGE_REQUESTS, AT_F_PASID_VALID, FORMAT_HOST_SELFTEST};
 
         const ACKED_T: u64 = ACKED | features::ATTACH_TABLE;
 

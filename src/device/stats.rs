@@ -4,20 +4,18 @@
 use serde_json::{json, Map, Value};
 
 use crate::device::error::Status;
+use crate::wire::RequestType;
 
-/// Request types we count by name; anything else is "other".
-const TYPES: usize = 9;
-const TYPE_NAMES: [&str; TYPES] = [
-    "other",
-    "attach",
-    "detach",
-    "map",
-    "unmap",
-    "probe",
-    "attach_table",
-    "invalidate",
-    "page_resp",
-];
+/// Slot 0 counts what is no known type ("other"), slot t type t.
+const TYPES: usize = RequestType::ALL.len() + 1;
+
+/// A slot's `stats` key.
+fn key(slot: usize) -> &'static str {
+    u8::try_from(slot)
+        .ok()
+        .and_then(|b| RequestType::try_from(b).ok())
+        .map_or("other", RequestType::key)
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -60,8 +58,8 @@ fn slot(ty: u8) -> usize {
 }
 
 impl Stats {
-    pub(crate) fn count(&mut self, ty: u8, status: Status) {
-        self.by_status[slot(ty)][status as usize] += 1;
+    pub(crate) fn count(&mut self, ty: RequestType, status: Status) {
+        self.by_status[ty as usize][status as usize] += 1;
     }
 
     /// A request answered with used length 0 (unknown type, no room).
@@ -70,8 +68,8 @@ impl Stats {
     }
 
     #[cfg(test)]
-    pub(crate) fn get(&self, ty: u8, status: Status) -> u64 {
-        self.by_status[slot(ty)][status as usize]
+    pub(crate) fn get(&self, ty: RequestType, status: Status) -> u64 {
+        self.by_status[ty as usize][status as usize]
     }
 
     #[cfg(test)]
@@ -83,7 +81,7 @@ impl Stats {
     /// zero counters are left out.
     pub fn to_json(&self) -> Value {
         let mut types = Map::new();
-        for (t, name) in TYPE_NAMES.iter().enumerate() {
+        for t in 0..TYPES {
             let mut m = Map::new();
             for (s, &n) in self.by_status[t].iter().enumerate() {
                 if n != 0 {
@@ -94,7 +92,7 @@ impl Stats {
                 m.insert("unanswered".into(), json!(self.unanswered[t]));
             }
             if !m.is_empty() {
-                types.insert((*name).into(), Value::Object(m));
+                types.insert(key(t).into(), Value::Object(m));
             }
         }
         Value::Object(types)
@@ -108,9 +106,9 @@ mod tests {
     #[test]
     fn json_lists_nonzero_counters_by_name() {
         let mut s = Stats::default();
-        s.count(3, Status::Ok);
-        s.count(3, Status::Ok);
-        s.count(4, Status::Range);
+        s.count(RequestType::Map, Status::Ok);
+        s.count(RequestType::Map, Status::Ok);
+        s.count(RequestType::Unmap, Status::Range);
         s.count_unanswered(200);
         assert_eq!(
             s.to_json(),

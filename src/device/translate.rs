@@ -6,10 +6,9 @@ use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::device::state::{IommuState, Translation};
-use crate::fault_queue::{
-    EventRecord, FLAG_ADDRESS, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING,
-};
+use crate::fault_queue::EventRecord;
 use crate::nested::walker::walk;
+use crate::wire::{FLAG_ADDRESS, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING};
 
 /// Largest single DMA the model translates (bounds the reply).
 pub const MAX_DMA_LEN: u64 = 64 << 20;
@@ -167,7 +166,8 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
 mod tests {
     use super::*;
     use crate::device::config::{features, DeviceConfig, Limits};
-    use crate::device::request::{Attach, Map, MAP_F_READ, MAP_F_WRITE};
+    use crate::device::request::{Attach, Map};
+    use crate::wire::{MAP_F_READ, MAP_F_WRITE};
     use vm_memory::GuestMemoryMmap;
 
     fn setup() -> (IommuState, GuestMemoryMmap) {
@@ -288,8 +288,9 @@ mod tests {
 
     #[test]
     fn table_domain_walks_the_guest_table() {
-        use crate::nested::request::{decode_attach_table, encode, AT_F_PASID_VALID};
+        use crate::nested::request::{decode_attach_table, encode};
         use crate::nested::walker::{MmapTableMemory, TableBuilder, PAGE_2M, PAGE_4K};
+        use crate::wire::AT_F_PASID_VALID;
         let (mut s, mem) = setup();
         let mut t = TableBuilder::new(48, MmapTableMemory::new(&mem, 0x8_0000, 0x10_0000));
         t.map(0x40_0000, 0x1000, PAGE_4K, true);

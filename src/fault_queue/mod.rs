@@ -14,28 +14,13 @@ use std::collections::VecDeque;
 
 use log::Level;
 
+use vm_memory::ByteValued;
+
 use crate::log_limit::limited;
-
-pub(crate) const REASON_UNKNOWN: u8 = 0;
-pub(crate) const REASON_DOMAIN: u8 = 1;
-pub(crate) const REASON_MAPPING: u8 = 2;
-
-pub(crate) const FLAG_READ: u32 = 1 << 0;
-pub(crate) const FLAG_WRITE: u32 = 1 << 1;
-pub(crate) const FLAG_ADDRESS: u32 = 1 << 8;
-pub(crate) const FLAG_EXEC: u32 = 1 << 2;
-pub(crate) const FLAG_PRIV: u32 = 1 << 3;
-pub(crate) const FLAG_LAST: u32 = 1 << 4;
-pub(crate) const FLAG_PAGE_REQ: u32 = 1 << 5;
-pub(crate) const FLAG_PASID: u32 = 1 << 9;
-pub(crate) const FLAG_GROUP_ID: u32 = 1 << 10;
-
-/// Size of a ratified fault record.
-pub const FAULT_RECORD_LEN: usize = 24;
-/// Size of a page-request record (spec-notes/protocol.md 6.7).
-pub(crate) const PAGE_REQUEST_LEN: usize = 48;
-/// Size of the largest record (extension page requests).
-pub const MAX_RECORD_LEN: usize = 48;
+use crate::wire::{
+    FaultEvent, PageRequestEvent, FLAG_ADDRESS, FLAG_GROUP_ID, FLAG_LAST, FLAG_PAGE_REQ, FLAG_PASID,
+};
+pub use crate::wire::{FAULT_RECORD_LEN, MAX_RECORD_LEN};
 
 /// One record for the eventq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,18 +58,20 @@ impl EventRecord {
                 address,
                 pasid,
             } => {
-                out[..FAULT_RECORD_LEN].fill(0);
-                out[0] = reason;
                 let flags = if pasid.is_some() {
                     flags | FLAG_PASID
                 } else {
                     flags
                 };
-                out[4..8].copy_from_slice(&flags.to_le_bytes());
-                out[8..12].copy_from_slice(&endpoint.to_le_bytes());
-                out[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
-                out[16..24].copy_from_slice(&address.to_le_bytes());
-                FAULT_RECORD_LEN
+                let rec = FaultEvent {
+                    reason,
+                    reserved: [0; 3],
+                    flags: flags.into(),
+                    endpoint: endpoint.into(),
+                    pasid: pasid.unwrap_or(0).into(),
+                    address: address.into(),
+                };
+                copy_record(&rec, out)
             }
             EventRecord::PageRequest {
                 endpoint,
@@ -94,7 +81,6 @@ impl EventRecord {
                 access,
                 last,
             } => {
-                out.fill(0);
                 let mut flags = access | FLAG_PAGE_REQ | FLAG_GROUP_ID | FLAG_ADDRESS;
                 if last {
                     flags |= FLAG_LAST;
@@ -102,12 +88,18 @@ impl EventRecord {
                 if pasid.is_some() {
                     flags |= FLAG_PASID;
                 }
-                out[4..8].copy_from_slice(&flags.to_le_bytes());
-                out[8..12].copy_from_slice(&endpoint.to_le_bytes());
-                out[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
-                out[16..24].copy_from_slice(&address.to_le_bytes());
-                out[24..26].copy_from_slice(&group.to_le_bytes());
-                PAGE_REQUEST_LEN
+                let rec = PageRequestEvent {
+                    reason: 0,
+                    reserved: [0; 3],
+                    flags: flags.into(),
+                    endpoint: endpoint.into(),
+                    pasid: pasid.unwrap_or(0).into(),
+                    address: address.into(),
+                    group_id: group.into(),
+                    reserved2: [0; 6],
+                    private_data: [0u64.into(); 2],
+                };
+                copy_record(&rec, out)
             }
         }
     }
@@ -120,10 +112,21 @@ impl EventRecord {
                 pasid,
                 group,
                 ..
-            } => Some((endpoint, pasid, group)),
+            } => Some(pages::GroupKey {
+                endpoint,
+                pasid,
+                group,
+            }),
             EventRecord::Fault { .. } => None,
         }
     }
+}
+
+/// Copy a record to the start of `out`; its length.
+fn copy_record<T: ByteValued>(rec: &T, out: &mut [u8; MAX_RECORD_LEN]) -> usize {
+    let b = rec.as_slice();
+    out[..b.len()].copy_from_slice(b);
+    b.len()
 }
 
 /// Counters of the event path, reported by `stats`.
@@ -232,6 +235,7 @@ pub fn purge_completed(pages: &mut pages::PageRequests, fifo: &mut EventFifo) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{FLAG_READ, FLAG_WRITE, REASON_MAPPING};
 
     fn fault(addr: u64) -> EventRecord {
         EventRecord::Fault {
@@ -294,7 +298,14 @@ mod tests {
         f.push(fault(1));
         f.push(r);
         f.push(fault(2));
-        assert_eq!(f.remove_group(&(9, Some(5), 0x1234)), 1);
+        assert_eq!(
+            f.remove_group(&pages::GroupKey {
+                endpoint: 9,
+                pasid: Some(5),
+                group: 0x1234
+            }),
+            1
+        );
         assert_eq!(f.len(), 2);
         assert!(f.has_room(2) && !f.has_room(3));
     }
@@ -389,6 +400,11 @@ mod tests {
         purge_completed(&mut p, &mut fifo);
         assert_eq!(fifo.len(), 1, "PASID 10's group lost its record");
         assert_eq!(fifo.front(), Some(&record(10, a)));
-        assert!(p.group(&(1, Some(10), a)).is_some());
+        let key = pages::GroupKey {
+            endpoint: 1,
+            pasid: Some(10),
+            group: a,
+        };
+        assert!(p.group(&key).is_some());
     }
 }

@@ -131,8 +131,15 @@ pub(crate) const NO_RESPONSE: Response = Response {
     by_driver: false,
 };
 
-/// (endpoint, PASID, group id as the guest sees it).
-pub(crate) type GroupKey = (u32, Option<u32>, u16);
+/// A page-request group as the guest names it (in its records and in
+/// PAGE_RESP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub endpoint: u32,
+    pub pasid: Option<u32>,
+    /// The device's group id (not the PCIe PRG index).
+    pub group: u16,
+}
 
 /// One outstanding group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,11 +338,19 @@ impl PageRequests {
         // at least one free).
         let next = self.next_id.entry(endpoint).or_insert(0);
         let mut id = *next;
-        while self.groups.contains_key(&(endpoint, pasid, id)) {
+        while self.groups.contains_key(&GroupKey {
+            endpoint,
+            pasid,
+            group: id,
+        }) {
             id = id.wrapping_add(1);
         }
         *next = id.wrapping_add(1);
-        let key = (endpoint, pasid, id);
+        let key = GroupKey {
+            endpoint,
+            pasid,
+            group: id,
+        };
         self.groups.insert(
             key,
             Group {
@@ -374,7 +389,11 @@ impl PageRequests {
         group: u16,
         code: u16,
     ) -> Result<(), PageRespError> {
-        let key = (endpoint, pasid, group);
+        let key = GroupKey {
+            endpoint,
+            pasid,
+            group,
+        };
         match self.groups.get(&key) {
             Some(g) if g.delivered => {}
             _ => {
@@ -427,7 +446,7 @@ impl PageRequests {
         let keys: Vec<GroupKey> = self
             .groups
             .iter()
-            .filter(|(k, g)| k.0 == endpoint && g.slot == slot && g.domain == domain)
+            .filter(|(k, g)| k.endpoint == endpoint && g.slot == slot && g.domain == domain)
             .map(|(k, _)| *k)
             .collect();
         for key in keys {
@@ -553,6 +572,14 @@ impl PageRequests {
 mod tests {
     use super::*;
 
+    fn key(endpoint: u32, pasid: Option<u32>, group: u16) -> GroupKey {
+        GroupKey {
+            endpoint,
+            pasid,
+            group,
+        }
+    }
+
     fn responses(p: &mut PageRequests) -> Vec<Response> {
         std::iter::from_fn(|| p.pop_response()).collect()
     }
@@ -592,7 +619,7 @@ mod tests {
             }),
             "not delivered yet"
         );
-        p.mark_delivered(&(1, None, g));
+        p.mark_delivered(&key(1, None, g));
         assert!(p.driver_response(1, Some(0), g, CODE_SUCCESS).is_err());
         assert_eq!(p.driver_response(1, None, g, CODE_SUCCESS), Ok(()));
         assert!(
@@ -681,10 +708,13 @@ mod tests {
         );
         let mut purged: Vec<_> = std::iter::from_fn(|| p.pop_purged()).collect();
         purged.sort();
-        let mut want = vec![(1, None, k), (1, None, v)];
+        let mut want = vec![key(1, None, k), key(1, None, v)];
         want.sort();
         assert_eq!(purged, want);
-        assert!(p.group(&(1, Some(4), other)).is_some(), "PASID 4 untouched");
+        assert!(
+            p.group(&key(1, Some(4), other)).is_some(),
+            "PASID 4 untouched"
+        );
         assert_eq!(p.counters.completed_by_kernel, 1);
         p.complete_all(CODE_INVALID);
         assert_eq!(responses(&mut p).len(), 1);
@@ -723,10 +753,10 @@ mod tests {
                 by_driver: false,
             }]
         );
-        assert_eq!(p.pop_purged(), Some((1, None, a)));
+        assert_eq!(p.pop_purged(), Some(key(1, None, a)));
         // A late answer finds no group; the other is answered in time.
-        p.mark_delivered(&(1, None, a));
-        p.mark_delivered(&(1, None, b));
+        p.mark_delivered(&key(1, None, a));
+        p.mark_delivered(&key(1, None, b));
         assert!(p.driver_response(1, None, a, CODE_SUCCESS).is_err());
         assert!(p.driver_response(1, None, b, CODE_SUCCESS).is_ok());
         assert_eq!(p.expire(t0 + Duration::from_secs(60)), None);

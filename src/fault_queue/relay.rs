@@ -514,8 +514,8 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-    use crate::fault_queue::{FLAG_ADDRESS, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
-    use crate::fault_queue::{REASON_DOMAIN, REASON_MAPPING, REASON_UNKNOWN};
+    use crate::wire::{FLAG_ADDRESS, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
+    use crate::wire::{REASON_DOMAIN, REASON_MAPPING, REASON_UNKNOWN};
 
     /// The guest-facing state, reduced to what the vEVENTQ path asks.
     struct Sink {

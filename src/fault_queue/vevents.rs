@@ -13,9 +13,10 @@ use iommufd_bindings::iommufd::{
     iommufd_vevent_header,
 };
 
-use super::{
-    EventRecord, FLAG_ADDRESS, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE, REASON_DOMAIN,
-    REASON_MAPPING, REASON_UNKNOWN,
+use super::EventRecord;
+use crate::wire::{
+    FLAG_ADDRESS, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING,
+    REASON_UNKNOWN,
 };
 
 const HEADER_LEN: usize = size_of::<iommufd_vevent_header>();

@@ -26,8 +26,8 @@ use super::sys::{
     VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
 };
 use super::{PageOutcome, PageResponse, Result};
-use crate::nested::request::{AT_F_EAFE, AT_F_SRE, AT_F_WPE, INV_CACHE_CONFIG};
 use crate::nested::{Invalidate, TableDesc};
+use crate::wire::{AT_F_EAFE, AT_F_SRE, AT_F_WPE, INV_CACHE_CONFIG};
 
 /// GAP: IOMMU_HWPT_DATA_SELFTEST.
 pub const HWPT_DATA_SELFTEST: u32 = 0xdead;

@@ -7,6 +7,20 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
+/// Anything the kernel names by an object ID: the typed IDs, and a raw
+/// number (tests read them from `{"op":"host"}`). `sys` calls that take
+/// an object of several kinds (DESTROY, a HWPT's parent) take this.
+pub trait ObjectId: Copy {
+    /// The kernel's number.
+    fn raw(self) -> u32;
+}
+
+impl ObjectId for u32 {
+    fn raw(self) -> u32 {
+        self
+    }
+}
+
 macro_rules! object_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -18,6 +32,12 @@ macro_rules! object_id {
             /// The kernel's number.
             pub fn raw(self) -> u32 {
                 self.0
+            }
+        }
+
+        impl ObjectId for $name {
+            fn raw(self) -> u32 {
+                $name::raw(self)
             }
         }
 
@@ -72,6 +92,12 @@ impl PtId {
     }
 }
 
+impl ObjectId for PtId {
+    fn raw(self) -> u32 {
+        PtId::raw(self)
+    }
+}
+
 impl fmt::Display for PtId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.raw().fmt(f)
@@ -99,6 +125,12 @@ impl NestId {
             NestId::Hwpt(h) => h.raw(),
             NestId::Viommu(v) => v.raw(),
         }
+    }
+}
+
+impl ObjectId for NestId {
+    fn raw(self) -> u32 {
+        NestId::raw(self)
     }
 }
 

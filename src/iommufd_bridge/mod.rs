@@ -13,7 +13,7 @@
 
 mod abi;
 pub(crate) mod host;
-pub(crate) mod ids;
+pub mod ids;
 pub(crate) mod reserved;
 #[cfg(feature = "selftest")]
 pub(crate) mod selftest;
@@ -35,8 +35,17 @@ pub struct RamRegion {
     pub len: u64,
     /// Where we mapped it.
     pub host_va: u64,
-    /// The memfd behind it and the region's offset in it, if any.
-    pub file: Option<(i32, u64)>,
+    /// The file behind it, if any.
+    pub file: Option<RamFile>,
+}
+
+/// The file (a memfd) behind a region of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamFile {
+    /// Borrowed from the frontend's memory table, which outlives the region.
+    pub fd: i32,
+    /// The region's offset in the file.
+    pub offset: u64,
 }
 
 /// Where an endpoint's DMA should go.

@@ -12,7 +12,7 @@ pub(crate) use request::{AttachTable, InvScope, Invalidate, NestedError, TableDe
 /// What ATTACH_TABLE can do on one endpoint, as PROBE reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TableCaps {
-    /// Table formats (request::FORMAT_*) the endpoint accepts.
+    /// Table formats (wire::FORMAT_*) the endpoint accepts.
     pub formats: Vec<u8>,
     /// PASID width in bits; 0: no PASID attach.
     pub pasid_bits: u8,
@@ -53,7 +53,7 @@ impl TableCaps {
     /// a VT-d host's from its capability register (the nested first stage
     /// runs on it), otherwise the software walker's.
     pub(crate) fn vtd_limits(&self) -> Option<VtdLimits> {
-        if !self.formats.contains(&request::FORMAT_INTEL_VTD) {
+        if !self.formats.contains(&crate::wire::FORMAT_INTEL_VTD) {
             return None;
         }
         let vtd_cap = self.hw_info.as_ref().and_then(|h| {
@@ -84,7 +84,7 @@ impl TableCaps {
     /// What the software walker serves on virtual endpoints.
     pub(crate) fn virtual_endpoint() -> Self {
         TableCaps {
-            formats: vec![request::FORMAT_INTEL_VTD],
+            formats: vec![crate::wire::FORMAT_INTEL_VTD],
             pasid_bits: request::MAX_PASID_BITS,
             page_requests: true,
             hw_info: None,

@@ -3,41 +3,20 @@
 //! validated values. Pure: bytes in, values or a `NestedError` out; what an
 //! error means to the guest is decided in `device::error`.
 
+use std::mem::offset_of;
+
 use thiserror::Error;
 
-pub(crate) const T_ATTACH_TABLE: u8 = 6;
-pub(crate) const T_INVALIDATE: u8 = 7;
-pub(crate) const T_PAGE_RESP: u8 = 8;
+use crate::wire::{
+    self, ReqAttachTable, ReqHead, ReqInvalidate, ReqPageResp, RequestType, TableArmSmmu3,
+    TableHostSelftest, TableIntelVtd, AT_F_EAFE, AT_F_PAGE_REQUESTS, AT_F_PASID_VALID, AT_F_SRE,
+    AT_F_WPE, FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD, INV_CACHE_CONFIG,
+    INV_CACHE_TLB, INV_F_GLOBAL, INV_F_ID_VALID, INV_F_LEAF, INV_F_PASID_VALID, INV_SCOPE_ADDRESS,
+    INV_SCOPE_DOMAIN, INV_SCOPE_PASID, PAGE_RESP_F_PASID_VALID,
+};
 
-/// Readable sizes (head + body) of the extension requests.
-pub(crate) const ATTACH_TABLE_LEN: usize = 124;
-pub(crate) const INVALIDATE_LEN: usize = 60;
-pub(crate) const PAGE_RESP_LEN: usize = 28;
-pub(crate) const PAGE_RESP_F_PASID_VALID: u32 = 1 << 0;
-
-pub(crate) const FORMAT_ARM_SMMU3: u8 = 1;
-pub(crate) const FORMAT_INTEL_VTD: u8 = 2;
-pub(crate) const FORMAT_HOST_SELFTEST: u8 = 0xf0;
-
-/// ATTACH_TABLE flags (INTEL_VTD and HOST_SELFTEST).
-pub(crate) const AT_F_SRE: u32 = 1 << 0;
-pub(crate) const AT_F_WPE: u32 = 1 << 1;
-pub(crate) const AT_F_EAFE: u32 = 1 << 2;
-pub const AT_F_PASID_VALID: u32 = 1 << 8;
-pub const AT_F_PAGE_REQUESTS: u32 = 1 << 9;
 const AT_F_VTD_S1: u32 = AT_F_SRE | AT_F_WPE | AT_F_EAFE;
 const AT_F_KNOWN: u32 = AT_F_VTD_S1 | AT_F_PASID_VALID | AT_F_PAGE_REQUESTS;
-
-/// INVALIDATE scopes, caches and flags.
-pub(crate) const INV_SCOPE_DOMAIN: u8 = 1;
-pub(crate) const INV_SCOPE_PASID: u8 = 2;
-pub(crate) const INV_SCOPE_ADDRESS: u8 = 3;
-pub(crate) const INV_CACHE_CONFIG: u8 = 1 << 0;
-pub(crate) const INV_CACHE_TLB: u8 = 1 << 1;
-pub(crate) const INV_F_LEAF: u16 = 1 << 0;
-pub(crate) const INV_F_PASID_VALID: u16 = 1 << 1;
-pub(crate) const INV_F_ID_VALID: u16 = 1 << 2;
-pub(crate) const INV_F_GLOBAL: u16 = 1 << 3;
 
 /// Largest PASID any endpoint can have (20-bit PCIe PASID).
 pub(crate) const MAX_PASID_BITS: u8 = 20;
@@ -93,13 +72,12 @@ pub struct PageResp {
     pub code: u16,
 }
 
-/// Decode a PAGE_RESP request; `b` holds at least PAGE_RESP_LEN bytes.
-pub fn decode_page_resp(b: &[u8]) -> Result<PageResp, NestedError> {
-    debug_assert!(b.len() >= PAGE_RESP_LEN);
-    let flags = le32(b, 8);
-    let pasid_field = le32(b, 12);
-    let code = le16(b, 18);
-    check_zero(b, 20..PAGE_RESP_LEN)?;
+/// Decode a PAGE_RESP request.
+pub fn decode_page_resp(r: &ReqPageResp) -> Result<PageResp, NestedError> {
+    let flags = r.flags.to_native();
+    let pasid_field = r.pasid.to_native();
+    let code = r.code.to_native();
+    check_zero(&r.reserved, offset_of!(ReqPageResp, reserved))?;
     if flags & !PAGE_RESP_F_PASID_VALID != 0 {
         return Err(NestedError::UnknownFlags(flags & !PAGE_RESP_F_PASID_VALID));
     }
@@ -114,9 +92,9 @@ pub fn decode_page_resp(b: &[u8]) -> Result<PageResp, NestedError> {
         None
     };
     Ok(PageResp {
-        endpoint: le32(b, 4),
+        endpoint: r.endpoint.into(),
         pasid,
-        group: le16(b, 16),
+        group: r.group_id.into(),
         code,
     })
 }
@@ -201,45 +179,49 @@ impl Invalidate {
     }
 }
 
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-}
-
-fn le64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
-}
-
-/// The first non-zero byte in `b[range]`, as an offset from the request start.
-fn check_zero(b: &[u8], range: std::ops::Range<usize>) -> Result<(), NestedError> {
-    match b[range.clone()].iter().position(|&x| x != 0) {
-        Some(i) => Err(NestedError::ReservedNotZero(range.start + i)),
+/// `bytes` all zero, else the offset (from the request start, `at` being
+/// that of `bytes[0]`) of the first that is not.
+fn check_zero(bytes: &[u8], at: usize) -> Result<(), NestedError> {
+    match bytes.iter().position(|&x| x != 0) {
+        Some(i) => Err(NestedError::ReservedNotZero(at + i)),
         None => Ok(()),
     }
 }
 
-/// Decode an ATTACH_TABLE request; `b` holds at least ATTACH_TABLE_LEN bytes.
-pub fn decode_attach_table(b: &[u8]) -> Result<AttachTable, NestedError> {
-    debug_assert!(b.len() >= ATTACH_TABLE_LEN);
-    let domain = le32(b, 4);
-    let endpoint = le32(b, 8);
-    let format = b[12];
-    check_zero(b, 13..16)?;
-    let (table, flags, pasid_field) = match format {
+/// A descriptor's fields: the table, its flags and its PASID field.
+struct Descriptor {
+    table: TableDesc,
+    flags: u32,
+    pasid: u32,
+}
+
+/// The offset of a descriptor's field from the request start.
+macro_rules! table_offset {
+    ($t:ty, $f:ident) => {
+        offset_of!(ReqAttachTable, table) + offset_of!($t, $f)
+    };
+}
+
+fn descriptor(r: &ReqAttachTable) -> Result<Descriptor, NestedError> {
+    Ok(match r.format {
         FORMAT_ARM_SMMU3 => {
-            check_zero(b, 32..ATTACH_TABLE_LEN)?;
-            let ste = [le64(b, 16), le64(b, 24)];
+            let d: &TableArmSmmu3 = table_of(r);
+            check_zero(&d.zero, table_offset!(TableArmSmmu3, zero))?;
+            let [w0, w1] = d.ste;
+            let ste = [w0.to_native(), w1.to_native()];
             super::smmu3::check_vste(ste)?;
-            (TableDesc::ArmSmmu3 { ste }, 0, 0)
+            Descriptor {
+                table: TableDesc::ArmSmmu3 { ste },
+                flags: 0,
+                pasid: 0,
+            }
         }
         FORMAT_INTEL_VTD => {
-            check_zero(b, 36..ATTACH_TABLE_LEN)?;
-            let flags = le32(b, 16);
-            let pgtbl = le64(b, 24);
-            let addr_width = le32(b, 32);
+            let d: &TableIntelVtd = table_of(r);
+            check_zero(&d.zero, table_offset!(TableIntelVtd, zero))?;
+            let flags = d.flags.to_native();
+            let pgtbl = d.pgtbl.to_native();
+            let addr_width = d.addr_width.to_native();
             if flags & !AT_F_KNOWN != 0 {
                 return Err(NestedError::UnknownFlags(flags & !AT_F_KNOWN));
             }
@@ -249,26 +231,56 @@ pub fn decode_attach_table(b: &[u8]) -> Result<AttachTable, NestedError> {
             if pgtbl & 0xfff != 0 {
                 return Err(NestedError::MisalignedRoot(pgtbl));
             }
-            let desc = TableDesc::IntelVtd {
-                flags: flags & AT_F_VTD_S1,
-                pgtbl,
-                addr_width,
-            };
-            (desc, flags, le32(b, 20))
+            Descriptor {
+                table: TableDesc::IntelVtd {
+                    flags: flags & AT_F_VTD_S1,
+                    pgtbl,
+                    addr_width,
+                },
+                flags,
+                pasid: d.pasid.into(),
+            }
         }
         FORMAT_HOST_SELFTEST => {
-            check_zero(b, 28..ATTACH_TABLE_LEN)?;
-            let flags = le32(b, 16);
+            let d: &TableHostSelftest = table_of(r);
+            check_zero(&d.zero, table_offset!(TableHostSelftest, zero))?;
+            let flags = d.flags.to_native();
             // The mock takes no VT-d flags.
             let known = AT_F_PASID_VALID | AT_F_PAGE_REQUESTS;
             if flags & !known != 0 {
                 return Err(NestedError::UnknownFlags(flags & !known));
             }
-            let iotlb = le32(b, 24);
-            (TableDesc::HostSelftest { iotlb }, flags, le32(b, 20))
+            Descriptor {
+                table: TableDesc::HostSelftest {
+                    iotlb: d.iotlb.into(),
+                },
+                flags,
+                pasid: d.pasid.into(),
+            }
         }
         other => return Err(NestedError::UnknownFormat(other)),
-    };
+    })
+}
+
+/// The descriptor area as format `T`.
+fn table_of<T: vm_memory::ByteValued>(r: &ReqAttachTable) -> &T {
+    // Each format's struct is exactly the area's size, so `read` cannot
+    // fail (checked at compile time).
+    const { assert!(std::mem::size_of::<T>() == std::mem::size_of::<[u8; 108]>()) };
+    match wire::read(&r.table) {
+        Some(d) => d,
+        None => unreachable!("descriptor structs are the descriptor's size"),
+    }
+}
+
+/// Decode an ATTACH_TABLE request.
+pub fn decode_attach_table(r: &ReqAttachTable) -> Result<AttachTable, NestedError> {
+    check_zero(&r.reserved, offset_of!(ReqAttachTable, reserved))?;
+    let Descriptor {
+        table,
+        flags,
+        pasid: pasid_field,
+    } = descriptor(r)?;
     let pasid = if flags & AT_F_PASID_VALID != 0 {
         if pasid_field >> MAX_PASID_BITS != 0 {
             return Err(NestedError::PasidTooWide(pasid_field));
@@ -280,27 +292,26 @@ pub fn decode_attach_table(b: &[u8]) -> Result<AttachTable, NestedError> {
         None
     };
     Ok(AttachTable {
-        domain,
-        endpoint,
+        domain: r.domain.into(),
+        endpoint: r.endpoint.into(),
         table,
         pasid,
         page_requests: flags & AT_F_PAGE_REQUESTS != 0,
     })
 }
 
-/// Decode an INVALIDATE request; `b` holds at least INVALIDATE_LEN bytes.
-pub(crate) fn decode_invalidate(b: &[u8]) -> Result<Invalidate, NestedError> {
-    debug_assert!(b.len() >= INVALIDATE_LEN);
-    let scope = b[4];
-    let caches = b[5];
-    let flags = le16(b, 6);
-    let domain = le32(b, 8);
-    let pasid_field = le32(b, 12);
-    let id_field = le64(b, 16);
-    let address = le64(b, 24);
-    let nr_pages = le64(b, 32);
-    let page_shift = b[40];
-    check_zero(b, 41..INVALIDATE_LEN)?;
+/// Decode an INVALIDATE request.
+pub(crate) fn decode_invalidate(r: &ReqInvalidate) -> Result<Invalidate, NestedError> {
+    let scope = r.scope;
+    let caches = r.caches;
+    let flags = r.flags.to_native();
+    let domain = r.domain.to_native();
+    let pasid_field = r.pasid.to_native();
+    let id_field = r.id.to_native();
+    let address = r.address.to_native();
+    let nr_pages = r.nr_pages.to_native();
+    let page_shift = r.page_size;
+    check_zero(&r.reserved, offset_of!(ReqInvalidate, reserved))?;
     let known = INV_F_LEAF | INV_F_PASID_VALID | INV_F_ID_VALID | INV_F_GLOBAL;
     if flags & !known != 0 {
         return Err(NestedError::UnknownFlags(u32::from(flags & !known)));
@@ -375,25 +386,31 @@ pub(crate) fn decode_invalidate(b: &[u8]) -> Result<Invalidate, NestedError> {
     })
 }
 
-/// Encoders, for tests and guest-driver developers' tools.
+/// Encoders, for tests and guest-driver developers' tools: the readable
+/// parts as wire structs (`as_slice()` gives the bytes).
 pub mod encode {
+    use vm_memory::{ByteValued, Le32};
+
     use super::*;
 
-    /// An ATTACH_TABLE request (readable part) with raw fields.
+    /// An ATTACH_TABLE request with a raw descriptor (from offset 16).
     pub(crate) fn attach_table(
         domain: u32,
         endpoint: u32,
         format: u8,
         descriptor: &[u8],
-    ) -> [u8; ATTACH_TABLE_LEN] {
-        let mut b = [0u8; ATTACH_TABLE_LEN];
-        b[0] = T_ATTACH_TABLE;
-        b[4..8].copy_from_slice(&domain.to_le_bytes());
-        b[8..12].copy_from_slice(&endpoint.to_le_bytes());
-        b[12] = format;
-        let n = descriptor.len().min(ATTACH_TABLE_LEN - 13);
-        b[13..13 + n].copy_from_slice(&descriptor[..n]);
-        b
+    ) -> ReqAttachTable {
+        let mut table = [0u8; 108];
+        let n = descriptor.len().min(table.len());
+        table[..n].copy_from_slice(&descriptor[..n]);
+        ReqAttachTable {
+            head: ReqHead::new(RequestType::AttachTable),
+            domain: domain.into(),
+            endpoint: endpoint.into(),
+            format,
+            reserved: [0; 3],
+            table,
+        }
     }
 
     /// An INTEL_VTD ATTACH_TABLE.
@@ -404,13 +421,15 @@ pub mod encode {
         pasid: u32,
         pgtbl: u64,
         addr_width: u32,
-    ) -> [u8; ATTACH_TABLE_LEN] {
-        let mut d = [0u8; 23];
-        d[3..7].copy_from_slice(&flags.to_le_bytes());
-        d[7..11].copy_from_slice(&pasid.to_le_bytes());
-        d[11..19].copy_from_slice(&pgtbl.to_le_bytes());
-        d[19..23].copy_from_slice(&addr_width.to_le_bytes());
-        attach_table(domain, endpoint, FORMAT_INTEL_VTD, &d)
+    ) -> ReqAttachTable {
+        let d = TableIntelVtd {
+            flags: flags.into(),
+            pasid: pasid.into(),
+            pgtbl: pgtbl.into(),
+            addr_width: addr_width.into(),
+            zero: [0; 88],
+        };
+        attach_table(domain, endpoint, FORMAT_INTEL_VTD, d.as_slice())
     }
 
     /// A HOST_SELFTEST ATTACH_TABLE.
@@ -421,15 +440,27 @@ pub mod encode {
         flags: u32,
         pasid: u32,
         iotlb: u32,
-    ) -> [u8; ATTACH_TABLE_LEN] {
-        let mut d = [0u8; 15];
-        d[3..7].copy_from_slice(&flags.to_le_bytes());
-        d[7..11].copy_from_slice(&pasid.to_le_bytes());
-        d[11..15].copy_from_slice(&iotlb.to_le_bytes());
-        attach_table(domain, endpoint, FORMAT_HOST_SELFTEST, &d)
+    ) -> ReqAttachTable {
+        let d = TableHostSelftest {
+            flags: flags.into(),
+            pasid: pasid.into(),
+            iotlb: iotlb.into(),
+            zero: [0; 96],
+        };
+        attach_table(domain, endpoint, FORMAT_HOST_SELFTEST, d.as_slice())
     }
 
-    /// An INVALIDATE request (readable part).
+    /// An ARM_SMMU3 ATTACH_TABLE.
+    #[cfg(test)]
+    pub(crate) fn attach_smmu3(domain: u32, endpoint: u32, ste: [u64; 2]) -> ReqAttachTable {
+        let d = TableArmSmmu3 {
+            ste: ste.map(vm_memory::Le64::from),
+            zero: [0; 92],
+        };
+        attach_table(domain, endpoint, FORMAT_ARM_SMMU3, d.as_slice())
+    }
+
+    /// An INVALIDATE request.
     #[allow(clippy::too_many_arguments)]
     #[cfg(test)]
     pub(crate) fn invalidate(
@@ -442,52 +473,51 @@ pub mod encode {
         address: u64,
         nr_pages: u64,
         page_shift: u8,
-    ) -> [u8; INVALIDATE_LEN] {
-        let mut b = [0u8; INVALIDATE_LEN];
-        b[0] = T_INVALIDATE;
-        b[4] = scope;
-        b[5] = caches;
-        b[6..8].copy_from_slice(&flags.to_le_bytes());
-        b[8..12].copy_from_slice(&domain.to_le_bytes());
-        b[12..16].copy_from_slice(&pasid.to_le_bytes());
-        b[16..24].copy_from_slice(&id.to_le_bytes());
-        b[24..32].copy_from_slice(&address.to_le_bytes());
-        b[32..40].copy_from_slice(&nr_pages.to_le_bytes());
-        b[40] = page_shift;
-        b
+    ) -> ReqInvalidate {
+        ReqInvalidate {
+            head: ReqHead::new(RequestType::Invalidate),
+            scope,
+            caches,
+            flags: flags.into(),
+            domain: domain.into(),
+            pasid: pasid.into(),
+            id: id.into(),
+            address: address.into(),
+            nr_pages: nr_pages.into(),
+            page_size: page_shift,
+            reserved: [0; 19],
+        }
     }
 
-    /// A PAGE_RESP request (readable part).
-    pub fn page_resp(
-        endpoint: u32,
-        pasid: Option<u32>,
-        group: u16,
-        code: u16,
-    ) -> [u8; PAGE_RESP_LEN] {
-        let mut b = [0u8; PAGE_RESP_LEN];
-        b[0] = T_PAGE_RESP;
-        b[4..8].copy_from_slice(&endpoint.to_le_bytes());
+    /// A PAGE_RESP request.
+    pub fn page_resp(endpoint: u32, pasid: Option<u32>, group: u16, code: u16) -> ReqPageResp {
         let flags = if pasid.is_some() {
             PAGE_RESP_F_PASID_VALID
         } else {
             0
         };
-        b[8..12].copy_from_slice(&flags.to_le_bytes());
-        b[12..16].copy_from_slice(&pasid.unwrap_or(0).to_le_bytes());
-        b[16..18].copy_from_slice(&group.to_le_bytes());
-        b[18..20].copy_from_slice(&code.to_le_bytes());
-        b
+        ReqPageResp {
+            head: ReqHead::new(RequestType::PageResp),
+            endpoint: endpoint.into(),
+            flags: Le32::from(flags),
+            pasid: pasid.unwrap_or(0).into(),
+            group_id: group.into(),
+            code: code.into(),
+            reserved: [0; 8],
+        }
     }
 
     /// INVALIDATE of a whole domain's TLB.
     #[cfg(test)]
-    pub(crate) fn invalidate_domain(domain: u32) -> [u8; INVALIDATE_LEN] {
+    pub(crate) fn invalidate_domain(domain: u32) -> ReqInvalidate {
         invalidate(domain, INV_SCOPE_DOMAIN, INV_CACHE_TLB, 0, 0, 0, 0, 0, 0)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::ByteValued;
+
     use super::encode::*;
     use super::*;
 
@@ -534,13 +564,13 @@ mod tests {
         );
         // Reserved bytes after the header and after the descriptor.
         let mut b = attach_vtd(1, 1, 0, 0, 0x1000, 48);
-        b[14] = 1;
+        b.as_mut_slice()[14] = 1;
         assert_eq!(
             decode_attach_table(&b),
             Err(NestedError::ReservedNotZero(14))
         );
         let mut b = attach_vtd(1, 1, 0, 0, 0x1000, 48);
-        b[123] = 1;
+        b.as_mut_slice()[123] = 1;
         assert_eq!(
             decode_attach_table(&b),
             Err(NestedError::ReservedNotZero(123))
@@ -557,21 +587,18 @@ mod tests {
         let b = attach_selftest(2, 3, AT_F_SRE, 0, 1);
         assert_eq!(decode_attach_table(&b), Err(NestedError::UnknownFlags(1)));
         let mut b = attach_selftest(2, 3, 0, 0, 1);
-        b[28] = 1;
+        b.as_mut_slice()[28] = 1;
         assert_eq!(
             decode_attach_table(&b),
             Err(NestedError::ReservedNotZero(28))
         );
 
-        let mut d = [0u8; 19];
-        d[3..11].copy_from_slice(&0x11u64.to_le_bytes());
-        d[11..19].copy_from_slice(&0x22u64.to_le_bytes());
-        let b = attach_table(4, 4, FORMAT_ARM_SMMU3, &d);
+        let b = attach_smmu3(4, 4, [0x11, 0x22]);
         let a = decode_attach_table(&b).unwrap();
         assert_eq!(a.table, TableDesc::ArmSmmu3 { ste: [0x11, 0x22] });
         assert_eq!((a.pasid, a.page_requests), (None, false));
         let mut b = b;
-        b[40] = 1;
+        b.as_mut_slice()[40] = 1;
         assert_eq!(
             decode_attach_table(&b),
             Err(NestedError::ReservedNotZero(40))
@@ -603,13 +630,13 @@ mod tests {
             Err(NestedError::BadCode(3))
         );
         let mut b = page_resp(7, None, 1, 0);
-        b[27] = 1;
+        b.as_mut_slice()[27] = 1;
         assert_eq!(decode_page_resp(&b), Err(NestedError::ReservedNotZero(27)));
         let mut b = page_resp(7, None, 1, 0);
-        b[8] = 2;
+        b.as_mut_slice()[8] = 2;
         assert_eq!(decode_page_resp(&b), Err(NestedError::UnknownFlags(2)));
         let mut b = page_resp(7, None, 1, 0);
-        b[12] = 9;
+        b.as_mut_slice()[12] = 9;
         assert_eq!(decode_page_resp(&b), Err(NestedError::StrayPasid(9)));
     }
 
@@ -689,7 +716,7 @@ mod tests {
             })
         );
         let mut b = invalidate_domain(1);
-        b[59] = 1;
+        b.as_mut_slice()[59] = 1;
         assert_eq!(decode_invalidate(&b), Err(ReservedNotZero(59)));
     }
 }

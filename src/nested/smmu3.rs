@@ -6,7 +6,8 @@
 //! architecture (STE 5.2, commands 4.x) as Linux's arm-smmu-v3.h spells
 //! them; see spec-notes/nested.md for the mapping table.
 
-use super::request::{InvScope, Invalidate, NestedError, INV_CACHE_CONFIG, INV_CACHE_TLB};
+use super::request::{InvScope, Invalidate, NestedError};
+use crate::wire::{INV_CACHE_CONFIG, INV_CACHE_TLB};
 
 // STE word 0.
 pub const STE0_V: u64 = 1;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use log::{debug, Level};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{ByteValued, GuestAddressSpace};
 
 use super::ring::{check_avail, pop_chain, signal_if_needed, suppress_kicks};
 use super::{GuestMemory, IommuBackend, Session};
@@ -23,6 +23,7 @@ use crate::device::dispatch::{
 use crate::device::poll::{PollWindow, STALL};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
+use crate::wire::ReqTail;
 
 /// What one pass over the requestq did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -247,8 +248,16 @@ impl IommuBackend {
                     }
                     let acked = s.acked_features;
                     match deferrable_invalidate(&s.iommu, acked, g.bytes(), g.writable_len) {
-                        Some(inv) if deferred.first().is_none_or(|d| d.2.domain == inv.domain) => {
-                            deferred.push((chain, g.clone(), inv));
+                        Some(request)
+                            if deferred
+                                .first()
+                                .is_none_or(|d| d.request.domain == request.domain) =>
+                        {
+                            deferred.push(DeferredInvalidate {
+                                chain,
+                                gathered: g.clone(),
+                                request,
+                            });
                             continue;
                         }
                         _ => flush_invalidates(s, &mut deferred, &mut vr)?,
@@ -303,8 +312,14 @@ fn drain_again(more: bool, empty_drains: u32) -> bool {
     more && empty_drains < 2
 }
 
-/// Deferred INVALIDATEs: their chain, what was gathered, the request.
-type Deferred<M> = Vec<(virtio_queue::DescriptorChain<M>, Gathered, Invalidate)>;
+/// An INVALIDATE waiting for the end of its run.
+struct DeferredInvalidate<M> {
+    chain: virtio_queue::DescriptorChain<M>,
+    gathered: Gathered,
+    request: Invalidate,
+}
+
+type Deferred<M> = Vec<DeferredInvalidate<M>>;
 
 /// Send the deferred INVALIDATEs to the host in one call and answer each.
 fn flush_invalidates<M>(
@@ -319,18 +334,19 @@ where
     if deferred.is_empty() {
         return Ok(());
     }
-    let reqs: Vec<Invalidate> = deferred.iter().map(|d| d.2).collect();
+    let reqs: Vec<Invalidate> = deferred.iter().map(|d| d.request).collect();
     let mut statuses = Vec::with_capacity(reqs.len());
     complete_invalidates(&mut s.iommu, &mut s.stats, &reqs, &mut statuses);
-    for ((chain, g, _), st) in deferred.drain(..).zip(statuses) {
-        let used = scatter_gathered(&chain, &g, &[st as u8, 0, 0, 0]).unwrap_or_else(|e| {
+    for (d, st) in deferred.drain(..).zip(statuses) {
+        let tail = ReqTail::new(st as u8);
+        let used = scatter_gathered(&d.chain, &d.gathered, tail.as_slice()).unwrap_or_else(|e| {
             debug!("INVALIDATE reply not written: {e}");
             0
         });
         // At most the 4-byte tail was written.
         #[allow(clippy::cast_possible_truncation)]
         let used = used as u32;
-        vr.add_used(chain.head_index(), used)?;
+        vr.add_used(d.chain.head_index(), used)?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use log::Level;
 use super::{HostDevice, IommufdHost, KernelQueue};
 use crate::iommufd_bridge::abi::{bytes_of, page_response};
 use crate::iommufd_bridge::ids::FaultId;
+use crate::iommufd_bridge::sys::FaultQueue;
 use crate::iommufd_bridge::{BridgeError, PageResponse, Result};
 use crate::log_limit::limited;
 
@@ -76,8 +77,7 @@ impl<D: HostDevice> IommufdHost<D> {
         if let Some(q) = &self.fault {
             return Ok(q.id);
         }
-        let (id, file) = self.fd.fault_queue_alloc()?;
-        let id = FaultId(id);
+        let FaultQueue { id, file } = self.fd.fault_queue_alloc()?;
         limited!(Level::Info, "iommufd: fault queue {id} for this connection");
         self.fault = Some(KernelQueue { id, file });
         Ok(id)

@@ -23,7 +23,9 @@ mod tables;
 
 use super::ids::{FaultId, HwptId, IoasId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use super::reserved::reserved_from_ranges;
-use super::sys::{Features, Iommufd, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
+use super::sys::{
+    Features, Iommufd, IovaRanges, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE,
+};
 use super::{
     Access, BridgeError, HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target,
 };
@@ -171,8 +173,8 @@ impl<D: HostDevice> IommufdHost<D> {
     /// Take over an iommufd: allocate the RAM and blocking IOASes.
     pub fn new(fd: Iommufd, bypass: bool) -> Result<Self> {
         // The first call proves it is an iommufd at all.
-        let ram_ioas = IoasId(fd.ioas_alloc()?);
-        let block_ioas = IoasId(fd.ioas_alloc()?);
+        let ram_ioas = fd.ioas_alloc()?;
+        let block_ioas = fd.ioas_alloc()?;
         let features = fd.features();
         info!("iommufd: {features}");
         Ok(IommufdHost {
@@ -208,15 +210,18 @@ impl<D: HostDevice> IommufdHost<D> {
         make: impl FnOnce(&Iommufd, IoasId) -> Result<D>,
     ) -> Result<()> {
         let mut dev = make(&self.fd, self.block_ioas)?;
-        let scratch = IoasId(self.fd.ioas_alloc()?);
+        let scratch = self.fd.ioas_alloc()?;
         let ranges = dev
             .attach(&self.fd, PtId::Ioas(scratch))
-            .and_then(|_| Ok(self.fd.iova_ranges(scratch.raw())?));
+            .and_then(|_| Ok(self.fd.iova_ranges(scratch)?));
         if let Err(e) = dev.attach(&self.fd, PtId::Ioas(self.block_ioas)) {
             error!("endpoint {id:#x}: back to the blocking IOAS: {e}");
         }
-        let _ = self.fd.destroy(scratch.raw());
-        let (ranges, align) = match ranges {
+        let _ = self.fd.destroy(scratch);
+        let IovaRanges {
+            usable: ranges,
+            alignment: align,
+        } = match ranges {
             Ok(r) => r,
             Err(e) => {
                 dev.release(&self.fd);
@@ -249,8 +254,11 @@ impl<D: HostDevice> IommufdHost<D> {
     /// a device attaches; for them the kernel must allocate the HWPT itself
     /// at attach time (attach to the IOAS).
     fn degenerate(&self, ioas: IoasId) -> bool {
-        match self.fd.iova_ranges(ioas.raw()) {
-            Ok((ranges, _)) => ranges.iter().all(|&(s, e)| e.saturating_sub(s) < 1 << 20),
+        match self.fd.iova_ranges(ioas) {
+            Ok(r) => r
+                .usable
+                .iter()
+                .all(|u| u.last.saturating_sub(u.start) < 1 << 20),
             Err(_) => true,
         }
     }
@@ -294,18 +302,18 @@ impl<D: HostDevice> IommufdHost<D> {
         dev_id: u32,
         mappings: &mut dyn Iterator<Item = HostMapping>,
     ) -> Result<()> {
-        let ioas = IoasId(self.fd.ioas_alloc()?);
+        let ioas = self.fd.ioas_alloc()?;
         let (hwpt, own_hwpt) =
             match self
                 .fd
-                .hwpt_alloc(dev_id, ioas.raw(), self.hwpt_flags(), 0, &mut [], None)
+                .hwpt_alloc(dev_id, ioas, self.hwpt_flags(), 0, &mut [], None)
             {
                 Ok(h) if self.degenerate(ioas) => {
                     debug!("domain {domain}: HWPT without an aperture yet; attaching to the IOAS");
                     let _ = self.fd.destroy(h);
                     (PtId::Ioas(ioas), false)
                 }
-                Ok(h) => (PtId::Hwpt(HwptId(h)), true),
+                Ok(h) => (PtId::Hwpt(h), true),
                 Err(e) => {
                     debug!("domain {domain}: HWPT_ALLOC ({e}); attaching to the IOAS");
                     (PtId::Ioas(ioas), false)
@@ -336,7 +344,7 @@ impl<D: HostDevice> IommufdHost<D> {
             return;
         };
         if d.own_hwpt {
-            if let Err(e) = self.fd.destroy(d.hwpt.raw()) {
+            if let Err(e) = self.fd.destroy(d.hwpt) {
                 limited!(
                     Level::Error,
                     "domain {domain}: destroying HWPT {}: {e}",
@@ -345,7 +353,7 @@ impl<D: HostDevice> IommufdHost<D> {
             }
         }
         if let Some(ioas) = d.ioas {
-            if let Err(e) = self.fd.destroy(ioas.raw()) {
+            if let Err(e) = self.fd.destroy(ioas) {
                 limited!(Level::Error, "domain {domain}: destroying IOAS {ioas}: {e}");
             }
         }
@@ -397,7 +405,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 if let Some(ioas) = dom.ioas {
                     if ep.dev.attach(&self.fd, PtId::Ioas(ioas)).is_ok() {
                         if dom.own_hwpt {
-                            let _ = self.fd.destroy(dom.hwpt.raw());
+                            let _ = self.fd.destroy(dom.hwpt);
                         }
                         dom.hwpt = PtId::Ioas(ioas);
                         dom.own_hwpt = false;
@@ -471,7 +479,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         }
         Ok(self
             .fd
-            .ioas_copy(ioas.raw(), m.iova, self.ram_ioas.raw(), m.phys, len, flags)?)
+            .ioas_copy(ioas, m.iova, self.ram_ioas, m.phys, len, flags)?)
     }
 
     fn unmap(&mut self, domain: u32, iova: u64, end: u64) -> Result<()> {
@@ -479,7 +487,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             return Ok(());
         };
         let len = end.wrapping_sub(iova).wrapping_add(1);
-        match self.fd.ioas_unmap(ioas.raw(), iova, len) {
+        match self.fd.ioas_unmap(ioas, iova, len) {
             Ok(_) => Ok(()),
             // Never mapped on the host (no access flags) or already gone.
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
@@ -598,7 +606,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         // then destroy it (nothing refers to it once the tables are gone).
         if let Some(KernelQueue { id, file }) = self.fault.take() {
             drop(file);
-            if let Err(e) = self.fd.destroy(id.raw()) {
+            if let Err(e) = self.fd.destroy(id) {
                 limited!(Level::Error, "iommufd: destroying fault queue {id}: {e}");
             }
         }
@@ -661,7 +669,7 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         // vIOMMU before the nesting parent.
         for ep in self.endpoints.values_mut() {
             if let Some(v) = ep.vdevice.take() {
-                let _ = self.fd.destroy(v.raw());
+                let _ = self.fd.destroy(v);
             }
         }
         for (_, mut ep) in std::mem::take(&mut self.endpoints) {
@@ -669,14 +677,14 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         }
         if let Some(KernelQueue { id, file }) = self.veventq.take() {
             drop(file);
-            let _ = self.fd.destroy(id.raw());
+            let _ = self.fd.destroy(id);
         }
         if let Some(v) = self.viommu.take() {
-            let _ = self.fd.destroy(v.raw());
+            let _ = self.fd.destroy(v);
         }
         if let Some(KernelQueue { id, file }) = self.fault.take() {
             drop(file);
-            let _ = self.fd.destroy(id.raw());
+            let _ = self.fd.destroy(id);
         }
         for h in [
             self.block_hwpt.take(),
@@ -686,9 +694,9 @@ impl<D: HostDevice> Drop for IommufdHost<D> {
         .into_iter()
         .flatten()
         {
-            let _ = self.fd.destroy(h.raw());
+            let _ = self.fd.destroy(h);
         }
-        let _ = self.fd.destroy(self.ram_ioas.raw());
-        let _ = self.fd.destroy(self.block_ioas.raw());
+        let _ = self.fd.destroy(self.ram_ioas);
+        let _ = self.fd.destroy(self.block_ioas);
     }
 }

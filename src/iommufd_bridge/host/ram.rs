@@ -5,7 +5,7 @@
 use log::{debug, Level};
 
 use super::{HostDevice, IommufdHost, MappedRegion};
-use crate::iommufd_bridge::sys::{IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
+use crate::iommufd_bridge::sys::{IovaRange, IovaRanges, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 use crate::iommufd_bridge::{BridgeError, RamRegion, Result};
 use crate::log_limit::limited;
 
@@ -13,9 +13,9 @@ use crate::log_limit::limited;
 /// `usable` IOVA ranges (inclusive), shrunk to multiples of `align` (> 0).
 /// The frontend chooses `gpa` and `last`: a region in the last `align`
 /// bytes of the space has no aligned start, and none may wrap to 0.
-fn region_pieces(gpa: u64, last: u64, usable: &[(u64, u64)], align: u64) -> Vec<(u64, u64)> {
+fn region_pieces(gpa: u64, last: u64, usable: &[IovaRange], align: u64) -> Vec<(u64, u64)> {
     let mut pieces = Vec::new();
-    for &(s, e) in usable {
+    for &IovaRange { start: s, last: e } in usable {
         // Intersect, then shrink to the IOAS's alignment.
         let (s, e) = (s.max(gpa), e.min(last));
         let Some(s) = s.checked_next_multiple_of(align) else {
@@ -45,15 +45,15 @@ impl<D: HostDevice> IommufdHost<D> {
             .filter(|&o| o <= r.len && len <= r.len - o)
             .ok_or_else(outside)?;
         match r.file {
-            Some((fd, start)) if self.use_map_file => {
-                let at = start.checked_add(off).ok_or_else(outside)?;
+            Some(file) if self.use_map_file => {
+                let at = file.offset.checked_add(off).ok_or_else(outside)?;
                 Ok(self
                     .fd
-                    .ioas_map_file(self.ram_ioas.raw(), fd, at, len, gpa, flags)?)
+                    .ioas_map_file(self.ram_ioas, file.fd, at, len, gpa, flags)?)
             }
             _ => {
                 let va = r.host_va.checked_add(off).ok_or_else(outside)?;
-                Ok(self.fd.ioas_map(self.ram_ioas.raw(), va, len, gpa, flags)?)
+                Ok(self.fd.ioas_map(self.ram_ioas, va, len, gpa, flags)?)
             }
         }
     }
@@ -62,7 +62,10 @@ impl<D: HostDevice> IommufdHost<D> {
     /// IOAS's usable IOVA ranges); a part outside them is logged, and a
     /// MAP that needs it answers FAULT.
     pub(super) fn map_region(&mut self, r: &RamRegion) -> Result<Vec<(u64, u64)>> {
-        let (usable, align) = self.fd.iova_ranges(self.ram_ioas.raw())?;
+        let IovaRanges {
+            usable,
+            alignment: align,
+        } = self.fd.iova_ranges(self.ram_ioas)?;
         let shown = format!("usable IOVA {usable:x?}, alignment {align:#x}");
         let align = align.max(1);
         let Some(last) = r.len.checked_sub(1).and_then(|l| r.gpa.checked_add(l)) else {
@@ -100,7 +103,7 @@ impl<D: HostDevice> IommufdHost<D> {
             }
             if let Err(e) = res {
                 for &(g, l) in &done {
-                    let _ = self.fd.ioas_unmap(self.ram_ioas.raw(), g, l);
+                    let _ = self.fd.ioas_unmap(self.ram_ioas, g, l);
                 }
                 return Err(e);
             }
@@ -141,7 +144,7 @@ impl<D: HostDevice> IommufdHost<D> {
                 continue;
             }
             for &(gpa, len) in pieces {
-                if let Err(e) = self.fd.ioas_unmap(self.ram_ioas.raw(), gpa, len) {
+                if let Err(e) = self.fd.ioas_unmap(self.ram_ioas, gpa, len) {
                     limited!(Level::Error, "guest RAM {gpa:#x}+{len:#x}: unmap: {e}");
                 }
             }
@@ -173,7 +176,11 @@ mod tests {
 
     /// Every piece lies inside the region and a usable range, aligned.
     fn check_pieces(gpa: u64, last: u64, usable: &[(u64, u64)], align: u64) -> Vec<(u64, u64)> {
-        let pieces = region_pieces(gpa, last, usable, align);
+        let ranges: Vec<IovaRange> = usable
+            .iter()
+            .map(|&(start, last)| IovaRange { start, last })
+            .collect();
+        let pieces = region_pieces(gpa, last, &ranges, align);
         for &(s, len) in &pieces {
             let what = format!("piece {s:#x}+{len:#x} of {gpa:#x}-{last:#x} (align {align:#x})");
             assert!(len > 0 && len % align == 0 && s % align == 0, "{what}");

@@ -9,16 +9,16 @@ use crate::fault_queue::vevents::VeventKind;
 use crate::iommufd_bridge::abi::{
     invalidate_entries, nested_data, smmu3_entries, Entries, NestedData,
 };
-use crate::iommufd_bridge::ids::{FaultId, HwptId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
+use crate::iommufd_bridge::ids::{NestId, PtId, VdeviceId};
 use crate::iommufd_bridge::sys::{
-    HwInfoRaw, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HW_INFO_ARM_SMMUV3, HW_INFO_INTEL_VTD,
-    HW_INFO_SELFTEST, VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, VIOMMU_TYPE_ARM_SMMUV3,
-    VIOMMU_TYPE_SELFTEST,
+    HwInfoRaw, Veventq, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, HW_INFO_ARM_SMMUV3,
+    HW_INFO_INTEL_VTD, HW_INFO_SELFTEST, VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST,
+    VIOMMU_TYPE_ARM_SMMUV3, VIOMMU_TYPE_SELFTEST,
 };
 use crate::iommufd_bridge::{BridgeError, Result, Target};
-use crate::nested::request::{FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD};
 use crate::nested::smmu3::{self, SmmuInfo};
 use crate::nested::{HwInfo, Invalidate, TableCaps, TableDesc};
+use crate::wire::{FORMAT_ARM_SMMU3, FORMAT_HOST_SELFTEST, FORMAT_INTEL_VTD};
 
 /// vEVENTQ depth: events the kernel holds while we do not read.
 const VEVENTQ_DEPTH: u32 = 256;
@@ -118,18 +118,16 @@ impl<D: HostDevice> IommufdHost<D> {
             return None;
         }
         if self.viommu.is_none() {
-            match self.fd.viommu_alloc(dev.dev_id(), parent.raw(), kind.0) {
+            match self.fd.viommu_alloc(dev.dev_id(), parent, kind.0) {
                 Ok(v) => {
-                    let v = ViommuId(v);
                     info!(
                         "iommufd: vIOMMU {v} (type {:#x}) on the nesting parent",
                         kind.0
                     );
                     self.viommu = Some(v);
                     if self.features.veventq {
-                        match self.fd.veventq_alloc(v.raw(), kind.1, VEVENTQ_DEPTH) {
-                            Ok((id, file)) => {
-                                let id = VeventqId(id);
+                        match self.fd.veventq_alloc(v, kind.1, VEVENTQ_DEPTH) {
+                            Ok(Veventq { id, file }) => {
                                 info!("iommufd: vEVENTQ {id} for unrecoverable faults");
                                 self.veventq = Some(KernelQueue { id, file });
                                 self.vevent_kind = kind.2;
@@ -145,11 +143,8 @@ impl<D: HostDevice> IommufdHost<D> {
             }
         }
         let viommu = self.viommu?;
-        match self
-            .fd
-            .vdevice_alloc(viommu.raw(), dev.dev_id(), u64::from(id))
-        {
-            Ok(v) => Some(VdeviceId(v)),
+        match self.fd.vdevice_alloc(viommu, dev.dev_id(), u64::from(id)) {
+            Ok(v) => Some(v),
             Err(e) => {
                 warn!("endpoint {id:#x}: vDEVICE: {e}");
                 None
@@ -196,14 +191,9 @@ impl<D: HostDevice> IommufdHost<D> {
         // An SMMUv3 nested domain takes no flags: its PASIDs live in the
         // guest's CD table.
         let flags = if smmu { 0 } else { self.hwpt_flags() };
-        let hwpt = HwptId(self.fd.hwpt_alloc(
-            dev_id,
-            parent.raw(),
-            flags,
-            data_type,
-            &mut data,
-            fault_id.map(FaultId::raw),
-        )?);
+        let hwpt = self
+            .fd
+            .hwpt_alloc(dev_id, parent, flags, data_type, &mut data, fault_id)?;
         debug!("domain {domain}: nested HWPT {hwpt} on parent {parent}");
         self.domains.insert(
             domain,
@@ -310,8 +300,7 @@ impl<D: HostDevice> IommufdHost<D> {
     pub(super) fn make_ram_parent(&mut self, dev: &D) {
         let parent = |flags| {
             self.fd
-                .hwpt_alloc(dev.dev_id(), self.ram_ioas.raw(), flags, 0, &mut [], None)
-                .map(HwptId)
+                .hwpt_alloc(dev.dev_id(), self.ram_ioas, flags, 0, &mut [], None)
         };
         // With PASID support where the kernel and device have it (6.15+).
         let with_pasid = if dev.supports_pasid() {
@@ -327,13 +316,13 @@ impl<D: HostDevice> IommufdHost<D> {
             self.pasid_mode = true;
             match self.fd.hwpt_alloc(
                 dev.dev_id(),
-                self.block_ioas.raw(),
+                self.block_ioas,
                 HWPT_ALLOC_PASID,
                 0,
                 &mut [],
                 None,
             ) {
-                Ok(h) => self.block_hwpt = Some(HwptId(h)),
+                Ok(h) => self.block_hwpt = Some(h),
                 Err(e) => info!("iommufd: blocking HWPT with PASID support: {e}"),
             }
         }
@@ -351,12 +340,11 @@ impl<D: HostDevice> IommufdHost<D> {
                 info!("iommufd: no nesting parent ({e}); a plain HWPT on the RAM IOAS");
                 match self
                     .fd
-                    .hwpt_alloc(dev.dev_id(), self.ram_ioas.raw(), 0, 0, &mut [], None)
-                    .map(HwptId)
+                    .hwpt_alloc(dev.dev_id(), self.ram_ioas, 0, 0, &mut [], None)
                 {
                     Ok(h) if self.degenerate(self.ram_ioas) => {
                         info!("iommufd: the RAM IOAS's HWPT has no usable aperture before attach; bypass attaches to the IOAS");
-                        let _ = self.fd.destroy(h.raw());
+                        let _ = self.fd.destroy(h);
                     }
                     Ok(h) => self.ram_hwpt = Some(h),
                     Err(e) => info!("iommufd: HWPT_ALLOC on the RAM IOAS: {e}"),
@@ -387,6 +375,6 @@ impl<D: HostDevice> IommufdHost<D> {
         self.invalidate_calls += 1;
         Ok(self
             .fd
-            .hwpt_invalidate(id.raw(), data_type, entry_len, &mut entries)?)
+            .hwpt_invalidate(id, data_type, entry_len, &mut entries)?)
     }
 }

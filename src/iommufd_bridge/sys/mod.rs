@@ -29,6 +29,9 @@ use iommufd_bindings::iommufd::{
     IOMMUFD_CMD_IOAS_COPY, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::IommuFd;
+
+pub use super::ids::ObjectId;
+use super::ids::{FaultId, HwptId, IoasId, NestId, VdeviceId, VeventqId, ViommuId};
 use thiserror::Error;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
@@ -240,16 +243,16 @@ impl Iommufd {
         }
     }
 
-    pub fn destroy(&self, id: u32) -> Result<()> {
+    pub fn destroy(&self, id: impl ObjectId) -> Result<()> {
         self.fd
-            .destroy_iommu_object(id)
+            .destroy_iommu_object(id.raw())
             .map_err(|source| SysError::Crate {
                 op: "IOMMU_DESTROY",
                 source,
             })
     }
 
-    pub fn ioas_alloc(&self) -> Result<u32> {
+    pub fn ioas_alloc(&self) -> Result<IoasId> {
         let mut a = iommu_ioas_alloc {
             size: size_of::<iommu_ioas_alloc>(),
             ..Default::default()
@@ -260,15 +263,15 @@ impl Iommufd {
                 op: "IOMMU_IOAS_ALLOC",
                 source,
             })?;
-        Ok(a.out_ioas_id)
+        Ok(IoasId(a.out_ioas_id))
     }
 
     /// Map `len` bytes of our address space at `va` to `iova` (fixed).
-    pub fn ioas_map(&self, ioas: u32, va: u64, len: u64, iova: u64, flags: u32) -> Result<()> {
+    pub fn ioas_map(&self, ioas: IoasId, va: u64, len: u64, iova: u64, flags: u32) -> Result<()> {
         let m = iommu_ioas_map {
             size: size_of::<iommu_ioas_map>(),
             flags: flags | IOAS_MAP_FIXED_IOVA,
-            ioas_id: ioas,
+            ioas_id: ioas.raw(),
             user_va: va,
             length: len,
             iova,
@@ -285,7 +288,7 @@ impl Iommufd {
     /// Map `len` bytes of file `fd` from `offset` to `iova` (fixed).
     pub(crate) fn ioas_map_file(
         &self,
-        ioas: u32,
+        ioas: IoasId,
         fd: RawFd,
         offset: u64,
         len: u64,
@@ -295,7 +298,7 @@ impl Iommufd {
         let m = iommu_ioas_map_file {
             size: size_of::<iommu_ioas_map_file>(),
             flags: flags | IOAS_MAP_FIXED_IOVA,
-            ioas_id: ioas,
+            ioas_id: ioas.raw(),
             fd,
             start: offset,
             length: len,
@@ -310,10 +313,10 @@ impl Iommufd {
     }
 
     /// Unmap whole areas in [iova, iova + len); returns the bytes unmapped.
-    pub fn ioas_unmap(&self, ioas: u32, iova: u64, len: u64) -> Result<u64> {
+    pub fn ioas_unmap(&self, ioas: IoasId, iova: u64, len: u64) -> Result<u64> {
         let mut u = iommu_ioas_unmap {
             size: size_of::<iommu_ioas_unmap>(),
-            ioas_id: ioas,
+            ioas_id: ioas.raw(),
             iova,
             length: len,
         };
@@ -330,9 +333,9 @@ impl Iommufd {
     /// the pages `src` already pinned.
     pub fn ioas_copy(
         &self,
-        dst: u32,
+        dst: IoasId,
         dst_iova: u64,
-        src: u32,
+        src: IoasId,
         src_iova: u64,
         len: u64,
         flags: u32,
@@ -340,8 +343,8 @@ impl Iommufd {
         let mut c = iommu_ioas_copy {
             size: size_of::<iommu_ioas_copy>(),
             flags: flags | IOAS_MAP_FIXED_IOVA,
-            dst_ioas_id: dst,
-            src_ioas_id: src,
+            dst_ioas_id: dst.raw(),
+            src_ioas_id: src.raw(),
             length: len,
             dst_iova,
             src_iova,
@@ -355,12 +358,12 @@ impl Iommufd {
 
     /// The usable IOVA ranges of an IOAS (inclusive ends) and the alignment
     /// that MAP and COPY need.
-    pub fn iova_ranges(&self, ioas: u32) -> Result<(Vec<(u64, u64)>, u64)> {
+    pub fn iova_ranges(&self, ioas: IoasId) -> Result<IovaRanges> {
         let mut ranges: Vec<iommu_iova_range> = vec![iommu_iova_range::default(); 8];
         loop {
             let mut r = iommu_ioas_iova_ranges {
                 size: size_of::<iommu_ioas_iova_ranges>(),
-                ioas_id: ioas,
+                ioas_id: ioas.raw(),
                 num_iovas: len_u32("IOMMU_IOAS_IOVA_RANGES", ranges.len())?,
                 allowed_iovas: ranges.as_mut_ptr() as u64,
                 ..Default::default()
@@ -377,8 +380,17 @@ impl Iommufd {
             }
             check("IOMMU_IOAS_IOVA_RANGES", rc)?;
             ranges.truncate(r.num_iovas as usize);
-            let out = ranges.iter().map(|x| (x.start, x.last)).collect();
-            return Ok((out, r.out_iova_alignment));
+            let usable = ranges
+                .iter()
+                .map(|x| IovaRange {
+                    start: x.start,
+                    last: x.last,
+                })
+                .collect();
+            return Ok(IovaRanges {
+                usable,
+                alignment: r.out_iova_alignment,
+            });
         }
     }
 
@@ -387,17 +399,17 @@ impl Iommufd {
     pub fn hwpt_alloc(
         &self,
         dev_id: u32,
-        pt_id: u32,
+        pt_id: impl ObjectId,
         flags: u32,
         data_type: u32,
         data: &mut [u8],
-        fault_id: Option<u32>,
-    ) -> Result<u32> {
+        fault_id: Option<FaultId>,
+    ) -> Result<HwptId> {
         let mut h = iommu_hwpt_alloc {
             size: size_of::<iommu_hwpt_alloc>(),
             flags: flags | fault_id.map_or(0, |_| HWPT_FAULT_ID_VALID),
             dev_id,
-            pt_id,
+            pt_id: pt_id.raw(),
             data_type,
             data_len: len_u32("IOMMU_HWPT_ALLOC", data.len())?,
             data_uptr: if data.is_empty() {
@@ -405,7 +417,7 @@ impl Iommufd {
             } else {
                 data.as_mut_ptr() as u64
             },
-            fault_id: fault_id.unwrap_or(0),
+            fault_id: fault_id.map_or(0, FaultId::raw),
             ..Default::default()
         };
         self.fd
@@ -414,7 +426,7 @@ impl Iommufd {
                 op: "IOMMU_HWPT_ALLOC",
                 source,
             })?;
-        Ok(h.out_hwpt_id)
+        Ok(HwptId(h.out_hwpt_id))
     }
 
     /// IOMMU_GET_HW_INFO for device `dev_id`.
@@ -449,14 +461,14 @@ impl Iommufd {
     /// requests of `data_type` for HWPT `hwpt`, handled in one call.
     pub fn hwpt_invalidate(
         &self,
-        hwpt: u32,
+        hwpt: NestId,
         data_type: u32,
         entry_len: u32,
         entries: &mut [u8],
     ) -> Result<()> {
         let mut h = iommu_hwpt_invalidate {
             size: size_of::<iommu_hwpt_invalidate>(),
-            hwpt_id: hwpt,
+            hwpt_id: hwpt.raw(),
             data_uptr: entries.as_mut_ptr() as u64,
             data_type,
             entry_len,
@@ -476,12 +488,12 @@ impl Iommufd {
 
     /// IOMMU_VIOMMU_ALLOC (6.13): a vIOMMU of `ty` for device `dev_id` on
     /// the nesting parent `parent`.
-    pub(crate) fn viommu_alloc(&self, dev_id: u32, parent: u32, ty: u32) -> Result<u32> {
+    pub(crate) fn viommu_alloc(&self, dev_id: u32, parent: HwptId, ty: u32) -> Result<ViommuId> {
         let mut v = iommu_viommu_alloc {
             size: size_of::<iommu_viommu_alloc>(),
             type_: ty,
             dev_id,
-            hwpt_id: parent,
+            hwpt_id: parent.raw(),
             ..Default::default()
         };
         self.fd
@@ -490,14 +502,19 @@ impl Iommufd {
                 op: "IOMMU_VIOMMU_ALLOC",
                 source,
             })?;
-        Ok(v.out_viommu_id)
+        Ok(ViommuId(v.out_viommu_id))
     }
 
     /// IOMMU_VDEVICE_ALLOC (6.13): device `dev_id` as `virt_id` on `viommu`.
-    pub(crate) fn vdevice_alloc(&self, viommu: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
+    pub(crate) fn vdevice_alloc(
+        &self,
+        viommu: ViommuId,
+        dev_id: u32,
+        virt_id: u64,
+    ) -> Result<VdeviceId> {
         let mut v = iommu_vdevice_alloc {
             size: size_of::<iommu_vdevice_alloc>(),
-            viommu_id: viommu,
+            viommu_id: viommu.raw(),
             dev_id,
             virt_id,
             ..Default::default()
@@ -508,21 +525,25 @@ impl Iommufd {
                 op: "IOMMU_VDEVICE_ALLOC",
                 source,
             })?;
-        Ok(v.out_vdevice_id)
+        Ok(VdeviceId(v.out_vdevice_id))
     }
 
     /// IOMMU_VEVENTQ_ALLOC (6.15): a vEVENTQ of `ty` on `viommu`, and its
     /// FD (non-blocking).
-    pub(crate) fn veventq_alloc(&self, viommu: u32, ty: u32, depth: u32) -> Result<(u32, File)> {
+    pub(crate) fn veventq_alloc(&self, viommu: ViommuId, ty: u32, depth: u32) -> Result<Veventq> {
         let mut v = iommu_veventq_alloc {
             size: size_of::<iommu_veventq_alloc>(),
-            viommu_id: viommu,
+            viommu_id: viommu.raw(),
             type_: ty,
             veventq_depth: depth,
             ..Default::default()
         };
         self.fd
             .alloc_veventq(&mut v)
+            .map(|(id, file)| Veventq {
+                id: VeventqId(id),
+                file,
+            })
             .map_err(|source| SysError::Crate {
                 op: "IOMMU_VEVENTQ_ALLOC",
                 source,
@@ -531,7 +552,7 @@ impl Iommufd {
 
     /// IOMMU_FAULT_QUEUE_ALLOC: a fault object and its fd (read page
     /// requests, write responses).
-    pub fn fault_queue_alloc(&self) -> Result<(u32, File)> {
+    pub fn fault_queue_alloc(&self) -> Result<FaultQueue> {
         let mut f = iommu_fault_alloc {
             size: size_of::<iommu_fault_alloc>(),
             ..Default::default()
@@ -544,12 +565,45 @@ impl Iommufd {
         // SAFETY: on success the kernel installed a new fd in our table and
         // handed its ownership to us in out_fault_fd.
         let file = unsafe { File::from_raw_fd(f.out_fault_fd.cast_signed()) };
-        Ok((f.out_fault_id, file))
+        Ok(FaultQueue {
+            id: FaultId(f.out_fault_id),
+            file,
+        })
     }
 }
 
 #[cfg(feature = "selftest")]
 pub(crate) use selftest::*;
+
+/// One usable IOVA range of an IOAS, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IovaRange {
+    pub start: u64,
+    pub last: u64,
+}
+
+/// IOMMU_IOAS_IOVA_RANGES' answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IovaRanges {
+    pub usable: Vec<IovaRange>,
+    /// What MAP and COPY need IOVAs and lengths aligned to.
+    pub alignment: u64,
+}
+
+/// A fault queue (IOMMU_FAULT_QUEUE_ALLOC): read page requests from
+/// `file`, write responses to it.
+#[derive(Debug)]
+pub struct FaultQueue {
+    pub id: FaultId,
+    pub file: File,
+}
+
+/// A vEVENTQ (IOMMU_VEVENTQ_ALLOC) and its non-blocking FD.
+#[derive(Debug)]
+pub(crate) struct Veventq {
+    pub id: VeventqId,
+    pub file: File,
+}
 
 #[cfg(feature = "selftest")]
 mod selftest;

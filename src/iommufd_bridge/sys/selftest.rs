@@ -79,8 +79,8 @@ impl Iommufd {
     }
 
     /// Create a mock device attached to `pt_id` (an IOAS or a HWPT).
-    pub fn mock_domain(&self, pt_id: u32) -> Result<MockDevice> {
-        let mut c = TestCmd::new(OP_MOCK_DOMAIN, pt_id);
+    pub fn mock_domain(&self, pt_id: impl ObjectId) -> Result<MockDevice> {
+        let mut c = TestCmd::new(OP_MOCK_DOMAIN, pt_id.raw());
         self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN", &mut c)?;
         Ok(MockDevice {
             stdev_id: c.get32(0),
@@ -92,8 +92,8 @@ impl Iommufd {
     /// Re-attach a mock device to `pt_id`; returns the HWPT it is on now.
     /// MOCK_DOMAIN_FLAGS: a mock device with `dev_flags` (6.15's PASID
     /// flag; older kernels refuse unknown flags with EINVAL).
-    pub fn mock_domain_flags(&self, pt_id: u32, dev_flags: u32) -> Result<MockDevice> {
-        let mut c = TestCmd::new(OP_MOCK_DOMAIN_FLAGS, pt_id);
+    pub fn mock_domain_flags(&self, pt_id: impl ObjectId, dev_flags: u32) -> Result<MockDevice> {
+        let mut c = TestCmd::new(OP_MOCK_DOMAIN_FLAGS, pt_id.raw());
         c.put32(12, dev_flags);
         self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS", &mut c)?;
         Ok(MockDevice {
@@ -109,7 +109,7 @@ impl Iommufd {
         &self,
         stdev_id: u32,
         pasid: u32,
-        pt_id: u32,
+        pt_id: impl ObjectId,
         replace: bool,
     ) -> Result<()> {
         let (op, name) = if replace {
@@ -118,7 +118,7 @@ impl Iommufd {
             (OP_PASID_ATTACH, "IOMMU_TEST_OP_PASID_ATTACH")
         };
         let mut c = TestCmd::new(op, stdev_id);
-        c.put32(0, pasid).put32(4, pt_id);
+        c.put32(0, pasid).put32(4, pt_id.raw());
         self.test_cmd(name, &mut c)
     }
 
@@ -139,23 +139,28 @@ impl Iommufd {
 
     /// PASID_CHECK_HWPT: is `pasid` of the mock device on `hwpt` (0:
     /// is it detached)?
-    pub fn mock_pasid_check_hwpt(&self, stdev_id: u32, pasid: u32, hwpt: u32) -> Result<()> {
+    pub fn mock_pasid_check_hwpt(
+        &self,
+        stdev_id: u32,
+        pasid: u32,
+        hwpt: impl ObjectId,
+    ) -> Result<()> {
         let mut c = TestCmd::new(OP_PASID_CHECK_HWPT, stdev_id);
-        c.put32(0, pasid).put32(4, hwpt);
+        c.put32(0, pasid).put32(4, hwpt.raw());
         self.test_cmd("IOMMU_TEST_OP_PASID_CHECK_HWPT", &mut c)
     }
 
-    pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> Result<u32> {
+    pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: impl ObjectId) -> Result<u32> {
         let mut c = TestCmd::new(OP_MOCK_DOMAIN_REPLACE, stdev_id);
-        c.put32(0, pt_id);
+        c.put32(0, pt_id.raw());
         self.test_cmd("IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE", &mut c)?;
         Ok(c.get32(0))
     }
 
     /// Ask the kernel whether `hwpt` maps [iova, iova + len) to the pages
     /// at our address `uptr`.
-    pub fn md_check_map(&self, hwpt: u32, iova: u64, len: u64, uptr: u64) -> Result<()> {
-        let mut c = TestCmd::new(OP_MD_CHECK_MAP, hwpt);
+    pub fn md_check_map(&self, hwpt: impl ObjectId, iova: u64, len: u64, uptr: u64) -> Result<()> {
+        let mut c = TestCmd::new(OP_MD_CHECK_MAP, hwpt.raw());
         c.put64(0, iova).put64(8, len).put64(16, uptr);
         self.test_cmd("IOMMU_TEST_OP_MD_CHECK_MAP", &mut c)
     }
@@ -169,8 +174,8 @@ impl Iommufd {
     }
 
     /// Check one IOTLB slot of a mock nested HWPT.
-    pub fn md_check_iotlb(&self, hwpt: u32, slot: u32, value: u32) -> Result<()> {
-        let mut c = TestCmd::new(OP_MD_CHECK_IOTLB, hwpt);
+    pub fn md_check_iotlb(&self, hwpt: impl ObjectId, slot: u32, value: u32) -> Result<()> {
+        let mut c = TestCmd::new(OP_MD_CHECK_IOTLB, hwpt.raw());
         c.put32(0, slot).put32(4, value);
         self.test_cmd("IOMMU_TEST_OP_MD_CHECK_IOTLB", &mut c)
     }
