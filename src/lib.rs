@@ -4,6 +4,7 @@
 pub mod args;
 pub(crate) mod control;
 pub mod device;
+pub(crate) mod fast_map;
 pub mod fault_queue;
 pub mod iommufd_bridge;
 pub mod lock_order;

@@ -8,6 +8,8 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
+use crate::fast_map::FastMap;
+
 use crate::device::config::{features, DeviceConfig, Limits};
 use crate::device::error::RequestError;
 use crate::device::host_port::{host_mapping, page_response, reserved_region};
@@ -108,8 +110,8 @@ pub struct IommuState {
     pub limits: Limits,
     /// Live bypass byte (config offset 36).
     pub bypass: bool,
-    endpoints: HashMap<u32, Endpoint>,
-    domains: HashMap<u32, Domain>,
+    endpoints: FastMap<u32, Endpoint>,
+    domains: FastMap<u32, Domain>,
     /// Mappings of all MAP/UNMAP domains together (bounded by
     /// `limits.max_total_mappings`; kept exact on every change).
     mapping_total: usize,
@@ -129,7 +131,7 @@ pub struct IommuState {
 /// The mappings of a MAP/UNMAP domain (a free function so that the host
 /// can be called while they are borrowed).
 fn map_domain(
-    domains: &mut HashMap<u32, Domain>,
+    domains: &mut FastMap<u32, Domain>,
     domain: u32,
 ) -> Result<&mut BTreeMap<u64, Mapping>, RequestError> {
     match domains.get_mut(&domain).map(|d| &mut d.kind) {
@@ -150,7 +152,7 @@ impl IommuState {
                 .iter()
                 .map(|&id| (id, Endpoint::default()))
                 .collect(),
-            domains: HashMap::new(),
+            domains: FastMap::default(),
             mapping_total: 0,
             pasids: BTreeMap::new(),
             reserved: vec![ReservedRegion {

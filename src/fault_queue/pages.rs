@@ -8,7 +8,7 @@
 //! the glue writes them to their source; groups whose records must leave the
 //! event FIFO are queued in `purged`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use iommufd_bindings::iommufd::{
@@ -21,6 +21,7 @@ use iommufd_bindings::iommufd::{
 };
 use log::{debug, Level};
 
+use crate::fast_map::{self, FastMap};
 use crate::log_limit::limited;
 
 /// struct iommu_hwpt_pgfault, as read from a fault FD.
@@ -206,9 +207,9 @@ pub enum PageRespError {
 
 #[derive(Debug)]
 pub struct PageRequests {
-    groups: HashMap<GroupKey, Group>,
-    cookies: HashMap<(SourceId, u32), GroupKey>,
-    next_id: HashMap<u32, u16>,
+    groups: FastMap<GroupKey, Group>,
+    cookies: FastMap<(SourceId, u32), GroupKey>,
+    next_id: FastMap<u32, u16>,
     max: usize,
     /// The device completes a group the driver has not answered after this.
     timeout: Option<Duration>,
@@ -224,9 +225,9 @@ impl PageRequests {
     /// At most `max` groups outstanding (beyond: FAILURE at once).
     pub(crate) fn new(max: usize) -> Self {
         PageRequests {
-            groups: HashMap::with_capacity(max.min(1 << 16)),
-            cookies: HashMap::with_capacity(max.min(1 << 16)),
-            next_id: HashMap::new(),
+            groups: fast_map::with_capacity(max.min(1 << 16)),
+            cookies: fast_map::with_capacity(max.min(1 << 16)),
+            next_id: FastMap::default(),
             max: max.min(1 << 16),
             timeout: None,
             counters: PageCounters::default(),

@@ -6,7 +6,6 @@
 //! cookie: to the kernel as struct iommu_hwpt_page_response writes, to a
 //! virtual endpoint's waiting `dma` through `VirtualSource::respond`.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -16,6 +15,7 @@ use std::sync::Mutex;
 use log::debug;
 
 use super::pages::{FaultRecord, PGFAULT_F_LAST_PAGE, PGFAULT_F_PASID_VALID, PGFAULT_LEN};
+use crate::fast_map::FastMap;
 
 /// Read whole records from a fault FD into `buf` (a multiple of 40 bytes);
 /// returns how many. 0: nothing pending (the FD never blocks).
@@ -113,7 +113,7 @@ enum Waiter {
 
 struct VirtualState {
     next_cookie: u32,
-    waiters: HashMap<u32, Waiter>,
+    waiters: FastMap<u32, Waiter>,
 }
 
 /// The virtual endpoints' fault FD: a pipe whose records the eventq worker
@@ -140,7 +140,7 @@ impl VirtualSource {
             writer: Mutex::new(w),
             state: Mutex::new(VirtualState {
                 next_cookie: 1,
-                waiters: HashMap::new(),
+                waiters: FastMap::default(),
             }),
         })
     }
