@@ -20,7 +20,7 @@ use support::fixtures::{backend, connect, control, status};
 use support::mem::TablePages;
 use support::wire::{self, S_NOENT, S_OK};
 use support::{BackendProcess, ControlClient, Frontend};
-use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_4K};
+use vhost_device_iommu::nested::walker::TableBuilder;
 
 /// The endpoint the tests plug in (the fixture has 8 and 0x10).
 const NEW: u32 = 0x18;

@@ -20,6 +20,8 @@ use crate::fault_queue::pages::{
 use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, RamRegion, Target};
+
+pub(crate) use hotplug::{HotplugError, NewEndpoint, Removed};
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 
@@ -27,6 +29,7 @@ use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 /// mappable (spec-notes/protocol.md 6.6); the host port's, so both agree.
 pub(crate) use crate::iommufd_bridge::{MSI_END, MSI_START};
 
+mod hotplug;
 mod invariants;
 mod page_routing;
 mod ratified;

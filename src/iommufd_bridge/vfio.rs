@@ -21,6 +21,8 @@ pub enum VfioSource {
     Path(std::path::PathBuf),
     /// An inherited, already open cdev.
     Fd(i32),
+    /// A cdev sent over the control socket (hot-plug).
+    Received,
 }
 
 pub struct VfioCdev {
@@ -73,7 +75,23 @@ impl VfioCdev {
                 // server::run checked it is open before opening anything.
                 unsafe { File::from_raw_fd(*raw) }
             }
+            VfioSource::Received => {
+                return Err(BridgeError::Unsupported("a received cdev comes as a file"))
+            }
         };
+        Self::bind(fd, file, source)
+    }
+
+    /// Bind an open cdev to `fd`, unattached. A file that is not a
+    /// character device is refused before any ioctl is made on it.
+    fn bind(fd: &Iommufd, file: File, source: &VfioSource) -> Result<Self> {
+        let meta = file.metadata().map_err(|e| BridgeError::Host {
+            op: "fstat VFIO cdev",
+            detail: e.to_string(),
+        })?;
+        if !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) {
+            return Err(BridgeError::NotCdev);
+        }
         let ops = VfioIommufd::new(Arc::clone(fd.handle()), None, None)
             .map_err(|e| vfio_err("VFIO iommufd", e))?;
         let dev = VfioDevice::new_from_fd(file, Arc::new(ops), false)
@@ -135,10 +153,15 @@ impl HostDevice for VfioCdev {
             .map_err(|e| vfio_err("VFIO_DEVICE_DETACH_IOMMUFD_PT (PASID)", e))
     }
 
+    fn from_cdev(fd: &Iommufd, file: File) -> Result<Self> {
+        Self::bind(fd, file, &VfioSource::Received)
+    }
+
     fn describe(&self) -> Value {
         match &self.source {
             VfioSource::Path(p) => json!({ "kind": "vfio", "path": p }),
             VfioSource::Fd(fd) => json!({ "kind": "vfio", "fd": fd }),
+            VfioSource::Received => json!({ "kind": "vfio", "received": true }),
         }
     }
 
