@@ -154,8 +154,9 @@ impl Deadlined {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // u64 elements: aligned for cmsghdr.
         let mut control = [0u64; 8];
+        let fd_bytes = u32::try_from(MAX_FDS * size_of::<RawFd>()).unwrap_or(u32::MAX);
         // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
         debug_assert!(space <= size_of_val(&control));
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -181,7 +182,8 @@ impl Deadlined {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = n as usize;
+        // Not negative: checked above.
+        let n = n.cast_unsigned();
         self.offset += n as u64;
         let at = self.offset.saturating_sub(1);
         // SAFETY: walking the control data the kernel wrote, within
@@ -193,16 +195,11 @@ impl Deadlined {
             if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
                 // SAFETY: CMSG_LEN only computes a size.
                 let header = unsafe { libc::CMSG_LEN(0) } as usize;
-                let count = (len as usize).saturating_sub(header) / size_of::<RawFd>();
+                let count = len.saturating_sub(header) / size_of::<RawFd>();
                 for i in 0..count {
                     // SAFETY: `count` fds follow the header, inside the
                     // data the kernel wrote; read unaligned.
-                    let raw = unsafe {
-                        libc::CMSG_DATA(c)
-                            .cast::<RawFd>()
-                            .add(i)
-                            .read_unaligned()
-                    };
+                    let raw = unsafe { libc::CMSG_DATA(c).cast::<RawFd>().add(i).read_unaligned() };
                     // SAFETY: the kernel just installed this fd for us and
                     // nothing else refers to it: we own it.
                     let fd = unsafe { OwnedFd::from_raw_fd(raw) };

@@ -183,7 +183,10 @@ fn removal_completes_outstanding_page_requests_exactly_once() {
         .iter()
         .map(|(_, buf)| wire::EventRecord::parse(buf).unwrap())
         .collect();
-    assert!(recs.iter().all(wire::EventRecord::is_page_request), "{recs:?}");
+    assert!(
+        recs.iter().all(wire::EventRecord::is_page_request),
+        "{recs:?}"
+    );
     let s = c.stats().unwrap();
     assert_eq!(s["page_requests_outstanding"], 3, "{s}");
 
@@ -242,7 +245,10 @@ fn max_endpoints_bounds_added_endpoints() {
         assert_eq!(error_kind(&remove(&mut c, id)), None);
     }
     let grown = b.rss_kib().unwrap().saturating_sub(rss);
-    assert!(grown < 1024, "RSS grew {grown} KiB over 3000 add/remove pairs");
+    assert!(
+        grown < 1024,
+        "RSS grew {grown} KiB over 3000 add/remove pairs"
+    );
 }
 
 #[test]
@@ -277,7 +283,9 @@ fn hostile_requests_are_refused_and_leak_nothing() {
     let (p0, p1) = std::os::unix::net::UnixStream::pair().unwrap();
     let raw = [file.as_raw_fd(), p0.as_raw_fd(), p1.as_raw_fd()];
     for _ in 0..20 {
-        let r = c.request_with_fds(&json!({"op": "stats"}), &raw[..1]).unwrap();
+        let r = c
+            .request_with_fds(&json!({"op": "stats"}), &raw[..1])
+            .unwrap();
         assert_eq!(error_kind(&r), Some("bad-request"), "{r}");
         let vfio = json!({"op": "add_endpoint", "endpoint": 0x30, "vfio": true});
         for n in [1, 3] {
@@ -344,5 +352,8 @@ fn vfio_needs_an_iommufd() {
         )
         .unwrap();
     assert_eq!(error_kind(&r), Some("unsupported"), "{r}");
-    assert!(r["detail"].as_str().unwrap().contains("--vfio-hotplug"), "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("--vfio-hotplug"),
+        "{r}"
+    );
 }

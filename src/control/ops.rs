@@ -16,9 +16,9 @@ use super::{ClientCounters, CONTROL_ERRORS, DEFAULT_TIMEOUT, MAX_TIMEOUT_MS};
 use crate::device::backend::IommuBackend;
 use crate::device::config::features;
 use crate::device::state::{HotplugError, NewEndpoint};
-use crate::iommufd_bridge::BridgeError;
 use crate::device::translate::{translate_dma, ModelError};
 use crate::fault_queue::pages::{CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
+use crate::iommufd_bridge::BridgeError;
 
 pub(super) fn error(kind: &str, detail: impl ToString) -> Value {
     json!({"ok": false, "error": kind, "detail": detail.to_string()})
@@ -297,7 +297,10 @@ pub(super) fn handle_line(
     if op != Some("add_endpoint") && !fds.is_empty() {
         return error(
             "bad-request",
-            format!("{} file descriptor(s) sent with an op that takes none", fds.len()),
+            format!(
+                "{} file descriptor(s) sent with an op that takes none",
+                fds.len()
+            ),
         );
     }
     match op {

@@ -21,9 +21,9 @@ use crate::fault_queue::{EventFifo, EventRecord, FLAG_EXEC, FLAG_PRIV, FLAG_READ
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, RamRegion, Target};
 
-pub(crate) use hotplug::{HotplugError, NewEndpoint, Removed};
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
+pub(crate) use hotplug::{HotplugError, NewEndpoint, Removed};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (spec-notes/protocol.md 6.6); the host port's, so both agree.

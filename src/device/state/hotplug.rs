@@ -105,3 +105,102 @@ impl IommuState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::config::features;
+    use crate::device::request::Attach;
+    use crate::nested::request::{decode_attach_table, encode, AT_F_PAGE_REQUESTS};
+
+    const ACKED: u64 = features::DEVICE_FEATURES | features::ATTACH_TABLE | features::PAGE_REQUEST;
+
+    fn attach(s: &mut IommuState, domain: u32, endpoint: u32) {
+        let a = Attach {
+            domain,
+            endpoint,
+            flags: 0,
+            reserved_nonzero: false,
+        };
+        s.attach(&a, ACKED).unwrap();
+    }
+
+    #[test]
+    fn added_endpoints_are_bounded_and_unique() {
+        let limits = Limits {
+            max_endpoints: 3,
+            ..Limits::default()
+        };
+        let mut s = IommuState::new(DeviceConfig::default(), limits, &[1, 2]);
+        assert!(matches!(
+            s.add_endpoint(1, NewEndpoint::Virtual),
+            Err(HotplugError::Exists(1))
+        ));
+        s.add_endpoint(3, NewEndpoint::Virtual).unwrap();
+        assert!(matches!(
+            s.add_endpoint(4, NewEndpoint::Virtual),
+            Err(HotplugError::Limit(3))
+        ));
+        assert!(matches!(
+            s.remove_endpoint(9),
+            Err(HotplugError::NoEndpoint(9))
+        ));
+        s.remove_endpoint(3).unwrap();
+        s.add_endpoint(4, NewEndpoint::Virtual).unwrap();
+        // Without a host, a VFIO device is refused and nothing changes.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        s.remove_endpoint(4).unwrap();
+        assert!(matches!(
+            s.add_endpoint(4, NewEndpoint::Vfio(f)),
+            Err(HotplugError::Host {
+                source: BridgeError::Unsupported(_),
+                ..
+            })
+        ));
+        assert!(!s.has_endpoint(4));
+        assert_eq!(s.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn removal_detaches_everything_and_completes_its_groups() {
+        let mut s = IommuState::new(DeviceConfig::default(), Limits::default(), &[1, 2]);
+        s.add_endpoint(7, NewEndpoint::Virtual).unwrap();
+        // 7 shares MAP domain 1 with 1; PASID 3 in table domain 2 alone.
+        attach(&mut s, 1, 1);
+        attach(&mut s, 1, 7);
+        let at = encode::attach_vtd(
+            2,
+            7,
+            AT_F_PAGE_REQUESTS | crate::nested::request::AT_F_PASID_VALID,
+            3,
+            0x1000,
+            48,
+        );
+        s.attach_table(&decode_attach_table(&at).unwrap(), ACKED)
+            .unwrap();
+        let now = std::time::Instant::now();
+        s.pages
+            .raise(7, Some(3), Some(3), 2, SourceId::Virtual, 11, now)
+            .unwrap();
+        let removed = s.remove_endpoint(7).unwrap();
+        assert_eq!(
+            removed,
+            Removed {
+                host: false,
+                page_requests: 1
+            }
+        );
+        assert_eq!(s.pages.outstanding(), 0);
+        let r = s.pages.pop_response().unwrap();
+        assert_eq!((r.cookie, r.code), (11, CODE_INVALID));
+        assert!(s.domain(2).is_none(), "the table domain died with it");
+        assert_eq!(
+            s.domain(1).unwrap().endpoints,
+            1,
+            "domain 1 keeps endpoint 1"
+        );
+        assert_eq!((s.pasid_count(), s.has_endpoint(7)), (0, false));
+        assert!(s.translate(7, None, 0, 1, false).is_err());
+        assert_eq!(s.check_invariants(), Ok(()));
+    }
+}

@@ -642,7 +642,11 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         for p in pasids {
             if let Err(e) = self.point_pasid(id, p, None) {
                 limited!(Level::Error, "endpoint {id:#x} pasid {p}: removal: {e}");
-                if let Some(d) = self.endpoints.get_mut(&id).and_then(|e| e.pasids.remove(&p)) {
+                if let Some(d) = self
+                    .endpoints
+                    .get_mut(&id)
+                    .and_then(|e| e.pasids.remove(&p))
+                {
                     self.put_domain(d);
                 }
             }
@@ -657,7 +661,10 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         // (the kernel unbinds it from our iommufd with its last fd).
         if let Some(v) = ep.vdevice.take() {
             if let Err(e) = self.fd.destroy(v.raw()) {
-                limited!(Level::Error, "endpoint {id:#x}: destroying vDEVICE {v}: {e}");
+                limited!(
+                    Level::Error,
+                    "endpoint {id:#x}: destroying vDEVICE {v}: {e}"
+                );
             }
         }
         ep.dev.release(&self.fd);
