@@ -111,6 +111,7 @@ fn count_and_warn(counter: &AtomicU64, what: impl FnOnce() -> String) {
 
 /// File descriptors a client may have in flight at once (a request takes
 /// at most one: `add_endpoint` of a VFIO cdev); more are closed on arrival.
+/// Only daemons that take VFIO devices receive fds at all.
 const MAX_FDS: usize = 4;
 
 /// A file descriptor received with SCM_RIGHTS, and the stream offset of the
@@ -129,18 +130,22 @@ struct ReceivedFd {
 struct Deadlined {
     stream: UnixStream,
     at: Instant,
+    /// Take fds sent along (recvmsg); otherwise plain reads, and the kernel
+    /// closes any fd sent.
+    take_fds: bool,
     /// Bytes read so far.
     offset: u64,
     fds: Vec<ReceivedFd>,
 }
 
 impl Deadlined {
-    fn new(stream: UnixStream, at: Instant) -> Self {
+    fn new(stream: UnixStream, at: Instant, take_fds: bool) -> Self {
         Deadlined {
             stream,
             at,
+            take_fds,
             offset: 0,
-            fds: Vec::with_capacity(MAX_FDS),
+            fds: Vec::new(),
         }
     }
 
@@ -228,7 +233,11 @@ impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.remaining()?;
         self.stream.set_read_timeout(Some(left))?;
-        self.recv(buf)
+        if self.take_fds {
+            self.recv(buf)
+        } else {
+            self.stream.read(buf)
+        }
     }
 }
 
@@ -254,11 +263,12 @@ fn serve_client(
     clients: &ClientCounters,
     stream: UnixStream,
     limits: ControlLimits,
+    take_fds: bool,
 ) -> io::Result<()> {
     let max_line = limits.max_line;
     let now = Instant::now();
-    let mut writer = Deadlined::new(stream.try_clone()?, now);
-    let mut reader = BufReader::new(Deadlined::new(stream, now));
+    let mut writer = Deadlined::new(stream.try_clone()?, now, false);
+    let mut reader = BufReader::new(Deadlined::new(stream, now, take_fds));
     let mut line = Vec::with_capacity(256);
     // Stream bytes taken as lines so far.
     let mut consumed = 0u64;
@@ -315,10 +325,18 @@ pub fn spawn(
     let active = Arc::new(AtomicUsize::new(0));
     let clients = Arc::new(ClientCounters::default());
     let ControlSocket { listener, access } = socket;
+    // Only a daemon that can bind VFIO devices receives fds on its control
+    // socket and lets its control threads make the host's ioctls.
+    let vfio = backend.takes_vfio();
+    let (listener_role, client_role) = if vfio {
+        (Role::ControlListenerVfio, Role::ControlClientVfio)
+    } else {
+        (Role::ControlListener, Role::ControlClient)
+    };
     thread::Builder::new()
         .name("viommu-control".into())
         .spawn(move || {
-            sandbox::narrow_or_warn(Role::ControlListener);
+            sandbox::narrow_or_warn(listener_role);
             for stream in listener.incoming() {
                 let stream = match stream {
                     Ok(s) => s,
@@ -349,8 +367,8 @@ pub fn spawn(
                 let spawned = thread::Builder::new()
                     .name("viommu-ctl-client".into())
                     .spawn(move || {
-                        sandbox::narrow_or_warn(Role::ControlClient);
-                        match serve_client(&b, &c, stream, limits) {
+                        sandbox::narrow_or_warn(client_role);
+                        match serve_client(&b, &c, stream, limits, vfio) {
                             Ok(()) => {}
                             Err(e) if is_timeout(&e) => count_and_warn(&c.timed_out, || {
                                 format!(

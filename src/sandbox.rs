@@ -71,11 +71,16 @@ pub enum Role {
     /// The control socket's listener: accepts and starts client threads
     /// (which inherit its filter, so it includes theirs).
     ControlListener,
-    /// A control client: reads lines (and the VFIO cdev fds hot-plug sends
-    /// with them) and writes replies; `dma` writes the virtual fault pipe
-    /// and waits; `add_endpoint` and `remove_endpoint` bind and release
-    /// devices on the host IOMMU.
+    /// A control client: reads lines and writes replies; `dma` writes the
+    /// virtual fault pipe and waits.
     ControlClient,
+    /// The listener of a daemon that can take VFIO devices over the control
+    /// socket (it has an iommufd): its clients' list is in it.
+    ControlListenerVfio,
+    /// A control client of such a daemon: also receives the cdev fds
+    /// hot-plug sends with its lines, and binds and releases devices on the
+    /// host IOMMU (`add_endpoint`, `remove_endpoint`).
+    ControlClientVfio,
     /// The short-lived thread that makes a connection's vring workers (the
     /// library starts them, with no hook of ours before their first event):
     /// the worker's list plus what making them takes, so the workers hold
@@ -208,8 +213,10 @@ pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
         ],
         Role::Worker => &[RUNTIME, EVENTS, EVENTS_OLD, HOST],
         Role::Frontend => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER],
-        Role::ControlListener => &[RUNTIME, STREAM, ACCEPT, THREADS, HOTPLUG, HOST],
-        Role::ControlClient => &[RUNTIME, STREAM, HOTPLUG, HOST],
+        Role::ControlListener => &[RUNTIME, STREAM, ACCEPT, THREADS],
+        Role::ControlClient => &[RUNTIME, STREAM],
+        Role::ControlListenerVfio => &[RUNTIME, STREAM, ACCEPT, THREADS, HOTPLUG, HOST],
+        Role::ControlClientVfio => &[RUNTIME, STREAM, HOTPLUG, HOST],
         Role::StartWorkers => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, SETUP, THREADS],
         Role::StartHandler => &[
             RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, ACCEPT, THREADS,
@@ -620,6 +627,8 @@ mod tests {
             Role::Frontend,
             Role::ControlListener,
             Role::ControlClient,
+            Role::ControlListenerVfio,
+            Role::ControlClientVfio,
         ];
         for role in roles {
             let list = allowed_for(role);
@@ -633,7 +642,12 @@ mod tests {
         }
         let has = |r, n| allowed_for(r).contains(&n);
         // Guest-facing threads cannot start threads or accept connections.
-        for r in [Role::Worker, Role::Frontend, Role::ControlClient] {
+        for r in [
+            Role::Worker,
+            Role::Frontend,
+            Role::ControlClient,
+            Role::ControlClientVfio,
+        ] {
             for n in [SYS_clone, SYS_clone3, SYS_accept4, SYS_prctl] {
                 assert!(!has(r, n), "{r:?} {n}");
             }
@@ -642,20 +656,28 @@ mod tests {
         assert!(has(Role::ControlClient, SYS_setsockopt));
         // The listener reads its clients' peer credentials.
         assert!(has(Role::ControlListener, SYS_getsockopt));
-        // The vhost-user handler receives fds, and control clients the
-        // cdevs of hot-plugged VFIO endpoints, which they bind and release
-        // on the host IOMMU; the workers receive none.
+        // Only the vhost-user handler receives fds, and the control clients
+        // of a daemon that takes VFIO devices over the control socket.
         assert!(has(Role::Frontend, SYS_recvmsg) && !has(Role::Worker, SYS_recvmsg));
-        assert!(has(Role::ControlClient, SYS_recvmsg) && has(Role::ControlClient, SYS_statx));
-        assert!(has(Role::ControlClient, SYS_ioctl) && has(Role::ControlListener, SYS_ioctl));
+        assert!(!has(Role::ControlClient, SYS_recvmsg));
+        // The control socket never touches the host IOMMU, unless it can
+        // hot-plug VFIO devices.
+        assert!(!has(Role::ControlClient, SYS_ioctl) && !has(Role::ControlListener, SYS_ioctl));
         assert!(has(Role::Worker, SYS_ioctl) && has(Role::Frontend, SYS_ioctl));
-        // Still no sending of fds, memory files or vhost-user on them.
-        for n in [SYS_sendmsg, SYS_dup, SYS_lseek, SYS_pread64] {
-            assert!(!has(Role::ControlClient, n), "{n}");
+        assert!(
+            has(Role::ControlClientVfio, SYS_recvmsg) && has(Role::ControlClientVfio, SYS_statx)
+        );
+        assert!(has(Role::ControlClientVfio, SYS_ioctl));
+        let subset = |a: Role, b: Role| allowed_for(a).iter().all(|n| has(b, *n));
+        assert!(subset(Role::ControlClient, Role::ControlClientVfio));
+        assert!(subset(Role::ControlClientVfio, Role::ControlListenerVfio));
+        assert!(subset(Role::ControlListener, Role::ControlListenerVfio));
+        // Even then: no sending fds, no memory files, no threads.
+        for n in [SYS_sendmsg, SYS_dup, SYS_lseek, SYS_pread64, SYS_clone] {
+            assert!(!has(Role::ControlClientVfio, n), "{n}");
         }
         // The threads that make the library's threads: their role's list,
         // plus only what making them takes; never the other roles' calls.
-        let subset = |a: Role, b: Role| allowed_for(a).iter().all(|n| has(b, *n));
         assert!(subset(Role::Worker, Role::StartWorkers));
         assert!(subset(Role::Frontend, Role::StartHandler));
         for r in [Role::StartWorkers, Role::StartHandler] {

@@ -262,7 +262,6 @@ fn hostile_requests_are_refused_and_leak_nothing() {
         json!({"op": "add_endpoint", "endpoint": 1u64 << 32}),
         json!({"op": "add_endpoint", "endpoint": "0x18"}),
         json!({"op": "add_endpoint", "endpoint": NEW, "vfio": 1}),
-        json!({"op": "add_endpoint", "endpoint": NEW, "vfio": true}),
         json!({"op": "remove_endpoint"}),
         json!({"op": "remove_endpoint", "endpoint": 1u64 << 40}),
     ];
@@ -276,8 +275,10 @@ fn hostile_requests_are_refused_and_leak_nothing() {
     assert_eq!(error_kind(&add(&mut c, NEW)), Some("exists"));
     assert_eq!(error_kind(&remove(&mut c, 0x99)), Some("no-endpoint"));
 
-    // File descriptors: where none belongs, where one is not a VFIO cdev,
-    // too many at once. Every one is closed.
+    // File descriptors sent to a daemon that takes no VFIO devices never
+    // reach it (its control clients do not receive fds: the kernel closes
+    // them); a VFIO add is unsupported. (Where fds are received, their
+    // checks are in tests/vfio_endpoints.rs, kernel tier.)
     let before = fds(&b);
     let file = std::fs::File::open("/dev/null").unwrap();
     let (p0, p1) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -286,17 +287,12 @@ fn hostile_requests_are_refused_and_leak_nothing() {
         let r = c
             .request_with_fds(&json!({"op": "stats"}), &raw[..1])
             .unwrap();
-        assert_eq!(error_kind(&r), Some("bad-request"), "{r}");
+        assert_eq!(r["ok"], true, "{r}");
         let vfio = json!({"op": "add_endpoint", "endpoint": 0x30, "vfio": true});
-        for n in [1, 3] {
+        for n in [0, 1, 3] {
             let r = c.request_with_fds(&vfio, &raw[..n]).unwrap();
-            assert_eq!(r["ok"], false, "{r}");
+            assert_eq!(error_kind(&r), Some("unsupported"), "{r}");
         }
-        // A virtual endpoint takes no file.
-        let r = c
-            .request_with_fds(&json!({"op": "add_endpoint", "endpoint": 0x30}), &raw[..1])
-            .unwrap();
-        assert_eq!(error_kind(&r), Some("bad-request"), "{r}");
     }
     assert_eq!(fds(&b), before, "the backend kept file descriptors");
     // Nothing was added by the refused requests.

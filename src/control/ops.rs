@@ -227,6 +227,13 @@ fn add_endpoint(
         Some(Value::Bool(true)) => true,
         Some(_) => return Err(error("bad-request", "\"vfio\" must be a boolean")),
     };
+    if vfio && !backend.takes_vfio() {
+        // Its fd, if any, was dropped by the kernel (plain reads).
+        return Err(error(
+            "unsupported",
+            "no iommufd for VFIO devices (start with --vfio-hotplug or a VFIO endpoint)",
+        ));
+    }
     let kind = match (vfio, fds.len()) {
         (false, 0) => NewEndpoint::Virtual,
         (false, _) => {

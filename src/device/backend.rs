@@ -240,6 +240,12 @@ impl IommuBackend {
         self.relay.virtual_timed_out(&self.session, cookie)
     }
 
+    /// Can the control socket hot-plug VFIO devices (there is an iommufd
+    /// serving VFIO)? Fixed from start-up on.
+    pub(crate) fn takes_vfio(&self) -> bool {
+        self.session().iommu.host().takes_vfio()
+    }
+
     /// Hot-plug endpoint `id` (control socket): unattached from now on.
     pub(crate) fn add_endpoint(&self, id: u32, kind: NewEndpoint) -> Result<(), HotplugError> {
         let mut s = self.session();

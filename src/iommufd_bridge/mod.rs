@@ -254,6 +254,12 @@ pub trait HostIommu: Debug + Send {
         TableCaps::default()
     }
 
+    /// Can `add_vfio` take VFIO devices (an iommufd serving VFIO)? The
+    /// control socket receives fds, and its threads may bind them, only then.
+    fn takes_vfio(&self) -> bool {
+        false
+    }
+
     /// Hot-plug: bind the VFIO cdev `file` (sent over the control socket)
     /// as endpoint `id`, unattached. On `Err` nothing is kept (the file is
     /// closed).

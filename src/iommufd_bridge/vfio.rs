@@ -126,6 +126,8 @@ fn open_rw(p: &Path) -> Result<File> {
 }
 
 impl HostDevice for VfioCdev {
+    const FROM_CDEV: bool = true;
+
     fn dev_id(&self) -> u32 {
         self.dev_id
     }

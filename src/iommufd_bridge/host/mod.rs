@@ -32,6 +32,8 @@ use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// A device the host IOMMU translates for, bound to our iommufd.
 pub trait HostDevice: Debug + Send {
+    /// Made from VFIO cdevs: `from_cdev` works.
+    const FROM_CDEV: bool = false;
     /// The iommufd device id (HWPT_ALLOC, fault records).
     fn dev_id(&self) -> u32;
     /// Attach, or atomically replace the attachment, to `pt`.
@@ -618,6 +620,10 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
 
     fn reserved(&self, endpoint: u32) -> Option<&[IovaHole]> {
         self.endpoints.get(&endpoint).map(|e| e.reserved.as_slice())
+    }
+
+    fn takes_vfio(&self) -> bool {
+        D::FROM_CDEV
     }
 
     fn add_vfio(&mut self, id: u32, file: std::fs::File) -> Result<()> {
