@@ -6,7 +6,9 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 
-use log::info;
+use log::Level;
+
+use crate::log_limit::limited;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -268,7 +270,11 @@ fn add_endpoint(
         };
         error(kind, e)
     })?;
-    info!("endpoint {id:#x}: added ({what}) over the control socket");
+    // A client can repeat these: rate-limited (`stats` counts them all).
+    limited!(
+        Level::Info,
+        "endpoint {id:#x}: added ({what}) over the control socket"
+    );
     Ok(json!({"ok": true, "endpoint": id, "kind": what}))
 }
 
@@ -278,7 +284,10 @@ fn remove_endpoint(backend: &IommuBackend, req: &Value) -> Result<Value, Value> 
     let removed = backend
         .remove_endpoint(id)
         .map_err(|e| error("no-endpoint", e))?;
-    info!("endpoint {id:#x}: removed over the control socket");
+    limited!(
+        Level::Info,
+        "endpoint {id:#x}: removed over the control socket"
+    );
     Ok(json!({
         "ok": true,
         "endpoint": id,

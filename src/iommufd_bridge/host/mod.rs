@@ -236,7 +236,11 @@ impl<D: HostDevice> IommufdHost<D> {
                 return Err(e);
             }
         };
-        info!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
+        // Hot-plug repeats this: rate-limited.
+        limited!(
+            Level::Info,
+            "endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}"
+        );
         if self.nest_parent.is_none() && self.ram_hwpt.is_none() {
             self.make_ram_parent(&dev);
         }
@@ -682,7 +686,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
         {
             self.put_domain(d);
         }
-        info!("endpoint {id:#x}: removed");
+        limited!(Level::Info, "endpoint {id:#x}: host objects released");
     }
 
     fn describe(&self) -> Value {
