@@ -211,12 +211,12 @@ fn vfio_device_is_hot_plugged_and_removed_while_a_guest_runs() {
     let again = rig
         .control
         .request_with_fds(
-            &json!({"op": "add_endpoint", "endpoint": EP + 8, "vfio": true}),
+            &json!({"op": "add_endpoint", "endpoint": EP + 0x100, "vfio": true}),
             &[open_cdev().as_raw_fd()],
         )
         .unwrap();
     assert_eq!(error_kind(&again), Some("host-error"), "{again}");
-    assert!(host_endpoint(&mut rig, EP + 8).is_none());
+    assert!(host_endpoint(&mut rig, EP + 0x100).is_none());
 
     // Used: PROBE, a MAP domain on the host.
     assert_eq!(f.probe(EP).unwrap().status, S_OK);
