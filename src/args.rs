@@ -127,9 +127,17 @@ pub struct Args {
     pub endpoints: Vec<String>,
 
     /// Most endpoints, all --endpoint options together (beyond: the backend
-    /// does not start). The default covers one PCI segment's requester IDs.
+    /// does not start) and those added over the control socket (beyond:
+    /// `add_endpoint` is refused). The default covers one PCI segment's
+    /// requester IDs.
     #[arg(long, default_value_t = 1 << 16)]
     pub max_endpoints: usize,
+
+    /// Open the iommufd at start even without a VFIO endpoint, so that the
+    /// control socket's `add_endpoint` can take VFIO devices (cdev fds sent
+    /// with SCM_RIGHTS). Guest RAM is then mapped and pinned for every guest.
+    #[arg(long)]
+    pub vfio_hotplug: bool,
 
     /// The iommufd for VFIO endpoints.
     #[arg(long, value_name = "PATH", default_value = "/dev/iommu")]
@@ -349,6 +357,8 @@ pub struct Options {
     pub socket: SocketSpec,
     pub endpoints: Vec<EndpointSpec>,
     pub iommufd: IommufdSpec,
+    /// Open the iommufd even with no VFIO endpoint (`--vfio-hotplug`).
+    pub vfio_hotplug: bool,
     pub control_socket: Option<PathBuf>,
     /// Members of this group may use the control socket too.
     pub control_group: Option<libc::gid_t>,
@@ -629,6 +639,7 @@ impl Args {
             socket,
             endpoints,
             iommufd,
+            vfio_hotplug: self.vfio_hotplug,
             control_socket: self.control_socket.clone(),
             control_group,
             config: DeviceConfig {
@@ -642,6 +653,7 @@ impl Args {
                 page_request_bit: parse_feature_bit(&self.page_request_bit)?,
             },
             limits: Limits {
+                max_endpoints: self.max_endpoints,
                 max_domains: self.max_domains,
                 max_mappings: self.max_mappings,
                 max_total_mappings: self.max_total_mappings,

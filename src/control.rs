@@ -3,6 +3,8 @@
 //! virtual endpoint issue DMA through the software IOMMU, and report stats.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::mem::{size_of, size_of_val};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -107,12 +109,115 @@ fn count_and_warn(counter: &AtomicU64, what: impl FnOnce() -> String) {
     }
 }
 
+/// File descriptors a client may have in flight at once (a request takes
+/// at most one: `add_endpoint` of a VFIO cdev); more are closed on arrival.
+/// Only daemons that take VFIO devices receive fds at all.
+const MAX_FDS: usize = 4;
+
+/// A file descriptor received with SCM_RIGHTS, and the stream offset of the
+/// last byte of the read that brought it: the line holding that byte is the
+/// one it was sent with (the kernel ends a read at the message carrying
+/// fds, so a line sent in one sendmsg with its fd gets it).
+struct ReceivedFd {
+    at: u64,
+    fd: OwnedFd,
+}
+
 /// A client's stream whose reads and writes must end by `at`: the reading
 /// of one request line, or the writing of one reply, gets the timeout in
-/// all, so a client trickling bytes cannot hold its slot either.
+/// all, so a client trickling bytes cannot hold its slot either. Reads
+/// take file descriptors sent along (at most `MAX_FDS` held).
 struct Deadlined {
     stream: UnixStream,
     at: Instant,
+    /// Take fds sent along (recvmsg); otherwise plain reads, and the kernel
+    /// closes any fd sent.
+    take_fds: bool,
+    /// Bytes read so far.
+    offset: u64,
+    fds: Vec<ReceivedFd>,
+}
+
+impl Deadlined {
+    fn new(stream: UnixStream, at: Instant, take_fds: bool) -> Self {
+        Deadlined {
+            stream,
+            at,
+            take_fds,
+            offset: 0,
+            fds: Vec::new(),
+        }
+    }
+
+    /// The fds that came with stream bytes before `end`, in order.
+    fn take_fds_before(&mut self, end: u64) -> Vec<OwnedFd> {
+        let n = self.fds.iter().take_while(|f| f.at < end).count();
+        self.fds.drain(..n).map(|f| f.fd).collect()
+    }
+
+    /// recvmsg into `buf`, keeping the fds that come along.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // u64 elements: aligned for cmsghdr.
+        let mut control = [0u64; 8];
+        let fd_bytes = u32::try_from(MAX_FDS * size_of::<RawFd>()).unwrap_or(u32::MAX);
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+        debug_assert!(space <= size_of_val(&control));
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain data; all zeroes is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg points at our iovec over `buf` and at `control`
+        // (at least `space` bytes), both alive for the call. The kernel
+        // drops fds that do not fit (MSG_CTRUNC); those that do are new
+        // fds of ours, close-on-exec, taken over below.
+        let n = unsafe {
+            libc::recvmsg(
+                self.stream.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Not negative: checked above.
+        let n = n.cast_unsigned();
+        self.offset += n as u64;
+        let at = self.offset.saturating_sub(1);
+        // SAFETY: walking the control data the kernel wrote, within
+        // msg_controllen, with the CMSG_* accessors.
+        let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !c.is_null() {
+            // SAFETY: c points at a complete header inside `control`.
+            let (level, ty, len) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len) };
+            if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
+                // SAFETY: CMSG_LEN only computes a size.
+                let header = unsafe { libc::CMSG_LEN(0) } as usize;
+                let count = len.saturating_sub(header) / size_of::<RawFd>();
+                for i in 0..count {
+                    // SAFETY: `count` fds follow the header, inside the
+                    // data the kernel wrote; read unaligned.
+                    let raw = unsafe { libc::CMSG_DATA(c).cast::<RawFd>().add(i).read_unaligned() };
+                    // SAFETY: the kernel just installed this fd for us and
+                    // nothing else refers to it: we own it.
+                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                    if self.fds.len() < MAX_FDS {
+                        self.fds.push(ReceivedFd { at, fd });
+                    }
+                }
+            }
+            // SAFETY: as above; returns null past the end.
+            c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+        }
+        Ok(n)
+    }
 }
 
 impl Deadlined {
@@ -128,7 +233,11 @@ impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.remaining()?;
         self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
+        if self.take_fds {
+            self.recv(buf)
+        } else {
+            self.stream.read(buf)
+        }
     }
 }
 
@@ -154,15 +263,15 @@ fn serve_client(
     clients: &ClientCounters,
     stream: UnixStream,
     limits: ControlLimits,
+    take_fds: bool,
 ) -> io::Result<()> {
     let max_line = limits.max_line;
     let now = Instant::now();
-    let mut writer = Deadlined {
-        stream: stream.try_clone()?,
-        at: now,
-    };
-    let mut reader = BufReader::new(Deadlined { stream, at: now });
+    let mut writer = Deadlined::new(stream.try_clone()?, now, false);
+    let mut reader = BufReader::new(Deadlined::new(stream, now, take_fds));
     let mut line = Vec::with_capacity(256);
+    // Stream bytes taken as lines so far.
+    let mut consumed = 0u64;
     loop {
         line.clear();
         reader.get_mut().at = Instant::now() + limits.timeout;
@@ -173,23 +282,27 @@ fn serve_client(
         if n == 0 {
             return Ok(());
         }
+        consumed += n as u64;
         let reply = if line.last() != Some(&b'\n') && n > max_line {
             // Skip the rest of the long line, then answer once.
             let mut sink = Vec::new();
             while !sink.ends_with(b"\n") {
                 sink.clear();
-                if (&mut reader)
+                let skipped = (&mut reader)
                     .take(max_line as u64)
-                    .read_until(b'\n', &mut sink)?
-                    == 0
-                {
+                    .read_until(b'\n', &mut sink)?;
+                if skipped == 0 {
                     break;
                 }
+                consumed += skipped as u64;
             }
+            // Its fds are closed here.
+            drop(reader.get_mut().take_fds_before(consumed));
             error("bad-request", format!("line longer than {max_line} bytes"))
         } else {
+            let fds = reader.get_mut().take_fds_before(consumed);
             match std::str::from_utf8(&line) {
-                Ok(text) => handle_line(backend, clients, text.trim()),
+                Ok(text) => handle_line(backend, clients, text.trim(), fds),
                 Err(_) => error("bad-request", "not UTF-8"),
             }
         };
@@ -212,10 +325,18 @@ pub fn spawn(
     let active = Arc::new(AtomicUsize::new(0));
     let clients = Arc::new(ClientCounters::default());
     let ControlSocket { listener, access } = socket;
+    // Only a daemon that can bind VFIO devices receives fds on its control
+    // socket and lets its control threads make the host's ioctls.
+    let vfio = backend.takes_vfio();
+    let (listener_role, client_role) = if vfio {
+        (Role::ControlListenerVfio, Role::ControlClientVfio)
+    } else {
+        (Role::ControlListener, Role::ControlClient)
+    };
     thread::Builder::new()
         .name("viommu-control".into())
         .spawn(move || {
-            sandbox::narrow_or_warn(Role::ControlListener);
+            sandbox::narrow_or_warn(listener_role);
             for stream in listener.incoming() {
                 let stream = match stream {
                     Ok(s) => s,
@@ -246,8 +367,8 @@ pub fn spawn(
                 let spawned = thread::Builder::new()
                     .name("viommu-ctl-client".into())
                     .spawn(move || {
-                        sandbox::narrow_or_warn(Role::ControlClient);
-                        match serve_client(&b, &c, stream, limits) {
+                        sandbox::narrow_or_warn(client_role);
+                        match serve_client(&b, &c, stream, limits, vfio) {
                             Ok(()) => {}
                             Err(e) if is_timeout(&e) => count_and_warn(&c.timed_out, || {
                                 format!(

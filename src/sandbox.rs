@@ -74,6 +74,13 @@ pub enum Role {
     /// A control client: reads lines and writes replies; `dma` writes the
     /// virtual fault pipe and waits.
     ControlClient,
+    /// The listener of a daemon that can take VFIO devices over the control
+    /// socket (it has an iommufd): its clients' list is in it.
+    ControlListenerVfio,
+    /// A control client of such a daemon: also receives the cdev fds
+    /// hot-plug sends with its lines, and binds and releases devices on the
+    /// host IOMMU (`add_endpoint`, `remove_endpoint`).
+    ControlClientVfio,
     /// The short-lived thread that makes a connection's vring workers (the
     /// library starts them, with no hook of ours before their first event):
     /// the worker's list plus what making them takes, so the workers hold
@@ -163,6 +170,10 @@ mod lists {
         SYS_shutdown,
         SYS_setsockopt,
     ];
+    /// Hot-plug on the control socket: cdev fds arrive with SCM_RIGHTS
+    /// (recvmsg), are checked to be character devices (fstat; Rust's
+    /// metadata tries statx first) and bound with the host's ioctls.
+    pub(crate) const HOTPLUG: &[c_long] = &[SYS_recvmsg, SYS_fstat, SYS_newfstatat, SYS_statx];
     /// Accepting connections (getsockopt: the peer's credentials).
     pub(crate) const ACCEPT: &[c_long] = &[
         SYS_accept,
@@ -204,6 +215,8 @@ pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
         Role::Frontend => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER],
         Role::ControlListener => &[RUNTIME, STREAM, ACCEPT, THREADS],
         Role::ControlClient => &[RUNTIME, STREAM],
+        Role::ControlListenerVfio => &[RUNTIME, STREAM, ACCEPT, THREADS, HOTPLUG, HOST],
+        Role::ControlClientVfio => &[RUNTIME, STREAM, HOTPLUG, HOST],
         Role::StartWorkers => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, SETUP, THREADS],
         Role::StartHandler => &[
             RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, ACCEPT, THREADS,
@@ -233,10 +246,11 @@ const fn io(nr: u32) -> u32 {
 }
 
 /// Every ioctl request the daemon issues once the filters are on, and
-/// where. Start-up only (before the filter; not listed): VFIO_DEVICE_
-/// BIND_IOMMUFD, GET_INFO, GET_REGION_INFO, GET_IRQ_INFO (vfio-ioctls'
-/// `VfioDevice::new_from_fd`, for `--endpoint ID,vfio=`), and the iommufd
-/// capability probes (`Iommufd::features`; their numbers are here anyway,
+/// where. VFIO_DEVICE_BIND_IOMMUFD, GET_INFO, GET_REGION_INFO and
+/// GET_IRQ_INFO (vfio-ioctls' `VfioDevice::new_from_fd`) at start-up for
+/// `--endpoint ID,vfio=`, and on a control client for a hot-plugged cdev.
+/// Start-up only (before the filter; not listed): the iommufd capability
+/// probes (`Iommufd::features`; their numbers are here anyway,
 /// but IOMMU_TEST_CMD's only with `selftest`). No other crate we use
 /// issues one on a serving path: vhost, vhost-user-backend, vm-memory and
 /// vmm-sys-util's epoll and eventfd make none; env_logger asks whether
@@ -261,8 +275,12 @@ pub(crate) const IOCTLS: &[(u32, &str)] = &[
     // The iommufd selftest's mock devices (`--endpoint ID,selftest`).
     #[cfg(feature = "selftest")]
     (io(0xa0), "IOMMU_TEST_CMD"),
-    // VFIO cdevs (vfio-ioctls' attach_hwpt, detach_hwpt and the PASID
-    // variants, and VfioDevice's drop).
+    // VFIO cdevs: binding a hot-plugged one (vfio-ioctls' new_from_fd),
+    // attach_hwpt, detach_hwpt and the PASID variants, VfioDevice's drop.
+    (io(100 + 7), "VFIO_DEVICE_GET_INFO"),
+    (io(100 + 8), "VFIO_DEVICE_GET_REGION_INFO"),
+    (io(100 + 9), "VFIO_DEVICE_GET_IRQ_INFO"),
+    (io(100 + 18), "VFIO_DEVICE_BIND_IOMMUFD"),
     (io(100 + 19), "VFIO_DEVICE_ATTACH_IOMMUFD_PT"),
     (io(100 + 20), "VFIO_DEVICE_DETACH_IOMMUFD_PT"),
 ];
@@ -609,6 +627,8 @@ mod tests {
             Role::Frontend,
             Role::ControlListener,
             Role::ControlClient,
+            Role::ControlListenerVfio,
+            Role::ControlClientVfio,
         ];
         for role in roles {
             let list = allowed_for(role);
@@ -622,7 +642,12 @@ mod tests {
         }
         let has = |r, n| allowed_for(r).contains(&n);
         // Guest-facing threads cannot start threads or accept connections.
-        for r in [Role::Worker, Role::Frontend, Role::ControlClient] {
+        for r in [
+            Role::Worker,
+            Role::Frontend,
+            Role::ControlClient,
+            Role::ControlClientVfio,
+        ] {
             for n in [SYS_clone, SYS_clone3, SYS_accept4, SYS_prctl] {
                 assert!(!has(r, n), "{r:?} {n}");
             }
@@ -631,15 +656,28 @@ mod tests {
         assert!(has(Role::ControlClient, SYS_setsockopt));
         // The listener reads its clients' peer credentials.
         assert!(has(Role::ControlListener, SYS_getsockopt));
-        // Only the vhost-user handler receives fds.
+        // Only the vhost-user handler receives fds, and the control clients
+        // of a daemon that takes VFIO devices over the control socket.
         assert!(has(Role::Frontend, SYS_recvmsg) && !has(Role::Worker, SYS_recvmsg));
         assert!(!has(Role::ControlClient, SYS_recvmsg));
-        // The control socket never touches the host IOMMU.
+        // The control socket never touches the host IOMMU, unless it can
+        // hot-plug VFIO devices.
         assert!(!has(Role::ControlClient, SYS_ioctl) && !has(Role::ControlListener, SYS_ioctl));
         assert!(has(Role::Worker, SYS_ioctl) && has(Role::Frontend, SYS_ioctl));
+        assert!(
+            has(Role::ControlClientVfio, SYS_recvmsg) && has(Role::ControlClientVfio, SYS_statx)
+        );
+        assert!(has(Role::ControlClientVfio, SYS_ioctl));
+        let subset = |a: Role, b: Role| allowed_for(a).iter().all(|n| has(b, *n));
+        assert!(subset(Role::ControlClient, Role::ControlClientVfio));
+        assert!(subset(Role::ControlClientVfio, Role::ControlListenerVfio));
+        assert!(subset(Role::ControlListener, Role::ControlListenerVfio));
+        // Even then: no sending fds, no memory files, no threads.
+        for n in [SYS_sendmsg, SYS_dup, SYS_lseek, SYS_pread64, SYS_clone] {
+            assert!(!has(Role::ControlClientVfio, n), "{n}");
+        }
         // The threads that make the library's threads: their role's list,
         // plus only what making them takes; never the other roles' calls.
-        let subset = |a: Role, b: Role| allowed_for(a).iter().all(|n| has(b, *n));
         assert!(subset(Role::Worker, Role::StartWorkers));
         assert!(subset(Role::Frontend, Role::StartHandler));
         for r in [Role::StartWorkers, Role::StartHandler] {
@@ -684,8 +722,9 @@ mod tests {
         }
         // The kernel's numbers: IOMMU_DESTROY, VFIO_DEVICE_ATTACH_IOMMUFD_PT.
         assert!(listed(0x3b80) && listed(0x3b77) && listed(0x3b78));
-        // Not the start-up ones (VFIO_DEVICE_BIND_IOMMUFD, GET_INFO).
-        assert!(!listed(0x3b76) && !listed(0x3b6b));
+        // Binding a hot-plugged cdev: VFIO_DEVICE_BIND_IOMMUFD, GET_INFO,
+        // GET_REGION_INFO, GET_IRQ_INFO.
+        assert!(listed(0x3b76) && listed(0x3b6b) && listed(0x3b6c) && listed(0x3b6d));
     }
 
     #[test]

@@ -63,10 +63,11 @@ pub enum ServerError {
 
 /// The host IOMMU for the endpoints that are not virtual, if any.
 fn open_host(opts: &Options) -> Result<Option<Box<dyn HostIommu>>, ServerError> {
-    if opts
-        .endpoints
-        .iter()
-        .all(|e| e.kind == EndpointKind::Virtual)
+    if !opts.vfio_hotplug
+        && opts
+            .endpoints
+            .iter()
+            .all(|e| e.kind == EndpointKind::Virtual)
     {
         return Ok(None);
     }

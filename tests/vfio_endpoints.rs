@@ -17,8 +17,13 @@
 
 mod support;
 
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+
+use serde_json::{json, Value};
+use support::control::error_kind;
 use support::host::HostRig;
-use support::wire::{self, S_INVAL, S_OK};
+use support::wire::{self, S_INVAL, S_NOENT, S_OK};
 use support::Frontend;
 
 const EP: u32 = 0x8;
@@ -136,5 +141,140 @@ fn vfio_device_binds_and_follows_the_guest() {
     assert_eq!(h["endpoints"][0]["pt_id"], h["blocking_pt"]);
     let mut f = connect(&rig);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert!(rig.backend.child.try_wait().unwrap().is_none());
+}
+
+fn open_cdev() -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cdev())
+        .expect("open the VFIO cdev")
+}
+
+/// `add_endpoint` of EP as a VFIO device, with `file` sent along.
+fn add_vfio(rig: &mut HostRig, file: &impl AsRawFd) -> Value {
+    rig.control
+        .request_with_fds(
+            &json!({"op": "add_endpoint", "endpoint": EP, "vfio": true}),
+            &[file.as_raw_fd()],
+        )
+        .unwrap()
+}
+
+fn host_endpoint(rig: &mut HostRig, id: u32) -> Option<Value> {
+    let h = rig.host();
+    h["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .cloned()
+}
+
+/// Hot-plug (spec-notes/protocol.md 8.2): the backend starts with a
+/// virtual endpoint only and `--vfio-hotplug`; while a guest runs, the
+/// VFIO device is added with its cdev sent over the control socket, used,
+/// removed while attached (its domain and every host object released,
+/// requests naming it NOENT), and added again, which the kernel allows
+/// only once the first binding is gone.
+#[test]
+#[ignore = "needs a VFIO cdev in VIOMMU_VFIO_CDEV: run by tests/vm/kernel-tier.sh"]
+fn vfio_device_is_hot_plugged_and_removed_while_a_guest_runs() {
+    let mut rig = HostRig::new(&["--endpoint", "0x10", "--vfio-hotplug"]);
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_NOENT);
+    assert!(host_endpoint(&mut rig, EP).is_none());
+
+    // Not a VFIO cdev: a pipe (no ioctl is tried), /dev/null (a character
+    // device the kernel refuses to bind). Nothing is kept.
+    let (pipe_r, _pipe_w) = std::os::unix::net::UnixStream::pair().unwrap();
+    assert_eq!(
+        error_kind(&add_vfio(&mut rig, &pipe_r)),
+        Some("bad-request")
+    );
+    let null = File::open("/dev/null").unwrap();
+    let r = add_vfio(&mut rig, &null);
+    assert_eq!(error_kind(&r), Some("host-error"), "{r}");
+    assert!(host_endpoint(&mut rig, EP).is_none());
+
+    // Added while the guest runs: unattached, bypass on, so guest RAM.
+    let r = add_vfio(&mut rig, &open_cdev());
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["kind"], "vfio", "{r}");
+    let h = rig.host();
+    let e = host_endpoint(&mut rig, EP).expect("the host holds the device");
+    assert_eq!(e["device"]["received"], true, "{e}");
+    assert_eq!(e["pt_id"], h["bypass_pt"], "{h}");
+    // The same device again, under another ID: the kernel binds a device
+    // once; refused, nothing kept.
+    let again = rig
+        .control
+        .request_with_fds(
+            &json!({"op": "add_endpoint", "endpoint": EP + 0x100, "vfio": true}),
+            &[open_cdev().as_raw_fd()],
+        )
+        .unwrap();
+    assert_eq!(error_kind(&again), Some("host-error"), "{again}");
+    assert!(host_endpoint(&mut rig, EP + 0x100).is_none());
+
+    // Used: PROBE, a MAP domain on the host.
+    assert_eq!(f.probe(EP).unwrap().status, S_OK);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let d1 = rig.domain(1).expect("domain 1 on the host");
+    assert_eq!(host_endpoint(&mut rig, EP).unwrap()["pt_id"], d1["hwpt"]);
+    let gpa = f.mem.alloc(0x4000, 0x1000).unwrap();
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x1_0000_0000, 0x1_0000_3fff, gpa, RW)),
+        S_OK
+    );
+
+    // Removed while attached: the domain (its only endpoint's) and the
+    // device are released.
+    let r = rig
+        .control
+        .request(&json!({"op": "remove_endpoint", "endpoint": EP}))
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["kind"], "vfio", "{r}");
+    assert!(host_endpoint(&mut rig, EP).is_none());
+    assert!(rig.domain(1).is_none());
+    assert_eq!(
+        rig.fd
+            .destroy(d1["ioas"].as_u64().unwrap() as u32)
+            .unwrap_err()
+            .errno(),
+        Some(libc::ENOENT),
+        "the domain's IOAS is gone"
+    );
+    assert_eq!(status(&mut f, wire::attach(2, EP, 0, 0)), S_NOENT);
+    assert_eq!(f.probe(EP).unwrap().status, S_NOENT);
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x2_0000_0000, 0x2_0000_0fff, gpa, RW)),
+        S_NOENT
+    );
+
+    // Released: the kernel binds the device again.
+    let r = add_vfio(&mut rig, &open_cdev());
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(status(&mut f, wire::attach(3, EP, 0, 0)), S_OK);
+    // The guest goes; the device stays, blocked; the next guest uses it.
+    f.disconnect();
+    let h = rig.wait_idle();
+    assert_eq!(
+        host_endpoint(&mut rig, EP).unwrap()["pt_id"],
+        h["blocking_pt"]
+    );
+    let mut f = connect(&rig);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let r = rig
+        .control
+        .request(&json!({"op": "remove_endpoint", "endpoint": EP}))
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(status(&mut f, wire::attach(1, 0x10, 0, 0)), S_OK);
+    let s = rig.control.stats().unwrap();
+    assert_eq!(s["endpoints_added"], 2, "{s}");
+    assert_eq!(s["endpoints_removed"], 2, "{s}");
     assert!(rig.backend.child.try_wait().unwrap().is_none());
 }

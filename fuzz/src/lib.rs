@@ -68,6 +68,7 @@ pub const ENDPOINTS: [u32; 4] = [1, 2, 3, 0x18];
 /// Small bounds, so the limits are reached within one input.
 pub fn small_limits(max_events: usize) -> Limits {
     Limits {
+        max_endpoints: 1 << 16,
         max_domains: 16,
         max_mappings: 64,
         max_total_mappings: 128,

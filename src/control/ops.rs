@@ -2,7 +2,13 @@
 //! The control socket's operations: `dma` (translate, fault, raise a page
 //! request and wait for it), `stats`, `host`; one JSON reply per line.
 
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
+
+use log::Level;
+
+use crate::log_limit::limited;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -11,8 +17,10 @@ use vm_memory::GuestAddressSpace;
 use super::{ClientCounters, CONTROL_ERRORS, DEFAULT_TIMEOUT, MAX_TIMEOUT_MS};
 use crate::device::backend::IommuBackend;
 use crate::device::config::features;
+use crate::device::state::{HotplugError, NewEndpoint};
 use crate::device::translate::{translate_dma, ModelError};
 use crate::fault_queue::pages::{CODE_INVALID, CODE_SUCCESS, PERM_READ, PERM_WRITE};
+use crate::iommufd_bridge::BridgeError;
 
 pub(super) fn error(kind: &str, detail: impl ToString) -> Value {
     json!({"ok": false, "error": kind, "detail": detail.to_string()})
@@ -196,17 +204,125 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "eventq_bad_avail_index": d.eventq_bad_avail,
         "device_resets": d.device_resets,
         "frontend_connections": d.frontend_connections,
+        "endpoints_added": d.endpoints_added,
+        "endpoints_removed": d.endpoints_removed,
+        "endpoint_adds_refused": d.endpoint_adds_refused,
         "control_errors": CONTROL_ERRORS.load(Ordering::Relaxed),
     })
 }
 
-/// One request line in, one reply object out.
-pub(super) fn handle_line(backend: &IommuBackend, clients: &ClientCounters, line: &str) -> Value {
+/// The `endpoint` field: a 32-bit endpoint ID.
+fn endpoint_field(req: &Value) -> Result<u32, Value> {
+    u32::try_from(field_u64(req, "endpoint")?)
+        .map_err(|_| error("bad-request", "endpoint is not a 32-bit number"))
+}
+
+/// `add_endpoint`: a virtual endpoint, or with `"vfio": true` the VFIO
+/// cdev sent with the line (exactly one fd).
+fn add_endpoint(
+    backend: &IommuBackend,
+    req: &Value,
+    mut fds: Vec<OwnedFd>,
+) -> Result<Value, Value> {
+    let id = endpoint_field(req)?;
+    let vfio = match req.get("vfio") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(error("bad-request", "\"vfio\" must be a boolean")),
+    };
+    if vfio && !backend.takes_vfio() {
+        // Its fd, if any, was dropped by the kernel (plain reads).
+        return Err(error(
+            "unsupported",
+            "no iommufd for VFIO devices (start with --vfio-hotplug or a VFIO endpoint)",
+        ));
+    }
+    let kind = match (vfio, fds.len()) {
+        (false, 0) => NewEndpoint::Virtual,
+        (false, _) => {
+            return Err(error(
+                "bad-request",
+                "a virtual endpoint takes no file descriptor",
+            ))
+        }
+        (true, 1) => NewEndpoint::Vfio(File::from(fds.pop().expect("one fd"))),
+        (true, n) => {
+            return Err(error(
+                "bad-request",
+                format!("\"vfio\" takes the cdev's fd, sent with the line (SCM_RIGHTS); got {n}"),
+            ))
+        }
+    };
+    let what = if vfio { "vfio" } else { "virtual" };
+    backend.add_endpoint(id, kind).map_err(|e| {
+        let kind = match &e {
+            HotplugError::Exists(_) => "exists",
+            HotplugError::Limit(_) => "limit",
+            HotplugError::NoEndpoint(_) => "no-endpoint",
+            HotplugError::Host {
+                source: BridgeError::Unsupported(_),
+                ..
+            } => "unsupported",
+            HotplugError::Host {
+                source: BridgeError::NotCdev,
+                ..
+            } => "bad-request",
+            HotplugError::Host { .. } => "host-error",
+        };
+        error(kind, e)
+    })?;
+    // A client can repeat these: rate-limited (`stats` counts them all).
+    limited!(
+        Level::Info,
+        "endpoint {id:#x}: added ({what}) over the control socket"
+    );
+    Ok(json!({"ok": true, "endpoint": id, "kind": what}))
+}
+
+/// `remove_endpoint`: detach and forget it (its page requests completed).
+fn remove_endpoint(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
+    let id = endpoint_field(req)?;
+    let removed = backend
+        .remove_endpoint(id)
+        .map_err(|e| error("no-endpoint", e))?;
+    limited!(
+        Level::Info,
+        "endpoint {id:#x}: removed over the control socket"
+    );
+    Ok(json!({
+        "ok": true,
+        "endpoint": id,
+        "kind": if removed.host { "vfio" } else { "virtual" },
+        "page_requests_completed": removed.page_requests,
+    }))
+}
+
+/// One request line in, one reply object out. `fds` came with the line
+/// (SCM_RIGHTS); only `add_endpoint` of a VFIO cdev takes one, and any
+/// not taken are closed when the reply is made.
+pub(super) fn handle_line(
+    backend: &IommuBackend,
+    clients: &ClientCounters,
+    line: &str,
+    fds: Vec<OwnedFd>,
+) -> Value {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => return error("bad-request", format!("not JSON: {e}")),
     };
-    match req.get("op").and_then(Value::as_str) {
+    let op = req.get("op").and_then(Value::as_str);
+    if op != Some("add_endpoint") && !fds.is_empty() {
+        return error(
+            "bad-request",
+            format!(
+                "{} file descriptor(s) sent with an op that takes none",
+                fds.len()
+            ),
+        );
+    }
+    match op {
+        Some("add_endpoint") => add_endpoint(backend, &req, fds).unwrap_or_else(|e| e),
+        Some("remove_endpoint") => remove_endpoint(backend, &req).unwrap_or_else(|e| e),
         Some("dma") => dma(backend, &req).unwrap_or_else(|e| e),
         Some("stats") => stats(backend, clients),
         Some("host") => serde_json::json!({

@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::config::{features, DeviceConfig, Limits};
-use crate::device::state::IommuState;
+use crate::device::state::{HotplugError, IommuState, NewEndpoint, Removed};
 use crate::device::stats::Stats;
 use crate::fault_queue::pages::{FaultRecord, PageRequests, Response, SourceId};
 use crate::fault_queue::relay::{EventSource, FaultRelay, FaultSink, Watched};
@@ -241,6 +241,34 @@ impl IommuBackend {
     /// (dropped when it is) or was answered meanwhile.
     pub(crate) fn virtual_timed_out(&self, cookie: u32) -> bool {
         self.relay.virtual_timed_out(&self.session, cookie)
+    }
+
+    /// Can the control socket hot-plug VFIO devices (there is an iommufd
+    /// serving VFIO)? Fixed from start-up on.
+    pub(crate) fn takes_vfio(&self) -> bool {
+        self.session().iommu.host().takes_vfio()
+    }
+
+    /// Hot-plug endpoint `id` (control socket): unattached from now on.
+    pub(crate) fn add_endpoint(&self, id: u32, kind: NewEndpoint) -> Result<(), HotplugError> {
+        let mut s = self.session();
+        let added = s.iommu.add_endpoint(id, kind);
+        match added {
+            Ok(()) => s.stats.device.endpoints_added += 1,
+            Err(_) => s.stats.device.endpoint_adds_refused += 1,
+        }
+        added
+    }
+
+    /// Hot-unplug endpoint `id` (control socket): detached from everything,
+    /// its page requests completed (their `dma`s woken, their records out
+    /// of the event FIFO), its host objects released.
+    pub(crate) fn remove_endpoint(&self, id: u32) -> Result<Removed, HotplugError> {
+        let mut s = self.session();
+        let removed = s.iommu.remove_endpoint(id)?;
+        s.stats.device.endpoints_removed += 1;
+        self.relay.flush(&mut *s);
+        Ok(removed)
     }
 
     pub fn session(&self) -> RankedGuard<'_, Session> {

@@ -128,6 +128,9 @@ pub(crate) const DEFAULT_PAGE_RESPONSE_TIMEOUT_MS: u64 = 10_000;
 /// Bounds on what one guest may make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Endpoints, those given at start and those added over the control
+    /// socket together.
+    pub max_endpoints: usize,
     pub max_domains: usize,
     pub max_mappings: usize,
     /// Mappings of all domains together.
@@ -145,6 +148,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_endpoints: 1 << 16,
             max_domains: 1 << 16,
             max_mappings: 1 << 20,
             max_total_mappings: 1 << 20,

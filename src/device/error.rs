@@ -156,7 +156,7 @@ impl RequestError {
 fn host_status(e: &BridgeError) -> Status {
     match e {
         BridgeError::NotGuestRam { .. } => Status::Fault,
-        BridgeError::Unsupported(_) => Status::Unsupp,
+        BridgeError::Unsupported(_) | BridgeError::NotCdev => Status::Unsupp,
         BridgeError::Host { .. } => Status::DevErr,
         BridgeError::Kernel { errno, .. } => match *errno {
             libc::ENOMEM | libc::ENOSPC => Status::NoMem,

@@ -21,15 +21,18 @@ use crate::fault_queue::pages::{
 use crate::fault_queue::{EventFifo, EventRecord};
 use crate::iommufd_bridge::software::SoftwareIommu;
 use crate::iommufd_bridge::{BridgeError, HostIommu, RamRegion, Target};
+
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
 use crate::wire::{ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
 use crate::wire::{FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
+pub(crate) use hotplug::{HotplugError, NewEndpoint, Removed};
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region and never
 /// mappable (spec-notes/protocol.md 6.6); the host port's, so both agree.
 pub(crate) use crate::iommufd_bridge::{MSI_END, MSI_START};
 
+mod hotplug;
 mod invariants;
 mod page_routing;
 mod ratified;

@@ -46,6 +46,11 @@ pub struct DeviceCounters {
     pub device_resets: u64,
     /// Frontend connections served.
     pub frontend_connections: u64,
+    /// Endpoints hot-plugged over the control socket, removed, and adds
+    /// refused (exists, bound, host refusal).
+    pub endpoints_added: u64,
+    pub endpoints_removed: u64,
+    pub endpoint_adds_refused: u64,
 }
 
 fn slot(ty: u8) -> usize {

@@ -466,6 +466,24 @@ impl PageRequests {
         }
     }
 
+    /// `endpoint` is gone (hot-unplug), after `attachment_gone` for each of
+    /// its attachments: nothing of it may stay. Groups left over (none
+    /// while every group names a live attachment) are completed by the
+    /// device; its group-id counter goes, so memory does not grow with the
+    /// IDs ever plugged.
+    pub(crate) fn forget_endpoint(&mut self, endpoint: u32) {
+        let keys: Vec<GroupKey> = self
+            .groups
+            .keys()
+            .filter(|k| k.endpoint == endpoint)
+            .copied()
+            .collect();
+        for key in keys {
+            self.complete_by_device(&key, CODE_INVALID);
+        }
+        self.next_id.remove(&endpoint);
+    }
+
     /// The driver did not answer in time: every group whose deadline is at
     /// or before `now` is completed by the device with INVALID (FAILURE
     /// would tell a PCIe function to stop issuing page requests until it

@@ -131,6 +131,8 @@ pub enum BridgeError {
     NotGuestRam { gpa: u64, len: u64 },
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("not a VFIO cdev (not a character device)")]
+    NotCdev,
 }
 
 impl From<sys::SysError> for BridgeError {
@@ -258,6 +260,30 @@ pub trait HostIommu: Debug + Send {
     fn table_caps(&self, endpoint: u32) -> TableCaps {
         let _ = endpoint;
         TableCaps::default()
+    }
+
+    /// Can `add_vfio` take VFIO devices (an iommufd serving VFIO)? The
+    /// control socket receives fds, and its threads may bind them, only then.
+    fn takes_vfio(&self) -> bool {
+        false
+    }
+
+    /// Hot-plug: bind the VFIO cdev `file` (sent over the control socket)
+    /// as endpoint `id`, unattached. On `Err` nothing is kept (the file is
+    /// closed).
+    fn add_vfio(&mut self, id: u32, file: std::fs::File) -> Result<()> {
+        let _ = (id, file);
+        Err(BridgeError::Unsupported(
+            "no iommufd for VFIO devices (start with --vfio-hotplug or a VFIO endpoint)",
+        ))
+    }
+
+    /// Hot-unplug: let go of host endpoint `id` and every host object it
+    /// holds (PASIDs and RID detached, domains it was the last user of,
+    /// its vDEVICE, the device itself). Never fails: what the kernel
+    /// refuses is logged and released anyway.
+    fn remove_endpoint(&mut self, id: u32) {
+        let _ = id;
     }
 
     /// The IOVA holes of a host endpoint (None: use the platform's). Known

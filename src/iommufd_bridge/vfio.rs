@@ -26,6 +26,8 @@ pub enum VfioSource {
     /// An inherited cdev the VMM binds to the shared `--iommufd-fd`
     /// (passthrough: QEMU's `-device vfio-pci,fd=`); never bound by us.
     BoundFd(i32),
+    /// A cdev sent over the control socket (hot-plug).
+    Received,
 }
 
 /// How we hold the device.
@@ -98,7 +100,23 @@ impl VfioCdev {
                 // server::run checked it is open before opening anything.
                 unsafe { File::from_raw_fd(*raw) }
             }
+            VfioSource::Received => {
+                return Err(BridgeError::Unsupported("a received cdev comes as a file"))
+            }
         };
+        Self::bind(fd, file, source)
+    }
+
+    /// Bind an open cdev to `fd`, unattached. A file that is not a
+    /// character device is refused before any ioctl is made on it.
+    fn bind(fd: &Iommufd, file: File, source: &VfioSource) -> Result<Self> {
+        let meta = file.metadata().map_err(|e| BridgeError::Host {
+            op: "fstat VFIO cdev",
+            detail: e.to_string(),
+        })?;
+        if !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) {
+            return Err(BridgeError::NotCdev);
+        }
         let ops = VfioIommufd::new(Arc::clone(fd.handle()), None, None)
             .map_err(|e| vfio_err("VFIO iommufd", e))?;
         let dev = VfioDevice::new_from_fd(file, Arc::new(ops), false)
@@ -133,6 +151,8 @@ fn open_rw(p: &Path) -> Result<File> {
 }
 
 impl HostDevice for VfioCdev {
+    const FROM_CDEV: bool = true;
+
     fn dev_id(&self) -> u32 {
         self.dev_id
     }
@@ -169,11 +189,16 @@ impl HostDevice for VfioCdev {
         }
     }
 
+    fn from_cdev(fd: &Iommufd, file: File) -> Result<Self> {
+        Self::bind(fd, file, &VfioSource::Received)
+    }
+
     fn describe(&self) -> Value {
         match &self.source {
             VfioSource::Path(p) => json!({ "kind": "vfio", "path": p }),
             VfioSource::Fd(fd) => json!({ "kind": "vfio", "fd": fd }),
             VfioSource::BoundFd(fd) => json!({ "kind": "vfio", "fd": fd, "bound_by": "vmm" }),
+            VfioSource::Received => json!({ "kind": "vfio", "received": true }),
         }
     }
 

@@ -2,6 +2,7 @@
 //! Client of the backend's control socket (JSON lines, spec-notes/protocol.md 8).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -105,6 +106,14 @@ impl ControlClient {
             req["timeout_ms"] = json!(t);
         }
         self.request(&req)
+    }
+
+    /// Send one request object with `fds` as SCM_RIGHTS ancillary data on
+    /// the same sendmsg as its line, and read its reply.
+    pub fn request_with_fds(&mut self, req: &Value, fds: &[RawFd]) -> Result<Value> {
+        let line = format!("{req}\n");
+        send_with_fds(&self.writer, line.as_bytes(), fds)?;
+        self.read_reply()
     }
 
     /// `{"op":"stats"}`.
@@ -275,4 +284,45 @@ pub fn request_as(
             String::from_utf8_lossy(other)
         )),
     }
+}
+
+/// sendmsg `bytes` with `fds` attached (SCM_RIGHTS); all of `bytes` must go
+/// in one call (lines here are short).
+pub fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    // u64 elements: aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds CMSG_SPACE(fd_bytes) bytes, so the
+        // first header and its data fit; we write exactly fd_bytes of data.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), fd_bytes);
+        }
+    }
+    // SAFETY: msg points at our iovec, buffer and control data, all alive
+    // for the call.
+    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if n as usize != bytes.len() {
+        return invalid(format!("sendmsg sent {n} of {} bytes", bytes.len()));
+    }
+    Ok(())
 }

@@ -34,6 +34,8 @@ use crate::nested::{Invalidate, TableCaps, TableDesc};
 
 /// A device the host IOMMU translates for, bound to our iommufd.
 pub trait HostDevice: Debug + Send {
+    /// Made from VFIO cdevs: `from_cdev` works.
+    const FROM_CDEV: bool = false;
     /// The iommufd device id (HWPT_ALLOC, fault records).
     fn dev_id(&self) -> u32;
     /// Attach, or atomically replace the attachment, to `pt`.
@@ -51,6 +53,17 @@ pub trait HostDevice: Debug + Send {
     fn detach_pasid(&mut self, fd: &Iommufd, pasid: u32) -> Result<()> {
         let _ = (fd, pasid);
         Err(BridgeError::Unsupported("PASID detach"))
+    }
+    /// A device made from a VFIO cdev sent over the control socket, bound
+    /// to `fd` (hot-plug). Devices of other kinds cannot be made so.
+    fn from_cdev(fd: &Iommufd, file: std::fs::File) -> Result<Self>
+    where
+        Self: Sized,
+    {
+        let _ = (fd, file);
+        Err(BridgeError::Unsupported(
+            "this backend serves selftest endpoints: no VFIO devices",
+        ))
     }
     /// For logs and the control socket.
     fn describe(&self) -> Value;
@@ -228,7 +241,11 @@ impl<D: HostDevice> IommufdHost<D> {
                 return Err(e);
             }
         };
-        info!("endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}");
+        // Hot-plug repeats this: rate-limited.
+        limited!(
+            Level::Info,
+            "endpoint {id:#x}: usable IOVA {ranges:x?}, alignment {align:#x}"
+        );
         if self.nest_parent.is_none() && self.ram_hwpt.is_none() {
             self.make_ram_parent(&dev);
         }
@@ -614,6 +631,69 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
 
     fn reserved(&self, endpoint: u32) -> Option<&[IovaHole]> {
         self.endpoints.get(&endpoint).map(|e| e.reserved.as_slice())
+    }
+
+    fn takes_vfio(&self) -> bool {
+        D::FROM_CDEV
+    }
+
+    fn add_vfio(&mut self, id: u32, file: std::fs::File) -> Result<()> {
+        if self.endpoints.contains_key(&id) {
+            // The device state checks first; this only keeps the map sound.
+            return Err(BridgeError::Unsupported("endpoint exists"));
+        }
+        let added = self.add_endpoint(id, |fd, _| D::from_cdev(fd, file));
+        if added.is_err() {
+            // Inserted, then not placed: nothing may stay behind.
+            self.remove_endpoint(id);
+        }
+        added
+    }
+
+    fn remove_endpoint(&mut self, id: u32) {
+        let Some(ep) = self.endpoints.get(&id) else {
+            return;
+        };
+        // PASIDs before the RID, as on reset.
+        let pasids: Vec<u32> = ep.pasids.keys().copied().collect();
+        for p in pasids {
+            if let Err(e) = self.point_pasid(id, p, None) {
+                limited!(Level::Error, "endpoint {id:#x} pasid {p}: removal: {e}");
+                if let Some(d) = self
+                    .endpoints
+                    .get_mut(&id)
+                    .and_then(|e| e.pasids.remove(&p))
+                {
+                    self.put_domain(d);
+                }
+            }
+        }
+        if let Err(e) = self.point(id, Target::Unattached, &mut std::iter::empty()) {
+            limited!(Level::Error, "endpoint {id:#x}: removal: {e}");
+        }
+        let Some(mut ep) = self.endpoints.remove(&id) else {
+            return;
+        };
+        // The vDEVICE before its device; the device detached and closed
+        // (the kernel unbinds it from our iommufd with its last fd).
+        if let Some(v) = ep.vdevice.take() {
+            if let Err(e) = self.fd.destroy(v.raw()) {
+                limited!(
+                    Level::Error,
+                    "endpoint {id:#x}: destroying vDEVICE {v}: {e}"
+                );
+            }
+        }
+        ep.dev.release(&self.fd);
+        drop(ep.dev);
+        // Domains it could not be moved out of lose it now that it is off.
+        for d in target_domain(ep.target)
+            .into_iter()
+            .chain(ep.pasids.into_values())
+        {
+            self.put_domain(d);
+        }
+        limited!(Level::Info, "endpoint {id:#x}: host objects released");
     }
 
     fn describe(&self) -> Value {
