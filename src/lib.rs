@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#![recursion_limit = "256"]
 //! vhost-device-iommu: a virtio-iommu device served over vhost-user.
 
 pub mod args;

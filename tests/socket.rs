@@ -1910,3 +1910,26 @@ fn a_request_posted_during_an_empty_pass_is_served() {
         assert_eq!(st, S_OK, "round {i}");
     }
 }
+
+/// `stats` tells when the device has ended a connection (the guest's
+/// objects released, its workers joined), not only that one began: tests
+/// and operators wait on it before acting on "no guest is served".
+#[test]
+fn stats_count_connections_the_device_has_ended() {
+    let b = backend(&[]);
+    for round in 1..=2u64 {
+        let mut f = connect(&b);
+        assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+        f.disconnect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = control(&b).stats().unwrap();
+            if s["frontend_disconnections"].as_u64() == Some(round) {
+                assert_eq!(s["frontend_connections"].as_u64(), Some(round), "{s}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "round {round}: {s}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

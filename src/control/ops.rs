@@ -204,6 +204,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "eventq_bad_avail_index": d.eventq_bad_avail,
         "device_resets": d.device_resets,
         "frontend_connections": d.frontend_connections,
+        "frontend_disconnections": d.frontend_disconnections,
         "endpoints_added": d.endpoints_added,
         "endpoints_removed": d.endpoints_removed,
         "endpoint_adds_refused": d.endpoint_adds_refused,

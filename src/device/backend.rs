@@ -300,6 +300,7 @@ impl IommuBackend {
             unsafe { libc::close(fd) };
         }
         s.iommu.disconnect();
+        s.stats.device.frontend_disconnections += 1;
         s.acked_features = 0;
         s.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let old_ram = s.host_ram.take();

@@ -44,8 +44,10 @@ pub struct DeviceCounters {
     pub eventq_bad_avail: u64,
     /// RESET_DEVICE messages.
     pub device_resets: u64,
-    /// Frontend connections served.
+    /// Frontend connections served, and those whose end the device has
+    /// handled (its guest's objects released, its workers joined).
     pub frontend_connections: u64,
+    pub frontend_disconnections: u64,
     /// Endpoints hot-plugged over the control socket, removed, and adds
     /// refused (exists, bound, host refusal).
     pub endpoints_added: u64,
