@@ -916,6 +916,61 @@ fn control_socket_errors() {
     assert_eq!(ctl.stats().unwrap()["ok"], true);
 }
 
+/// `dma` with `data`: a read returns the bytes the endpoint read, a write
+/// writes the bytes given, both through the translation and across pages.
+#[test]
+fn control_dma_reads_and_writes_data() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    let buf = f.mem.alloc(0x2000, 0x1000).unwrap();
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x10_0000, 0x10_1fff, buf, RW)),
+        S_OK
+    );
+    let pattern: Vec<u8> = (0..0x20u8).map(|i| i ^ 0xa5).collect();
+    f.mem.write(buf + 0xff0, &pattern).unwrap();
+    let hex: String = pattern.iter().map(|b| format!("{b:02x}")).collect();
+
+    ctl.send_line(r#"{"op":"dma","endpoint":8,"iova":1052656,"len":32,"data":true}"#)
+        .unwrap();
+    let r = ctl.read_reply().unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"].as_str(), Some(hex.as_str()), "{r}");
+
+    ctl.send_line(
+        r#"{"op":"dma","endpoint":8,"iova":1052670,"len":4,"write":true,"data":"deadBEEF"}"#,
+    )
+    .unwrap();
+    let r = ctl.read_reply().unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r.get("data").is_none(), "a write returns no data: {r}");
+    let mut got = [0u8; 4];
+    f.mem.read(buf + 0xffe, &mut got).unwrap();
+    assert_eq!(got, [0xde, 0xad, 0xbe, 0xef]);
+
+    for line in [
+        // More than 4 KiB of data.
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":4097,"data":true}"#,
+        // A read takes `true`, a write a hex string of `len` bytes.
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":4,"write":true,"data":true}"#,
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":2,"data":"abcd"}"#,
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":2,"write":true,"data":"abc"}"#,
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":2,"write":true,"data":"abcdef"}"#,
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":2,"write":true,"data":"zzzz"}"#,
+        r#"{"op":"dma","endpoint":8,"iova":1048576,"len":2,"write":true,"data":"\u00e9\u00e9"}"#,
+    ] {
+        ctl.send_line(line).unwrap();
+        let r = ctl.read_reply().unwrap();
+        assert_eq!(r["error"], "bad-request", "{line}: {r}");
+    }
+    // Nothing was written by the refused requests.
+    let mut got = [0u8; 4];
+    f.mem.read(buf, &mut got).unwrap();
+    assert_eq!(got, [0; 4]);
+}
+
 #[test]
 fn disconnect_drops_guest_state_and_the_next_frontend_is_served() {
     let b = backend(&[]);

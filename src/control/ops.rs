@@ -12,7 +12,7 @@ use crate::log_limit::limited;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use super::{ClientCounters, CONTROL_ERRORS, DEFAULT_TIMEOUT, MAX_TIMEOUT_MS};
 use crate::device::backend::IommuBackend;
@@ -30,6 +30,87 @@ fn field_u64(req: &Value, name: &str) -> Result<u64, Value> {
     req.get(name)
         .and_then(Value::as_u64)
         .ok_or_else(|| error("bad-request", format!("missing or bad \"{name}\"")))
+}
+
+/// Most bytes a `dma` carries in `data` (section 8 of spec-notes/protocol.md).
+const MAX_DATA: u64 = 4096;
+
+/// What a `dma` does with the bytes it reaches.
+enum DmaData {
+    None,
+    /// Return what the endpoint read.
+    Read,
+    /// Write these bytes.
+    Write(Vec<u8>),
+}
+
+fn parse_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.is_ascii() || !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
+}
+
+fn dma_data(req: &Value, len: u64, write: bool) -> Result<DmaData, Value> {
+    let data = match req.get("data") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok(DmaData::None),
+        Some(d) => d,
+    };
+    if len > MAX_DATA {
+        return Err(error(
+            "bad-request",
+            format!("\"data\" needs len <= {MAX_DATA}"),
+        ));
+    }
+    match (data, write) {
+        (Value::Bool(true), false) => Ok(DmaData::Read),
+        (Value::String(hex), true) => match parse_hex(hex) {
+            Some(bytes) if bytes.len() as u64 == len => Ok(DmaData::Write(bytes)),
+            _ => Err(error("bad-request", "\"data\" must be len bytes in hex")),
+        },
+        _ => Err(error(
+            "bad-request",
+            "\"data\": true on a read, a hex string on a write",
+        )),
+    }
+}
+
+/// Read or write the bytes of `data` at the guest-physical pieces of a
+/// translated access; Ok(Some(hex)) for a read.
+fn move_data(
+    backend: &IommuBackend,
+    pieces: &[crate::device::translate::Piece],
+    data: DmaData,
+) -> Result<Option<String>, Value> {
+    let s = backend.session();
+    let mem = s.mem.memory();
+    let fail = |e: vm_memory::GuestMemoryError| error("fault", format!("guest memory: {e}"));
+    match data {
+        DmaData::None => Ok(None),
+        DmaData::Read => {
+            let mut out = String::new();
+            for p in pieces {
+                let mut buf = vec![0u8; usize::try_from(p.len).unwrap_or(0)];
+                mem.read_slice(&mut buf, GuestAddress(p.gpa))
+                    .map_err(fail)?;
+                out.extend(buf.iter().map(|b| format!("{b:02x}")));
+            }
+            Ok(Some(out))
+        }
+        DmaData::Write(bytes) => {
+            let mut at = 0usize;
+            for p in pieces {
+                let n = usize::try_from(p.len).unwrap_or(0);
+                let chunk = bytes.get(at..at + n).unwrap_or_default();
+                mem.write_slice(chunk, GuestAddress(p.gpa)).map_err(fail)?;
+                at += n;
+            }
+            Ok(None)
+        }
+    }
 }
 
 fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
@@ -51,6 +132,7 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
                 .ok_or_else(|| error("bad-request", "\"pasid\" must be a 20-bit number"))?,
         ),
     };
+    let data = dma_data(req, len, write)?;
     let timeout = match req.get("timeout_ms") {
         None | Some(Value::Null) => DEFAULT_TIMEOUT,
         Some(v) => Duration::from_millis(
@@ -80,7 +162,10 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
                 .iter()
                 .map(|p| json!({"iova": p.iova, "gpa": p.gpa, "len": p.len}))
                 .collect();
-            Ok(json!({"ok": true, "ranges": ranges}))
+            match move_data(backend, &pieces, data)? {
+                Some(hex) => Ok(json!({"ok": true, "ranges": ranges, "data": hex})),
+                None => Ok(json!({"ok": true, "ranges": ranges})),
+            }
         }
         Err(e) => {
             if let Some(rec) = e.record() {

@@ -10,7 +10,8 @@
 # gcc-aarch64-linux-gnu is installed if missing), default fragment kernel-arm64.fragment, target
 # and printed file `Image`, cache key <version>-arm64-<sha16>. Without it (or with x86_64) nothing
 # changes. A tree made by patch-kernel-source.sh (it has a .viommu-patches file) adds
-# -p<sha8 of that file> to the key.
+# -p<sha8 of that file> to the key, and takes kernel-patched.fragment (next to the default
+# fragment; symbols that only the patches add) after the fragment, its sha8 in the key too.
 #
 # Steps: make ARCH=x86_64 tinyconfig (out of tree, O=<cache>), scripts/config for every line of
 # kernel.fragment, make olddefconfig, then a check that FAILS LOUDLY if any fragment symbol did not
@@ -47,10 +48,16 @@ frag="${VIOMMU_VM_FRAGMENT:-${VM_DIR}/${deffrag}}"
 frag="$(cd "$(dirname "$frag")" && pwd)/$(basename "$frag")"
 
 sha="$(sha256sum "$frag" | cut -c1-16)"
+# Symbols that only the contrib/linux patches add: for patched trees only (6.12 has none of them).
+pfrag=""
+if [ -f "${src}/.viommu-patches" ] && [ -f "${VM_DIR}/kernel-patched.fragment" ] && [ "$karch" = x86_64 ]; then
+    pfrag="${VM_DIR}/kernel-patched.fragment"
+fi
 kver="$(make -s -C "$src" kernelversion)"
 key="${kver}${keyarch}-${sha}"
 # a patched copy (patch-kernel-source.sh) never shares a kernel with its unpatched original
 [ ! -f "${src}/.viommu-patches" ] || key="${key}-p$(sha256sum "${src}/.viommu-patches" | cut -c1-8)"
+[ -z "$pfrag" ] || key="${key}-f$(sha256sum "$pfrag" | cut -c1-8)"
 out="${VM_CACHE}/kernels/${key}"
 bdir="${VM_CACHE}/build/${key}"
 
@@ -96,7 +103,7 @@ while IFS= read -r line || [ -n "$line" ]; do
         *) cfg_args+=(--set-val "$sym" "$val") ;;
     esac
     want_list+=("${sym}"$'\t'"${val}")
-done <"$frag"
+done < <(cat "$frag" ${pfrag:+"$pfrag"})
 [ "${#want_list[@]}" -gt 0 ] || vm_die "fragment $frag sets nothing"
 
 mkargs=(-C "$src" O="$bdir" ARCH="$karch")

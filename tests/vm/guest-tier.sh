@@ -18,7 +18,8 @@
 #      VIOMMU_GT_BENCH_SECONDS=1 (DMA_MAP_BENCHMARK run in the guest, 0 = skip; drives MAP/UNMAP),
 #      VIOMMU_GT_POLL_US=200 (--poll-us of the backend of the `poll` boots),
 #      VIOMMU_GT_ROUNDS=3 (boots with polling, of QEMU's device and in page-table mode with
-#      polling, in turn, for the medians).
+#      polling, in turn, for the medians),
+#      VIOMMU_GT_ONLY=sva (only the sva boot, after the first backend's start: for iterating on it).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 repo="$(cd "${VM_DIR}/../.." && pwd)"
@@ -37,10 +38,10 @@ if [ -n "${VIOMMU_GT_WORK:-}" ]; then
 else
     W="$(mktemp -d "${TMPDIR:-/tmp}/viommu-guest-tier.XXXXXX")"
 fi
-backend_pid="" table_pid="" poll_pid="" hog_pids=()
+backend_pid="" table_pid="" poll_pid="" sva_pid="" hog_pids=()
 cleanup() {
     local p
-    for p in "$backend_pid" "$table_pid" "$poll_pid" "${hog_pids[@]}"; do
+    for p in "$backend_pid" "$table_pid" "$poll_pid" "$sva_pid" "${hog_pids[@]}"; do
         if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
             kill "$p" 2>/dev/null || true
             wait "$p" 2>/dev/null || true
@@ -78,6 +79,11 @@ if gcc -static -O2 -o "$W/vfio-map" "${gt}/vfio-map.c" 2>"$W/vfio-map.gcc.log"; 
     files+=("$W/vfio-map:/bin/vfio-map")
 else
     vm_log "WARNING: static build of vfio-map failed (see $W/vfio-map.gcc.log)"
+fi
+if gcc -static -O2 -o "$W/sva-test" "${gt}/sva-test.c" 2>"$W/sva-test.gcc.log"; then
+    files+=("$W/sva-test:/bin/sva-test")
+else
+    vm_log "WARNING: static build of sva-test failed (see $W/sva-test.gcc.log); the sva boot fails"
 fi
 "${VM_DIR}/mkinitramfs.sh" "$W/initramfs.cpio.gz" "${files[@]}"
 
@@ -126,6 +132,7 @@ boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count
     shift 2
     case "$mode" in
         table*) label="table-mode:${name}" tm=() ;;
+        sva) label="sva" tm=() ;;
         qemu | none) tm=() ;;
     esac
     # tstrict*: page-table mode without the flush queue, one IOTLB flush (INVALIDATE) per unmap.
@@ -206,6 +213,112 @@ host_checks() {
     done <"$W/vfio-host-$1.txt"
     [ "$nv" -ge "$3" ] || fail "$2:vfio-translations" "$nv of $3 checks ran (see $W/console-$1.log)"
 }
+# SVA (contrib/linux 0004, 0005), on a backend of its own: the guest's sva-test binds its memory
+# to 00:05.0 (endpoint 0x28 = 40) and prints its PASID and addresses; sva_watch drives the endpoint
+# at them through the control socket (`dma` with the PASID, and `data` to see the bytes) and
+# writes the guest's flag page to move it on. Checks named sva:NAME, the guest's and the host's.
+sva_watch() {
+    local log="$W/console-sva.log" out="$W/sva-host.txt" i r pasid pat hex unt ro um flag inv0 inv1
+    : >"$out"
+    for i in $(seq 900); do
+        grep -aq 'sva-test: ready' "$log" 2>/dev/null && break
+        if grep -aqE '^(FAIL sva-test|guest-tier: .* passed)' "$log" 2>/dev/null; then
+            echo "FAIL bound (the guest did not bind, see $log)" >>"$out"
+            return
+        fi
+        sleep 0.2
+    done
+    v() { tr -d '\r' <"$log" | sed -n "s/^sva-test: $1=\([^ ]*\).*/\1/p" | head -n 1; }
+    pasid="$(v pasid)" pat="$(v pattern)" unt="$(v untouched)" ro="$(v readonly)" um="$(v unmap)" flag="$(v flag)"
+    hex="$(tr -d '\r' <"$log" | sed -n 's/^sva-test: pattern=.* hex=\([0-9a-f]*\)$/\1/p' | head -n 1)"
+    if [ -z "$pasid" ] || [ -z "$flag" ] || [ -z "$hex" ]; then
+        echo "FAIL bound (no PASID or addresses on the console, see $log)" >>"$out"
+        return
+    fi
+    echo "PASS bound pasid=$pasid" >>"$out"
+    sdma() { # sdma VA LEN WRITE [DATA]: endpoint 0x28's access at the process's PASID
+        ctl "{\"op\":\"dma\",\"endpoint\":40,\"pasid\":$pasid,\"iova\":$(($1)),\"len\":$2,\"write\":$3${4:+,\"data\":$4}}"
+    }
+    # jq-less field access: jf JSON EXPR (a Python expression on r, the parsed reply)
+    jf() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(eval(sys.argv[2]))' "$1" "$2" 2>/dev/null; }
+    st() { jf "$(ctl '{"op":"stats"}')" "$1"; }
+    drv() { st 'r.get("page_requests_completed_by_driver", 0)'; }
+    inv() { st 'r.get("requests", {}).get("invalidate", {}).get("ok", 0)'; }
+    check() { # check NAME COND DETAIL: one PASS/FAIL line
+        if [ "$2" = True ]; then echo "PASS $1" >>"$out"; else echo "FAIL $1 $3" >>"$out"; fi
+    }
+    # 1. Present in the process's page table: read at once, the pattern the process wrote.
+    r="$(sdma "$pat" 64 false true)"
+    check dma-reads-pattern "$(jf "$r" "r.get('data') == '$hex'")" "$r (want $hex)"
+    # 2. Never touched: a page request, which the guest kernel handles (a zero page) and answers.
+    i="$(drv)"
+    r="$(sdma "$unt" 64 false true)"
+    check page-request-untouched "$(jf "$r" "r.get('data') == '00' * 64 and $(drv) > $i")" "$r (driver answers $i -> $(drv))"
+    # 3. Mapped read-only (the zero page): the write is a page request for write access (copy on
+    # write), then lands in the process's new page (the guest checks it: guest-sees-device-write).
+    i="$(drv)"
+    r="$(sdma "$ro" 16 true '"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a"')"
+    check page-request-write-readonly "$(jf "$r" "r.get('ok') is True and $(drv) > $i")" "$r (driver answers $i -> $(drv))"
+    # 4. The process unmaps a page the endpoint reached: its mmu notifier sends INVALIDATE, and
+    # the endpoint's access then faults (a page request the guest answers INVALID: no mapping).
+    r="$(sdma "$um" 8 false)"
+    check dma-reaches-page-before-unmap "$(jf "$r" "r.get('ok') is True")" "$r"
+    inv0="$(inv)"
+    r="$(sdma "$flag" 1 true '"01"')"
+    check host-writes-flag-1 "$(jf "$r" "r.get('ok') is True")" "$r"
+    for i in $(seq 300); do grep -aq 'sva-test: unmapped' "$log" && break; sleep 0.1; done
+    inv1="$(inv)"
+    check invalidate-after-unmap "$([ "${inv1:-0}" -gt "${inv0:-0}" ] && echo True)" "(INVALIDATE ok $inv0 -> $inv1)"
+    r="$(sdma "$um" 8 false)"
+    check dma-faults-after-unmap "$(jf "$r" "r.get('error') in ('fault', 'page-request-failed')")" "$r"
+    # 5. The process exits: the PASID is unbound (the endpoint's access is blocked), and no page
+    # request is left: every one raised was answered by the guest's PAGE_RESP.
+    r="$(sdma "$flag" 1 true '"02"')"
+    check host-writes-flag-2 "$(jf "$r" "r.get('ok') is True")" "$r"
+    for i in $(seq 300); do grep -aq 'sva-test: exited' "$log" && break; sleep 0.1; done
+    r="$(sdma "$pat" 8 false)"
+    check unbound-at-exit "$(jf "$r" "r.get('error') == 'blocked'")" "$r"
+    r="$(ctl '{"op":"stats"}')"
+    printf '%s\n' "$r" >"$W/stats-sva.json"
+    check no-page-request-unanswered "$(jf "$r" "r['page_requests_outstanding'] == 0 and r['page_requests_raised'] >= 3 and r['page_requests_raised'] == r['page_requests_completed_by_driver']")" \
+        "(outstanding, raised, by driver, by device: $(jf "$r" "[r[k] for k in ('page_requests_outstanding', 'page_requests_raised', 'page_requests_completed_by_driver', 'page_requests_completed_by_device')]"))"
+    check requests-all-ok "$(jf "$r" "all(set(r['requests'].get(t, {})) <= {'ok'} for t in ('attach_table', 'invalidate', 'page_resp', 'detach'))")" \
+        "$(jf "$r" "{t: r['requests'].get(t) for t in ('attach_table', 'invalidate', 'page_resp', 'detach')}")"
+}
+sva_boot() {
+    rm -f "$W/sva.sock" "$W/ctl-sva.sock"
+    RUST_LOG="${RUST_LOG:-debug}" "$bin" --socket-path "$W/sva.sock" --endpoint 0x20 --endpoint 0x28 \
+        --control-socket "$W/ctl-sva.sock" >"$W/backend-sva.log" 2>&1 &
+    sva_pid=$!
+    for _ in $(seq 100); do [ -S "$W/sva.sock" ] && [ -S "$W/ctl-sva.sock" ] && break; sleep 0.1; done
+    CTL="$W/ctl-sva.sock" sva_watch &
+    local watch_pid=$!
+    boot sva sva -chardev "socket,id=c,path=$W/sva.sock" "${ours_args[@]}"
+    wait "$watch_pid" 2>/dev/null || true
+    local nv=0 word check rest
+    while read -r word check rest; do
+        nv=$((nv + 1))
+        case "$word" in
+            PASS) pass "sva:$check" ;;
+            FAIL) fail "sva:$check" "$rest" ;;
+        esac
+    done <"$W/sva-host.txt"
+    [ "$nv" -ge 12 ] || fail sva:host-checks "$nv of 12 ran (see $W/console-sva.log, $W/backend-sva.log)"
+    if kill -0 "$sva_pid" 2>/dev/null; then pass sva:backend-survived; else fail sva:backend-survived; fi
+    kill "$sva_pid" 2>/dev/null || true
+    wait "$sva_pid" 2>/dev/null || true
+    sva_pid=""
+}
+sva_boot
+if [ "${VIOMMU_GT_ONLY:-}" = sva ]; then
+    cleanup
+    vm_log "VIOMMU_GT_ONLY=sva: the other boots are skipped; total $(elapsed) s; work dir $W"
+    printf 'guest-tier: %d passed, %d failed\n' "$passed" "$failed"
+    if [ "$failed" -eq 0 ] && [ -z "${VIOMMU_GT_WORK:-}" ]; then rm -rf "$W"; fi
+    [ "$failed" -eq 0 ]
+    exit
+fi
+
 vfio_watch ours &
 watch_pid=$!
 boot ours ours -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"

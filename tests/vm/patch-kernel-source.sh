@@ -57,12 +57,19 @@ for p in "${patches[@]}"; do
     # The files this patch touches (+++ lines, -p1), and their original contents' checksums.
     mapfile -t files < <(sed -n 's/^+++ [^/]*\/\([^[:space:]]*\).*/\1/p' "$p")
     [ "${#files[@]}" -gt 0 ] || vm_die "$p touches no file (want a -p1 unified diff)"
-    before="$(cd "$src" && sha256sum "${files[@]}")"
+    # Files the patch creates are not in the original: only those it has are checked.
+    old=()
+    for f in "${files[@]}"; do [ ! -e "${src}/${f}" ] || old+=("$f"); done
+    before="$(cd "$src" && sha256sum /dev/null "${old[@]}")"
     vm_log "applying $(basename "$p") (${files[*]})"
     patch -d "$ttree" -p1 --forward --batch --no-backup-if-mismatch <"$p" >&2 ||
         vm_die "$(basename "$p") does not apply to $src"
-    after="$(cd "$src" && sha256sum "${files[@]}")"
+    after="$(cd "$src" && sha256sum /dev/null "${old[@]}")"
     [ "$before" = "$after" ] || vm_die "BUG: patching the copy changed the original tree ($src)"
+    for f in "${files[@]}"; do
+        [ ! -e "${src}/${f}" ] || [[ " ${old[*]} " == *" ${f} "* ]] ||
+            vm_die "BUG: patching the copy created ${f} in the original tree ($src)"
+    done
     for f in "${files[@]}"; do
         [ "$(stat -c %h "${ttree}/${f}")" -eq 1 ] ||
             vm_die "BUG: ${f} in the copy still shares its inode with the original after patching"

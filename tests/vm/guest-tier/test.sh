@@ -10,7 +10,8 @@ ep=0000:00:04.0
 # viommu.mode= on the kernel command line: ours (our device, first boot), ours2 (the same backend,
 # a second boot), qemu (QEMU's built-in virtio-iommu-pci), none (no IOMMU: the floor); ours* with
 # virtio_iommu.table_mode=0; table1, table2 (our device in page-table mode, contrib/linux: two
-# boots against one backend), tablepoll (page-table mode on the polling backend).
+# boots against one backend), tablepoll (page-table mode on the polling backend), sva (page-table
+# mode with page requests: /bin/sva-test binds its memory to 00:05.0 while the host drives it).
 mode=ours
 for w in $(cat /proc/cmdline); do
     case "$w" in viommu.mode=*) mode="${w#viommu.mode=}" ;; esac
@@ -29,11 +30,17 @@ if [ "$mode" != none ]; then
 fi
 # The page-table series (contrib/linux) says so when it negotiated F_ATTACH_TABLE.
 case "$mode" in
-    table*)
+    table* | sva)
         if dmesg | grep -q 'guest page tables supported'; then
             pass attach-table-negotiated
         else
             fail attach-table-negotiated "no 'guest page tables supported' in dmesg"
+        fi
+        # F_PAGE_REQUEST (patch 0004): taken in every page-table mode boot, used by sva
+        if dmesg | grep -q 'page requests supported'; then
+            pass page-requests-negotiated
+        else
+            fail page-requests-negotiated "no 'page requests supported' in dmesg"
         fi
         ;;
     ours*)
@@ -77,7 +84,7 @@ mark() {
         sleep 0.5
     fi
 }
-if [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
+if [ "$mode" != sva ] && [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
     for t in 1 2; do
         for g in 1 16; do
             mark "t=$t g=$g"
@@ -114,6 +121,19 @@ if [ -n "$vfio_eps" ] && [ -x /bin/vfio-map ]; then
         if /bin/vfio-map "$vfio_eps" "${VIOMMU_VFIO_WAIT:-6}"; then pass vfio-map; else fail vfio-map; fi
     else
         fail vfio-pci-bind
+    fi
+fi
+
+# SVA (patches 0004, 0005): a process binds its memory to 00:05.0 (endpoint 0x28) and prints the
+# PASID and its addresses; the host (guest-tier.sh, sva_watch) drives the endpoint at them.
+if [ "$mode" = sva ]; then
+    if [ -x /bin/sva-test ] && [ -e /sys/kernel/debug/virtio-iommu-sva-test/bind ]; then
+        if /bin/sva-test 0000:00:05.0 "${VIOMMU_SVA_WAIT:-60}"; then pass sva-test-exit-0; else fail sva-test-exit-0; fi
+        # The process is gone: its PASID was unbound (the host checks that the endpoint is blocked).
+        echo "sva-test: exited"
+        sleep "${VIOMMU_SVA_AFTER:-6}"
+    else
+        fail sva-test "no /bin/sva-test or no test-only bind file (CONFIG_VIRTIO_IOMMU_SVA_TEST)"
     fi
 fi
 
