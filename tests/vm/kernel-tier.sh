@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The kernel tier's one entry point: for each kernel (newest 7.x from trixie-backports, then 6.12
 # from the machine's own suites) fetch + build it (cached), boot it under QEMU with the guest smoke
-# test (guest/smoke.sh) plus any host-built static test programs, and print one result line per kernel:
+# test (guest/smoke.sh) plus any host-built static test programs, and print two result lines per kernel:
 #   kernel-tier <kernel version>: N passed, M failed
+#   kernel-tier <kernel version>: dma-through-tables N passed, M failed
+# the second for tests/dma_map.rs (QEMU's edu device doing real DMA through the MAPs our backend
+# makes; counted in the first line too; SKIPPED on 6.12, as the VFIO test is).
 # A 7.x kernel carries the virtio-iommu series of contrib/linux (x86-kernel-source.sh), inert
 # with QEMU's virtio-iommu, so that it is the same kernel the guest tier boots.
 # Exit status is non-zero if anything failed. Progress and diagnostics go to stderr.
@@ -53,7 +56,8 @@ cargo_exe() {
 cargo_tests=("$(cargo_exe test selftest_endpoints --release --test selftest_endpoints)"
     "$(cargo_exe test selftest_nested --release --test selftest_nested)"
     "$(cargo_exe test selftest_faults --release --test selftest_faults)"
-    "$(cargo_exe test vfio_endpoints --release --test vfio_endpoints)")
+    "$(cargo_exe test vfio_endpoints --release --test vfio_endpoints)"
+    "$(cargo_exe test dma_map --release --test dma_map)")
 # The IOAS-path and nested benchmarks (benches/) run as more guest programs.
 ours+=("$(cargo_exe bench ioas_path --bench ioas_path)")
 ours+=("$(cargo_exe bench nested --bench nested)")
@@ -104,10 +108,11 @@ for spec in $kernels; do
     rc=0
     # QEMU's virtio-iommu with a pci-testdev behind it: the guest binds the testdev to vfio-pci and
     # tests/vfio_endpoints.rs serves it as a VFIO endpoint. virtio-iommu does not isolate MSIs, so
-    # iommufd refuses the bind (EPERM) unless told that this test machine accepts that.
+    # iommufd refuses the bind (EPERM) unless told that this test machine accepts that. QEMU's edu
+    # device, a DMA engine, is bound the same way: tests/dma_map.rs moves bytes through our MAPs.
     "${VM_DIR}/run-guest.sh" "$kimg" "${work}/initramfs.cpio.gz" "$log" "$tmo" viommu.test=/test.sh \
         iommufd.allow_unsafe_interrupts=1 \
-        -- -device virtio-iommu-pci -device pci-testdev || rc=$?
+        -- -device virtio-iommu-pci -device pci-testdev -device edu || rc=$?
     [ -f "$log" ] || : >"$log" # run-guest.sh may have failed before creating it
     clean="$(tr -d '\r' <"$log")"
     passed="$(grep -c '^PASS ' <<<"$clean" || true)"
@@ -135,6 +140,8 @@ for spec in $kernels; do
     [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] || overall=1
     [ "$passed" -gt 0 ] || [ -n "$extra" ] || extra=" (no checks ran; log ${log})"
     result "kernel-tier ${kver}: ${passed} passed, ${failed} failed${extra_skip}${extra}"
+    # Real DMA through the tables we bind (tests/dma_map.rs), counted in the totals above too.
+    dma_line "kernel-tier ${kver}" dma_map "$clean" || overall=1
 done
 
 if [ -z "${VIOMMU_VFIO_CDEV:-}" ]; then
