@@ -44,7 +44,9 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tmo="${VIOMMU_ARM64_TIMEOUT:-300}"
-logdir="${VM_CACHE}/logs"
+# VIOMMU_VM_LOGDIR: a private place for the console logs (two worktrees running a tier at once
+# would otherwise write, and count, the same per-version log).
+logdir="${VIOMMU_VM_LOGDIR:-${VM_CACHE}/logs}"
 mkdir -p "$logdir"
 repo="$(cd "${VM_DIR}/../.." && pwd)"
 triple=aarch64-unknown-linux-gnu

@@ -25,7 +25,9 @@ set -euo pipefail
 
 kernels="${VIOMMU_VM_KERNELS:-7.x 6.12}"
 tmo="${VIOMMU_VM_TIMEOUT:-300}"
-logdir="${VM_CACHE}/logs"
+# VIOMMU_VM_LOGDIR: a private place for the console logs (two worktrees running a tier at once
+# would otherwise write, and count, the same per-version log).
+logdir="${VIOMMU_VM_LOGDIR:-${VM_CACHE}/logs}"
 mkdir -p "$logdir"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/viommu-kernel-tier.XXXXXX")"
