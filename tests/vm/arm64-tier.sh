@@ -199,7 +199,7 @@ clean="$(tr -d '\r' <"$log")"
 passed="$(grep -c '^PASS ' <<<"$clean" || true)"
 failed="$(grep -c '^FAIL ' <<<"$clean" || true)"
 grep -E '^(PASS|FAIL|SKIP) ' <<<"$clean" | sed "s/^/[vm]   arm64 ${kver}: /" >&2 || true
-grep -E '^smmu3: ' <<<"$clean" | sed "s/^/[vm]   arm64 ${kver}: /" >&2 || true
+grep -E '^(smmu3|dma-note): ' <<<"$clean" | sed "s/^/[vm]   arm64 ${kver}: /" >&2 || true
 vm_log "boot + tests: ${boot_s} s (total $(elapsed) s); console log: ${log}"
 extra=""
 if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then

@@ -120,7 +120,7 @@ for spec in $kernels; do
     passed="$(grep -c '^PASS ' <<<"$clean" || true)"
     failed="$(grep -c '^FAIL ' <<<"$clean" || true)"
     skipped="$(grep -c '^SKIP ' <<<"$clean" || true)"
-    grep -E '^(PASS|FAIL|SKIP) ' <<<"$clean" | sed "s/^/[vm]   ${kver}: /" >&2 || true
+    grep -E '^(PASS|FAIL|SKIP|dma-note:) ' <<<"$clean" | sed "s/^/[vm]   ${kver}: /" >&2 || true
     if [ "$skipped" -gt 0 ]; then
         {
             echo "[vm] !!"
