@@ -8,9 +8,9 @@
 //! hardware the same tests run against the device an operator names. The
 //! test shares its iommufd with the backend (`--iommufd-fd`) to check
 //! object lifetimes. A pci-testdev does no DMA, so translations themselves
-//! are proven with the selftest mock (tests/selftest_endpoints.rs); here
-//! the kernel accepting every bind, attach, replace, copy and unmap on a
-//! real device is what is tested.
+//! are proven with the selftest mock (tests/selftest_endpoints.rs) and with
+//! QEMU's edu device (tests/dma_map.rs); here the kernel accepting every
+//! bind, attach, replace, copy and unmap on a real device is what is tested.
 // Test code with known small values (sizes, counts, timings): these casts
 // cannot truncate or wrap.
 #![allow(clippy::cast_possible_truncation)]

@@ -9,6 +9,7 @@
 //! - [`control`]: JSON-lines client for the backend's control socket.
 //! - [`process`]: spawn the backend binary, inspect its RSS and fds.
 //! - [`host`]: the backend sharing the test's iommufd, for host endpoints.
+//! - [`edu`]: QEMU's edu DMA engine through its VFIO cdev (kernel tiers).
 //! - [`cost`]: instructions (callgrind) and system calls (strace) per operation.
 // Test code with known small values (sizes, counts, timings): these casts
 // cannot truncate or wrap.
@@ -23,6 +24,7 @@
 
 pub mod control;
 pub mod cost;
+pub mod edu;
 pub mod fixtures;
 pub mod frontend;
 pub mod host;

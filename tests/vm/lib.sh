@@ -151,3 +151,24 @@ vm_is_static() {
     fi
     ! LC_ALL=C readelf -l "$f" 2>/dev/null | grep -q 'Requesting program interpreter'
 }
+
+# dma_line PREFIX TESTNAME CONSOLE: print `PREFIX: dma-through-tables N passed, M failed` from the
+# `PASS|FAIL TESTNAME::...` lines of a console log (the libtest checks of tests/dma_*.rs), or
+# `... SKIPPED (reason)` from its SKIP line; a run that named none of its tests is one failure.
+# Status 1 if anything failed or nothing ran.
+dma_line() {
+    local prefix="$1" name="$2" clean="$3" p f skip
+    p="$(grep -c "^PASS ${name}::" <<<"$clean" || true)"
+    f="$(grep -c -E "^FAIL ${name}(::| )" <<<"$clean" || true)"
+    skip="$(grep -m1 "^SKIP ${name} " <<<"$clean" | sed "s/^SKIP ${name} //" || true)"
+    if [ -n "$skip" ] && [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+        printf '%s: dma-through-tables SKIPPED %s\n' "$prefix" "$skip"
+        return 0
+    fi
+    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+        printf '%s: dma-through-tables 0 passed, 1 failed (%s did not run)\n' "$prefix" "$name"
+        return 1
+    fi
+    printf '%s: dma-through-tables %s passed, %s failed\n' "$prefix" "$p" "$f"
+    [ "$f" -eq 0 ]
+}

@@ -81,6 +81,15 @@ else
     fi
 fi
 
+# --- QEMU's edu device (1234:11e8), a DMA engine behind the SMMU, for tests/dma_smmu3.rs ---
+if edu="$(vfio_bind_cdev 0x1234 0x11e8)"; then
+    pass vfio-pci-edu-cdev
+    export VIOMMU_EDU_CDEV="$edu"
+    echo "smoke: VIOMMU_EDU_CDEV=$VIOMMU_EDU_CDEV"
+else
+    fail vfio-pci-edu-cdev "no edu device (1234:11e8) with a VFIO cdev"
+fi
+
 # --- SMMUv3 nesting through iommufd (tests/vm/arm64/smmu3-check.c) ---
 if [ -x /bin/smmu3-check ]; then
     if [ -n "${VIOMMU_VFIO_CDEV:-}" ]; then

@@ -1,17 +1,21 @@
 # shellcheck shell=sh
 # Sourced by the guest smoke scripts (x86 guest/smoke.sh, arm64/smoke.sh), which define
 # pass NAME and fail NAME [REASON]. run_libtest PATH: run one Rust libtest executable with
-# --ignored --test-threads=1 (VIOMMU_BIN pointing at our backend) and count each
+# --ignored --test-threads=1 (VIOMMU_BIN pointing at our backend; VIOMMU_TEST_NOTES naming a file
+# for lines the tests want in the log, printed after the run) and count each
 # `test NAME ... ok|FAILED` line as one check; a run that fails without naming a test, or runs
 # none, is one FAIL.
 run_libtest() {
     t="$1"
     name="$(basename "$t")"
     echo "smoke: running $t --ignored --test-threads=1"
-    VIOMMU_BIN=/bin/vhost-device-iommu RUST_LOG="${RUST_LOG:-info}" \
+    rm -f /tmp/cargo-test.notes
+    VIOMMU_BIN=/bin/vhost-device-iommu RUST_LOG="${RUST_LOG:-info}" VIOMMU_TEST_NOTES=/tmp/cargo-test.notes \
         "$t" --ignored --test-threads=1 </dev/null >/tmp/cargo-test.out 2>&1
     rc=$?
     cat /tmp/cargo-test.out
+    # What the tests noted for the log (support::edu::note), whether they passed or not.
+    [ -f /tmp/cargo-test.notes ] && cat /tmp/cargo-test.notes
     n=0
     while IFS= read -r line; do
         case "$line" in
@@ -24,4 +28,22 @@ run_libtest() {
     elif [ "$n" -eq 0 ]; then
         fail "$name" "no tests ran"
     fi
+}
+
+# vfio_bind_cdev VENDOR DEVICE: bind the (last) PCI function with these IDs (0x-hex, as sysfs
+# prints them) to vfio-pci and print its VFIO cdev path; status 1 and nothing printed if there is
+# no such function or it got no cdev.
+vfio_bind_cdev() {
+    dev=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor" 2>/dev/null)" = "$1" ] && [ "$(cat "$d/device" 2>/dev/null)" = "$2" ] && dev="$d"
+    done
+    [ -n "$dev" ] || return 1
+    bdf="${dev##*/}"
+    echo vfio-pci >"$dev/driver_override"
+    [ -e "$dev/driver" ] && echo "$bdf" >"$dev/driver/unbind"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    cdev="$(ls "$dev/vfio-dev/" 2>/dev/null | head -n 1)"
+    [ -n "$cdev" ] && [ -c "/dev/vfio/devices/$cdev" ] || return 1
+    echo "/dev/vfio/devices/$cdev"
 }

@@ -72,6 +72,15 @@ if [ -n "$testdev" ]; then
     fi
 fi
 
+# QEMU's edu device (1234:11e8), a DMA engine behind the same IOMMU, for tests/dma_map.rs: bound
+# to vfio-pci, its cdev in VIOMMU_EDU_CDEV.
+if edu="$(vfio_bind_cdev 0x1234 0x11e8)"; then
+    pass vfio-pci-edu-cdev
+    export VIOMMU_EDU_CDEV="$edu"
+else
+    fail vfio-pci-edu-cdev "no edu device (1234:11e8) with a VFIO cdev"
+fi
+
 # Rust test binaries (cargo's libtest harness): each `test NAME ... ok|FAILED` line counts as one
 # check. /etc/viommu-cargo-tests holds one absolute path per line; they run with --ignored (their
 # tests need this kernel) and VIOMMU_BIN pointing at our backend binary.
@@ -80,7 +89,7 @@ if [ -f /etc/viommu-cargo-tests ]; then
     while IFS= read -r t; do
         [ -n "$t" ] || continue
         name="$(basename "$t")"
-        if { [ "$name" = vfio_endpoints ] || [ "$name" = passthrough ]; } && [ "$kmaj" -eq 6 ] && [ "$kmin" -lt 13 ]; then
+        if { [ "$name" = vfio_endpoints ] || [ "$name" = passthrough ] || [ "$name" = dma_map ]; } && [ "$kmaj" -eq 6 ] && [ "$kmin" -lt 13 ]; then
             # Not our code: 6.12's virtio-iommu driver sizes a domain only when a device attaches,
             # after iommufd has fixed the IOAS aperture, so every iommufd domain of a device behind
             # it has usable IOVA [(0, 0)] (6.13 moved the driver to domain_alloc_paging).
