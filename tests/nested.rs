@@ -15,7 +15,7 @@ use support::mem::TablePages;
 use support::wire::{self, bit, EventRecord, Invalidate, S_INVAL, S_NOENT, S_OK, S_RANGE};
 use support::wire::{S_NOMEM, S_UNSUPP};
 use support::{ControlClient, Frontend, FrontendOptions, GuestMem};
-use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_1G, PAGE_2M, PAGE_4K, PTE_RW};
+use vhost_device_iommu::nested::walker::{TableBuilder, PAGE_1G, PAGE_2M, PAGE_4K, PTE_RW, PTE_US};
 
 const EP: u32 = 8;
 const EP2: u32 = 0x10;
@@ -138,6 +138,82 @@ fn write_needs_rw_at_every_level() {
         vec![(0x40_0000, data, 8)]
     );
     assert_eq!(dma_err(&mut ctl, EP, None, 0x40_0000, true), "fault");
+}
+
+/// VT-d first-stage semantics for virtual endpoints: an access is a user
+/// request unless it asks for privilege, and a user request needs U/S at
+/// every level (the kernel half of a process's page table, bound for SVA,
+/// has U/S clear: a device bound to the process must not reach it); a
+/// privileged request needs the attachment's SRE flag and ignores U/S.
+#[test]
+fn user_requests_need_us_at_every_level_and_privileged_ones_need_sre() {
+    let b = backend(&[]);
+    let mut f = connect(&b);
+    let mut ctl = control(&b);
+    let data = f.mem.alloc(2 * PAGE_4K, PAGE_4K).unwrap();
+    let root = {
+        let mut t = tables(&f.mem, 48);
+        t.map(0x40_0000, data, PAGE_4K, true);
+        t.map(0x80_0000, data + PAGE_4K, PAGE_4K, true);
+        // A supervisor-only page directory above the second page.
+        let pde = t.entry(0x80_0000, 2).unwrap();
+        t.set_entry(0x80_0000, 2, pde & !PTE_US);
+        t.root()
+    };
+    let dma = |ctl: &mut ControlClient, iova: u64, privileged: bool| {
+        ctl.request(&serde_json::json!({
+            "op": "dma", "endpoint": EP, "iova": iova, "len": 8, "privileged": privileged
+        }))
+        .unwrap()
+    };
+    // Without SRE.
+    assert_eq!(status(&mut f, vtd(1, EP, root)), S_OK);
+    assert_eq!(
+        dma_ranges(&dma(&mut ctl, 0x40_0000, false)).unwrap(),
+        vec![(0x40_0000, data, 8)]
+    );
+    let r = dma(&mut ctl, 0x80_0000, false);
+    assert_eq!(
+        error_kind(&r),
+        Some("fault"),
+        "a user request reached a supervisor page: {r}"
+    );
+    let r = dma(&mut ctl, 0x40_0000, true);
+    assert_eq!(
+        error_kind(&r),
+        Some("fault"),
+        "a privileged request without SRE: {r}"
+    );
+    // The fault records say which access faulted.
+    f.post_event_buffers(2, 24).unwrap();
+    let recs: Vec<EventRecord> = f
+        .collect_events(2)
+        .unwrap()
+        .iter()
+        .map(|(_, b)| EventRecord::parse(b).unwrap())
+        .collect();
+    assert_eq!(recs[0].address, 0x80_0000);
+    assert_eq!(recs[0].flags, wire::EVT_F_READ | wire::EVT_F_ADDRESS);
+    assert_eq!(recs[1].address, 0x40_0000);
+    assert_eq!(
+        recs[1].flags,
+        wire::EVT_F_READ | wire::EVT_F_PRIV | wire::EVT_F_ADDRESS
+    );
+    // With SRE: privileged requests reach both pages; user ones still not
+    // the supervisor page.
+    let sre = wire::attach_table_vtd(2, EP, wire::TABLE_F_SRE, 0, root, 48);
+    assert_eq!(status(&mut f, sre), S_OK);
+    assert_eq!(
+        dma_ranges(&dma(&mut ctl, 0x80_0000, true)).unwrap(),
+        vec![(0x80_0000, data + PAGE_4K, 8)]
+    );
+    assert_eq!(error_kind(&dma(&mut ctl, 0x80_0000, false)), Some("fault"));
+    let r = ctl
+        .request(
+            &serde_json::json!({"op": "dma", "endpoint": EP, "iova": 0, "len": 8, "privileged": 1}),
+        )
+        .unwrap();
+    assert_eq!(error_kind(&r), Some("bad-request"), "{r}");
 }
 
 #[test]

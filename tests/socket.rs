@@ -1782,7 +1782,23 @@ fn a_corrupt_eventq_avail_index_stops_it_until_the_next_kick() {
         let r = ctl.dma(EP, i * 0x1000, 4, false, None, None).unwrap();
         assert_eq!(error_kind(&r), Some("blocked"));
     }
-    let s = ctl.stats().unwrap();
+    // The eventq worker looks at the ring when woken for the records, after
+    // the dma ops returned: wait for its look (a loaded host delays it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = ctl.stats().unwrap();
+        if s["eventq_bad_avail_index"].as_u64() >= Some(1) || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Records that came later must not make it look again.
+    std::thread::sleep(Duration::from_millis(50));
+    let s2 = ctl.stats().unwrap();
+    assert_eq!(
+        s2["eventq_bad_avail_index"], s["eventq_bad_avail_index"],
+        "{s2}"
+    );
     let lines = log_lines(&b) - lines0;
     assert!(
         lines <= 5,

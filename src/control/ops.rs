@@ -123,6 +123,13 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(error("bad-request", "\"write\" must be a boolean")),
     };
+    // A user request unless privilege is asked (VT-d's PMR): it needs U/S
+    // at every level of a guest table; a privileged one needs SRE.
+    let privileged = match req.get("privileged") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(error("bad-request", "\"privileged\" must be a boolean")),
+    };
     let pasid = match req.get("pasid") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -145,7 +152,9 @@ fn dma(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
         let s = backend.session();
         let mem = s.mem.memory();
         let pr = page_requests && s.acked_features & features::PAGE_REQUEST != 0;
-        translate_dma(&s.iommu, &*mem, endpoint, pasid, iova, len, write, pr)
+        translate_dma(
+            &s.iommu, &*mem, endpoint, pasid, iova, len, write, privileged, pr,
+        )
     };
     let mut result = attempt(true);
     if let Err(ModelError::PageRequest {

@@ -24,7 +24,7 @@ use crate::iommufd_bridge::{BridgeError, HostIommu, RamRegion, Target};
 
 use crate::nested::request::PageResp;
 use crate::nested::{AttachTable, Invalidate, TableCaps, TableDesc};
-use crate::wire::{ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+use crate::wire::{ATTACH_F_BYPASS, AT_F_SRE, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
 use crate::wire::{FLAG_EXEC, FLAG_PRIV, FLAG_READ, FLAG_WRITE};
 pub(crate) use hotplug::{HotplugError, NewEndpoint, Removed};
 
@@ -104,6 +104,8 @@ pub(crate) enum Translation {
         pgtbl: u64,
         addr_width: u32,
         page_requests: bool,
+        /// The attachment's SRE: privileged requests allowed.
+        sre: bool,
     },
 }
 
@@ -351,11 +353,14 @@ impl IommuState {
             DomainKind::Table(t) => {
                 return Ok(match t.table {
                     TableDesc::IntelVtd {
-                        pgtbl, addr_width, ..
+                        flags,
+                        pgtbl,
+                        addr_width,
                     } => Translation::Walk {
                         pgtbl,
                         addr_width,
                         page_requests: t.page_requests,
+                        sre: flags & AT_F_SRE != 0,
                     },
                     // Other formats never reach a virtual endpoint.
                     _ => Translation::Blocked,
@@ -877,7 +882,8 @@ mod tests {
                 Translation::Walk {
                     pgtbl: 0x1000,
                     addr_width: 48,
-                    page_requests: false
+                    page_requests: false,
+                    sre: false
                 }
             );
             // Another table in the same domain: INVAL, nothing moves.
@@ -963,7 +969,8 @@ mod tests {
                 Translation::Walk {
                     pgtbl: 0x3000,
                     addr_width: 48,
-                    page_requests: false
+                    page_requests: false,
+                    sre: false
                 }
             );
             // A PASID with nothing attached is blocked, bypass or not.

@@ -8,7 +8,7 @@ use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use crate::device::state::{IommuState, Translation};
 use crate::fault_queue::EventRecord;
 use crate::nested::walker::walk;
-use crate::wire::{FLAG_ADDRESS, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING};
+use crate::wire::{FLAG_ADDRESS, FLAG_PRIV, FLAG_READ, FLAG_WRITE, REASON_DOMAIN, REASON_MAPPING};
 
 /// Largest single DMA the model translates (bounds the reply).
 pub const MAX_DMA_LEN: u64 = 64 << 20;
@@ -71,6 +71,7 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
     iova: u64,
     len: u64,
     write: bool,
+    privileged: bool,
     page_requests: bool,
 ) -> Result<Vec<Piece>, ModelError> {
     if len == 0 || len > MAX_DMA_LEN {
@@ -85,7 +86,8 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
             "endpoint is a host device, not a virtual one",
         ));
     }
-    let access = if write { FLAG_WRITE } else { FLAG_READ };
+    let access =
+        if write { FLAG_WRITE } else { FLAG_READ } | if privileged { FLAG_PRIV } else { 0 };
     let record = |reason, address| EventRecord::Fault {
         reason,
         flags: access | FLAG_ADDRESS,
@@ -112,8 +114,17 @@ pub fn translate_dma<G: GuestMemory + ?Sized>(
                 pgtbl,
                 addr_width,
                 page_requests: pr,
+                sre,
             } => {
-                let w = walk(mem, pgtbl, addr_width, cur, write).map_err(|e| {
+                // VT-d: a privileged request needs SRE; no page request can
+                // grant that.
+                if privileged && !sre {
+                    return Err(miss(
+                        cur,
+                        ": privileged request, table attached without SRE".into(),
+                    ));
+                }
+                let w = walk(mem, pgtbl, addr_width, cur, write, !privileged).map_err(|e| {
                     if pr && page_requests {
                         ModelError::PageRequest {
                             iova: cur,
@@ -208,7 +219,7 @@ mod tests {
     fn bypass_is_identity_inside_ram_and_fault_outside() {
         let (s, mem) = setup();
         assert_eq!(
-            translate_dma(&s, &mem, 1, None, 0x1000, 0x10, false, false).unwrap(),
+            translate_dma(&s, &mem, 1, None, 0x1000, 0x10, false, false, false).unwrap(),
             vec![Piece {
                 iova: 0x1000,
                 gpa: 0x1000,
@@ -216,7 +227,7 @@ mod tests {
             }]
         );
         assert!(matches!(
-            translate_dma(&s, &mem, 1, None, 0x20_0000, 0x10, false, false),
+            translate_dma(&s, &mem, 1, None, 0x20_0000, 0x10, false, false, false),
             Err(ModelError::OutsideRam { .. })
         ));
     }
@@ -225,7 +236,7 @@ mod tests {
     fn blocked_raises_a_domain_fault() {
         let (mut s, mem) = setup();
         s.bypass = false;
-        let e = translate_dma(&s, &mem, 1, None, 0x1000, 4, true, false).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1000, 4, true, false, false).unwrap_err();
         assert_eq!(
             e.record(),
             Some(EventRecord::Fault {
@@ -251,7 +262,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            translate_dma(&s, &mem, 1, None, 0x1_0800, 0x2000, true, false).unwrap(),
+            translate_dma(&s, &mem, 1, None, 0x1_0800, 0x2000, true, false, false).unwrap(),
             vec![
                 Piece {
                     iova: 0x1_0800,
@@ -271,7 +282,7 @@ mod tests {
     fn miss_and_permission_raise_mapping_faults() {
         let (mut s, mem) = setup();
         attach_map(&mut s, &[(0x1_0000, 0x1_0fff, 0x2000, MAP_F_READ)]);
-        let e = translate_dma(&s, &mem, 1, None, 0x1_0000, 8, true, false).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1_0000, 8, true, false, false).unwrap_err();
         assert!(matches!(
             e.record(),
             Some(EventRecord::Fault {
@@ -282,7 +293,7 @@ mod tests {
             })
         ));
         // Runs off the end of the mapping into a hole.
-        let e = translate_dma(&s, &mem, 1, None, 0x1_0f00, 0x200, false, false).unwrap_err();
+        let e = translate_dma(&s, &mem, 1, None, 0x1_0f00, 0x200, false, false, false).unwrap_err();
         assert!(matches!(e, ModelError::Fault { iova: 0x1_1000, .. }));
     }
 
@@ -301,7 +312,8 @@ mod tests {
         let a = encode::attach_vtd(1, 1, AT_F_PASID_VALID, 5, root, 48);
         s.attach_table(&decode_attach_table(&a).unwrap(), acked)
             .unwrap();
-        let dma = |iova, len, write| translate_dma(&s, &mem, 1, Some(5), iova, len, write, false);
+        let dma =
+            |iova, len, write| translate_dma(&s, &mem, 1, Some(5), iova, len, write, false, false);
         // Two 4 KiB pages, contiguous in guest RAM: one piece.
         assert_eq!(
             dma(0x40_0800, 0x1000, false).unwrap(),
@@ -343,7 +355,7 @@ mod tests {
             Err(ModelError::Fault { .. })
         ));
         assert_eq!(
-            translate_dma(&s, &mem, 1, None, 0x5000, 4, false, false).unwrap()[0].gpa,
+            translate_dma(&s, &mem, 1, None, 0x5000, 4, false, false, false).unwrap()[0].gpa,
             0x5000
         );
     }
@@ -352,15 +364,15 @@ mod tests {
     fn bad_requests() {
         let (s, mem) = setup();
         assert!(matches!(
-            translate_dma(&s, &mem, 1, None, 0, 0, false, false),
+            translate_dma(&s, &mem, 1, None, 0, 0, false, false, false),
             Err(ModelError::BadRequest(_))
         ));
         assert!(matches!(
-            translate_dma(&s, &mem, 1, None, u64::MAX, 2, false, false),
+            translate_dma(&s, &mem, 1, None, u64::MAX, 2, false, false, false),
             Err(ModelError::BadRequest(_))
         ));
         assert!(matches!(
-            translate_dma(&s, &mem, 9, None, 0, 1, false, false),
+            translate_dma(&s, &mem, 9, None, 0, 1, false, false, false),
             Err(ModelError::NoEndpoint(9))
         ));
     }

@@ -8,9 +8,12 @@
 //!
 //! The walker serves hostile guests, so it allocates nothing, never panics
 //! and never writes guest memory: it does not set the Accessed or Dirty bits
-//! (a guest that relies on A/D for DMA pages will not see them change). The
-//! U/S bit is ignored: requests are treated as supervisor requests, allowed
-//! everywhere; the protocol only asks for R/W at every level. XD (bit 63) is
+//! (a guest that relies on A/D for DMA pages will not see them change). A
+//! user request (the default: no privilege asked) needs U/S at every level,
+//! as VT-d's first stage does, so a device bound to a process's page table
+//! (SVA) cannot reach the kernel half of it; a privileged request ignores
+//! U/S (whether it may be made at all is the attachment's SRE, checked by
+//! the caller). A write needs R/W at every level. XD (bit 63) is
 //! ignored as DMA never executes. The GPA a walk returns is not checked
 //! against guest RAM; the caller does that for the whole access.
 //!
@@ -33,8 +36,8 @@ pub const PAGE_1G: u64 = 1 << 30;
 pub(crate) const PTE_P: u64 = 1 << 0;
 /// Writable.
 pub const PTE_RW: u64 = 1 << 1;
-/// User; ignored by the walker (requests are supervisor requests).
-pub(crate) const PTE_US: u64 = 1 << 2;
+/// User: a user request needs it at every level.
+pub const PTE_US: u64 = 1 << 2;
 /// Page size: a leaf at level 3 (1 GiB) or 2 (2 MiB); PAT at level 1.
 pub(crate) const PTE_PS: u64 = 1 << 7;
 /// Address field of an entry: bits 51:12.
@@ -72,6 +75,8 @@ pub enum WalkError {
     NotPresent { level: u8, entry_gpa: u64 },
     #[error("write to iova {iova:#x} denied at level {level}")]
     ReadOnly { level: u8, iova: u64 },
+    #[error("user request to iova {iova:#x} denied at level {level} (U/S clear)")]
+    SupervisorOnly { level: u8, iova: u64 },
     #[error("entry at level {level} has reserved bits set ({entry:#x})")]
     Reserved { level: u8, entry: u64 },
     #[error("table at gpa {0:#x} is outside guest RAM")]
@@ -118,14 +123,15 @@ fn read_entry<M: GuestMemory + ?Sized>(mem: &M, gpa: u64) -> Result<u64, WalkErr
 /// 3 (PDPT), 2 (PD), 1 (PT).
 ///
 /// The low 12 bits of `root` are ignored, as in the pointer field of a PASID
-/// entry. Checks at each level, in order: presence, reserved bits, then
-/// write permission (only when `write`).
+/// entry. Checks at each level, in order: presence, reserved bits, U/S
+/// (only when `user`), then write permission (only when `write`).
 pub fn walk<M: GuestMemory + ?Sized>(
     mem: &M,
     root: u64,
     addr_width: u32,
     iova: u64,
     write: bool,
+    user: bool,
 ) -> Result<Walked, WalkError> {
     let levels = levels_for_width(addr_width)?;
     if !is_canonical(iova, addr_width) {
@@ -158,6 +164,9 @@ pub fn walk<M: GuestMemory + ?Sized>(
             4 | 5 if entry & PTE_PS != 0 => return Err(WalkError::Reserved { level, entry }),
             _ => None,
         };
+        if user && entry & PTE_US == 0 {
+            return Err(WalkError::SupervisorOnly { level, iova });
+        }
         if entry & PTE_RW == 0 {
             if write {
                 return Err(WalkError::ReadOnly { level, iova });
@@ -425,7 +434,7 @@ mod tests {
         let mem = ram();
         let mut b = builder(&mem, 48);
         b.map(0x1234_5000, 0x9a_b000, PAGE_4K, true);
-        let w = walk(&mem, b.root(), 48, 0x1234_5678, true).unwrap();
+        let w = walk(&mem, b.root(), 48, 0x1234_5678, true, true).unwrap();
         assert_eq!(
             w,
             Walked {
@@ -441,7 +450,7 @@ mod tests {
         let mem = ram();
         let mut b = builder(&mem, 48);
         b.map(0x4020_0000, 0x60_0000, PAGE_2M, true);
-        let w = walk(&mem, b.root(), 48, 0x4021_2345, false).unwrap();
+        let w = walk(&mem, b.root(), 48, 0x4021_2345, false, true).unwrap();
         assert_eq!(w.gpa, 0x61_2345);
         assert_eq!(w.page_size, PAGE_2M);
         assert!(w.writable);
@@ -453,7 +462,7 @@ mod tests {
         let mut b = builder(&mem, 48);
         // The leaf's GPA need not be in RAM: the walker does not check it.
         b.map(0x80_4000_0000, 0x1_c000_0000, PAGE_1G, true);
-        let w = walk(&mem, b.root(), 48, 0x80_7654_3210, true).unwrap();
+        let w = walk(&mem, b.root(), 48, 0x80_7654_3210, true, true).unwrap();
         assert_eq!(w.gpa, 0x1_f654_3210);
         assert_eq!(w.page_size, PAGE_1G);
     }
@@ -466,16 +475,16 @@ mod tests {
         let iova = 0x00ab_cdef_1234_5000;
         assert!(iova >= 1 << 48);
         b.map(iova, 0x20_0000, PAGE_4K, true);
-        let w = walk(&mem, b.root(), 57, iova + 0x10, true).unwrap();
+        let w = walk(&mem, b.root(), 57, iova + 0x10, true, true).unwrap();
         assert_eq!(w.gpa, 0x20_0010);
         // The same iova is not canonical at width 48.
         assert_eq!(
-            walk(&mem, b.root(), 48, iova, false),
+            walk(&mem, b.root(), 48, iova, false, true),
             Err(WalkError::NonCanonical(iova))
         );
         // And a 2M leaf on a 5-level table.
         b.map(0x00f0_0000_0020_0000, 0xa0_0000, PAGE_2M, false);
-        let w = walk(&mem, b.root(), 57, 0x00f0_0000_0020_0001, false).unwrap();
+        let w = walk(&mem, b.root(), 57, 0x00f0_0000_0020_0001, false, true).unwrap();
         assert_eq!(
             (w.gpa, w.page_size, w.writable),
             (0xa0_0001, PAGE_2M, false)
@@ -488,13 +497,39 @@ mod tests {
         let mut b = builder(&mem, 48);
         let iova = 0xffff_8000_0000_0000;
         b.map(iova, 0x30_0000, PAGE_4K, true);
-        let w = walk(&mem, b.root(), 48, iova | 0xabc, true).unwrap();
+        let w = walk(&mem, b.root(), 48, iova | 0xabc, true, true).unwrap();
         assert_eq!(w.gpa, 0x30_0abc);
         // The top of the lower half (PML4 slot 255) is unmapped.
         assert!(matches!(
-            walk(&mem, b.root(), 48, 0x0000_8000_0000_0000 - PAGE_4K, false),
+            walk(
+                &mem,
+                b.root(),
+                48,
+                0x0000_8000_0000_0000 - PAGE_4K,
+                false,
+                true
+            ),
             Err(WalkError::NotPresent { level: 4, .. })
         ));
+    }
+
+    #[test]
+    fn user_requests_need_us_at_every_level() {
+        let mem = ram();
+        let mut b = builder(&mem, 48);
+        b.map(0x40_0000, 0x5000, PAGE_4K, true);
+        let pdpte = b.entry(0x40_0000, 3).unwrap();
+        b.set_entry(0x40_0000, 3, pdpte & !PTE_US);
+        assert_eq!(
+            walk(&mem, b.root(), 48, 0x40_0010, false, true),
+            Err(WalkError::SupervisorOnly {
+                level: 3,
+                iova: 0x40_0010
+            })
+        );
+        // A privileged request ignores U/S.
+        let w = walk(&mem, b.root(), 48, 0x40_0010, true, false).unwrap();
+        assert_eq!(w.gpa, 0x5010);
     }
 
     #[test]
@@ -502,11 +537,11 @@ mod tests {
         let mem = ram();
         let mut b = builder(&mem, 48);
         b.map(0x1000, 0x5000, PAGE_4K, false);
-        let w = walk(&mem, b.root(), 48, 0x1008, false).unwrap();
+        let w = walk(&mem, b.root(), 48, 0x1008, false, true).unwrap();
         assert_eq!(w.gpa, 0x5008);
         assert!(!w.writable);
         assert_eq!(
-            walk(&mem, b.root(), 48, 0x1008, true),
+            walk(&mem, b.root(), 48, 0x1008, true, true),
             Err(WalkError::ReadOnly {
                 level: 1,
                 iova: 0x1008
@@ -523,13 +558,13 @@ mod tests {
             let e = b.entry(0x7000, level).unwrap();
             b.set_entry(0x7000, level, e & !PTE_RW).unwrap();
             assert_eq!(
-                walk(&mem, b.root(), 48, 0x7000, true),
+                walk(&mem, b.root(), 48, 0x7000, true, true),
                 Err(WalkError::ReadOnly {
                     level,
                     iova: 0x7000
                 })
             );
-            let w = walk(&mem, b.root(), 48, 0x7000, false).unwrap();
+            let w = walk(&mem, b.root(), 48, 0x7000, false, true).unwrap();
             assert_eq!(w.gpa, 0x5000);
             assert!(!w.writable);
         }
@@ -547,7 +582,7 @@ mod tests {
                 let e = b.entry(iova, level).unwrap();
                 let entry_gpa = b.set_entry(iova, level, e & !PTE_P).unwrap();
                 assert_eq!(
-                    walk(&mem, b.root(), width, iova, false),
+                    walk(&mem, b.root(), width, iova, false, true),
                     Err(WalkError::NotPresent { level, entry_gpa })
                 );
             }
@@ -563,7 +598,7 @@ mod tests {
             let e = b.entry(0x1000, level).unwrap() | PTE_PS;
             b.set_entry(0x1000, level, e).unwrap();
             assert_eq!(
-                walk(&mem, b.root(), width, 0x1000, false),
+                walk(&mem, b.root(), width, 0x1000, false, true),
                 Err(WalkError::Reserved { level, entry: e })
             );
         }
@@ -571,6 +606,7 @@ mod tests {
 
     #[test]
     fn reserved_bits_in_large_leaves() {
+        // Entries written by hand without U/S: privileged walks.
         let mem = ram();
         let mut b = builder(&mem, 48);
         b.map(0x20_0000, 0x40_0000, PAGE_2M, true);
@@ -578,7 +614,7 @@ mod tests {
             let e = 0x40_0000 | PTE_P | PTE_RW | PTE_PS | (1 << bit);
             b.set_entry(0x20_0000, 2, e).unwrap();
             assert_eq!(
-                walk(&mem, b.root(), 48, 0x20_0000, false),
+                walk(&mem, b.root(), 48, 0x20_0000, false, false),
                 Err(WalkError::Reserved { level: 2, entry: e })
             );
         }
@@ -586,7 +622,9 @@ mod tests {
         let e = 0x40_0000 | PTE_P | PTE_PS | (1 << 12) | (0x7ff << 52) | (1 << 63);
         b.set_entry(0x20_0000, 2, e).unwrap();
         assert_eq!(
-            walk(&mem, b.root(), 48, 0x20_0004, false).unwrap().gpa,
+            walk(&mem, b.root(), 48, 0x20_0004, false, false)
+                .unwrap()
+                .gpa,
             0x40_0004
         );
 
@@ -594,7 +632,7 @@ mod tests {
         let e = 0x4000_0000 | PTE_P | PTE_PS | (1 << 29);
         b.set_entry(0x4000_0000, 3, e).unwrap();
         assert_eq!(
-            walk(&mem, b.root(), 48, 0x4000_0000, false),
+            walk(&mem, b.root(), 48, 0x4000_0000, false, false),
             Err(WalkError::Reserved { level: 3, entry: e })
         );
     }
@@ -606,16 +644,17 @@ mod tests {
         b.map(0x3000, 0x8000, PAGE_4K, true);
         let e = b.entry(0x3000, 1).unwrap() | PTE_PS;
         b.set_entry(0x3000, 1, e).unwrap();
-        let w = walk(&mem, b.root(), 48, 0x3001, true).unwrap();
+        let w = walk(&mem, b.root(), 48, 0x3001, true, true).unwrap();
         assert_eq!((w.gpa, w.page_size), (0x8001, PAGE_4K));
     }
 
     #[test]
     fn table_outside_ram() {
+        // Entries written by hand without U/S: privileged walks.
         let mem = ram();
         // The root itself.
         assert_eq!(
-            walk(&mem, 0x1_0000_0000, 48, 0, false),
+            walk(&mem, 0x1_0000_0000, 48, 0, false, false),
             Err(WalkError::TableOutsideRam(0x1_0000_0000))
         );
         // A level-3 pointer leading out of RAM.
@@ -625,7 +664,7 @@ mod tests {
         b.set_entry(iova, 3, 0x2_0000_0000 | PTE_P | PTE_RW)
             .unwrap();
         assert_eq!(
-            walk(&mem, b.root(), 48, iova, false),
+            walk(&mem, b.root(), 48, iova, false, false),
             Err(WalkError::TableOutsideRam(0x2_0000_0000))
         );
     }
@@ -641,12 +680,12 @@ mod tests {
             0x0001_0000_0000_0000,
         ] {
             assert_eq!(
-                walk(&mem, b.root(), 48, iova, false),
+                walk(&mem, b.root(), 48, iova, false, true),
                 Err(WalkError::NonCanonical(iova))
             );
         }
         assert_eq!(
-            walk(&mem, b.root(), 57, 1 << 56, false),
+            walk(&mem, b.root(), 57, 1 << 56, false, true),
             Err(WalkError::NonCanonical(1 << 56))
         );
         assert!(is_canonical(0xff00_0000_0000_0000, 57));
@@ -657,7 +696,10 @@ mod tests {
     fn bad_width() {
         let mem = ram();
         for w in [0, 39, 47, 56, 64, u32::MAX] {
-            assert_eq!(walk(&mem, 0, w, 0, false), Err(WalkError::BadWidth(w)));
+            assert_eq!(
+                walk(&mem, 0, w, 0, false, true),
+                Err(WalkError::BadWidth(w))
+            );
         }
     }
 
@@ -669,10 +711,13 @@ mod tests {
         b.map(0x1000, 0x5000, PAGE_4K, true);
         b.unmap(0x20_0000, PAGE_2M);
         assert!(matches!(
-            walk(&mem, b.root(), 48, 0x20_0000, false),
+            walk(&mem, b.root(), 48, 0x20_0000, false, true),
             Err(WalkError::NotPresent { level: 2, .. })
         ));
-        assert_eq!(walk(&mem, b.root(), 48, 0x1000, false).unwrap().gpa, 0x5000);
+        assert_eq!(
+            walk(&mem, b.root(), 48, 0x1000, false, true).unwrap().gpa,
+            0x5000
+        );
         // No path to a 4K leaf under an unmapped region: a no-op.
         b.unmap(0x7fff_0000_0000, PAGE_4K);
         assert_eq!(b.entry_gpa(0x7fff_0000_0000, 1), None);
@@ -692,7 +737,7 @@ mod tests {
         let before = snapshot(&mem);
         for iova in [0x1000, 0x20_0000, 0x9000, 0xffff_8000_0000_0000] {
             for write in [false, true] {
-                let _ = walk(&mem, b.root(), 48, iova, write);
+                let _ = walk(&mem, b.root(), 48, iova, write, iova & 1 == 0);
             }
         }
         assert!(before == snapshot(&mem));
@@ -723,17 +768,20 @@ mod tests {
             }
             for &(iova, gpa, writable) in &pages {
                 let off = rng.next() & (PAGE_4K - 1);
-                let w = walk(&mem, b.root(), width, iova | off, false).unwrap();
+                let w = walk(&mem, b.root(), width, iova | off, false, true).unwrap();
                 assert_eq!(w.gpa, gpa | off);
                 assert_eq!(w.page_size, PAGE_4K);
                 assert_eq!(w.writable, writable);
-                assert_eq!(walk(&mem, b.root(), width, iova, true).is_ok(), writable);
+                assert_eq!(
+                    walk(&mem, b.root(), width, iova, true, true).is_ok(),
+                    writable
+                );
                 for n in [iova.wrapping_sub(PAGE_4K), iova.wrapping_add(PAGE_4K)] {
                     if !is_canonical(n, width) || pages.iter().any(|p| p.0 == n) {
                         continue;
                     }
                     assert!(matches!(
-                        walk(&mem, b.root(), width, n, false),
+                        walk(&mem, b.root(), width, n, false, true),
                         Err(WalkError::NotPresent { .. })
                     ));
                 }
@@ -763,7 +811,14 @@ mod tests {
                 let s = 64 - width;
                 iova = ((iova << s).cast_signed() >> s).cast_unsigned();
             }
-            if let Ok(w) = walk(&mem, root, width, iova, rng.next() & 1 == 0) {
+            if let Ok(w) = walk(
+                &mem,
+                root,
+                width,
+                iova,
+                rng.next() & 1 == 0,
+                rng.next() & 1 == 0,
+            ) {
                 assert!(matches!(w.page_size, PAGE_4K | PAGE_2M | PAGE_1G));
                 assert_eq!(w.gpa & (w.page_size - 1), iova & (w.page_size - 1));
             }
