@@ -188,6 +188,18 @@ mod lists {
     pub(crate) const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
     /// Main thread only: the control socket's pipes.
     pub(crate) const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
+    /// The fault FDs' io_uring (`--fault-io io-uring`), made before the
+    /// filter: any thread that flushes page responses submits to it.
+    pub(crate) const IO_URING: &[c_long] = &[SYS_io_uring_enter];
+}
+
+/// io_uring_enter is allowed (every role) only when the fault FDs are
+/// served through an io_uring.
+static IO_URING_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Allow io_uring_enter in the filters built from now on (before `install`).
+pub(crate) fn allow_io_uring(on: bool) {
+    IO_URING_ALLOWED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The system calls a thread of `role` may make (x86_64 and aarch64; none
@@ -210,6 +222,9 @@ pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
         ],
     };
     let mut v: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    if IO_URING_ALLOWED.load(std::sync::atomic::Ordering::Relaxed) {
+        v.extend_from_slice(IO_URING);
+    }
     v.sort_unstable();
     v.dedup();
     v

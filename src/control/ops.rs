@@ -156,6 +156,17 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
     };
     let (poll, window) = backend.poll_stats();
     let vev = backend.relay.vevent_counters();
+    // `--fault-io` in force, and what its ring did (null: epoll).
+    let fault_io = json!({
+        "mode": backend.relay.fault_io().name(),
+        "ring": backend.relay.ring_counters().map(|r| json!({
+            "enters": r.enters,
+            "reads": r.reads,
+            "responses_written": r.responses_written,
+            "responses_stale": r.responses_stale,
+            "responses_failed": r.responses_failed,
+        })),
+    });
     let fifo = backend.relay.fifo();
     let c = fifo.counters;
     json!({
@@ -177,6 +188,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "page_requests_timed_out": p.timed_out,
         "page_requests_withdrawn": p.withdrawn,
         "page_responses_failed": p.responses_failed,
+        "fault_io": fault_io,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
         "vevents_stale": vev.stale,
