@@ -212,6 +212,23 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
 }
 
 /// One request line in, one reply object out.
+/// The host's description; the page responses written through the fault
+/// ring (`--fault-io io-uring`) count with the host's own writes.
+fn host(backend: &IommuBackend) -> Value {
+    let mut h = backend.session().iommu.host().describe();
+    if let Some(r) = backend.relay.ring_counters() {
+        for (key, n) in [
+            ("page_responses_written", r.responses_written),
+            ("page_responses_stale", r.responses_stale),
+        ] {
+            if let Some(v) = h.get_mut(key) {
+                *v = Value::from(v.as_u64().unwrap_or(0) + n);
+            }
+        }
+    }
+    h
+}
+
 pub(super) fn handle_line(backend: &IommuBackend, clients: &ClientCounters, line: &str) -> Value {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
@@ -222,7 +239,7 @@ pub(super) fn handle_line(backend: &IommuBackend, clients: &ClientCounters, line
         Some("stats") => stats(backend, clients),
         Some("host") => serde_json::json!({
             "ok": true,
-            "host": backend.session().iommu.host().describe(),
+            "host": host(backend),
         }),
         Some(op) => error("bad-request", format!("unknown op {op:?}")),
         None => error("bad-request", "missing \"op\""),
