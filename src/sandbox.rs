@@ -206,6 +206,15 @@ pub(crate) fn allow_io_uring(on: bool) {
 /// elsewhere).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
+    allowed_with(
+        role,
+        IO_URING_ALLOWED.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// `allowed_for`, with or without the io_uring call.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn allowed_with(role: Role, io_uring: bool) -> Vec<libc::c_long> {
     use lists::*;
     let groups: &[&[libc::c_long]] = match role {
         Role::Process => &[
@@ -222,7 +231,7 @@ pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
         ],
     };
     let mut v: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
-    if IO_URING_ALLOWED.load(std::sync::atomic::Ordering::Relaxed) {
+    if io_uring {
         v.extend_from_slice(IO_URING);
     }
     v.sort_unstable();
@@ -663,6 +672,23 @@ mod tests {
         }
         assert!(!has(Role::StartWorkers, SYS_recvmsg) && !has(Role::StartWorkers, SYS_accept4));
         assert!(!has(Role::StartHandler, SYS_eventfd2) && has(Role::StartHandler, SYS_accept4));
+        // io_uring only with --fault-io io-uring, then for every role (any
+        // thread that flushes page responses submits them); never setup or
+        // register (the ring is made before the filter).
+        for r in [
+            Role::Process,
+            Role::Worker,
+            Role::Frontend,
+            Role::ControlListener,
+            Role::ControlClient,
+            Role::StartWorkers,
+            Role::StartHandler,
+        ] {
+            assert!(!allowed_with(r, false).contains(&SYS_io_uring_enter), "{r:?}");
+            let with = allowed_with(r, true);
+            assert!(with.contains(&SYS_io_uring_enter), "{r:?}");
+            assert!(!with.contains(&SYS_io_uring_setup) && !with.contains(&SYS_io_uring_register));
+        }
         // What the single list allowed before the roles, the process still does.
         for n in [
             SYS_read,
