@@ -684,7 +684,10 @@ mod tests {
             Role::StartWorkers,
             Role::StartHandler,
         ] {
-            assert!(!allowed_with(r, false).contains(&SYS_io_uring_enter), "{r:?}");
+            assert!(
+                !allowed_with(r, false).contains(&SYS_io_uring_enter),
+                "{r:?}"
+            );
             let with = allowed_with(r, true);
             assert!(with.contains(&SYS_io_uring_enter), "{r:?}");
             assert!(!with.contains(&SYS_io_uring_setup) && !with.contains(&SYS_io_uring_register));

@@ -31,6 +31,7 @@ const READ_BYTES: usize = READ_RECORDS * PGFAULT_LEN;
 /// then refuses a stale one alone, not the ones after it).
 pub(crate) const WRITE_BATCH: usize = 64;
 const RESPONSE_LEN: usize = 8;
+const RESPONSE_LEN_U32: u32 = 8;
 /// Submission entries: two reads, a cancel each, and a batch of writes.
 const RING_ENTRIES: u32 = 128;
 
@@ -418,13 +419,10 @@ impl FaultRing {
             for (i, r) in chunk.iter().enumerate() {
                 self.responses[i] = *r;
                 self.results[i] = None;
-                let w = opcode::Write::new(
-                    types::Fd(fd),
-                    self.responses[i].as_ptr(),
-                    RESPONSE_LEN as u32,
-                )
-                .build()
-                .user_data(Tag::Write(i).encode());
+                let w =
+                    opcode::Write::new(types::Fd(fd), self.responses[i].as_ptr(), RESPONSE_LEN_U32)
+                        .build()
+                        .user_data(Tag::Write(i).encode());
                 self.push(&w);
             }
             let mut missing = chunk.len();
@@ -513,10 +511,8 @@ mod tests {
     fn pipe() -> (std::fs::File, std::fs::File) {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array we pass.
-        assert_eq!(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: both fds are new and ours alone.
         unsafe {
             (
@@ -554,7 +550,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let done = done.expect("the posted read completed");
-        assert_eq!(done.result, (PGFAULT_LEN * 3) as i32);
+        assert_eq!(usize::try_from(done.result), Ok(PGFAULT_LEN * 3));
         assert!(done.buf[..PGFAULT_LEN * 3].iter().all(|&b| b == 7));
         // Re-armed into the spare buffer while `done` is still out.
         ring.arm();

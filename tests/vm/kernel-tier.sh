@@ -22,7 +22,9 @@ set -euo pipefail
 
 kernels="${VIOMMU_VM_KERNELS:-7.x 6.12}"
 tmo="${VIOMMU_VM_TIMEOUT:-300}"
-logdir="${VM_CACHE}/logs"
+# VIOMMU_VM_LOGDIR: another place for the console logs (runs of other work trees at the same time
+# write the shared ones).
+logdir="${VIOMMU_VM_LOGDIR:-${VM_CACHE}/logs}"
 mkdir -p "$logdir"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/viommu-kernel-tier.XXXXXX")"
