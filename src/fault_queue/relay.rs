@@ -186,14 +186,10 @@ impl FaultRelay {
                 ring.in_pass = true;
                 ring.reaped_elsewhere = false;
                 ring.reap();
-                let done = [
+                [
                     ring.take_done(SourceId::Virtual),
                     ring.take_done(SourceId::Kernel),
-                ];
-                // The next reads go into the spare buffers now; they are
-                // submitted with the responses below.
-                ring.arm();
-                done
+                ]
             };
             for d in done.into_iter().flatten() {
                 self.relay_ring_read(session, &d);
@@ -205,7 +201,11 @@ impl FaultRelay {
             let Some(ring) = r.as_mut() else {
                 return;
             };
-            // A read whose buffer was out gets it back: post it too.
+            // The next reads (into the other buffers), posted and
+            // submitted in one lock hold: a read left queued would be
+            // submitted by another thread's response write, and the kernel
+            // would then complete it as that thread's task work,
+            // interrupting it.
             ring.arm();
             ring.submit();
             // Reads completed during the pass (reaped by a response
