@@ -360,6 +360,12 @@ impl FaultRelay {
         };
         if let Some(ring) = self.ring.lock().as_mut() {
             // Read through the ring: the eventq worker posts the read.
+            if let Err(e) = uring::set_nonblocking(file.as_raw_fd()) {
+                limited!(
+                    Level::Warn,
+                    "fault queue: O_NONBLOCK: {e} (io_uring hands each read to a kernel thread)"
+                );
+            }
             ring.set_source(SourceId::Kernel, file.as_raw_fd());
             *kf = Some(file);
             drop(kf);
