@@ -177,7 +177,9 @@ impl FaultRelay {
     /// with the responses the relaying wrote (one io_uring_enter). The
     /// eventq worker's only (it posts the reads).
     pub fn ring_ready<G: FaultSink>(&self, session: &Ranked<G>) {
-        loop {
+        // Bounded: reads that keep completing at once (a source at EOF)
+        // must not hold the worker; it comes back after its other work.
+        for _ in 0..64 {
             let done = {
                 let mut r = self.ring.lock();
                 let Some(ring) = r.as_mut() else {
@@ -216,6 +218,10 @@ impl FaultRelay {
                 return;
             }
         }
+        if let Some(ring) = self.ring.lock().as_mut() {
+            ring.in_pass = false;
+        }
+        self.kick();
     }
 
     /// One completed read of the ring: its records relayed, or its error

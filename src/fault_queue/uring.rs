@@ -67,6 +67,8 @@ pub enum RingError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tag {
     Read(SourceId),
+    /// The poll a kernel read is linked behind (reports only failures).
+    Poll,
     /// The `i`-th write of the current batch.
     Write(usize),
     Cancel,
@@ -81,6 +83,7 @@ impl Tag {
             Tag::Read(SourceId::Kernel) => 2 << TAG_SHIFT,
             Tag::Write(i) => (3 << TAG_SHIFT) | i as u64,
             Tag::Cancel => 4 << TAG_SHIFT,
+            Tag::Poll => 5 << TAG_SHIFT,
         }
     }
 
@@ -94,6 +97,7 @@ impl Tag {
                 .filter(|&i| i < WRITE_BATCH)
                 .map(Tag::Write),
             (4, 0) => Some(Tag::Cancel),
+            (5, 0) => Some(Tag::Poll),
             _ => None,
         }
     }
@@ -238,10 +242,16 @@ impl FaultRing {
     pub(crate) fn remove_source(&mut self, source: SourceId) -> usize {
         let i = slot_of(source);
         if self.slots[i].state == SlotState::Posted {
-            let cancel = opcode::AsyncCancel::new(Tag::Read(source).encode())
-                .build()
-                .user_data(Tag::Cancel.encode());
-            self.push(&cancel);
+            // The read, or the poll it waits behind (which cancels both).
+            for target in [Tag::Read(source), Tag::Poll] {
+                if target == Tag::Poll && source != SourceId::Kernel {
+                    continue;
+                }
+                let cancel = opcode::AsyncCancel::new(target.encode())
+                    .build()
+                    .user_data(Tag::Cancel.encode());
+                self.push(&cancel);
+            }
             // The cancel completes at once; a read that ran meanwhile has
             // completed too. Bounded: a kernel that answers neither leaves
             // the buffer to the kernel (leaked) rather than hang.
@@ -288,11 +298,33 @@ impl FaultRing {
                 SourceId::Kernel
             };
             let len = u32::try_from(buf.len()).expect("a 2560-byte buffer");
-            let read = opcode::Read::new(types::Fd(s.fd), buf.as_mut_ptr(), len)
+            let fd = s.fd;
+            let read = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), len)
                 .build()
                 .user_data(Tag::Read(source).encode());
             s.buf = Some(buf);
             s.state = SlotState::Posted;
+            if source == SourceId::Kernel {
+                // The kernel's fault FD answers a read with 0 when nothing
+                // is pending, never EAGAIN: the read waits behind a poll
+                // for POLLIN (linked; both in one submission).
+                let free = {
+                    let sq = self.ring.submission();
+                    sq.capacity() - sq.len()
+                };
+                if free < 2 {
+                    self.enter(0);
+                }
+                let poll =
+                    opcode::PollAdd::new(types::Fd(fd), u32::from(libc::POLLIN.cast_unsigned()))
+                        .build()
+                        .flags(
+                            io_uring::squeue::Flags::IO_LINK
+                                | io_uring::squeue::Flags::SKIP_SUCCESS,
+                        )
+                        .user_data(Tag::Poll.encode());
+                self.push(&poll);
+            }
             self.push(&read);
         }
     }
@@ -347,7 +379,8 @@ impl FaultRing {
                     }
                 }
                 Some(Tag::Write(i)) => self.results[i] = Some(cqe.result()),
-                Some(Tag::Cancel) => {}
+                // A failed poll: its linked read completes with the error.
+                Some(Tag::Cancel | Tag::Poll) => {}
                 None => limited!(
                     Level::Warn,
                     "io_uring: a completion we did not ask for ({:#x})",
@@ -476,7 +509,8 @@ impl Drop for FaultRing {
 /// write() file operations, which io_uring calls with IOCB_NOWAIT only on a
 /// file opened O_NONBLOCK: without it every read and write is handed to an
 /// io-wq kernel thread (measured: 20x the backend's CPU per batched fault in
-/// the kernel tier). The fault FD never blocks either way.
+/// the kernel tier). The fault FD never blocks either way; its read answers
+/// 0 when nothing is pending, so the ring's read waits behind a poll.
 pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL and F_SETFL only read and change the flags of an fd
     // the caller owns.
@@ -518,6 +552,7 @@ mod tests {
             Tag::Write(0),
             Tag::Write(WRITE_BATCH - 1),
             Tag::Cancel,
+            Tag::Poll,
         ] {
             assert_eq!(Tag::decode(t.encode()), Some(t));
         }
