@@ -253,14 +253,33 @@ impl FaultRing {
                 self.push(&cancel);
             }
             // The cancel completes at once; a read that ran meanwhile has
-            // completed too. Bounded: a kernel that answers neither leaves
-            // the buffer to the kernel (leaked) rather than hang.
+            // completed too. Bounded (10 ms a wait, 1 s in all; the caller
+            // may hold the session): a read that never ends leaves its
+            // buffer to the kernel (leaked) rather than hang the device.
+            let ts = types::Timespec::from(std::time::Duration::from_millis(10));
             for _ in 0..100 {
-                self.enter(1);
+                self.counters.enters += 1;
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                    Err(e) => {
+                        limited!(Level::Warn, "io_uring_enter: {e}");
+                        break;
+                    }
+                }
+                self.queued = self.ring.submission().len();
                 self.reap();
                 if self.slots[i].state != SlotState::Posted {
                     break;
                 }
+            }
+            if self.slots[i].state == SlotState::Posted {
+                limited!(
+                    Level::Error,
+                    "io_uring: a fault FD read did not end when cancelled; its buffer is left \
+                     to the kernel"
+                );
             }
         }
         let s = &mut self.slots[i];
