@@ -488,8 +488,8 @@ fn features_without_page_requests_complete_outstanding_groups() {
 
 /// `--fault-io`: the mode in force is printed at start-up and in `stats`;
 /// with the ring, page requests are read through it (posted reads) in
-/// every connection: the reads a connection's eventq worker posted end
-/// with it and the next one posts its own.
+/// every connection, whoever posted the read (an earlier connection's
+/// eventq worker, gone now, or this one's).
 #[test]
 fn both_fault_io_modes_relay_every_page_request_once_across_connections() {
     for (mode, ring) in [("epoll", false), ("io-uring", true)] {
