@@ -7,6 +7,7 @@
 //!
 //! Prints, for one fault at a time and for batches of 64,
 //! `fault-cost instructions_per_fault=<n> syscalls_per_fault=<x> batch=<n>`
+//! (then the same with ` fault_io=io-uring` for `--fault-io io-uring`)
 //! and a `fault-cost-detail` line (per thread, per system call, and the
 //! five functions with the most self instructions per fault).
 //!
@@ -74,8 +75,18 @@ const EVTQ: usize = 1;
 /// struct iommu_hwpt_pgfault.
 const RECORD: usize = 40;
 
-fn backend_args() -> [&'static str; 4] {
-    ["--endpoint", "8", "--max-control-clients", "65"]
+/// `--fault-io`: epoll, the default, and io-uring.
+const MODES: [&str; 2] = ["epoll", "io-uring"];
+
+fn backend_args(mode: &'static str) -> [&'static str; 6] {
+    [
+        "--endpoint",
+        "8",
+        "--max-control-clients",
+        "65",
+        "--fault-io",
+        mode,
+    ]
 }
 
 impl FaultRig {
@@ -222,10 +233,10 @@ impl FaultRig {
 /// The relay: the two queue workers.
 const RELAY: [Role; 2] = [Role::RequestQueue, Role::EventQueue];
 
-fn fault_cost(batch: usize, rounds: usize, warmup: usize) {
+fn fault_cost(mode: &'static str, batch: usize, rounds: usize, warmup: usize) {
     let faults = (rounds * batch) as u64;
     let run = |n: usize| {
-        let b = cost::spawn_callgrind(&backend_args()).expect("backend under callgrind");
+        let b = cost::spawn_callgrind(&backend_args(mode)).expect("backend under callgrind");
         let mut rig = FaultRig::new(b, batch, warmup, true);
         // System calls are counted between the marks (the instructions by
         // the difference of the two runs).
@@ -247,17 +258,23 @@ fn fault_cost(batch: usize, rounds: usize, warmup: usize) {
     // Cross-check: strace on the native backend (seccomp on), the two
     // workers only. Native threads interleave freely, so the batches the
     // relay reads vary from run to run: not the headline figure.
-    let b = BackendProcess::spawn(&backend_args()).expect("backend starts");
+    let b = BackendProcess::spawn(&backend_args(mode)).expect("backend starts");
     // strace and the hold would both ptrace the eventq worker: no hold.
     let mut rig = FaultRig::new(b, batch, warmup, false);
     let (tids, dir) = (rig.workers.clone(), rig.b.dir.clone());
     let native = cost::strace_per_op(&dir, &tids, rounds, faults, |n| rig.rounds(n));
 
+    // The default mode's lines keep their format; the other's say its mode.
+    let tag = if mode == MODES[0] {
+        String::new()
+    } else {
+        format!(" fault_io={mode}")
+    };
     println!(
-        "fault-cost instructions_per_fault={instr:.0} syscalls_per_fault={sys:.3} batch={batch}"
+        "fault-cost instructions_per_fault={instr:.0} syscalls_per_fault={sys:.3} batch={batch}{tag}"
     );
     println!(
-        "fault-cost-detail batch={batch} faults={faults} instructions_by_thread=[{}] \
+        "fault-cost-detail batch={batch}{tag} faults={faults} instructions_by_thread=[{}] \
          syscalls=[{}] strace_native_syscalls_per_fault={native} top5_self=[{}]",
         cost::format_roles(&r1.profiles, &r2.profiles, faults),
         cost::format_syscalls(&s1, &s2, faults),
@@ -275,6 +292,8 @@ fn main() {
         return;
     }
     let k = if quick { 1 } else { 2 };
-    fault_cost(1, 100 * k, 20);
-    fault_cost(64, 4 * k, 2);
+    for mode in MODES {
+        fault_cost(mode, 1, 100 * k, 20);
+        fault_cost(mode, 64, 4 * k, 2);
+    }
 }

@@ -20,7 +20,9 @@
 //!   VIOMMU_BIN=/bin/vhost-device-iommu /bin/fault_relay [--quick]
 //!
 //! Prints `fault-relay p50_ns=.. p99_ns=.. raw_p50_ns=.. floor_p50_ns=..
-//! ratio=.. batch_faults_per_s=.. raw_batch_faults_per_s=..`.
+//! ratio=.. batch_faults_per_s=.. raw_batch_faults_per_s=..` (the default
+//! `--fault-io epoll`), and the same figures of `--fault-io io-uring` on a
+//! `fault-relay-detail fault_io=io-uring` line.
 // Test code with known small values (sizes, counts, timings): these casts
 // cannot truncate or wrap.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -273,6 +275,7 @@ fn main() {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut p50, mut pb) = (vec![], vec![]);
     let (mut bcpu, mut dcpu) = (vec![], vec![]);
+    let (mut u50, mut u99, mut ub, mut ucpu) = (vec![], vec![], vec![], vec![]);
     // Interleaved, so that drift in the guest affects all alike.
     for _ in 0..3 {
         let (a, b) = raw(n, rounds);
@@ -289,6 +292,12 @@ fn main() {
         let o = ours(n, rounds, &["--poll-us", "300"]);
         p50.push(o.p50);
         pb.push(o.batch_rate);
+        // The io_uring fault path (--fault-io io-uring).
+        let o = ours(n, rounds, &["--fault-io", "io-uring"]);
+        u50.push(o.p50);
+        u99.push(o.p99);
+        ub.push(o.batch_rate);
+        ucpu.push(o.backend_cpu_ns);
     }
     let (p50, pb) = (median(&mut p50), median(&mut pb));
     let (o50, o99, ob) = (median(&mut o50), median(&mut o99), median(&mut ob));
@@ -301,6 +310,14 @@ fn main() {
         median(&mut dcpu),
         1e9 / ob,
         1e9 / rb
+    );
+    let (u50, ub) = (median(&mut u50), median(&mut ub));
+    println!(
+        "fault-relay-detail fault_io=io-uring p50_ns={u50:.0} p99_ns={:.0} ratio={:.2} \
+         batch_faults_per_s={ub:.0} backend_cpu_ns_per_fault={:.0}",
+        median(&mut u99),
+        u50 / f50,
+        median(&mut ucpu)
     );
     println!(
         "fault-relay-detail poll_us=300 p50_ns={p50:.0} ratio={:.2} batch_faults_per_s={pb:.0}",

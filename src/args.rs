@@ -213,6 +213,15 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "kill")]
     pub seccomp: crate::sandbox::SeccompMode,
 
+    /// How the fault FDs (page requests, their responses) are served:
+    /// `epoll` (read() and write() from the eventq worker's epoll set),
+    /// `io-uring` (reads posted in advance and responses written through
+    /// one io_uring; fails to start without io_uring), `auto` (io_uring
+    /// unless the kernel refuses it: `kernel.io_uring_disabled`, a seccomp
+    /// policy). The mode in force is printed at start-up and in `stats`.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "epoll")]
+    pub fault_io: crate::fault_queue::uring::FaultIo,
+
     /// Busy-poll the requestq for up to this many microseconds after serving
     /// it, so that a driver sending its next request at once is served
     /// without a kick or a wakeup. Adaptive, as QEMU's poll-max-ns: the
@@ -370,6 +379,8 @@ pub struct Options {
     pub seccomp: crate::sandbox::SeccompMode,
     /// How long to wait for the VMM to bind a `vfio-bound-fd` cdev.
     pub bind_wait: std::time::Duration,
+    /// `--fault-io`.
+    pub fault_io: crate::fault_queue::uring::FaultIo,
     /// The inherited fds, in the order named (--socket-fd, --iommufd-fd,
     /// then the endpoints'): each one once, none of them 0-2 except
     /// --socket-fd (inetd passes the socket as stdin).
@@ -672,6 +683,7 @@ impl Args {
             poll: std::time::Duration::from_micros(self.poll_us.min(1_000_000)),
             seccomp: self.seccomp,
             bind_wait: std::time::Duration::from_millis(self.bind_wait_ms),
+            fault_io: self.fault_io,
             inherited_fds,
         })
     }

@@ -34,6 +34,8 @@ pub enum Rank {
     VEvents,
     /// The page-response timer.
     PageTimer,
+    /// The io_uring of the fault FDs (`--fault-io io-uring`).
+    FaultRing,
     /// The requestq's polling window.
     Poll,
 }

@@ -199,12 +199,33 @@ mod lists {
     pub(crate) const SETUP: &[c_long] = &[SYS_eventfd2, SYS_epoll_create1];
     /// Main thread only: the control socket's pipes.
     pub(crate) const SETUP_MAIN: &[c_long] = &[SYS_pipe2];
+    /// The fault FDs' io_uring (`--fault-io io-uring`), made before the
+    /// filter: any thread that flushes page responses submits to it.
+    pub(crate) const IO_URING: &[c_long] = &[SYS_io_uring_enter];
+}
+
+/// io_uring_enter is allowed (every role) only when the fault FDs are
+/// served through an io_uring.
+static IO_URING_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Allow io_uring_enter in the filters built from now on (before `install`).
+pub(crate) fn allow_io_uring(on: bool) {
+    IO_URING_ALLOWED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The system calls a thread of `role` may make (x86_64 and aarch64; none
 /// elsewhere).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
+    allowed_with(
+        role,
+        IO_URING_ALLOWED.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// `allowed_for`, with or without the io_uring call.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn allowed_with(role: Role, io_uring: bool) -> Vec<libc::c_long> {
     use lists::*;
     let groups: &[&[libc::c_long]] = match role {
         Role::Process => &[
@@ -223,6 +244,9 @@ pub(crate) fn allowed_for(role: Role) -> Vec<libc::c_long> {
         ],
     };
     let mut v: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    if io_uring {
+        v.extend_from_slice(IO_URING);
+    }
     v.sort_unstable();
     v.dedup();
     v
@@ -686,6 +710,26 @@ mod tests {
         }
         assert!(!has(Role::StartWorkers, SYS_recvmsg) && !has(Role::StartWorkers, SYS_accept4));
         assert!(!has(Role::StartHandler, SYS_eventfd2) && has(Role::StartHandler, SYS_accept4));
+        // io_uring only with --fault-io io-uring, then for every role (any
+        // thread that flushes page responses submits them); never setup or
+        // register (the ring is made before the filter).
+        for r in [
+            Role::Process,
+            Role::Worker,
+            Role::Frontend,
+            Role::ControlListener,
+            Role::ControlClient,
+            Role::StartWorkers,
+            Role::StartHandler,
+        ] {
+            assert!(
+                !allowed_with(r, false).contains(&SYS_io_uring_enter),
+                "{r:?}"
+            );
+            let with = allowed_with(r, true);
+            assert!(with.contains(&SYS_io_uring_enter), "{r:?}");
+            assert!(!with.contains(&SYS_io_uring_setup) && !with.contains(&SYS_io_uring_register));
+        }
         // What the single list allowed before the roles, the process still does.
         for n in [
             SYS_read,

@@ -14,7 +14,8 @@ use vmm_sys_util::epoll::EventSet;
 use crate::args::{EndpointKind, IommufdSpec, Options, SocketSpec};
 use crate::control;
 use crate::device::backend::{
-    epoll_data, IommuBackend, EVENTQ, EVENTS_PENDING, FRONTEND_THREAD, PAGE_TIMER, VIRTUAL_FAULTS,
+    epoll_data, IommuBackend, EVENTQ, EVENTS_PENDING, FAULT_RING, FRONTEND_THREAD, PAGE_TIMER,
+    VIRTUAL_FAULTS,
 };
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::ids::IoasId;
@@ -49,6 +50,8 @@ pub enum ServerError {
     Daemon(vhost_user_backend::Error),
     #[error("cannot watch the event records: {0}")]
     Register(std::io::Error),
+    #[error("--fault-io io-uring: {0}")]
+    FaultIo(crate::fault_queue::uring::RingError),
     #[error("iommufd: {0}")]
     Iommufd(#[from] crate::iommufd_bridge::sys::SysError),
     #[error("iommufd: {0}")]
@@ -194,6 +197,22 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
     if let Some(host) = host {
         backend = backend.with_host(host);
     }
+    let (backend, fault_io, why) = backend
+        .with_fault_io(opts.fault_io)
+        .map_err(ServerError::FaultIo)?;
+    match why {
+        Some(why) => warn!(
+            "fault I/O: {} (--fault-io {}: io_uring unavailable: {why})",
+            fault_io.name(),
+            opts.fault_io.name()
+        ),
+        None => info!(
+            "fault I/O: {} (--fault-io {})",
+            fault_io.name(),
+            opts.fault_io.name()
+        ),
+    }
+    crate::sandbox::allow_io_uring(fault_io == crate::fault_queue::uring::FaultIo::IoUring);
     let backend = Arc::new(backend);
     let virtual_count = opts
         .endpoints
@@ -235,13 +254,17 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
                 EVENTS_PENDING,
             )
             .map_err(ServerError::Register)?;
+        // The fault FDs: read through the ring, whose FD is polled, or
+        // each polled itself.
+        let (fd, data) = match backend.relay.ring_fd() {
+            Some(ring) => (ring, FAULT_RING),
+            None => (backend.relay.virtual_source().fd(), VIRTUAL_FAULTS),
+        };
         daemon.get_epoll_handlers()[EVENTQ as usize]
-            .register_listener(
-                backend.relay.virtual_source().fd(),
-                EventSet::IN,
-                VIRTUAL_FAULTS,
-            )
+            .register_listener(fd, EventSet::IN, data)
             .map_err(ServerError::Register)?;
+        // The eventq worker posts the ring's reads at its first pass.
+        backend.relay.kick();
         daemon.get_epoll_handlers()[EVENTQ as usize]
             .register_listener(backend.relay.timer_fd(), EventSet::IN, PAGE_TIMER)
             .map_err(ServerError::Register)?;

@@ -485,3 +485,53 @@ fn features_without_page_requests_complete_outstanding_groups() {
     assert_eq!(s["page_requests_completed_by_device"], 1, "{s}");
     assert_accounted(&s, 0);
 }
+
+/// `--fault-io`: the mode in force is printed at start-up and in `stats`;
+/// with the ring, page requests are read through it (posted reads) in
+/// every connection, whoever posted the read (an earlier connection's
+/// eventq worker, gone now, or this one's).
+#[test]
+fn both_fault_io_modes_relay_every_page_request_once_across_connections() {
+    for (mode, ring) in [("epoll", false), ("io-uring", true)] {
+        let b = backend(&["--fault-io", mode]);
+        for round in 0..2u64 {
+            let mut g = Guest::new(&b);
+            assert_eq!(g.attach(1, EP, None), S_OK);
+            let waiters: Vec<_> = (0..3)
+                .map(|i| dma_async(&b, EP, None, 0x40_0000 + i * 0x1000, false, None))
+                .collect();
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                got.extend(g.page_requests(1));
+            }
+            for r in &got {
+                assert_eq!(
+                    status(&mut g.f, page_resp(EP, None, r.group_id, INVALID)),
+                    S_OK
+                );
+            }
+            for w in waiters {
+                assert_eq!(error_kind(&w.join().unwrap()), Some("page-request-failed"));
+            }
+            let s = stats(&b);
+            assert_eq!(s["fault_io"]["mode"], mode, "{s}");
+            assert_eq!(
+                s["page_requests_completed_by_driver"],
+                3 * (round + 1),
+                "{s}"
+            );
+            assert_accounted(&s, 0);
+            if ring {
+                assert!(
+                    s["fault_io"]["ring"]["reads"].as_u64().unwrap() > round,
+                    "{s}"
+                );
+            } else {
+                assert!(s["fault_io"]["ring"].is_null(), "{s}");
+            }
+            drop(g);
+        }
+        let said = format!("fault I/O: {mode} (--fault-io {mode})");
+        assert!(b.stderr().contains(&said), "{}", b.stderr());
+    }
+}

@@ -258,6 +258,17 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
     };
     let (poll, window) = backend.poll_stats();
     let vev = backend.relay.vevent_counters();
+    // `--fault-io` in force, and what its ring did (null: epoll).
+    let fault_io = json!({
+        "mode": backend.relay.fault_io().name(),
+        "ring": backend.relay.ring_counters().map(|r| json!({
+            "enters": r.enters,
+            "reads": r.reads,
+            "responses_written": r.responses_written,
+            "responses_stale": r.responses_stale,
+            "responses_failed": r.responses_failed,
+        })),
+    });
     let fifo = backend.relay.fifo();
     let c = fifo.counters;
     json!({
@@ -279,6 +290,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "page_requests_timed_out": p.timed_out,
         "page_requests_withdrawn": p.withdrawn,
         "page_responses_failed": p.responses_failed,
+        "fault_io": fault_io,
         "vevents_received": vev.received,
         "vevents_lost": vev.lost,
         "vevents_stale": vev.stale,
@@ -392,6 +404,23 @@ fn remove_endpoint(backend: &IommuBackend, req: &Value) -> Result<Value, Value> 
     }))
 }
 
+/// The host's description; the page responses written through the fault
+/// ring (`--fault-io io-uring`) count with the host's own writes.
+fn host(backend: &IommuBackend) -> Value {
+    let mut h = backend.session().iommu.host().describe();
+    if let Some(r) = backend.relay.ring_counters() {
+        for (key, n) in [
+            ("page_responses_written", r.responses_written),
+            ("page_responses_stale", r.responses_stale),
+        ] {
+            if let Some(v) = h.get_mut(key) {
+                *v = Value::from(v.as_u64().unwrap_or(0) + n);
+            }
+        }
+    }
+    h
+}
+
 /// One request line in, one reply object out. `fds` came with the line
 /// (SCM_RIGHTS); only `add_endpoint` of a VFIO cdev takes one, and any
 /// not taken are closed when the reply is made.
@@ -422,7 +451,7 @@ pub(super) fn handle_line(
         Some("stats") => stats(backend, clients),
         Some("host") => serde_json::json!({
             "ok": true,
-            "host": backend.session().iommu.host().describe(),
+            "host": host(backend),
         }),
         Some(op) => error("bad-request", format!("unknown op {op:?}")),
         None => error("bad-request", "missing \"op\""),

@@ -60,6 +60,9 @@ pub(crate) const KERNEL_FAULTS: u64 = NUM_QUEUES as u64 + 3;
 pub(crate) const KERNEL_EVENTS: u64 = NUM_QUEUES as u64 + 4;
 /// epoll data of the page-response timer (`--page-response-timeout-ms`).
 pub(crate) const PAGE_TIMER: u64 = NUM_QUEUES as u64 + 5;
+/// epoll data of the fault FDs' io_uring (`--fault-io io-uring`), in
+/// place of VIRTUAL_FAULTS and KERNEL_FAULTS.
+pub(crate) const FAULT_RING: u64 = NUM_QUEUES as u64 + 6;
 
 /// Memory regions a frontend may give us: SET_MEM_TABLE's limit (we never
 /// offer CONFIGURE_MEM_SLOTS, but the vhost crate takes ADD_MEM_REG from a
@@ -228,6 +231,22 @@ impl IommuBackend {
     pub(crate) fn with_poll(self, max: Duration) -> Self {
         *self.poll.lock() = Polling::new(max);
         self
+    }
+
+    /// Serve the fault FDs as `mode` says: the mode in force, and why
+    /// `auto` fell back to epoll. With the ring, PAGE_RESPs of a request
+    /// pass are written to the kernel together at its end.
+    pub(crate) fn with_fault_io(
+        self,
+        mode: crate::fault_queue::uring::FaultIo,
+    ) -> Result<
+        (Self, crate::fault_queue::uring::FaultIo, Option<String>),
+        crate::fault_queue::uring::RingError,
+    > {
+        let (used, why) = self.relay.set_fault_io(mode)?;
+        self.session().iommu.batch_kernel_responses =
+            used == crate::fault_queue::uring::FaultIo::IoUring;
+        Ok((self, used, why))
     }
 
     /// Serve host endpoints (VFIO, selftest) through `host`.
@@ -505,6 +524,13 @@ impl VhostUserBackend for IommuBackend {
             (1, EVENTS_PENDING) => {
                 // Non-blocking: EAGAIN only means another wakeup drained it.
                 let _ = self.relay.notify_fd().read();
+                // With the ring: post its reads, relay what another thread
+                // reaped.
+                self.relay.ring_ready(&self.session);
+                self.process_eventq(&vrings[0], false)
+            }
+            (1, FAULT_RING) => {
+                self.relay.ring_ready(&self.session);
                 self.process_eventq(&vrings[0], false)
             }
             (1, VIRTUAL_FAULTS) => {

@@ -8,6 +8,7 @@ pub mod pages;
 pub(crate) mod relay;
 pub(crate) mod source;
 pub(crate) mod timer;
+pub mod uring;
 pub(crate) mod vevents;
 
 use std::collections::VecDeque;

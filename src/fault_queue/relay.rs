@@ -26,9 +26,12 @@ use std::time::Instant;
 use log::{debug, Level};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::pages::{FaultRecord, PageRequests, Response, SourceId, NO_RESPONSE, PGFAULT_LEN};
+use super::pages::{
+    FaultRecord, PageRequests, Response, SourceId, CODE_SUCCESS, NO_RESPONSE, PGFAULT_LEN,
+};
 use super::source::{Batch, GroupReader, VirtualSource, MAX_GROUP_RECORDS};
 use super::timer::PageTimer;
+use super::uring::{self, FaultIo, FaultRing, ReadDone, RingCounters, RingError, Written};
 use super::vevents::{decode, VEventCounters, VeventKind, Walked};
 use super::{purge_completed, EventFifo, EventRecord};
 use crate::lock_order::{Rank, Ranked, RankedGuard};
@@ -115,6 +118,9 @@ pub struct FaultRelay {
     registrar: Ranked<Option<Registrar>>,
     /// Fires when outstanding page requests may have timed out.
     timer: Ranked<PageTimer>,
+    /// The io_uring the fault FDs are served through (`--fault-io`), or
+    /// None: the epoll path.
+    ring: Ranked<Option<FaultRing>>,
 }
 
 impl FaultRelay {
@@ -129,7 +135,136 @@ impl FaultRelay {
             vevents: Ranked::new(Rank::VEvents, VEventCounters::default()),
             registrar: Ranked::new(Rank::Registrar, None),
             timer: Ranked::new(Rank::PageTimer, PageTimer::new()?),
+            ring: Ranked::new(Rank::FaultRing, None),
         })
+    }
+
+    /// Serve the fault FDs as `mode` says (before the first connection).
+    /// Returns the mode in force, and for `auto` that fell back to epoll,
+    /// why.
+    pub fn set_fault_io(&self, mode: FaultIo) -> Result<(FaultIo, Option<String>), RingError> {
+        let (ring, why) = uring::open(mode)?;
+        let mut r = self.ring.lock();
+        *r = ring;
+        match r.as_mut() {
+            Some(ring) => {
+                ring.set_source(SourceId::Virtual, self.virtual_source.fd());
+                Ok((FaultIo::IoUring, why))
+            }
+            None => Ok((FaultIo::Epoll, why)),
+        }
+    }
+
+    /// The mode in force: epoll or io-uring.
+    pub fn fault_io(&self) -> FaultIo {
+        if self.ring.lock().is_some() {
+            FaultIo::IoUring
+        } else {
+            FaultIo::Epoll
+        }
+    }
+
+    /// The ring's FD, which the eventq worker polls instead of the fault
+    /// FDs (None: the epoll path).
+    pub fn ring_fd(&self) -> Option<RawFd> {
+        self.ring.lock().as_ref().map(FaultRing::fd)
+    }
+
+    /// What the ring did (None: the epoll path).
+    pub fn ring_counters(&self) -> Option<RingCounters> {
+        self.ring.lock().as_ref().map(|r| r.counters)
+    }
+
+    /// Wake the eventq worker (it posts the ring's reads at its next pass).
+    pub fn kick(&self) {
+        if let Err(e) = self.notify.write(1) {
+            limited!(Level::Warn, "cannot wake the eventq worker: {e}");
+        }
+    }
+
+    /// The ring is readable, or the eventq worker was woken: relay the
+    /// reads that completed, post the next ones, and submit them together
+    /// with the responses the relaying wrote (one io_uring_enter). The
+    /// eventq worker's only (it posts the reads).
+    pub fn ring_ready<G: FaultSink>(&self, session: &Ranked<G>) {
+        // Bounded: reads that keep completing at once (a source at EOF)
+        // must not hold the worker; it comes back after its other work.
+        for _ in 0..64 {
+            let done = {
+                let mut r = self.ring.lock();
+                let Some(ring) = r.as_mut() else {
+                    return;
+                };
+                ring.in_pass = true;
+                ring.reaped_elsewhere = false;
+                ring.reap();
+                [
+                    ring.take_done(SourceId::Virtual),
+                    ring.take_done(SourceId::Kernel),
+                ]
+            };
+            for d in done.into_iter().flatten() {
+                self.relay_ring_read(session, &d);
+                if let Some(ring) = self.ring.lock().as_mut() {
+                    ring.give_back(d);
+                }
+            }
+            let mut r = self.ring.lock();
+            let Some(ring) = r.as_mut() else {
+                return;
+            };
+            // The next reads (into the other buffers), posted and
+            // submitted in one lock hold: a read left queued would be
+            // submitted by another thread's response write, and the kernel
+            // would then complete it as that thread's task work,
+            // interrupting it.
+            ring.arm();
+            ring.submit();
+            // Reads completed during the pass (reaped by a response
+            // write): relay them now.
+            ring.reap();
+            if !ring.has_done() {
+                ring.in_pass = false;
+                return;
+            }
+        }
+        if let Some(ring) = self.ring.lock().as_mut() {
+            ring.in_pass = false;
+        }
+        self.kick();
+    }
+
+    /// One completed read of the ring: its records relayed, or its error
+    /// handled.
+    fn relay_ring_read<G: FaultSink>(&self, session: &Ranked<G>, d: &ReadDone) {
+        match usize::try_from(d.result) {
+            Ok(0) => {}
+            Ok(n) if n % PGFAULT_LEN == 0 && n <= d.buf.len() => {
+                self.relay(session, d.source, &d.buf[..n]);
+            }
+            Ok(n) => {
+                limited!(
+                    Level::Warn,
+                    "fault FD returned {n} bytes, not whole records: dropped"
+                );
+            }
+            Err(_) if d.result == -libc::ECANCELED || d.result == -libc::EINTR => {}
+            Err(_) if d.result == -libc::EINVAL && d.source == SourceId::Kernel => {
+                // A group larger than the ring's buffer: the epoll path's
+                // reader takes it (the cold path), then the ring reads on.
+                self.source_readable(session, SourceId::Kernel);
+            }
+            Err(_) => {
+                limited!(
+                    Level::Error,
+                    "fault FD read through io_uring: {}; no longer reading it",
+                    io::Error::from_raw_os_error(-d.result)
+                );
+                if let Some(ring) = self.ring.lock().as_mut() {
+                    ring.stop(d.source);
+                }
+            }
+        }
     }
 
     /// Queue a record and wake the eventq worker. False if it was lost
@@ -180,7 +315,21 @@ impl FaultRelay {
     /// holds is dropped as stale, and the connection's epoll is forgotten.
     /// Then the sink completes its groups and the glue calls `flush`.
     pub fn close_sources(&self) {
-        drop(self.kernel_faults.lock().take());
+        let mut kf = self.kernel_faults.lock();
+        if let Some(ring) = self.ring.lock().as_mut() {
+            // The ring's read must let go of the FD before we do.
+            if ring.has_source(SourceId::Kernel) {
+                let lost = ring.remove_source(SourceId::Kernel);
+                if lost > 0 {
+                    debug!(
+                        "fault queue: {} records read at disconnect, left to the kernel",
+                        lost / PGFAULT_LEN
+                    );
+                }
+            }
+        }
+        drop(kf.take());
+        drop(kf);
         // What the device raised after this guest's workers stopped is
         // nobody's: dropped and counted now, not at the next guest.
         if let Some(queue) = self.kernel_events.lock().take() {
@@ -194,6 +343,18 @@ impl FaultRelay {
     /// still on their way from virtual endpoints are completed at once (no
     /// driver), and the guest's records are discarded.
     pub fn drain_after_session<G: FaultSink>(&self, session: &Ranked<G>) {
+        // What the ring read (or its cancelled reads: the worker that
+        // posted them is gone) is relayed, and completed at once.
+        let done = self.ring.lock().as_mut().and_then(|r| {
+            r.reap();
+            r.take_done(SourceId::Virtual)
+        });
+        if let Some(d) = done {
+            self.relay_ring_read(session, &d);
+            if let Some(ring) = self.ring.lock().as_mut() {
+                ring.give_back(d);
+            }
+        }
         self.source_readable(session, SourceId::Virtual);
         self.fifo().discard_all();
     }
@@ -213,6 +374,20 @@ impl FaultRelay {
         let Some(file) = g.fault_queue_reader() else {
             return;
         };
+        if let Some(ring) = self.ring.lock().as_mut() {
+            // Read through the ring: the eventq worker posts the read.
+            if let Err(e) = uring::set_nonblocking(file.as_raw_fd()) {
+                limited!(
+                    Level::Warn,
+                    "fault queue: O_NONBLOCK: {e} (io_uring hands each read to a kernel thread)"
+                );
+            }
+            ring.set_source(SourceId::Kernel, file.as_raw_fd());
+            *kf = Some(file);
+            drop(kf);
+            self.kick();
+            return;
+        }
         let registered = match self.registrar.lock().as_ref() {
             Some(reg) => reg(file.as_raw_fd(), Watched::KernelFaults, true),
             None => Err(io::Error::other("no connection")),
@@ -353,17 +528,64 @@ impl FaultRelay {
                     kernel[n] = r;
                     n += 1;
                     if n == kernel.len() {
-                        g.respond_kernel(&kernel);
+                        self.respond_kernel(g, &kernel);
                         n = 0;
                     }
                 }
             }
         }
         if n > 0 {
-            g.respond_kernel(&kernel[..n]);
+            self.respond_kernel(g, &kernel[..n]);
         }
         if g.pages().has_purged() {
             purge_completed(g.pages(), &mut self.fifo.lock());
+        }
+    }
+
+    /// Responses to the kernel: through the ring when there is one (with
+    /// the reads it has queued, one io_uring_enter), else by the sink's
+    /// write(). Done on return either way.
+    fn respond_kernel<G: FaultSink>(&self, g: &mut G, rs: &[Response]) {
+        let mut r = self.ring.lock();
+        let Some(ring) = r.as_mut().filter(|r| r.has_source(SourceId::Kernel)) else {
+            drop(r);
+            g.respond_kernel(rs);
+            return;
+        };
+        let mut bytes = [[0u8; 8]; uring::WRITE_BATCH];
+        for chunk in rs.chunks(uring::WRITE_BATCH) {
+            for (b, r) in bytes.iter_mut().zip(chunk) {
+                b[..4].copy_from_slice(&r.cookie.to_le_bytes());
+                // The kernel takes SUCCESS (0) and INVALID (1) only.
+                let code = u32::from(r.code != CODE_SUCCESS);
+                b[4..].copy_from_slice(&code.to_le_bytes());
+            }
+            let pages = g.pages();
+            ring.write_responses(&bytes[..chunk.len()], &mut |i, w| match w {
+                Written::Taken => {}
+                Written::Stale => {
+                    debug!(
+                        "page response for cookie {}: the kernel had completed it",
+                        chunk[i].cookie
+                    );
+                    pages.reclassify_as_kernel(&chunk[i]);
+                }
+                Written::Failed(errno) => {
+                    pages.counters.responses_failed += 1;
+                    limited!(
+                        Level::Warn,
+                        "page response for cookie {}: {}",
+                        chunk[i].cookie,
+                        io::Error::from_raw_os_error(errno)
+                    );
+                }
+            });
+        }
+        let wake = std::mem::take(&mut ring.reaped_elsewhere);
+        drop(r);
+        if wake {
+            // A read completed meanwhile: the eventq worker relays it.
+            self.kick();
         }
     }
 
@@ -426,6 +648,11 @@ impl FaultRelay {
                      cannot be read; no longer polling the fault queue (the kernel completes \
                      the group when its device detaches)"
                 );
+                if let Some(ring) = self.ring.lock().as_mut() {
+                    // The posted read would find the same group: stop it.
+                    ring.remove_source(SourceId::Kernel);
+                    return None;
+                }
                 if let Some(f) = self.kernel_faults.lock().as_ref() {
                     if let Some(reg) = self.registrar.lock().as_ref() {
                         let _ = reg(f.as_raw_fd(), Watched::KernelFaults, false);

@@ -101,6 +101,17 @@ pub struct BackendProcess {
     pub keep_dir: bool,
 }
 
+/// `VIOMMU_FAULT_IO=epoll|io-uring|auto` runs the backends of a test binary
+/// with that `--fault-io` (unless the test names one): the socket tests of
+/// the fault path run in both modes.
+fn fault_io_from_env(args: &mut Vec<String>) {
+    if let Ok(mode) = std::env::var("VIOMMU_FAULT_IO") {
+        if !args.iter().any(|a| a == "--fault-io") {
+            args.extend(["--fault-io".to_string(), mode]);
+        }
+    }
+}
+
 impl BackendProcess {
     /// Start the binary with `--socket-path DIR/vhost.sock --control-socket
     /// DIR/control.sock` followed by `extra` (`{dir}` in an argument is
@@ -116,6 +127,7 @@ impl BackendProcess {
             control.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        fault_io_from_env(&mut args);
         let mut p = Self::spawn_in(dir, &args, false)?;
         p.wait_for_socket(Duration::from_secs(10))?;
         Ok(p)
@@ -132,6 +144,7 @@ impl BackendProcess {
             dir.join("control.sock").display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        fault_io_from_env(&mut args);
         let mut p = Self::spawn_in(dir, &args, true)?;
         p.wait_for_socket(Duration::from_secs(10))?;
         Ok(p)

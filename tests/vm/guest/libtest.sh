@@ -1,13 +1,14 @@
 # shellcheck shell=sh
 # Sourced by the guest smoke scripts (x86 guest/smoke.sh, arm64/smoke.sh), which define
-# pass NAME and fail NAME [REASON]. run_libtest PATH: run one Rust libtest executable with
+# pass NAME and fail NAME [REASON]. run_libtest PATH [SUFFIX]: run one Rust libtest executable with
 # --ignored --test-threads=1 (VIOMMU_BIN pointing at our backend; VIOMMU_TEST_NOTES naming a file
 # for lines the tests want in the log, printed after the run) and count each
 # `test NAME ... ok|FAILED` line as one check; a run that fails without naming a test, or runs
-# none, is one FAIL.
+# none, is one FAIL. SUFFIX is appended to the program's name in the check names (a second run
+# of the same program in another mode).
 run_libtest() {
     t="$1"
-    name="$(basename "$t")"
+    name="$(basename "$t")${2:-}"
     echo "smoke: running $t --ignored --test-threads=1"
     rm -f /tmp/cargo-test.notes
     VIOMMU_BIN=/bin/vhost-device-iommu RUST_LOG="${RUST_LOG:-info}" VIOMMU_TEST_NOTES=/tmp/cargo-test.notes \

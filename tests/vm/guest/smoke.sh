@@ -98,6 +98,13 @@ if [ -f /etc/viommu-cargo-tests ]; then
         fi
         run_libtest "$t"
     done </etc/viommu-cargo-tests
+    # The kernel's fault path again, served through io_uring (--fault-io io-uring).
+    while IFS= read -r t; do
+        [ "$(basename "$t")" = selftest_faults ] || continue
+        export VIOMMU_FAULT_IO=io-uring
+        run_libtest "$t" "[io-uring]"
+        unset VIOMMU_FAULT_IO
+    done </etc/viommu-cargo-tests
 fi
 
 echo "smoke: ${passed} passed, ${failed} failed"
