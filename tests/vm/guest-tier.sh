@@ -299,6 +299,9 @@ sva_watch() {
     r="$(sdma "$flag" 1 true '"02"')"
     check host-writes-flag-2 "$(jf "$r" "r.get('ok') is True")" "$r"
     for i in $(seq 300); do grep -aq 'sva-test: exited' "$log" && break; sleep 0.1; done
+    # First, while the guest waits (VIOMMU_SVA_AFTER): the exit unbound the PASID.
+    r="$(sdma "$pat" 8 false)"
+    check unbound-at-exit "$(jf "$r" "r.get('error') == 'blocked'")" "$r"
     wait "$upid" 2>/dev/null || true
     ud1="$(drv)"
     if [ -e "$ufile" ]; then
@@ -314,8 +317,6 @@ sva_watch() {
     fi
     check uffd-fault-fails-at-once "$([ "$uw" = before-exit ] && grep -aq '^sva-test: uffd-no-event' "$log" && echo True)" \
         "(answered $uw after $i ms; guest: $(tr -d '\r' <"$log" | grep -a '^sva-test: uffd' | tail -n 1))"
-    r="$(sdma "$pat" 8 false)"
-    check unbound-at-exit "$(jf "$r" "r.get('error') == 'blocked'")" "$r"
     r="$(ctl '{"op":"stats"}')"
     printf '%s\n' "$r" >"$W/stats-sva.json"
     check no-page-request-unanswered "$(jf "$r" "r['page_requests_outstanding'] == 0 and r['page_requests_raised'] >= 4 and r['page_requests_raised'] == r['page_requests_completed_by_driver'] and r['page_requests_timed_out'] == 0")" \
