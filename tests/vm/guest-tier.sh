@@ -283,6 +283,7 @@ sva_watch() {
     # have to complete it. Either way the dma must fail (page-request-failed, answered by the
     # driver's PAGE_RESP), not time out, and nothing may be outstanding after the exit.
     ud0="$(drv)"
+    rm -f "$ufile" # a kept work dir (VIOMMU_GT_WORK) may hold the last run's
     (
         t0="$(date +%s%N)"
         r="$(CTL_WAIT=75 ctl "{\"op\":\"dma\",\"endpoint\":40,\"pasid\":$pasid,\"iova\":$((uf)),\"len\":8,\"write\":false,\"timeout_ms\":60000}")"
