@@ -107,8 +107,9 @@ else
 fi
 
 ctl() { # ctl JSON: one request on the control socket ($CTL, default ctl.sock), prints the answer line
-    python3 -c 'import socket,sys
-s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])
+    # (waits $CTL_WAIT seconds for it, default 5)
+    python3 -c 'import os,socket,sys
+s=socket.socket(socket.AF_UNIX); s.settimeout(float(os.environ.get("CTL_WAIT", "5"))); s.connect(sys.argv[1])
 s.sendall(sys.argv[2].encode()+b"\n"); b=b""
 while not b.endswith(b"\n"):
     c=s.recv(65536)
@@ -218,7 +219,8 @@ host_checks() {
 # at them through the control socket (`dma` with the PASID, and `data` to see the bytes) and
 # writes the guest's flag page to move it on. Checks named sva:NAME, the guest's and the host's.
 sva_watch() {
-    local log="$W/console-sva.log" out="$W/sva-host.txt" i r pasid pat hex unt ro um flag inv0 inv1
+    local log="$W/console-sva.log" out="$W/sva-host.txt" i r pasid pat hex unt ro um flag inv0 inv1 uf
+    local ud0 ud1 uw upid ufile="$W/sva-uffd-dma.txt"
     : >"$out"
     for i in $(seq 900); do
         grep -aq 'sva-test: ready' "$log" 2>/dev/null && break
@@ -230,8 +232,9 @@ sva_watch() {
     done
     v() { tr -d '\r' <"$log" | sed -n "s/^sva-test: $1=\([^ ]*\).*/\1/p" | head -n 1; }
     pasid="$(v pasid)" pat="$(v pattern)" unt="$(v untouched)" ro="$(v readonly)" um="$(v unmap)" flag="$(v flag)"
+    uf="$(v uffd)"
     hex="$(tr -d '\r' <"$log" | sed -n 's/^sva-test: pattern=.* hex=\([0-9a-f]*\)$/\1/p' | head -n 1)"
-    if [ -z "$pasid" ] || [ -z "$flag" ] || [ -z "$hex" ]; then
+    if [ -z "$pasid" ] || [ -z "$flag" ] || [ -z "$hex" ] || [ -z "$uf" ]; then
         echo "FAIL bound (no PASID or addresses on the console, see $log)" >>"$out"
         return
     fi
@@ -271,17 +274,54 @@ sva_watch() {
     check invalidate-after-unmap "$([ "${inv1:-0}" -gt "${inv0:-0}" ] && echo True)" "(INVALIDATE ok $inv0 -> $inv1)"
     r="$(sdma "$um" 8 false)"
     check dma-faults-after-unmap "$(jf "$r" "r.get('error') in ('fault', 'page-request-failed')")" "$r"
-    # 5. The process exits: the PASID is unbound (the endpoint's access is blocked), and no page
+    # 5. The uffd page (a userfaultfd registered MISSING, never touched): the page request's fault
+    # reaches handle_userfault, whose process never resolves it. The dma goes in the background
+    # with a long timeout_ms. In 7.3.4 the IOPF handler (iommu_sva_handle_mm) faults without
+    # FAULT_FLAG_ALLOW_RETRY, so handle_userfault cannot wait: VM_FAULT_SIGBUS, the group is
+    # answered INVALID at once and the userfaultfd never sees an event (uffd-fault-fails-at-once).
+    # Were it to wait, the request would be pending when the process exits, and its exit would
+    # have to complete it. Either way the dma must fail (page-request-failed, answered by the
+    # driver's PAGE_RESP), not time out, and nothing may be outstanding after the exit.
+    ud0="$(drv)"
+    rm -f "$ufile" # a kept work dir (VIOMMU_GT_WORK) may hold the last run's
+    (
+        t0="$(date +%s%N)"
+        r="$(CTL_WAIT=75 ctl "{\"op\":\"dma\",\"endpoint\":40,\"pasid\":$pasid,\"iova\":$((uf)),\"len\":8,\"write\":false,\"timeout_ms\":60000}")"
+        printf '%s %s\n' "$((($(date +%s%N) - t0) / 1000000))" "${r:-no-answer}" >"$ufile.tmp"
+        mv "$ufile.tmp" "$ufile"
+    ) &
+    upid=$!
+    # Up to 10 s for the answer before flag 2 lets the process exit.
+    for i in $(seq 100); do [ -e "$ufile" ] && break; sleep 0.1; done
+    uw=exit
+    [ -e "$ufile" ] && uw=before-exit
+    # 6. The process exits: the PASID is unbound (the endpoint's access is blocked), and no page
     # request is left: every one raised was answered by the guest's PAGE_RESP.
     r="$(sdma "$flag" 1 true '"02"')"
     check host-writes-flag-2 "$(jf "$r" "r.get('ok') is True")" "$r"
     for i in $(seq 300); do grep -aq 'sva-test: exited' "$log" && break; sleep 0.1; done
+    # First, while the guest waits (VIOMMU_SVA_AFTER): the exit unbound the PASID.
     r="$(sdma "$pat" 8 false)"
     check unbound-at-exit "$(jf "$r" "r.get('error') == 'blocked'")" "$r"
+    wait "$upid" 2>/dev/null || true
+    ud1="$(drv)"
+    if [ -e "$ufile" ]; then
+        read -r i r <"$ufile"
+    else
+        i=-1 r=no-answer
+    fi
+    check uffd-dma-fails-not-times-out "$(jf "$r" "r.get('error') == 'page-request-failed'")" "$r (after $i ms, answered $uw)"
+    check uffd-answered-by-driver "$([ "${ud1:-0}" -gt "${ud0:-0}" ] && echo True)" "(driver answers $ud0 -> $ud1)"
+    if [ "$uw" = exit ]; then
+        # A kernel whose IOPF fault waits in handle_userfault: the exit must have completed it.
+        check uffd-pending-at-exit-completed "$(jf "$r" "r.get('error') == 'page-request-failed'")" "$r"
+    fi
+    check uffd-fault-fails-at-once "$([ "$uw" = before-exit ] && grep -aq '^sva-test: uffd-no-event' "$log" && echo True)" \
+        "(answered $uw after $i ms; guest: $(tr -d '\r' <"$log" | grep -a '^sva-test: uffd' | tail -n 1))"
     r="$(ctl '{"op":"stats"}')"
     printf '%s\n' "$r" >"$W/stats-sva.json"
-    check no-page-request-unanswered "$(jf "$r" "r['page_requests_outstanding'] == 0 and r['page_requests_raised'] >= 3 and r['page_requests_raised'] == r['page_requests_completed_by_driver']")" \
-        "(outstanding, raised, by driver, by device: $(jf "$r" "[r[k] for k in ('page_requests_outstanding', 'page_requests_raised', 'page_requests_completed_by_driver', 'page_requests_completed_by_device')]"))"
+    check no-page-request-unanswered "$(jf "$r" "r['page_requests_outstanding'] == 0 and r['page_requests_raised'] >= 4 and r['page_requests_raised'] == r['page_requests_completed_by_driver'] and r['page_requests_timed_out'] == 0")" \
+        "(outstanding, raised, by driver, by device, timed out: $(jf "$r" "[r[k] for k in ('page_requests_outstanding', 'page_requests_raised', 'page_requests_completed_by_driver', 'page_requests_completed_by_device', 'page_requests_timed_out')]"))"
     check requests-all-ok "$(jf "$r" "all(set(r['requests'].get(t, {})) <= {'ok'} for t in ('attach_table', 'invalidate', 'page_resp', 'detach'))")" \
         "$(jf "$r" "{t: r['requests'].get(t) for t in ('attach_table', 'invalidate', 'page_resp', 'detach')}")"
 }
@@ -303,7 +343,7 @@ sva_boot() {
             FAIL) fail "sva:$check" "$rest" ;;
         esac
     done <"$W/sva-host.txt"
-    [ "$nv" -ge 12 ] || fail sva:host-checks "$nv of 12 ran (see $W/console-sva.log, $W/backend-sva.log)"
+    [ "$nv" -ge 15 ] || fail sva:host-checks "$nv of 15 ran (see $W/console-sva.log, $W/backend-sva.log)"
     if kill -0 "$sva_pid" 2>/dev/null; then pass sva:backend-survived; else fail sva:backend-survived; fi
     kill "$sva_pid" 2>/dev/null || true
     wait "$sva_pid" 2>/dev/null || true

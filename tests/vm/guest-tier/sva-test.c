@@ -6,18 +6,26 @@
 //               request for write access, which makes it writable (copy on write)
 //   3 unmap     written, later unmapped: the mmu notifier's INVALIDATE, then the access faults
 //   4 flag      written by the host through the endpoint to say a step is done
-// binds its address space to the endpoint (the test-only debugfs file of patch 0005), prints
-// the PASID and the addresses (`sva-test: NAME=0x...`), waits for the host's flag 1, checks that
-// it sees the host's write into page 2, unmaps page 3, waits for flag 2 and exits, which unbinds.
+// and one more page, `uffd`, registered with a userfaultfd (UFFDIO_REGISTER_MODE_MISSING, not
+// UFFD_USER_MODE_ONLY) and never touched: the endpoint's access there is a page request whose
+// fault reaches handle_userfault. It binds its address space to the endpoint (the test-only
+// debugfs file of patch 0005), prints the PASID and the addresses (`sva-test: NAME=0x...`), waits
+// for the host's flag 1, checks that it sees the host's write into page 2, unmaps page 3, waits
+// for flag 2, says whether the userfaultfd got a fault (`sva-test: uffd-event ...` or
+// `sva-test: uffd-no-event`; it never resolves one) and exits, which unbinds.
 // Prints `PASS name` / `FAIL name` for its own checks. Static build: gcc -static -O2
 // Usage: sva-test BDF TIMEOUT_SECONDS
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,6 +35,10 @@
 // What the host writes into the read-only page (guest-tier.sh: the same bytes).
 #define DEVICE_BYTE 0x5a
 #define DEVICE_LEN 16
+
+// How long the program looks for a userfaultfd event after flag 2 (the host's page request at
+// the uffd page was raised before it wrote flag 2).
+#define UFFD_WAIT_MS 3000
 
 static int die(const char *what) {
     printf("FAIL sva-test (%s: %s)\n", what, strerror(errno));
@@ -63,6 +75,19 @@ int main(int argc, char **argv) {
     memset(unmap, 0x11, page);
     *flag = 0;
 
+    // Not UFFD_USER_MODE_ONLY: the IOPF handler's fault is not a user-mode fault of this task.
+    uint8_t *uffd_page = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (uffd_page == MAP_FAILED) return die("mmap uffd page");
+    int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (uffd < 0) return die("userfaultfd");
+    struct uffdio_api api = {.api = UFFD_API, .features = 0};
+    if (ioctl(uffd, UFFDIO_API, &api)) return die("UFFDIO_API");
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)uffd_page, .len = (uint64_t)page},
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg)) return die("UFFDIO_REGISTER");
+
     int fd = open(BIND, O_RDWR);
     if (fd < 0) return die("open " BIND);
     const char *bdf = argv[1];
@@ -79,6 +104,7 @@ int main(int argc, char **argv) {
     printf("sva-test: readonly=0x%llx\n", (unsigned long long)(uintptr_t)readonly);
     printf("sva-test: unmap=0x%llx\n", (unsigned long long)(uintptr_t)unmap);
     printf("sva-test: flag=0x%llx\n", (unsigned long long)(uintptr_t)flag);
+    printf("sva-test: uffd=0x%llx\n", (unsigned long long)(uintptr_t)uffd_page);
     printf("sva-test: ready\n");
     fflush(stdout);
 
@@ -103,8 +129,19 @@ int main(int argc, char **argv) {
         printf("FAIL host-flag-2 (no write from the host in %u s)\n", timeout_s);
     else
         printf("PASS host-flag-2\n");
-    // Exit without closing: the mm goes first (the mmu notifier's release), then the file
-    // (the unbind).
+    // The host raised its page request at the uffd page before flag 2. If the IOPF handler's
+    // fault waits in handle_userfault, the event is here; we never resolve it, so it stays
+    // pending until we exit. If the fault fails at once, no event comes.
+    struct pollfd pfd = {.fd = uffd, .events = POLLIN};
+    struct uffd_msg msg;
+    if (poll(&pfd, 1, UFFD_WAIT_MS) == 1 && read(uffd, &msg, sizeof(msg)) == (ssize_t)sizeof(msg))
+        printf("sva-test: uffd-event event=%u address=0x%llx flags=0x%llx\n", msg.event,
+               (unsigned long long)msg.arg.pagefault.address, (unsigned long long)msg.arg.pagefault.flags);
+    else
+        printf("sva-test: uffd-no-event\n");
+    fflush(stdout);
+    // Exit without closing: the mm goes first (the mmu notifier's release), then the files
+    // (the unbind, the userfaultfd).
     printf("sva-test: exiting\n");
     fflush(stdout);
     return 0;
