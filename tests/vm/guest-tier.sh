@@ -419,7 +419,7 @@ inv_watch() {
     local log="$W/console-$1.log" out="$W/inv-$1.txt" seen=0 k i
     : >"$out"
     for i in $(seq 1200); do
-        k="$(tr -d '\r' <"$log" 2>/dev/null | grep -ac '^dma-bench-mark ' || true)"
+        k="$( { tr -d '\r' <"$log"; } 2>/dev/null | grep -ac '^dma-bench-mark ' || true)"
         if [ "$k" -gt "$seen" ]; then
             seen=$k
             CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' |
