@@ -5,7 +5,9 @@
 #   kernel-tier <kernel version>: N passed, M failed
 #   kernel-tier <kernel version>: dma-through-tables N passed, M failed
 # the second for tests/dma_map.rs (QEMU's edu device doing real DMA through the MAPs our backend
-# makes; counted in the first line too; SKIPPED on 6.12, as the VFIO test is).
+# makes; counted in the first line too; SKIPPED on 6.12, as the VFIO test is). tests/passthrough.rs
+# also runs contrib/passthrough/launch.sh (the README's recipe) with a QEMU stand-in and the edu:
+# its checks count in the first line.
 # A 7.x kernel carries the virtio-iommu series of contrib/linux (x86-kernel-source.sh), inert
 # with QEMU's virtio-iommu, so that it is the same kernel the guest tier boots.
 # Exit status is non-zero if anything failed. Progress and diagnostics go to stderr.
@@ -81,6 +83,8 @@ for t in "${ours[@]}" ${VIOMMU_VM_TESTS:-}; do
 done
 files+=("${work}/viommu-tests:/etc/viommu-tests")
 files+=("${backend_bin}:/bin/vhost-device-iommu")
+# The README's passthrough launcher, run by tests/passthrough.rs (VIOMMU_LAUNCHER, smoke.sh).
+files+=("${repo}/contrib/passthrough/launch.sh:/bin/viommu-launch.sh")
 : >"${work}/viommu-cargo-tests"
 for t in "${cargo_tests[@]}"; do
     name="$(basename "$t" | sed 's/-[0-9a-f]*$//')"

@@ -5,6 +5,8 @@
 passed=0 failed=0
 # Our test programs start the backend binary from here (tests/support/process.rs).
 export VIOMMU_BIN=/bin/vhost-device-iommu
+# The README's passthrough launcher (tests/passthrough.rs runs it).
+export VIOMMU_LAUNCHER=/bin/viommu-launch.sh
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
 # shellcheck source=libtest.sh
