@@ -118,9 +118,12 @@ for spec in $kernels; do
     # stand-in, adopted by the backend). virtio-iommu does not isolate MSIs, so
     # iommufd refuses the bind (EPERM) unless told that this test machine accepts that. QEMU's edu
     # device, a DMA engine, is bound the same way: tests/dma_map.rs moves bytes through our MAPs.
+    # A second edu alone behind a PCIe root port has a bus reset (one on the root bus has none):
+    # tests/passthrough.rs runs the README's launcher on it and resets it as QEMU does.
     "${VM_DIR}/run-guest.sh" "$kimg" "${work}/initramfs.cpio.gz" "$log" "$tmo" viommu.test=/test.sh \
         iommufd.allow_unsafe_interrupts=1 \
-        -- -device virtio-iommu-pci -device pci-testdev -device edu || rc=$?
+        -- -device virtio-iommu-pci -device pci-testdev -device edu \
+        -device pcie-root-port,id=rp1,chassis=1 -device edu,bus=rp1 || rc=$?
     [ -f "$log" ] || : >"$log" # run-guest.sh may have failed before creating it
     clean="$(tr -d '\r' <"$log")"
     passed="$(grep -c '^PASS ' <<<"$clean" || true)"
