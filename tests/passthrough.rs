@@ -557,7 +557,11 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
         .expect("the launcher starts");
     let err = launch.stderr.take().unwrap();
     let err_log = log.clone();
-    let err_reader = std::thread::spawn(move || {
+    // Each reader says when its pipe closed: once every process the
+    // launcher started is gone.
+    let (closed_tx, closed) = mpsc::channel::<&str>();
+    let err_closed = closed_tx.clone();
+    std::thread::spawn(move || {
         for line in BufReader::new(err).lines() {
             let Ok(line) = line else { break };
             err_log
@@ -565,12 +569,13 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
                 .unwrap()
                 .push(format!("launcher stderr: {line}"));
         }
+        let _ = err_closed.send("stderr");
     });
     let mut to_standin = launch.stdin.take().unwrap();
     let (tx, rx) = mpsc::channel::<String>();
     let out = launch.stdout.take().unwrap();
     let out_log = log.clone();
-    let reader = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             match line.strip_prefix("standin: ") {
@@ -585,6 +590,7 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
                     .push(format!("launcher stdout: {line}")),
             }
         }
+        let _ = closed_tx.send("stdout");
     });
     let next = |what: &str| -> String {
         rx.recv_timeout(Duration::from_secs(30))
@@ -717,8 +723,15 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    reader.join().unwrap();
-    err_reader.join().unwrap();
+    // Nothing the launcher started outlives it (the backend would hold
+    // the launcher's stderr open).
+    for _ in 0..2 {
+        let pipe = closed.recv_timeout(Duration::from_secs(10));
+        assert!(
+            pipe.is_ok(),
+            "a process the launcher started still holds its output 10 s after it exited"
+        );
+    }
     assert!(st.success(), "launcher: {st}");
     assert!(!socket.exists(), "the launcher removed the socket");
     let _ = std::fs::remove_dir_all(&dir);

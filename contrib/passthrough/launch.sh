@@ -67,8 +67,9 @@ while [ "$n" -gt 0 ]; do
     n=$((n - 1))
 done
 
-# The backend: no stdin, its stdout to our stderr (QEMU owns the terminal).
-eval "\"\$backend\" --socket-path \"\$socket\" --iommufd-fd 3 \
+# The backend: no stdin, its stdout to our stderr (QEMU owns the terminal). `exec`: $! must be
+# the backend itself, not a subshell around it, or the kill below would miss it.
+eval "exec \"\$backend\" --socket-path \"\$socket\" --iommufd-fd 3 \
     --endpoint \"\$endpoint,vfio-bound-fd=4\" $bargs" </dev/null >&2 &
 bpid=$!
 cleanup() {
