@@ -703,8 +703,9 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
         std::thread::sleep(Duration::from_millis(50));
     };
     note(&format!("launcher: after UNMAP: {fault}"));
-    let cmd = format!("write 0 {:#x} {XFER}", IOVA_B + DST_OFF);
-    assert_eq!(ask(&cmd), "ok", "{cmd}");
+    // Only that one 4-byte DMA: the guest kernel logs 10 IOMMU faults per
+    // 5 s and QEMU reports one per 4 bytes; a full-size faulting DMA here
+    // would use up the budget of tests/dma_map.rs, which runs next.
     assert!(all(&page(&f, p[1]), FILL), "after UNMAP page 1 unchanged");
     untouched(&f, "after UNMAP");
 
