@@ -485,11 +485,12 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     const FILL: u8 = 0x5a;
     /// The stand-in's RAM (QEMU's guest RAM, IOVA = GPA in its IOAS).
     const QFILL: u8 = 0xa5;
-    const RAM: u64 = 16 << 20;
+    const RAM: usize = 16 << 20;
     // Both inside the stand-in's RAM: QEMU's IOAS maps them.
     const IOVA_A: u64 = 0x10_0000;
     const IOVA_B: u64 = 0x20_0000;
-    const DST_OFF: u64 = 0x400;
+    const DST: usize = 0x400;
+    const DST_OFF: u64 = DST as u64;
 
     let cdev = std::env::var("VIOMMU_EDU_RESET_CDEV")
         .expect("VIOMMU_EDU_RESET_CDEV names the cdev of an edu with a working reset");
@@ -510,7 +511,7 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     // SAFETY: a fresh fd nobody else owns.
     let ram = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(memfd) };
     let ram_path = format!("/proc/{}/fd/{memfd}", std::process::id());
-    ram.set_len(RAM).unwrap();
+    ram.set_len(RAM as u64).unwrap();
     {
         use std::os::unix::fs::FileExt;
         ram.write_all_at(&pattern(9), IOVA_A).unwrap();
@@ -608,7 +609,7 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     // The frontend: its handshake completes once the backend adopted the
     // cdev the stand-in bound (the launcher started the stand-in when the
     // socket existed).
-    let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(0, RAM as usize)]).unwrap());
+    let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(0, RAM)]).unwrap());
     let mut f =
         support::Frontend::connect(&socket, mem, Default::default()).expect("frontend connects");
     fn ok<R: AsRef<[u8]>>(f: &mut support::Frontend, req: (R, u32), what: &str) {
@@ -653,7 +654,7 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     f.mem.write(p[0], &pattern(1)).unwrap();
     copy(&mut ask);
     assert!(
-        page(&f, p[1]) == page_with(FILL, DST_OFF as usize, &pattern(1)[..XFER]),
+        page(&f, p[1]) == page_with(FILL, DST, &pattern(1)[..XFER]),
         "before the reset: page 1 holds page 0's bytes, through our MAPs"
     );
     untouched(&f, "before the reset");
@@ -671,7 +672,7 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     f.mem.fill(p[1], BUF_SIZE, FILL).unwrap();
     copy(&mut ask);
     assert!(
-        page(&f, p[1]) == page_with(FILL, DST_OFF as usize, &pattern(2)[..XFER]),
+        page(&f, p[1]) == page_with(FILL, DST, &pattern(2)[..XFER]),
         "after the reset: page 1 holds page 0's new bytes, through our MAPs"
     );
     untouched(&f, "after the reset");
