@@ -20,7 +20,7 @@ use crate::device::backend::{
 use crate::iommufd_bridge::host::{HostDevice, IommufdHost};
 use crate::iommufd_bridge::ids::IoasId;
 use crate::iommufd_bridge::sys::Iommufd;
-use crate::iommufd_bridge::vfio::VfioCdev;
+use crate::iommufd_bridge::vfio::{VfioCdev, VfioSource};
 use crate::iommufd_bridge::{BridgeError, HostIommu};
 use crate::log_limit::limited;
 use crate::sandbox::{on_narrowed_thread, Role};
@@ -162,13 +162,36 @@ fn listener_from_fd(fd: i32) -> Result<Listener, ServerError> {
     Ok(Listener::from(listener))
 }
 
+/// The vhost-user listening socket: created at its path, or inherited.
+fn listen(socket: &SocketSpec) -> Result<Listener, ServerError> {
+    match socket {
+        SocketSpec::Path(p) => Listener::new(p, true).map_err(|source| ServerError::Listen {
+            path: p.display().to_string(),
+            source,
+        }),
+        SocketSpec::Fd(fd) => listener_from_fd(*fd),
+    }
+}
+
 pub fn run(opts: Options) -> Result<(), ServerError> {
     // Before this process opens anything: a closed fd number must not be
     // taken by a file of ours and then adopted as the operator's.
     opts.check_inherited_fds_open()?;
-    // Host endpoints and the control socket first: one that cannot be
-    // opened fails before the socket appears, so a frontend never connects
-    // to a dying backend.
+    // A VMM that binds a `vfio-bound-fd` cdev connects to us before it
+    // binds (QEMU creates its chardevs before it realizes any device), and
+    // we wait for that bind: there the socket must exist first. Everywhere
+    // else host endpoints and the control socket come first: one that
+    // cannot be opened fails before the socket appears, so a frontend
+    // never connects to a dying backend.
+    let vmm_binds = opts
+        .endpoints
+        .iter()
+        .any(|e| matches!(e.kind, EndpointKind::Vfio(VfioSource::BoundFd(_))));
+    let mut early = if vmm_binds {
+        Some(listen(&opts.socket)?)
+    } else {
+        None
+    };
     let host = open_host(&opts)?;
     let control = match &opts.control_socket {
         Some(path) => Some(control::bind(path, opts.control_group).map_err(|source| {
@@ -179,12 +202,9 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         })?),
         None => None,
     };
-    let mut listener = match &opts.socket {
-        SocketSpec::Path(p) => Listener::new(p, true).map_err(|source| ServerError::Listen {
-            path: p.display().to_string(),
-            source,
-        })?,
-        SocketSpec::Fd(fd) => listener_from_fd(*fd)?,
+    let mut listener = match early.take() {
+        Some(l) => l,
+        None => listen(&opts.socket)?,
     };
     let mut backend = IommuBackend::new(
         opts.config,

@@ -151,7 +151,9 @@ mod qemu_standin {
     }
 
     /// vfio_pci_realize -> vfio_device_attach -> iommufd_cdev_attach.
-    pub fn realize(fd: &Iommufd, cdev: &File, ram_len: usize) -> Realized {
+    /// `ram`: the file backing guest RAM (QEMU's memory-backend-memfd), or
+    /// anonymous memory.
+    pub fn realize(fd: &Iommufd, cdev: &File, ram_len: usize, ram: Option<&File>) -> Realized {
         // iommufd_cdev_connect_and_bind: VFIO_DEVICE_BIND_IOMMUFD.
         let mut bind = Bind {
             argsz: argsz::<Bind>(),
@@ -179,14 +181,19 @@ mod qemu_standin {
         // vfio_container_dma_map -> iommufd_backend_map_dma: every RAM
         // section at IOVA = GPA (QEMU 10.1+ uses IOAS_MAP_FILE for memfd
         // RAM; both pin the pages).
-        // SAFETY: anonymous shared mapping of our own; unmapped in drop.
+        let (flags, ram_fd) = match ram {
+            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh shared mapping of our own (of `ram`, at least
+        // ram_len long, if given); unmapped in drop.
         let va = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 ram_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                ram_fd,
                 0,
             )
         };
@@ -289,7 +296,7 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
 
     // QEMU realizes vfio-pci first (it is before the vhost-user device on
     // its command line): it binds, attaches its HWPT and pins guest RAM.
-    let qemu = qemu_standin::realize(&fd, &cdev, 16 << 20);
+    let qemu = qemu_standin::realize(&fd, &cdev, 16 << 20, None);
     eprintln!(
         "stand-in: devid {} ioas {} hwpt {} reset_works {}",
         qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works
@@ -367,4 +374,368 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
         "domain 1's HWPT is gone with the domain"
     );
     eprintln!("qemu-standin: attach-last PASS, after-reset PASS");
+}
+
+/// Not a check: the QEMU stand-in as a process, for
+/// `readme_launcher_*` below, which starts it through the README's
+/// launcher in QEMU's place: `env VIOMMU_STANDIN={IOMMUFD},{CDEV},RAM
+/// THIS-BINARY --exact qemu_standin_process`. It realizes vfio-pci on the
+/// fds the launcher passed (guest RAM: the file RAM, the test's memfd),
+/// then takes commands on stdin, one a line, as a guest's MMIO and a reset
+/// would reach QEMU:
+/// `read IOVA OFF LEN` and `write OFF IOVA LEN` (edu DMA, hex IOVA and
+/// OFF), `reset` (vfio_pci_reset); it answers each on stdout with a
+/// `standin: ` line and exits at EOF. Without VIOMMU_STANDIN (any other
+/// run) it does nothing.
+#[test]
+fn qemu_standin_process() {
+    if let Ok(spec) = std::env::var("VIOMMU_STANDIN") {
+        standin_main(&spec);
+    }
+}
+
+fn standin_say(msg: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "standin: {msg}");
+    let _ = out.flush();
+}
+
+fn standin_main(spec: &str) {
+    use std::fs::File;
+    use std::io::BufRead;
+    use std::os::fd::FromRawFd;
+    use support::edu::EduDevice;
+    use vhost_device_iommu::iommufd_bridge::sys::Iommufd;
+
+    let parts: Vec<&str> = spec.split(',').collect();
+    let [iommufd, cdev, ram] = parts[..] else {
+        panic!("VIOMMU_STANDIN={spec:?}: want IOMMUFD,CDEV,RAMFILE");
+    };
+    let num = |s: &str| -> i32 { s.parse().expect("an fd number") };
+    // SAFETY: the launcher passed these open fds to this process (QEMU's
+    // `-object iommufd,fd=` and `-device vfio-pci,fd=`); nothing else here
+    // owns them.
+    let (fd, cdev) = unsafe {
+        (
+            Iommufd::from_file(File::from_raw_fd(num(iommufd))),
+            File::from_raw_fd(num(cdev)),
+        )
+    };
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ram)
+        .expect("the RAM file");
+    let len = usize::try_from(ram.metadata().unwrap().len()).unwrap();
+    let qemu = qemu_standin::realize(&fd, &cdev, len, Some(&ram));
+    standin_say(&format!(
+        "realized devid {} ioas {} hwpt {} reset_works {}",
+        qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works
+    ));
+    // The guest's driver: BAR0 mapped (QEMU maps it for the guest), bus
+    // mastering on.
+    let mut edu = EduDevice::from_file(cdev.try_clone().expect("dup the cdev"));
+    edu.enable().expect("edu enabled");
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let reply = match w[..] {
+            ["read", iova, off, n] => edu
+                .read_from(hex(iova), hex(off), n.parse().expect("a length"))
+                .map(|()| "ok".to_string()),
+            ["write", off, iova, n] => edu
+                .write_to(hex(off), hex(iova), n.parse().expect("a length"))
+                .map(|()| "ok".to_string()),
+            ["reset"] => {
+                let r = qemu_standin::reset(&cdev, &qemu);
+                // vfio_pci_pre_reset turned bus mastering off; the guest's
+                // driver turns it on again.
+                edu.enable().map(|()| format!("reset {r:?}"))
+            }
+            _ => panic!("stand-in: unknown command {line:?}"),
+        };
+        standin_say(&reply.unwrap_or_else(|e| format!("error {e}")));
+    }
+}
+
+/// The README's passthrough recipe, run: `contrib/passthrough/launch.sh`
+/// opens /dev/iommu and the edu's cdev (VIOMMU_EDU_RESET_CDEV) once and starts
+/// the backend and, in QEMU's place, the stand-in with both fds. The test
+/// is the vhost-user frontend (a guest's MAP/UNMAP) and, through the
+/// stand-in, the guest's driver of the edu. Its DMA lands in exactly the
+/// page of the frontend's memfd that our MAP names, not in the stand-in's
+/// RAM at that IOVA (where QEMU's own IOAS mapping would send it), before
+/// and after the stand-in resets the device as QEMU does; after UNMAP it
+/// faults and moves nothing.
+#[test]
+#[ignore = "needs an edu with a reset in VIOMMU_EDU_RESET_CDEV: run by tests/vm/kernel-tier.sh"]
+fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    use support::edu::{all, note, page_with, pattern, KernelLog, BUF_SIZE, XFER};
+    use support::wire::{self, S_OK};
+
+    const EP: u32 = 0x20;
+    const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
+    /// Guest pages (the frontend's memfd) before the DMA.
+    const FILL: u8 = 0x5a;
+    /// The stand-in's RAM (QEMU's guest RAM, IOVA = GPA in its IOAS).
+    const QFILL: u8 = 0xa5;
+    const RAM: usize = 16 << 20;
+    // Both inside the stand-in's RAM: QEMU's IOAS maps them.
+    const IOVA_A: u64 = 0x10_0000;
+    const IOVA_B: u64 = 0x20_0000;
+    const DST: usize = 0x400;
+    const DST_OFF: u64 = DST as u64;
+
+    let cdev = std::env::var("VIOMMU_EDU_RESET_CDEV")
+        .expect("VIOMMU_EDU_RESET_CDEV names the cdev of an edu with a working reset");
+    let launcher = std::env::var("VIOMMU_LAUNCHER").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/passthrough/launch.sh").to_string()
+    });
+    let dir = std::env::temp_dir().join(format!("viommu-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // QEMU's memory-backend-memfd: the stand-in opens it by its /proc path
+    // (the same shmem file) and pins it in its IOAS.
+    // SAFETY: a NUL-terminated name; the fd is checked and owned below.
+    let memfd = unsafe { libc::memfd_create(c"standin-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(
+        memfd >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd nobody else owns.
+    let ram = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(memfd) };
+    let ram_path = format!("/proc/{}/fd/{memfd}", std::process::id());
+    ram.set_len(RAM as u64).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        ram.write_all_at(&pattern(9), IOVA_A).unwrap();
+        ram.write_all_at(&[QFILL; BUF_SIZE], IOVA_B).unwrap();
+    }
+    let qemu_page = |iova: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; BUF_SIZE];
+        ram.read_exact_at(&mut b, iova).unwrap();
+        b
+    };
+    let socket = dir.join("viommu.sock");
+    let exe = std::env::current_exe().unwrap();
+    let standin_env = format!("VIOMMU_STANDIN={{IOMMUFD}},{{CDEV}},{ram_path}");
+    // The launcher's stderr (the backend's log) and the stand-in's libtest
+    // lines: kept, and printed from this thread when the test ends (libtest
+    // shows them on failure), so that they never split this test's own
+    // `test ... ok` line that the tier counts.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    struct PrintLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+    impl Drop for PrintLog {
+        fn drop(&mut self) {
+            if let Ok(lines) = self.0.lock() {
+                for l in lines.iter() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+    let _print_log = PrintLog(log.clone());
+    let mut launch = Command::new("sh")
+        .arg(&launcher)
+        .args(["--cdev", &cdev, "--endpoint", &format!("{EP:#x}")])
+        .args(["--backend", &support::process::binary()])
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--", "env", &standin_env])
+        .arg(&exe)
+        .args(["--exact", "qemu_standin_process", "--nocapture"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the launcher starts");
+    let err = launch.stderr.take().unwrap();
+    let err_log = log.clone();
+    // Each reader says when its pipe closed: once every process the
+    // launcher started is gone.
+    let (closed_tx, closed) = mpsc::channel::<&str>();
+    let err_closed = closed_tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            err_log
+                .lock()
+                .unwrap()
+                .push(format!("launcher stderr: {line}"));
+        }
+        let _ = err_closed.send("stderr");
+    });
+    let mut to_standin = launch.stdin.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = launch.stdout.take().unwrap();
+    let out_log = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            match line.strip_prefix("standin: ") {
+                Some(msg) => {
+                    let _ = tx.send(msg.to_string());
+                }
+                // libtest's lines of the stand-in (kept apart from this
+                // test's own result lines).
+                None => out_log
+                    .lock()
+                    .unwrap()
+                    .push(format!("launcher stdout: {line}")),
+            }
+        }
+        let _ = closed_tx.send("stdout");
+    });
+    let next = |what: &str| -> String {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no stand-in answer to {what}: {e}"))
+    };
+    let mut ask = |cmd: &str| -> String {
+        writeln!(to_standin, "{cmd}").unwrap();
+        to_standin.flush().unwrap();
+        next(cmd)
+    };
+    let realized = next("realize");
+    note(&format!("launcher: stand-in {realized}"));
+    assert!(realized.starts_with("realized "), "{realized}");
+
+    // The frontend: its handshake completes once the backend adopted the
+    // cdev the stand-in bound (the launcher started the stand-in when the
+    // socket existed).
+    let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(0, RAM)]).unwrap());
+    let mut f =
+        support::Frontend::connect(&socket, mem, Default::default()).expect("frontend connects");
+    fn ok<R: AsRef<[u8]>>(f: &mut support::Frontend, req: (R, u32), what: &str) {
+        assert_eq!(f.request_status(&req).expect("answered"), S_OK, "{what}");
+    }
+    ok(&mut f, wire::attach(1, EP, 0, 0), "ATTACH");
+    let base = f.mem.alloc(5 * 0x1000, 0x1000).unwrap();
+    f.mem.fill(base, 5 * 0x1000, FILL).unwrap();
+    let p: Vec<u64> = (0..5).map(|i| base + i * 0x1000).collect();
+    let page = |f: &support::Frontend, gpa: u64| f.mem.read_vec(gpa, BUF_SIZE).unwrap();
+    ok(
+        &mut f,
+        wire::map(1, IOVA_A, IOVA_A + 0xfff, p[0], RW),
+        "MAP A",
+    );
+    ok(
+        &mut f,
+        wire::map(1, IOVA_B, IOVA_B + 0xfff, p[1], RW),
+        "MAP B",
+    );
+    let copy = |ask: &mut dyn FnMut(&str) -> String| {
+        for cmd in [
+            format!("read {IOVA_A:#x} 0 {XFER}"),
+            format!("write 0 {:#x} {XFER}", IOVA_B + DST_OFF),
+        ] {
+            assert_eq!(ask(&cmd), "ok", "{cmd}");
+        }
+    };
+    let untouched = |f: &support::Frontend, what: &str| {
+        for i in [2, 3, 4] {
+            assert!(all(&page(f, p[i]), FILL), "{what}: page {i} untouched");
+        }
+        assert!(
+            qemu_page(IOVA_A) == pattern(9) && all(&qemu_page(IOVA_B), QFILL),
+            "{what}: QEMU's RAM at IOVA A and B untouched \
+             (its IOAS mapping is not what the device uses)"
+        );
+    };
+
+    // Before any reset: edu reads our page 0 through IOVA A (not the
+    // stand-in's pattern 9 there) and writes it to our page 1.
+    f.mem.write(p[0], &pattern(1)).unwrap();
+    copy(&mut ask);
+    assert!(
+        page(&f, p[1]) == page_with(FILL, DST, &pattern(1)[..XFER]),
+        "before the reset: page 1 holds page 0's bytes, through our MAPs"
+    );
+    untouched(&f, "before the reset");
+
+    // QEMU resets the device (vfio_pci_reset); our tables still govern.
+    let r = ask("reset");
+    note(&format!("launcher: stand-in {r}"));
+    // The kernel took it (this edu sits alone behind a root port: a bus
+    // reset, through VFIO_DEVICE_RESET or the hot reset).
+    assert!(
+        r.starts_with("reset ") && r.contains("Some(0)"),
+        "the reset was done: {r}"
+    );
+    f.mem.write(p[0], &pattern(2)).unwrap();
+    f.mem.fill(p[1], BUF_SIZE, FILL).unwrap();
+    copy(&mut ask);
+    assert!(
+        page(&f, p[1]) == page_with(FILL, DST, &pattern(2)[..XFER]),
+        "after the reset: page 1 holds page 0's new bytes, through our MAPs"
+    );
+    untouched(&f, "after the reset");
+
+    // UNMAP: the same DMA faults (the guest kernel logs it) and moves
+    // nothing, neither to our page nor to QEMU's.
+    ok(&mut f, wire::unmap(1, IOVA_B, IOVA_B + 0xfff), "UNMAP B");
+    ok(&mut f, wire::unmap(1, IOVA_A, IOVA_A + 0xfff), "UNMAP A");
+    f.mem.fill(p[1], BUF_SIZE, FILL).unwrap();
+    let mut log = KernelLog::from_now().unwrap();
+    let cmd = format!("write 0 {:#x} 4", IOVA_B + DST_OFF);
+    assert_eq!(ask(&cmd), "ok", "{cmd}");
+    let needle = format!("{:#x}", IOVA_B + DST_OFF);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    let fault = loop {
+        if let Some(l) = log
+            .new_lines()
+            .into_iter()
+            .inspect(|l| seen.push(l.clone()))
+            .find(|l| l.contains("fault") && l.contains(&needle))
+        {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fault at IOVA B logged after UNMAP; logged: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    note(&format!("launcher: after UNMAP: {fault}"));
+    // Only that one 4-byte DMA: the guest kernel logs 10 IOMMU faults per
+    // 5 s and QEMU reports one per 4 bytes; a full-size faulting DMA here
+    // would use up the budget of tests/dma_map.rs, which runs next.
+    assert!(all(&page(&f, p[1]), FILL), "after UNMAP page 1 unchanged");
+    untouched(&f, "after UNMAP");
+
+    // EOF: the stand-in exits ("QEMU" quits), the launcher stops the
+    // backend and exits with the stand-in's status.
+    drop(to_standin);
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = launch.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = launch.kill();
+            panic!("the launcher did not exit after the stand-in's EOF");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Nothing the launcher started outlives it (the backend would hold
+    // the launcher's stderr open).
+    for _ in 0..2 {
+        let pipe = closed.recv_timeout(Duration::from_secs(10));
+        assert!(
+            pipe.is_ok(),
+            "a process the launcher started still holds its output 10 s after it exited"
+        );
+    }
+    assert!(st.success(), "launcher: {st}");
+    assert!(!socket.exists(), "the launcher removed the socket");
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("readme-launcher: before-reset PASS, after-reset PASS, unmap-faults PASS");
 }

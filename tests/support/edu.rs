@@ -86,6 +86,16 @@ impl EduDevice {
         })
     }
 
+    /// An open cdev someone else binds (the passthrough stand-in's, bound
+    /// as QEMU binds it): call [`EduDevice::enable`] once it is bound.
+    pub fn from_file(file: File) -> Self {
+        EduDevice {
+            file,
+            bar: std::ptr::null_mut(),
+            bar_len: 0,
+        }
+    }
+
     /// A copy of the descriptor without CLOEXEC, for the backend to inherit
     /// (`vfio-fd=`); close it once the backend is started.
     pub fn backend_fd(&self) -> Result<OwnedFd> {
@@ -122,6 +132,11 @@ impl EduDevice {
     /// Once the backend has bound the device: map BAR0, turn on memory
     /// decoding and bus mastering (INTx off), and check the ID register.
     pub fn enable(&mut self) -> Result<()> {
+        if !self.bar.is_null() {
+            // Again (after a reset cleared the command register): the BAR
+            // stays mapped.
+            return self.command_on();
+        }
         let bar = self.region(VFIO_PCI_BAR0_REGION_INDEX)?;
         if bar.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || bar.size < 0x100 {
             return invalid(format!(
@@ -147,7 +162,11 @@ impl EduDevice {
         }
         self.bar = p.cast();
         self.bar_len = len;
+        self.command_on()
+    }
 
+    /// Memory decoding and bus mastering on (INTx off); check the ID.
+    fn command_on(&mut self) -> Result<()> {
         let cfg = self.region(VFIO_PCI_CONFIG_REGION_INDEX)?;
         let mut cmd = [0u8; 2];
         self.file

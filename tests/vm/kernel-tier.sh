@@ -5,7 +5,9 @@
 #   kernel-tier <kernel version>: N passed, M failed
 #   kernel-tier <kernel version>: dma-through-tables N passed, M failed
 # the second for tests/dma_map.rs (QEMU's edu device doing real DMA through the MAPs our backend
-# makes; counted in the first line too; SKIPPED on 6.12, as the VFIO test is).
+# makes; counted in the first line too; SKIPPED on 6.12, as the VFIO test is). tests/passthrough.rs
+# also runs contrib/passthrough/launch.sh (the README's recipe) with a QEMU stand-in and the edu:
+# its checks count in the first line.
 # A 7.x kernel carries the virtio-iommu series of contrib/linux (x86-kernel-source.sh), inert
 # with QEMU's virtio-iommu, so that it is the same kernel the guest tier boots.
 # Exit status is non-zero if anything failed. Progress and diagnostics go to stderr.
@@ -81,6 +83,8 @@ for t in "${ours[@]}" ${VIOMMU_VM_TESTS:-}; do
 done
 files+=("${work}/viommu-tests:/etc/viommu-tests")
 files+=("${backend_bin}:/bin/vhost-device-iommu")
+# The README's passthrough launcher, run by tests/passthrough.rs (VIOMMU_LAUNCHER, smoke.sh).
+files+=("${repo}/contrib/passthrough/launch.sh:/bin/viommu-launch.sh")
 : >"${work}/viommu-cargo-tests"
 for t in "${cargo_tests[@]}"; do
     name="$(basename "$t" | sed 's/-[0-9a-f]*$//')"
@@ -114,9 +118,12 @@ for spec in $kernels; do
     # stand-in, adopted by the backend). virtio-iommu does not isolate MSIs, so
     # iommufd refuses the bind (EPERM) unless told that this test machine accepts that. QEMU's edu
     # device, a DMA engine, is bound the same way: tests/dma_map.rs moves bytes through our MAPs.
+    # A second edu alone behind a PCIe root port has a bus reset (one on the root bus has none):
+    # tests/passthrough.rs runs the README's launcher on it and resets it as QEMU does.
     "${VM_DIR}/run-guest.sh" "$kimg" "${work}/initramfs.cpio.gz" "$log" "$tmo" viommu.test=/test.sh \
         iommufd.allow_unsafe_interrupts=1 \
-        -- -device virtio-iommu-pci -device pci-testdev -device edu || rc=$?
+        -- -device virtio-iommu-pci -device pci-testdev -device edu \
+        -device pcie-root-port,id=rp1,chassis=1 -device edu,bus=rp1 || rc=$?
     [ -f "$log" ] || : >"$log" # run-guest.sh may have failed before creating it
     clean="$(tr -d '\r' <"$log")"
     passed="$(grep -c '^PASS ' <<<"$clean" || true)"

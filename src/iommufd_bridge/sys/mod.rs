@@ -204,7 +204,9 @@ impl Iommufd {
         Ok(Iommufd::from_file(file))
     }
 
-    pub(crate) fn from_file(file: File) -> Self {
+    /// An open /dev/iommu (an inherited one: --iommufd-fd, or the VMM
+    /// stand-in of tests/passthrough.rs).
+    pub fn from_file(file: File) -> Self {
         Iommufd {
             fd: Arc::new(IommuFd::new_from_fd(file)),
         }

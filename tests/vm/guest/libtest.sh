@@ -31,12 +31,12 @@ run_libtest() {
     fi
 }
 
-# vfio_bind_cdev VENDOR DEVICE: bind the (last) PCI function with these IDs (0x-hex, as sysfs
-# prints them) to vfio-pci and print its VFIO cdev path; status 1 and nothing printed if there is
-# no such function or it got no cdev.
+# vfio_bind_cdev VENDOR DEVICE [BDF-GLOB]: bind the (last) PCI function with these IDs (0x-hex, as
+# sysfs prints them) whose address matches BDF-GLOB (default any) to vfio-pci and print its VFIO
+# cdev path; status 1 and nothing printed if there is no such function or it got no cdev.
 vfio_bind_cdev() {
     dev=""
-    for d in /sys/bus/pci/devices/*; do
+    for d in /sys/bus/pci/devices/${3:-*}; do
         [ "$(cat "$d/vendor" 2>/dev/null)" = "$1" ] && [ "$(cat "$d/device" 2>/dev/null)" = "$2" ] && dev="$d"
     done
     [ -n "$dev" ] || return 1

@@ -5,6 +5,8 @@
 passed=0 failed=0
 # Our test programs start the backend binary from here (tests/support/process.rs).
 export VIOMMU_BIN=/bin/vhost-device-iommu
+# The README's passthrough launcher (tests/passthrough.rs runs it).
+export VIOMMU_LAUNCHER=/bin/viommu-launch.sh
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
 # shellcheck source=libtest.sh
@@ -74,11 +76,20 @@ fi
 
 # QEMU's edu device (1234:11e8), a DMA engine behind the same IOMMU, for tests/dma_map.rs: bound
 # to vfio-pci, its cdev in VIOMMU_EDU_CDEV.
-if edu="$(vfio_bind_cdev 0x1234 0x11e8)"; then
+if edu="$(vfio_bind_cdev 0x1234 0x11e8 '0000:00:*')"; then
     pass vfio-pci-edu-cdev
     export VIOMMU_EDU_CDEV="$edu"
 else
-    fail vfio-pci-edu-cdev "no edu device (1234:11e8) with a VFIO cdev"
+    fail vfio-pci-edu-cdev "no edu device (1234:11e8) on bus 0 with a VFIO cdev"
+fi
+# A second edu alone behind a PCIe root port (kernel-tier.sh): it has a bus reset, which the one
+# on the root bus lacks, so VFIO's reset works on it; tests/passthrough.rs runs the README's
+# launcher on it and resets it as QEMU does. Its cdev in VIOMMU_EDU_RESET_CDEV.
+if edu="$(vfio_bind_cdev 0x1234 0x11e8 '0000:0[1-9]:*')"; then
+    pass vfio-pci-edu-reset-cdev
+    export VIOMMU_EDU_RESET_CDEV="$edu"
+else
+    fail vfio-pci-edu-reset-cdev "no edu device (1234:11e8) behind a root port with a VFIO cdev"
 fi
 
 # Rust test binaries (cargo's libtest harness): each `test NAME ... ok|FAILED` line counts as one
