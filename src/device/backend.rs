@@ -244,8 +244,6 @@ impl IommuBackend {
         crate::fault_queue::uring::RingError,
     > {
         let (used, why) = self.relay.set_fault_io(mode)?;
-        self.session().iommu.batch_kernel_responses =
-            used == crate::fault_queue::uring::FaultIo::IoUring;
         Ok((self, used, why))
     }
 

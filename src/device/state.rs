@@ -131,10 +131,6 @@ pub struct IommuState {
     host: Box<dyn HostIommu>,
     /// Outstanding page-request groups (spec-notes/protocol.md 6.8).
     pub pages: PageRequests,
-    /// PAGE_RESP leaves the kernel's response for the end of the request
-    /// pass (`FaultRelay::flush`, through the io_uring with the others of
-    /// the pass) instead of writing it at once.
-    pub(crate) batch_kernel_responses: bool,
 }
 
 /// The mappings of a MAP/UNMAP domain (a free function so that the host
@@ -173,7 +169,6 @@ impl IommuState {
             host: Box::new(SoftwareIommu),
             pages: PageRequests::new(limits.max_page_requests)
                 .with_timeout(limits.page_response_timeout),
-            batch_kernel_responses: false,
         }
     }
 

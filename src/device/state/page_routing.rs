@@ -83,12 +83,10 @@ impl IommuState {
         }
         self.pages
             .driver_response(req.endpoint, req.pasid, req.group, req.code)?;
-        // Written before the reply: OK means the response reached the host;
-        // or, batched, at the end of this request pass (before the used
-        // ring's interrupt, and before any detach of the pass).
-        if !self.batch_kernel_responses {
-            self.respond_kernel_now();
-        }
+        // Written with the others of this request pass at its end
+        // (`FaultRelay::flush`: one write() per 64, or the io_uring),
+        // before the used ring's interrupt and before any detach of the
+        // pass (which writes what is pending first).
         Ok(())
     }
 

@@ -165,6 +165,8 @@ pub struct IommufdHost<D: HostDevice> {
     /// Page responses written (accepted by the kernel), and those it
     /// refused because it had completed the group itself.
     responses_written: u64,
+    /// write() calls that carried them (one per 64 and per refusal).
+    response_writes: u64,
     responses_stale: u64,
 }
 
@@ -208,6 +210,7 @@ impl<D: HostDevice> IommufdHost<D> {
             veventq: None,
             vevent_kind: VeventKind::Selftest,
             responses_written: 0,
+            response_writes: 0,
             responses_stale: 0,
         })
     }
@@ -612,6 +615,7 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
             "viommu": self.viommu,
             "veventq": self.veventq.as_ref().map(|q| q.id),
             "page_responses_written": self.responses_written,
+            "page_response_writes": self.response_writes,
             "page_responses_stale": self.responses_stale,
             "ram": self.ram.iter().flat_map(|m| &m.pieces).map(|&(gpa, len)| json!({"gpa": gpa, "len": len})).collect::<Vec<_>>(),
             "endpoints": self.endpoints.iter().map(|(id, e)| json!({
