@@ -293,6 +293,13 @@ fn main() {
     }
     let k = if quick { 1 } else { 2 };
     for mode in MODES {
+        if mode == "io-uring" {
+            if let Some(why) = support::process::io_uring_unavailable() {
+                println!("fault-cost fault_io=io-uring: SKIPPED ({why})");
+                eprintln!("fault-cost fault_io=io-uring: SKIPPED ({why})");
+                continue;
+            }
+        }
         fault_cost(mode, 1, 100 * k, 20);
         fault_cost(mode, 64, 4 * k, 2);
     }

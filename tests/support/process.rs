@@ -322,3 +322,23 @@ impl Drop for BackendProcess {
         }
     }
 }
+
+/// Can this host make an io_uring (`--fault-io io-uring`)? None: yes;
+/// Some(why) otherwise (`kernel.io_uring_disabled`, a container's seccomp
+/// policy, a kernel without it). Probed with io_uring_setup itself.
+pub fn io_uring_unavailable() -> Option<String> {
+    // struct io_uring_params is 120 bytes; zeroed asks for defaults.
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup reads and writes `params` (120 bytes, ours)
+    // and returns a new fd or -1; nothing else is touched.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Some(format!(
+            "io_uring_setup: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the fd was just returned to us and is closed once.
+    unsafe { libc::close(fd as i32) };
+    None
+}
