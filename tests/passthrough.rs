@@ -83,45 +83,10 @@ mod qemu_standin {
     ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, 100 + 18);
     ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, 100 + 19);
 
-    /// `vfio_device_bind_iommufd` up to `out_devid` (the kernel's minsz).
-    #[repr(C)]
-    #[derive(Default)]
-    struct Bind {
-        argsz: u32,
-        flags: u32,
-        iommufd: i32,
-        out_devid: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct Attach {
-        argsz: u32,
-        flags: u32,
-        pt_id: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct DeviceInfo {
-        argsz: u32,
-        flags: u32,
-        num_regions: u32,
-        num_irqs: u32,
-        cap_offset: u32,
-        pad: u32,
-    }
-
-    /// `vfio_pci_hot_reset` with no group fds: iommufd's form.
-    #[repr(C)]
-    #[derive(Default)]
-    struct HotReset {
-        argsz: u32,
-        flags: u32,
-        count: u32,
-    }
-
-    const VFIO_DEVICE_FLAGS_RESET: u32 = 1;
+    use vfio_bindings::bindings::vfio::{
+        vfio_device_attach_iommufd_pt as Attach, vfio_device_bind_iommufd as Bind,
+        vfio_device_info as DeviceInfo, vfio_pci_hot_reset as HotReset, VFIO_DEVICE_FLAGS_RESET,
+    };
 
     fn ioctl<T>(f: &File, req: std::os::raw::c_ulong, arg: &mut T) -> std::io::Result<()> {
         // SAFETY: `arg` is the repr(C) struct `req` takes, with argsz set

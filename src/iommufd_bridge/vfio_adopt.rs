@@ -13,21 +13,24 @@ use std::fs::File;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
+use vfio_bindings::bindings::vfio::{
+    vfio_device_attach_iommufd_pt, vfio_device_detach_iommufd_pt, vfio_device_info,
+    vfio_pci_dependent_device, vfio_pci_hot_reset_info, VFIO_DEVICE_ATTACH_PASID,
+    VFIO_PCI_HOT_RESET_FLAG_DEV_ID,
+};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::sys::Iommufd;
 use super::{BridgeError, Result};
 
-// <linux/vfio.h>: _IO(VFIO_TYPE, VFIO_BASE + n).
+// <linux/vfio.h>: _IO(VFIO_TYPE, VFIO_BASE + n) (macros: not in the bindings).
 const VFIO_TYPE: u32 = b';' as u32;
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE, 100 + 7);
 ioctl_io_nr!(VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, VFIO_TYPE, 100 + 12);
 ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, 100 + 19);
 ioctl_io_nr!(VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_TYPE, 100 + 20);
 
-const VFIO_DEVICE_ATTACH_PASID: u32 = 1;
-const VFIO_PCI_HOT_RESET_FLAG_DEV_ID: u32 = 1;
 /// `VFIO_PCI_DEVID_OWNED` and `VFIO_PCI_DEVID_NOT_OWNED`: no device id.
 const DEVID_NONE: [u32; 2] = [0, u32::MAX];
 /// How often a cdev not bound yet is looked at again.
@@ -36,52 +39,15 @@ const BIND_POLL: Duration = Duration::from_millis(20);
 /// QEMU allocates a handful of objects per device; this bounds start-up.
 const PROBE_IDS: u32 = 4096;
 
-#[repr(C)]
-#[derive(Default)]
-struct DeviceInfo {
-    argsz: u32,
-    flags: u32,
-    num_regions: u32,
-    num_irqs: u32,
-    cap_offset: u32,
-    pad: u32,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct DependentDevice {
-    devid: u32,
-    segment: u16,
-    bus: u8,
-    devfn: u8,
-}
-
 /// `vfio_pci_hot_reset_info` with room for this many dependent devices.
 const HOT_RESET_MAX: usize = 64;
 
+/// The bindings' `vfio_pci_hot_reset_info` ends in a flexible array: this
+/// gives it room.
 #[repr(C)]
 struct HotResetInfo {
-    argsz: u32,
-    flags: u32,
-    count: u32,
-    devices: [DependentDevice; HOT_RESET_MAX],
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct AttachPt {
-    argsz: u32,
-    flags: u32,
-    pt_id: u32,
-    pasid: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct DetachPt {
-    argsz: u32,
-    flags: u32,
-    pasid: u32,
+    head: vfio_pci_hot_reset_info,
+    devices: [vfio_pci_dependent_device; HOT_RESET_MAX],
 }
 
 // The structs are a few u32s: their sizes fit argsz.
@@ -141,8 +107,8 @@ fn pci_addr_of(file: &File) -> Result<PciAddr> {
 fn wait_bound(file: &File, wait: Duration) -> Result<()> {
     let deadline = Instant::now() + wait;
     loop {
-        let mut info = DeviceInfo {
-            argsz: argsz::<DeviceInfo>(),
+        let mut info = vfio_device_info {
+            argsz: argsz::<vfio_device_info>(),
             ..Default::default()
         };
         // SAFETY: the kernel writes at most argsz bytes into `info`.
@@ -183,10 +149,11 @@ pub(crate) fn devid_in(devices: &[(PciAddr, u32)], me: PciAddr) -> Option<u32> {
 /// that did not bind a cdev its device id. Needs a slot or bus reset.
 fn devid_from_hot_reset(file: &File, me: PciAddr) -> Result<Option<u32>> {
     let mut info = HotResetInfo {
-        argsz: argsz::<HotResetInfo>(),
-        flags: 0,
-        count: 0,
-        devices: [DependentDevice::default(); HOT_RESET_MAX],
+        head: vfio_pci_hot_reset_info {
+            argsz: argsz::<HotResetInfo>(),
+            ..Default::default()
+        },
+        devices: [vfio_pci_dependent_device::default(); HOT_RESET_MAX],
     };
     // SAFETY: the kernel writes at most argsz bytes into `info`.
     let rc = unsafe { ioctl_with_mut_ref(file, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(), &mut info) };
@@ -194,10 +161,10 @@ fn devid_from_hot_reset(file: &File, me: PciAddr) -> Result<Option<u32>> {
         debug!("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: errno {}", errno());
         return Ok(None);
     }
-    if info.flags & VFIO_PCI_HOT_RESET_FLAG_DEV_ID == 0 {
+    if info.head.flags & VFIO_PCI_HOT_RESET_FLAG_DEV_ID == 0 {
         return Ok(None);
     }
-    let n = (info.count as usize).min(HOT_RESET_MAX);
+    let n = (info.head.count as usize).min(HOT_RESET_MAX);
     let devices: Vec<(PciAddr, u32)> = info.devices[..n]
         .iter()
         .map(|d| {
@@ -207,7 +174,9 @@ fn devid_from_hot_reset(file: &File, me: PciAddr) -> Result<Option<u32>> {
                     bus: d.bus,
                     devfn: d.devfn,
                 },
-                d.devid,
+                // SAFETY: both members of the union are a u32; with
+                // FLAG_DEV_ID the kernel filled `devid`.
+                unsafe { d.__bindgen_anon_1.devid },
             )
         })
         .collect();
@@ -266,8 +235,8 @@ impl BoundCdev {
 
     /// VFIO_DEVICE_ATTACH_IOMMUFD_PT: attach, or replace the attachment.
     pub(crate) fn attach(&self, pt: u32, pasid: Option<u32>) -> Result<()> {
-        let mut a = AttachPt {
-            argsz: argsz::<AttachPt>(),
+        let mut a = vfio_device_attach_iommufd_pt {
+            argsz: argsz::<vfio_device_attach_iommufd_pt>(),
             flags: if pasid.is_some() {
                 VFIO_DEVICE_ATTACH_PASID
             } else {
@@ -289,8 +258,8 @@ impl BoundCdev {
 
     /// VFIO_DEVICE_DETACH_IOMMUFD_PT.
     pub(crate) fn detach(&self, pasid: Option<u32>) -> Result<()> {
-        let mut d = DetachPt {
-            argsz: argsz::<DetachPt>(),
+        let mut d = vfio_device_detach_iommufd_pt {
+            argsz: argsz::<vfio_device_detach_iommufd_pt>(),
             flags: u32::from(pasid.is_some()),
             pasid: pasid.unwrap_or(0),
         };
