@@ -486,6 +486,62 @@ fn features_without_page_requests_complete_outstanding_groups() {
     assert_accounted(&s, 0);
 }
 
+/// `--fault-io auto` on a host that refuses io_uring (here a seccomp policy
+/// returning EPERM for io_uring_setup, as a container's does): the device
+/// starts in epoll mode, says why at start-up, and relays page requests;
+/// `--fault-io io-uring` there refuses to start, saying why; `auto` where
+/// io_uring works takes the ring.
+#[test]
+fn auto_fault_io_falls_back_to_epoll_where_io_uring_is_refused() {
+    let denied = [libc::SYS_io_uring_setup];
+    let b = BackendProcess::spawn_denying(&["--endpoint", "8", "--fault-io", "auto"], &denied)
+        .expect("backend starts without io_uring");
+    let mut g = Guest::new(&b);
+    assert_eq!(g.attach(1, EP, None), S_OK);
+    let w = dma_async(&b, EP, None, 0x40_0000, false, None);
+    let got = g.page_requests(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        status(&mut g.f, page_resp(EP, None, got[0].group_id, INVALID)),
+        S_OK
+    );
+    assert_eq!(error_kind(&w.join().unwrap()), Some("page-request-failed"));
+    let s = stats(&b);
+    assert_eq!(s["fault_io"]["mode"], "epoll", "{s}");
+    assert!(s["fault_io"]["ring"].is_null(), "{s}");
+    assert_eq!(s["page_requests_completed_by_driver"], 1, "{s}");
+    assert_accounted(&s, 0);
+    let said = "fault I/O: epoll (--fault-io auto: io_uring unavailable: ";
+    assert!(b.stderr().contains(said), "{}", b.stderr());
+    drop(g);
+    drop(b);
+
+    let refused =
+        BackendProcess::spawn_denying(&["--endpoint", "8", "--fault-io", "io-uring"], &denied);
+    match refused {
+        Ok(mut p) => {
+            let st = p.wait_exit(Duration::from_secs(10));
+            panic!(
+                "io-uring mode started without io_uring: {st:?}\n{}",
+                p.stderr()
+            );
+        }
+        Err(e) => assert!(e.to_string().contains("--fault-io io-uring: "), "{e}"),
+    }
+
+    if let Some(why) = support::process::io_uring_unavailable() {
+        eprintln!("!! auto on a host with io_uring SKIPPED: this host makes no io_uring ({why})");
+        return;
+    }
+    let b = backend(&["--fault-io", "auto"]);
+    assert_eq!(stats(&b)["fault_io"]["mode"], "io-uring");
+    assert!(
+        b.stderr().contains("fault I/O: io-uring (--fault-io auto)"),
+        "{}",
+        b.stderr()
+    );
+}
+
 /// `--fault-io`: the mode in force is printed at start-up and in `stats`;
 /// with the ring, page requests are read through it (posted reads) in
 /// every connection, whoever posted the read (an earlier connection's

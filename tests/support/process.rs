@@ -177,11 +177,40 @@ impl BackendProcess {
         Self::spawn_in(dir, &args, false)
     }
 
+    /// [`BackendProcess::spawn`] in a process where the system calls
+    /// `denied` fail with EPERM, as a container's seccomp policy makes them
+    /// (the filter is installed between fork and exec, so the backend starts
+    /// under it).
+    pub fn spawn_denying(extra: &[&str], denied: &[i64]) -> Result<Self> {
+        let dir = fresh_temp_dir("backend")?;
+        let mut args: Vec<String> = vec![
+            "--socket-path".into(),
+            dir.join("vhost.sock").display().to_string(),
+            "--control-socket".into(),
+            dir.join("control.sock").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let filter = deny_filter(denied)?;
+        let mut p = Self::spawn_filtered(&binary(), dir, &args, false, Some(filter))?;
+        p.wait_for_socket(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
     fn spawn_in(dir: PathBuf, args: &[String], default_log: bool) -> Result<Self> {
         Self::spawn_program(&binary(), dir, args, default_log)
     }
 
     fn spawn_program(bin: &str, dir: PathBuf, args: &[String], default_log: bool) -> Result<Self> {
+        Self::spawn_filtered(bin, dir, args, default_log, None)
+    }
+
+    fn spawn_filtered(
+        bin: &str,
+        dir: PathBuf,
+        args: &[String],
+        default_log: bool,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<Self> {
         let d = dir.display().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
         let stderr_path = dir.join("stderr.log");
@@ -196,6 +225,17 @@ impl BackendProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
+        }
+        if let Some(filter) = filter {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the child between fork and exec;
+            // it only calls prctl and seccomp on a program built before the
+            // fork (no allocation, no lock).
+            unsafe {
+                cmd.pre_exec(move || {
+                    seccompiler::apply_filter(&filter).map_err(std::io::Error::other)
+                });
+            }
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -321,6 +361,24 @@ impl Drop for BackendProcess {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A seccomp program that allows everything but `denied` (EPERM).
+fn deny_filter(denied: &[i64]) -> Result<seccompiler::BpfProgram> {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let rules = denied.iter().map(|&nr| (nr, vec![])).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| Error::Invalid(format!("seccomp arch: {e}")))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| Error::Invalid(format!("seccomp filter: {e}")))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| Error::Invalid(format!("seccomp program: {e}")))
 }
 
 /// Can this host make an io_uring (`--fault-io io-uring`)? None: yes;
