@@ -346,7 +346,8 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
     assert_ne!(Some(u64::from(pt)), h["blocking_pt"].as_u64());
     assert!(busy(pt), "the device is on the guest's domain: {h}");
 
-    // QEMU resets the device (guest reset, or FLR from the guest).
+    // QEMU resets the device (a system or bus reset; the guest's FLR is
+    // the same kernel reset, which QEMU does not see).
     let r = qemu_standin::reset(&cdev, &qemu);
     eprintln!("stand-in reset: {r:?}");
     let h = host();
