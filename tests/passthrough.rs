@@ -82,15 +82,25 @@ mod qemu_standin {
     ioctl_io_nr!(VFIO_DEVICE_PCI_HOT_RESET, VFIO_TYPE, 100 + 13);
     ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, 100 + 18);
     ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, 100 + 19);
+    ioctl_io_nr!(
+        IOMMU_IOAS_CHANGE_PROCESS,
+        IOMMUFD_TYPE as u32,
+        IOMMUFD_CMD_IOAS_CHANGE_PROCESS
+    );
+
+    use iommufd_bindings::iommufd::{
+        iommu_ioas_change_process as ChangeProcess, IOMMUFD_CMD_IOAS_CHANGE_PROCESS, IOMMUFD_TYPE,
+    };
 
     use vfio_bindings::bindings::vfio::{
         vfio_device_attach_iommufd_pt as Attach, vfio_device_bind_iommufd as Bind,
         vfio_device_info as DeviceInfo, vfio_pci_hot_reset as HotReset, VFIO_DEVICE_FLAGS_RESET,
     };
 
-    fn ioctl<T>(f: &File, req: std::os::raw::c_ulong, arg: &mut T) -> std::io::Result<()> {
-        // SAFETY: `arg` is the repr(C) struct `req` takes, with argsz set
-        // to its size; the kernel touches no more than that.
+    fn ioctl<F: AsRawFd, T>(f: &F, req: std::os::raw::c_ulong, arg: &mut T) -> std::io::Result<()> {
+        // SAFETY: `arg` is the repr(C) struct `req` takes, with its size
+        // field (argsz, size) set to its size; the kernel touches no more
+        // than that.
         let rc = unsafe { ioctl_with_mut_ref(f, req, arg) };
         if rc == 0 {
             Ok(())
@@ -111,6 +121,8 @@ mod qemu_standin {
         pub ioas: u32,
         pub hwpt: u32,
         pub reset_works: bool,
+        /// What the kernel answered QEMU's CPR probe (0, or the errno).
+        pub cpr_probe: i32,
         /// The "guest RAM" QEMU's listener mapped (and pinned) in its IOAS.
         pub ram: (*mut libc::c_void, usize),
     }
@@ -119,6 +131,16 @@ mod qemu_standin {
     /// `ram`: the file backing guest RAM (QEMU's memory-backend-memfd), or
     /// anonymous memory.
     pub fn realize(fd: &Iommufd, cdev: &File, ram_len: usize, ram: Option<&File>) -> Realized {
+        // iommufd_cdev_connect_and_bind -> iommufd_backend_connect, first
+        // user of the iommufd object -> vfio_iommufd_cpr_register_iommufd:
+        // IOMMU_IOAS_CHANGE_PROCESS, which the kernel applies to every IOAS
+        // of the shared context, the backend's too. QEMU only blocks CPR
+        // if it fails.
+        let mut cp = ChangeProcess {
+            size: argsz::<ChangeProcess>(),
+            ..Default::default()
+        };
+        let cpr_probe = outcome(ioctl(fd, IOMMU_IOAS_CHANGE_PROCESS(), &mut cp)).unwrap_or(0);
         // iommufd_cdev_connect_and_bind: VFIO_DEVICE_BIND_IOMMUFD.
         let mut bind = Bind {
             argsz: argsz::<Bind>(),
@@ -182,6 +204,7 @@ mod qemu_standin {
             ioas: ioas.raw(),
             hwpt: hwpt.raw(),
             reset_works: info.flags & VFIO_DEVICE_FLAGS_RESET != 0,
+            cpr_probe,
             ram: (va, ram_len),
         }
     }
@@ -263,8 +286,12 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
     // its command line): it binds, attaches its HWPT and pins guest RAM.
     let qemu = qemu_standin::realize(&fd, &cdev, 16 << 20, None);
     eprintln!(
-        "stand-in: devid {} ioas {} hwpt {} reset_works {}",
-        qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works
+        "stand-in: devid {} ioas {} hwpt {} reset_works {} cpr_probe {}",
+        qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works, qemu.cpr_probe
+    );
+    assert_eq!(
+        qemu.cpr_probe, 0,
+        "QEMU's CPR probe (IOMMU_IOAS_CHANGE_PROCESS) on a context with nothing mapped"
     );
     let busy = |id: u32| fd.destroy(id).err().and_then(|e| e.errno()) == Some(EBUSY);
     assert!(busy(qemu.hwpt), "QEMU's HWPT is in use before the backend");
@@ -319,7 +346,8 @@ fn qemu_standin_binds_the_backend_attaches_last_and_stays_after_reset() {
     assert_ne!(Some(u64::from(pt)), h["blocking_pt"].as_u64());
     assert!(busy(pt), "the device is on the guest's domain: {h}");
 
-    // QEMU resets the device (guest reset, or FLR from the guest).
+    // QEMU resets the device (a system or bus reset; the guest's FLR is
+    // the same kernel reset, which QEMU does not see).
     let r = qemu_standin::reset(&cdev, &qemu);
     eprintln!("stand-in reset: {r:?}");
     let h = host();
@@ -395,8 +423,8 @@ fn standin_main(spec: &str) {
     let len = usize::try_from(ram.metadata().unwrap().len()).unwrap();
     let qemu = qemu_standin::realize(&fd, &cdev, len, Some(&ram));
     standin_say(&format!(
-        "realized devid {} ioas {} hwpt {} reset_works {}",
-        qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works
+        "realized devid {} ioas {} hwpt {} reset_works {} cpr_probe {}",
+        qemu.devid, qemu.ioas, qemu.hwpt, qemu.reset_works, qemu.cpr_probe
     ));
     // The guest's driver: BAR0 mapped (QEMU maps it for the guest), bus
     // mastering on.
@@ -570,6 +598,12 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     let realized = next("realize");
     note(&format!("launcher: stand-in {realized}"));
     assert!(realized.starts_with("realized "), "{realized}");
+    // The backend is up, waiting for the bind: it has mapped nothing yet,
+    // so QEMU's context-wide CPR probe finds no mapping it refuses.
+    assert!(
+        realized.ends_with(" cpr_probe 0"),
+        "QEMU's CPR probe (IOMMU_IOAS_CHANGE_PROCESS) before the bind: {realized}"
+    );
 
     // The frontend: its handshake completes once the backend adopted the
     // cdev the stand-in bound (the launcher started the stand-in when the
