@@ -10,16 +10,17 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::{Duration, Instant};
 
 use log::{debug, Level};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace};
 
 use super::ring::{check_avail, pop_chain, signal_if_needed, suppress_kicks};
-use super::{GuestMemory, IommuBackend, Session};
+use super::{IommuBackend, Session};
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
+use crate::device::mem_view::CachedMemory;
 use crate::device::poll::{PollWindow, STALL};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
@@ -205,6 +206,10 @@ impl IommuBackend {
         let mut session = self.session();
         let s = &mut *session;
         let mem = s.mem.memory();
+        // Every ring and buffer access of this pass goes through the view
+        // (vm-memory's own path costs a region search and an iterator per
+        // access: device/mem_view.rs).
+        let view = CachedMemory::new(&mem);
         let mut g = Gathered::new();
         let mut out = [0u8; MAX_REPLY];
         let size = vr.get_queue().size();
@@ -214,14 +219,14 @@ impl IommuBackend {
         let mut empty_drains = 0u32;
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
-                vr.disable_notification()?;
-                if let Err(e) = check_avail(vr.get_queue(), mem.deref()) {
+                vr.get_queue_mut().disable_notification(&view)?;
+                if let Err(e) = check_avail(vr.get_queue(), &view) {
                     broken = Some(e);
                     return Ok(());
                 }
                 let mut popped = 0usize;
                 loop {
-                    let chain = match pop_chain(vr.get_queue_mut(), mem.deref()) {
+                    let chain = match pop_chain(vr.get_queue_mut(), &view) {
                         Ok(Some(chain)) => chain,
                         Ok(None) => break,
                         Err(e) => {
@@ -243,7 +248,7 @@ impl IommuBackend {
                         debug!("unusable request chain: {e}");
                         s.stats
                             .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-                        vr.add_used(chain.head_index(), 0)?;
+                        vr.get_queue_mut().add_used(&view, chain.head_index(), 0)?;
                         continue;
                     }
                     let acked = s.acked_features;
@@ -260,21 +265,22 @@ impl IommuBackend {
                             });
                             continue;
                         }
-                        _ => flush_invalidates(s, &mut deferred, &mut vr)?,
+                        _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
                     }
                     let used = serve_request(s, &chain, &g, &mut out);
                     // At most the reply buffer (MAX_REPLY bytes) was written.
                     #[allow(clippy::cast_possible_truncation)]
                     let used = used as u32;
-                    vr.add_used(chain.head_index(), used)?;
+                    vr.get_queue_mut()
+                        .add_used(&view, chain.head_index(), used)?;
                 }
-                flush_invalidates(s, &mut deferred, &mut vr)?;
+                flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?;
                 served += popped;
                 empty_drains = if popped == 0 { empty_drains + 1 } else { 0 };
                 if broken.is_some() || polling {
                     return Ok(());
                 }
-                let more = vr.enable_notification()?;
+                let more = vr.get_queue_mut().enable_notification(&view)?;
                 if !drain_again(more, empty_drains) {
                     return Ok(());
                 }
@@ -325,7 +331,8 @@ type Deferred<M> = Vec<DeferredInvalidate<M>>;
 fn flush_invalidates<M>(
     s: &mut Session,
     deferred: &mut Deferred<M>,
-    vr: &mut VringState<GuestMemory>,
+    q: &mut Queue,
+    mem: &CachedMemory<'_>,
 ) -> Result<(), virtio_queue::Error>
 where
     M: Deref + Clone,
@@ -346,7 +353,7 @@ where
         // At most the 4-byte tail was written.
         #[allow(clippy::cast_possible_truncation)]
         let used = used as u32;
-        vr.add_used(d.chain.head_index(), used)?;
+        q.add_used(mem, d.chain.head_index(), used)?;
     }
     Ok(())
 }
