@@ -133,6 +133,25 @@ impl<'a> GuestMemory for CachedMemory<'a> {
     }
 }
 
+/// Guest memory that hands out a range lying in one region as one slice,
+/// without vm-memory's per-access iterator: what `device/chain.rs` copies
+/// requests and replies through (a range across regions takes `Bytes`).
+pub(crate) trait OneRegion: GuestMemory {
+    fn slice_in_one_region(&self, addr: GuestAddress, count: usize) -> Option<VolatileSlice<'_>>;
+}
+
+impl OneRegion for CachedMemory<'_> {
+    fn slice_in_one_region(&self, addr: GuestAddress, count: usize) -> Option<VolatileSlice<'_>> {
+        self.one_slice(addr, count)
+    }
+}
+
+impl OneRegion for GuestMemoryMmap {
+    fn slice_in_one_region(&self, addr: GuestAddress, count: usize) -> Option<VolatileSlice<'_>> {
+        GuestMemoryBackend::get_slice(self, addr, count).ok()
+    }
+}
+
 /// The slices of one access: the one found in a cached region, or
 /// `GuestMemoryMmap`'s own iterator.
 enum Slices<'a> {
@@ -212,7 +231,9 @@ mod tests {
         let cached_mem = regions();
         let view = CachedMemory::new(&cached_mem);
         let a = GuestAddress(addr);
-        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap() + 1).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| u8::try_from(i % 251).unwrap() + 1)
+            .collect();
         let expect = plain.write_slice(&data, a);
         let got = view.write_slice(&data, a);
         assert_eq!(got.is_ok(), expect.is_ok(), "write at {addr:#x}+{len}");

@@ -20,7 +20,7 @@ use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
-use crate::device::mem_view::CachedMemory;
+use crate::device::mem_view::{CachedMemory, OneRegion};
 use crate::device::poll::{PollWindow, STALL};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
@@ -336,7 +336,7 @@ fn flush_invalidates<M>(
 ) -> Result<(), virtio_queue::Error>
 where
     M: Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
+    M::Target: OneRegion,
 {
     if deferred.is_empty() {
         return Ok(());
@@ -367,7 +367,7 @@ fn serve_request<M>(
 ) -> usize
 where
     M: Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
+    M::Target: OneRegion,
 {
     match handle(
         &mut s.iommu,
