@@ -47,7 +47,27 @@ pub fn handle(
     writable_len: u64,
     out: &mut [u8; MAX_REPLY],
 ) -> Reply {
-    let (ty, subject, result) = match decode(readable, acked) {
+    handle_decoded(
+        state,
+        stats,
+        acked,
+        decode(readable, acked),
+        writable_len,
+        out,
+    )
+}
+
+/// `handle` for a request already decoded (the requestq decodes each
+/// request once, to see whether it is an INVALIDATE to batch first).
+pub(crate) fn handle_decoded(
+    state: &mut IommuState,
+    stats: &mut Stats,
+    acked: u64,
+    decoded: Decoded,
+    writable_len: u64,
+    out: &mut [u8; MAX_REPLY],
+) -> Reply {
+    let (ty, subject, result) = match decoded {
         Decoded::Unknown(ty) => {
             debug!("request type {ty}: unknown, no reply");
             stats.count_unanswered(ty);
@@ -113,15 +133,14 @@ pub fn handle(
 /// Only valid ones on host-held tables, with room for the tail.
 pub(crate) fn deferrable_invalidate(
     state: &IommuState,
-    acked: u64,
-    readable: &[u8],
+    decoded: &Decoded,
     writable_len: u64,
 ) -> Option<Invalidate> {
     if writable_len < TAIL_LEN as u64 {
         return None;
     }
-    match decode(readable, acked) {
-        Decoded::Request(Request::Invalidate(i)) if state.batchable_invalidate(&i) => Some(i),
+    match decoded {
+        Decoded::Request(Request::Invalidate(i)) if state.batchable_invalidate(i) => Some(*i),
         _ => None,
     }
 }

@@ -18,10 +18,11 @@ use super::ring::{check_avail, pop_chain, signal_if_needed, suppress_kicks};
 use super::{IommuBackend, Session};
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
-    complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
+    complete_invalidates, deferrable_invalidate, handle_decoded, Reply, MAX_REPLY,
 };
 use crate::device::mem_view::{CachedMemory, OneRegion};
 use crate::device::poll::{PollWindow, STALL};
+use crate::device::request::{decode, Decoded};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
 use crate::wire::ReqTail;
@@ -252,7 +253,9 @@ impl IommuBackend {
                         continue;
                     }
                     let acked = s.acked_features;
-                    match deferrable_invalidate(&s.iommu, acked, g.bytes(), g.writable_len) {
+                    // Decoded once, for the batching test and the request.
+                    let decoded = decode(g.bytes(), acked);
+                    match deferrable_invalidate(&s.iommu, &decoded, g.writable_len) {
                         Some(request)
                             if deferred
                                 .first()
@@ -267,7 +270,7 @@ impl IommuBackend {
                         }
                         _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
                     }
-                    let used = serve_request(s, &chain, &g, &mut out);
+                    let used = serve_request(s, &chain, &g, decoded, &mut out);
                     // At most the reply buffer (MAX_REPLY bytes) was written.
                     #[allow(clippy::cast_possible_truncation)]
                     let used = used as u32;
@@ -363,17 +366,18 @@ fn serve_request<M>(
     s: &mut Session,
     chain: &virtio_queue::DescriptorChain<M>,
     g: &Gathered,
+    decoded: Decoded,
     out: &mut [u8; MAX_REPLY],
 ) -> usize
 where
     M: Deref + Clone,
     M::Target: OneRegion,
 {
-    match handle(
+    match handle_decoded(
         &mut s.iommu,
         &mut s.stats,
         s.acked_features,
-        g.bytes(),
+        decoded,
         g.writable_len,
         out,
     ) {
