@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use log::{debug, Level};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace};
 
-use super::ring::{check_avail, pop_chain, signal_if_needed, suppress_kicks};
+use super::ring::{check_avail, pop_chains, signal_if_needed, suppress_kicks, POP_BATCH};
 use super::{IommuBackend, Session};
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
@@ -218,6 +218,10 @@ impl IommuBackend {
         let mut deferred: Deferred<_> = Vec::new();
         let mut broken = None;
         let mut empty_drains = 0u32;
+        // Popped a batch at a time: one read of the avail index per batch
+        // (virtio-queue's `iter` reads it), not per request.
+        let mut chains: [Option<DescriptorChain<&CachedMemory>>; POP_BATCH] =
+            std::array::from_fn(|_| None);
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
                 vr.get_queue_mut().disable_notification(&view)?;
@@ -227,55 +231,60 @@ impl IommuBackend {
                 }
                 let mut popped = 0usize;
                 loop {
-                    let chain = match pop_chain(vr.get_queue_mut(), &view) {
-                        Ok(Some(chain)) => chain,
-                        Ok(None) => break,
+                    let n = match pop_chains(vr.get_queue_mut(), &view, &mut chains) {
+                        Ok(0) => break,
+                        Ok(n) => n,
                         Err(e) => {
                             broken = Some(e);
                             break;
                         }
                     };
-                    popped += 1;
-                    if chain.head_index() >= size {
-                        // No used-ring entry can name it: the entry is lost.
-                        debug!(
-                            "requestq: head index {} beyond the queue",
-                            chain.head_index()
-                        );
-                        s.stats.count_unanswered(0);
-                        continue;
-                    }
-                    if let Err(e) = gather(&chain, &mut g) {
-                        debug!("unusable request chain: {e}");
-                        s.stats
-                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-                        vr.get_queue_mut().add_used(&view, chain.head_index(), 0)?;
-                        continue;
-                    }
-                    let acked = s.acked_features;
-                    // Decoded once, for the batching test and the request.
-                    let decoded = decode(g.bytes(), acked);
-                    match deferrable_invalidate(&s.iommu, &decoded, g.writable_len) {
-                        Some(request)
-                            if deferred
-                                .first()
-                                .is_none_or(|d| d.request.domain == request.domain) =>
-                        {
-                            deferred.push(DeferredInvalidate {
-                                chain,
-                                gathered: g.clone(),
-                                request,
-                            });
+                    for slot in &mut chains[..n] {
+                        let Some(chain) = slot.take() else {
+                            continue;
+                        };
+                        popped += 1;
+                        if chain.head_index() >= size {
+                            // No used-ring entry can name it: the entry is lost.
+                            debug!(
+                                "requestq: head index {} beyond the queue",
+                                chain.head_index()
+                            );
+                            s.stats.count_unanswered(0);
                             continue;
                         }
-                        _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
+                        if let Err(e) = gather(&chain, &mut g) {
+                            debug!("unusable request chain: {e}");
+                            s.stats
+                                .count_unanswered(g.bytes().first().copied().unwrap_or(0));
+                            vr.get_queue_mut().add_used(&view, chain.head_index(), 0)?;
+                            continue;
+                        }
+                        let acked = s.acked_features;
+                        // Decoded once, for the batching test and the request.
+                        let decoded = decode(g.bytes(), acked);
+                        match deferrable_invalidate(&s.iommu, &decoded, g.writable_len) {
+                            Some(request)
+                                if deferred
+                                    .first()
+                                    .is_none_or(|d| d.request.domain == request.domain) =>
+                            {
+                                deferred.push(DeferredInvalidate {
+                                    chain,
+                                    gathered: g.clone(),
+                                    request,
+                                });
+                                continue;
+                            }
+                            _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
+                        }
+                        let used = serve_request(s, &chain, &g, decoded, &mut out);
+                        // At most the reply buffer (MAX_REPLY bytes) was written.
+                        #[allow(clippy::cast_possible_truncation)]
+                        let used = used as u32;
+                        vr.get_queue_mut()
+                            .add_used(&view, chain.head_index(), used)?;
                     }
-                    let used = serve_request(s, &chain, &g, decoded, &mut out);
-                    // At most the reply buffer (MAX_REPLY bytes) was written.
-                    #[allow(clippy::cast_possible_truncation)]
-                    let used = used as u32;
-                    vr.get_queue_mut()
-                        .add_used(&view, chain.head_index(), used)?;
                 }
                 flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?;
                 served += popped;
