@@ -278,7 +278,7 @@ impl IommuBackend {
                             }
                             _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
                         }
-                        let used = serve_request(s, &chain, &g, decoded, &mut out);
+                        let used = serve_request(s, &chain, &g, &decoded, &mut out);
                         // At most the reply buffer (MAX_REPLY bytes) was written.
                         #[allow(clippy::cast_possible_truncation)]
                         let used = used as u32;
@@ -392,7 +392,7 @@ fn serve_request<M>(
     s: &mut Session,
     chain: &virtio_queue::DescriptorChain<M>,
     g: &Gathered,
-    decoded: Decoded,
+    decoded: &Decoded,
     out: &mut [u8; MAX_REPLY],
 ) -> usize
 where
