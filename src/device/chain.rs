@@ -8,9 +8,8 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
-use crate::device::mem_view::OneRegion;
-
 use crate::device::error::ChainError;
+use crate::device::mem_view::OneRegion;
 use crate::wire::MAX_READABLE;
 
 /// Writable buffers remembered by `gather`, so that the reply is written

@@ -219,7 +219,10 @@ impl IommuBackend {
         let mut broken = None;
         let mut empty_drains = 0u32;
         // Popped a batch at a time: one read of the avail index per batch
-        // (virtio-queue's `iter` reads it), not per request.
+        // (virtio-queue's `iter` reads it), not per request. A used ring
+        // that cannot be written ends the pass (`?` below) with the rest of
+        // the batch unanswered, as the chain being served always was: the
+        // driver's ring is broken, nothing can be answered.
         let mut chains: [Option<DescriptorChain<&CachedMemory>>; POP_BATCH] =
             std::array::from_fn(|_| None);
         let result = (|| -> Result<(), virtio_queue::Error> {
