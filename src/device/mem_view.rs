@@ -127,8 +127,8 @@ impl<'a> GuestMemory for CachedMemory<'a> {
     }
 
     fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
-        // Through the view, so that its accesses take the cache too
-        // (device/chain.rs looks for a physical memory first).
+        // Only through the view: a caller given the `GuestMemoryMmap`
+        // underneath would search its regions on every access again.
         None
     }
 }
