@@ -242,10 +242,8 @@ impl IommuBackend {
                             break;
                         }
                     };
-                    for slot in &mut chains[..n] {
-                        let Some(chain) = slot.take() else {
-                            continue;
-                        };
+                    // By reference: a chain is moved only when deferred.
+                    for chain in chains[..n].iter().flatten() {
                         popped += 1;
                         if chain.head_index() >= size {
                             // No used-ring entry can name it: the entry is lost.
@@ -256,7 +254,7 @@ impl IommuBackend {
                             s.stats.count_unanswered(0);
                             continue;
                         }
-                        if let Err(e) = gather(&chain, &mut g) {
+                        if let Err(e) = gather(chain, &mut g) {
                             debug!("unusable request chain: {e}");
                             s.stats
                                 .count_unanswered(g.bytes().first().copied().unwrap_or(0));
@@ -273,7 +271,7 @@ impl IommuBackend {
                                     .is_none_or(|d| d.request.domain == request.domain) =>
                             {
                                 deferred.push(DeferredInvalidate {
-                                    chain,
+                                    chain: chain.clone(),
                                     gathered: g.clone(),
                                     request,
                                 });
@@ -281,7 +279,7 @@ impl IommuBackend {
                             }
                             _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
                         }
-                        let used = serve_request(s, &chain, &g, &decoded, &mut out);
+                        let used = serve_request(s, chain, &g, &decoded, &mut out);
                         // At most the reply buffer (MAX_REPLY bytes) was written.
                         #[allow(clippy::cast_possible_truncation)]
                         let used = used as u32;
