@@ -15,7 +15,8 @@
 //! the backend polling (`--poll-us`) and the driver spinning, no wakeups.
 //! Last, the costs that do not depend on the machine (spec-notes/
 //! benchmarks.md): `request-cost instructions_per_request=<n>
-//! syscalls_per_request=<x>` and a `request-cost-detail` line, for
+//! syscalls_per_request=<x>`, a `request-cost-detail` line and a
+//! `request-cost-crates` line (self instructions per request by crate), for
 //! MAP+UNMAP pairs, 256 requests per notification, 10^3 mappings
 //! (`-- --cost`: only these).
 // Test code with known small values (sizes, counts, timings): these casts
@@ -338,6 +339,12 @@ fn request_cost(rounds: usize) {
         cost::format_roles(&r1.profiles, &r2.profiles, per),
         cost::format_syscalls(&s1, &s2, per),
         cost::format_top(&cost::top_diff(&one, &two, per, 5)),
+    );
+    // Self instructions per request by crate (spec-notes/benchmarks.md:
+    // what the crates of the field cost us, for the upstream proposals).
+    println!(
+        "request-cost-crates {}",
+        cost::format_crates(&cost::crates_diff(&one, &two, per))
     );
 }
 

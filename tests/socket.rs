@@ -511,6 +511,94 @@ fn hostile_chains_get_used_length_zero_and_the_device_goes_on() {
     assert!(b.stderr().lines().all(|l| !l.contains("panicked")));
 }
 
+/// Guest RAM in five regions, four adjacent and one past a hole. Requests
+/// and replies inside each region, across the seams of the adjacent ones,
+/// into the hole and past the end, all in one notification: the requestq's
+/// view of guest memory remembers the last region found
+/// (`device/mem_view.rs`) and must follow the accesses from region to
+/// region, serve what crosses a seam, and refuse the hole and the end
+/// (used length 0) as vm-memory does.
+#[test]
+fn requests_across_regions_and_into_holes_in_one_notification() {
+    use std::sync::Arc;
+    const MIB: u64 = 1 << 20;
+    let b = backend(&[]);
+    let layout = [
+        (0, 2 << 20),
+        (2 * MIB, 2 << 20),
+        (4 * MIB, 2 << 20),
+        (6 * MIB, 1 << 20),
+        (8 * MIB, 2 << 20),
+    ];
+    let mem = Arc::new(support::GuestMem::with_regions(&layout).unwrap());
+    let mut f = Frontend::connect(&b.socket, mem.clone(), FrontendOptions::default()).unwrap();
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    let (seam, seam2, seam3) = (2 * MIB, 4 * MIB, 6 * MIB);
+    let (hole, high, end) = (7 * MIB + 0x1000, 8 * MIB, 10 * MIB);
+    // Byte by byte: the test harness copies within one region at a time.
+    let put = |gpa: u64, data: &[u8]| {
+        for (i, b) in data.iter().enumerate() {
+            mem.write(gpa + i as u64, std::slice::from_ref(b)).unwrap();
+        }
+    };
+    let get = |gpa: u64, buf: &mut [u8]| {
+        for (i, b) in buf.iter_mut().enumerate() {
+            mem.read(gpa + i as u64, std::slice::from_mut(b)).unwrap();
+        }
+    };
+    // (readable at, writable at, served). Each MAP maps its own page.
+    let cases: &[(u64, u64, bool)] = &[
+        (seam - 0x1000, seam - 0x800, true),
+        (seam + 0x1000, high + 0x100, true),
+        (seam - 16, high + 0x200, true),
+        (high + 0x300, seam2 - 2, true),
+        (seam3 - 20, seam2 + 0x100, true),
+        (high + 0x400, seam + 0x2000, true),
+        (hole, high + 0x500, false),
+        (high + 0x600, hole, false),
+        (end - 16, high + 0x700, false),
+        (high + 0x800, end - 2, false),
+        (seam - 0x3000, seam - 0x2000, true),
+    ];
+    let q = f.requestq();
+    let mut tokens = Vec::new();
+    for (i, &(r, w, _)) in cases.iter().enumerate() {
+        let iova = 0x10_0000 + i as u64 * 0x1000;
+        let (m, _) = wire::map(1, iova, iova + 0xfff, 0x20_0000, RW);
+        let in_ram = |a: u64, n: u64| (a..a + n).take_while(|&x| mem.is_ram(x, 1)).count();
+        put(r, &m[..in_ram(r, m.len() as u64)]);
+        // Poisoned: the reply must be written.
+        put(w, &[0xee; 4][..in_ram(w, 4)]);
+        let descs = [
+            RawDesc::readable(r, m.len() as u32).then(1),
+            RawDesc::writable(w, 4),
+        ];
+        tokens.push(q.add_raw(&descs).unwrap());
+    }
+    q.kick_forced().unwrap();
+    let mut used = Vec::new();
+    while used.len() < cases.len() {
+        used.extend(q.wait_used(support::DEFAULT_TIMEOUT).unwrap());
+    }
+    for (i, (&(r, w, served), t)) in cases.iter().zip(&tokens).enumerate() {
+        let len = used.iter().find(|u| u.0 == *t).expect("answered").1;
+        if !served {
+            assert_eq!(len, 0, "case {i}: request at {r:#x}, reply at {w:#x}");
+            continue;
+        }
+        assert_eq!(len, 4, "case {i}: request at {r:#x}, reply at {w:#x}");
+        let mut tail = [0u8; 4];
+        get(w, &mut tail);
+        assert_eq!(tail, [S_OK, 0, 0, 0], "case {i}: reply at {w:#x}");
+    }
+    // The device goes on.
+    assert_eq!(
+        status(&mut f, wire::map(1, 0x90_0000, 0x90_0fff, 0, RW)),
+        S_OK
+    );
+    assert!(b.stderr().lines().all(|l| !l.contains("panicked")));
+}
+
 #[test]
 fn truncated_requests_are_inval() {
     let b = backend(&[]);

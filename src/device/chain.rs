@@ -6,9 +6,10 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
 use crate::device::error::ChainError;
+use crate::device::mem_view::OneRegion;
 use crate::wire::MAX_READABLE;
 
 /// Writable buffers remembered by `gather`, so that the reply is written
@@ -57,7 +58,7 @@ impl Default for Gathered {
 pub fn gather<M>(chain: &DescriptorChain<M>, g: &mut Gathered) -> Result<(), ChainError>
 where
     M: Deref + Clone,
-    M::Target: GuestMemory,
+    M::Target: OneRegion,
 {
     let mem = chain.memory();
     g.copied = 0;
@@ -100,9 +101,16 @@ pub fn scatter_gathered<M>(
 ) -> Result<usize, ChainError>
 where
     M: Deref + Clone,
-    M::Target: GuestMemory,
+    M::Target: OneRegion,
 {
     let mem = chain.memory();
+    // Nearly always: the reply fits in the first writable buffer.
+    if let Some(&(addr, len)) = g.segments[..g.nsegments].first() {
+        if data.len() <= len as usize {
+            write_at(mem, addr, data)?;
+            return Ok(data.len());
+        }
+    }
     let mut done = 0;
     for &(addr, len) in &g.segments[..g.nsegments] {
         if done == data.len() {
@@ -126,7 +134,7 @@ where
 pub fn scatter<M>(chain: &DescriptorChain<M>, data: &[u8]) -> Result<usize, ChainError>
 where
     M: Deref + Clone,
-    M::Target: GuestMemory,
+    M::Target: OneRegion,
 {
     let mem = chain.memory();
     let mut done = 0;
@@ -147,40 +155,30 @@ where
 // vm-memory's `read_slice`, `write_slice` and `check_range` walk a slice
 // iterator even for a range inside one region (a few hundred instructions
 // each, most of a request's cost: spec-notes/benchmarks.md). A request's
-// buffers lie in one region nearly always: look it up once, and take the
-// general path only for a range that crosses regions.
+// buffers lie in one region nearly always: take that region's slice
+// (`OneRegion`: the requestq's view remembers the region), and the general
+// path only for a range that crosses regions.
 
 /// Is `[addr, addr + len)` guest memory the device may write?
-fn writable_range<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, len: usize) -> bool {
-    if let Some(pm) = mem.physical_memory() {
-        if pm.get_slice(addr, len).is_ok() {
-            return true;
-        }
-    }
-    mem.check_range(addr, len, Permissions::Write)
+fn writable_range<G: OneRegion + ?Sized>(mem: &G, addr: GuestAddress, len: usize) -> bool {
+    mem.slice_in_one_region(addr, len).is_some() || mem.check_range(addr, len, Permissions::Write)
 }
 
 /// Copy guest memory at `addr` into `buf`.
-fn read_at<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ()> {
-    if let Some(slice) = mem
-        .physical_memory()
-        .and_then(|pm| pm.get_slice(addr, buf.len()).ok())
-    {
+fn read_at<G: OneRegion + ?Sized>(mem: &G, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ()> {
+    if let Some(slice) = mem.slice_in_one_region(addr, buf.len()) {
         slice.copy_to(buf);
         return Ok(());
     }
     mem.read_slice(buf, addr).map_err(|_| ())
 }
 
-fn write_at<G: GuestMemory + ?Sized>(
+fn write_at<G: OneRegion + ?Sized>(
     mem: &G,
     addr: GuestAddress,
     data: &[u8],
 ) -> Result<(), ChainError> {
-    if let Some(slice) = mem
-        .physical_memory()
-        .and_then(|pm| pm.get_slice(addr, data.len()).ok())
-    {
+    if let Some(slice) = mem.slice_in_one_region(addr, data.len()) {
         slice.copy_from(data);
         return Ok(());
     }

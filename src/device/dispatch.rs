@@ -47,22 +47,48 @@ pub fn handle(
     writable_len: u64,
     out: &mut [u8; MAX_REPLY],
 ) -> Reply {
-    let (ty, subject, result) = match decode(readable, acked) {
-        Decoded::Unknown(ty) => {
+    handle_decoded(
+        state,
+        stats,
+        acked,
+        &decode(readable, acked),
+        writable_len,
+        out,
+    )
+}
+
+/// `handle` for a request already decoded (the requestq decodes each
+/// request once, to see whether it is an INVALIDATE to batch first).
+/// By reference: the request is not moved (it is large: ATTACH_TABLE).
+pub(crate) fn handle_decoded(
+    state: &mut IommuState,
+    stats: &mut Stats,
+    acked: u64,
+    decoded: &Decoded,
+    writable_len: u64,
+    out: &mut [u8; MAX_REPLY],
+) -> Reply {
+    let failed;
+    let (ty, req, result) = match decoded {
+        &Decoded::Unknown(ty) => {
             debug!("request type {ty}: unknown, no reply");
             stats.count_unanswered(ty);
             return Reply::None;
         }
-        Decoded::Refused(ty, e) => (ty, Subject::default(), Err(e)),
-        Decoded::Request(req) => (
-            req.ty(),
-            Subject::of(&req),
-            execute(state, acked, &req, writable_len, out),
-        ),
+        Decoded::Refused(ty, e) => (*ty, None, Err(e)),
+        Decoded::Request(req) => match execute(state, acked, req, writable_len, out) {
+            Ok(body_len) => (req.ty(), Some(req), Ok(body_len)),
+            Err(e) => {
+                failed = e;
+                (req.ty(), Some(req), Err(&failed))
+            }
+        },
     };
     let (status, body_len) = match result {
         Ok(body_len) => (Status::Ok, body_len),
         Err(e) => {
+            // Only for the log lines: which endpoint and domain.
+            let subject = req.map(Subject::of).unwrap_or_default();
             if matches!(
                 e,
                 RequestError::Host(BridgeError::Kernel { .. } | BridgeError::Host { .. })
@@ -113,15 +139,14 @@ pub fn handle(
 /// Only valid ones on host-held tables, with room for the tail.
 pub(crate) fn deferrable_invalidate(
     state: &IommuState,
-    acked: u64,
-    readable: &[u8],
+    decoded: &Decoded,
     writable_len: u64,
 ) -> Option<Invalidate> {
     if writable_len < TAIL_LEN as u64 {
         return None;
     }
-    match decode(readable, acked) {
-        Decoded::Request(Request::Invalidate(i)) if state.batchable_invalidate(&i) => Some(i),
+    match decoded {
+        Decoded::Request(Request::Invalidate(i)) if state.batchable_invalidate(i) => Some(*i),
         _ => None,
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dispatch;
 pub(crate) mod error;
 pub(crate) mod host_port;
+pub(crate) mod mem_view;
 pub(crate) mod poll;
 pub mod request;
 pub mod state;

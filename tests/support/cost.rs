@@ -753,6 +753,80 @@ pub fn format_top(top: &[(String, f64)]) -> String {
         .join(" ")
 }
 
+/// The crate a function (as callgrind names it) belongs to, as the
+/// breakdown names it: `ours`, `vm-memory`, `virtio-queue`, `std` (core,
+/// alloc, std), `libc` (a name without a path: glibc's memcpy), else the
+/// crate's name. `<Type as Trait>::f` is the type's crate unless the type is
+/// std's (`<AtomicI16 as vm_memory::AtomicInteger>::load` is vm-memory's).
+/// Code inlined into a function counts as that function's: a generic of
+/// vm-memory's instantiated for our view counts as vm-memory's.
+pub fn crate_of(f: &str) -> String {
+    let first = |path: &str| path.split("::").next().unwrap_or(path).to_string();
+    let krate = match f.strip_prefix('<') {
+        Some(rest) => {
+            // Split `Type as Trait>::f` at the ` as ` outside brackets.
+            let b = rest.as_bytes();
+            let mut depth = 0i32;
+            let mut split = None;
+            for i in 0..b.len() {
+                match b[i] {
+                    b'<' => depth += 1,
+                    b'>' if depth == 0 => break,
+                    b'>' => depth -= 1,
+                    b' ' if depth == 0 && rest[i..].starts_with(" as ") => {
+                        split = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match split {
+                Some(i) => {
+                    let ty = first(&rest[..i]);
+                    if matches!(ty.as_str(), "core" | "alloc" | "std") {
+                        first(&rest[i + 4..])
+                    } else {
+                        ty
+                    }
+                }
+                None => first(rest),
+            }
+        }
+        None if !f.contains("::") => return "libc".to_string(),
+        None => first(f),
+    };
+    match krate.as_str() {
+        "vhost_device_iommu" => "ours".to_string(),
+        "core" | "alloc" | "std" => "std".to_string(),
+        k => k.replace('_', "-"),
+    }
+}
+
+/// (b - a) / n of the self cost by crate ([`crate_of`]), largest first.
+pub fn crates_diff(a: &Profile, b: &Profile, n: u64) -> Vec<(String, f64)> {
+    let mut by: HashMap<String, f64> = HashMap::new();
+    for (f, &nb) in &b.by_fn {
+        let na = a.by_fn.get(f).copied().unwrap_or(0);
+        *by.entry(crate_of(f)).or_default() += (nb as f64 - na as f64) / n as f64;
+    }
+    for (f, &na) in &a.by_fn {
+        if !b.by_fn.contains_key(f) {
+            *by.entry(crate_of(f)).or_default() -= na as f64 / n as f64;
+        }
+    }
+    let mut v: Vec<(String, f64)> = by.into_iter().filter(|(_, d)| d.abs() >= 0.5).collect();
+    v.sort_by(|x, y| y.1.total_cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+    v
+}
+
+/// `ours=700 vm-memory=500 ...`
+pub fn format_crates(v: &[(String, f64)]) -> String {
+    v.iter()
+        .map(|(k, n)| format!("{k}={n:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Per-role (b - a) / n, e.g. `reqq=2600 other=12`.
 pub fn format_roles(a: &BTreeMap<Role, Profile>, b: &BTreeMap<Role, Profile>, n: u64) -> String {
     b.iter()
@@ -821,6 +895,33 @@ mod tests {
             "guest_memory::read_slice"
         );
         assert_eq!(short_name("memcpy"), "memcpy");
+    }
+
+    #[test]
+    fn crates_of_functions() {
+        for (f, k) in [
+            (
+                "vm_memory::guest_memory::<impl vm_memory::bytes::Bytes<A> for T>::read_slice",
+                "vm-memory",
+            ),
+            (
+                "<virtio_queue::chain::DescriptorChain<M> as core::iter::Iterator>::next'2",
+                "virtio-queue",
+            ),
+            (
+                "<core::sync::atomic::AtomicI16 as vm_memory::atomic_integer::AtomicInteger>::load",
+                "vm-memory",
+            ),
+            ("alloc::collections::btree::map::BTreeMap<K,V,A>::range", "std"),
+            ("vhost_device_iommu::device::dispatch::handle_decoded", "ours"),
+            (
+                "<vhost_device_iommu::device::backend::IommuBackend as vhost_user_backend::backend::VhostUserBackend>::handle_event",
+                "ours",
+            ),
+            ("__memcpy_avx_unaligned_erms", "libc"),
+        ] {
+            assert_eq!(crate_of(f), k, "{f}");
+        }
     }
 
     #[test]

@@ -10,17 +10,19 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::{Duration, Instant};
 
 use log::{debug, Level};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace};
 
-use super::ring::{check_avail, pop_chain, signal_if_needed, suppress_kicks};
-use super::{GuestMemory, IommuBackend, Session};
+use super::ring::{check_avail, pop_chains, signal_if_needed, suppress_kicks, POP_BATCH};
+use super::{IommuBackend, Session};
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
-    complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
+    complete_invalidates, deferrable_invalidate, handle_decoded, Reply, MAX_REPLY,
 };
+use crate::device::mem_view::{CachedMemory, OneRegion};
 use crate::device::poll::{PollWindow, STALL};
+use crate::device::request::{decode, Decoded};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
 use crate::wire::ReqTail;
@@ -205,6 +207,10 @@ impl IommuBackend {
         let mut session = self.session();
         let s = &mut *session;
         let mem = s.mem.memory();
+        // Every ring and buffer access of this pass goes through the view
+        // (vm-memory's own path costs a region search and an iterator per
+        // access: device/mem_view.rs).
+        let view = CachedMemory::new(&mem);
         let mut g = Gathered::new();
         let mut out = [0u8; MAX_REPLY];
         let size = vr.get_queue().size();
@@ -212,69 +218,82 @@ impl IommuBackend {
         let mut deferred: Deferred<_> = Vec::new();
         let mut broken = None;
         let mut empty_drains = 0u32;
+        // Popped a batch at a time: one read of the avail index per batch
+        // (virtio-queue's `iter` reads it), not per request. A used ring
+        // that cannot be written ends the pass (`?` below) with the rest of
+        // the batch unanswered, as the chain being served always was: the
+        // driver's ring is broken, nothing can be answered.
+        let mut chains: [Option<DescriptorChain<&CachedMemory>>; POP_BATCH] =
+            std::array::from_fn(|_| None);
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
-                vr.disable_notification()?;
-                if let Err(e) = check_avail(vr.get_queue(), mem.deref()) {
+                vr.get_queue_mut().disable_notification(&view)?;
+                if let Err(e) = check_avail(vr.get_queue(), &view) {
                     broken = Some(e);
                     return Ok(());
                 }
                 let mut popped = 0usize;
                 loop {
-                    let chain = match pop_chain(vr.get_queue_mut(), mem.deref()) {
-                        Ok(Some(chain)) => chain,
-                        Ok(None) => break,
+                    let n = match pop_chains(vr.get_queue_mut(), &view, &mut chains) {
+                        Ok(0) => break,
+                        Ok(n) => n,
                         Err(e) => {
                             broken = Some(e);
                             break;
                         }
                     };
-                    popped += 1;
-                    if chain.head_index() >= size {
-                        // No used-ring entry can name it: the entry is lost.
-                        debug!(
-                            "requestq: head index {} beyond the queue",
-                            chain.head_index()
-                        );
-                        s.stats.count_unanswered(0);
-                        continue;
-                    }
-                    if let Err(e) = gather(&chain, &mut g) {
-                        debug!("unusable request chain: {e}");
-                        s.stats
-                            .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-                        vr.add_used(chain.head_index(), 0)?;
-                        continue;
-                    }
-                    let acked = s.acked_features;
-                    match deferrable_invalidate(&s.iommu, acked, g.bytes(), g.writable_len) {
-                        Some(request)
-                            if deferred
-                                .first()
-                                .is_none_or(|d| d.request.domain == request.domain) =>
-                        {
-                            deferred.push(DeferredInvalidate {
-                                chain,
-                                gathered: g.clone(),
-                                request,
-                            });
+                    // By reference: a chain is moved only when deferred.
+                    for chain in chains[..n].iter().flatten() {
+                        popped += 1;
+                        if chain.head_index() >= size {
+                            // No used-ring entry can name it: the entry is lost.
+                            debug!(
+                                "requestq: head index {} beyond the queue",
+                                chain.head_index()
+                            );
+                            s.stats.count_unanswered(0);
                             continue;
                         }
-                        _ => flush_invalidates(s, &mut deferred, &mut vr)?,
+                        if let Err(e) = gather(chain, &mut g) {
+                            debug!("unusable request chain: {e}");
+                            s.stats
+                                .count_unanswered(g.bytes().first().copied().unwrap_or(0));
+                            vr.get_queue_mut().add_used(&view, chain.head_index(), 0)?;
+                            continue;
+                        }
+                        let acked = s.acked_features;
+                        // Decoded once, for the batching test and the request.
+                        let decoded = decode(g.bytes(), acked);
+                        match deferrable_invalidate(&s.iommu, &decoded, g.writable_len) {
+                            Some(request)
+                                if deferred
+                                    .first()
+                                    .is_none_or(|d| d.request.domain == request.domain) =>
+                            {
+                                deferred.push(DeferredInvalidate {
+                                    chain: chain.clone(),
+                                    gathered: g.clone(),
+                                    request,
+                                });
+                                continue;
+                            }
+                            _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
+                        }
+                        let used = serve_request(s, chain, &g, &decoded, &mut out);
+                        // At most the reply buffer (MAX_REPLY bytes) was written.
+                        #[allow(clippy::cast_possible_truncation)]
+                        let used = used as u32;
+                        vr.get_queue_mut()
+                            .add_used(&view, chain.head_index(), used)?;
                     }
-                    let used = serve_request(s, &chain, &g, &mut out);
-                    // At most the reply buffer (MAX_REPLY bytes) was written.
-                    #[allow(clippy::cast_possible_truncation)]
-                    let used = used as u32;
-                    vr.add_used(chain.head_index(), used)?;
                 }
-                flush_invalidates(s, &mut deferred, &mut vr)?;
+                flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?;
                 served += popped;
                 empty_drains = if popped == 0 { empty_drains + 1 } else { 0 };
                 if broken.is_some() || polling {
                     return Ok(());
                 }
-                let more = vr.enable_notification()?;
+                let more = vr.get_queue_mut().enable_notification(&view)?;
                 if !drain_again(more, empty_drains) {
                     return Ok(());
                 }
@@ -322,18 +341,36 @@ struct DeferredInvalidate<M> {
 type Deferred<M> = Vec<DeferredInvalidate<M>>;
 
 /// Send the deferred INVALIDATEs to the host in one call and answer each.
+/// Called for every request that is not one (nearly always with nothing
+/// deferred): the test is inlined, the work is not.
+#[inline(always)]
 fn flush_invalidates<M>(
     s: &mut Session,
     deferred: &mut Deferred<M>,
-    vr: &mut VringState<GuestMemory>,
+    q: &mut Queue,
+    mem: &CachedMemory<'_>,
 ) -> Result<(), virtio_queue::Error>
 where
     M: Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
+    M::Target: OneRegion,
 {
     if deferred.is_empty() {
         return Ok(());
     }
+    flush_deferred(s, deferred, q, mem)
+}
+
+#[inline(never)]
+fn flush_deferred<M>(
+    s: &mut Session,
+    deferred: &mut Deferred<M>,
+    q: &mut Queue,
+    mem: &CachedMemory<'_>,
+) -> Result<(), virtio_queue::Error>
+where
+    M: Deref + Clone,
+    M::Target: OneRegion,
+{
     let reqs: Vec<Invalidate> = deferred.iter().map(|d| d.request).collect();
     let mut statuses = Vec::with_capacity(reqs.len());
     complete_invalidates(&mut s.iommu, &mut s.stats, &reqs, &mut statuses);
@@ -346,7 +383,7 @@ where
         // At most the 4-byte tail was written.
         #[allow(clippy::cast_possible_truncation)]
         let used = used as u32;
-        vr.add_used(d.chain.head_index(), used)?;
+        q.add_used(mem, d.chain.head_index(), used)?;
     }
     Ok(())
 }
@@ -356,17 +393,18 @@ fn serve_request<M>(
     s: &mut Session,
     chain: &virtio_queue::DescriptorChain<M>,
     g: &Gathered,
+    decoded: &Decoded,
     out: &mut [u8; MAX_REPLY],
 ) -> usize
 where
     M: Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
+    M::Target: OneRegion,
 {
-    match handle(
+    match handle_decoded(
         &mut s.iommu,
         &mut s.stats,
         s.acked_features,
-        g.bytes(),
+        decoded,
         g.writable_len,
         out,
     ) {

@@ -66,6 +66,32 @@ where
     Ok(q.iter(mem).map_err(RingError::Queue)?.next())
 }
 
+/// Chains popped per read of the avail index (`pop_chains`).
+pub(super) const POP_BATCH: usize = 32;
+
+/// Pop up to `out.len()` chains (into its first slots; returns how many)
+/// with one read of the avail index, where `pop_chain` reads it for each.
+/// Errors as `pop_chain`.
+pub(super) fn pop_chains<'m, M>(
+    q: &mut Queue,
+    mem: &'m M,
+    out: &mut [Option<DescriptorChain<&'m M>>],
+) -> Result<usize, RingError>
+where
+    M: vm_memory::GuestMemory,
+{
+    let mut it = q.iter(mem).map_err(RingError::Queue)?;
+    let mut n = 0;
+    for slot in out.iter_mut() {
+        let Some(chain) = it.next() else {
+            break;
+        };
+        *slot = Some(chain);
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// While the device polls the requestq, ask the driver not to notify it:
 /// with EVENT_IDX, an avail_event one behind what was consumed (the driver
 /// kicks only when its avail index passes it); without, VRING_USED_F_NO_NOTIFY.
