@@ -42,10 +42,20 @@ impl IommuBackend {
         let mut broken = None;
         let result = (|| -> Result<(), virtio_queue::Error> {
             let mut popped_since_enable = true;
+            // The avail ring is checked once per pass and again after it
+            // ran dry (its address cannot change during the pass: we hold
+            // the vring; an index the driver moves too far meanwhile is
+            // caught by the pop).
+            let mut checked = false;
             while let Some(rec) = fifo.front().copied() {
                 let len = rec.encode(&mut buf);
-                let popped = check_avail(vr.get_queue(), mem.deref())
-                    .and_then(|()| pop_chain(vr.get_queue_mut(), mem.deref()));
+                let check = if checked {
+                    Ok(())
+                } else {
+                    checked = true;
+                    check_avail(vr.get_queue(), mem.deref())
+                };
+                let popped = check.and_then(|()| pop_chain(vr.get_queue_mut(), mem.deref()));
                 let chain = match popped {
                     Ok(c) => c,
                     Err(e) => {
@@ -59,6 +69,7 @@ impl IommuBackend {
                     // on a broken avail ring.
                     if popped_since_enable && vr.enable_notification()? {
                         popped_since_enable = false;
+                        checked = false;
                         continue;
                     }
                     return Ok(());
