@@ -30,6 +30,10 @@
 //! queued 64 faults before the worker read), the driver answers them in
 //! one notification of 64 PAGE_RESPs and reposts 64 event buffers with one
 //! kick.
+//!
+//! The driver's requestq is Linux's: no callback, so it asks for no
+//! interrupt (`used_event` is never moved) and spins on the used ring for
+//! its answers; its eventq asks for an interrupt per notification.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -82,7 +86,11 @@ impl FaultRig {
         let mem = Arc::new(GuestMem::default_size().expect("guest memory"));
         let mut f =
             Frontend::connect(&b.socket, mem, FrontendOptions::default()).expect("frontend");
-        f.requestq().set_eager_used_event(true);
+        // The requestq as Linux's driver has it: no callback (so no
+        // interrupt asked for: `used_event` never moves), the driver spins
+        // on the used ring. The eventq asks for its interrupt when it
+        // kicks, so that the device's decision does not depend on timing.
+        f.requestq().set_spin(true);
         f.eventq().set_eager_used_event(true);
         let table = TableBuilder::new(48, TablePages(f.mem.clone()));
         let req = wire::attach_table_vtd(1, EP, wire::TABLE_F_PAGE_REQUESTS, 0, table.root(), 48);
