@@ -150,6 +150,22 @@ where
 // buffers lie in one region nearly always: look it up once, and take the
 // general path only for a range that crosses regions.
 
+/// A chain of one device-writable buffer of at least `data.len()` bytes
+/// (what drivers post on the eventq): `data` written at its start, in one
+/// region lookup (`Some(Ok(n))`, or `Some(Err)` when the buffer is not
+/// guest memory); None for any other shape (`gather` it).
+pub fn write_single<M>(chain: &DescriptorChain<M>, data: &[u8]) -> Option<Result<usize, ChainError>>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let d = chain.clone().next()?;
+    if !d.is_write_only() || d.has_next() || (d.len() as usize) < data.len() {
+        return None;
+    }
+    Some(write_at(chain.memory(), d.addr(), data).map(|()| data.len()))
+}
+
 /// Is `[addr, addr + len)` guest memory the device may write?
 fn writable_range<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, len: usize) -> bool {
     if let Some(pm) = mem.physical_memory() {

@@ -66,6 +66,24 @@ where
     Ok(q.iter(mem).map_err(RingError::Queue)?.next())
 }
 
+/// Pop up to `out.len()` chains with one read of the avail index (as
+/// `pop_chain`); returns how many, in `out[..n]`.
+pub(super) fn pop_chains<'m, M>(
+    q: &mut Queue,
+    mem: &'m M,
+    out: &mut [Option<DescriptorChain<&'m M>>],
+) -> Result<usize, RingError>
+where
+    M: vm_memory::GuestMemory,
+{
+    let mut n = 0;
+    for (slot, chain) in out.iter_mut().zip(q.iter(mem).map_err(RingError::Queue)?) {
+        *slot = Some(chain);
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// While the device polls the requestq, ask the driver not to notify it:
 /// with EVENT_IDX, an avail_event one behind what was consumed (the driver
 /// kicks only when its avail index passes it); without, VRING_USED_F_NO_NOTIFY.
