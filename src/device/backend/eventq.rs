@@ -12,7 +12,7 @@ use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use super::ring::{check_avail, pop_chains, signal_if_needed};
+use super::ring::{check_avail, pop_chains, UsedWriter};
 use super::IommuBackend;
 use crate::device::chain::{gather, scatter_gathered, write_single, Gathered};
 use crate::fault_queue::{EventRecord, MAX_RECORD_LEN};
@@ -50,6 +50,7 @@ impl IommuBackend {
         let mut popped: [Option<DescriptorChain<&GuestMemoryMmap>>; POP_AHEAD] =
             std::array::from_fn(|_| None);
         let (mut next, mut end) = (0, 0);
+        let mut used_ring = UsedWriter::new(vr.get_queue());
         let result = (|| -> Result<(), virtio_queue::Error> {
             let mut popped_since_enable = true;
             // The avail ring is checked once per pass and again after it
@@ -145,10 +146,7 @@ impl IommuBackend {
                 // At most one event record (a few dozen bytes) was written.
                 #[allow(clippy::cast_possible_truncation)]
                 let used = used as u32;
-                // The pass's memory, not the vring's own copy of it (one
-                // atomic load per record fewer).
-                vr.get_queue_mut()
-                    .add_used(mem.deref(), chain.head_index(), used)?;
+                used_ring.add(vr.get_queue(), mem.deref(), chain.head_index(), used)?;
             }
             Ok(())
         })();
@@ -174,7 +172,20 @@ impl IommuBackend {
         if let Err(e) = result {
             debug!("eventq ring unusable: {e}");
         }
-        signal_if_needed(&mut vr);
+        // What the pass added is published whatever stopped it.
+        match used_ring.publish(vr.get_queue_mut(), mem.deref()) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = vr.signal_used_queue() {
+                    debug!("cannot signal the driver: {e}");
+                }
+            }
+            Err(e) => {
+                debug!("eventq used ring unusable: {e}");
+                // The safe side, as `signal_if_needed`.
+                let _ = vr.signal_used_queue();
+            }
+        }
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use log::debug;
 use thiserror::Error;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, Permissions};
 
 use super::GuestMemory;
 
@@ -103,6 +103,89 @@ pub(super) fn suppress_kicks<M: vm_memory::GuestMemory>(vring: &VringRwLock, mem
     let at = q.used_ring() + 4 + 8 * u64::from(q.size());
     let behind = q.next_avail().wrapping_sub(1);
     let _ = mem.store(behind.to_le(), GuestAddress(at), AtomicOrdering::Relaxed);
+}
+
+/// The used entries of one eventq pass, written straight into the used
+/// ring (one region lookup each instead of virtio-queue's generic write)
+/// and published with one index store at the end of the pass; whether to
+/// interrupt is decided from the pass's first and last index by the rule
+/// `Queue::needs_notification` applies (its own count of entries added
+/// stays 0: this ring never goes through `Queue::add_used`).
+pub(super) struct UsedWriter {
+    start: u16,
+    next: u16,
+}
+
+impl UsedWriter {
+    pub(super) fn new(q: &Queue) -> Self {
+        let n = q.next_used();
+        UsedWriter { start: n, next: n }
+    }
+
+    /// One used entry (`head` < the queue size, checked by the caller).
+    pub(super) fn add<M: vm_memory::GuestMemory>(
+        &mut self,
+        q: &Queue,
+        mem: &M,
+        head: u16,
+        len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        let slot = u64::from(self.next % q.size());
+        // flags, idx, then 8-byte elements.
+        let addr = GuestAddress(q.used_ring())
+            .checked_add(4 + 8 * slot)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        match mem
+            .physical_memory()
+            .and_then(|pm| pm.get_slice(addr, elem.len()).ok())
+        {
+            Some(slice) => slice.copy_from(&elem),
+            None => mem
+                .write_slice(&elem, addr)
+                .map_err(virtio_queue::Error::GuestMemory)?,
+        }
+        self.next = self.next.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Publish the pass's entries (the used index, Release: after them)
+    /// and say whether the driver asked to be interrupted.
+    pub(super) fn publish<M: vm_memory::GuestMemory>(
+        &self,
+        q: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, virtio_queue::Error> {
+        if self.next != self.start {
+            let idx = GuestAddress(q.used_ring())
+                .checked_add(2)
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            mem.store(self.next.to_le(), idx, AtomicOrdering::Release)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+            q.set_next_used(self.next);
+        }
+        if !q.event_idx_enabled() {
+            // As `needs_notification`: VRING_AVAIL_F_NO_INTERRUPT is not
+            // looked at.
+            return Ok(true);
+        }
+        // The entries and the index before the driver's used_event.
+        std::sync::atomic::fence(AtomicOrdering::SeqCst);
+        // used_event follows the avail ring: flags, idx, ring[size].
+        let at = GuestAddress(q.avail_ring())
+            .checked_add(4 + 2 * u64::from(q.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let used_event = u16::from_le(
+            mem.load::<u16>(at, AtomicOrdering::Relaxed)
+                .map_err(virtio_queue::Error::GuestMemory)?,
+        );
+        // Interrupt when used_event lies in [start, next): the entries
+        // of this pass passed it.
+        let (new, old) = (self.next, self.start);
+        Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
+    }
 }
 
 /// Interrupt the driver if the ring's suppression rules ask for it. A ring
