@@ -131,16 +131,17 @@ impl FaultRig {
         let pid = self.b.pid();
         for _ in 0..n {
             cost::wait_idle(pid, &self.workers).unwrap();
-            let faults: Vec<PageFault> = (0..self.batch)
+            let batch = u32::try_from(self.batch).expect("a batch of 1 or 64");
+            let faults: Vec<PageFault> = (0..batch)
                 .map(|i| PageFault {
                     dev_id: EP,
                     pasid: None,
-                    addr: IOVA + i as u64 * 0x1000,
-                    cookie: self.cookie + i as u32,
+                    addr: IOVA + u64::from(i) * 0x1000,
+                    cookie: self.cookie + i,
                     last: true,
                 })
                 .collect();
-            self.cookie += self.batch as u32;
+            self.cookie += batch;
             self.kernel.raise(&faults).unwrap();
             let mut evs = Vec::with_capacity(self.batch);
             while evs.len() < self.batch {
