@@ -730,6 +730,7 @@ pub fn capabilities() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     fn args(extra: &[&str]) -> Result<Options, ArgsError> {
         let mut v = vec!["vhost-device-iommu"];
@@ -1107,5 +1108,28 @@ mod tests {
         ] {
             assert!(!e.to_string().contains('\n'));
         }
+    }
+
+    /// `--test-fault-socket` (test only) serves virtual endpoints alone:
+    /// never beside a host endpoint's real fault queue.
+    #[test]
+    fn the_test_fault_socket_is_for_virtual_endpoints_only() {
+        let t = ["--test-fault-socket", "/tmp/f.sock"];
+        let ok = args(&["--socket-fd", "3", "--endpoint", "4", t[0], t[1]]).unwrap();
+        assert_eq!(ok.test_fault_socket, Some(PathBuf::from("/tmp/f.sock")));
+        for host in [
+            &["--endpoint", "4,vfio=/x"][..],
+            &["--endpoint", "4", "--vfio-hotplug"][..],
+        ] {
+            let mut a = vec!["--socket-fd", "3", t[0], t[1]];
+            a.extend_from_slice(host);
+            assert_eq!(
+                args(&a).unwrap_err(),
+                ArgsError::TestFaultSocketWithHost,
+                "{a:?}"
+            );
+        }
+        let help = Args::command().render_long_help().to_string();
+        assert!(!help.contains("test-fault-socket"), "hidden from --help");
     }
 }
