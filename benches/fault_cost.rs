@@ -11,23 +11,29 @@
 //! and a `fault-cost-detail` line (per thread, per system call, and the
 //! five functions with the most self instructions per fault).
 //!
-//! The source: a virtual endpoint's fault FD, the pipe the backend's eventq
-//! worker reads exactly like the kernel's fault FD (40-byte
-//! `iommu_hwpt_pgfault` records, whole-group reads, the same relay code).
-//! Each page request is a control-socket `dma` that misses in a guest table
-//! attached with PAGE_REQUESTS: the backend's control-client thread writes
-//! the record to the pipe and waits; the eventq worker (`viommu-evtq`)
-//! reads it and writes the record into an eventq buffer; the test driver
-//! answers PAGE_RESP (INVALID: nothing to fix, so the `dma` ends without a
-//! second walk); the requestq worker (`viommu-reqq`) hands the response
-//! back to the source. The control-client thread plays the kernel: its
-//! JSON parsing, walk and socket I/O are not counted; the relay is the two
-//! queue workers, and only they are counted (callgrind per thread, strace
-//! attached to those two threads only).
+//! The source behaves like the kernel's fault FD: the bench plays the
+//! kernel on one end of a unix stream socket the backend serves as its
+//! iommufd fault FD (`--test-fault-socket`, test only;
+//! `support::fault_socket`), through the code the kernel's goes through
+//! (`SourceId::Kernel`). Each page request: the bench writes an
+//! `iommu_hwpt_pgfault` record (LAST_PAGE: a group of one) naming the
+//! virtual endpoint, attached to a guest table with PAGE_REQUESTS; the
+//! eventq worker (`viommu-evtq`) reads it and writes the page request into
+//! an eventq buffer; the driver answers PAGE_RESP (INVALID; the relay's
+//! path is the same for every code); the requestq worker (`viommu-reqq`)
+//! serves it and writes the `iommu_hwpt_page_response` to the socket (one
+//! write() per request pass); the bench reads it. Only the two queue
+//! workers run in the backend: they are the relay, and what is counted
+//! (callgrind per thread, strace attached to those two threads).
 //!
-//! Batches: 64 control clients each send one `dma`, the driver collects
-//! the 64 records, answers them in one notification of 64 PAGE_RESPs, and
-//! reposts 64 event buffers with one kick.
+//! Batches: the bench writes 64 records in one write() (the kernel had
+//! queued 64 faults before the worker read), the driver answers them in
+//! one notification of 64 PAGE_RESPs and reposts 64 event buffers with one
+//! kick.
+//!
+//! The driver's requestq is Linux's: no callback, so it asks for no
+//! interrupt (`used_event` is never moved) and spins on the used ring for
+//! its answers; its eventq asks for an interrupt per notification.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -35,100 +41,64 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-use support::control::error_kind;
 use support::cost::{self, Role};
+use support::fault_socket::{FaultSocketListener, KernelFaultFd, PageFault};
 use support::mem::TablePages;
 use support::wire::{self, EventRecord, S_OK};
-use support::{BackendProcess, ControlClient, Frontend, FrontendOptions, GuestMem};
+use support::{BackendProcess, Frontend, FrontendOptions, GuestMem};
 use vhost_device_iommu::nested::walker::TableBuilder;
 
 const EP: u32 = 8;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// PAGE_RESP's INVALID.
 const INVALID: u16 = 1;
+/// IOMMUFD_PAGE_RESP_INVALID, what the backend writes for it.
+const KERNEL_INVALID: u32 = 1;
 /// Where the page requests land (nothing is mapped in the guest table).
 const IOVA: u64 = 0x40_0000;
 
 /// The backend with one virtual endpoint, a guest table attached with
-/// PAGE_REQUESTS, event buffers posted, and `batch` control clients.
+/// PAGE_REQUESTS, event buffers posted, and its fault FD's other end.
 struct FaultRig {
     b: BackendProcess,
     f: Frontend,
-    ctl: Vec<ControlClient>,
+    kernel: KernelFaultFd,
     // Owns the guest table's pages for the rig's lifetime.
     _table: TableBuilder<TablePages>,
     batch: usize,
-    lines: Vec<String>,
-    /// The queue workers' thread ids: requestq, eventq (`EVTQ`).
+    /// The next group's cookie.
+    cookie: u32,
+    /// The queue workers' thread ids: requestq, eventq.
     workers: Vec<u32>,
-    /// The fault FD, to see the batch's records arrive.
-    pipe: Option<cost::FaultPipe>,
-    /// Hold the eventq worker while a batch is raised, and the control
-    /// clients while their page requests are answered.
-    gate: bool,
-    /// The backend's control-client threads (one per `ctl`).
-    clients: Vec<u32>,
 }
-
-const EVTQ: usize = 1;
-/// struct iommu_hwpt_pgfault.
-const RECORD: usize = 40;
 
 /// `--fault-io`: epoll, the default, and io-uring.
 const MODES: [&str; 2] = ["epoll", "io-uring"];
 
-fn backend_args(mode: &'static str) -> [&'static str; 6] {
-    [
-        "--endpoint",
-        "8",
-        "--max-control-clients",
-        "65",
-        "--fault-io",
-        mode,
-    ]
+fn backend_args<'a>(mode: &'a str, fault: &'a [String; 2]) -> [&'a str; 6] {
+    ["--endpoint", "8", "--fault-io", mode, &fault[0], &fault[1]]
 }
 
 impl FaultRig {
-    fn new(b: BackendProcess, batch: usize, warmup: usize, gate: bool) -> FaultRig {
+    fn new(b: BackendProcess, l: FaultSocketListener, batch: usize, warmup: usize) -> FaultRig {
         let pid = b.pid();
+        let kernel = l.accept().expect("the backend connects to its fault FD");
         let mem = Arc::new(GuestMem::default_size().expect("guest memory"));
         let mut f =
             Frontend::connect(&b.socket, mem, FrontendOptions::default()).expect("frontend");
-        f.requestq().set_eager_used_event(true);
+        // The requestq as Linux's driver has it: no callback (so no
+        // interrupt asked for: `used_event` never moves), the driver spins
+        // on the used ring. The eventq asks for its interrupt when it
+        // kicks, so that the device's decision does not depend on timing.
+        f.requestq().set_spin(true);
         f.eventq().set_eager_used_event(true);
         let table = TableBuilder::new(48, TablePages(f.mem.clone()));
         let req = wire::attach_table_vtd(1, EP, wire::TABLE_F_PAGE_REQUESTS, 0, table.root(), 48);
         assert_eq!(f.request_status(&req).unwrap(), S_OK);
         f.post_event_buffers(batch, 48).unwrap();
-        let ctl = (0..batch)
-            .map(|_| {
-                ControlClient::connect_timeout(&b.control, TIMEOUT, TIMEOUT)
-                    .expect("control socket")
-            })
-            .collect();
-        let lines = (0..batch)
-            .map(|i| {
-                json!({"op": "dma", "endpoint": EP, "iova": IOVA + i as u64 * 0x1000,
-                       "len": 8, "write": false, "timeout_ms": 600_000})
-                .to_string()
-            })
-            .collect();
-        let mut rig = FaultRig {
-            b,
-            f,
-            ctl,
-            _table: table,
-            batch,
-            lines,
-            workers: Vec::new(),
-            pipe: None,
-            gate: false,
-            clients: Vec::new(),
-        };
         // Both workers have served an event (the ATTACH_TABLE, the posted
         // buffers' kick): they are named once they get to it.
-        let w = support::retry(TIMEOUT, "both queue workers named", || {
+        let workers = support::retry(TIMEOUT, "both queue workers named", || {
             let w = cost::workers(pid).map_err(|e| e.to_string())?;
             let find = |r: Role| w.iter().find(|t| t.1 == r).map(|t| t.0);
             match (find(Role::RequestQueue), find(Role::EventQueue)) {
@@ -137,24 +107,15 @@ impl FaultRig {
             }
         })
         .unwrap();
-        rig.workers = w;
-        // One thread per control client, once the backend accepted them.
-        rig.clients = support::retry(TIMEOUT, "a thread per control client", || {
-            let c: Vec<u32> = cost::threads(pid)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .filter(|t| t.1 == Role::ControlClient)
-                .map(|t| t.0)
-                .collect();
-            if c.len() == batch {
-                Ok(c)
-            } else {
-                Err(format!("{} threads", c.len()))
-            }
-        })
-        .unwrap();
-        rig.pipe = Some(cost::FaultPipe::open(pid).expect("the fault pipe"));
-        rig.gate = gate;
+        let mut rig = FaultRig {
+            b,
+            f,
+            kernel,
+            _table: table,
+            batch,
+            cookie: 1,
+            workers,
+        };
         rig.rounds(warmup);
         rig
     }
@@ -170,20 +131,18 @@ impl FaultRig {
         let pid = self.b.pid();
         for _ in 0..n {
             cost::wait_idle(pid, &self.workers).unwrap();
-            let pipe = self.pipe.as_ref().filter(|_| self.gate && self.batch > 1);
-            // A batch: the eventq worker is held until the batch's records
-            // are all in the pipe, so that it reads them in one go.
-            let held = pipe.map(|p| {
-                let h = cost::Held::hold(self.workers[EVTQ]).expect("ptrace the eventq worker");
-                (p, h)
-            });
-            for (c, line) in self.ctl.iter_mut().zip(&self.lines) {
-                c.send_line(line).unwrap();
-            }
-            if let Some((p, h)) = held {
-                p.wait_for(self.batch * RECORD).unwrap();
-                drop(h);
-            }
+            let batch = u32::try_from(self.batch).expect("a batch of 1 or 64");
+            let faults: Vec<PageFault> = (0..batch)
+                .map(|i| PageFault {
+                    dev_id: EP,
+                    pasid: None,
+                    addr: IOVA + u64::from(i) * 0x1000,
+                    cookie: self.cookie + i,
+                    last: true,
+                })
+                .collect();
+            self.cookie += batch;
+            self.kernel.raise(&faults).unwrap();
             let mut evs = Vec::with_capacity(self.batch);
             while evs.len() < self.batch {
                 evs.extend(
@@ -201,29 +160,20 @@ impl FaultRig {
                 })
                 .collect();
             cost::wait_idle(pid, &self.workers).unwrap();
-            // The waiting `dma`s stay held until the relay has answered
-            // them all: the kernel reads its responses later, and which of
-            // the two threads frees a `dma`'s channel (the virtual source's
-            // own, the kernel's has none) no longer depends on the timing.
-            let held: Vec<cost::Held> = if self.gate {
-                // Each one asleep until its answer, holding no lock.
-                cost::wait_answer_pending(pid, &self.clients).unwrap();
-                self.clients
-                    .iter()
-                    .map(|&t| cost::Held::hold(t).expect("ptrace a control client"))
-                    .collect()
-            } else {
-                Vec::new()
-            };
             for (used, w) in self.f.submit_batch(&resps).unwrap() {
                 assert!(used > 0 && w[0] == S_OK, "PAGE_RESP refused");
             }
-            cost::wait_idle(pid, &self.workers).unwrap();
-            drop(held);
-            for c in &mut self.ctl {
-                let reply = c.read_reply().unwrap();
-                assert_eq!(error_kind(&reply), Some("page-request-failed"), "{reply}");
-            }
+            let answers = self.kernel.answers(self.batch).unwrap();
+            let mut cookies: Vec<u32> = answers
+                .iter()
+                .map(|a| {
+                    assert_eq!(a.code, KERNEL_INVALID, "{a:?}");
+                    a.cookie
+                })
+                .collect();
+            cookies.sort_unstable();
+            let want: Vec<u32> = faults.iter().map(|f| f.cookie).collect();
+            assert_eq!(cookies, want, "each page request answered once");
             cost::wait_idle(pid, &self.workers).unwrap();
             self.f.post_event_buffers(self.batch, 48).unwrap();
         }
@@ -236,17 +186,20 @@ const RELAY: [Role; 2] = [Role::RequestQueue, Role::EventQueue];
 fn fault_cost(mode: &'static str, batch: usize, rounds: usize, warmup: usize) {
     let faults = (rounds * batch) as u64;
     let run = |n: usize| {
-        let b = cost::spawn_callgrind(&backend_args(mode)).expect("backend under callgrind");
-        let mut rig = FaultRig::new(b, batch, warmup, true);
+        let l = FaultSocketListener::new().expect("the fault socket");
+        let fault = l.args();
+        let b =
+            cost::spawn_callgrind(&backend_args(mode, &fault)).expect("backend under callgrind");
+        let mut rig = FaultRig::new(b, l, batch, warmup);
         // System calls are counted between the marks (the instructions by
         // the difference of the two runs).
         rig.mark();
         rig.rounds(n);
         rig.mark();
         // Stopped while connected: no thread ends in the counted runs.
-        let FaultRig { b, f, ctl, .. } = rig;
+        let FaultRig { b, f, kernel, .. } = rig;
         let run = cost::finish_callgrind(b).expect("callgrind profiles");
-        drop((ctl, f));
+        drop((kernel, f));
         run
     };
     let (r1, r2) = (run(rounds), run(2 * rounds));
@@ -256,11 +209,11 @@ fn fault_cost(mode: &'static str, batch: usize, rounds: usize, warmup: usize) {
     let sys = (s2.total as f64 - s1.total as f64) / faults as f64;
 
     // Cross-check: strace on the native backend (seccomp on), the two
-    // workers only. Native threads interleave freely, so the batches the
-    // relay reads vary from run to run: not the headline figure.
-    let b = BackendProcess::spawn(&backend_args(mode)).expect("backend starts");
-    // strace and the hold would both ptrace the eventq worker: no hold.
-    let mut rig = FaultRig::new(b, batch, warmup, false);
+    // workers only.
+    let l = FaultSocketListener::new().expect("the fault socket");
+    let fault = l.args();
+    let b = BackendProcess::spawn(&backend_args(mode, &fault)).expect("backend starts");
+    let mut rig = FaultRig::new(b, l, batch, warmup);
     let (tids, dir) = (rig.workers.clone(), rig.b.dir.clone());
     let native = cost::strace_per_op(&dir, &tids, rounds, faults, |n| rig.rounds(n));
 

@@ -32,6 +32,10 @@ pub enum ArgsError {
     SelftestNotBuilt(u32),
     #[error("selftest and VFIO endpoints cannot be mixed in one device")]
     MixedHostEndpoints,
+    #[error(
+        "--test-fault-socket serves virtual endpoints only: no host endpoints, no --vfio-hotplug"
+    )]
+    TestFaultSocketWithHost,
     #[error("feature bit {0}: must be a device feature bit 7..=23, or off")]
     FeatureBit(String),
     #[error("--attach-table-bit and --page-request-bit are both {0}")]
@@ -262,6 +266,13 @@ pub struct Args {
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub control_timeout_ms: u64,
 
+    /// Test only (the cost benches; hidden): connect to the unix stream
+    /// socket at PATH and serve it as the kernel's fault FD would be served
+    /// (page requests of virtual endpoints read from it in whole groups,
+    /// their responses written to it). Virtual endpoints only.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub test_fault_socket: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -381,6 +392,8 @@ pub struct Options {
     pub bind_wait: std::time::Duration,
     /// `--fault-io`.
     pub fault_io: crate::fault_queue::uring::FaultIo,
+    /// `--test-fault-socket` (test only).
+    pub test_fault_socket: Option<PathBuf>,
     /// The inherited fds, in the order named (--socket-fd, --iommufd-fd,
     /// then the endpoints'): each one once, none of them 0-2 except
     /// --socket-fd (inetd passes the socket as stdin).
@@ -609,6 +622,11 @@ impl Args {
             return Err(ArgsError::BoundNeedsIommufdFd(e.id));
         }
         let inherited_fds = inherited_fds(&socket, &iommufd, &endpoints)?;
+        if self.test_fault_socket.is_some()
+            && (self.vfio_hotplug || has(|k| *k != EndpointKind::Virtual))
+        {
+            return Err(ArgsError::TestFaultSocketWithHost);
+        }
         if !(1..=MAX_CONTROL_TIMEOUT_MS).contains(&self.control_timeout_ms) {
             return Err(ArgsError::ControlTimeout);
         }
@@ -684,6 +702,7 @@ impl Args {
             seccomp: self.seccomp,
             bind_wait: std::time::Duration::from_millis(self.bind_wait_ms),
             fault_io: self.fault_io,
+            test_fault_socket: self.test_fault_socket.clone(),
             inherited_fds,
         })
     }
@@ -711,6 +730,7 @@ pub fn capabilities() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     fn args(extra: &[&str]) -> Result<Options, ArgsError> {
         let mut v = vec!["vhost-device-iommu"];
@@ -1088,5 +1108,28 @@ mod tests {
         ] {
             assert!(!e.to_string().contains('\n'));
         }
+    }
+
+    /// `--test-fault-socket` (test only) serves virtual endpoints alone:
+    /// never beside a host endpoint's real fault queue.
+    #[test]
+    fn the_test_fault_socket_is_for_virtual_endpoints_only() {
+        let t = ["--test-fault-socket", "/tmp/f.sock"];
+        let ok = args(&["--socket-fd", "3", "--endpoint", "4", t[0], t[1]]).unwrap();
+        assert_eq!(ok.test_fault_socket, Some(PathBuf::from("/tmp/f.sock")));
+        for host in [
+            &["--endpoint", "4,vfio=/x"][..],
+            &["--endpoint", "4", "--vfio-hotplug"][..],
+        ] {
+            let mut a = vec!["--socket-fd", "3", t[0], t[1]];
+            a.extend_from_slice(host);
+            assert_eq!(
+                args(&a).unwrap_err(),
+                ArgsError::TestFaultSocketWithHost,
+                "{a:?}"
+            );
+        }
+        let help = Args::command().render_long_help().to_string();
+        assert!(!help.contains("test-fault-socket"), "hidden from --help");
     }
 }

@@ -62,10 +62,33 @@ pub enum ServerError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("--test-fault-socket {path}: {source}")]
+    TestFaultSocket {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// The host IOMMU for the endpoints that are not virtual, if any.
 fn open_host(opts: &Options) -> Result<Option<Box<dyn HostIommu>>, ServerError> {
+    if let Some(path) = &opts.test_fault_socket {
+        // Args allow it with virtual endpoints only.
+        let bad = |e: std::io::Error| ServerError::TestFaultSocket {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let s = std::os::unix::net::UnixStream::connect(path).map_err(bad)?;
+        // The kernel's fault FD never blocks a read.
+        s.set_nonblocking(true).map_err(bad)?;
+        let file = std::fs::File::from(std::os::fd::OwnedFd::from(s));
+        warn!(
+            "--test-fault-socket {}: a test-only fault source",
+            path.display()
+        );
+        return Ok(Some(Box::new(
+            crate::iommufd_bridge::software::SoftwareIommu::with_test_fault_socket(file),
+        )));
+    }
     if !opts.vfio_hotplug
         && opts
             .endpoints

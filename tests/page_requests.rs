@@ -597,3 +597,96 @@ fn both_fault_io_modes_relay_every_page_request_once_across_connections() {
         assert!(b.stderr().contains(&said), "{}", b.stderr());
     }
 }
+
+/// `--test-fault-socket` (test only): the test plays the kernel's fault FD
+/// and the backend serves it through the kernel's path: whole groups read,
+/// routed by `dev_id`, each answered once with an iommu_hwpt_page_response
+/// record, the answers of one request pass in one write().
+#[test]
+fn the_test_fault_socket_is_served_like_the_kernels_fault_fd() {
+    use support::fault_socket::{Answer, FaultSocketListener, PageFault};
+    for (mode, ring) in [("epoll", false), ("io-uring", true)] {
+        if ring {
+            if let Some(why) = support::process::io_uring_unavailable() {
+                eprintln!("!! io-uring mode SKIPPED: this host makes no io_uring ({why})");
+                continue;
+            }
+        }
+        let l = FaultSocketListener::new().unwrap();
+        let [opt, path] = l.args();
+        let b = backend(&[opt.as_str(), path.as_str(), "--fault-io", mode]);
+        let mut k = l.accept().unwrap();
+        let mut g = Guest::new(&b);
+        assert_eq!(g.attach(1, EP, None), S_OK);
+        let fault = |dev_id, addr, cookie, last| PageFault {
+            dev_id,
+            pasid: None,
+            addr,
+            cookie,
+            last,
+        };
+        // A group of two, one of one, and one of an endpoint nobody has.
+        k.raise(&[
+            fault(EP, 0x40_0000, 100, false),
+            fault(EP, 0x40_1000, 100, true),
+            fault(EP, 0x40_2000, 101, true),
+            fault(0x99, 0x40_3000, 102, true),
+        ])
+        .unwrap();
+        let r = g.page_requests(3);
+        assert_eq!(r[0].group_id, r[1].group_id, "{r:?}");
+        assert_ne!(r[0].group_id, r[2].group_id, "{r:?}");
+        assert_eq!(
+            (r[0].address, r[1].address, r[2].address),
+            (0x40_0000, 0x40_1000, 0x40_2000)
+        );
+        // Nobody handles 102: INVALID at once.
+        assert_eq!(
+            k.answers(1).unwrap(),
+            vec![Answer {
+                cookie: 102,
+                code: 1
+            }]
+        );
+        // Both answered in one notification: one write() carries both.
+        let resps = [
+            page_resp(EP, None, r[0].group_id, SUCCESS),
+            page_resp(EP, None, r[2].group_id, INVALID),
+        ];
+        for (used, w) in g.f.submit_batch(&resps).unwrap() {
+            assert!(used > 0 && w[0] == S_OK, "PAGE_RESP refused");
+        }
+        let mut got = k.answers(2).unwrap();
+        got.sort_by_key(|a| a.cookie);
+        assert_eq!(
+            got,
+            vec![
+                Answer {
+                    cookie: 100,
+                    code: 0
+                },
+                Answer {
+                    cookie: 101,
+                    code: 1
+                }
+            ]
+        );
+        // Once each.
+        assert_eq!(
+            status(&mut g.f, page_resp(EP, None, r[0].group_id, SUCCESS)),
+            S_INVAL
+        );
+        assert_eq!(k.pending().unwrap(), 0, "no answer twice");
+        let s = stats(&b);
+        assert_eq!(s["page_requests_completed_by_driver"], 2, "{s}");
+        assert_accounted(&s, 0);
+        let host = control(&b)
+            .request(&serde_json::json!({"op": "host"}))
+            .unwrap();
+        assert_eq!(host["host"]["test_fault_socket"], true, "{host}");
+        if !ring {
+            // 102's answer, then the pass's two in one.
+            assert_eq!(host["host"]["page_response_writes"], 2, "{host}");
+        }
+    }
+}

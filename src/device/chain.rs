@@ -159,6 +159,22 @@ where
 // (`OneRegion`: the requestq's view remembers the region), and the general
 // path only for a range that crosses regions.
 
+/// A chain of one device-writable buffer of at least `data.len()` bytes
+/// (what drivers post on the eventq): `data` written at its start, in one
+/// region lookup (`Some(Ok(n))`, or `Some(Err)` when the buffer is not
+/// guest memory); None for any other shape (`gather` it).
+pub fn write_single<M>(chain: &DescriptorChain<M>, data: &[u8]) -> Option<Result<usize, ChainError>>
+where
+    M: Deref + Clone,
+    M::Target: OneRegion,
+{
+    let d = chain.clone().next()?;
+    if !d.is_write_only() || d.has_next() || (d.len() as usize) < data.len() {
+        return None;
+    }
+    Some(write_at(chain.memory(), d.addr(), data).map(|()| data.len()))
+}
+
 /// Is `[addr, addr + len)` guest memory the device may write?
 fn writable_range<G: OneRegion + ?Sized>(mem: &G, addr: GuestAddress, len: usize) -> bool {
     mem.slice_in_one_region(addr, len).is_some() || mem.check_range(addr, len, Permissions::Write)

@@ -166,7 +166,7 @@ impl IommuState {
                 subtype: RESV_MEM_T_MSI,
             }],
             host_reserved: HashMap::new(),
-            host: Box::new(SoftwareIommu),
+            host: Box::<SoftwareIommu>::default(),
             pages: PageRequests::new(limits.max_page_requests)
                 .with_timeout(limits.page_response_timeout),
         }

@@ -2,11 +2,36 @@
 //! The software IOMMU as a `HostIommu`: nothing on the host to keep in
 //! step. Virtual endpoints translate through the device state itself
 //! (`device::translate::translate_dma`), so every operation here succeeds at no cost.
+//!
+//! Test only (`--test-fault-socket`, hidden): a stream socket standing in
+//! for the kernel's fault FD, so that the cost benches relay page requests
+//! through the very code the kernel's fault queue goes through
+//! (`SourceId::Kernel`: whole-group reads, `iommu_hwpt_page_response`
+//! writes) on a host with no /dev/iommu. Its records name a virtual
+//! endpoint in `dev_id`.
 
-use super::{HostIommu, HostMapping, IovaHole, RamRegion, Result, Target};
+use std::fs::File;
+
+use super::host::write_page_responses;
+use super::{HostIommu, HostMapping, IovaHole, PageResponse, RamRegion, Result, Target};
 
 #[derive(Debug, Default)]
-pub struct SoftwareIommu;
+pub struct SoftwareIommu {
+    /// `--test-fault-socket`: read and answered as the kernel's fault FD.
+    fault: Option<File>,
+    /// write() calls that carried responses to it.
+    response_writes: u64,
+}
+
+impl SoftwareIommu {
+    /// Serve `fault` (connected, non-blocking) as this host's fault queue.
+    pub(crate) fn with_test_fault_socket(fault: File) -> Self {
+        SoftwareIommu {
+            fault: Some(fault),
+            response_writes: 0,
+        }
+    }
+}
 
 impl HostIommu for SoftwareIommu {
     fn name(&self) -> &'static str {
@@ -52,7 +77,45 @@ impl HostIommu for SoftwareIommu {
         None
     }
 
+    fn fault_queue_reader(&self) -> Option<File> {
+        let f = self.fault.as_ref()?;
+        match f.try_clone() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                crate::log_limit::limited!(log::Level::Error, "test fault socket: dup: {e}");
+                None
+            }
+        }
+    }
+
+    fn page_responses(
+        &mut self,
+        responses: &[PageResponse],
+        each: &mut dyn FnMut(usize, Result<bool>),
+    ) {
+        match self.fault.as_mut() {
+            Some(f) => self.response_writes += write_page_responses(f, responses, each),
+            None => {
+                for i in 0..responses.len() {
+                    each(i, Err(super::BridgeError::Unsupported("no fault queue")));
+                }
+            }
+        }
+    }
+
+    fn endpoint_of_dev(&self, dev_id: u32) -> Option<u32> {
+        // The stand-in's records name the endpoint itself.
+        self.fault.as_ref().map(|_| dev_id)
+    }
+
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "kind": "software" })
+        match self.fault {
+            None => serde_json::json!({ "kind": "software" }),
+            Some(_) => serde_json::json!({
+                "kind": "software",
+                "test_fault_socket": true,
+                "page_response_writes": self.response_writes,
+            }),
+        }
     }
 }

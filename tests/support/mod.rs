@@ -10,6 +10,7 @@
 //! - [`process`]: spawn the backend binary, inspect its RSS and fds.
 //! - [`host`]: the backend sharing the test's iommufd, for host endpoints.
 //! - [`edu`]: QEMU's edu DMA engine through its VFIO cdev (kernel tiers).
+//! - [`fault_socket`]: the kernel's fault FD played by the test (`--test-fault-socket`).
 //! - [`cost`]: instructions (callgrind) and system calls (strace) per operation.
 // Test code with known small values (sizes, counts, timings): these casts
 // cannot truncate or wrap.
@@ -25,6 +26,7 @@
 pub mod control;
 pub mod cost;
 pub mod edu;
+pub mod fault_socket;
 pub mod fixtures;
 pub mod frontend;
 pub mod host;

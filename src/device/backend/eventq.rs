@@ -8,14 +8,18 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 
 use log::{debug, Level};
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use super::ring::{check_avail, pop_chain, signal_if_needed};
+use super::ring::{check_avail, pop_chains, UsedWriter};
 use super::IommuBackend;
-use crate::device::chain::{gather, scatter_gathered, Gathered};
+use crate::device::chain::{gather, scatter_gathered, write_single, Gathered};
 use crate::fault_queue::{EventRecord, MAX_RECORD_LEN};
 use crate::log_limit::limited;
+
+/// Event buffers popped at once: a burst of records.
+const POP_AHEAD: usize = 64;
 
 impl IommuBackend {
     /// Move queued records into the driver's eventq buffers, in order.
@@ -40,37 +44,73 @@ impl IommuBackend {
         let mut g = Gathered::new();
         let size = vr.get_queue().size();
         let mut broken = None;
+        // Chains popped ahead, up to a burst of records (one read of the
+        // avail index for them all, not one per record); any left unused
+        // (a group removed on the way) go back to the ring at the end.
+        let mut popped: [Option<DescriptorChain<&GuestMemoryMmap>>; POP_AHEAD] =
+            std::array::from_fn(|_| None);
+        let (mut next, mut end) = (0, 0);
+        let mut used_ring = UsedWriter::new(vr.get_queue());
         let result = (|| -> Result<(), virtio_queue::Error> {
             let mut popped_since_enable = true;
+            // The avail ring is checked once per pass and again after it
+            // ran dry (its address cannot change during the pass: we hold
+            // the vring; an index the driver moves too far meanwhile is
+            // caught by the pop).
+            let mut checked = false;
             while let Some(rec) = fifo.front().copied() {
                 let len = rec.encode(&mut buf);
-                let popped = check_avail(vr.get_queue(), mem.deref())
-                    .and_then(|()| pop_chain(vr.get_queue_mut(), mem.deref()));
-                let chain = match popped {
-                    Ok(c) => c,
-                    Err(e) => {
-                        broken = Some(e);
-                        return Ok(());
+                if next == end {
+                    let check = if checked {
+                        Ok(())
+                    } else {
+                        checked = true;
+                        check_avail(vr.get_queue(), mem.deref())
+                    };
+                    let want = fifo.len().min(POP_AHEAD);
+                    let got = check.and_then(|()| {
+                        pop_chains(vr.get_queue_mut(), mem.deref(), &mut popped[..want])
+                    });
+                    (next, end) = (0, 0);
+                    match got {
+                        Ok(n) => end = n,
+                        Err(e) => {
+                            broken = Some(e);
+                            return Ok(());
+                        }
                     }
-                };
-                let Some(chain) = chain else {
+                }
+                let Some(chain) = popped.get_mut(next).and_then(Option::take) else {
                     // Out of buffers: ask to be kicked when the driver posts
                     // more. Retry once if some arrived meanwhile; never spin
                     // on a broken avail ring.
                     if popped_since_enable && vr.enable_notification()? {
                         popped_since_enable = false;
+                        checked = false;
                         continue;
                     }
                     return Ok(());
                 };
+                next += 1;
                 popped_since_enable = true;
                 if chain.head_index() >= size {
                     debug!("eventq: head index {} beyond the queue", chain.head_index());
                     continue;
                 }
-                let used = match gather(&chain, &mut g) {
-                    Ok(()) if g.writable_len >= len as u64 => {
-                        match scatter_gathered(&chain, &g, &buf[..len]) {
+                // One buffer large enough (the usual case) is written at
+                // once; any other shape is gathered first.
+                let fast = write_single(&chain, &buf[..len]);
+                let gathered = match fast {
+                    Some(_) => Ok(()),
+                    None => gather(&chain, &mut g),
+                };
+                let used = match gathered {
+                    Ok(()) if fast.is_some() || g.writable_len >= len as u64 => {
+                        let written = match fast {
+                            Some(w) => w,
+                            None => scatter_gathered(&chain, &g, &buf[..len]),
+                        };
+                        match written {
                             Ok(n) => {
                                 fifo.delivered();
                                 if let EventRecord::PageRequest { last: true, .. } = rec {
@@ -106,10 +146,20 @@ impl IommuBackend {
                 // At most one event record (a few dozen bytes) was written.
                 #[allow(clippy::cast_possible_truncation)]
                 let used = used as u32;
-                vr.add_used(chain.head_index(), used)?;
+                used_ring.add(vr.get_queue(), mem.deref(), chain.head_index(), used)?;
             }
             Ok(())
         })();
+        // Chains popped ahead and not used go back: the driver's buffers
+        // wait for the next records.
+        let unused = popped[next..end].iter().filter(|c| c.is_some()).count();
+        if unused > 0 {
+            let q = vr.get_queue_mut();
+            // At most POP_AHEAD: fits the ring's u16 index.
+            #[allow(clippy::cast_possible_truncation)]
+            let back = q.next_avail().wrapping_sub(unused as u16);
+            q.set_next_avail(back);
+        }
         if let Some(e) = &broken {
             s.stats.device.eventq_bad_avail += 1;
             self.eventq_stopped.store(true, AtomicOrdering::Release);
@@ -122,7 +172,20 @@ impl IommuBackend {
         if let Err(e) = result {
             debug!("eventq ring unusable: {e}");
         }
-        signal_if_needed(&mut vr);
+        // What the pass added is published whatever stopped it.
+        match used_ring.publish(vr.get_queue_mut(), mem.deref()) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = vr.signal_used_queue() {
+                    debug!("cannot signal the driver: {e}");
+                }
+            }
+            Err(e) => {
+                debug!("eventq used ring unusable: {e}");
+                // The safe side, as `signal_if_needed`.
+                let _ = vr.signal_used_queue();
+            }
+        }
         Ok(())
     }
 }

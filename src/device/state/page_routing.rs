@@ -120,6 +120,9 @@ impl IommuState {
         fifo: &mut EventFifo,
         now: std::time::Instant,
     ) {
+        // A burst usually comes from one device at one PASID: its endpoint
+        // and handler are looked up once (nothing here changes them).
+        let mut last: Option<RouteCache> = None;
         let mut start = 0;
         while start < recs.len() {
             let cookie = recs[start].cookie;
@@ -131,23 +134,38 @@ impl IommuState {
             let group = &recs[start..=end];
             start = end + 1;
             let first = group[0];
-            let endpoint = match source {
-                SourceId::Virtual => Some(first.dev_id),
-                SourceId::Kernel => self.host.endpoint_of_dev(first.dev_id),
-            }
-            .filter(|e| self.endpoints.contains_key(e));
             if acked & features::PAGE_REQUEST == 0 {
                 self.pages
                     .refuse(source, cookie, CODE_INVALID, Refusal::Unnegotiated);
                 continue;
             }
-            let Some(endpoint) = endpoint else {
+            let pasid = first.pasid();
+            let route = match last {
+                Some(c) if c.dev_id == first.dev_id && c.pasid == pasid => c.route,
+                _ => {
+                    let route = match source {
+                        SourceId::Virtual => Some(first.dev_id),
+                        SourceId::Kernel => self.host.endpoint_of_dev(first.dev_id),
+                    }
+                    .filter(|e| self.endpoints.contains_key(e))
+                    .map(|endpoint| Route {
+                        endpoint,
+                        handler: self.page_request_handler(endpoint, pasid),
+                    });
+                    last = Some(RouteCache {
+                        dev_id: first.dev_id,
+                        pasid,
+                        route,
+                    });
+                    route
+                }
+            };
+            let Some(Route { endpoint, handler }) = route else {
                 self.pages
                     .refuse(source, cookie, CODE_INVALID, Refusal::NoHandler);
                 continue;
             };
-            let pasid = first.pasid();
-            let Some((slot, domain)) = self.page_request_handler(endpoint, pasid) else {
+            let Some((slot, domain)) = handler else {
                 self.pages
                     .refuse(source, cookie, CODE_INVALID, Refusal::NoHandler);
                 continue;
@@ -186,4 +204,21 @@ impl IommuState {
             }
         }
     }
+}
+
+/// Where the last group of a read was routed: its source's device id and
+/// PASID, and the route (None: no endpoint of ours).
+#[derive(Clone, Copy)]
+struct RouteCache {
+    dev_id: u32,
+    pasid: Option<u32>,
+    route: Option<Route>,
+}
+
+/// An endpoint of ours and the attachment that handles its page requests
+/// (`page_request_handler`: slot and table domain; None: none does).
+#[derive(Clone, Copy)]
+struct Route {
+    endpoint: u32,
+    handler: Option<(Option<u32>, u32)>,
 }

@@ -107,7 +107,8 @@ impl FaultRelay {
         match usize::try_from(d.result) {
             Ok(0) => {}
             Ok(n) if n % PGFAULT_LEN == 0 && n <= d.buf.len() => {
-                self.relay(session, d.source, &d.buf[..n]);
+                let mut reader = self.fault_reader.lock();
+                self.relay(session, d.source, &d.buf[..n], &mut reader.recs);
             }
             Ok(n) => {
                 limited!(

@@ -17,8 +17,8 @@ use crate::log_limit::limited;
 /// group: EINVAL). The kernel takes responses in order and stops at the
 /// first it refuses, returning the bytes it took, or (none taken) that
 /// response's errno: so write, skip the refused one, go on. Returns the
-/// write() calls made.
-fn write_page_responses(
+/// write() calls made. (Also the software host's test fault socket's.)
+pub(in crate::iommufd_bridge) fn write_page_responses(
     w: &mut impl std::io::Write,
     responses: &[PageResponse],
     each: &mut dyn FnMut(usize, Result<bool>),

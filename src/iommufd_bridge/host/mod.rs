@@ -22,6 +22,8 @@ mod faults;
 mod ram;
 mod tables;
 
+pub(in crate::iommufd_bridge) use faults::write_page_responses;
+
 use super::ids::{FaultId, HwptId, IoasId, NestId, PtId, VdeviceId, VeventqId, ViommuId};
 use super::sys::{Features, Iommufd, HWPT_ALLOC_PASID, IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE};
 use super::{
