@@ -164,6 +164,132 @@ fn lines_with(log: &Mutex<Vec<String>>, from: usize, what: &str) -> Vec<String> 
         .collect()
 }
 
+/// The README's launcher running our backend (endpoint `EP`, the edu's
+/// cdev) and QEMU 11: `qemu` is QEMU's command line, with the launcher's
+/// `{IOMMUFD}`, `{CDEV}` and `{SOCKET}`; QEMU's stderr carries the trace of
+/// what it does with the device. Every output line is kept in `log`
+/// (printed when the test ends: libtest shows it on failure).
+struct Launched {
+    child: std::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+    closed: mpsc::Receiver<&'static str>,
+    _print: PrintLog,
+}
+
+struct PrintLog(Arc<Mutex<Vec<String>>>);
+
+impl Drop for PrintLog {
+    fn drop(&mut self) {
+        if let Ok(lines) = self.0.lock() {
+            for l in lines.iter() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+const EP: u32 = 0x20;
+
+impl Launched {
+    fn start(cdev: &str, socket: &Path, qemu: &[&str]) -> Launched {
+        let launcher = std::env::var("VIOMMU_LAUNCHER").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/passthrough/launch.sh").to_string()
+        });
+        let mut child = Command::new("sh")
+            .arg(&launcher)
+            .args(["--cdev", cdev, "--endpoint", &format!("{EP:#x}")])
+            .args(["--backend", &support::process::binary()])
+            // QEMU binds the cdev once it has started, which takes long here.
+            .args(["--backend-arg", "--bind-wait-ms", "--backend-arg", "600000"])
+            .arg("--socket")
+            .arg(socket)
+            .arg("--")
+            .args(qemu)
+            .args(["-trace", "iommufd_cdev_*", "-trace", "iommufd_backend_alloc_*"])
+            .args(["-trace", "vfio_pci_reset*", "-trace", "vfio_pci_hot_reset*"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the launcher starts");
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (closed_tx, closed) = mpsc::channel::<&str>();
+        for (name, pipe) in [
+            (
+                "stdout",
+                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            ),
+            ("stderr", Box::new(child.stderr.take().unwrap())),
+        ] {
+            let log = log.clone();
+            let tx = closed_tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().unwrap().push(format!("launcher {name}: {line}"));
+                }
+                let _ = tx.send(name);
+            });
+        }
+        Launched {
+            child,
+            _print: PrintLog(log.clone()),
+            log,
+            closed,
+        }
+    }
+
+    /// QMP `quit`: QEMU exits, the launcher stops the backend and exits
+    /// with QEMU's status, and nothing it started outlives it.
+    fn quit(mut self, qmp: &mut Qmp) {
+        qmp.cmd("quit", json!({}));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("the launcher did not exit after QEMU's quit");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for _ in 0..2 {
+            assert!(
+                self.closed.recv_timeout(Duration::from_secs(10)).is_ok(),
+                "a process the launcher started still holds its output 10 s after it exited"
+            );
+        }
+        assert!(st.success(), "launcher: {st}");
+    }
+}
+
+/// QMP `system_reset`, and QEMU's trace that it reset the device
+/// (vfio_pci_reset: VFIO_DEVICE_RESET, or its own bus reset), noted.
+fn system_reset(qmp: &mut Qmp, launched: &Launched) {
+    let from = launched.log.lock().unwrap().len();
+    qmp.cmd("system_reset", json!({}));
+    qmp.event("RESET");
+    // The trace lines come on another pipe: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resets = loop {
+        let r = lines_with(&launched.log, from, "vfio_pci_reset");
+        let h = lines_with(&launched.log, from, "vfio_pci_hot_reset_result");
+        if r.iter().any(|l| l.contains("vfio_pci_reset_flr")) || !h.is_empty() {
+            break [r, h].concat();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU's system_reset reset no device: {:?}",
+            &launched.log.lock().unwrap()[from..]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for l in &resets {
+        note(&format!("qemu11 system_reset: {l}"));
+    }
+}
+
 /// The recipe with QEMU 11 (`VIOMMU_NESTED_QEMU`) on the edu behind a root
 /// port (`VIOMMU_EDU_RESET_CDEV`): after QEMU's realize our MAPs, not
 /// QEMU's IOAS, decide where the edu's DMA goes; so after QEMU's
@@ -173,7 +299,6 @@ fn lines_with(log: &Mutex<Vec<String>>, from: usize, what: &str) -> Vec<String> 
 #[test]
 #[ignore = "needs QEMU 11 and an edu with a reset: run by tests/vm/kernel-tier.sh's nested boot"]
 fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
-    const EP: u32 = 0x20;
     const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
     const FILL: u8 = 0x5a;
     const QFILL: u8 = 0xa5;
@@ -188,9 +313,6 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
     let cdev = std::env::var("VIOMMU_EDU_RESET_CDEV")
         .expect("VIOMMU_EDU_RESET_CDEV names the cdev of an edu with a working reset");
     let qemu = std::env::var("VIOMMU_NESTED_QEMU").expect("VIOMMU_NESTED_QEMU names QEMU 11");
-    let launcher = std::env::var("VIOMMU_LAUNCHER").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/passthrough/launch.sh").to_string()
-    });
     let dir = std::env::temp_dir().join(format!("viommu-qemu11-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("viommu.sock");
@@ -217,69 +339,47 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
         b
     };
 
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    struct PrintLog(Arc<Mutex<Vec<String>>>);
-    impl Drop for PrintLog {
-        fn drop(&mut self) {
-            if let Ok(lines) = self.0.lock() {
-                for l in lines.iter() {
-                    eprintln!("{l}");
-                }
-            }
-        }
-    }
-    let _print_log = PrintLog(log.clone());
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
     let ram_arg = format!(
         "memory-backend-file,id=mem,size={RAM},mem-path={},share=on",
         ram_path.display()
     );
     let t0 = Instant::now();
-    let mut launch = Command::new("sh")
-        .arg(&launcher)
-        .args(["--cdev", &cdev, "--endpoint", &format!("{EP:#x}")])
-        .args(["--backend", &support::process::binary()])
-        // QEMU binds the cdev once it has started, which takes long here.
-        .args(["--backend-arg", "--bind-wait-ms", "--backend-arg", "600000"])
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--", &qemu])
-        .args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64M"])
-        // No -no-reboot: it would turn system_reset into a shutdown.
-        .args(["-nodefaults", "-display", "none", "-S"])
-        .args(["-object", &ram_arg, "-machine", "memory-backend=mem"])
-        .args(["-object", "iommufd,id=iommufd0,fd={IOMMUFD}"])
-        .args([
+    let launched = Launched::start(
+        &cdev,
+        &socket,
+        &[
+            &qemu,
+            "-M",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "64M",
+            // No -no-reboot: it would turn system_reset into a shutdown.
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-object",
+            &ram_arg,
+            "-machine",
+            "memory-backend=mem",
+            "-object",
+            "iommufd,id=iommufd0,fd={IOMMUFD}",
             "-device",
             "vfio-pci,id=hostdev0,iommufd=iommufd0,fd={CDEV},addr=04.0",
-        ])
-        .args(["-qmp", &qmp_arg, "-serial", "none", "-monitor", "none"])
-        // What QEMU does with the device, on its stderr.
-        .args(["-trace", "iommufd_cdev_*", "-trace", "iommufd_backend_alloc_*"])
-        .args(["-trace", "vfio_pci_reset*", "-trace", "vfio_pci_hot_reset*"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the launcher starts");
-    let (closed_tx, closed) = mpsc::channel::<&str>();
-    for (name, pipe) in [
-        (
-            "stdout",
-            Box::new(launch.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        ),
-        ("stderr", Box::new(launch.stderr.take().unwrap())),
-    ] {
-        let log = log.clone();
-        let tx = closed_tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push(format!("launcher {name}: {line}"));
-            }
-            let _ = tx.send(name);
-        });
-    }
+            "-qmp",
+            &qmp_arg,
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+        ],
+    );
+    let log = launched.log.clone();
 
     // (i) QMP ready: QEMU has realized vfio-pci on the launcher's fds.
     let mut qmp = Qmp::connect(&qmp_path, SLOW);
@@ -352,27 +452,7 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
     untouched(&f, "after QEMU's realize");
 
     // QEMU's system_reset: vfio_pci_reset on the device.
-    let from = log.lock().unwrap().len();
-    qmp.cmd("system_reset", json!({}));
-    qmp.event("RESET");
-    // The trace lines come on another pipe: give them a moment.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let resets = loop {
-        let r = lines_with(&log, from, "vfio_pci_reset");
-        let h = lines_with(&log, from, "vfio_pci_hot_reset_result");
-        if r.iter().any(|l| l.contains("vfio_pci_reset_flr")) || !h.is_empty() {
-            break [r, h].concat();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "QEMU's system_reset reset no device: {:?}",
-            &log.lock().unwrap()[from..]
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    for l in &resets {
-        note(&format!("qemu11 system_reset: {l}"));
-    }
+    system_reset(&mut qmp, &launched);
     // vfio_pci_pre_reset turned bus mastering off; the guest's driver
     // turns it on again.
     edu.enable().expect("edu enabled after the reset");
@@ -416,25 +496,129 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
     // QEMU quits; the launcher stops the backend and exits with QEMU's status.
     drop(edu);
     drop(f);
-    qmp.cmd("quit", json!({}));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let st = loop {
-        if let Some(st) = launch.try_wait().unwrap() {
-            break st;
+    launched.quit(&mut qmp);
+    assert!(!socket.exists(), "the launcher removed the socket");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The README's recipe whole: QEMU 11 is our vhost-user frontend too and
+/// boots a second-level guest (`VIOMMU_NESTED_KERNEL`, this kernel, with
+/// `VIOMMU_NESTED_INITRD`, mknested.sh's tiny initramfs) whose kernel
+/// drives our virtio-iommu (VIOT from our `viot` subcommand) and whose
+/// VFIO driver (guest/edu-vfio.c) drives the assigned edu: its MAPs and
+/// UNMAPs reach our backend through QEMU, and the edu's DMA follows them,
+/// and moves nothing after the UNMAP (the fault is logged here, by this
+/// kernel's IOMMU driver). Then QMP `system_reset`: QEMU resets vfio-pci
+/// and our device, the guest boots again and the same checks pass again.
+#[test]
+#[ignore = "needs QEMU 11, a second-level kernel and an edu with a reset: run by tests/vm/kernel-tier.sh's nested boot"]
+fn readme_recipe_with_qemu11_frontend_guest_edu_dma_across_system_reset() {
+    const SLOW: Duration = Duration::from_secs(900);
+    const DONE: &str = "L2-EDU-DONE";
+    let cdev = std::env::var("VIOMMU_EDU_RESET_CDEV")
+        .expect("VIOMMU_EDU_RESET_CDEV names the cdev of an edu with a working reset");
+    let qemu = std::env::var("VIOMMU_NESTED_QEMU").expect("VIOMMU_NESTED_QEMU names QEMU 11");
+    let kernel = std::env::var("VIOMMU_NESTED_KERNEL").expect("VIOMMU_NESTED_KERNEL");
+    let initrd = std::env::var("VIOMMU_NESTED_INITRD").expect("VIOMMU_NESTED_INITRD");
+    let dir = std::env::temp_dir().join(format!("viommu-qemu11-l2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("viommu.sock");
+    let qmp_path = dir.join("qmp.sock");
+    let serial = dir.join("l2.log");
+    let viot = dir.join("viot.bin");
+    let st = Command::new(support::process::binary())
+        .args([
+            "viot", "--iommu", "00:03.0", "--range", "00:04.0", "--output",
+        ])
+        .arg(&viot)
+        .status()
+        .expect("viot subcommand");
+    assert!(st.success(), "viot: {st}");
+
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let serial_arg = format!("file:{}", serial.display());
+    let viot_arg = format!("file={}", viot.display());
+    let t0 = Instant::now();
+    let mut klog = KernelLog::from_now().unwrap();
+    // The README's command line (TCG, less RAM, the console to a file).
+    let launched = Launched::start(
+        &cdev,
+        &socket,
+        &[
+            &qemu, "-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-nodefaults",
+            "-display", "none",
+            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-machine", "memory-backend=mem",
+            "-object", "iommufd,id=iommufd0,fd={IOMMUFD}",
+            "-device", "vfio-pci,id=hostdev0,iommufd=iommufd0,fd={CDEV},addr=04.0",
+            "-chardev", "socket,id=viommu,path={SOCKET}",
+            "-device",
+            "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=03.0",
+            "-acpitable", &viot_arg,
+            "-kernel", &kernel, "-initrd", &initrd,
+            // MAP/UNMAP (the page-table series of contrib/linux off: a
+            // passthrough endpoint has no table format); VFIO type1 on a
+            // virtio-iommu needs unsafe interrupts allowed.
+            "-append",
+            "console=ttyS0 panic=-1 quiet viommu.l2=edu virtio_iommu.table_mode=0 vfio_iommu_type1.allow_unsafe_interrupts=1",
+            "-serial", &serial_arg, "-qmp", &qmp_arg, "-monitor", "none",
+        ],
+    );
+    let mut qmp = Qmp::connect(&qmp_path, SLOW);
+    note(&format!(
+        "nested-qemu-frontend: QMP ready after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    ));
+    let console = || std::fs::read_to_string(&serial).unwrap_or_default();
+    // One boot of the guest: its checks, and the fault our UNMAP caused.
+    let mut boot = |n: usize, what: &str| {
+        let t = Instant::now();
+        let deadline = t + SLOW;
+        while console().matches(DONE).count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the guest did not finish within {SLOW:?}; its console:\n{}",
+                console()
+            );
+            std::thread::sleep(Duration::from_millis(500));
         }
-        if Instant::now() >= deadline {
-            let _ = launch.kill();
-            panic!("the launcher did not exit after QEMU's quit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    for _ in 0..2 {
+        let c = console();
+        let run = c.split(DONE).nth(n - 1).unwrap_or("");
+        let pass = run.matches("edu-vfio: PASS").count();
+        let fail: Vec<&str> = run
+            .lines()
+            .filter(|l| l.contains("edu-vfio: FAIL"))
+            .collect();
         assert!(
-            closed.recv_timeout(Duration::from_secs(10)).is_ok(),
-            "a process the launcher started still holds its output 10 s after it exited"
+            fail.is_empty() && pass == 4,
+            "{what}: the guest's edu checks: {pass} passed, failed {fail:?}; its console:\n{c}"
         );
-    }
-    assert!(st.success(), "launcher: {st}");
+        note(&format!(
+            "nested-qemu-frontend: {what}: the guest's 4 edu checks passed after {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+        // The write after the UNMAP faulted in this kernel's IOMMU.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let fault = loop {
+            if let Some(l) = klog
+                .new_lines()
+                .into_iter()
+                .find(|l| l.contains("fault") && l.contains("0x200400"))
+            {
+                break l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no fault at 0x200400 logged"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        note(&format!("nested-qemu-frontend: {what}: {fault}"));
+    };
+    boot(1, "first boot");
+    system_reset(&mut qmp, &launched);
+    boot(2, "after QEMU's system_reset");
+    launched.quit(&mut qmp);
     assert!(!socket.exists(), "the launcher removed the socket");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,8 @@
 # The extra initramfs archive of the kernel tier's nested boot: QEMU 11 (fetch-qemu.sh's
 # qemu-system-x86_64, the libraries its loader resolves in the prefix, that loader, and the two
 # firmware files a q35 `-kernel` boot reads) and a second-level guest (KERNEL, the test kernel
-# itself, with a tiny initramfs that prints a marker and powers off), plus guest/nested.sh as
+# itself, with a tiny initramfs: a marker and power off, or with viommu.l2=edu guest/edu-vfio.c on
+# the edu QEMU assigns), plus guest/nested.sh as
 # /nested.sh. The kernel unpacks it over the ordinary test initramfs when both are concatenated
 # (kernel-tier.sh does that), so the ordinary boot stays as it is.
 #
@@ -77,16 +78,35 @@ WRAP
 fi
 
 # ---- the second-level guest: this kernel, a tiny initramfs ----
-vm_need_pkgs busybox-static cpio gzip
+vm_need_pkgs busybox-static cpio gzip gcc libc6-dev
 t="${stage}/tiny"
 mkdir -p "${t}/bin" "${t}/dev"
 cp /bin/busybox "${t}/bin/busybox"
 mknod -m 0600 "${t}/dev/console" c 5 1
+# Plain: the marker, power off (the boot-time measurement). viommu.l2=edu (tests/passthrough_qemu.rs):
+# the edu QEMU assigns at 00:04.0 to vfio-pci, edu-vfio's checks, the marker, then wait for QEMU's
+# system_reset (the host's QMP) and do it all again.
 cat >"${t}/init" <<'INIT'
 #!/bin/busybox sh
-/bin/busybox echo NESTED-L2-UP
-/bin/busybox poweroff -f
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo NESTED-L2-UP
+if grep -q viommu.l2=edu /proc/cmdline; then
+    d=/sys/bus/pci/devices/0000:00:04.0
+    echo vfio-pci >"$d/driver_override"
+    [ -e "$d/driver" ] && echo 0000:00:04.0 >"$d/driver/unbind"
+    echo 0000:00:04.0 >/sys/bus/pci/drivers_probe
+    /bin/edu-vfio 0000:00:04.0
+    echo "L2-EDU-DONE status=$?"
+    while :; do sleep 3600; done
+fi
+poweroff -f
 INIT
+gcc -static -O2 -Wall -o "${t}/bin/edu-vfio" "${VM_DIR}/guest/edu-vfio.c" || vm_die "cannot build guest/edu-vfio.c"
 chmod 0755 "${t}/init"
 n="${stage}/n"
 mkdir -p "${n}/opt/nested"

@@ -3,7 +3,8 @@
 # a real QEMU 11 (/opt/qemu) inside this TCG guest.
 #  1. tests/passthrough_qemu.rs: the README's launcher starts our backend and that QEMU with
 #     -device vfio-pci of the edu behind the root port on the shared iommufd; edu DMA follows
-#     our tables after QEMU's realize and QEMU's system_reset, and faults after our UNMAP. It
+#     our tables after QEMU's realize and QEMU's system_reset, and faults after our UNMAP: driven
+#     by the test, then by a second-level guest QEMU boots (QEMU our vhost-user frontend). It
 #     notes how long QEMU took to reach QMP ready (realize_s).
 #  2. (VIOMMU_NESTED_BOOT_S=N on the kernel command line as viommu.args=N, default 0 = not run)
 #     the time QEMU takes to boot this kernel with a tiny initramfs to its marker (boot_s), or
@@ -13,6 +14,7 @@
 passed=0 failed=0
 export VIOMMU_BIN=/bin/vhost-device-iommu VIOMMU_LAUNCHER=/bin/viommu-launch.sh
 export VIOMMU_NESTED_QEMU=/opt/qemu/qemu-system-x86_64
+export VIOMMU_NESTED_KERNEL=/opt/nested/bzImage VIOMMU_NESTED_INITRD=/opt/nested/initramfs.cpio.gz
 pass() { echo "PASS $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1${2:+ ($2)}"; failed=$((failed + 1)); }
 # shellcheck source=libtest.sh
