@@ -288,6 +288,18 @@ fn system_reset(qmp: &mut Qmp, launched: &Launched) {
     for l in &resets {
         note(&format!("qemu11 system_reset: {l}"));
     }
+    // QEMU re-attaching on a reset would put its identity map back in
+    // charge until the guest's next ATTACH (spec-notes/passthrough.md):
+    // no iommufd call of QEMU's on this path.
+    let calls: Vec<String> = launched.log.lock().unwrap()[from..]
+        .iter()
+        .filter(|l| l.contains("iommufd_cdev_") || l.contains("iommufd_backend_"))
+        .cloned()
+        .collect();
+    assert!(
+        calls.is_empty(),
+        "QEMU's system_reset made iommufd calls: {calls:?}"
+    );
 }
 
 /// The recipe with QEMU 11 (`VIOMMU_NESTED_QEMU`) on the edu behind a root
@@ -597,6 +609,20 @@ fn readme_recipe_with_qemu11_frontend_guest_edu_dma_across_system_reset() {
             "nested-qemu-frontend: {what}: the guest's 4 edu checks passed after {:.1} s",
             t.elapsed().as_secs_f64()
         ));
+        let done = c
+            .split(DONE)
+            .nth(n)
+            .and_then(|r| r.lines().next())
+            .unwrap_or("");
+        note(&format!(
+            "nested-qemu-frontend: {what}: guest: {DONE}{done}"
+        ));
+        for l in run.lines().filter(|l| l.contains("edu-vfio: PASS")) {
+            note(&format!(
+                "nested-qemu-frontend: {what}: guest: {}",
+                l.trim()
+            ));
+        }
         // The write after the UNMAP faulted in this kernel's IOMMU.
         let deadline = Instant::now() + Duration::from_secs(10);
         let fault = loop {

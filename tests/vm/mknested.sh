@@ -101,7 +101,7 @@ if grep -q viommu.l2=edu /proc/cmdline; then
     [ -e "$d/driver" ] && echo 0000:00:04.0 >"$d/driver/unbind"
     echo 0000:00:04.0 >/sys/bus/pci/drivers_probe
     /bin/edu-vfio 0000:00:04.0
-    echo "L2-EDU-DONE status=$?"
+    echo "L2-EDU-DONE status=$? uptime_s=$(cut -d" " -f1 /proc/uptime)"
     while :; do sleep 3600; done
 fi
 poweroff -f
