@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The README's passthrough recipe with a real QEMU 11 (issue 17): the
 //! kernel tier's nested boot (tests/vm/mknested.sh, guest/nested.sh) puts
-//! QEMU 11 into its x86 guest, and this test runs
+//! QEMU 11 into its x86 guest, and these tests run
 //! `contrib/passthrough/launch.sh` with our backend and that QEMU sharing
 //! /dev/iommu and the edu's VFIO cdev. QEMU really realizes
 //! `-device vfio-pci,iommufd=,fd=` (bind, its IOAS and HWPT, guest RAM
-//! pinned) and really resets the device (QMP `system_reset`); the test is
-//! the vhost-user frontend (a nested guest does not boot in reasonable time
-//! under TCG in TCG: spec-notes/benchmarks.md) and the edu's driver,
-//! through a copy of the very open cdev QEMU holds (pidfd_getfd).
+//! pinned) and really resets the device (QMP `system_reset`). In the first
+//! test the test itself is the vhost-user frontend and the edu's driver,
+//! through a copy of the very open cdev QEMU holds (pidfd_getfd); in the
+//! second QEMU is the frontend and a second-level guest it boots drives
+//! both our device and the edu (spec-notes/passthrough.md).
 
 mod support;
 
@@ -207,6 +208,7 @@ impl Launched {
             .args(qemu)
             .args(["-trace", "iommufd_cdev_*", "-trace", "iommufd_backend_alloc_*"])
             .args(["-trace", "vfio_pci_reset*", "-trace", "vfio_pci_hot_reset*"])
+            .args(["-trace", "vfio_device_detach"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -242,6 +244,7 @@ impl Launched {
     /// QMP `quit`: QEMU exits, the launcher stops the backend and exits
     /// with QEMU's status, and nothing it started outlives it.
     fn quit(mut self, qmp: &mut Qmp) {
+        let from = self.log.lock().unwrap().len();
         qmp.cmd("quit", json!({}));
         let deadline = Instant::now() + Duration::from_secs(60);
         let st = loop {
@@ -261,6 +264,11 @@ impl Launched {
             );
         }
         assert!(st.success(), "launcher: {st}");
+        // Whether QEMU detaches the device on its way out (it unrealizes
+        // only on hot-unplug), for the log.
+        for l in lines_with(&self.log, from, "detach") {
+            note(&format!("qemu11 quit: {l}"));
+        }
     }
 }
 

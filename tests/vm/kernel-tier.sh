@@ -32,7 +32,8 @@
 #                                      kernel, a tiny initramfs) with at most this many seconds
 #                                      (boot_s; 0 = not run)
 #      plus those of the other scripts (VIOMMU_VM_CACHE, VIOMMU_VM_VERBOSE, VIOMMU_VM_ACCEL, ...)
-# Console logs: ${VIOMMU_VM_CACHE:-~/.cache/vhost-device-iommu/vm}/logs/kernel-tier-<version>.log
+# Console logs: ${VIOMMU_VM_CACHE:-~/.cache/vhost-device-iommu/vm}/logs/kernel-tier-<version>.log (the
+# nested boot: kernel-tier-<version>-nested.log)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
