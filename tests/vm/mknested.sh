@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The extra initramfs archive of the kernel tier's nested boot: QEMU 11 (fetch-qemu.sh's
-# qemu-system-x86_64, the libraries its loader resolves in the prefix, that loader, and the two
+# qemu-system-x86_64, the libraries its loader resolves in the prefix, that loader, and the three
 # firmware files a q35 `-kernel` boot reads) and a second-level guest (KERNEL, the test kernel
 # itself, with a tiny initramfs: a marker and power off, or with viommu.l2=edu guest/edu-vfio.c on
-# the edu QEMU assigns), plus guest/nested.sh as
-# /nested.sh. The kernel unpacks it over the ordinary test initramfs when both are concatenated
-# (kernel-tier.sh does that), so the ordinary boot stays as it is.
+# the edu QEMU assigns), plus guest/nested.sh as /nested.sh. The kernel unpacks it over the
+# ordinary test initramfs when both are concatenated (kernel-tier.sh does that), so the ordinary
+# boot stays as it is.
 #
 # Usage: mknested.sh OUT.cpio.gz KERNEL [FILE:/DEST ...]   (FILEs copied to /DEST, e.g. a test)
 # In the guest: /opt/qemu/qemu-system-x86_64 (a wrapper: `/opt/qemu/lib/ld-linux-x86-64.so.2
