@@ -656,3 +656,115 @@ fn readme_recipe_with_qemu11_frontend_guest_edu_dma_across_system_reset() {
     assert!(!socket.exists(), "the launcher removed the socket");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The control for the two tests above: QEMU 11 alone (no backend, the
+/// test passes it the iommufd and the cdev as the launcher would), and the
+/// same edu DMA as in the first test lands in QEMU's RAM file at the IOVA
+/// (QEMU's IOAS maps guest RAM at IOVA = GPA): what "our tables govern"
+/// is checked against is what happens without us.
+#[test]
+#[ignore = "needs QEMU 11 and an edu with a reset: run by tests/vm/kernel-tier.sh's nested boot"]
+fn qemu11_alone_sends_the_edu_dma_through_its_own_ioas() {
+    use std::os::fd::AsRawFd;
+    const RAM: usize = 64 << 20;
+    const IOVA_A: u64 = 0x10_0000;
+    const IOVA_B: u64 = 0x20_0000;
+    const QFILL: u8 = 0xa5;
+    const DST: usize = 0x400;
+
+    let cdev_path = std::env::var("VIOMMU_EDU_RESET_CDEV")
+        .expect("VIOMMU_EDU_RESET_CDEV names the cdev of an edu with a working reset");
+    let qemu = std::env::var("VIOMMU_NESTED_QEMU").expect("VIOMMU_NESTED_QEMU names QEMU 11");
+    let dir = std::env::temp_dir().join(format!("viommu-qemu11-alone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let qmp_path = dir.join("qmp.sock");
+    let ram_path = dir.join("ram");
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&ram_path)
+        .unwrap();
+    ram.set_len(RAM as u64).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        ram.write_all_at(&pattern(9), IOVA_A).unwrap();
+        ram.write_all_at(&[QFILL; BUF_SIZE], IOVA_B).unwrap();
+    }
+    let open_rw = |p: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap_or_else(|e| panic!("open {p}: {e}"))
+    };
+    let iommufd = open_rw("/dev/iommu");
+    let cdev = open_rw(&cdev_path);
+    // Copies without CLOEXEC for QEMU (`fd=`), closed here once it runs.
+    let inheritable = |f: &std::fs::File| {
+        // SAFETY: dup of a file we own; the result is checked.
+        let fd = unsafe { libc::dup(f.as_raw_fd()) };
+        assert!(fd >= 0, "dup: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd nobody else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    };
+    let (fd_i, fd_c) = (inheritable(&iommufd), inheritable(&cdev));
+    let iommufd_arg = format!("iommufd,id=iommufd0,fd={}", fd_i.as_raw_fd());
+    let vfio_arg = format!(
+        "vfio-pci,id=hostdev0,iommufd=iommufd0,fd={},addr=04.0",
+        fd_c.as_raw_fd()
+    );
+    let ram_arg = format!(
+        "memory-backend-file,id=mem,size={RAM},mem-path={},share=on",
+        ram_path.display()
+    );
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let mut child = Command::new(&qemu)
+        .args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64M"])
+        .args(["-nodefaults", "-display", "none", "-S"])
+        .args(["-object", &ram_arg, "-machine", "memory-backend=mem"])
+        .args(["-object", &iommufd_arg, "-device", &vfio_arg])
+        .args(["-qmp", &qmp_arg, "-serial", "none", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // Not ours: it would split libtest's `test NAME ... ok` line.
+        .stderr(std::fs::File::create(dir.join("qemu.err")).unwrap())
+        .spawn()
+        .expect("QEMU starts");
+    let qemu_err = || std::fs::read_to_string(dir.join("qemu.err")).unwrap_or_default();
+    drop((fd_i, fd_c));
+    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(600));
+    let realized = qmp.cmd(
+        "qom-get",
+        json!({"path": "/machine/peripheral/hostdev0", "property": "realized"}),
+    );
+    assert_eq!(
+        realized,
+        json!(true),
+        "QEMU realized vfio-pci: {}",
+        qemu_err()
+    );
+    // QEMU bound our open cdev: our copy may drive the device.
+    let mut edu = EduDevice::from_file(cdev);
+    edu.enable().expect("edu enabled");
+    edu.read_from(IOVA_A, 0, XFER).expect("DMA read");
+    edu.write_to(0, IOVA_B + DST as u64, XFER)
+        .expect("DMA write");
+    let mut b = vec![0u8; BUF_SIZE];
+    {
+        use std::os::unix::fs::FileExt;
+        ram.read_exact_at(&mut b, IOVA_B).unwrap();
+    }
+    assert!(
+        b == page_with(QFILL, DST, &pattern(9)[..XFER]),
+        "without our backend the edu copies QEMU's RAM at IOVA A to QEMU's RAM at IOVA B"
+    );
+    note("qemu11 alone: the edu's DMA went through QEMU's IOAS (IOVA = GPA in its RAM)");
+    drop(edu);
+    drop(iommufd);
+    qmp.cmd("quit", json!({}));
+    let st = child.wait().expect("QEMU exits");
+    assert!(st.success(), "QEMU: {st}: {}", qemu_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
