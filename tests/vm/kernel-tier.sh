@@ -10,6 +10,12 @@
 # its checks count in the first line.
 # A 7.x kernel carries the virtio-iommu series of contrib/linux (x86-kernel-source.sh), inert
 # with QEMU's virtio-iommu, so that it is the same kernel the guest tier boots.
+# On a 7.x kernel a second, dedicated boot runs a real QEMU 11 inside the guest (mknested.sh,
+# guest/nested.sh): the README's launcher with our backend and that QEMU's vfio-pci on the edu
+# behind the root port (tests/passthrough_qemu.rs), and the time QEMU takes to get there:
+#   kernel-tier <kernel version> nested-qemu: N passed, M failed
+#   kernel-tier <kernel version>: nested-qemu realize_s=<s> boot_s=<s|timeout|not-run>
+# (its checks count in the first line too).
 # Exit status is non-zero if anything failed. Progress and diagnostics go to stderr.
 #
 # Our own guest programs (examples/vm_iommufd.rs: our iommufd layer against the real /dev/iommu and
@@ -20,8 +26,14 @@
 #      VIOMMU_VM_TIMEOUT=300          per-boot timeout in seconds
 #      VIOMMU_VFIO_CDEV=/dev/vfio/devices/vfioN   a real VFIO cdev on THIS host (bound to vfio-pci,
 #                                      with /dev/iommu): tests/vfio_endpoints.rs runs against it
+#      VIOMMU_VM_NESTED=0             no nested boot; =only: the nested boot alone (not the
+#                                      ordinary one; benchmarks)
+#      VIOMMU_NESTED_BOOT_S=0         in the nested boot, also boot a second-level guest (the same
+#                                      kernel, a tiny initramfs) with at most this many seconds
+#                                      (boot_s; 0 = not run)
 #      plus those of the other scripts (VIOMMU_VM_CACHE, VIOMMU_VM_VERBOSE, VIOMMU_VM_ACCEL, ...)
-# Console logs: ${VIOMMU_VM_CACHE:-~/.cache/vhost-device-iommu/vm}/logs/kernel-tier-<version>.log
+# Console logs: ${VIOMMU_VM_CACHE:-~/.cache/vhost-device-iommu/vm}/logs/kernel-tier-<version>.log (the
+# nested boot: kernel-tier-<version>-nested.log)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -67,6 +79,8 @@ cargo_tests=("$(cargo_exe test selftest_endpoints --release --test selftest_endp
 ours+=("$(cargo_exe bench ioas_path --bench ioas_path)")
 ours+=("$(cargo_exe bench nested --bench nested)")
 ours+=("$(cargo_exe bench fault_relay --bench fault_relay)")
+# Only in the nested boot (it needs QEMU 11 in the guest).
+nested_test="$(cargo_exe test passthrough_qemu --release --test passthrough_qemu)"
 unset RUSTFLAGS
 
 # ---- the initramfs (same for every kernel) ----
@@ -96,21 +110,9 @@ files+=("${work}/viommu-cargo-tests:/etc/viommu-cargo-tests")
 
 overall=0
 result() { printf '%s\n' "$1"; }
-for spec in $kernels; do
-    vm_log "=== kernel ${spec} ==="
-    if ! src="$("${VM_DIR}/fetch-kernel-source.sh" "$spec")"; then
-        result "kernel-tier ${spec}: 0 passed, 1 failed (kernel source fetch failed)"
-        overall=1
-        continue
-    fi
-    # 7.x: the tree patched with contrib/linux (inert here: QEMU's virtio-iommu), shared with
-    # the guest tier, so the x86 tiers build one 7.x kernel.
-    if ! src="$("${VM_DIR}/x86-kernel-source.sh" "$src")" || ! kimg="$("${VM_DIR}/build-kernel.sh" "$src")"; then
-        result "kernel-tier ${spec}: 0 passed, 1 failed (kernel patch/configure/build failed)"
-        overall=1
-        continue
-    fi
-    kver="$(sed -n 's/^kernel //p' "$(dirname "$kimg")/info")"
+# ordinary_boot KVER KIMG: the tier's boot of that kernel; status 1 if anything failed.
+ordinary_boot() {
+    local kver="$1" kimg="$2" log rc passed failed skipped extra extra_skip clean ok=0
     log="${logdir}/kernel-tier-${kver}.log"
     rc=0
     # QEMU's virtio-iommu with a pci-testdev behind it: the guest binds the testdev to vfio-pci and
@@ -148,11 +150,85 @@ for spec in $kernels; do
         failed=1
         extra=" (guest run failed: exit ${rc}; log ${log})"
     fi
-    [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] || overall=1
+    [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] || ok=1
     [ "$passed" -gt 0 ] || [ -n "$extra" ] || extra=" (no checks ran; log ${log})"
     result "kernel-tier ${kver}: ${passed} passed, ${failed} failed${extra_skip}${extra}"
     # Real DMA through the tables we bind (tests/dma_map.rs), counted in the totals above too.
-    dma_line "kernel-tier ${kver}" dma_map "$clean" || overall=1
+    dma_line "kernel-tier ${kver}" dma_map "$clean" || ok=1
+    return "$ok"
+}
+
+# nested_boot KVER KIMG: the dedicated boot with QEMU 11 in the guest (mknested.sh,
+# guest/nested.sh); status 1 if anything failed. No QEMU 11 (fetch-qemu.sh failed, e.g. no
+# network): SKIPPED, loudly.
+nested_boot() {
+    local kver="$1" kimg="$2" log rc=0 passed failed clean extra=""
+    log="${logdir}/kernel-tier-${kver}-nested.log"
+    if ! "${VM_DIR}/fetch-qemu.sh" qemu-system-x86 >/dev/null 2>"${work}/mknested.err"; then
+        cat "${work}/mknested.err" >&2
+        {
+            echo "[vm] !!"
+            echo "[vm] !! ${kver}: nested QEMU 11 SKIPPED: fetch-qemu.sh failed ($(tail -n 1 "${work}/mknested.err"))"
+            echo "[vm] !!"
+        } >&2
+        result "kernel-tier ${kver} nested-qemu: SKIPPED (no QEMU 11: $(tail -n 1 "${work}/mknested.err"))"
+        return 0
+    fi
+    if ! "${VM_DIR}/mknested.sh" "${work}/nested.cpio.gz" "$kimg" \
+        "${nested_test}:/bin/passthrough_qemu" 2>"${work}/mknested.err"; then
+        cat "${work}/mknested.err" >&2
+        result "kernel-tier ${kver} nested-qemu: 0 passed, 1 failed (mknested.sh failed)"
+        return 1
+    fi
+    cat "${work}/mknested.err" >&2
+    # The ordinary initramfs, then the nested archive over it (NUL padding between is skipped).
+    {
+        cat "${work}/initramfs.cpio.gz"
+        dd if=/dev/zero bs=1 count=$(((512 - $(stat -c %s "${work}/initramfs.cpio.gz") % 512) % 512)) status=none
+        cat "${work}/nested.cpio.gz"
+    } >"${work}/initramfs-nested.cpio.gz"
+    # The same machine as the ordinary boot, for the edu behind rp1; QEMU in the guest needs time.
+    "${VM_DIR}/run-guest.sh" "$kimg" "${work}/initramfs-nested.cpio.gz" "$log" \
+        "$((tmo + ${VIOMMU_NESTED_BOOT_S:-0} + 600))" viommu.test=/nested.sh \
+        "viommu.args=${VIOMMU_NESTED_BOOT_S:-0}" iommufd.allow_unsafe_interrupts=1 \
+        -- -device virtio-iommu-pci -device pcie-root-port,id=rp1,chassis=1 -device edu,bus=rp1 || rc=$?
+    rm -f "${work}/initramfs-nested.cpio.gz" "${work}/nested.cpio.gz"
+    [ -f "$log" ] || : >"$log"
+    clean="$(tr -d '\r' <"$log")"
+    passed="$(grep -c '^PASS ' <<<"$clean" || true)"
+    failed="$(grep -c '^FAIL ' <<<"$clean" || true)"
+    grep -E '^(PASS|FAIL|SKIP|dma-note:) ' <<<"$clean" | sed "s/^/[vm]   ${kver} nested: /" >&2 || true
+    grep -E '^nested-qemu ' <<<"$clean" | sed "s/^/kernel-tier ${kver}: /" || true
+    if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+        failed=1
+        extra=" (guest run failed: exit ${rc}; log ${log})"
+    fi
+    [ "$passed" -gt 0 ] || [ -n "$extra" ] || extra=" (no checks ran; log ${log})"
+    result "kernel-tier ${kver} nested-qemu: ${passed} passed, ${failed} failed${extra}"
+    [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]
+}
+
+for spec in $kernels; do
+    vm_log "=== kernel ${spec} ==="
+    if ! src="$("${VM_DIR}/fetch-kernel-source.sh" "$spec")"; then
+        result "kernel-tier ${spec}: 0 passed, 1 failed (kernel source fetch failed)"
+        overall=1
+        continue
+    fi
+    # 7.x: the tree patched with contrib/linux (inert here: QEMU's virtio-iommu), shared with
+    # the guest tier, so the x86 tiers build one 7.x kernel.
+    if ! src="$("${VM_DIR}/x86-kernel-source.sh" "$src")" || ! kimg="$("${VM_DIR}/build-kernel.sh" "$src")"; then
+        result "kernel-tier ${spec}: 0 passed, 1 failed (kernel patch/configure/build failed)"
+        overall=1
+        continue
+    fi
+    kver="$(sed -n 's/^kernel //p' "$(dirname "$kimg")/info")"
+    if [ "${VIOMMU_VM_NESTED:-1}" != only ]; then
+        ordinary_boot "$kver" "$kimg" || overall=1
+    fi
+    if [ "${VIOMMU_VM_NESTED:-1}" != 0 ] && [ "${kver%%.*}" -ge 7 ]; then
+        nested_boot "$kver" "$kimg" || overall=1
+    fi
 done
 
 if [ -z "${VIOMMU_VFIO_CDEV:-}" ]; then
