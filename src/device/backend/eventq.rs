@@ -3,18 +3,18 @@
 //! page requests) are written into the driver's buffers in posting order.
 
 use std::io;
-use std::ops::Deref;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use log::{debug, Level};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::DescriptorChain;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 
 use super::ring::{check_avail, pop_chains, UsedWriter};
 use super::IommuBackend;
 use crate::device::chain::{gather, scatter_gathered, write_single, Gathered};
+use crate::device::mem_view::CachedMemory;
 use crate::fault_queue::{EventRecord, MAX_RECORD_LEN};
 use crate::log_limit::limited;
 
@@ -39,6 +39,9 @@ impl IommuBackend {
         let mut session = self.session();
         let s = &mut *session;
         let mem = s.mem.memory();
+        // Ring and buffer accesses through the view (one region lookup per
+        // pass, not per access: device/mem_view.rs).
+        let view = CachedMemory::new(&mem);
         let mut fifo = self.relay.fifo();
         let mut buf = [0u8; MAX_RECORD_LEN];
         let mut g = Gathered::new();
@@ -47,7 +50,7 @@ impl IommuBackend {
         // Chains popped ahead, up to a burst of records (one read of the
         // avail index for them all, not one per record); any left unused
         // (a group removed on the way) go back to the ring at the end.
-        let mut popped: [Option<DescriptorChain<&GuestMemoryMmap>>; POP_AHEAD] =
+        let mut popped: [Option<DescriptorChain<&CachedMemory>>; POP_AHEAD] =
             std::array::from_fn(|_| None);
         let (mut next, mut end) = (0, 0);
         let mut used_ring = UsedWriter::new(vr.get_queue());
@@ -65,11 +68,11 @@ impl IommuBackend {
                         Ok(())
                     } else {
                         checked = true;
-                        check_avail(vr.get_queue(), mem.deref())
+                        check_avail(vr.get_queue(), &view)
                     };
                     let want = fifo.len().min(POP_AHEAD);
                     let got = check.and_then(|()| {
-                        pop_chains(vr.get_queue_mut(), mem.deref(), &mut popped[..want])
+                        pop_chains(vr.get_queue_mut(), &view, &mut popped[..want])
                     });
                     (next, end) = (0, 0);
                     match got {
@@ -146,7 +149,7 @@ impl IommuBackend {
                 // At most one event record (a few dozen bytes) was written.
                 #[allow(clippy::cast_possible_truncation)]
                 let used = used as u32;
-                used_ring.add(vr.get_queue(), mem.deref(), chain.head_index(), used)?;
+                used_ring.add(vr.get_queue(), &view, chain.head_index(), used)?;
             }
             Ok(())
         })();
@@ -173,7 +176,7 @@ impl IommuBackend {
             debug!("eventq ring unusable: {e}");
         }
         // What the pass added is published whatever stopped it.
-        match used_ring.publish(vr.get_queue_mut(), mem.deref()) {
+        match used_ring.publish(vr.get_queue_mut(), &view) {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = vr.signal_used_queue() {

@@ -10,9 +10,10 @@ use log::debug;
 use thiserror::Error;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
 use super::GuestMemory;
+use crate::device::mem_view::OneRegion;
 
 /// Why a ring is not served until the driver's next kick. virtio-queue's
 /// `pop_descriptor_chain` logs each of these at error level on every call
@@ -120,7 +121,7 @@ impl UsedWriter {
     }
 
     /// One used entry (`head` < the queue size, checked by the caller).
-    pub(super) fn add<M: vm_memory::GuestMemory>(
+    pub(super) fn add<M: OneRegion>(
         &mut self,
         q: &Queue,
         mem: &M,
@@ -135,10 +136,7 @@ impl UsedWriter {
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
-        match mem
-            .physical_memory()
-            .and_then(|pm| pm.get_slice(addr, elem.len()).ok())
-        {
+        match mem.slice_in_one_region(addr, elem.len()) {
             Some(slice) => slice.copy_from(&elem),
             None => mem
                 .write_slice(&elem, addr)
