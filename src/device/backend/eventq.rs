@@ -71,9 +71,8 @@ impl IommuBackend {
                         check_avail(vr.get_queue(), &view)
                     };
                     let want = fifo.len().min(POP_AHEAD);
-                    let got = check.and_then(|()| {
-                        pop_chains(vr.get_queue_mut(), &view, &mut popped[..want])
-                    });
+                    let got = check
+                        .and_then(|()| pop_chains(vr.get_queue_mut(), &view, &mut popped[..want]));
                     (next, end) = (0, 0);
                     match got {
                         Ok(n) => end = n,

@@ -14,7 +14,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace};
 
-use super::ring::{check_avail, pop_chains, signal_if_needed, suppress_kicks, POP_BATCH};
+use super::ring::{check_avail, pop_chains, suppress_kicks, UsedWriter, POP_BATCH};
 use super::{IommuBackend, Session};
 use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
@@ -225,6 +225,10 @@ impl IommuBackend {
         // driver's ring is broken, nothing can be answered.
         let mut chains: [Option<DescriptorChain<&CachedMemory>>; POP_BATCH] =
             std::array::from_fn(|_| None);
+        // Used entries written straight into the ring, the index stored
+        // once per batch popped (virtio-queue's `add_used` writes through
+        // the generic path and stores the index for every entry).
+        let mut used_ring = UsedWriter::new(vr.get_queue());
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
                 vr.get_queue_mut().disable_notification(&view)?;
@@ -258,7 +262,7 @@ impl IommuBackend {
                             debug!("unusable request chain: {e}");
                             s.stats
                                 .count_unanswered(g.bytes().first().copied().unwrap_or(0));
-                            vr.get_queue_mut().add_used(&view, chain.head_index(), 0)?;
+                            used_ring.add(vr.get_queue(), &view, chain.head_index(), 0)?;
                             continue;
                         }
                         let acked = s.acked_features;
@@ -277,17 +281,26 @@ impl IommuBackend {
                                 });
                                 continue;
                             }
-                            _ => flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?,
+                            _ => flush_invalidates(
+                                s,
+                                &mut deferred,
+                                &mut used_ring,
+                                vr.get_queue(),
+                                &view,
+                            )?,
                         }
                         let used = serve_request(s, chain, &g, &decoded, &mut out);
                         // At most the reply buffer (MAX_REPLY bytes) was written.
                         #[allow(clippy::cast_possible_truncation)]
                         let used = used as u32;
-                        vr.get_queue_mut()
-                            .add_used(&view, chain.head_index(), used)?;
+                        used_ring.add(vr.get_queue(), &view, chain.head_index(), used)?;
                     }
+                    // The batch's answers shown to the driver (it may be
+                    // spinning on them) before the next batch is served.
+                    used_ring.flush(vr.get_queue_mut(), &view)?;
                 }
-                flush_invalidates(s, &mut deferred, vr.get_queue_mut(), &view)?;
+                flush_invalidates(s, &mut deferred, &mut used_ring, vr.get_queue(), &view)?;
+                used_ring.flush(vr.get_queue_mut(), &view)?;
                 served += popped;
                 empty_drains = if popped == 0 { empty_drains + 1 } else { 0 };
                 if broken.is_some() || polling {
@@ -311,7 +324,20 @@ impl IommuBackend {
         if let Err(e) = result {
             debug!("requestq ring unusable: {e}");
         }
-        signal_if_needed(&mut vr);
+        // What the pass added is published whatever stopped it; a ring
+        // whose used_event cannot be read gets the interrupt (the safe
+        // side).
+        if used_ring
+            .publish(vr.get_queue_mut(), &view)
+            .unwrap_or_else(|e| {
+                debug!("requestq used ring unusable: {e}");
+                true
+            })
+        {
+            if let Err(e) = vr.signal_used_queue() {
+                debug!("cannot signal the driver: {e}");
+            }
+        }
         Pass {
             served,
             ring_stopped: broken.is_some(),
@@ -347,7 +373,8 @@ type Deferred<M> = Vec<DeferredInvalidate<M>>;
 fn flush_invalidates<M>(
     s: &mut Session,
     deferred: &mut Deferred<M>,
-    q: &mut Queue,
+    used_ring: &mut UsedWriter,
+    q: &Queue,
     mem: &CachedMemory<'_>,
 ) -> Result<(), virtio_queue::Error>
 where
@@ -357,14 +384,15 @@ where
     if deferred.is_empty() {
         return Ok(());
     }
-    flush_deferred(s, deferred, q, mem)
+    flush_deferred(s, deferred, used_ring, q, mem)
 }
 
 #[inline(never)]
 fn flush_deferred<M>(
     s: &mut Session,
     deferred: &mut Deferred<M>,
-    q: &mut Queue,
+    used_ring: &mut UsedWriter,
+    q: &Queue,
     mem: &CachedMemory<'_>,
 ) -> Result<(), virtio_queue::Error>
 where
@@ -383,7 +411,7 @@ where
         // At most the 4-byte tail was written.
         #[allow(clippy::cast_possible_truncation)]
         let used = used as u32;
-        q.add_used(mem, d.chain.head_index(), used)?;
+        used_ring.add(q, mem, d.chain.head_index(), used)?;
     }
     Ok(())
 }

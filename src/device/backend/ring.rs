@@ -6,13 +6,11 @@
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 
-use log::debug;
 use thiserror::Error;
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
-use super::GuestMemory;
 use crate::device::mem_view::OneRegion;
 
 /// Why a ring is not served until the driver's next kick. virtio-queue's
@@ -103,21 +101,28 @@ pub(super) fn suppress_kicks<M: vm_memory::GuestMemory>(vring: &VringRwLock, mem
     let _ = mem.store(behind.to_le(), GuestAddress(at), AtomicOrdering::Relaxed);
 }
 
-/// The used entries of one eventq pass, written straight into the used
-/// ring (one region lookup each instead of virtio-queue's generic write)
-/// and published with one index store at the end of the pass; whether to
-/// interrupt is decided from the pass's first and last index by the rule
-/// `Queue::needs_notification` applies (its own count of entries added
-/// stays 0: this ring never goes through `Queue::add_used`).
+/// The used entries of one pass over a ring, written straight into the
+/// used ring (one region lookup each instead of virtio-queue's generic
+/// write) and published with one index store per `flush` (the eventq: at
+/// the end of the pass; the requestq: after each batch of chains popped);
+/// whether to interrupt is decided from the pass's first and last index by
+/// the rule `Queue::needs_notification` applies (its own count of entries
+/// added stays 0: these rings never go through `Queue::add_used`).
 pub(super) struct UsedWriter {
     start: u16,
     next: u16,
+    /// The used index the driver was last shown.
+    published: u16,
 }
 
 impl UsedWriter {
     pub(super) fn new(q: &Queue) -> Self {
         let n = q.next_used();
-        UsedWriter { start: n, next: n }
+        UsedWriter {
+            start: n,
+            next: n,
+            published: n,
+        }
     }
 
     /// One used entry (`head` < the queue size, checked by the caller).
@@ -146,21 +151,33 @@ impl UsedWriter {
         Ok(())
     }
 
-    /// Publish the pass's entries (the used index, Release: after them)
-    /// and say whether the driver asked to be interrupted.
-    pub(super) fn publish<M: vm_memory::GuestMemory>(
-        &self,
+    /// Show the driver the entries added so far (the used index, Release:
+    /// after them).
+    pub(super) fn flush<M: vm_memory::GuestMemory>(
+        &mut self,
         q: &mut Queue,
         mem: &M,
-    ) -> Result<bool, virtio_queue::Error> {
-        if self.next != self.start {
+    ) -> Result<(), virtio_queue::Error> {
+        if self.next != self.published {
             let idx = GuestAddress(q.used_ring())
                 .checked_add(2)
                 .ok_or(virtio_queue::Error::AddressOverflow)?;
             mem.store(self.next.to_le(), idx, AtomicOrdering::Release)
                 .map_err(virtio_queue::Error::GuestMemory)?;
             q.set_next_used(self.next);
+            self.published = self.next;
         }
+        Ok(())
+    }
+
+    /// Publish the pass's entries and say whether the driver asked to be
+    /// interrupted.
+    pub(super) fn publish<M: vm_memory::GuestMemory>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, virtio_queue::Error> {
+        self.flush(q, mem)?;
         if !q.event_idx_enabled() {
             // As `needs_notification`: VRING_AVAIL_F_NO_INTERRUPT is not
             // looked at.
@@ -180,16 +197,6 @@ impl UsedWriter {
         // of this pass passed it.
         let (new, old) = (self.next, self.start);
         Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
-    }
-}
-
-/// Interrupt the driver if the ring's suppression rules ask for it. A ring
-/// whose flags cannot be read gets the interrupt (the safe side).
-pub(super) fn signal_if_needed(vr: &mut VringState<GuestMemory>) {
-    if vr.needs_notification().unwrap_or(true) {
-        if let Err(e) = vr.signal_used_queue() {
-            debug!("cannot signal the driver: {e}");
-        }
     }
 }
 
@@ -217,7 +224,8 @@ mod tests {
         mem.write_obj(v.to_le(), at).unwrap();
     }
 
-    /// The pass's entries land where `Queue::add_used` puts them, and the
+    /// The pass's entries land where `Queue::add_used` puts them (the used
+    /// index too, after a flush in the middle of the pass), and the
     /// interrupt is decided as `needs_notification` decides it after the
     /// same entries, for every used_event around the pass and across the
     /// index's wrap.
@@ -238,6 +246,15 @@ mod tests {
                         for i in 0..n {
                             w.add(&ours, &mem, i, 48 + u32::from(i)).unwrap();
                             theirs.add_used(&theirs_mem, i, 48 + u32::from(i)).unwrap();
+                            if i == 1 {
+                                // The requestq flushes after each batch: the
+                                // driver sees what virtio-queue shows it.
+                                w.flush(&mut ours, &mem).unwrap();
+                                let idx = GuestAddress(USED + 2);
+                                let a: u16 = mem.read_obj(idx).unwrap();
+                                let b: u16 = theirs_mem.read_obj(idx).unwrap();
+                                assert_eq!(a, b, "event_idx {event_idx} start {start} n {n}");
+                            }
                         }
                         let want = theirs.needs_notification(&theirs_mem).unwrap();
                         let got = w.publish(&mut ours, &mem).unwrap();
