@@ -256,7 +256,8 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
             s.iommu.pages.outstanding(),
         )
     };
-    let (poll, window) = backend.poll_stats();
+    let ps = backend.poll_stats();
+    let (poll, window, backoff) = (ps.counters, ps.window, ps.backoff);
     let vev = backend.relay.vevent_counters();
     // `--fault-io` in force, and what its ring did (null: epoll).
     let fault_io = json!({
@@ -298,6 +299,11 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
         "requestq_poll_stalls": poll.stalls,
+        "requestq_poll_windows": poll.windows,
+        "requestq_poll_us": u64::try_from(poll.polled.as_micros()).unwrap_or(u64::MAX),
+        "requestq_poll_lost_us": u64::try_from(poll.lost.as_micros()).unwrap_or(u64::MAX),
+        "requestq_poll_backed_off": poll.backed_off,
+        "poll_backoff_ms": u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
         "poll_window_us": u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
         "control_clients_refused": clients.refused.load(Ordering::Relaxed),
         "control_clients_busy": clients.busy.load(Ordering::Relaxed),

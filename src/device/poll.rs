@@ -30,6 +30,18 @@ pub const STALL: Duration = Duration::from_micros(200);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// What one polling window saw, for `PollWindow::ended`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRun {
+    /// Wall time from the window's start to its end.
+    pub polled: Duration,
+    /// Of that, the time the worker did not run (wall time minus its
+    /// thread's CPU time; None: the CPU clock could not be read).
+    pub lost: Option<Duration>,
+    /// A gap of `STALL` between two looks at the ring.
+    pub stalled: bool,
+}
+
 /// How long to keep polling after serving the requestq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollWindow {
@@ -66,16 +78,33 @@ impl PollWindow {
         }
     }
 
+    /// A polling window ended at `now` (`run`: what it saw). A stall backs
+    /// off; a clean window lets a later stall back off less. Returns
+    /// whether the window counted as contended.
+    pub fn ended(&mut self, now: Instant, run: WindowRun) -> bool {
+        if run.stalled {
+            self.stalled(now);
+        } else {
+            self.ran_clean();
+        }
+        run.stalled
+    }
+
+    /// The back-off in force after the last stall (zero: none).
+    pub fn backoff(&self) -> Duration {
+        self.backoff
+    }
+
     /// Polling stalled at `now` (the worker was descheduled): stop, and
     /// stay off for twice the last back-off.
-    pub fn stalled(&mut self, now: Instant) {
+    fn stalled(&mut self, now: Instant) {
         self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
         self.off_until = now.checked_add(self.backoff);
     }
 
     /// A polling window ran its course without a stall: the host has room
     /// again, so a later stall backs off less.
-    pub fn ran_clean(&mut self) {
+    fn ran_clean(&mut self) {
         self.backoff /= 2;
         if self.backoff < BACKOFF_MIN {
             self.backoff = Duration::ZERO;
@@ -111,6 +140,22 @@ mod tests {
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
+    }
+
+    fn stall() -> WindowRun {
+        WindowRun {
+            polled: us(300),
+            lost: None,
+            stalled: true,
+        }
+    }
+
+    fn clean() -> WindowRun {
+        WindowRun {
+            polled: us(300),
+            lost: Some(Duration::ZERO),
+            stalled: false,
+        }
     }
 
     #[test]
@@ -176,35 +221,35 @@ mod tests {
         let mut w = PollWindow::new(us(200));
         w.observe(us(20));
         assert_eq!(w.at(t0), us(200));
-        w.stalled(t0);
+        w.ended(t0, stall());
         assert_eq!(w.at(t0), Duration::ZERO);
         assert_eq!(w.at(t0 + ms(49)), Duration::ZERO);
         assert_eq!(w.at(t0 + ms(50)), us(200), "back after BACKOFF_MIN");
         // Stalls in a row: 100 ms, 200 ms, ... up to BACKOFF_MAX.
         let t1 = t0 + ms(50);
-        w.stalled(t1);
+        w.ended(t1, stall());
         assert_eq!(w.at(t1 + ms(99)), Duration::ZERO);
         assert_eq!(w.at(t1 + ms(100)), us(200));
         for _ in 0..20 {
-            w.stalled(t1);
+            w.ended(t1, stall());
         }
         assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
         assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
         // Clean windows halve it, down to nothing.
-        for _ in 0..6 {
-            w.ran_clean();
-        }
         let t2 = t1 + BACKOFF_MAX;
-        w.stalled(t2);
+        for _ in 0..6 {
+            w.ended(t2, clean());
+        }
+        w.ended(t2, stall());
         assert_eq!(
             w.at(t2 + ms(64)),
             us(200),
             "decayed to 2 s / 64, then doubled"
         );
         for _ in 0..20 {
-            w.ran_clean();
+            w.ended(t2, clean());
         }
-        w.stalled(t2);
+        w.ended(t2, stall());
         assert_eq!(w.at(t2 + BACKOFF_MIN), us(200));
         // The adaptive window itself is unchanged by a back-off.
         assert_eq!(w.current(), us(200));
