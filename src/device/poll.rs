@@ -26,6 +26,18 @@ pub const POLL_MIN: Duration = Duration::from_micros(4);
 /// slice given to another thread takes milliseconds).
 pub const STALL: Duration = Duration::from_micros(200);
 
+/// A window whose worker ran for less than 7/8 of it (and lost at least
+/// `STALL`) was not served: contended, as a stall is. The thread's CPU time
+/// shows a preemption while it served, or many short ones, which the gap
+/// between two looks does not.
+pub const LOST_SHARE: u32 = 8;
+
+/// Whether a window of `polled` that lost `lost` to other threads was
+/// contended.
+fn lost_too_much(lost: Duration, polled: Duration) -> bool {
+    lost >= STALL && lost * LOST_SHARE >= polled
+}
+
 /// How long polling stays off after a stall, at first and at most.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -51,6 +63,9 @@ pub struct PollWindow {
     backoff: Duration,
     /// No polling before this (a stall's back-off).
     off_until: Option<Instant>,
+    /// Time polled without a stall since the last stall or halving of the
+    /// back-off.
+    clean: Duration,
 }
 
 impl PollWindow {
@@ -61,6 +76,7 @@ impl PollWindow {
             current: Duration::ZERO,
             backoff: Duration::ZERO,
             off_until: None,
+            clean: Duration::ZERO,
         }
     }
 
@@ -78,16 +94,21 @@ impl PollWindow {
         }
     }
 
-    /// A polling window ended at `now` (`run`: what it saw). A stall backs
-    /// off; a clean window lets a later stall back off less. Returns
-    /// whether the window counted as contended.
+    /// A polling window ended at `now` (`run`: what it saw). Contended (a
+    /// stall, or the window lost a `LOST_SHARE` of its time to other
+    /// threads): back off. Clean: a back-off decays with the time polled
+    /// cleanly, not per window (a contended host still grants short
+    /// windows that run clean; were each to halve the back-off, polling
+    /// would keep coming back to stall again). Returns whether the window
+    /// counted as contended.
     pub fn ended(&mut self, now: Instant, run: WindowRun) -> bool {
-        if run.stalled {
+        let contended = run.stalled || run.lost.is_some_and(|l| lost_too_much(l, run.polled));
+        if contended {
             self.stalled(now);
         } else {
-            self.ran_clean();
+            self.ran_clean(run.polled);
         }
-        run.stalled
+        contended
     }
 
     /// The back-off in force after the last stall (zero: none).
@@ -100,14 +121,24 @@ impl PollWindow {
     fn stalled(&mut self, now: Instant) {
         self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
         self.off_until = now.checked_add(self.backoff);
+        self.clean = Duration::ZERO;
     }
 
-    /// A polling window ran its course without a stall: the host has room
-    /// again, so a later stall backs off less.
-    fn ran_clean(&mut self) {
-        self.backoff /= 2;
-        if self.backoff < BACKOFF_MIN {
-            self.backoff = Duration::ZERO;
+    /// A polling window ran `polled` without a stall: once the time polled
+    /// cleanly since the last stall (or the last halving) reaches the
+    /// back-off, the host has room again: halve it, so that a later stall
+    /// backs off less.
+    fn ran_clean(&mut self, polled: Duration) {
+        if self.backoff.is_zero() {
+            return;
+        }
+        self.clean += polled;
+        if self.clean >= self.backoff {
+            self.clean = Duration::ZERO;
+            self.backoff /= 2;
+            if self.backoff < BACKOFF_MIN {
+                self.backoff = Duration::ZERO;
+            }
         }
     }
 
@@ -151,8 +182,12 @@ mod tests {
     }
 
     fn clean() -> WindowRun {
+        clean_for(us(300))
+    }
+
+    fn clean_for(polled: Duration) -> WindowRun {
         WindowRun {
-            polled: us(300),
+            polled,
             lost: Some(Duration::ZERO),
             stalled: false,
         }
@@ -215,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays() {
+    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays_with_clean_polling() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut w = PollWindow::new(us(200));
@@ -235,23 +270,98 @@ mod tests {
         }
         assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
         assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
-        // Clean windows halve it, down to nothing.
+        // Time polled cleanly halves it, each time it reaches the back-off:
+        // short windows add up (7000 x 300 us = 2.1 s: once).
         let t2 = t1 + BACKOFF_MAX;
-        for _ in 0..6 {
+        for _ in 0..7000 {
             w.ended(t2, clean());
         }
-        w.ended(t2, stall());
-        assert_eq!(
-            w.at(t2 + ms(64)),
-            us(200),
-            "decayed to 2 s / 64, then doubled"
-        );
-        for _ in 0..20 {
-            w.ended(t2, clean());
+        assert_eq!(w.backoff(), BACKOFF_MAX / 2);
+        let mut b = BACKOFF_MAX / 2;
+        for _ in 0..4 {
+            w.ended(t2, clean_for(b));
+            b /= 2;
+            assert_eq!(w.backoff(), b);
         }
+        // 62.5 ms: halved once more it is below BACKOFF_MIN, so none.
+        w.ended(t2, clean_for(b));
+        assert_eq!(w.backoff(), Duration::ZERO);
         w.ended(t2, stall());
+        assert_eq!(w.at(t2 + BACKOFF_MIN - ms(1)), Duration::ZERO);
         assert_eq!(w.at(t2 + BACKOFF_MIN), us(200));
+        // A stall restarts the count of clean time.
+        w.ended(t2, stall());
+        assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
+        w.ended(t2, clean_for(BACKOFF_MIN));
+        w.ended(t2, stall());
+        w.ended(t2, clean_for(BACKOFF_MIN));
+        assert_eq!(w.backoff(), 4 * BACKOFF_MIN);
         // The adaptive window itself is unchanged by a back-off.
         assert_eq!(w.current(), us(200));
+    }
+
+    #[test]
+    fn short_clean_windows_between_stalls_keep_the_back_off() {
+        // A contended host still grants short windows that run clean; the
+        // back-off must not decay through them, or polling keeps coming
+        // back to stall again.
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        for _ in 0..10 {
+            w.ended(t0, stall());
+        }
+        assert_eq!(w.backoff(), BACKOFF_MAX);
+        // 100 clean windows of 300 us: 30 ms polled without a stall.
+        let t1 = t0 + BACKOFF_MAX;
+        for _ in 0..100 {
+            w.ended(t1, clean());
+        }
+        assert_eq!(w.backoff(), BACKOFF_MAX, "30 ms of clean polling");
+        w.ended(t1, stall());
+        assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
+    }
+
+    #[test]
+    fn a_window_that_lost_its_time_to_others_counts_as_a_stall() {
+        // No gap between two looks reached STALL (the worker was taken
+        // off the core while it served, or often for less), but the
+        // thread ran for less than 7/8 of the window.
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        let run = WindowRun {
+            polled: us(2000),
+            lost: Some(us(600)),
+            stalled: false,
+        };
+        assert!(w.ended(t0, run), "contended");
+        assert_eq!(w.at(t0), Duration::ZERO);
+        assert_eq!(w.backoff(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_little_time_lost_is_clean() {
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        for (polled, lost) in [(2000, 199), (10_000, 1000), (100, 90)] {
+            let run = WindowRun {
+                polled: us(polled),
+                lost: Some(us(lost)),
+                stalled: false,
+            };
+            assert!(!w.ended(t0, run), "{polled} {lost}");
+            assert_eq!(w.at(t0), us(200));
+        }
+        // An unreadable CPU clock: only the gaps count.
+        let run = WindowRun {
+            polled: us(1000),
+            lost: None,
+            stalled: false,
+        };
+        assert!(!w.ended(t0, run));
     }
 }

@@ -403,14 +403,14 @@ def n(path, key):
     except (OSError, ValueError):
         return 0
 keys = ("requestq_poll_stalls", "requestq_poll_windows", "requestq_poll_us", "requestq_poll_lost_us",
-        "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups")
+        "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups", "requestq_poll_lost_windows")
 for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))):
     if not name.startswith("cpoll"):
         continue
     d = {k: n(f"{w}/stats-{name}-after.json", k) - n(f"{w}/stats-{name}-before.json", k) for k in keys}
     lines.append(f"dma-map-bench-contended-boot boot={name} map_us={res[name]:.1f} stalls={d[keys[0]]} windows={d[keys[1]]} "
                  f"poll_ms={d[keys[2]] / 1000:.1f} lost_ms={d[keys[3]] / 1000:.1f} backed_off={d[keys[4]]} "
-                 f"served_by_polling={d[keys[5]]} wakeups={d[keys[6]]} "
+                 f"served_by_polling={d[keys[5]]} wakeups={d[keys[6]]} lost_windows={d[keys[7]]} "
                  f"backoff_ms_after={n(f'{w}/stats-{name}-after.json', 'poll_backoff_ms')}")
 for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))):
     if name.startswith("cours"):

@@ -57,6 +57,9 @@ pub(crate) struct PollCounters {
     /// Of that time, what the worker did not run (its thread's CPU time
     /// short of the wall time): taken by other threads.
     pub lost: Duration,
+    /// Windows without a stall that lost too much of their time to other
+    /// threads (`device::poll::LOST_SHARE`): backed off as a stall is.
+    pub lost_windows: u64,
     /// Kicks after which the window would have been open but polling was
     /// backed off.
     pub backed_off: u64,
@@ -246,7 +249,9 @@ impl IommuBackend {
             if stalled {
                 c.stalls += 1;
             }
-            p.window.ended(now, run);
+            if p.window.ended(now, run) && !stalled {
+                p.counters.lost_windows += 1;
+            }
         }
         last
     }
