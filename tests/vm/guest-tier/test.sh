@@ -12,9 +12,13 @@ ep=0000:00:04.0
 # virtio_iommu.table_mode=0; table1, table2 (our device in page-table mode, contrib/linux: two
 # boots against one backend), tablepoll (page-table mode on the polling backend), sva (page-table
 # mode with page requests: /bin/sva-test binds its memory to 00:05.0 while the host drives it).
-mode=ours
+mode=ours bench=all
 for w in $(cat /proc/cmdline); do
-    case "$w" in viommu.mode=*) mode="${w#viommu.mode=}" ;; esac
+    case "$w" in
+        viommu.mode=*) mode="${w#viommu.mode=}" ;;
+        # viommu.bench=t1g1: only the benchmark's first configuration (the contended boots).
+        viommu.bench=*) bench="${w#viommu.bench=}" ;;
+    esac
 done
 echo "guest-tier: mode $mode"
 
@@ -87,6 +91,7 @@ mark() {
 if [ "$mode" != sva ] && [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
     for t in 1 2; do
         for g in 1 16; do
+            [ "$bench" = all ] || [ "$bench" = "t${t}g${g}" ] || continue
             mark "t=$t g=$g"
             if /bin/dma-bench "${VIOMMU_BENCH_SECONDS:-1}" "$t" "$g"; then
                 pass "dma-map-benchmark-t$t-g$g"
