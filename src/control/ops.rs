@@ -428,6 +428,20 @@ fn host(backend: &IommuBackend) -> Value {
     h
 }
 
+/// `{"op":"poll","us":N}`: the requestq's polling bound from now on, as
+/// `--poll-us N` (0: off; at most a second). For A/B measurements in one
+/// guest boot (the guest tier's contended part), and for an operator who
+/// sees the host get busy.
+fn set_poll(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
+    let us = req
+        .get("us")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| error("bad-request", "\"us\" (microseconds) missing"))?
+        .min(1_000_000);
+    backend.set_poll_max(std::time::Duration::from_micros(us));
+    Ok(serde_json::json!({ "ok": true, "poll_us": us }))
+}
+
 /// One request line in, one reply object out. `fds` came with the line
 /// (SCM_RIGHTS); only `add_endpoint` of a VFIO cdev takes one, and any
 /// not taken are closed when the reply is made.
@@ -456,6 +470,7 @@ pub(super) fn handle_line(
         Some("remove_endpoint") => remove_endpoint(backend, &req).unwrap_or_else(|e| e),
         Some("dma") => dma(backend, &req).unwrap_or_else(|e| e),
         Some("stats") => stats(backend, clients),
+        Some("poll") => set_poll(backend, &req).unwrap_or_else(|e| e),
         Some("host") => serde_json::json!({
             "ok": true,
             "host": host(backend),

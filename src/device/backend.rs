@@ -229,6 +229,13 @@ impl IommuBackend {
         }
     }
 
+    /// Change the requestq's polling bound at run time (the control
+    /// socket's `poll`; zero: off). The window starts over; a back-off in
+    /// force stays.
+    pub(crate) fn set_poll_max(&self, max: Duration) {
+        self.poll.lock().window.set_max(max);
+    }
+
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
     /// (zero: never).
     pub(crate) fn with_poll(self, max: Duration) -> Self {

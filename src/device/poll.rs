@@ -88,6 +88,14 @@ impl PollWindow {
         }
     }
 
+    /// A new bound (zero: never poll), at run time: the window starts over,
+    /// closed; a back-off in force, and the clean time towards its decay,
+    /// stay (the host has not changed).
+    pub fn set_max(&mut self, max: Duration) {
+        self.max = max;
+        self.current = Duration::ZERO;
+    }
+
     /// How long to poll after this pass (the adaptive window, ignoring a
     /// back-off).
     pub fn current(&self) -> Duration {
@@ -371,5 +379,22 @@ mod tests {
             stalled: false,
         };
         assert!(!w.ended(t0, run));
+    }
+
+    #[test]
+    fn a_new_bound_starts_the_window_over_and_keeps_the_back_off() {
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        w.ended(t0, stall());
+        w.set_max(Duration::ZERO);
+        w.observe(us(1));
+        assert_eq!(w.current(), Duration::ZERO, "off");
+        w.set_max(us(100));
+        assert_eq!(w.current(), Duration::ZERO, "closed at first");
+        w.observe(us(20));
+        assert_eq!(w.current(), us(100));
+        assert_eq!(w.backoff(), BACKOFF_MIN);
+        assert_eq!(w.at(t0), Duration::ZERO, "still backed off");
     }
 }

@@ -19,7 +19,9 @@
 #      VIOMMU_GT_POLL_US=200 (--poll-us of the backend of the `poll` boots),
 #      VIOMMU_GT_ROUNDS=3 (boots with polling, of QEMU's device and in page-table mode with
 #      polling, in turn, for the medians),
-#      VIOMMU_GT_CONTENDED_ROUNDS=5 (contended boots per mode, polling and not, interleaved),
+#      VIOMMU_GT_CONTENDED_ROUNDS=3 (contended boots per mode, polling and not, interleaved),
+#      VIOMMU_GT_CONTENDED_AB_BOOTS=3, VIOMMU_GT_CONTENDED_AB_RUNS=6 (contended boots whose
+#      benchmark runs that many times, polling switched on and off between the runs),
 #      VIOMMU_GT_ONLY=sva (only the sva boot, after the first backend's start: for iterating on it),
 #      VIOMMU_GT_ONLY=contended (only the contended boots and their figures, likewise).
 set -euo pipefail
@@ -27,6 +29,7 @@ set -euo pipefail
 repo="$(cd "${VM_DIR}/../.." && pwd)"
 gt="${VM_DIR}/guest-tier"
 tmo="${VIOMMU_GT_TIMEOUT:-120}"
+ab_runs="${VIOMMU_GT_CONTENDED_AB_RUNS:-6}"
 bench_s="${VIOMMU_GT_BENCH_SECONDS:-1}"
 
 passed=0 failed=0
@@ -141,7 +144,7 @@ boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count
     # tstrict*: page-table mode without the flush queue, one IOTLB flush (INVALIDATE) per unmap.
     case "$name" in tstrict*) tm+=(iommu.strict=1) ;; esac
     # The contended boots report 1 thread, 4 KiB only: the other configurations would add 3 s each.
-    case "$name" in cpoll* | cours*) tm+=(viommu.bench=t1g1) ;; esac
+    case "$name" in cpoll* | cours*) tm+=(viommu.bench=t1g1) ;; cab*) tm+=("viommu.bench=t1g1x${ab_runs}") ;; esac
     vm_log "booting ${name} (mode ${mode}) with QEMU 11 ($(elapsed) s)"
     t_boot="$(date +%s.%N)"
     # virtio-iommu does not isolate MSIs: VFIO type1 needs to be told this test VM accepts that.
@@ -373,7 +376,7 @@ contended_boots() {
         (while :; do :; done) &
         hog_pids+=($!)
     done
-    for r in $(seq "${VIOMMU_GT_CONTENDED_ROUNDS:-5}"); do
+    for r in $(seq "${VIOMMU_GT_CONTENDED_ROUNDS:-3}"); do
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cpoll${r}-before.json" 2>&1 || true
         boot "cpoll${r}" ours2 -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cpoll${r}-after.json" 2>&1 || true
@@ -381,9 +384,45 @@ contended_boots() {
         boot "cours${r}" ours2 -chardev "socket,id=c,path=$W/viommu.sock" "${ours_args[@]}"
         cut -d' ' -f1 /proc/loadavg >"$W/load-cours${r}.txt"
     done
+    # The same comparison within one boot, where the host's drift between boots (as large as the
+    # difference measured) cannot enter: the guest runs the benchmark ab_runs times, and before
+    # each run the polling backend's polling is switched on or off (`poll` op, ab_watch).
+    for r in $(seq "${VIOMMU_GT_CONTENDED_AB_BOOTS:-3}"); do
+        CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cab${r}-before.json" 2>&1 || true
+        ab_watch "cab${r}" &
+        local watch_pid=$!
+        boot "cab${r}" ours2 -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
+        wait "$watch_pid" 2>/dev/null || true
+        CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cab${r}-after.json" 2>&1 || true
+        cut -d' ' -f1 /proc/loadavg >"$W/load-cab${r}.txt"
+    done
     kill "${hog_pids[@]}" 2>/dev/null || true
     wait "${hog_pids[@]}" 2>/dev/null || true
     hog_pids=()
+}
+# ab_watch NAME: while boot NAME runs, at each of the guest's `dma-bench-mark` lines (before each
+# benchmark run, then a pause of 1 s) switch the polling backend's polling on or off, ABBA (on,
+# off, off, on, on, off: a drift within the boot cancels out in each pair), as `MARK US MS` lines
+# of ab-NAME.txt (MS: how long the switch took; one over the pause may have landed in the run).
+# Polling on again after the last run.
+ab_watch() {
+    local log="$W/console-$1.log" out="$W/ab-$1.txt" seen=0 k i us t0 on="${VIOMMU_GT_POLL_US:-200}"
+    : >"$out"
+    for i in $(seq 2400); do
+        k="$( { tr -d '\r' <"$log"; } 2>/dev/null | grep -ac '^dma-bench-mark ' || true)"
+        if [ "$k" -gt "$seen" ]; then
+            seen=$k
+            case $((k % 4)) in 1 | 0) us=$on ;; *) us=0 ;; esac
+            [ "$k" -gt "$ab_runs" ] && us=$on
+            t0="$(date +%s%N)"
+            CTL="$W/ctl-poll.sock" ctl "{\"op\":\"poll\",\"us\":$us}" >/dev/null 2>&1 || true
+            echo "$k $us $((($(date +%s%N) - t0) / 1000000))" >>"$out"
+        fi
+        [ "$seen" -gt "$ab_runs" ] && return
+        grep -aq 'VIOMMU-TEST-EXIT' "$log" 2>/dev/null && break
+        sleep 0.05
+    done
+    CTL="$W/ctl-poll.sock" ctl "{\"op\":\"poll\",\"us\":$on}" >/dev/null 2>&1 || true
 }
 # The contended boots' figures (1 thread, 4 KiB map): the medians of each mode, their ratio, the
 # spread, and what the polling backend did in each cpoll boot. Appended to dma-map-bench.txt.
@@ -397,6 +436,17 @@ for path in sorted(glob.glob(f"{w}/console-c*.log")):
     m = re.search(r"dma-bench: threads=1 granule=1 map_100ns=(\d+) unmap_100ns=(\d+)", open(path, errors="replace").read())
     if m and re.fullmatch(r"c(poll|ours)\d+", name):
         res[name] = int(m.group(1)) / 10
+# The A/B boots: every run of the benchmark in order, and the polling bound set before each.
+ab, abus, late = {}, {}, 0
+for path in sorted(glob.glob(f"{w}/console-cab*.log")):
+    name = os.path.basename(path)[len("console-"):-len(".log")]
+    ab[name] = [int(x) / 10 for x in re.findall(r"dma-bench: threads=1 granule=1 map_100ns=(\d+)", open(path, errors="replace").read())]
+    try:
+        marks = [tuple(int(x) for x in l.split()) for l in open(f"{w}/ab-{name}.txt") if l.strip()]
+    except (OSError, ValueError):
+        marks = []
+    abus[name] = {k: us for k, us, _ in marks}
+    late += sum(1 for k, _, ms in marks if ms >= 1000 and k <= len(ab[name]))
 def runs(mode):
     return [v for n, v in sorted(res.items(), key=lambda kv: int(re.sub(r"\D", "", kv[0]))) if re.fullmatch(f"c{mode}\\d+", n)]
 p, o = runs("poll"), runs("ours")
@@ -413,11 +463,12 @@ def load(name):  # the host's 1-minute load average after the boot (hogs include
         return "-"
 keys = ("requestq_poll_stalls", "requestq_poll_windows", "requestq_poll_us", "requestq_poll_lost_us",
         "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups", "requestq_poll_lost_windows")
-for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))):
-    if not name.startswith("cpoll"):
+for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))) + sorted(ab, key=lambda k: int(re.sub(r"\D", "", k))):
+    if not name.startswith(("cpoll", "cab")):
         continue
     d = {k: n(f"{w}/stats-{name}-after.json", k) - n(f"{w}/stats-{name}-before.json", k) for k in keys}
-    lines.append(f"dma-map-bench-contended-boot boot={name} map_us={res[name]:.1f} stalls={d[keys[0]]} windows={d[keys[1]]} "
+    mu = f"{res[name]:.1f}" if name in res else ",".join(f"{v:.1f}" for v in ab[name])
+    lines.append(f"dma-map-bench-contended-boot boot={name} map_us={mu} stalls={d[keys[0]]} windows={d[keys[1]]} "
                  f"poll_ms={d[keys[2]] / 1000:.1f} lost_ms={d[keys[3]] / 1000:.1f} backed_off={d[keys[4]]} "
                  f"served_by_polling={d[keys[5]]} wakeups={d[keys[6]]} lost_windows={d[keys[7]]} "
                  f"backoff_ms_after={n(f'{w}/stats-{name}-after.json', 'poll_backoff_ms')} load1_after={load(name)}")
@@ -432,10 +483,25 @@ if p and o:
                  f"ours_spread={min(o):.1f}-{max(o):.1f} pair_ratios={pairs}")
 else:
     print("dma-map-bench-contended: missing figures", file=sys.stderr)
+# Pairs of consecutive runs in one boot (runs 1-2, 3-4, ...: one with polling, one without).
+pr, on, off = [], [], []
+for name, vals in ab.items():
+    for j in range(0, len(vals) - 1, 2):
+        a, b = (abus[name].get(j + 1), vals[j]), (abus[name].get(j + 2), vals[j + 1])
+        if a[0] is None or b[0] is None or (a[0] > 0) == (b[0] > 0):
+            continue
+        p_, o_ = (a[1], b[1]) if a[0] > 0 else (b[1], a[1])
+        on.append(p_)
+        off.append(o_)
+        pr.append(p_ / o_)
+if pr:
+    lines.append(f"dma-map-bench-contended-ab poll_map_us={statistics.median(on):.1f} ours_map_us={statistics.median(off):.1f} "
+                 f"ratio={statistics.median(pr):.2f} pairs={len(pr)} boots={len(ab)} pair_spread={min(pr):.2f}-{max(pr):.2f} "
+                 f"late_switches={late} pair_ratios={','.join(f'{x:.2f}' for x in pr)}")
 for l in lines:
     print(l)
 open(f"{w}/dma-map-bench.txt", "a").write("".join(l + "\n" for l in lines))
-sys.exit(0 if p and o else 1)
+sys.exit(0 if p and o and (pr or not ab) else 1)
 PY
 }
 if [ "${VIOMMU_GT_ONLY:-}" = contended ]; then
