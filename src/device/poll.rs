@@ -15,14 +15,15 @@
 //! (`LOST_SHARE`: its CPU clock, read at the window's start and end, shows
 //! a preemption while it served, or many short ones). Then polling stops at
 //! once and stays off for a back-off that doubles with each stall
-//! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with time polled
-//! without a stall: halved each time that reaches the back-off. (Halving
-//! it per clean window let it decay through the short windows a contended
-//! host still grants, so polling kept coming back to stall: 12-21 stalls
-//! per contended guest boot, the back-off at zero after each.) On a contended host the requestq is then
-//! served by kicks, as without `--poll-us`, polling retried every
-//! `BACKOFF_MAX`; a quiet host gets polling back after its first clean
-//! windows, and the back-off forgets the contention as it polls cleanly.
+//! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with wall time free of
+//! stalls once it has ended: halved for each span as long as itself.
+//! (Halving it per clean window let it decay through the short windows a
+//! contended host still grants, so polling kept coming back to stall:
+//! 12-21 stalls per contended guest boot, the back-off at zero after each.)
+//! On a contended host the requestq is then served by kicks, as without
+//! `--poll-us`, polling retried every `BACKOFF_MAX`; on a host that was
+//! contended for a while the back-off is forgotten within about twice
+//! `BACKOFF_MAX` without a stall.
 
 use std::time::{Duration, Instant};
 
@@ -71,9 +72,9 @@ pub struct PollWindow {
     backoff: Duration,
     /// No polling before this (a stall's back-off).
     off_until: Option<Instant>,
-    /// Time polled without a stall since the last stall or halving of the
-    /// back-off.
-    clean: Duration,
+    /// Since when no stall was seen with polling allowed: the end of the
+    /// last back-off, or its last halving.
+    clean_since: Option<Instant>,
 }
 
 impl PollWindow {
@@ -84,13 +85,13 @@ impl PollWindow {
             current: Duration::ZERO,
             backoff: Duration::ZERO,
             off_until: None,
-            clean: Duration::ZERO,
+            clean_since: None,
         }
     }
 
     /// A new bound (zero: never poll), at run time: the window starts over,
-    /// closed; a back-off in force, and the clean time towards its decay,
-    /// stay (the host has not changed).
+    /// closed; a back-off in force, and the time towards its decay, stay
+    /// (the host has not changed).
     pub fn set_max(&mut self, max: Duration) {
         self.max = max;
         self.current = Duration::ZERO;
@@ -112,17 +113,16 @@ impl PollWindow {
 
     /// A polling window ended at `now` (`run`: what it saw). Contended (a
     /// stall, or the window lost a `LOST_SHARE` of its time to other
-    /// threads): back off. Clean: a back-off decays with the time polled
-    /// cleanly, not per window (a contended host still grants short
-    /// windows that run clean; were each to halve the back-off, polling
-    /// would keep coming back to stall again). Returns whether the window
-    /// counted as contended.
+    /// threads): back off. The back-off decays with wall time free of
+    /// stalls once it has ended, not per window (a contended host still
+    /// grants short windows that run clean; were each to halve the
+    /// back-off, polling would keep coming back to stall again). Returns
+    /// whether the window counted as contended.
     pub fn ended(&mut self, now: Instant, run: WindowRun) -> bool {
         let contended = run.stalled || run.lost.is_some_and(|l| lost_too_much(l, run.polled));
+        self.decay(now);
         if contended {
             self.stalled(now);
-        } else {
-            self.ran_clean(run.polled);
         }
         contended
     }
@@ -137,23 +137,24 @@ impl PollWindow {
     fn stalled(&mut self, now: Instant) {
         self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
         self.off_until = now.checked_add(self.backoff);
-        self.clean = Duration::ZERO;
+        self.clean_since = self.off_until;
     }
 
-    /// A polling window ran `polled` without a stall: once the time polled
-    /// cleanly since the last stall (or the last halving) reaches the
-    /// back-off, the host has room again: halve it, so that a later stall
-    /// backs off less.
-    fn ran_clean(&mut self, polled: Duration) {
-        if self.backoff.is_zero() {
-            return;
-        }
-        self.clean += polled;
-        if self.clean >= self.backoff {
-            self.clean = Duration::ZERO;
-            self.backoff /= 2;
-            if self.backoff < BACKOFF_MIN {
-                self.backoff = Duration::ZERO;
+    /// For each span as long as the back-off that passed without a stall
+    /// since it ended (or was last halved), halve it (below `BACKOFF_MIN`:
+    /// none): the host has room again, so a later stall backs off less.
+    fn decay(&mut self, now: Instant) {
+        while let Some(since) = self.clean_since {
+            if self.backoff.is_zero() {
+                self.clean_since = None;
+            } else if now.saturating_duration_since(since) >= self.backoff {
+                self.clean_since = since.checked_add(self.backoff);
+                self.backoff /= 2;
+                if self.backoff < BACKOFF_MIN {
+                    self.backoff = Duration::ZERO;
+                }
+            } else {
+                break;
             }
         }
     }
@@ -266,7 +267,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays_with_clean_polling() {
+    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays_with_time_free_of_stalls() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut w = PollWindow::new(us(200));
@@ -286,32 +287,30 @@ mod tests {
         }
         assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
         assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
-        // Time polled cleanly halves it, each time it reaches the back-off:
-        // short windows add up (7000 x 300 us = 2.1 s: once).
-        let t2 = t1 + BACKOFF_MAX;
-        for _ in 0..7000 {
-            w.ended(t2, clean());
-        }
+        // Wall time free of stalls once the back-off ended halves it, once
+        // per span as long as the back-off: 2 s free after it ended, 1 s.
+        let t2 = t1 + BACKOFF_MAX + BACKOFF_MAX;
+        w.ended(t2 - ms(1), clean());
+        assert_eq!(w.backoff(), BACKOFF_MAX);
+        w.ended(t2, clean());
         assert_eq!(w.backoff(), BACKOFF_MAX / 2);
-        let mut b = BACKOFF_MAX / 2;
-        for _ in 0..4 {
-            w.ended(t2, clean_for(b));
-            b /= 2;
-            assert_eq!(w.backoff(), b);
-        }
-        // 62.5 ms: halved once more it is below BACKOFF_MIN, so none.
-        w.ended(t2, clean_for(b));
+        // 2 s more: 500, 250, 125, 62.5 ms, then below BACKOFF_MIN: none.
+        let t3 = t2 + BACKOFF_MAX;
+        w.ended(t3, clean());
         assert_eq!(w.backoff(), Duration::ZERO);
-        w.ended(t2, stall());
-        assert_eq!(w.at(t2 + BACKOFF_MIN - ms(1)), Duration::ZERO);
-        assert_eq!(w.at(t2 + BACKOFF_MIN), us(200));
-        // A stall restarts the count of clean time.
-        w.ended(t2, stall());
+        w.ended(t3, stall());
+        assert_eq!(w.at(t3 + BACKOFF_MIN - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t3 + BACKOFF_MIN), us(200));
+        // A stall 10 ms after the back-off ended: doubled.
+        let t4 = t3 + BACKOFF_MIN + ms(10);
+        w.ended(t4, clean());
+        w.ended(t4, stall());
         assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
-        w.ended(t2, clean_for(BACKOFF_MIN));
-        w.ended(t2, stall());
-        w.ended(t2, clean_for(BACKOFF_MIN));
-        assert_eq!(w.backoff(), 4 * BACKOFF_MIN);
+        // Idle time counts (no window needed): 100 ms free after it ended
+        // halve it before the next stall doubles it.
+        let t5 = t4 + 2 * BACKOFF_MIN + 2 * BACKOFF_MIN;
+        w.ended(t5, stall());
+        assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
         // The adaptive window itself is unchanged by a back-off.
         assert_eq!(w.current(), us(200));
     }
@@ -329,9 +328,11 @@ mod tests {
             w.ended(t0, stall());
         }
         assert_eq!(w.backoff(), BACKOFF_MAX);
-        // 100 clean windows of 300 us: 30 ms polled without a stall.
-        let t1 = t0 + BACKOFF_MAX;
+        // 100 clean windows of 300 us, one after the other: 30 ms polled
+        // without a stall once the back-off ended.
+        let mut t1 = t0 + BACKOFF_MAX;
         for _ in 0..100 {
+            t1 += us(300);
             w.ended(t1, clean());
         }
         assert_eq!(w.backoff(), BACKOFF_MAX, "30 ms of clean polling");
