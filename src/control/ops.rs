@@ -303,6 +303,7 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "requestq_poll_us": u64::try_from(poll.polled.as_micros()).unwrap_or(u64::MAX),
         "requestq_poll_lost_us": u64::try_from(poll.lost.as_micros()).unwrap_or(u64::MAX),
         "requestq_poll_lost_windows": poll.lost_windows,
+        "requestq_poll_idle_backoffs": poll.idle_backoffs,
         "requestq_poll_backed_off": poll.backed_off,
         "poll_backoff_ms": u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
         "poll_window_us": u64::try_from(window.as_micros()).unwrap_or(u64::MAX),

@@ -462,7 +462,7 @@ def load(name):  # the host's 1-minute load average after the boot (hogs include
     except OSError:
         return "-"
 keys = ("requestq_poll_stalls", "requestq_poll_windows", "requestq_poll_us", "requestq_poll_lost_us",
-        "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups", "requestq_poll_lost_windows")
+        "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups", "requestq_poll_lost_windows", "requestq_poll_idle_backoffs")
 for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))) + sorted(ab, key=lambda k: int(re.sub(r"\D", "", k))):
     if not name.startswith(("cpoll", "cab")):
         continue
@@ -470,7 +470,7 @@ for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))) + sorted(ab, ke
     mu = f"{res[name]:.1f}" if name in res else ",".join(f"{v:.1f}" for v in ab[name])
     lines.append(f"dma-map-bench-contended-boot boot={name} map_us={mu} stalls={d[keys[0]]} windows={d[keys[1]]} "
                  f"poll_ms={d[keys[2]] / 1000:.1f} lost_ms={d[keys[3]] / 1000:.1f} backed_off={d[keys[4]]} "
-                 f"served_by_polling={d[keys[5]]} wakeups={d[keys[6]]} lost_windows={d[keys[7]]} "
+                 f"served_by_polling={d[keys[5]]} wakeups={d[keys[6]]} lost_windows={d[keys[7]]} idle_backoffs={d[keys[8]]} "
                  f"backoff_ms_after={n(f'{w}/stats-{name}-after.json', 'poll_backoff_ms')} load1_after={load(name)}")
 for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))):
     if name.startswith("cours"):

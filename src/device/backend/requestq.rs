@@ -20,7 +20,7 @@ use crate::device::chain::{gather, scatter_gathered, Gathered};
 use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle, Reply, MAX_REPLY,
 };
-use crate::device::poll::{PollWindow, WindowRun, STALL};
+use crate::device::poll::{PollWindow, Verdict, WindowRun, STALL};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
 use crate::wire::ReqTail;
@@ -60,6 +60,9 @@ pub(crate) struct PollCounters {
     /// Windows without a stall that lost too much of their time to other
     /// threads (`device::poll::LOST_SHARE`): backed off as a stall is.
     pub lost_windows: u64,
+    /// Back-offs after `device::poll::IDLE_MAX` windows in a row that
+    /// served nothing.
+    pub idle_backoffs: u64,
     /// Kicks after which the window would have been open but polling was
     /// backed off.
     pub backed_off: u64,
@@ -241,6 +244,7 @@ impl IommuBackend {
                 polled: wall,
                 lost,
                 stalled,
+                served: polled,
             };
             let c = &mut p.counters;
             c.windows += 1;
@@ -249,8 +253,10 @@ impl IommuBackend {
             if stalled {
                 c.stalls += 1;
             }
-            if p.window.ended(now, run) && !stalled {
-                p.counters.lost_windows += 1;
+            match p.window.ended(now, run) {
+                Verdict::LostTime => p.counters.lost_windows += 1,
+                Verdict::Idle => p.counters.idle_backoffs += 1,
+                Verdict::Clean | Verdict::Stalled => {}
             }
         }
         last
