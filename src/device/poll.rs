@@ -13,7 +13,9 @@
 //! looks means it was not running (the host's cores are taken by others),
 //! and so does a window whose thread ran for less than 7/8 of it
 //! (`LOST_SHARE`: its CPU clock, read at the window's start and end, shows
-//! a preemption while it served, or many short ones). Then polling stops at
+//! a preemption while it served, or many short ones); and so do `IDLE_MAX`
+//! windows in a row that served nothing (spinning for nothing; on a shared
+//! host the kick after it waits too, see `IDLE_MAX`). Then polling stops at
 //! once and stays off for a back-off that doubles with each stall
 //! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with wall time free of
 //! stalls once it has ended: halved for each span as long as itself.
@@ -49,10 +51,10 @@ fn lost_too_much(lost: Duration, polled: Duration) -> bool {
 
 /// Windows in a row that lapse without serving a request before polling
 /// backs off as for a stall. Each costs a window of spinning, and on a
-/// host whose cores are shared the wakeup after it too: a thread that just
-/// spun is owed less CPU, and the scheduler (EEVDF) lets it wait for the
-/// kick's request (guest tier, contended: maps of 0.7-3.3 ms on average
-/// while every window lapsed for nothing, without a single stall).
+/// host whose cores are shared, it seems, the wakeup after it too (a
+/// thread that just spun is owed less CPU, EEVDF lets it wait): guest tier,
+/// contended, maps of 3.3 ms on average while every window lapsed for
+/// nothing, without a stall or time lost in a window.
 /// A driver whose requests the window catches never has four in a row.
 pub const IDLE_MAX: u32 = 4;
 
