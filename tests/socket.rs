@@ -1432,6 +1432,8 @@ fn the_control_socket_turns_polling_on_and_off() {
         .unwrap();
     assert_eq!(r, json!({"ok": true, "poll_us": 5000}));
     pairs(&mut f);
+    // What a window served is counted when it ends: 5 ms after the last.
+    std::thread::sleep(Duration::from_millis(50));
     let s = control(&b).stats().unwrap();
     let stalls = s["requestq_poll_stalls"].as_u64().unwrap();
     assert!(polled(&s) > 0 || stalls > 0, "no window opened: {s}");
