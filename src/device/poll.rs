@@ -13,9 +13,7 @@
 //! looks means it was not running (the host's cores are taken by others),
 //! and so does a window whose thread ran for less than 7/8 of it
 //! (`LOST_SHARE`: its CPU clock, read at the window's start and end, shows
-//! a preemption while it served, or many short ones); and so do `IDLE_MAX`
-//! windows in a row that served nothing (spinning for nothing; on a shared
-//! host the kick after it waits too, see `IDLE_MAX`). Then polling stops at
+//! a preemption while it served, or many short ones). Then polling stops at
 //! once and stays off for a back-off that doubles with each stall
 //! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with wall time free of
 //! stalls once it has ended: halved for each span as long as itself.
@@ -26,6 +24,11 @@
 //! `--poll-us`, polling retried every `BACKOFF_MAX`; on a host that was
 //! contended for a while the back-off is forgotten within about twice
 //! `BACKOFF_MAX` without a stall.
+//!
+//! `IDLE_MAX` windows in a row that served nothing (spinning for nothing;
+//! on a shared host the kick after them waits too) turn polling off for a
+//! back-off of their own, which a driver turning quick ends early
+//! (`QUICK_KICKS`).
 
 use std::time::{Duration, Instant};
 
