@@ -13,7 +13,9 @@
 //! looks means it was not running (the host's cores are taken by others),
 //! and so does a window whose thread ran for less than 7/8 of it
 //! (`LOST_SHARE`: its CPU clock, read at the window's start and end, shows
-//! a preemption while it served, or many short ones). Then polling stops at
+//! a preemption while it served, or many short ones); and so do `IDLE_MAX`
+//! windows in a row that served nothing (spinning for nothing; on a shared
+//! host the kick after it waits too, see `IDLE_MAX`). Then polling stops at
 //! once and stays off for a back-off that doubles with each stall
 //! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with wall time free of
 //! stalls once it has ended: halved for each span as long as itself.
@@ -24,11 +26,6 @@
 //! `--poll-us`, polling retried every `BACKOFF_MAX`; on a host that was
 //! contended for a while the back-off is forgotten within about twice
 //! `BACKOFF_MAX` without a stall.
-//!
-//! `IDLE_MAX` windows in a row that served nothing (spinning for nothing;
-//! on a shared host the kick after them waits too) turn polling off for a
-//! back-off of their own, which a driver turning quick ends early
-//! (`QUICK_KICKS`).
 
 use std::time::{Duration, Instant};
 
@@ -53,22 +50,13 @@ fn lost_too_much(lost: Duration, polled: Duration) -> bool {
 }
 
 /// Windows in a row that lapse without serving a request before polling
-/// backs off (`QUICK_KICKS`: its own back-off, ended early by a quick
-/// driver). Each costs a window of spinning, and on a
+/// backs off as for a stall. Each costs a window of spinning, and on a
 /// host whose cores are shared, it seems, the wakeup after it too (a
 /// thread that just spun is owed less CPU, EEVDF lets it wait): guest tier,
 /// contended, maps of 3.3 ms on average while every window lapsed for
 /// nothing, without a stall or time lost in a window.
 /// A driver whose requests the window catches never has four in a row.
 pub const IDLE_MAX: u32 = 4;
-
-/// While polling is off for idle windows, this many kicks in a row whose
-/// request came within a quarter of the bound after the last one was
-/// served (a driver polling would now catch, kicked instead) end that
-/// back-off early: a guest that starts mapping back to back after sporadic
-/// requests gets polling back at once. Under contention the vCPU's
-/// requests come later than that.
-pub const QUICK_KICKS: u32 = 8;
 
 /// How long polling stays off after a stall, at first and at most.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -115,13 +103,6 @@ pub struct PollWindow {
     clean_since: Option<Instant>,
     /// Windows in a row that served nothing.
     idle: u32,
-    /// The back-off for idle windows (zero: none), apart from the stalls':
-    /// it says polling does not pay, not that it hurts.
-    idle_backoff: Duration,
-    /// No polling before this (idle windows' back-off).
-    idle_until: Option<Instant>,
-    /// Kicks in a row that polling would have caught (`QUICK_KICKS`).
-    quick: u32,
 }
 
 impl PollWindow {
@@ -134,9 +115,6 @@ impl PollWindow {
             off_until: None,
             clean_since: None,
             idle: 0,
-            idle_backoff: Duration::ZERO,
-            idle_until: None,
-            quick: 0,
         }
     }
 
@@ -156,11 +134,9 @@ impl PollWindow {
 
     /// How long to poll after a pass at `now`: nothing while backing off.
     pub fn at(&self, now: Instant) -> Duration {
-        let off = |until: Option<Instant>| until.is_some_and(|t| now < t);
-        if off(self.off_until) || off(self.idle_until) {
-            Duration::ZERO
-        } else {
-            self.current
+        match self.off_until {
+            Some(t) if now < t => Duration::ZERO,
+            _ => self.current,
         }
     }
 
@@ -179,13 +155,7 @@ impl PollWindow {
         } else if run.lost.is_some_and(|l| lost_too_much(l, run.polled)) {
             Verdict::LostTime
         } else if self.idle >= IDLE_MAX {
-            // Off for a while, doubling while it goes on, unless the
-            // driver turns quick (`observe`).
-            self.idle = 0;
-            self.idle_backoff = (self.idle_backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-            self.idle_until = now.checked_add(self.idle_backoff);
-            self.quick = 0;
-            return Verdict::Idle;
+            Verdict::Idle
         } else {
             return Verdict::Clean;
         };
@@ -235,22 +205,7 @@ impl PollWindow {
     /// polling did not pay, so halve it (below POLL_MIN: closed), which
     /// keeps it open across one late request (a timer, a preemption) and
     /// closes it after a few.
-    ///
-    /// While off for idle windows, `QUICK_KICKS` gaps in a row within a
-    /// quarter of the bound end that back-off.
     pub fn observe(&mut self, gap: Duration) {
-        if self.idle_until.is_some() {
-            self.quick = if gap <= self.max / 4 {
-                self.quick + 1
-            } else {
-                0
-            };
-            if self.quick >= QUICK_KICKS {
-                self.idle_until = None;
-                self.idle_backoff = Duration::ZERO;
-                self.quick = 0;
-            }
-        }
         if gap <= self.current {
             return;
         }
@@ -504,55 +459,16 @@ mod tests {
             assert_eq!(w.ended(t0, idle), Verdict::Clean);
         }
         assert_eq!(w.at(t0), us(200));
-        // The IDLE_MAXth in a row backs off for BACKOFF_MIN (the stalls'
-        // back-off untouched).
+        // The IDLE_MAXth in a row backs off, as a stall does.
         assert_eq!(w.ended(t0, idle), Verdict::Idle);
         assert_eq!(w.at(t0), Duration::ZERO);
-        assert_eq!(
-            w.at(t0 + BACKOFF_MIN - Duration::from_millis(1)),
-            Duration::ZERO
-        );
-        assert_eq!(w.at(t0 + BACKOFF_MIN), us(200));
-        assert_eq!(w.backoff(), Duration::ZERO);
-        // The count starts over; the next back-off is twice as long.
+        assert_eq!(w.backoff(), BACKOFF_MIN);
+        // The count starts over.
         let t1 = t0 + BACKOFF_MIN;
         for _ in 0..IDLE_MAX - 1 {
             assert_eq!(w.ended(t1, idle), Verdict::Clean);
         }
         assert_eq!(w.ended(t1, idle), Verdict::Idle);
-        assert_eq!(
-            w.at(t1 + 2 * BACKOFF_MIN - Duration::from_millis(1)),
-            Duration::ZERO
-        );
-        // Kicks that polling would catch end it: QUICK_KICKS in a row
-        // within a quarter of the bound (a late one starts the count over).
-        for _ in 0..QUICK_KICKS - 1 {
-            w.observe(us(50));
-        }
-        w.observe(us(51));
-        assert_eq!(w.at(t1), Duration::ZERO);
-        for _ in 0..QUICK_KICKS - 1 {
-            w.observe(us(10));
-        }
-        assert_eq!(w.at(t1), Duration::ZERO);
-        w.observe(us(10));
-        assert_eq!(w.at(t1), us(200), "ended early");
-        // And the next idle back-off starts at BACKOFF_MIN again.
-        for _ in 0..IDLE_MAX {
-            w.ended(t1, idle);
-        }
-        assert_eq!(w.at(t1 + BACKOFF_MIN), us(200));
-    }
-
-    #[test]
-    fn a_stall_back_off_is_not_ended_by_quick_kicks() {
-        let t0 = Instant::now();
-        let mut w = PollWindow::new(us(200));
-        w.observe(us(20));
-        w.ended(t0, stall());
-        for _ in 0..100 {
-            w.observe(us(5));
-        }
-        assert_eq!(w.at(t0), Duration::ZERO);
+        assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
     }
 }

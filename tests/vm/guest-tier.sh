@@ -20,8 +20,8 @@
 #      VIOMMU_GT_ROUNDS=3 (boots with polling, of QEMU's device and in page-table mode with
 #      polling, in turn, for the medians),
 #      VIOMMU_GT_CONTENDED_ROUNDS=3 (contended boots per mode, polling and not, interleaved),
-#      VIOMMU_GT_CONTENDED_AB_BOOTS=3, VIOMMU_GT_CONTENDED_AB_RUNS=6 (contended boots whose
-#      benchmark runs that many times, polling switched on and off between the runs),
+#      VIOMMU_GT_CONTENDED_AB_BOOTS=2, VIOMMU_GT_CONTENDED_AB_RUNS=8 (contended boots whose
+#      benchmark runs that many times, polling switched on and off between the runs, ABBA),
 #      VIOMMU_GT_ONLY=sva (only the sva boot, after the first backend's start: for iterating on it),
 #      VIOMMU_GT_ONLY=contended (only the contended boots and their figures, likewise).
 set -euo pipefail
@@ -29,7 +29,7 @@ set -euo pipefail
 repo="$(cd "${VM_DIR}/../.." && pwd)"
 gt="${VM_DIR}/guest-tier"
 tmo="${VIOMMU_GT_TIMEOUT:-120}"
-ab_runs="${VIOMMU_GT_CONTENDED_AB_RUNS:-6}"
+ab_runs="${VIOMMU_GT_CONTENDED_AB_RUNS:-8}"
 bench_s="${VIOMMU_GT_BENCH_SECONDS:-1}"
 
 passed=0 failed=0
@@ -392,7 +392,7 @@ contended_boots() {
     # The same comparison within one boot, where the host's drift between boots (as large as the
     # difference measured) cannot enter: the guest runs the benchmark ab_runs times, and before
     # each run the polling backend's polling is switched on or off (`poll` op, ab_watch).
-    for r in $(seq "${VIOMMU_GT_CONTENDED_AB_BOOTS:-3}"); do
+    for r in $(seq "${VIOMMU_GT_CONTENDED_AB_BOOTS:-2}"); do
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cab${r}-before.json" 2>&1 || true
         ab_watch "cab${r}" &
         local watch_pid=$!
@@ -407,7 +407,7 @@ contended_boots() {
 }
 # ab_watch NAME: while boot NAME runs, at each of the guest's `dma-bench-mark` lines (before each
 # benchmark run, then a pause of 1 s) switch the polling backend's polling on or off, ABBA (on,
-# off, off, on, on, off: a drift within the boot cancels out in each pair), as `MARK US MS` lines
+# off, off, on, ...: a linear drift within the boot cancels out in each block of four), as `MARK US MS` lines
 # of ab-NAME.txt (MS: how long the switch took; one over the pause may have landed in the run).
 # Polling on again after the last run.
 ab_watch() {
@@ -488,21 +488,25 @@ if p and o:
                  f"ours_spread={min(o):.1f}-{max(o):.1f} pair_ratios={pairs}")
 else:
     print("dma-map-bench-contended: missing figures", file=sys.stderr)
-# Pairs of consecutive runs in one boot (runs 1-2, 3-4, ...: one with polling, one without).
+# Blocks of four consecutive runs in one boot (ABBA: two with polling, two without, so that a
+# linear drift within the block cancels out): the block's ratio is on / off, summed.
 pr, on, off = [], [], []
 for name, vals in ab.items():
-    for j in range(0, len(vals) - 1, 2):
-        a, b = (abus[name].get(j + 1), vals[j]), (abus[name].get(j + 2), vals[j + 1])
-        if a[0] is None or b[0] is None or (a[0] > 0) == (b[0] > 0):
+    for j in range(0, len(vals) - 3, 4):
+        block = [(abus[name].get(j + i + 1), vals[j + i]) for i in range(4)]
+        if any(us is None for us, _ in block):
             continue
-        p_, o_ = (a[1], b[1]) if a[0] > 0 else (b[1], a[1])
-        on.append(p_)
-        off.append(o_)
-        pr.append(p_ / o_)
+        p_ = [v for us, v in block if us > 0]
+        o_ = [v for us, v in block if us == 0]
+        if len(p_) != 2 or len(o_) != 2:
+            continue
+        on += p_
+        off += o_
+        pr.append(sum(p_) / sum(o_))
 if pr:
     lines.append(f"dma-map-bench-contended-ab poll_map_us={statistics.median(on):.1f} ours_map_us={statistics.median(off):.1f} "
-                 f"ratio={statistics.median(pr):.2f} pairs={len(pr)} boots={len(ab)} pair_spread={min(pr):.2f}-{max(pr):.2f} "
-                 f"late_switches={late} pair_ratios={','.join(f'{x:.2f}' for x in pr)}")
+                 f"ratio={statistics.median(pr):.2f} blocks={len(pr)} boots={len(ab)} block_spread={min(pr):.2f}-{max(pr):.2f} "
+                 f"late_switches={late} block_ratios={','.join(f'{x:.2f}' for x in pr)}")
 for l in lines:
     print(l)
 open(f"{w}/dma-map-bench.txt", "a").write("".join(l + "\n" for l in lines))
