@@ -13,9 +13,7 @@
 //! looks means it was not running (the host's cores are taken by others),
 //! and so does a window whose thread ran for less than 7/8 of it
 //! (`LOST_SHARE`: its CPU clock, read at the window's start and end, shows
-//! a preemption while it served, or many short ones); and so do `IDLE_MAX`
-//! windows in a row that served nothing (spinning for nothing; on a shared
-//! host the kick after it waits too, see `IDLE_MAX`). Then polling stops at
+//! a preemption while it served, or many short ones). Then polling stops at
 //! once and stays off for a back-off that doubles with each stall
 //! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with wall time free of
 //! stalls once it has ended: halved for each span as long as itself.
@@ -26,6 +24,10 @@
 //! `--poll-us`, polling retried every `BACKOFF_MAX`; on a host that was
 //! contended for a while the back-off is forgotten within about twice
 //! `BACKOFF_MAX` without a stall.
+//!
+//! `IDLE_MAX` windows in a row that served nothing (spinning for nothing;
+//! on a shared host the kick after them waits too) turn polling off for a
+//! shorter back-off of their own (`IDLE_BACKOFF_MAX`).
 
 use std::time::{Duration, Instant};
 
@@ -50,13 +52,21 @@ fn lost_too_much(lost: Duration, polled: Duration) -> bool {
 }
 
 /// Windows in a row that lapse without serving a request before polling
-/// backs off as for a stall. Each costs a window of spinning, and on a
+/// backs off (`IDLE_BACKOFF_MAX`). Each costs a window of spinning, and on a
 /// host whose cores are shared, it seems, the wakeup after it too (a
 /// thread that just spun is owed less CPU, EEVDF lets it wait): guest tier,
 /// contended, maps of 3.3 ms on average while every window lapsed for
 /// nothing, without a stall or time lost in a window.
 /// A driver whose requests the window catches never has four in a row.
 pub const IDLE_MAX: u32 = 4;
+
+/// The longest back-off for idle windows (from `BACKOFF_MIN`, doubled while
+/// they recur, none again once a window serves a request): idle windows say
+/// that polling does not pay, not that the host is contended, and a driver
+/// may start mapping back to back at any time (a guest's boot, then its
+/// benchmark); under contention four idle windows every 200 ms are what
+/// polling still costs.
+pub const IDLE_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// How long polling stays off after a stall, at first and at most.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -85,7 +95,8 @@ pub enum Verdict {
     Stalled,
     /// Lost a `LOST_SHARE` of its time to other threads: backed off.
     LostTime,
-    /// The `IDLE_MAX`th window in a row that served nothing: backed off.
+    /// The `IDLE_MAX`th window in a row that served nothing: backed off
+    /// for `IDLE_BACKOFF_MAX` at most.
     Idle,
 }
 
@@ -103,6 +114,9 @@ pub struct PollWindow {
     clean_since: Option<Instant>,
     /// Windows in a row that served nothing.
     idle: u32,
+    /// The back-off for idle windows (zero: none), and until when it holds.
+    idle_backoff: Duration,
+    idle_until: Option<Instant>,
 }
 
 impl PollWindow {
@@ -115,6 +129,8 @@ impl PollWindow {
             off_until: None,
             clean_since: None,
             idle: 0,
+            idle_backoff: Duration::ZERO,
+            idle_until: None,
         }
     }
 
@@ -134,9 +150,11 @@ impl PollWindow {
 
     /// How long to poll after a pass at `now`: nothing while backing off.
     pub fn at(&self, now: Instant) -> Duration {
-        match self.off_until {
-            Some(t) if now < t => Duration::ZERO,
-            _ => self.current,
+        let off = |until: Option<Instant>| until.is_some_and(|t| now < t);
+        if off(self.off_until) || off(self.idle_until) {
+            Duration::ZERO
+        } else {
+            self.current
         }
     }
 
@@ -149,13 +167,21 @@ impl PollWindow {
     /// coming back to stall again).
     pub fn ended(&mut self, now: Instant, run: WindowRun) -> Verdict {
         self.decay(now);
-        self.idle = if run.served == 0 { self.idle + 1 } else { 0 };
+        if run.served == 0 {
+            self.idle += 1;
+        } else {
+            self.idle = 0;
+            self.idle_backoff = Duration::ZERO;
+        }
         let verdict = if run.stalled {
             Verdict::Stalled
         } else if run.lost.is_some_and(|l| lost_too_much(l, run.polled)) {
             Verdict::LostTime
         } else if self.idle >= IDLE_MAX {
-            Verdict::Idle
+            self.idle = 0;
+            self.idle_backoff = (self.idle_backoff * 2).clamp(BACKOFF_MIN, IDLE_BACKOFF_MAX);
+            self.idle_until = now.checked_add(self.idle_backoff);
+            return Verdict::Idle;
         } else {
             return Verdict::Clean;
         };
@@ -459,16 +485,32 @@ mod tests {
             assert_eq!(w.ended(t0, idle), Verdict::Clean);
         }
         assert_eq!(w.at(t0), us(200));
-        // The IDLE_MAXth in a row backs off, as a stall does.
+        // The IDLE_MAXth in a row backs off for BACKOFF_MIN, the stalls'
+        // back-off untouched.
+        let ms = Duration::from_millis;
         assert_eq!(w.ended(t0, idle), Verdict::Idle);
         assert_eq!(w.at(t0), Duration::ZERO);
-        assert_eq!(w.backoff(), BACKOFF_MIN);
-        // The count starts over.
-        let t1 = t0 + BACKOFF_MIN;
-        for _ in 0..IDLE_MAX - 1 {
-            assert_eq!(w.ended(t1, idle), Verdict::Clean);
+        assert_eq!(w.at(t0 + BACKOFF_MIN - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t0 + BACKOFF_MIN), us(200));
+        assert_eq!(w.backoff(), Duration::ZERO);
+        // While they recur it doubles, up to IDLE_BACKOFF_MAX.
+        let mut t = t0 + BACKOFF_MIN;
+        let mut want = BACKOFF_MIN;
+        for _ in 0..5 {
+            for _ in 0..IDLE_MAX - 1 {
+                assert_eq!(w.ended(t, idle), Verdict::Clean);
+            }
+            assert_eq!(w.ended(t, idle), Verdict::Idle);
+            want = (want * 2).min(IDLE_BACKOFF_MAX);
+            assert_eq!(w.at(t + want - ms(1)), Duration::ZERO);
+            assert_eq!(w.at(t + want), us(200));
+            t += want;
         }
-        assert_eq!(w.ended(t1, idle), Verdict::Idle);
-        assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
+        // A window that serves a request: BACKOFF_MIN again.
+        w.ended(t, clean());
+        for _ in 0..IDLE_MAX {
+            w.ended(t, idle);
+        }
+        assert_eq!(w.at(t + BACKOFF_MIN), us(200));
     }
 }
