@@ -256,7 +256,8 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
             s.iommu.pages.outstanding(),
         )
     };
-    let (poll, window) = backend.poll_stats();
+    let ps = backend.poll_stats();
+    let (poll, window, backoff) = (ps.counters, ps.window, ps.backoff);
     let vev = backend.relay.vevent_counters();
     // `--fault-io` in force, and what its ring did (null: epoll).
     let fault_io = json!({
@@ -298,6 +299,13 @@ pub(super) fn stats(backend: &IommuBackend, clients: &ClientCounters) -> Value {
         "requestq_wakeups": poll.wakeups,
         "requestq_served_by_polling": poll.served_polling,
         "requestq_poll_stalls": poll.stalls,
+        "requestq_poll_windows": poll.windows,
+        "requestq_poll_us": u64::try_from(poll.polled.as_micros()).unwrap_or(u64::MAX),
+        "requestq_poll_lost_us": u64::try_from(poll.lost.as_micros()).unwrap_or(u64::MAX),
+        "requestq_poll_lost_windows": poll.lost_windows,
+        "requestq_poll_idle_backoffs": poll.idle_backoffs,
+        "requestq_poll_backed_off": poll.backed_off,
+        "poll_backoff_ms": u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
         "poll_window_us": u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
         "control_clients_refused": clients.refused.load(Ordering::Relaxed),
         "control_clients_busy": clients.busy.load(Ordering::Relaxed),
@@ -421,6 +429,20 @@ fn host(backend: &IommuBackend) -> Value {
     h
 }
 
+/// `{"op":"poll","us":N}`: the requestq's polling bound from now on, as
+/// `--poll-us N` (0: off; at most a second). For A/B measurements in one
+/// guest boot (the guest tier's contended part), and for an operator who
+/// sees the host get busy.
+fn set_poll(backend: &IommuBackend, req: &Value) -> Result<Value, Value> {
+    let us = req
+        .get("us")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| error("bad-request", "\"us\" (microseconds) missing"))?
+        .min(1_000_000);
+    backend.set_poll_max(std::time::Duration::from_micros(us));
+    Ok(serde_json::json!({ "ok": true, "poll_us": us }))
+}
+
 /// One request line in, one reply object out. `fds` came with the line
 /// (SCM_RIGHTS); only `add_endpoint` of a VFIO cdev takes one, and any
 /// not taken are closed when the reply is made.
@@ -449,6 +471,7 @@ pub(super) fn handle_line(
         Some("remove_endpoint") => remove_endpoint(backend, &req).unwrap_or_else(|e| e),
         Some("dma") => dma(backend, &req).unwrap_or_else(|e| e),
         Some("stats") => stats(backend, clients),
+        Some("poll") => set_poll(backend, &req).unwrap_or_else(|e| e),
         Some("host") => serde_json::json!({
             "ok": true,
             "host": host(backend),

@@ -40,7 +40,7 @@ mod eventq;
 mod requestq;
 mod ring;
 
-pub(crate) use requestq::PollCounters;
+pub(crate) use requestq::PollStats;
 use requestq::Polling;
 
 pub(crate) type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -219,11 +219,21 @@ impl IommuBackend {
         })
     }
 
-    /// Requestq wakeups and requests served by polling, and the current
-    /// polling window.
-    pub(crate) fn poll_stats(&self) -> (PollCounters, Duration) {
+    /// What polling of the requestq did, and its window and back-off now.
+    pub(crate) fn poll_stats(&self) -> PollStats {
         let p = self.poll.lock();
-        (p.counters, p.window.current())
+        PollStats {
+            counters: p.counters,
+            window: p.window.current(),
+            backoff: p.window.backoff(),
+        }
+    }
+
+    /// Change the requestq's polling bound at run time (the control
+    /// socket's `poll`; zero: off). The window starts over; a back-off in
+    /// force stays.
+    pub(crate) fn set_poll_max(&self, max: Duration) {
+        self.poll.lock().window.set_max(max);
     }
 
     /// Busy-poll the requestq for up to `max` after serving it, adaptively

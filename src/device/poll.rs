@@ -10,11 +10,24 @@
 //! Polling must never hurt: a poller that takes the core the vCPU needs
 //! turns a 10 us request into a scheduler time slice. While it polls, the
 //! worker looks at the ring every ~100 ns; a gap of `STALL` between two
-//! looks means it was not running (the host's cores are taken by others).
-//! Then polling stops at once and stays off for a back-off that doubles
-//! with each stall (`BACKOFF_MIN` to `BACKOFF_MAX`) and halves with each
-//! window that runs clean, so on a contended host the requestq is served by
-//! kicks, as without `--poll-us`, and a quiet host gets polling back.
+//! looks means it was not running (the host's cores are taken by others),
+//! and so does a window whose thread ran for less than 7/8 of it
+//! (`LOST_SHARE`: its CPU clock, read at the window's start and end, shows
+//! a preemption while it served, or many short ones). Then polling stops at
+//! once and stays off for a back-off that doubles with each stall
+//! (`BACKOFF_MIN` to `BACKOFF_MAX`). It decays only with wall time free of
+//! stalls once it has ended: halved for each span as long as itself.
+//! (Halving it per clean window let it decay through the short windows a
+//! contended host still grants, so polling kept coming back to stall:
+//! 12-21 stalls per contended guest boot, the back-off at zero after each.)
+//! On a contended host the requestq is then served by kicks, as without
+//! `--poll-us`, polling retried every `BACKOFF_MAX`; on a host that was
+//! contended for a while the back-off is forgotten within about twice
+//! `BACKOFF_MAX` without a stall.
+//!
+//! `IDLE_MAX` windows in a row that served nothing (spinning for nothing;
+//! on a shared host the kick after them waits too) turn polling off for a
+//! shorter back-off of their own (`IDLE_BACKOFF_MAX`).
 
 use std::time::{Duration, Instant};
 
@@ -26,9 +39,66 @@ pub const POLL_MIN: Duration = Duration::from_micros(4);
 /// slice given to another thread takes milliseconds).
 pub const STALL: Duration = Duration::from_micros(200);
 
+/// A window whose worker ran for less than 7/8 of it (and lost at least
+/// `STALL`) was not served: contended, as a stall is. The thread's CPU time
+/// shows a preemption while it served, or many short ones, which the gap
+/// between two looks does not.
+pub const LOST_SHARE: u32 = 8;
+
+/// Whether a window of `polled` that lost `lost` to other threads was
+/// contended.
+fn lost_too_much(lost: Duration, polled: Duration) -> bool {
+    lost >= STALL && lost * LOST_SHARE >= polled
+}
+
+/// Windows in a row that lapse without serving a request before polling
+/// backs off (`IDLE_BACKOFF_MAX`). Each costs a window of spinning, and on a
+/// host whose cores are shared, it seems, the wakeup after it too (a
+/// thread that just spun is owed less CPU, EEVDF lets it wait): guest tier,
+/// contended, maps of 3.3 ms on average while every window lapsed for
+/// nothing, without a stall or time lost in a window.
+/// A driver whose requests the window catches never has four in a row.
+pub const IDLE_MAX: u32 = 4;
+
+/// The longest back-off for idle windows (from `BACKOFF_MIN`, doubled while
+/// they recur, none again once a window serves a request): idle windows say
+/// that polling does not pay, not that the host is contended, and a driver
+/// may start mapping back to back at any time (a guest's boot, then its
+/// benchmark); under contention four idle windows every 200 ms are what
+/// polling still costs.
+pub const IDLE_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
 /// How long polling stays off after a stall, at first and at most.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What one polling window saw, for `PollWindow::ended`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRun {
+    /// Wall time from the window's start to its end.
+    pub polled: Duration,
+    /// Of that, the time the worker did not run (wall time minus its
+    /// thread's CPU time; None: the CPU clock could not be read).
+    pub lost: Option<Duration>,
+    /// A gap of `STALL` between two looks at the ring.
+    pub stalled: bool,
+    /// Requests the window served (none: it lapsed for nothing).
+    pub served: u64,
+}
+
+/// What `PollWindow::ended` made of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Polling goes on.
+    Clean,
+    /// A gap of `STALL` between two looks: backed off.
+    Stalled,
+    /// Lost a `LOST_SHARE` of its time to other threads: backed off.
+    LostTime,
+    /// The `IDLE_MAX`th window in a row that served nothing: backed off
+    /// for `IDLE_BACKOFF_MAX` at most.
+    Idle,
+}
 
 /// How long to keep polling after serving the requestq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +109,14 @@ pub struct PollWindow {
     backoff: Duration,
     /// No polling before this (a stall's back-off).
     off_until: Option<Instant>,
+    /// Since when no stall was seen with polling allowed: the end of the
+    /// last back-off, or its last halving.
+    clean_since: Option<Instant>,
+    /// Windows in a row that served nothing.
+    idle: u32,
+    /// The back-off for idle windows (zero: none), and until when it holds.
+    idle_backoff: Duration,
+    idle_until: Option<Instant>,
 }
 
 impl PollWindow {
@@ -49,7 +127,19 @@ impl PollWindow {
             current: Duration::ZERO,
             backoff: Duration::ZERO,
             off_until: None,
+            clean_since: None,
+            idle: 0,
+            idle_backoff: Duration::ZERO,
+            idle_until: None,
         }
+    }
+
+    /// A new bound (zero: never poll), at run time: the window starts over,
+    /// closed; a back-off in force, and the time towards its decay, stay
+    /// (the host has not changed).
+    pub fn set_max(&mut self, max: Duration) {
+        self.max = max;
+        self.current = Duration::ZERO;
     }
 
     /// How long to poll after this pass (the adaptive window, ignoring a
@@ -60,25 +150,75 @@ impl PollWindow {
 
     /// How long to poll after a pass at `now`: nothing while backing off.
     pub fn at(&self, now: Instant) -> Duration {
-        match self.off_until {
-            Some(t) if now < t => Duration::ZERO,
-            _ => self.current,
+        let off = |until: Option<Instant>| until.is_some_and(|t| now < t);
+        if off(self.off_until) || off(self.idle_until) {
+            Duration::ZERO
+        } else {
+            self.current
         }
+    }
+
+    /// A polling window ended at `now` (`run`: what it saw). Contended (a
+    /// stall, or the window lost a `LOST_SHARE` of its time to other
+    /// threads), or the `IDLE_MAX`th in a row to serve nothing: back off.
+    /// The back-off decays with wall time free of stalls once it has ended,
+    /// not per window (a contended host still grants short windows that
+    /// run clean; were each to halve the back-off, polling would keep
+    /// coming back to stall again).
+    pub fn ended(&mut self, now: Instant, run: WindowRun) -> Verdict {
+        self.decay(now);
+        if run.served == 0 {
+            self.idle += 1;
+        } else {
+            self.idle = 0;
+            self.idle_backoff = Duration::ZERO;
+        }
+        let verdict = if run.stalled {
+            Verdict::Stalled
+        } else if run.lost.is_some_and(|l| lost_too_much(l, run.polled)) {
+            Verdict::LostTime
+        } else if self.idle >= IDLE_MAX {
+            self.idle = 0;
+            self.idle_backoff = (self.idle_backoff * 2).clamp(BACKOFF_MIN, IDLE_BACKOFF_MAX);
+            self.idle_until = now.checked_add(self.idle_backoff);
+            return Verdict::Idle;
+        } else {
+            return Verdict::Clean;
+        };
+        self.idle = 0;
+        self.stalled(now);
+        verdict
+    }
+
+    /// The back-off in force after the last stall (zero: none).
+    pub fn backoff(&self) -> Duration {
+        self.backoff
     }
 
     /// Polling stalled at `now` (the worker was descheduled): stop, and
     /// stay off for twice the last back-off.
-    pub fn stalled(&mut self, now: Instant) {
+    fn stalled(&mut self, now: Instant) {
         self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
         self.off_until = now.checked_add(self.backoff);
+        self.clean_since = self.off_until;
     }
 
-    /// A polling window ran its course without a stall: the host has room
-    /// again, so a later stall backs off less.
-    pub fn ran_clean(&mut self) {
-        self.backoff /= 2;
-        if self.backoff < BACKOFF_MIN {
-            self.backoff = Duration::ZERO;
+    /// For each span as long as the back-off that passed without a stall
+    /// since it ended (or was last halved), halve it (below `BACKOFF_MIN`:
+    /// none): the host has room again, so a later stall backs off less.
+    fn decay(&mut self, now: Instant) {
+        while let Some(since) = self.clean_since {
+            if self.backoff.is_zero() {
+                self.clean_since = None;
+            } else if now.saturating_duration_since(since) >= self.backoff {
+                self.clean_since = since.checked_add(self.backoff);
+                self.backoff /= 2;
+                if self.backoff < BACKOFF_MIN {
+                    self.backoff = Duration::ZERO;
+                }
+            } else {
+                break;
+            }
         }
     }
 
@@ -111,6 +251,28 @@ mod tests {
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
+    }
+
+    fn stall() -> WindowRun {
+        WindowRun {
+            polled: us(300),
+            lost: None,
+            stalled: true,
+            served: 1,
+        }
+    }
+
+    fn clean() -> WindowRun {
+        clean_for(us(300))
+    }
+
+    fn clean_for(polled: Duration) -> WindowRun {
+        WindowRun {
+            polled,
+            lost: Some(Duration::ZERO),
+            stalled: false,
+            served: 1,
+        }
     }
 
     #[test]
@@ -170,43 +332,185 @@ mod tests {
     }
 
     #[test]
-    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays() {
+    fn a_stall_turns_polling_off_for_a_back_off_that_doubles_and_decays_with_time_free_of_stalls() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut w = PollWindow::new(us(200));
         w.observe(us(20));
         assert_eq!(w.at(t0), us(200));
-        w.stalled(t0);
+        w.ended(t0, stall());
         assert_eq!(w.at(t0), Duration::ZERO);
         assert_eq!(w.at(t0 + ms(49)), Duration::ZERO);
         assert_eq!(w.at(t0 + ms(50)), us(200), "back after BACKOFF_MIN");
         // Stalls in a row: 100 ms, 200 ms, ... up to BACKOFF_MAX.
         let t1 = t0 + ms(50);
-        w.stalled(t1);
+        w.ended(t1, stall());
         assert_eq!(w.at(t1 + ms(99)), Duration::ZERO);
         assert_eq!(w.at(t1 + ms(100)), us(200));
         for _ in 0..20 {
-            w.stalled(t1);
+            w.ended(t1, stall());
         }
         assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
         assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
-        // Clean windows halve it, down to nothing.
-        for _ in 0..6 {
-            w.ran_clean();
-        }
-        let t2 = t1 + BACKOFF_MAX;
-        w.stalled(t2);
-        assert_eq!(
-            w.at(t2 + ms(64)),
-            us(200),
-            "decayed to 2 s / 64, then doubled"
-        );
-        for _ in 0..20 {
-            w.ran_clean();
-        }
-        w.stalled(t2);
-        assert_eq!(w.at(t2 + BACKOFF_MIN), us(200));
+        // Wall time free of stalls once the back-off ended halves it, once
+        // per span as long as the back-off: 2 s free after it ended, 1 s.
+        let t2 = t1 + BACKOFF_MAX + BACKOFF_MAX;
+        w.ended(t2 - ms(1), clean());
+        assert_eq!(w.backoff(), BACKOFF_MAX);
+        w.ended(t2, clean());
+        assert_eq!(w.backoff(), BACKOFF_MAX / 2);
+        // 2 s more: 500, 250, 125, 62.5 ms, then below BACKOFF_MIN: none.
+        let t3 = t2 + BACKOFF_MAX;
+        w.ended(t3, clean());
+        assert_eq!(w.backoff(), Duration::ZERO);
+        w.ended(t3, stall());
+        assert_eq!(w.at(t3 + BACKOFF_MIN - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t3 + BACKOFF_MIN), us(200));
+        // A stall 10 ms after the back-off ended: doubled.
+        let t4 = t3 + BACKOFF_MIN + ms(10);
+        w.ended(t4, clean());
+        w.ended(t4, stall());
+        assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
+        // Idle time counts (no window needed): 100 ms free after it ended
+        // halve it before the next stall doubles it.
+        let t5 = t4 + 2 * BACKOFF_MIN + 2 * BACKOFF_MIN;
+        w.ended(t5, stall());
+        assert_eq!(w.backoff(), 2 * BACKOFF_MIN);
         // The adaptive window itself is unchanged by a back-off.
         assert_eq!(w.current(), us(200));
+    }
+
+    #[test]
+    fn short_clean_windows_between_stalls_keep_the_back_off() {
+        // A contended host still grants short windows that run clean; the
+        // back-off must not decay through them, or polling keeps coming
+        // back to stall again.
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        for _ in 0..10 {
+            w.ended(t0, stall());
+        }
+        assert_eq!(w.backoff(), BACKOFF_MAX);
+        // 100 clean windows of 300 us, one after the other: 30 ms polled
+        // without a stall once the back-off ended.
+        let mut t1 = t0 + BACKOFF_MAX;
+        for _ in 0..100 {
+            t1 += us(300);
+            w.ended(t1, clean());
+        }
+        assert_eq!(w.backoff(), BACKOFF_MAX, "30 ms of clean polling");
+        w.ended(t1, stall());
+        assert_eq!(w.at(t1 + BACKOFF_MAX - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t1 + BACKOFF_MAX), us(200));
+    }
+
+    #[test]
+    fn a_window_that_lost_its_time_to_others_counts_as_a_stall() {
+        // No gap between two looks reached STALL (the worker was taken
+        // off the core while it served, or often for less), but the
+        // thread ran for less than 7/8 of the window.
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        let run = WindowRun {
+            polled: us(2000),
+            lost: Some(us(600)),
+            stalled: false,
+            served: 1,
+        };
+        assert_eq!(w.ended(t0, run), Verdict::LostTime);
+        assert_eq!(w.at(t0), Duration::ZERO);
+        assert_eq!(w.backoff(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_little_time_lost_is_clean() {
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        for (polled, lost) in [(2000, 199), (10_000, 1000), (100, 90)] {
+            let run = WindowRun {
+                polled: us(polled),
+                lost: Some(us(lost)),
+                stalled: false,
+                served: 1,
+            };
+            assert_eq!(w.ended(t0, run), Verdict::Clean, "{polled} {lost}");
+            assert_eq!(w.at(t0), us(200));
+        }
+        // An unreadable CPU clock: only the gaps count.
+        let run = WindowRun {
+            polled: us(1000),
+            lost: None,
+            stalled: false,
+            served: 1,
+        };
+        assert_eq!(w.ended(t0, run), Verdict::Clean);
+    }
+
+    #[test]
+    fn a_new_bound_starts_the_window_over_and_keeps_the_back_off() {
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        w.ended(t0, stall());
+        w.set_max(Duration::ZERO);
+        w.observe(us(1));
+        assert_eq!(w.current(), Duration::ZERO, "off");
+        w.set_max(us(100));
+        assert_eq!(w.current(), Duration::ZERO, "closed at first");
+        w.observe(us(20));
+        assert_eq!(w.current(), us(100));
+        assert_eq!(w.backoff(), BACKOFF_MIN);
+        assert_eq!(w.at(t0), Duration::ZERO, "still backed off");
+    }
+
+    #[test]
+    fn windows_that_lapse_for_nothing_back_off() {
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        let idle = WindowRun {
+            served: 0,
+            ..clean()
+        };
+        // Three in a row, then one that served: nothing.
+        for _ in 0..3 {
+            assert_eq!(w.ended(t0, idle), Verdict::Clean);
+        }
+        assert_eq!(w.ended(t0, clean()), Verdict::Clean);
+        for _ in 0..IDLE_MAX - 1 {
+            assert_eq!(w.ended(t0, idle), Verdict::Clean);
+        }
+        assert_eq!(w.at(t0), us(200));
+        // The IDLE_MAXth in a row backs off for BACKOFF_MIN, the stalls'
+        // back-off untouched.
+        let ms = Duration::from_millis;
+        assert_eq!(w.ended(t0, idle), Verdict::Idle);
+        assert_eq!(w.at(t0), Duration::ZERO);
+        assert_eq!(w.at(t0 + BACKOFF_MIN - ms(1)), Duration::ZERO);
+        assert_eq!(w.at(t0 + BACKOFF_MIN), us(200));
+        assert_eq!(w.backoff(), Duration::ZERO);
+        // While they recur it doubles, up to IDLE_BACKOFF_MAX.
+        let mut t = t0 + BACKOFF_MIN;
+        let mut want = BACKOFF_MIN;
+        for _ in 0..5 {
+            for _ in 0..IDLE_MAX - 1 {
+                assert_eq!(w.ended(t, idle), Verdict::Clean);
+            }
+            assert_eq!(w.ended(t, idle), Verdict::Idle);
+            want = (want * 2).min(IDLE_BACKOFF_MAX);
+            assert_eq!(w.at(t + want - ms(1)), Duration::ZERO);
+            assert_eq!(w.at(t + want), us(200));
+            t += want;
+        }
+        // A window that serves a request: BACKOFF_MIN again.
+        w.ended(t, clean());
+        for _ in 0..IDLE_MAX {
+            w.ended(t, idle);
+        }
+        assert_eq!(w.at(t + BACKOFF_MIN), us(200));
     }
 }

@@ -21,7 +21,7 @@ use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle_decoded, Reply, MAX_REPLY,
 };
 use crate::device::mem_view::{CachedMemory, OneRegion};
-use crate::device::poll::{PollWindow, STALL};
+use crate::device::poll::{PollWindow, Verdict, WindowRun, STALL};
 use crate::device::request::{decode, Decoded};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
@@ -53,6 +53,30 @@ pub(crate) struct PollCounters {
     /// Polling stopped because the worker was descheduled while it polled
     /// (`device::poll::STALL`): the host's cores were taken.
     pub stalls: u64,
+    /// Polling windows run, and their wall time in total.
+    pub windows: u64,
+    pub polled: Duration,
+    /// Of that time, what the worker did not run (its thread's CPU time
+    /// short of the wall time): taken by other threads.
+    pub lost: Duration,
+    /// Windows without a stall that lost too much of their time to other
+    /// threads (`device::poll::LOST_SHARE`): backed off as a stall is.
+    pub lost_windows: u64,
+    /// Back-offs after `device::poll::IDLE_MAX` windows in a row that
+    /// served nothing.
+    pub idle_backoffs: u64,
+    /// Kicks after which the window would have been open but polling was
+    /// backed off.
+    pub backed_off: u64,
+}
+
+/// `IommuBackend::poll_stats`: the counters, the adaptive window and the
+/// back-off in force.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PollStats {
+    pub counters: PollCounters,
+    pub window: Duration,
+    pub backoff: Duration,
 }
 
 impl Polling {
@@ -71,8 +95,30 @@ impl Polling {
         if let Some(last) = self.last_served.take() {
             self.window.observe(now.saturating_duration_since(last));
         }
-        self.window.at(now)
+        let window = self.window.at(now);
+        if window.is_zero() && !self.window.current().is_zero() {
+            self.counters.backed_off += 1;
+        }
+        window
     }
+}
+
+/// This thread's CPU time: one system call (the vDSO does not serve
+/// thread clocks), made twice per polling window, never per look.
+fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given, which
+    // lives until it returns.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+    Some(Duration::new(secs, nanos))
 }
 
 impl IommuBackend {
@@ -123,6 +169,13 @@ impl IommuBackend {
         let mut polled = 0u64;
         let mut stalled = false;
         let polled_a_window = last.is_some();
+        // The window's wall and CPU time, for the time it lost to others.
+        let start = Instant::now();
+        let cpu_start = if polled_a_window {
+            thread_cpu_time()
+        } else {
+            None
+        };
         if let Some(mut since) = last {
             suppress_kicks(vring, mem.deref());
             // When the worker last looked at the ring without serving.
@@ -183,11 +236,30 @@ impl IommuBackend {
         }
         let mut p = self.poll.lock();
         p.counters.served_polling += polled;
-        if stalled {
-            p.counters.stalls += 1;
-            p.window.stalled(Instant::now());
-        } else if polled_a_window {
-            p.window.ran_clean();
+        if polled_a_window {
+            let now = Instant::now();
+            let wall = now.saturating_duration_since(start);
+            let lost = cpu_start
+                .zip(thread_cpu_time())
+                .map(|(a, b)| wall.saturating_sub(b.saturating_sub(a)));
+            let run = WindowRun {
+                polled: wall,
+                lost,
+                stalled,
+                served: polled,
+            };
+            let c = &mut p.counters;
+            c.windows += 1;
+            c.polled += wall;
+            c.lost += lost.unwrap_or_default();
+            if stalled {
+                c.stalls += 1;
+            }
+            match p.window.ended(now, run) {
+                Verdict::LostTime => p.counters.lost_windows += 1,
+                Verdict::Idle => p.counters.idle_backoffs += 1,
+                Verdict::Clean | Verdict::Stalled => {}
+            }
         }
         last
     }

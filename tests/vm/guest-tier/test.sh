@@ -12,10 +12,17 @@ ep=0000:00:04.0
 # virtio_iommu.table_mode=0; table1, table2 (our device in page-table mode, contrib/linux: two
 # boots against one backend), tablepoll (page-table mode on the polling backend), sva (page-table
 # mode with page requests: /bin/sva-test binds its memory to 00:05.0 while the host drives it).
-mode=ours
+mode=ours bench=all reps=1
 for w in $(cat /proc/cmdline); do
-    case "$w" in viommu.mode=*) mode="${w#viommu.mode=}" ;; esac
+    case "$w" in
+        viommu.mode=*) mode="${w#viommu.mode=}" ;;
+        # viommu.bench=t1g1: only the benchmark's first configuration (the contended boots);
+        # t1g1xN: N times, each after a mark and a pause of 1 s in which the host switches the
+        # backend's polling on or off (guest-tier.sh, ab_watch).
+        viommu.bench=*) bench="${w#viommu.bench=}" ;;
+    esac
 done
+case "$bench" in *x*) reps="${bench#*x}" bench="${bench%x*}" ;; esac
 echo "guest-tier: mode $mode"
 
 echo "guest-tier: kernel $(uname -r)"
@@ -82,17 +89,23 @@ mark() {
     if [ "$mode" = tablepoll ]; then
         echo "dma-bench-mark $1"
         sleep 0.5
+    elif [ "$reps" -gt 1 ]; then
+        echo "dma-bench-mark $1"
+        sleep 1
     fi
 }
 if [ "$mode" != sva ] && [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
     for t in 1 2; do
         for g in 1 16; do
-            mark "t=$t g=$g"
-            if /bin/dma-bench "${VIOMMU_BENCH_SECONDS:-1}" "$t" "$g"; then
-                pass "dma-map-benchmark-t$t-g$g"
-            else
-                fail "dma-map-benchmark-t$t-g$g"
-            fi
+            [ "$bench" = all ] || [ "$bench" = "t${t}g${g}" ] || continue
+            for rep in $(seq "$reps"); do
+                mark "t=$t g=$g rep=$rep"
+                if /bin/dma-bench "${VIOMMU_BENCH_SECONDS:-1}" "$t" "$g"; then
+                    pass "dma-map-benchmark-t$t-g$g"
+                else
+                    fail "dma-map-benchmark-t$t-g$g"
+                fi
+            done
         done
     done
     mark end
