@@ -18,6 +18,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::edu::{all, note, page_with, pattern, DmaRig, KernelLog, BUF_SIZE, XFER};
 use support::wire::{self, S_OK};
 
@@ -63,27 +65,6 @@ fn setup() -> (DmaRig, Vec<u64>) {
     (d, p)
 }
 
-/// Whether the kernel logged a fault at `iova` since `log` was opened (an
-/// IOMMU driver's fault line names the address in hex).
-fn fault_logged(log: &mut KernelLog, iova: u64) -> Vec<String> {
-    let needle = format!("{iova:#x}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut seen = Vec::new();
-    loop {
-        for l in log.new_lines() {
-            if l.contains("fault") && l.contains(&needle) {
-                return vec![l];
-            }
-            seen.push(l);
-        }
-        if std::time::Instant::now() >= deadline {
-            // Nothing matched: what was logged, for the failure message.
-            return seen.into_iter().map(|l| format!("(other) {l}")).collect();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 #[test]
 #[ignore = "needs QEMU's edu device in VIOMMU_EDU_CDEV: run by tests/vm/kernel-tier.sh"]
 fn dma_moves_bytes_from_and_to_the_mapped_pages() {
@@ -126,19 +107,15 @@ fn after_unmap_dma_faults_and_moves_nothing() {
     d.f.mem.write(p[1], &pattern(3)).unwrap();
     let mut log = KernelLog::from_now().unwrap();
     d.edu.write_to(0, IOVA_B + DST_OFF, 4).unwrap();
-    let lines = fault_logged(&mut log, IOVA_B + DST_OFF);
-    note(&format!("map: write fault logged: {lines:?}"));
-    assert!(
-        lines.len() == 1 && !lines[0].starts_with("(other)"),
-        "a fault at IOVA B logged: {lines:?}"
-    );
+    let line = log
+        .wait_for_fault(IOVA_B + DST_OFF, Duration::from_secs(5))
+        .unwrap_or_else(|seen| panic!("a fault at IOVA B logged; logged: {seen:?}"));
+    note(&format!("map: write fault logged: {line}"));
     d.edu.read_from(IOVA_A, 0, 4).unwrap();
-    let lines = fault_logged(&mut log, IOVA_A);
-    note(&format!("map: read fault logged: {lines:?}"));
-    assert!(
-        lines.len() == 1 && !lines[0].starts_with("(other)"),
-        "a fault at IOVA A logged: {lines:?}"
-    );
+    let line = log
+        .wait_for_fault(IOVA_A, Duration::from_secs(5))
+        .unwrap_or_else(|seen| panic!("a fault at IOVA A logged; logged: {seen:?}"));
+    note(&format!("map: read fault logged: {line}"));
     d.edu.write_to(0, IOVA_B + DST_OFF, XFER).unwrap();
     d.edu.read_from(IOVA_A, 0, XFER).unwrap();
     for (i, &gpa) in p.iter().enumerate() {

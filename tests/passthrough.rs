@@ -38,7 +38,6 @@ fn a_vmm_bound_cdev_needs_the_vmms_iommufd() {
 /// once before the daemon owns it.
 #[test]
 fn a_vmm_bound_cdev_fd_is_checked_like_every_inherited_fd() {
-    let t = Duration::from_secs(10);
     let cases: &[(&[&str], &str)] = &[
         (
             &["--endpoint", "1,vfio-bound-fd=7", "--iommufd-fd", "7"],
@@ -50,15 +49,7 @@ fn a_vmm_bound_cdev_fd_is_checked_like_every_inherited_fd() {
         ),
     ];
     for (extra, want) in cases {
-        let mut args = vec!["--socket-path", "{dir}/v.sock"];
-        args.extend_from_slice(extra);
-        let (st, _out, err) = run_to_exit(&args, t).unwrap();
-        assert_eq!(st.code(), Some(1), "{args:?}: {err}");
-        assert!(
-            err.contains(want),
-            "{args:?}: stderr {err:?} lacks {want:?}"
-        );
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err:?}");
+        support::process::assert_start_refused(extra, want);
     }
 }
 
@@ -684,24 +675,9 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     let mut log = KernelLog::from_now().unwrap();
     let cmd = format!("write 0 {:#x} 4", IOVA_B + DST_OFF);
     assert_eq!(ask(&cmd), "ok", "{cmd}");
-    let needle = format!("{:#x}", IOVA_B + DST_OFF);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    let fault = loop {
-        if let Some(l) = log
-            .new_lines()
-            .into_iter()
-            .inspect(|l| seen.push(l.clone()))
-            .find(|l| l.contains("fault") && l.contains(&needle))
-        {
-            break l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no fault at IOVA B logged after UNMAP; logged: {seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let fault = log
+        .wait_for_fault(IOVA_B + DST_OFF, Duration::from_secs(5))
+        .unwrap_or_else(|seen| panic!("no fault at IOVA B logged after UNMAP; logged: {seen:?}"));
     note(&format!("launcher: after UNMAP: {fault}"));
     // Only that one 4-byte DMA: the guest kernel logs 10 IOMMU faults per
     // 5 s and QEMU reports one per 4 bytes; a full-size faulting DMA here

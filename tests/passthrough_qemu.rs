@@ -189,6 +189,23 @@ impl Drop for PrintLog {
     }
 }
 
+/// QEMU's guest RAM as a shared file the test reads
+/// (memory-backend-file): `size` bytes, pattern 9 at `a`, `fill` at `b`.
+fn qemu_ram(path: &Path, size: usize, a: u64, b: u64, fill: u8) -> std::fs::File {
+    use std::os::unix::fs::FileExt;
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    ram.set_len(size as u64).unwrap();
+    ram.write_all_at(&pattern(9), a).unwrap();
+    ram.write_all_at(&[fill; BUF_SIZE], b).unwrap();
+    ram
+}
+
 const EP: u32 = 0x20;
 
 impl Launched {
@@ -339,19 +356,7 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
     let qmp_path = dir.join("qmp.sock");
     // QEMU's guest RAM: a shared file the test reads (memory-backend-file).
     let ram_path = dir.join("ram");
-    let ram = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&ram_path)
-        .unwrap();
-    ram.set_len(RAM as u64).unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        ram.write_all_at(&pattern(9), IOVA_A).unwrap();
-        ram.write_all_at(&[QFILL; BUF_SIZE], IOVA_B).unwrap();
-    }
+    let ram = qemu_ram(&ram_path, RAM, IOVA_A, IOVA_B, QFILL);
     let qemu_page = |iova: u64| {
         use std::os::unix::fs::FileExt;
         let mut b = vec![0u8; BUF_SIZE];
@@ -491,24 +496,9 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
     f.mem.fill(p[1], BUF_SIZE, FILL).unwrap();
     let mut klog = KernelLog::from_now().unwrap();
     edu.write_to(0, IOVA_B + DST_OFF, 4).expect("DMA write");
-    let needle = format!("{:#x}", IOVA_B + DST_OFF);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    let fault = loop {
-        if let Some(l) = klog
-            .new_lines()
-            .into_iter()
-            .inspect(|l| seen.push(l.clone()))
-            .find(|l| l.contains("fault") && l.contains(&needle))
-        {
-            break l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no fault at IOVA B logged after UNMAP; logged: {seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let fault = klog
+        .wait_for_fault(IOVA_B + DST_OFF, Duration::from_secs(5))
+        .unwrap_or_else(|seen| panic!("no fault at IOVA B logged after UNMAP; logged: {seen:?}"));
     note(&format!("qemu11: after UNMAP: {fault}"));
     assert!(all(&page(&f, p[1]), FILL), "after UNMAP page 1 unchanged");
     untouched(&f, "after UNMAP");
@@ -632,21 +622,9 @@ fn readme_recipe_with_qemu11_frontend_guest_edu_dma_across_system_reset() {
             ));
         }
         // The write after the UNMAP faulted in this kernel's IOMMU.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let fault = loop {
-            if let Some(l) = klog
-                .new_lines()
-                .into_iter()
-                .find(|l| l.contains("fault") && l.contains("0x200400"))
-            {
-                break l;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: no fault at 0x200400 logged"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let fault = klog
+            .wait_for_fault(0x20_0400, Duration::from_secs(10))
+            .unwrap_or_else(|seen| panic!("{what}: no fault at 0x200400 logged; logged: {seen:?}"));
         note(&format!("nested-qemu-frontend: {what}: {fault}"));
     };
     boot(1, "first boot");
@@ -679,19 +657,7 @@ fn qemu11_alone_sends_the_edu_dma_through_its_own_ioas() {
     std::fs::create_dir_all(&dir).unwrap();
     let qmp_path = dir.join("qmp.sock");
     let ram_path = dir.join("ram");
-    let ram = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&ram_path)
-        .unwrap();
-    ram.set_len(RAM as u64).unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        ram.write_all_at(&pattern(9), IOVA_A).unwrap();
-        ram.write_all_at(&[QFILL; BUF_SIZE], IOVA_B).unwrap();
-    }
+    let ram = qemu_ram(&ram_path, RAM, IOVA_A, IOVA_B, QFILL);
     let open_rw = |p: &str| {
         std::fs::OpenOptions::new()
             .read(true)

@@ -1269,15 +1269,7 @@ fn bad_inherited_fds_exit_with_one_line_naming_the_cause() {
         ),
     ];
     for (extra, want) in cases {
-        let mut args = vec!["--socket-path", "{dir}/v.sock"];
-        args.extend_from_slice(extra);
-        let (st, _out, err) = run_to_exit(&args, t).unwrap();
-        assert_eq!(st.code(), Some(1), "{args:?}: {err}");
-        assert!(
-            err.contains(want),
-            "{args:?}: stderr {err:?} lacks {want:?}"
-        );
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err:?}");
+        support::process::assert_start_refused(extra, want);
     }
     let (st, _out, err) =
         run_to_exit(&["--socket-fd", "7", "--endpoint", "1,vfio-fd=7"], t).unwrap();

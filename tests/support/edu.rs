@@ -268,6 +268,31 @@ impl KernelLog {
         Ok(KernelLog { file })
     }
 
+    /// Wait up to `timeout` for an IOMMU fault line naming `iova` (a
+    /// driver's fault line names the address in hex): Ok(that line), or
+    /// Err(what was logged meanwhile), for the failure message.
+    pub fn wait_for_fault(
+        &mut self,
+        iova: u64,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<String, Vec<String>> {
+        let needle = format!("{iova:#x}");
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            for l in self.new_lines() {
+                if l.contains("fault") && l.contains(&needle) {
+                    return Ok(l);
+                }
+                seen.push(l);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(seen);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The messages logged since the last call (one record per read).
     pub fn new_lines(&mut self) -> Vec<String> {
         let mut out = Vec::new();

@@ -347,6 +347,21 @@ pub fn run_to_exit(args: &[&str], timeout: Duration) -> Result<(ExitStatus, Stri
     Ok((st, out, p.stderr()))
 }
 
+/// Start the binary with `--socket-path {dir}/v.sock` and `extra`, and
+/// check that it refuses to start: exit status 1 and one stderr line that
+/// contains `want`.
+pub fn assert_start_refused(extra: &[&str], want: &str) {
+    let mut args = vec!["--socket-path", "{dir}/v.sock"];
+    args.extend_from_slice(extra);
+    let (st, _out, err) = run_to_exit(&args, Duration::from_secs(10)).unwrap();
+    assert_eq!(st.code(), Some(1), "{args:?}: {err}");
+    assert!(
+        err.contains(want),
+        "{args:?}: stderr {err:?} lacks {want:?}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err:?}");
+}
+
 impl Drop for BackendProcess {
     fn drop(&mut self) {
         self.kill();

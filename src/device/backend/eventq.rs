@@ -184,7 +184,7 @@ impl IommuBackend {
             }
             Err(e) => {
                 debug!("eventq used ring unusable: {e}");
-                // The safe side, as `signal_if_needed`.
+                // The safe side, as the requestq: interrupt the driver.
                 let _ = vr.signal_used_queue();
             }
         }
