@@ -133,6 +133,9 @@ pub struct IommuBackend {
     session: Ranked<Session>,
     /// Adaptive busy-polling of the requestq (`--poll-us`).
     poll: Ranked<Polling>,
+    /// The host's run queues, read while polling (None: unreadable; the
+    /// other rules of `device::poll` only).
+    run_queues: Option<crate::device::poll::RunQueues>,
     /// Faults and page requests from their sources to the eventq, and the
     /// driver's answers back.
     pub relay: FaultRelay,
@@ -203,6 +206,7 @@ impl IommuBackend {
     ) -> io::Result<Self> {
         Ok(IommuBackend {
             poll: Ranked::new(Rank::Poll, Polling::new(Duration::ZERO)),
+            run_queues: None,
             session: Ranked::new(
                 Rank::Session,
                 Session {
@@ -226,6 +230,7 @@ impl IommuBackend {
             counters: p.counters,
             window: p.window.current(),
             backoff: p.window.backoff(),
+            gate: self.run_queues.is_some(),
         }
     }
 
@@ -237,9 +242,27 @@ impl IommuBackend {
     }
 
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
-    /// (zero: never).
-    pub(crate) fn with_poll(self, max: Duration) -> Self {
+    /// (zero: never, unless the control socket's `poll` turns it on). The
+    /// run queues are opened here, before the seccomp filter, whatever
+    /// `max` is.
+    pub(crate) fn with_poll(mut self, max: Duration) -> Self {
         *self.poll.lock() = Polling::new(max);
+        match crate::device::poll::RunQueues::open() {
+            Ok(rq) => {
+                if !max.is_zero() {
+                    log::info!(
+                        "polling: only while the host has a CPU for every runnable thread \
+                         (/proc/loadavg, {} CPUs)",
+                        rq.cpus()
+                    );
+                }
+                self.run_queues = Some(rq);
+            }
+            Err(e) => log::warn!(
+                "polling: {e}; it cannot see a crowded host, only the stalls and time \
+                 it loses (stats: poll_gate none)"
+            ),
+        }
         self
     }
 

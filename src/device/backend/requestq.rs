@@ -21,7 +21,7 @@ use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle_decoded, Reply, MAX_REPLY,
 };
 use crate::device::mem_view::{CachedMemory, OneRegion};
-use crate::device::poll::{PollWindow, Verdict, WindowRun, STALL};
+use crate::device::poll::{PollWindow, Verdict, WindowRun, CROWD_CHECK, STALL};
 use crate::device::request::{decode, Decoded};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
@@ -68,6 +68,11 @@ pub(crate) struct PollCounters {
     /// Kicks after which the window would have been open but polling was
     /// backed off.
     pub backed_off: u64,
+    /// Windows cut (at their start, or while they polled) because the host
+    /// had more runnable threads than CPUs (`device::poll::RunQueues`).
+    pub crowded: u64,
+    /// Reads of the run queues (/proc/loadavg) while polling.
+    pub probe_reads: u64,
 }
 
 /// `IommuBackend::poll_stats`: the counters, the adaptive window and the
@@ -77,6 +82,8 @@ pub(crate) struct PollStats {
     pub counters: PollCounters,
     pub window: Duration,
     pub backoff: Duration,
+    /// Whether polling reads the run queues (`device::poll::RunQueues`).
+    pub gate: bool,
 }
 
 impl Polling {
@@ -168,6 +175,9 @@ impl IommuBackend {
         };
         let mut polled = 0u64;
         let mut stalled = false;
+        let mut crowded = false;
+        let mut probe_reads = 0u64;
+        let run_queues = self.run_queues.as_ref();
         let polled_a_window = last.is_some();
         // The window's wall and CPU time, for the time it lost to others.
         let start = Instant::now();
@@ -180,6 +190,9 @@ impl IommuBackend {
             suppress_kicks(vring, mem.deref());
             // When the worker last looked at the ring without serving.
             let mut looked = Instant::now();
+            // When to read the run queues next: at once, then every
+            // CROWD_CHECK.
+            let mut check_at = looked;
             loop {
                 let now = Instant::now();
                 // First: a time slice lost is usually longer than the
@@ -192,6 +205,16 @@ impl IommuBackend {
                 }
                 if now >= since + window {
                     break;
+                }
+                if let Some(rq) = run_queues.filter(|_| now >= check_at) {
+                    // A thread waits for a CPU: this one must not spin on
+                    // it (device::poll::RunQueues).
+                    probe_reads += 1;
+                    if rq.crowded() == Some(true) {
+                        crowded = true;
+                        break;
+                    }
+                    check_at = now + CROWD_CHECK;
                 }
                 looked = now;
                 let pass = if pending(vring) {
@@ -246,10 +269,12 @@ impl IommuBackend {
                 polled: wall,
                 lost,
                 stalled,
+                crowded,
                 served: polled,
             };
             let c = &mut p.counters;
             c.windows += 1;
+            c.probe_reads += probe_reads;
             c.polled += wall;
             c.lost += lost.unwrap_or_default();
             if stalled {
@@ -258,6 +283,7 @@ impl IommuBackend {
             match p.window.ended(now, run) {
                 Verdict::LostTime => p.counters.lost_windows += 1,
                 Verdict::Idle => p.counters.idle_backoffs += 1,
+                Verdict::Crowded => p.counters.crowded += 1,
                 Verdict::Clean | Verdict::Stalled => {}
             }
         }
