@@ -136,6 +136,9 @@ pub struct IommuBackend {
     /// The host's run queues, read while polling (None: unreadable; the
     /// other rules of `device::poll` only).
     run_queues: Option<crate::device::poll::RunQueues>,
+    /// Bumped by each `set_poll_max`: an open window ends at its next look
+    /// (back-to-back requests keep one from ever lapsing).
+    poll_epoch: std::sync::atomic::AtomicU64,
     /// Faults and page requests from their sources to the eventq, and the
     /// driver's answers back.
     pub relay: FaultRelay,
@@ -207,6 +210,7 @@ impl IommuBackend {
         Ok(IommuBackend {
             poll: Ranked::new(Rank::Poll, Polling::new(Duration::ZERO)),
             run_queues: None,
+            poll_epoch: std::sync::atomic::AtomicU64::new(0),
             session: Ranked::new(
                 Rank::Session,
                 Session {
@@ -239,14 +243,21 @@ impl IommuBackend {
     /// force stays.
     pub(crate) fn set_poll_max(&self, max: Duration) {
         self.poll.lock().window.set_max(max);
+        self.poll_epoch.fetch_add(1, AtomicOrdering::Release);
     }
 
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
     /// (zero: never, unless the control socket's `poll` turns it on). The
     /// run queues are opened here, before the seccomp filter, whatever
-    /// `max` is.
-    pub(crate) fn with_poll(mut self, max: Duration) -> Self {
+    /// `max` is (`gate`: read them while polling).
+    pub(crate) fn with_poll(mut self, max: Duration, gate: bool) -> Self {
         *self.poll.lock() = Polling::new(max);
+        if !gate {
+            if !max.is_zero() {
+                log::info!("polling: also while the host is crowded (--poll-ignore-load)");
+            }
+            return self;
+        }
         match crate::device::poll::RunQueues::open() {
             Ok(rq) => {
                 if !max.is_zero() {

@@ -19,9 +19,10 @@
 #      VIOMMU_GT_POLL_US=200 (--poll-us of the backend of the `poll` boots),
 #      VIOMMU_GT_ROUNDS=3 (boots with polling, of QEMU's device and in page-table mode with
 #      polling, in turn, for the medians),
-#      VIOMMU_GT_CONTENDED_ROUNDS=3 (contended boots per mode, polling and not, interleaved),
-#      VIOMMU_GT_CONTENDED_AB_BOOTS=2, VIOMMU_GT_CONTENDED_AB_RUNS=8 (contended boots whose
-#      benchmark runs that many times, polling switched on and off between the runs, ABBA),
+#      VIOMMU_GT_CONTENDED_ROUNDS=2 (contended boots per mode, polling and not, interleaved),
+#      VIOMMU_GT_CONTENDED_AB_BOOTS=3, VIOMMU_GT_CONTENDED_AB_RUNS=16 (contended boots whose
+#      benchmark runs that many times after a warm-up run, polling switched on and off between
+#      the runs, ABBA then BAAB: the `dma-map-bench-contended` figure),
 #      VIOMMU_GT_ONLY=sva (only the sva boot, after the first backend's start: for iterating on it),
 #      VIOMMU_GT_ONLY=contended (only the contended boots and their figures, likewise).
 set -euo pipefail
@@ -29,7 +30,7 @@ set -euo pipefail
 repo="$(cd "${VM_DIR}/../.." && pwd)"
 gt="${VM_DIR}/guest-tier"
 tmo="${VIOMMU_GT_TIMEOUT:-120}"
-ab_runs="${VIOMMU_GT_CONTENDED_AB_RUNS:-8}"
+ab_runs="${VIOMMU_GT_CONTENDED_AB_RUNS:-16}"
 bench_s="${VIOMMU_GT_BENCH_SECONDS:-1}"
 
 passed=0 failed=0
@@ -148,7 +149,7 @@ boot() { # boot NAME MODE QEMU-ARGS...: one guest run; its PASS/FAIL lines count
     # broken and panics ("IO-APIC + timer doesn't work!", seen once in nine): no_timer_check.
     case "$name" in
         cpoll* | cours*) tm+=(viommu.bench=t1g1 no_timer_check) ;;
-        cab*) tm+=("viommu.bench=t1g1x${ab_runs}" no_timer_check) ;;
+        cab*) tm+=("viommu.bench=t1g1x$((ab_runs + 1))" no_timer_check) ;;
     esac
     vm_log "booting ${name} (mode ${mode}) with QEMU 11 ($(elapsed) s)"
     t_boot="$(date +%s.%N)"
@@ -381,7 +382,7 @@ contended_boots() {
         (while :; do :; done) &
         hog_pids+=($!)
     done
-    for r in $(seq "${VIOMMU_GT_CONTENDED_ROUNDS:-3}"); do
+    for r in $(seq "${VIOMMU_GT_CONTENDED_ROUNDS:-2}"); do
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cpoll${r}-before.json" 2>&1 || true
         boot "cpoll${r}" ours2 -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cpoll${r}-after.json" 2>&1 || true
@@ -392,7 +393,7 @@ contended_boots() {
     # The same comparison within one boot, where the host's drift between boots (as large as the
     # difference measured) cannot enter: the guest runs the benchmark ab_runs times, and before
     # each run the polling backend's polling is switched on or off (`poll` op, ab_watch).
-    for r in $(seq "${VIOMMU_GT_CONTENDED_AB_BOOTS:-2}"); do
+    for r in $(seq "${VIOMMU_GT_CONTENDED_AB_BOOTS:-3}"); do
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cab${r}-before.json" 2>&1 || true
         ab_watch "cab${r}" &
         local watch_pid=$!
@@ -406,34 +407,65 @@ contended_boots() {
     hog_pids=()
 }
 # ab_watch NAME: while boot NAME runs, at each of the guest's `dma-bench-mark` lines (before each
-# benchmark run, then a pause of 1 s) switch the polling backend's polling on or off, ABBA (on,
-# off, off, on, ...: a linear drift within the boot cancels out in each block of four), as `MARK US MS` lines
-# of ab-NAME.txt (MS: how long the switch took; one over the pause may have landed in the run).
+# benchmark run, then a pause of 0.3 s) switch the polling backend's polling on or off: on for the
+# first run (a warm-up, not counted: a boot's first run is slower), then in blocks of four, ABBA
+# (on, off, off, on) and BAAB in turn, so that a linear drift cancels in each block and a
+# curvature across each pair of blocks; one process, one connection per switch (a shell `ctl` per
+# switch took 0.2-0.7 s under the busy loops). `MARK US MS` lines of ab-NAME.txt (MS: how long the
+# switch took; one over the pause may have landed in the run: its block is left out).
 # Polling on again after the last run.
 ab_watch() {
-    local log="$W/console-$1.log" out="$W/ab-$1.txt" seen=0 k i us t0 on="${VIOMMU_GT_POLL_US:-200}"
-    : >"$out"
-    for i in $(seq 2400); do
-        k="$( { tr -d '\r' <"$log"; } 2>/dev/null | grep -ac '^dma-bench-mark ' || true)"
-        if [ "$k" -gt "$seen" ]; then
-            seen=$k
-            case $((k % 4)) in 1 | 0) us=$on ;; *) us=0 ;; esac
-            [ "$k" -gt "$ab_runs" ] && us=$on
-            t0="$(date +%s%N)"
-            CTL="$W/ctl-poll.sock" ctl "{\"op\":\"poll\",\"us\":$us}" >/dev/null 2>&1 || true
-            echo "$k $us $((($(date +%s%N) - t0) / 1000000))" >>"$out"
-        fi
-        [ "$seen" -gt "$ab_runs" ] && return
-        grep -aq 'VIOMMU-TEST-EXIT' "$log" 2>/dev/null && break
-        sleep 0.05
-    done
-    CTL="$W/ctl-poll.sock" ctl "{\"op\":\"poll\",\"us\":$on}" >/dev/null 2>&1 || true
+    python3 - "$W/console-$1.log" "$W/ab-$1.txt" "$W/ctl-poll.sock" "${VIOMMU_GT_POLL_US:-200}" "$ab_runs" <<'PY'
+import json, socket, sys, time
+log, out, sock, on, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+def ctl(us):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    try:
+        s.connect(sock)
+        s.sendall(json.dumps({"op": "poll", "us": us}).encode() + b"\n")
+        b = b""
+        while not b.endswith(b"\n"):
+            c = s.recv(4096)
+            if not c:
+                break
+            b += c
+    except OSError:
+        pass
+    finally:
+        s.close()
+def us_for(k):  # k: the mark's number, 1 = the warm-up run
+    if k == 1 or k > runs + 1:
+        return on
+    block, pos = divmod(k - 2, 4)
+    first = pos in (0, 3)  # A of ABBA
+    return on if first == (block % 2 == 0) else 0
+seen, done = 0, False
+with open(out, "w") as f:
+    for _ in range(24000):  # 10 ms each: 240 s
+        try:
+            text = open(log, "rb").read().decode(errors="replace").replace("\r", "")
+        except OSError:
+            text = ""
+        lines = text.split("\n")
+        k = sum(1 for l in lines if l.startswith("dma-bench-mark "))
+        while seen < k:
+            seen += 1
+            t0 = time.monotonic()
+            ctl(us_for(seen))
+            f.write(f"{seen} {us_for(seen)} {int((time.monotonic() - t0) * 1000)}\n")
+            f.flush()
+        if seen > runs + 1 or "VIOMMU-TEST-EXIT" in text:
+            break
+        time.sleep(0.01)
+ctl(on)
+PY
 }
 # The contended boots' figures (1 thread, 4 KiB map): the medians of each mode, their ratio, the
 # spread, and what the polling backend did in each cpoll boot. Appended to dma-map-bench.txt.
 contended_figures() {
     python3 - "$W" >&2 <<'PY' || fail dma-map-bench-contended-figures
-import glob, json, os, re, statistics, sys
+import glob, json, math, os, re, statistics, sys
 w = sys.argv[1]
 res = {}
 for path in sorted(glob.glob(f"{w}/console-c*.log")):
@@ -441,8 +473,9 @@ for path in sorted(glob.glob(f"{w}/console-c*.log")):
     m = re.search(r"dma-bench: threads=1 granule=1 map_100ns=(\d+) unmap_100ns=(\d+)", open(path, errors="replace").read())
     if m and re.fullmatch(r"c(poll|ours)\d+", name):
         res[name] = int(m.group(1)) / 10
-# The A/B boots: every run of the benchmark in order, and the polling bound set before each.
-ab, abus, late = {}, {}, 0
+# The A/B boots: every run of the benchmark in order (the first a warm-up), and the polling bound
+# set before each (mark k precedes run k).
+ab, abus, late = {}, {}, set()
 for path in sorted(glob.glob(f"{w}/console-cab*.log")):
     name = os.path.basename(path)[len("console-"):-len(".log")]
     ab[name] = [int(x) / 10 for x in re.findall(r"dma-bench: threads=1 granule=1 map_100ns=(\d+)", open(path, errors="replace").read())]
@@ -451,7 +484,8 @@ for path in sorted(glob.glob(f"{w}/console-cab*.log")):
     except (OSError, ValueError):
         marks = []
     abus[name] = {k: us for k, us, _ in marks}
-    late += sum(1 for k, _, ms in marks if ms >= 1000 and k <= len(ab[name]))
+    # A switch that took longer than the guest's pause (0.3 s) may have landed in its run.
+    late |= {(name, k) for k, _, ms in marks if ms >= 300}
 def runs(mode):
     return [v for n, v in sorted(res.items(), key=lambda kv: int(re.sub(r"\D", "", kv[0]))) if re.fullmatch(f"c{mode}\\d+", n)]
 p, o = runs("poll"), runs("ours")
@@ -467,15 +501,18 @@ def load(name):  # the host's 1-minute load average after the boot (hogs include
     except OSError:
         return "-"
 keys = ("requestq_poll_stalls", "requestq_poll_windows", "requestq_poll_us", "requestq_poll_lost_us",
-        "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups", "requestq_poll_lost_windows", "requestq_poll_idle_backoffs")
+        "requestq_poll_backed_off", "requestq_served_by_polling", "requestq_wakeups", "requestq_poll_lost_windows", "requestq_poll_idle_backoffs",
+        "requestq_poll_crowded", "requestq_poll_probe_reads")
+delta = {}
 for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))) + sorted(ab, key=lambda k: int(re.sub(r"\D", "", k))):
     if not name.startswith(("cpoll", "cab")):
         continue
-    d = {k: n(f"{w}/stats-{name}-after.json", k) - n(f"{w}/stats-{name}-before.json", k) for k in keys}
+    d = delta[name] = {k: n(f"{w}/stats-{name}-after.json", k) - n(f"{w}/stats-{name}-before.json", k) for k in keys}
     mu = f"{res[name]:.1f}" if name in res else ",".join(f"{v:.1f}" for v in ab[name])
     lines.append(f"dma-map-bench-contended-boot boot={name} map_us={mu} stalls={d[keys[0]]} windows={d[keys[1]]} "
                  f"poll_ms={d[keys[2]] / 1000:.1f} lost_ms={d[keys[3]] / 1000:.1f} backed_off={d[keys[4]]} "
                  f"served_by_polling={d[keys[5]]} wakeups={d[keys[6]]} lost_windows={d[keys[7]]} idle_backoffs={d[keys[8]]} "
+                 f"crowded={d[keys[9]]} probe_reads={d[keys[10]]} "
                  f"backoff_ms_after={n(f'{w}/stats-{name}-after.json', 'poll_backoff_ms')} load1_after={load(name)}")
 for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))):
     if name.startswith("cours"):
@@ -483,34 +520,58 @@ for name in sorted(res, key=lambda k: int(re.sub(r"\D", "", k))):
 if p and o:
     mp, mo = statistics.median(p), statistics.median(o)
     pairs = ",".join(f"{a / b:.2f}" for a, b in zip(p, o))
-    lines.append(f"dma-map-bench-contended poll_map_us={mp:.1f} ours_map_us={mo:.1f} ratio={mp / mo:.2f} "
+    lines.append(f"dma-map-bench-contended-boots poll_map_us={mp:.1f} ours_map_us={mo:.1f} ratio={mp / mo:.2f} "
                  f"boots={min(len(p), len(o))} poll_spread={min(p):.1f}-{max(p):.1f} "
                  f"ours_spread={min(o):.1f}-{max(o):.1f} pair_ratios={pairs}")
 else:
-    print("dma-map-bench-contended: missing figures", file=sys.stderr)
-# Blocks of four consecutive runs in one boot (ABBA: two with polling, two without, so that a
-# linear drift within the block cancels out): the block's ratio is on / off, summed.
-pr, on, off = [], [], []
+    print("dma-map-bench-contended-boots: missing figures", file=sys.stderr)
+# The figure: blocks of four consecutive runs in one boot after its warm-up (ABBA or BAAB: two
+# with polling, two without, so that a linear drift within the block cancels out); a block's
+# ratio is its on runs' sum over its off runs'; the figure is the blocks' median, with the
+# distribution-free 95% interval of the median (order statistics of the binomial).
+pr, on, off, nlate = [], [], [], 0
 for name, vals in ab.items():
-    for j in range(0, len(vals) - 3, 4):
-        block = [(abus[name].get(j + i + 1), vals[j + i]) for i in range(4)]
+    for j in range(1, len(vals) - 3, 4):
+        ks = [j + i + 1 for i in range(4)]  # the marks before runs j..j+3 (0-based runs)
+        block = [(abus[name].get(k), vals[k - 1]) for k in ks]
         if any(us is None for us, _ in block):
+            continue
+        if any((name, k) in late for k in ks):
+            nlate += 1
             continue
         p_ = [v for us, v in block if us > 0]
         o_ = [v for us, v in block if us == 0]
         if len(p_) != 2 or len(o_) != 2:
-            continue
+            if len({us for us, _ in block}) > 1:
+                continue
+            # A/A (VIOMMU_GT_POLL_US=0): the runs the A/B would have polled stand for "on".
+            p_, o_ = [block[0][1], block[3][1]], [block[1][1], block[2][1]]
+            if (j // 4) % 2:
+                p_, o_ = o_, p_
         on += p_
         off += o_
         pr.append(sum(p_) / sum(o_))
+def median_ci(xs):
+    xs = sorted(xs)
+    m = len(xs)
+    k = 0  # the largest k with P(Binomial(m, 1/2) < k) <= 2.5%
+    while k < m and sum(math.comb(m, i) for i in range(k + 1)) / 2**m <= 0.025:
+        k += 1
+    return (xs[k - 1], xs[m - k]) if k >= 1 else (float("nan"), float("nan"))
 if pr:
-    lines.append(f"dma-map-bench-contended-ab poll_map_us={statistics.median(on):.1f} ours_map_us={statistics.median(off):.1f} "
-                 f"ratio={statistics.median(pr):.2f} blocks={len(pr)} boots={len(ab)} block_spread={min(pr):.2f}-{max(pr):.2f} "
-                 f"late_switches={late} block_ratios={','.join(f'{x:.2f}' for x in pr)}")
+    lo, hi = median_ci(pr)
+    c = {k: sum(delta.get(nm, {}).get(k, 0) for nm in ab) for k in keys}
+    lines.append(f"dma-map-bench-contended poll_map_us={statistics.median(on):.1f} ours_map_us={statistics.median(off):.1f} "
+                 f"ratio={statistics.median(pr):.2f} ci95={lo:.2f}-{hi:.2f} blocks={len(pr)} boots={len(ab)} "
+                 f"late_blocks={nlate} windows={c[keys[1]]} poll_ms={c[keys[2]] / 1000:.1f} lost_ms={c[keys[3]] / 1000:.1f} "
+                 f"stalls={c[keys[0]]} crowded={c[keys[9]]} served_by_polling={c[keys[5]]} wakeups={c[keys[6]]} "
+                 f"block_ratios={','.join(f'{x:.2f}' for x in pr)}")
+else:
+    print("dma-map-bench-contended: missing figures", file=sys.stderr)
 for l in lines:
     print(l)
 open(f"{w}/dma-map-bench.txt", "a").write("".join(l + "\n" for l in lines))
-sys.exit(0 if p and o and (pr or not ab) else 1)
+sys.exit(0 if p and o and pr else 1)
 PY
 }
 if [ "${VIOMMU_GT_ONLY:-}" = contended ]; then

@@ -178,6 +178,7 @@ impl IommuBackend {
         let mut crowded = false;
         let mut probe_reads = 0u64;
         let run_queues = self.run_queues.as_ref();
+        let epoch = self.poll_epoch.load(AtomicOrdering::Acquire);
         let polled_a_window = last.is_some();
         // The window's wall and CPU time, for the time it lost to others.
         let start = Instant::now();
@@ -203,7 +204,8 @@ impl IommuBackend {
                     stalled = true;
                     break;
                 }
-                if now >= since + window {
+                if now >= since + window || self.poll_epoch.load(AtomicOrdering::Relaxed) != epoch {
+                    // Lapsed, or a new bound (`poll` op): kicks again.
                     break;
                 }
                 if let Some(rq) = run_queues.filter(|_| now >= check_at) {

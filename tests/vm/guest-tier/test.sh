@@ -17,8 +17,8 @@ for w in $(cat /proc/cmdline); do
     case "$w" in
         viommu.mode=*) mode="${w#viommu.mode=}" ;;
         # viommu.bench=t1g1: only the benchmark's first configuration (the contended boots);
-        # t1g1xN: N times, each after a mark and a pause of 1 s in which the host switches the
-        # backend's polling on or off (guest-tier.sh, ab_watch).
+        # t1g1xN: N times, each after a mark and a pause of 0.3 s in which the host switches
+        # the backend's polling on or off (guest-tier.sh, ab_watch).
         viommu.bench=*) bench="${w#viommu.bench=}" ;;
     esac
 done
@@ -91,7 +91,7 @@ mark() {
         sleep 0.5
     elif [ "$reps" -gt 1 ]; then
         echo "dma-bench-mark $1"
-        sleep 1
+        sleep 0.3
     fi
 }
 if [ "$mode" != sva ] && [ -x /bin/dma-bench ] && [ -e /sys/kernel/debug/dma_map_benchmark ]; then
