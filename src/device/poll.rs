@@ -8,7 +8,23 @@
 
 //!
 //! Polling must never hurt: a poller that takes the core the vCPU needs
-//! turns a 10 us request into a scheduler time slice. While it polls, the
+//! turns a 10 us request into a scheduler time slice. First, by
+//! construction: a window polls only while the host has a CPU for every
+//! runnable thread (`RunQueues`: /proc/loadavg's count of runnable threads,
+//! the kernel's `nr_running()`, against the online CPUs; read with one
+//! pread at the window's start and every `CROWD_CHECK` while it polls,
+//! 1.5 us a read). Crowded: the window ends before the worker spins on a
+//! CPU someone waits for, and polling stays off for `CROWDED_OFF`, no
+//! back-off (the next reading decides). The alternatives were weighed
+//! (spec-notes/benchmarks.md): `sched_yield()` per look gives the CPU only
+//! to a thread queued on the worker's own CPU, and to a busy one for a whole
+//! slice with kicks off (the stall it was to avoid); SCHED_IDLE or nice 19
+//! while polling cannot be undone without CAP_SYS_NICE (RLIMIT_NICE 0) and
+//! starves the poller's own request behind any busy thread while kicks are
+//! off. The count is the whole host's: a worker confined to some CPUs, or
+//! a cgroup's CPU quota, is still covered only by the rules below.
+//!
+//! Then, as noticed after the fact: while it polls, the
 //! worker looks at the ring every ~100 ns; a gap of `STALL` between two
 //! looks means it was not running (the host's cores are taken by others),
 //! and so does a window whose thread ran for less than 7/8 of it
