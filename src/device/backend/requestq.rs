@@ -212,9 +212,15 @@ impl IommuBackend {
                     // A thread waits for a CPU: this one must not spin on
                     // it (device::poll::RunQueues).
                     probe_reads += 1;
-                    if rq.crowded() == Some(true) {
-                        crowded = true;
-                        break;
+                    match rq.crowded() {
+                        Some(true) => {
+                            crowded = true;
+                            break;
+                        }
+                        Some(false) => {}
+                        // Read at start-up, so not expected: the other
+                        // rules still hold.
+                        None => limited!(Level::Warn, "polling: /proc/loadavg unreadable"),
                     }
                     check_at = now + CROWD_CHECK;
                 }
