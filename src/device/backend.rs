@@ -269,10 +269,11 @@ impl IommuBackend {
                 }
                 self.run_queues = Some(rq);
             }
-            Err(e) => log::warn!(
+            Err(e) if !max.is_zero() => log::warn!(
                 "polling: {e}; it cannot see a crowded host, only the stalls and time \
                  it loses (stats: poll_gate none)"
             ),
+            Err(e) => log::debug!("polling (off): {e}"),
         }
         self
     }

@@ -133,6 +133,9 @@ impl IommuBackend {
     /// addresses, indices) are logged and end this pass; they never reach
     /// the worker loop, which would stop serving the queue for good.
     pub(super) fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
+        // Read before the bound (set_poll_max sets the bound, then bumps
+        // it): a `poll` op from here on ends the window.
+        let epoch = self.poll_epoch.load(AtomicOrdering::Acquire);
         let window = self.poll.lock().kicked(Instant::now());
         let last = if window.is_zero() {
             (self.serve_requestq(vring, false).served > 0).then(Instant::now)
@@ -144,7 +147,7 @@ impl IommuBackend {
                 // Not polled: left alone until the next kick.
                 first
             } else {
-                self.poll_requestq(vring, window, first)
+                self.poll_requestq(vring, window, epoch, first)
             }
         };
         if last.is_some() {
@@ -157,12 +160,14 @@ impl IommuBackend {
     /// (the next MAP, a PAGE_RESP after a page request) is served without a
     /// wakeup, and is asked not to notify meanwhile (no kick, no exit).
     /// Polls until `window` passes without a request after the last one
-    /// served (`last`; none: nothing to wait for), then turns kicks back
-    /// on. Returns when the last request was served.
+    /// served (`last`; none: nothing to wait for), or a `poll` op changed
+    /// the bound (`epoch`: their count when the kick came), then turns
+    /// kicks back on. Returns when the last request was served.
     fn poll_requestq(
         &self,
         vring: &VringRwLock,
         window: Duration,
+        epoch: u64,
         mut last: Option<Instant>,
     ) -> Option<Instant> {
         let mem = self.session().mem.memory();
@@ -178,7 +183,6 @@ impl IommuBackend {
         let mut crowded = false;
         let mut probe_reads = 0u64;
         let run_queues = self.run_queues.as_ref();
-        let epoch = self.poll_epoch.load(AtomicOrdering::Acquire);
         let polled_a_window = last.is_some();
         // The window's wall and CPU time, for the time it lost to others.
         let start = Instant::now();
