@@ -398,9 +398,12 @@ contended_boots() {
     # and runs (as large as the difference measured) cannot enter (`poll` op, ab_watch).
     for r in $(seq "${VIOMMU_GT_CONTENDED_AB_BOOTS:-3}"); do
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cab${r}-before.json" 2>&1 || true
+        rm -f "$W/ab-cab${r}.stop"
         ab_watch "cab${r}" &
         local watch_pid=$!
         boot "cab${r}" ours2 -chardev "socket,id=c,path=$W/poll.sock" "${ours_args[@]}"
+        # A guest that hung and was killed prints no end: the watcher must not wait for one.
+        touch "$W/ab-cab${r}.stop"
         wait "$watch_pid" 2>/dev/null || true
         CTL="$W/ctl-poll.sock" ctl '{"op":"stats"}' >"$W/stats-cab${r}-after.json" 2>&1 || true
         cut -d' ' -f1 /proc/loadavg >"$W/load-cab${r}.txt"
@@ -419,7 +422,7 @@ contended_boots() {
 ab_watch() {
     python3 - "$W/console-$1.log" "$W/ab-$1.txt" "$W/ctl-poll.sock" "${VIOMMU_GT_POLL_US:-200}" \
         "${VIOMMU_GT_CONTENDED_AB_PHASE_MS:-50}" <<'PY'
-import json, socket, sys, time
+import json, os, socket, sys, time
 log, out, sock, on, phase = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) / 1000
 def ctl(req):
     s = socket.socket(socket.AF_UNIX)
@@ -441,12 +444,13 @@ def ctl(req):
         return json.loads(b)
     except ValueError:
         return {}
-def marks():
+def marks():  # (marks seen, whether the boot is over)
+    over = os.path.exists(out[:-len(".txt")] + ".stop")
     try:
         text = open(log, "rb").read().decode(errors="replace").replace("\r", "")
     except OSError:
-        return 0, False
-    return sum(1 for l in text.split("\n") if l.startswith("dma-bench-mark ")), "VIOMMU-TEST-EXIT" in text
+        return 0, over
+    return sum(1 for l in text.split("\n") if l.startswith("dma-bench-mark ")), over or "VIOMMU-TEST-EXIT" in text
 deadline = time.monotonic() + 240
 while time.monotonic() < deadline:
     k, done = marks()
@@ -541,8 +545,9 @@ else:
 # blocks' median, with the distribution-free 95% interval of the median. A time per MAP is the
 # whole cycle the guest's benchmark repeats (its MAP, its UNMAP, its own loop), as the device sees
 # it. A/A (VIOMMU_GT_POLL_US=0): the phases the A/B would have polled stand for "on".
-pr, ton, non, toff, noff, empty = [], 0.0, 0, 0.0, 0, 0
+pr, ton, non, toff, noff, empty, nboots = [], 0.0, 0, 0.0, 0, 0, 0
 for name, ph in phases.items():
+    n_before = len(pr)
     seg = []  # (seconds, maps, polled?) per phase
     aa = all(not us for _, _, us in ph)
     for idx, (a, b) in enumerate(zip(ph, ph[1:])):
@@ -566,6 +571,7 @@ for name, ph in phases.items():
             continue
         ton += t1; non += n1; toff += t0_; noff += n0
         pr.append((t1 / n1) / (t0_ / n0))
+    nboots += len(pr) > n_before
 def median_ci(xs):
     xs = sorted(xs)
     m = len(xs)
@@ -579,7 +585,7 @@ if pr:
     pu, ou = ton / non * 1e6, toff / noff * 1e6
     lines.append(f"dma-map-bench-contended poll_map_us={pu:.1f} ours_map_us={ou:.1f} "
                  f"ratio={statistics.median(pr):.2f} ci95={lo:.2f}-{hi:.2f} ratio_of_totals={pu / ou:.2f} "
-                 f"blocks={len(pr)} boots={len(ab)} empty_blocks={empty} "
+                 f"blocks={len(pr)} boots={nboots} empty_blocks={empty} "
                  f"windows={c[keys[1]]} poll_ms={c[keys[2]] / 1000:.1f} lost_ms={c[keys[3]] / 1000:.1f} "
                  f"stalls={c[keys[0]]} lost_windows={c[keys[7]]} idle_backoffs={c[keys[8]]} crowded={c[keys[9]]} "
                  f"served_by_polling={c[keys[5]]} wakeups={c[keys[6]]} "
