@@ -235,6 +235,14 @@ pub struct Args {
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
 
+    /// Poll even while the host has more runnable threads than CPUs. By
+    /// default a polling window reads the run queues (/proc/loadavg) and
+    /// polls only while every runnable thread has a CPU; with this flag
+    /// polling backs off only after it was descheduled (for measurements
+    /// of the rules without the check).
+    #[arg(long)]
+    pub poll_ignore_load: bool,
+
     /// Most page-request groups outstanding (delivered to the driver or
     /// waiting for an eventq buffer); beyond: completed with FAILURE.
     #[arg(long, default_value_t = 512)]
@@ -387,6 +395,8 @@ pub struct Options {
     pub control_limits: ControlLimits,
     /// Busy-poll of the requestq after serving it (0: off).
     pub poll: std::time::Duration,
+    /// Poll only while the host has a CPU for every runnable thread.
+    pub poll_gate: bool,
     pub seccomp: crate::sandbox::SeccompMode,
     /// How long to wait for the VMM to bind a `vfio-bound-fd` cdev.
     pub bind_wait: std::time::Duration,
@@ -699,6 +709,7 @@ impl Args {
             },
             // At most a second: a poll that long is a mistake, not a mode.
             poll: std::time::Duration::from_micros(self.poll_us.min(1_000_000)),
+            poll_gate: !self.poll_ignore_load,
             seccomp: self.seccomp,
             bind_wait: std::time::Duration::from_millis(self.bind_wait_ms),
             fault_io: self.fault_io,

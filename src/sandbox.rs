@@ -146,6 +146,10 @@ mod lists {
     /// The host IOMMU: iommufd and VFIO ioctls, only the request numbers of
     /// `super::IOCTLS`.
     pub(crate) const HOST: &[c_long] = &[SYS_ioctl];
+    /// The requestq worker reads the host's run queues while it polls
+    /// (/proc/loadavg, opened at start-up: `device::poll::RunQueues`), at
+    /// most once per `CROWD_CHECK` of polling and per window.
+    pub(crate) const POLL_PROBE: &[c_long] = &[SYS_pread64];
     /// vhost-user messages (fds travel with SCM_RIGHTS) and the guest
     /// memory files they carry.
     pub(crate) const VHOST_USER: &[c_long] = &[
@@ -232,13 +236,15 @@ fn allowed_with(role: Role, io_uring: bool) -> Vec<libc::c_long> {
             RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, STREAM, ACCEPT, THREADS, SETUP,
             SETUP_MAIN,
         ],
-        Role::Worker => &[RUNTIME, EVENTS, EVENTS_OLD, HOST],
+        Role::Worker => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, POLL_PROBE],
         Role::Frontend => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER],
         Role::ControlListener => &[RUNTIME, STREAM, ACCEPT, THREADS],
         Role::ControlClient => &[RUNTIME, STREAM],
         Role::ControlListenerVfio => &[RUNTIME, STREAM, ACCEPT, THREADS, HOTPLUG, HOST],
         Role::ControlClientVfio => &[RUNTIME, STREAM, HOTPLUG, HOST],
-        Role::StartWorkers => &[RUNTIME, EVENTS, EVENTS_OLD, HOST, SETUP, THREADS],
+        Role::StartWorkers => &[
+            RUNTIME, EVENTS, EVENTS_OLD, HOST, POLL_PROBE, SETUP, THREADS,
+        ],
         Role::StartHandler => &[
             RUNTIME, EVENTS, EVENTS_OLD, HOST, VHOST_USER, ACCEPT, THREADS,
         ],

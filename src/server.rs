@@ -236,7 +236,7 @@ pub fn run(opts: Options) -> Result<(), ServerError> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(ServerError::Backend)?
-    .with_poll(opts.poll);
+    .with_poll(opts.poll, opts.poll_gate);
     if let Some(host) = host {
         backend = backend.with_host(host);
     }

@@ -1487,13 +1487,15 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
 }
 
 /// Times polling backed off (device::poll): a stall, a window that lost
-/// its time to other threads, or idle windows. A loaded host gives any of
+/// its time to other threads, idle windows, or a window cut because the
+/// host had more runnable threads than CPUs. A loaded host gives any of
 /// them, and the tests about polling accept a back-off where it does.
 fn backoffs(s: &Value) -> u64 {
     [
         "requestq_poll_stalls",
         "requestq_poll_lost_windows",
         "requestq_poll_idle_backoffs",
+        "requestq_poll_crowded",
     ]
     .iter()
     .map(|k| s[k].as_u64().unwrap())
@@ -1545,6 +1547,57 @@ fn the_control_socket_turns_polling_on_and_off() {
     assert_eq!(stat(&s, "map", "ok"), 600, "{s}");
     let r = control(&b).request(&json!({"op": "poll"})).unwrap();
     assert_eq!(r["error"], "bad-request", "{r}");
+}
+
+/// The `poll` op takes effect at once, also on a window already open: a
+/// driver sending back to back keeps a window from ever lapsing, so a
+/// window that only looked at its bound when it opened would go on
+/// polling after `"us":0` (the A/B measurements switch polling many times a
+/// second while the guest maps).
+#[test]
+fn turning_polling_off_ends_an_open_window() {
+    // Without the run-queue check, which on a loaded host keeps the window
+    // shut.
+    let b = backend(&["--poll-us", "300000", "--poll-ignore-load"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.requestq().set_spin(true);
+    let pairs = |f: &mut Frontend| {
+        for i in 0..100 {
+            let iova = 0x10_0000 + i * 0x1000;
+            assert_eq!(status(f, wire::map(1, iova, iova + 0xfff, iova, RW)), S_OK);
+            assert_eq!(status(f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
+        }
+    };
+    // Until a window serves most of 200 requests (a loaded host has the
+    // worker descheduled, and polling backs off for a while: try again).
+    let mut polling_kicks = u64::MAX;
+    for _ in 0..50 {
+        let k0 = f.requestq().stats().kicks;
+        pairs(&mut f);
+        polling_kicks = f.requestq().stats().kicks - k0;
+        if polling_kicks < 100 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(120));
+    }
+    let r = control(&b)
+        .request(&json!({"op": "poll", "us": 0}))
+        .unwrap();
+    assert_eq!(r, json!({"ok": true, "poll_us": 0}));
+    let k1 = f.requestq().stats().kicks;
+    pairs(&mut f);
+    let kicks = f.requestq().stats().kicks - k1;
+    let s = control(&b).stats().unwrap();
+    eprintln!("{polling_kicks} kicks of 200 while polling, {kicks} of 200 after \"us\":0: {s}");
+    // A crowded or contended host may have kept the window shut: then
+    // there is nothing to end.
+    if polling_kicks < 100 {
+        assert!(
+            kicks >= 150,
+            "{kicks} of 200 requests kicked after \"us\":0: {s}"
+        );
+    }
 }
 
 /// GET_VRING_BASE stops the ring ("stop ring upon receiving
@@ -2091,6 +2144,68 @@ fn polling_backs_off_when_the_host_is_contended() {
         "no stall noticed under contention in 60 s: {s}"
     );
     assert_eq!(stat(&s, "map", "ok"), i, "{s}");
+}
+
+/// Polling that never hurts, by construction: a window polls only while
+/// the host has a CPU for every runnable thread (/proc/loadavg's count,
+/// read at the window's start and every 50 us). With more busy threads
+/// than cores, every window is cut at its first read, before the worker
+/// takes a CPU from anyone; the requests are served by kicks.
+#[test]
+fn polling_stays_off_while_the_host_has_no_free_cpu() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let b = backend(&["--poll-us", "5000"]);
+    let mut f = connect(&b);
+    assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
+    f.requestq().set_spin(true);
+    let s = control(&b).stats().unwrap();
+    assert_eq!(s["poll_gate"], "run-queues", "{s}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs: Vec<_> = (0..2 * cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    for i in 0..200u64 {
+        let iova = 0x10_0000 + i * 0x1000;
+        assert_eq!(
+            status(&mut f, wire::map(1, iova, iova + 0xfff, iova, RW)),
+            S_OK
+        );
+        assert_eq!(status(&mut f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let s = control(&b).stats().unwrap();
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k}: {s}"));
+    eprintln!(
+        "crowded host: {} windows, {} cut as crowded, {} reads, {} us polled, {} stalls, \
+         {} served by polling, {} wakeups",
+        n("requestq_poll_windows"),
+        n("requestq_poll_crowded"),
+        n("requestq_poll_probe_reads"),
+        n("requestq_poll_us"),
+        n("requestq_poll_stalls"),
+        n("requestq_served_by_polling"),
+        n("requestq_wakeups"),
+    );
+    // The first window (the second request comes within the bound) read
+    // the run queues at once and found them crowded.
+    assert!(n("requestq_poll_crowded") >= 1, "{s}");
+    assert!(
+        n("requestq_poll_probe_reads") >= n("requestq_poll_crowded"),
+        "{s}"
+    );
+    assert_eq!(stat(&s, "map", "ok"), 200, "{s}");
 }
 
 /// A kick that finds nothing to serve (left over from a request an earlier

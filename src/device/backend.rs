@@ -133,6 +133,12 @@ pub struct IommuBackend {
     session: Ranked<Session>,
     /// Adaptive busy-polling of the requestq (`--poll-us`).
     poll: Ranked<Polling>,
+    /// The host's run queues, read while polling (None: unreadable; the
+    /// other rules of `device::poll` only).
+    run_queues: Option<crate::device::poll::RunQueues>,
+    /// Bumped by each `set_poll_max`: an open window ends at its next look
+    /// (back-to-back requests keep one from ever lapsing).
+    poll_epoch: std::sync::atomic::AtomicU64,
     /// Faults and page requests from their sources to the eventq, and the
     /// driver's answers back.
     pub relay: FaultRelay,
@@ -203,6 +209,8 @@ impl IommuBackend {
     ) -> io::Result<Self> {
         Ok(IommuBackend {
             poll: Ranked::new(Rank::Poll, Polling::new(Duration::ZERO)),
+            run_queues: None,
+            poll_epoch: std::sync::atomic::AtomicU64::new(0),
             session: Ranked::new(
                 Rank::Session,
                 Session {
@@ -226,6 +234,7 @@ impl IommuBackend {
             counters: p.counters,
             window: p.window.current(),
             backoff: p.window.backoff(),
+            gate: self.run_queues.is_some(),
         }
     }
 
@@ -234,12 +243,38 @@ impl IommuBackend {
     /// force stays.
     pub(crate) fn set_poll_max(&self, max: Duration) {
         self.poll.lock().window.set_max(max);
+        self.poll_epoch.fetch_add(1, AtomicOrdering::Release);
     }
 
     /// Busy-poll the requestq for up to `max` after serving it, adaptively
-    /// (zero: never).
-    pub(crate) fn with_poll(self, max: Duration) -> Self {
+    /// (zero: never, unless the control socket's `poll` turns it on). The
+    /// run queues are opened here, before the seccomp filter, whatever
+    /// `max` is (`gate`: read them while polling).
+    pub(crate) fn with_poll(mut self, max: Duration, gate: bool) -> Self {
         *self.poll.lock() = Polling::new(max);
+        if !gate {
+            if !max.is_zero() {
+                log::info!("polling: also while the host is crowded (--poll-ignore-load)");
+            }
+            return self;
+        }
+        match crate::device::poll::RunQueues::open() {
+            Ok(rq) => {
+                if !max.is_zero() {
+                    log::info!(
+                        "polling: only while the host has a CPU for every runnable thread \
+                         (/proc/loadavg, {} CPUs)",
+                        rq.cpus()
+                    );
+                }
+                self.run_queues = Some(rq);
+            }
+            Err(e) if !max.is_zero() => log::warn!(
+                "polling: {e}; it cannot see a crowded host, only the stalls and time \
+                 it loses (stats: poll_gate none)"
+            ),
+            Err(e) => log::debug!("polling (off): {e}"),
+        }
         self
     }
 

@@ -8,7 +8,23 @@
 
 //!
 //! Polling must never hurt: a poller that takes the core the vCPU needs
-//! turns a 10 us request into a scheduler time slice. While it polls, the
+//! turns a 10 us request into a scheduler time slice. First, by
+//! construction: a window polls only while the host has a CPU for every
+//! runnable thread (`RunQueues`: /proc/loadavg's count of runnable threads,
+//! the kernel's `nr_running()`, against the online CPUs; read with one
+//! pread at the window's start and every `CROWD_CHECK` while it polls,
+//! 1.5 us a read). Crowded: the window ends before the worker spins on a
+//! CPU someone waits for, and polling stays off for `CROWDED_OFF`, no
+//! back-off (the next reading decides). The alternatives were weighed
+//! (spec-notes/benchmarks.md): `sched_yield()` per look gives the CPU only
+//! to a thread queued on the worker's own CPU, and to a busy one for a whole
+//! slice with kicks off (the stall it was to avoid); SCHED_IDLE or nice 19
+//! while polling cannot be undone without CAP_SYS_NICE (RLIMIT_NICE 0) and
+//! starves the poller's own request behind any busy thread while kicks are
+//! off. The count is the whole host's: a worker confined to some CPUs, or
+//! a cgroup's CPU quota, is still covered only by the rules below.
+//!
+//! Then, as noticed after the fact: while it polls, the
 //! worker looks at the ring every ~100 ns; a gap of `STALL` between two
 //! looks means it was not running (the host's cores are taken by others),
 //! and so does a window whose thread ran for less than 7/8 of it
@@ -29,7 +45,11 @@
 //! on a shared host the kick after them waits too) turn polling off for a
 //! shorter back-off of their own (`IDLE_BACKOFF_MAX`).
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
+
+use thiserror::Error;
 
 /// The least window worth polling; a smaller one is closed.
 pub const POLL_MIN: Duration = Duration::from_micros(4);
@@ -72,6 +92,88 @@ pub const IDLE_BACKOFF_MAX: Duration = Duration::from_millis(200);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// How long polling stays off after the host was seen crowded (more
+/// runnable threads than CPUs): long enough that a host that stays crowded
+/// costs one read of /proc/loadavg per 20 ms, short enough that polling is
+/// back soon after the load goes.
+pub const CROWDED_OFF: Duration = Duration::from_millis(20);
+
+/// While a window polls, how often it reads the run queues again: a thread
+/// that became runnable meanwhile waits at most this long for the poller's
+/// CPU (a read costs a few microseconds, `poll_probe_costs`).
+pub const CROWD_CHECK: Duration = Duration::from_micros(50);
+
+/// Whether a host with `running` runnable threads (the reader included) on
+/// `cpus` CPUs is crowded: some thread waits for a CPU, and a poller would
+/// keep it waiting.
+pub(crate) fn crowded(running: u32, cpus: u32) -> bool {
+    running > cpus
+}
+
+/// The runnable threads in /proc/loadavg (`0.80 1.02 1.17 3/456 12345`:
+/// the fourth field's numerator, the kernel's `nr_running()` over every
+/// online CPU).
+pub(crate) fn nr_running(loadavg: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(loadavg).ok()?;
+    let field = text.split_ascii_whitespace().nth(3)?;
+    let (running, _) = field.split_once('/')?;
+    running.parse().ok()
+}
+
+/// Why the run-queue probe is not available (polling keeps its other rules).
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error("cannot open /proc/loadavg: {0}")]
+    Open(std::io::Error),
+    #[error("cannot read the runnable threads from /proc/loadavg")]
+    Read,
+    #[error("cannot count the online CPUs")]
+    Cpus,
+}
+
+/// The host's run queues, read while polling: polling that takes a CPU
+/// some runnable thread waits for hurts it (the vCPU that is to send the
+/// next request, or anything else), so a window polls only while the
+/// host has a CPU for every runnable thread. Opened at start-up, before
+/// the seccomp filter (the workers may only pread it).
+#[derive(Debug)]
+pub(crate) struct RunQueues {
+    file: File,
+    cpus: u32,
+}
+
+impl RunQueues {
+    pub(crate) fn open() -> Result<Self, ProbeError> {
+        let file = File::open("/proc/loadavg").map_err(ProbeError::Open)?;
+        // SAFETY: sysconf reads a system value; no memory is passed.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let cpus = u32::try_from(n)
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or(ProbeError::Cpus)?;
+        let rq = Self { file, cpus };
+        rq.running().ok_or(ProbeError::Read)?;
+        Ok(rq)
+    }
+
+    /// The online CPUs, counted at start-up.
+    pub(crate) fn cpus(&self) -> u32 {
+        self.cpus
+    }
+
+    /// The runnable threads now (one pread; None: unreadable).
+    pub(crate) fn running(&self) -> Option<u32> {
+        let mut buf = [0u8; 128];
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        nr_running(&buf[..n])
+    }
+
+    /// Whether some runnable thread waits for a CPU now (None: unreadable).
+    pub(crate) fn crowded(&self) -> Option<bool> {
+        self.running().map(|r| crowded(r, self.cpus))
+    }
+}
+
 /// What one polling window saw, for `PollWindow::ended`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WindowRun {
@@ -82,6 +184,9 @@ pub struct WindowRun {
     pub lost: Option<Duration>,
     /// A gap of `STALL` between two looks at the ring.
     pub stalled: bool,
+    /// Cut because the host was crowded (`RunQueues`), at its start or
+    /// while it polled.
+    pub crowded: bool,
     /// Requests the window served (none: it lapsed for nothing).
     pub served: u64,
 }
@@ -98,6 +203,8 @@ pub enum Verdict {
     /// The `IDLE_MAX`th window in a row that served nothing: backed off
     /// for `IDLE_BACKOFF_MAX` at most.
     Idle,
+    /// Cut because the host was crowded: off for `CROWDED_OFF`.
+    Crowded,
 }
 
 /// How long to keep polling after serving the requestq.
@@ -117,6 +224,8 @@ pub struct PollWindow {
     /// The back-off for idle windows (zero: none), and until when it holds.
     idle_backoff: Duration,
     idle_until: Option<Instant>,
+    /// No polling before this: the host was crowded.
+    crowded_until: Option<Instant>,
 }
 
 impl PollWindow {
@@ -131,6 +240,7 @@ impl PollWindow {
             idle: 0,
             idle_backoff: Duration::ZERO,
             idle_until: None,
+            crowded_until: None,
         }
     }
 
@@ -151,7 +261,7 @@ impl PollWindow {
     /// How long to poll after a pass at `now`: nothing while backing off.
     pub fn at(&self, now: Instant) -> Duration {
         let off = |until: Option<Instant>| until.is_some_and(|t| now < t);
-        if off(self.off_until) || off(self.idle_until) {
+        if off(self.off_until) || off(self.idle_until) || off(self.crowded_until) {
             Duration::ZERO
         } else {
             self.current
@@ -161,6 +271,7 @@ impl PollWindow {
     /// A polling window ended at `now` (`run`: what it saw). Contended (a
     /// stall, or the window lost a `LOST_SHARE` of its time to other
     /// threads), or the `IDLE_MAX`th in a row to serve nothing: back off.
+    /// Cut because the host was crowded: off for `CROWDED_OFF`.
     /// The back-off decays with wall time free of stalls once it has ended,
     /// not per window (a contended host still grants short windows that
     /// run clean; were each to halve the back-off, polling would keep
@@ -168,7 +279,10 @@ impl PollWindow {
     pub fn ended(&mut self, now: Instant, run: WindowRun) -> Verdict {
         self.decay(now);
         if run.served == 0 {
-            self.idle += 1;
+            // A window cut short did not lapse for nothing.
+            if !run.crowded {
+                self.idle += 1;
+            }
         } else {
             self.idle = 0;
             self.idle_backoff = Duration::ZERO;
@@ -177,6 +291,10 @@ impl PollWindow {
             Verdict::Stalled
         } else if run.lost.is_some_and(|l| lost_too_much(l, run.polled)) {
             Verdict::LostTime
+        } else if run.crowded {
+            // Not a back-off: the reading is direct, the next one decides.
+            self.crowded_until = now.checked_add(CROWDED_OFF);
+            return Verdict::Crowded;
         } else if self.idle >= IDLE_MAX {
             self.idle = 0;
             self.idle_backoff = (self.idle_backoff * 2).clamp(BACKOFF_MIN, IDLE_BACKOFF_MAX);
@@ -258,6 +376,7 @@ mod tests {
             polled: us(300),
             lost: None,
             stalled: true,
+            crowded: false,
             served: 1,
         }
     }
@@ -271,6 +390,7 @@ mod tests {
             polled,
             lost: Some(Duration::ZERO),
             stalled: false,
+            crowded: false,
             served: 1,
         }
     }
@@ -418,6 +538,7 @@ mod tests {
             polled: us(2000),
             lost: Some(us(600)),
             stalled: false,
+            crowded: false,
             served: 1,
         };
         assert_eq!(w.ended(t0, run), Verdict::LostTime);
@@ -435,6 +556,7 @@ mod tests {
                 polled: us(polled),
                 lost: Some(us(lost)),
                 stalled: false,
+                crowded: false,
                 served: 1,
             };
             assert_eq!(w.ended(t0, run), Verdict::Clean, "{polled} {lost}");
@@ -445,6 +567,7 @@ mod tests {
             polled: us(1000),
             lost: None,
             stalled: false,
+            crowded: false,
             served: 1,
         };
         assert_eq!(w.ended(t0, run), Verdict::Clean);
@@ -512,5 +635,114 @@ mod tests {
             w.ended(t, idle);
         }
         assert_eq!(w.at(t + BACKOFF_MIN), us(200));
+    }
+
+    #[test]
+    fn a_crowded_host_turns_polling_off_for_a_while_and_nothing_else() {
+        // The run queues held more runnable threads than CPUs: polling
+        // stops for CROWDED_OFF, without a back-off (the reading is
+        // direct, the next one decides) and without counting the window
+        // as idle (it was cut, not lapsed).
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut w = PollWindow::new(us(200));
+        w.observe(us(20));
+        let crowded = WindowRun {
+            served: 0,
+            crowded: true,
+            ..clean()
+        };
+        for i in 0..2 * IDLE_MAX {
+            let t = t0 + CROWDED_OFF * i;
+            assert_eq!(w.ended(t, crowded), Verdict::Crowded);
+            assert_eq!(w.at(t), Duration::ZERO);
+            assert_eq!(w.at(t + CROWDED_OFF - us(1)), Duration::ZERO);
+            assert_eq!(w.at(t + CROWDED_OFF), us(200));
+        }
+        assert_eq!(w.backoff(), Duration::ZERO);
+        // No idle windows counted: the next three lapse without a back-off.
+        let idle = WindowRun {
+            served: 0,
+            ..clean()
+        };
+        let t = t0 + ms(500);
+        for _ in 0..IDLE_MAX - 1 {
+            assert_eq!(w.ended(t, idle), Verdict::Clean);
+        }
+        // A stall or lost time in a crowded window is what it is.
+        let stalled = WindowRun {
+            stalled: true,
+            ..crowded
+        };
+        assert_eq!(w.ended(t, stalled), Verdict::Stalled);
+        assert_eq!(w.backoff(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn the_run_queues_are_read_from_proc_loadavg() {
+        assert_eq!(nr_running(b"0.80 1.02 1.17 3/456 12345\n"), Some(3));
+        assert_eq!(nr_running(b"12.00 9.50 7.25 17/1024 99\n"), Some(17));
+        for bad in [
+            &b""[..],
+            b"0.80 1.02 1.17",
+            b"0.80 1.02 1.17 x/456 1",
+            b"0.80 1.02 1.17 3 1",
+            b"\xff\xfe 1 2 3/4 5",
+        ] {
+            assert_eq!(nr_running(bad), None, "{bad:?}");
+        }
+        // The reader counts itself: as many runnable threads as CPUs
+        // leaves none waiting.
+        assert!(!crowded(1, 1) && !crowded(2, 2) && !crowded(0, 2));
+        assert!(crowded(3, 2) && crowded(2, 1));
+        // And the probe reads a running host (this thread at least).
+        let rq = RunQueues::open().expect("/proc/loadavg");
+        assert!(rq.cpus() >= 1);
+        assert!(rq.running().is_some_and(|n| n >= 1));
+    }
+
+    /// What the candidate signals cost per call on this host (not a check:
+    /// `cargo test --lib -- --ignored --nocapture poll_probe_costs`).
+    #[test]
+    #[ignore]
+    fn poll_probe_costs() {
+        const N: u32 = 20_000;
+        let time = |name: &str, f: &mut dyn FnMut()| {
+            for _ in 0..N / 10 {
+                f();
+            }
+            let t = Instant::now();
+            for _ in 0..N {
+                f();
+            }
+            let per = t.elapsed() / N;
+            println!("poll-probe-cost {name} ns_per_call={}", per.as_nanos());
+        };
+        let rq = RunQueues::open().expect("/proc/loadavg");
+        time("instant_now", &mut || {
+            std::hint::black_box(Instant::now());
+        });
+        time("pread_loadavg", &mut || {
+            std::hint::black_box(rq.crowded());
+        });
+        time("sched_yield", &mut || {
+            // SAFETY: sched_yield takes no arguments.
+            std::hint::black_box(unsafe { libc::sched_yield() });
+        });
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        time("clock_thread_cputime", &mut || {
+            // SAFETY: clock_gettime writes only the timespec it is given.
+            std::hint::black_box(unsafe {
+                libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts)
+            });
+        });
+        println!(
+            "poll-probe-cost cpus={} running={:?}",
+            rq.cpus(),
+            rq.running()
+        );
     }
 }

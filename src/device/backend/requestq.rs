@@ -21,7 +21,7 @@ use crate::device::dispatch::{
     complete_invalidates, deferrable_invalidate, handle_decoded, Reply, MAX_REPLY,
 };
 use crate::device::mem_view::{CachedMemory, OneRegion};
-use crate::device::poll::{PollWindow, Verdict, WindowRun, STALL};
+use crate::device::poll::{PollWindow, Verdict, WindowRun, CROWD_CHECK, STALL};
 use crate::device::request::{decode, Decoded};
 use crate::log_limit::limited;
 use crate::nested::Invalidate;
@@ -68,6 +68,11 @@ pub(crate) struct PollCounters {
     /// Kicks after which the window would have been open but polling was
     /// backed off.
     pub backed_off: u64,
+    /// Windows cut (at their start, or while they polled) because the host
+    /// had more runnable threads than CPUs (`device::poll::RunQueues`).
+    pub crowded: u64,
+    /// Reads of the run queues (/proc/loadavg) while polling.
+    pub probe_reads: u64,
 }
 
 /// `IommuBackend::poll_stats`: the counters, the adaptive window and the
@@ -77,6 +82,8 @@ pub(crate) struct PollStats {
     pub counters: PollCounters,
     pub window: Duration,
     pub backoff: Duration,
+    /// Whether polling reads the run queues (`device::poll::RunQueues`).
+    pub gate: bool,
 }
 
 impl Polling {
@@ -126,6 +133,9 @@ impl IommuBackend {
     /// addresses, indices) are logged and end this pass; they never reach
     /// the worker loop, which would stop serving the queue for good.
     pub(super) fn process_requestq(&self, vring: &VringRwLock) -> io::Result<()> {
+        // Read before the bound (set_poll_max sets the bound, then bumps
+        // it): a `poll` op from here on ends the window.
+        let epoch = self.poll_epoch.load(AtomicOrdering::Acquire);
         let window = self.poll.lock().kicked(Instant::now());
         let last = if window.is_zero() {
             (self.serve_requestq(vring, false).served > 0).then(Instant::now)
@@ -137,7 +147,7 @@ impl IommuBackend {
                 // Not polled: left alone until the next kick.
                 first
             } else {
-                self.poll_requestq(vring, window, first)
+                self.poll_requestq(vring, window, epoch, first)
             }
         };
         if last.is_some() {
@@ -150,12 +160,14 @@ impl IommuBackend {
     /// (the next MAP, a PAGE_RESP after a page request) is served without a
     /// wakeup, and is asked not to notify meanwhile (no kick, no exit).
     /// Polls until `window` passes without a request after the last one
-    /// served (`last`; none: nothing to wait for), then turns kicks back
-    /// on. Returns when the last request was served.
+    /// served (`last`; none: nothing to wait for), or a `poll` op changed
+    /// the bound (`epoch`: their count when the kick came), then turns
+    /// kicks back on. Returns when the last request was served.
     fn poll_requestq(
         &self,
         vring: &VringRwLock,
         window: Duration,
+        epoch: u64,
         mut last: Option<Instant>,
     ) -> Option<Instant> {
         let mem = self.session().mem.memory();
@@ -168,6 +180,9 @@ impl IommuBackend {
         };
         let mut polled = 0u64;
         let mut stalled = false;
+        let mut crowded = false;
+        let mut probe_reads = 0u64;
+        let run_queues = self.run_queues.as_ref();
         let polled_a_window = last.is_some();
         // The window's wall and CPU time, for the time it lost to others.
         let start = Instant::now();
@@ -180,6 +195,9 @@ impl IommuBackend {
             suppress_kicks(vring, mem.deref());
             // When the worker last looked at the ring without serving.
             let mut looked = Instant::now();
+            // When to read the run queues next: at once, then every
+            // CROWD_CHECK.
+            let mut check_at = looked;
             loop {
                 let now = Instant::now();
                 // First: a time slice lost is usually longer than the
@@ -190,8 +208,25 @@ impl IommuBackend {
                     stalled = true;
                     break;
                 }
-                if now >= since + window {
+                if now >= since + window || self.poll_epoch.load(AtomicOrdering::Relaxed) != epoch {
+                    // Lapsed, or a new bound (`poll` op): kicks again.
                     break;
+                }
+                if let Some(rq) = run_queues.filter(|_| now >= check_at) {
+                    // A thread waits for a CPU: this one must not spin on
+                    // it (device::poll::RunQueues).
+                    probe_reads += 1;
+                    match rq.crowded() {
+                        Some(true) => {
+                            crowded = true;
+                            break;
+                        }
+                        Some(false) => {}
+                        // Read at start-up, so not expected: the other
+                        // rules still hold.
+                        None => limited!(Level::Warn, "polling: /proc/loadavg unreadable"),
+                    }
+                    check_at = now + CROWD_CHECK;
                 }
                 looked = now;
                 let pass = if pending(vring) {
@@ -246,10 +281,12 @@ impl IommuBackend {
                 polled: wall,
                 lost,
                 stalled,
+                crowded,
                 served: polled,
             };
             let c = &mut p.counters;
             c.windows += 1;
+            c.probe_reads += probe_reads;
             c.polled += wall;
             c.lost += lost.unwrap_or_default();
             if stalled {
@@ -258,6 +295,7 @@ impl IommuBackend {
             match p.window.ended(now, run) {
                 Verdict::LostTime => p.counters.lost_windows += 1,
                 Verdict::Idle => p.counters.idle_backoffs += 1,
+                Verdict::Crowded => p.counters.crowded += 1,
                 Verdict::Clean | Verdict::Stalled => {}
             }
         }
