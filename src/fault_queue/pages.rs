@@ -244,6 +244,18 @@ struct Slot {
     /// gives next: always the slot's index modulo the id stride.
     id: u16,
     held: Option<Held>,
+    /// While free: the next free slot (NO_SLOT: none), oldest first.
+    next_free: u32,
+}
+
+/// No slot (the free list's end).
+const NO_SLOT: u32 = u32::MAX;
+
+/// Where a completed group's response goes.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    source: SourceId,
+    cookie: u32,
 }
 
 /// The outstanding groups live in a slab of at most `max` slots, and a
@@ -258,9 +270,11 @@ struct Slot {
 #[derive(Debug)]
 pub struct PageRequests {
     slots: Vec<Slot>,
-    /// Free slots, oldest first (the slab grows to `max` before any is
-    /// reused).
-    free: VecDeque<u32>,
+    /// Free slots, oldest first, linked through the slots (the slab grows
+    /// to `max` before any is reused): head, tail, count.
+    free_head: u32,
+    free_tail: u32,
+    free_len: usize,
     /// `slots.len()` rounded up to a power of two (the id stride), minus 1.
     mask: u32,
     /// Groups held.
@@ -287,7 +301,9 @@ impl PageRequests {
         let max = max.min(1 << 16);
         PageRequests {
             slots: Vec::with_capacity(max),
-            free: VecDeque::with_capacity(max),
+            free_head: NO_SLOT,
+            free_tail: NO_SLOT,
+            free_len: 0,
             mask: u32::try_from(max.max(1).next_power_of_two() - 1).unwrap_or(u32::MAX),
             len: 0,
             cookies: CookieIndex::new(max),
@@ -347,7 +363,7 @@ impl PageRequests {
         self.slots[i].held.as_ref().map(|h| &h.group)
     }
 
-    fn respond(&mut self, g: &Group, code: u16, by_driver: bool) {
+    fn respond(&mut self, g: Origin, code: u16, by_driver: bool) {
         self.outbox.push_back(Response {
             source: g.source,
             cookie: g.cookie,
@@ -400,7 +416,9 @@ impl PageRequests {
         if self.slots.len() < self.max {
             return Some(self.slots.len());
         }
-        usize::try_from(*self.free.front()?).ok()
+        (self.free_head != NO_SLOT)
+            .then(|| usize::try_from(self.free_head).ok())
+            .flatten()
     }
 
     /// Take the slot `next_slot` named.
@@ -408,9 +426,18 @@ impl PageRequests {
         if i == self.slots.len() {
             // Below the bound: within the capacity allocated at start.
             let id = u16::try_from(i).unwrap_or(u16::MAX);
-            self.slots.push(Slot { id, held: None });
+            self.slots.push(Slot {
+                id,
+                held: None,
+                next_free: NO_SLOT,
+            });
         } else {
-            self.free.pop_front();
+            // `i` is the head (`next_slot`).
+            self.free_head = self.slots[i].next_free;
+            if self.free_head == NO_SLOT {
+                self.free_tail = NO_SLOT;
+            }
+            self.free_len -= 1;
         }
     }
 
@@ -482,20 +509,34 @@ impl PageRequests {
         }
     }
 
-    /// Free slot `i`: its group, which leaves the cookie index; the slot
-    /// goes to the back of the free list with its next id.
-    fn remove_at(&mut self, i: usize) -> Option<Group> {
+    /// Free slot `i`: where its group's response goes; the group leaves
+    /// the cookie index, the slot goes to the back of the free list with
+    /// its next id.
+    fn remove_at(&mut self, i: usize) -> Option<Origin> {
         // The stride in the 16-bit id space (65536: 0, the same id).
         let stride = u16::try_from(self.mask + 1).unwrap_or(0);
         let s = &mut self.slots[i];
         let h = s.held.take()?;
         // The same index, the next generation.
         s.id = s.id.wrapping_add(stride);
-        self.free.push_back(u32::try_from(i).unwrap_or(u32::MAX));
+        s.next_free = NO_SLOT;
+        let me = u32::try_from(i).unwrap_or(NO_SLOT);
+        match usize::try_from(self.free_tail)
+            .ok()
+            .filter(|_| self.free_tail != NO_SLOT)
+        {
+            Some(t) => self.slots[t].next_free = me,
+            None => self.free_head = me,
+        }
+        self.free_tail = me;
+        self.free_len += 1;
         self.len -= 1;
-        self.cookies
-            .remove(cookie_key(h.group.source, h.group.cookie));
-        Some(h.group)
+        let o = Origin {
+            source: h.group.source,
+            cookie: h.group.cookie,
+        };
+        self.cookies.remove(cookie_key(o.source, o.cookie));
+        Some(o)
     }
 
     /// The driver's PAGE_RESP. Groups not (yet) delivered to it cannot be
@@ -524,7 +565,7 @@ impl PageRequests {
             });
         };
         self.counters.completed_by_driver += 1;
-        self.respond(&g, code, true);
+        self.respond(g, code, true);
         Ok(())
     }
 
@@ -537,7 +578,7 @@ impl PageRequests {
             return false;
         };
         self.counters.completed_by_device += 1;
-        self.respond(&g, code, false);
+        self.respond(g, code, false);
         self.purged.push_back(key);
         true
     }
@@ -590,7 +631,7 @@ impl PageRequests {
                 }
                 SourceId::Virtual => {
                     self.counters.completed_by_device += 1;
-                    self.respond(&g, CODE_INVALID, false);
+                    self.respond(g, CODE_INVALID, false);
                 }
             }
         }
@@ -700,7 +741,7 @@ impl PageRequests {
             || self.cookies.len() != self.len
             || self.len > self.max
             || self.slots.len() > self.max
-            || self.slots.len() != self.len + self.free.len()
+            || self.slots.len() != self.len + self.free_len
         {
             return Err(format!(
                 "page requests: {held} groups held, {} counted, {} cookies, {} slots, {} free, \
@@ -708,7 +749,7 @@ impl PageRequests {
                 self.len,
                 self.cookies.len(),
                 self.slots.len(),
-                self.free.len(),
+                self.free_len,
                 self.max
             ));
         }
@@ -725,6 +766,25 @@ impl PageRequests {
                     ));
                 }
             }
+        }
+        // The free list: free slots only, each once, ending at the tail.
+        let (mut n, mut at, mut last) = (0, self.free_head, NO_SLOT);
+        while at != NO_SLOT && n <= self.slots.len() {
+            let Some(s) = usize::try_from(at).ok().and_then(|i| self.slots.get(i)) else {
+                return Err(format!("page requests: free list names slot {at}"));
+            };
+            if s.held.is_some() {
+                return Err(format!(
+                    "page requests: slot {at} is held and on the free list"
+                ));
+            }
+            (n, last, at) = (n + 1, at, s.next_free);
+        }
+        if n != self.free_len || last != self.free_tail {
+            return Err(format!(
+                "page requests: free list of {n} ending at {last}, {} counted ending at {}",
+                self.free_len, self.free_tail
+            ));
         }
         Ok(())
     }
