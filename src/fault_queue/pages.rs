@@ -265,8 +265,9 @@ struct Origin {
 /// cost ~690 instructions per fault, spec-notes/benchmarks.md). Ids are
 /// unique among all outstanding groups (so per endpoint and PASID, what
 /// protocol.md 6.8 asks). Free slots are reused oldest first, each with
-/// its next generation, so an id comes back only after about 65536 groups:
-/// a late PAGE_RESP meets INVAL, not a newer group, as long as it can.
+/// its next generation, so an id comes back only after 65536 * max /
+/// stride groups (65536 at the default bound; fewer while many stay
+/// outstanding): a late PAGE_RESP meets INVAL, not a newer group.
 #[derive(Debug)]
 pub struct PageRequests {
     slots: Vec<Slot>,
