@@ -8,7 +8,8 @@ use super::*;
 impl IommuState {
     /// Write the kernel's responses to the host's fault queue, up to 64 in
     /// one write. A group the kernel had completed itself (a detach raced
-    /// the record) counts as the kernel's.
+    /// the record) counts as the kernel's. (Called back only for responses
+    /// not taken.)
     pub(crate) fn respond_host_faults(&mut self, rs: &[Response]) {
         let mut pairs = [page_response(0, 0); 64];
         for chunk in rs.chunks(pairs.len()) {
