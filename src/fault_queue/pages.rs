@@ -276,7 +276,7 @@ pub struct PageRequests {
     free_head: u32,
     free_tail: u32,
     free_len: usize,
-    /// `slots.len()` rounded up to a power of two (the id stride), minus 1.
+    /// `max` rounded up to a power of two (the id stride), minus 1.
     mask: u32,
     /// Groups held.
     len: usize,
