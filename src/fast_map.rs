@@ -1,6 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The hash map of the hot paths (endpoints, domains, outstanding page
-//! requests): std's `HashMap` with foldhash's seeded hasher instead of
+//! The hash map of the hot paths (endpoints, domains, virtual waiters): std's `HashMap` with foldhash's seeded hasher instead of
 //! SipHash-1-3, which cost a third of a relayed fault's instructions
 //! (spec-notes/benchmarks.md). The seed is random per process, so keys a
 //! guest chooses cannot be aimed at one bucket; and every map here is
@@ -8,8 +7,3 @@
 
 /// A `HashMap` with a fast, seeded hasher.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
-/// An empty `FastMap` with room for `n` entries.
-pub(crate) fn with_capacity<K, V>(n: usize) -> FastMap<K, V> {
-    FastMap::with_capacity_and_hasher(n, foldhash::fast::RandomState::default())
-}

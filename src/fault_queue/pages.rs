@@ -8,7 +8,6 @@
 //! the glue writes them to their source; groups whose records must leave the
 //! event FIFO are queued in `purged`.
 
-use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -22,8 +21,11 @@ use iommufd_bindings::iommufd::{
 };
 use log::{debug, Level};
 
-use crate::fast_map::{self, FastMap};
 use crate::log_limit::limited;
+
+mod cookies;
+
+use cookies::CookieIndex;
 
 /// struct iommu_hwpt_pgfault, as read from a fault FD.
 pub(crate) const PGFAULT_LEN: usize = std::mem::size_of::<iommu_hwpt_pgfault>();
@@ -226,35 +228,93 @@ pub enum PageRespError {
     },
 }
 
+/// An outstanding group in its slot: the key's endpoint and PASID (the
+/// slot's `id` is its group id) and the group.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    endpoint: u32,
+    pasid: Option<u32>,
+    group: Group,
+}
+
+/// One place of the slab.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// The group id of the group held, or, while free, the id the slot
+    /// gives next: always the slot's index modulo the id stride.
+    id: u16,
+    held: Option<Held>,
+    /// While free: the next free slot (NO_SLOT: none), oldest first.
+    next_free: u32,
+}
+
+/// No slot (the free list's end).
+const NO_SLOT: u32 = u32::MAX;
+
+/// Where a completed group's response goes.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    source: SourceId,
+    cookie: u32,
+}
+
+/// The outstanding groups live in a slab of at most `max` slots, and a
+/// group's id names its slot: id = generation * stride + index, the stride
+/// the power of two at or above `max`. PAGE_RESP and delivery find their
+/// group by the id alone (no hash: three hash maps a group went through
+/// cost ~690 instructions per fault, spec-notes/benchmarks.md). Ids are
+/// unique among all outstanding groups (so per endpoint and PASID, what
+/// protocol.md 6.8 asks). Free slots are reused oldest first, each with
+/// its next generation, so an id comes back only after 65536 * max /
+/// stride groups (65536 at the default bound; fewer while many stay
+/// outstanding): a late PAGE_RESP meets INVAL, not a newer group.
 #[derive(Debug)]
 pub struct PageRequests {
-    groups: FastMap<GroupKey, Group>,
-    cookies: FastMap<u64, GroupKey>,
-    next_id: FastMap<u32, u16>,
+    slots: Vec<Slot>,
+    /// Free slots, oldest first, linked through the slots (the slab grows
+    /// to `max` before any is reused): head, tail, count.
+    free_head: u32,
+    free_tail: u32,
+    free_len: usize,
+    /// `max` rounded up to a power of two (the id stride), minus 1.
+    mask: u32,
+    /// Groups held.
+    len: usize,
+    /// A source's cookie (`cookie_key`) to its group's slot: duplicates are
+    /// refused, and a virtual `dma` that gives up finds its group.
+    cookies: CookieIndex,
     max: usize,
     /// The device completes a group the driver has not answered after this.
     timeout: Option<Duration>,
+    /// The deadline of groups raised at `deadline_of` (a read's groups
+    /// share their `now`: one `checked_add` per read, not per group).
+    deadline_of: Option<Instant>,
+    deadline: Option<Instant>,
     pub counters: PageCounters,
     /// Allocated once (the bound), so completing allocates nothing.
     outbox: VecDeque<Response>,
     purged: VecDeque<GroupKey>,
-    /// Scratch for `expire`, allocated once (the bound).
-    due: Vec<GroupKey>,
 }
 
 impl PageRequests {
     /// At most `max` groups outstanding (beyond: FAILURE at once).
     pub(crate) fn new(max: usize) -> Self {
+        let max = max.min(1 << 16);
         PageRequests {
-            groups: fast_map::with_capacity(max.min(1 << 16)),
-            cookies: fast_map::with_capacity(max.min(1 << 16)),
-            next_id: FastMap::default(),
-            max: max.min(1 << 16),
+            slots: Vec::with_capacity(max),
+            free_head: NO_SLOT,
+            free_tail: NO_SLOT,
+            free_len: 0,
+            mask: u32::try_from(max.max(1).next_power_of_two() - 1).unwrap_or(u32::MAX),
+            len: 0,
+            cookies: CookieIndex::new(max),
+            max,
             timeout: None,
+            deadline_of: None,
+            deadline: None,
             counters: PageCounters::default(),
-            outbox: VecDeque::with_capacity(max.min(1 << 16) + 64),
-            purged: VecDeque::with_capacity(max.min(1 << 16) + 64),
-            due: Vec::with_capacity(max.min(1 << 16)),
+            outbox: VecDeque::with_capacity(max + 64),
+            purged: VecDeque::with_capacity(max + 64),
         }
     }
 
@@ -262,6 +322,7 @@ impl PageRequests {
     /// by the device (`expire`).
     pub(crate) fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.timeout = timeout;
+        self.deadline_of = None;
         self
     }
 
@@ -270,20 +331,40 @@ impl PageRequests {
     }
 
     pub fn outstanding(&self) -> usize {
-        self.groups.len()
+        self.len
+    }
+
+    /// The slot holding the group `key` names, if it is outstanding.
+    fn find(&self, key: &GroupKey) -> Option<usize> {
+        let i = usize::try_from(u32::from(key.group) & self.mask).ok()?;
+        let slot = self.slots.get(i)?;
+        match slot.held {
+            Some(h)
+                if slot.id == key.group && h.endpoint == key.endpoint && h.pasid == key.pasid =>
+            {
+                Some(i)
+            }
+            _ => None,
+        }
+    }
+
+    /// The key of the group slot `i` holds.
+    fn key_of(&self, i: usize) -> Option<GroupKey> {
+        let slot = &self.slots[i];
+        slot.held.map(|h| GroupKey {
+            endpoint: h.endpoint,
+            pasid: h.pasid,
+            group: slot.id,
+        })
     }
 
     #[cfg(test)]
     pub(crate) fn group(&self, key: &GroupKey) -> Option<&Group> {
-        self.groups.get(key)
+        let i = self.find(key)?;
+        self.slots[i].held.as_ref().map(|h| &h.group)
     }
 
-    /// The group a source's cookie names, if it is outstanding.
-    pub(crate) fn by_cookie(&self, source: SourceId, cookie: u32) -> Option<GroupKey> {
-        self.cookies.get(&cookie_key(source, cookie)).copied()
-    }
-
-    fn respond(&mut self, g: &Group, code: u16, by_driver: bool) {
+    fn respond(&mut self, g: Origin, code: u16, by_driver: bool) {
         self.outbox.push_back(Response {
             source: g.source,
             cookie: g.cookie,
@@ -326,6 +407,41 @@ impl PageRequests {
         done
     }
 
+    /// The slot the next group takes: a new one while the slab is below
+    /// the bound (so that every slot is used before any is reused), else
+    /// the oldest freed. None when `max` groups are held.
+    fn next_slot(&self) -> Option<usize> {
+        if self.len >= self.max {
+            return None;
+        }
+        if self.slots.len() < self.max {
+            return Some(self.slots.len());
+        }
+        (self.free_head != NO_SLOT)
+            .then(|| usize::try_from(self.free_head).ok())
+            .flatten()
+    }
+
+    /// Take the slot `next_slot` named.
+    fn take_slot(&mut self, i: usize) {
+        if i == self.slots.len() {
+            // Below the bound: within the capacity allocated at start.
+            let id = u16::try_from(i).unwrap_or(u16::MAX);
+            self.slots.push(Slot {
+                id,
+                held: None,
+                next_free: NO_SLOT,
+            });
+        } else {
+            // `i` is the head (`next_slot`).
+            self.free_head = self.slots[i].next_free;
+            if self.free_head == NO_SLOT {
+                self.free_tail = NO_SLOT;
+            }
+            self.free_len -= 1;
+        }
+    }
+
     /// A group arrived for `endpoint` at `now`: its guest-visible group id,
     /// or None when the bound is hit (then it is completed with FAILURE at
     /// once).
@@ -340,13 +456,13 @@ impl PageRequests {
         cookie: u32,
         now: Instant,
     ) -> Option<u16> {
-        let full = self.groups.len() >= self.max;
-        let cookie_entry = match self.cookies.entry(cookie_key(source, cookie)) {
-            Entry::Vacant(v) if !full => Some(v),
-            _ => None,
-        };
-        let Some(cookie_entry) = cookie_entry else {
-            if full {
+        let next = self.next_slot();
+        let indexed = next.is_some_and(|i| {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            self.cookies.insert(cookie_key(source, cookie), i)
+        });
+        let (Some(i), true) = (next, indexed) else {
+            if next.is_none() {
                 limited!(
                     Level::Warn,
                     "page requests: {} groups outstanding; group of endpoint {endpoint:#x} failed",
@@ -361,47 +477,67 @@ impl PageRequests {
             self.refuse(source, cookie, CODE_FAILURE, Refusal::Full);
             return None;
         };
-        // The next id of this endpoint that is not in use (the bound keeps
-        // at least one free).
-        let next = self.next_id.entry(endpoint).or_insert(0);
-        let mut id = *next;
-        let group = loop {
-            let key = GroupKey {
-                endpoint,
-                pasid,
-                group: id,
-            };
-            match self.groups.entry(key) {
-                Entry::Vacant(v) => break v,
-                Entry::Occupied(_) => id = id.wrapping_add(1),
-            }
-        };
-        *next = id.wrapping_add(1);
-        let key = *group.key();
-        group.insert(Group {
-            source,
-            cookie,
-            slot,
-            domain,
-            delivered: false,
-            deadline: self.timeout.and_then(|t| now.checked_add(t)),
+        self.take_slot(i);
+        if self.deadline_of != Some(now) {
+            self.deadline_of = Some(now);
+            self.deadline = self.timeout.and_then(|t| now.checked_add(t));
+        }
+        let deadline = self.deadline;
+        let s = &mut self.slots[i];
+        s.held = Some(Held {
+            endpoint,
+            pasid,
+            group: Group {
+                source,
+                cookie,
+                slot,
+                domain,
+                delivered: false,
+                deadline,
+            },
         });
-        cookie_entry.insert(key);
+        self.len += 1;
         self.counters.raised += 1;
-        Some(id)
+        Some(s.id)
     }
 
     /// All of the group's records reached the guest.
     pub fn mark_delivered(&mut self, key: &GroupKey) {
-        if let Some(g) = self.groups.get_mut(key) {
-            g.delivered = true;
+        if let Some(i) = self.find(key) {
+            if let Some(h) = self.slots[i].held.as_mut() {
+                h.group.delivered = true;
+            }
         }
     }
 
-    fn remove(&mut self, key: &GroupKey) -> Option<Group> {
-        let g = self.groups.remove(key)?;
-        self.cookies.remove(&cookie_key(g.source, g.cookie));
-        Some(g)
+    /// Free slot `i`: where its group's response goes; the group leaves
+    /// the cookie index, the slot goes to the back of the free list with
+    /// its next id.
+    fn remove_at(&mut self, i: usize) -> Option<Origin> {
+        // The stride in the 16-bit id space (65536: 0, the same id).
+        let stride = u16::try_from(self.mask + 1).unwrap_or(0);
+        let s = &mut self.slots[i];
+        let h = s.held.take()?;
+        // The same index, the next generation.
+        s.id = s.id.wrapping_add(stride);
+        s.next_free = NO_SLOT;
+        let me = u32::try_from(i).unwrap_or(NO_SLOT);
+        match usize::try_from(self.free_tail)
+            .ok()
+            .filter(|_| self.free_tail != NO_SLOT)
+        {
+            Some(t) => self.slots[t].next_free = me,
+            None => self.free_head = me,
+        }
+        self.free_tail = me;
+        self.free_len += 1;
+        self.len -= 1;
+        let o = Origin {
+            source: h.group.source,
+            cookie: h.group.cookie,
+        };
+        self.cookies.remove(cookie_key(o.source, o.cookie));
+        Some(o)
     }
 
     /// The driver's PAGE_RESP. Groups not (yet) delivered to it cannot be
@@ -418,31 +554,42 @@ impl PageRequests {
             pasid,
             group,
         };
-        let g = match self.groups.entry(key) {
-            Entry::Occupied(g) if g.get().delivered => g.remove(),
-            _ => {
-                return Err(PageRespError::NoGroup {
-                    endpoint,
-                    pasid,
-                    group,
-                })
-            }
+        let g = match self.find(&key) {
+            Some(i) if self.slots[i].held.is_some_and(|h| h.group.delivered) => self.remove_at(i),
+            _ => None,
         };
-        self.cookies.remove(&cookie_key(g.source, g.cookie));
+        let Some(g) = g else {
+            return Err(PageRespError::NoGroup {
+                endpoint,
+                pasid,
+                group,
+            });
+        };
         self.counters.completed_by_driver += 1;
-        self.respond(&g, code, true);
+        self.respond(g, code, true);
         Ok(())
+    }
+
+    /// Complete the group in slot `i` with a code of the device's own.
+    fn complete_at(&mut self, i: usize, code: u16) -> bool {
+        let Some(key) = self.key_of(i) else {
+            return false;
+        };
+        let Some(g) = self.remove_at(i) else {
+            return false;
+        };
+        self.counters.completed_by_device += 1;
+        self.respond(g, code, false);
+        self.purged.push_back(key);
+        true
     }
 
     /// Complete one group with a code of the device's own.
     pub(crate) fn complete_by_device(&mut self, key: &GroupKey, code: u16) -> bool {
-        let Some(g) = self.remove(key) else {
-            return false;
-        };
-        self.counters.completed_by_device += 1;
-        self.respond(&g, code, false);
-        self.purged.push_back(*key);
-        true
+        match self.find(key) {
+            Some(i) => self.complete_at(i, code),
+            None => false,
+        }
     }
 
     /// Its record met an eventq buffer smaller than 48 bytes: FAILURE.
@@ -457,8 +604,8 @@ impl PageRequests {
     /// Complete the group a source's cookie names: true if it was
     /// outstanding.
     pub(crate) fn complete_cookie(&mut self, source: SourceId, cookie: u32, code: u16) -> bool {
-        match self.by_cookie(source, cookie) {
-            Some(key) => self.complete_by_device(&key, code),
+        match self.cookies.get(cookie_key(source, cookie)) {
+            Some(i) => usize::try_from(i).is_ok_and(|i| self.complete_at(i, code)),
             None => false,
         }
     }
@@ -466,15 +613,17 @@ impl PageRequests {
     /// `endpoint` left `domain` at `slot` (detach, replace): its groups
     /// there are complete. The kernel answers its own (forgotten here, no
     /// second response); the device answers virtual ones with INVALID.
+    /// Scans the slab (at most the bound): not per fault.
     pub(crate) fn attachment_gone(&mut self, endpoint: u32, slot: Option<u32>, domain: u32) {
-        let keys: Vec<GroupKey> = self
-            .groups
-            .iter()
-            .filter(|(k, g)| k.endpoint == endpoint && g.slot == slot && g.domain == domain)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            let g = self.remove(&key).expect("listed above");
+        for i in 0..self.slots.len() {
+            let Some(h) = self.slots[i].held else {
+                continue;
+            };
+            if h.endpoint != endpoint || h.group.slot != slot || h.group.domain != domain {
+                continue;
+            }
+            let key = self.key_of(i).expect("held");
+            let g = self.remove_at(i).expect("held");
             self.purged.push_back(key);
             match g.source {
                 SourceId::Kernel => {
@@ -483,7 +632,7 @@ impl PageRequests {
                 }
                 SourceId::Virtual => {
                     self.counters.completed_by_device += 1;
-                    self.respond(&g, CODE_INVALID, false);
+                    self.respond(g, CODE_INVALID, false);
                 }
             }
         }
@@ -492,46 +641,37 @@ impl PageRequests {
     /// `endpoint` is gone (hot-unplug), after `attachment_gone` for each of
     /// its attachments: nothing of it may stay. Groups left over (none
     /// while every group names a live attachment) are completed by the
-    /// device; its group-id counter goes, so memory does not grow with the
-    /// IDs ever plugged.
+    /// device. (Group ids are the slab's, not per endpoint: nothing else of
+    /// it is kept.)
     pub(crate) fn forget_endpoint(&mut self, endpoint: u32) {
-        let keys: Vec<GroupKey> = self
-            .groups
-            .keys()
-            .filter(|k| k.endpoint == endpoint)
-            .copied()
-            .collect();
-        for key in keys {
-            self.complete_by_device(&key, CODE_INVALID);
+        for i in 0..self.slots.len() {
+            if self.slots[i].held.is_some_and(|h| h.endpoint == endpoint) {
+                self.complete_at(i, CODE_INVALID);
+            }
         }
-        self.next_id.remove(&endpoint);
     }
 
     /// The driver did not answer in time: every group whose deadline is at
     /// or before `now` is completed by the device with INVALID (FAILURE
     /// would tell a PCIe function to stop issuing page requests until it
     /// is reset; the kernel takes INVALID only anyway). Returns the next
-    /// deadline. Scans the outstanding groups (at most the bound): called
-    /// when the timer fires, not per fault.
+    /// deadline. Scans the slab (at most the bound): called when the timer
+    /// fires, not per fault.
     pub fn expire(&mut self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
-        let mut due = std::mem::take(&mut self.due);
-        due.clear();
-        for (k, g) in &self.groups {
-            match g.deadline {
-                // Never more than the groups: the capacity allocated once.
-                Some(d) if d <= now => due.push(*k),
+        for i in 0..self.slots.len() {
+            match self.slots[i].held.and_then(|h| h.group.deadline) {
+                Some(d) if d <= now => {
+                    let key = self.key_of(i);
+                    if self.complete_at(i, CODE_INVALID) {
+                        debug!("page request group {key:?}: timed out");
+                        self.counters.timed_out += 1;
+                    }
+                }
                 Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
                 None => {}
             }
         }
-        for key in &due {
-            if self.complete_by_device(key, CODE_INVALID) {
-                debug!("page request group {key:?}: timed out");
-                self.counters.timed_out += 1;
-            }
-        }
-        self.due = due;
         next
     }
 
@@ -539,16 +679,15 @@ impl PageRequests {
     /// driver can answer nothing any more, so the device completes every
     /// group (INVALID).
     pub(crate) fn withdraw_all(&mut self) {
-        let n = self.groups.len() as u64;
+        let n = self.len as u64;
         self.complete_all(CODE_INVALID);
         self.counters.withdrawn += n;
     }
 
     /// Reset, disconnect: every group completed by the device with `code`.
     pub(crate) fn complete_all(&mut self, code: u16) {
-        let keys: Vec<GroupKey> = self.groups.keys().copied().collect();
-        for key in keys {
-            self.complete_by_device(&key, code);
+        for i in 0..self.slots.len() {
+            self.complete_at(i, code);
         }
     }
 
@@ -587,23 +726,65 @@ impl PageRequests {
         self.purged.pop_front()
     }
 
-    /// raised == outstanding + by_driver + by_device + by_kernel.
+    /// raised == outstanding + by_driver + by_device + by_kernel; the slab,
+    /// its free list and the cookie index agree. Scans the slab.
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
         let c = &self.counters;
         let ended = c.completed_by_driver + c.completed_by_device + c.completed_by_kernel;
-        if c.raised != self.groups.len() as u64 + ended {
+        if c.raised != self.len as u64 + ended {
             return Err(format!(
                 "page requests: raised {} != outstanding {} + completed {ended}",
-                c.raised,
-                self.groups.len()
+                c.raised, self.len
             ));
         }
-        if self.cookies.len() != self.groups.len() || self.groups.len() > self.max {
+        let held = self.slots.iter().filter(|s| s.held.is_some()).count();
+        if held != self.len
+            || self.cookies.len() != self.len
+            || self.len > self.max
+            || self.slots.len() > self.max
+            || self.slots.len() != self.len + self.free_len
+        {
             return Err(format!(
-                "page requests: {} groups, {} cookies, bound {}",
-                self.groups.len(),
+                "page requests: {held} groups held, {} counted, {} cookies, {} slots, {} free, \
+                 bound {}",
+                self.len,
                 self.cookies.len(),
+                self.slots.len(),
+                self.free_len,
                 self.max
+            ));
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if usize::try_from(u32::from(s.id) & self.mask).ok() != Some(i) {
+                return Err(format!("page requests: slot {i} gives id {}", s.id));
+            }
+            if let Some(h) = s.held {
+                let back = self.cookies.get(cookie_key(h.group.source, h.group.cookie));
+                if back.and_then(|b| usize::try_from(b).ok()) != Some(i) {
+                    return Err(format!(
+                        "page requests: slot {i}'s cookie {} of {:?} indexes {back:?}",
+                        h.group.cookie, h.group.source
+                    ));
+                }
+            }
+        }
+        // The free list: free slots only, each once, ending at the tail.
+        let (mut n, mut at, mut last) = (0, self.free_head, NO_SLOT);
+        while at != NO_SLOT && n <= self.slots.len() {
+            let Some(s) = usize::try_from(at).ok().and_then(|i| self.slots.get(i)) else {
+                return Err(format!("page requests: free list names slot {at}"));
+            };
+            if s.held.is_some() {
+                return Err(format!(
+                    "page requests: slot {at} is held and on the free list"
+                ));
+            }
+            (n, last, at) = (n + 1, at, s.next_free);
+        }
+        if n != self.free_len || last != self.free_tail {
+            return Err(format!(
+                "page requests: free list of {n} ending at {last}, {} counted ending at {}",
+                self.free_len, self.free_tail
             ));
         }
         Ok(())
@@ -719,10 +900,60 @@ mod tests {
         let c = p
             .raise(2, None, None, 5, SourceId::Virtual, 3, Instant::now())
             .unwrap();
-        assert_ne!(a, b);
-        assert_eq!(c, 0, "another endpoint has its own ids");
+        // Unique among all outstanding groups (so per endpoint and PASID).
+        assert!(a != b && b != c && a != c, "{a} {b} {c}");
         assert!(p.complete_cookie(SourceId::Virtual, 1, CODE_FAILURE));
         assert!(!p.complete_cookie(SourceId::Virtual, 1, CODE_FAILURE));
+        assert!(p.complete_cookie(SourceId::Virtual, 2, CODE_FAILURE));
+        assert!(p.complete_cookie(SourceId::Virtual, 3, CODE_FAILURE));
+        assert_eq!(p.check_invariants(), Ok(()));
+        // A completed group's id comes back, but only after the others:
+        // a late PAGE_RESP meets INVAL, not a newer group.
+        let mut raised = 0u32;
+        loop {
+            let id = p
+                .raise(1, None, None, 5, SourceId::Virtual, 10, Instant::now())
+                .unwrap();
+            raised += 1;
+            p.mark_delivered(&key(1, None, id));
+            assert_eq!(p.driver_response(1, None, id, CODE_SUCCESS), Ok(()));
+            if id == a {
+                break;
+            }
+            assert!(raised <= 1 << 16, "id {a} never reused");
+        }
+        assert!(raised > 65_000, "id {a} reused after {raised} groups");
+        assert_eq!(p.check_invariants(), Ok(()));
+    }
+
+    /// PAGE_RESP finds its group by the id's slot: an id of a free slot, of
+    /// a slot beyond the slab, of the slot's previous or next generation,
+    /// or with another endpoint or PASID, finds nothing.
+    #[test]
+    fn a_page_resp_names_exactly_one_outstanding_group() {
+        let mut p = PageRequests::new(3);
+        let a = p
+            .raise(1, Some(2), Some(2), 5, SourceId::Kernel, 7, Instant::now())
+            .unwrap();
+        p.mark_delivered(&key(1, Some(2), a));
+        let stride = 4u16;
+        for (ep, pasid, id) in [
+            (1, Some(2), a.wrapping_add(stride)),
+            (1, Some(2), a.wrapping_sub(stride)),
+            (1, Some(2), a + 1),
+            (1, Some(2), a + 3),
+            (1, None, a),
+            (1, Some(3), a),
+            (2, Some(2), a),
+            (1, Some(2), u16::MAX),
+        ] {
+            assert!(
+                p.driver_response(ep, pasid, id, CODE_SUCCESS).is_err(),
+                "{ep} {pasid:?} {id}"
+            );
+        }
+        assert_eq!(p.outstanding(), 1);
+        assert_eq!(p.driver_response(1, Some(2), a, CODE_SUCCESS), Ok(()));
         assert_eq!(p.check_invariants(), Ok(()));
     }
 

@@ -492,6 +492,21 @@ impl FaultRelay {
     /// again, and a burst costs one read(), not one more that finds the FD
     /// empty.
     pub fn source_readable<G: FaultSink>(&self, session: &Ranked<G>, source: SourceId) {
+        self.read_and_relay(session, source, |groups, buf| {
+            let mut kf = self.kernel_faults.lock();
+            Some(groups.read(kf.as_mut()?, buf))
+        });
+    }
+
+    /// `source_readable` with the kernel's read step given: read(2) on its
+    /// fault FD, or a unit test's stand-in (no socket or pipe answers
+    /// EINVAL for a group that does not fit, as the kernel's FD does).
+    fn read_and_relay<G: FaultSink>(
+        &self,
+        session: &Ranked<G>,
+        source: SourceId,
+        mut read_kernel: impl FnMut(&mut GroupReader, &mut [u8]) -> Option<io::Result<Batch>>,
+    ) {
         let mut reader = self.fault_reader.lock();
         let Reader {
             groups,
@@ -507,10 +522,12 @@ impl FaultRelay {
                         return;
                     }
                 },
-                SourceId::Kernel => match self.read_kernel_faults(session, groups, bytes, recs) {
-                    Some(n) => n,
-                    None => return,
-                },
+                SourceId::Kernel => {
+                    match self.read_kernel_faults(session, groups, bytes, recs, &mut read_kernel) {
+                        Some(n) => n,
+                        None => return,
+                    }
+                }
             };
             if n == 0 {
                 return;
@@ -536,12 +553,9 @@ impl FaultRelay {
         reader: &mut GroupReader,
         buf: &mut [u8],
         recs: &mut Vec<FaultRecord>,
+        read_kernel: &mut impl FnMut(&mut GroupReader, &mut [u8]) -> Option<io::Result<Batch>>,
     ) -> Option<usize> {
-        let read = {
-            let mut kf = self.kernel_faults.lock();
-            reader.read(kf.as_mut()?, buf)
-        };
-        match read {
+        match read_kernel(reader, buf)? {
             Ok(Batch::Small(n)) => Some(n),
             Ok(Batch::Empty) => None,
             Ok(Batch::Big(n)) => {
@@ -655,8 +669,9 @@ mod tests {
         events: File,
         /// The kernel's fault FD (a socket standing in for it), if any.
         faults: Option<File>,
-        /// Records `accept` was given.
+        /// Records `accept` was given, and their cookies in order.
         accepted: usize,
+        cookies: Vec<u32>,
     }
 
     impl FaultSink for Sink {
@@ -665,6 +680,7 @@ mod tests {
         }
         fn accept(&mut self, _: SourceId, recs: &[FaultRecord], _: &mut EventFifo, _: Instant) {
             self.accepted += recs.len();
+            self.cookies.extend(recs.iter().map(|r| r.cookie));
         }
         fn respond_kernel(&mut self, _: &[Response]) {}
         fn has_endpoint(&self, id: u32) -> bool {
@@ -707,6 +723,7 @@ mod tests {
                 events: File::from(OwnedFd::from(ours)),
                 faults: None,
                 accepted: 0,
+                cookies: Vec::new(),
             },
         );
         relay.watch(&*sink.lock());
@@ -830,6 +847,7 @@ mod tests {
                 events: File::from(OwnedFd::from(events)),
                 faults: Some(File::from(OwnedFd::from(ours))),
                 accepted: 0,
+                cookies: Vec::new(),
             },
         );
         relay.watch(&*sink.lock());
@@ -855,5 +873,98 @@ mod tests {
         let reads = reads_by_this_thread() - before - own;
         assert_eq!(sink.lock().accepted, 64);
         assert_eq!(reads, 1, "read() calls for a batch of 64 faults");
+    }
+
+    /// The kernel's fault FD as iommufd_fault_fops_read serves it (6.12,
+    /// 7.3): whole groups from the head of the queue while they fit; a
+    /// first group that does not fit stays queued and the read fails with
+    /// EINVAL; nothing queued: EAGAIN (O_NONBLOCK).
+    struct KernelLikeFd {
+        groups: std::collections::VecDeque<Vec<FaultRecord>>,
+        reads: usize,
+    }
+
+    impl io::Read for KernelLikeFd {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            if self.groups.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut done = 0;
+            while let Some(g) = self.groups.front() {
+                let len = g.len() * PGFAULT_LEN;
+                if len > buf.len() - done {
+                    if done == 0 {
+                        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                    }
+                    break;
+                }
+                for r in g {
+                    buf[done..done + PGFAULT_LEN].copy_from_slice(&r.encode());
+                    done += PGFAULT_LEN;
+                }
+                self.groups.pop_front();
+            }
+            Ok(done)
+        }
+    }
+
+    /// A read that fills the buffer, then a group too large for it (the
+    /// kernel's EINVAL, the reader's larger buffer), then nothing: every
+    /// record is relayed once. Until 80a5dff the loop relayed the small
+    /// buffer again after the large group, i.e. the previous read's groups
+    /// a second time (their cookies outstanding: FAILURE to the kernel
+    /// while the guest held them).
+    #[test]
+    fn a_group_too_large_for_the_buffer_does_not_relay_the_previous_read_again() {
+        let (events, _keep) = UnixStream::pair().unwrap();
+        let relay = FaultRelay::new(16).unwrap();
+        let sink = Ranked::new(
+            Rank::Session,
+            Sink {
+                pages: PageRequests::new(4),
+                endpoints: vec![5],
+                events: File::from(OwnedFd::from(events)),
+                faults: None,
+                accepted: 0,
+                cookies: Vec::new(),
+            },
+        );
+        let record = |cookie, last| FaultRecord {
+            flags: if last {
+                super::super::pages::PGFAULT_F_LAST_PAGE
+            } else {
+                0
+            },
+            dev_id: 5,
+            cookie,
+            ..FaultRecord::default()
+        };
+        // 128 groups of one record (a full read), then one of 200.
+        let mut groups: std::collections::VecDeque<Vec<FaultRecord>> =
+            (1..=128).map(|c| vec![record(c, true)]).collect();
+        groups.push_back((0..200).map(|i| record(1000, i == 199)).collect());
+        let mut fd = KernelLikeFd { groups, reads: 0 };
+        relay.read_and_relay(&sink, SourceId::Kernel, |groups, buf| {
+            Some(groups.read(&mut fd, buf))
+        });
+        let cookies = std::mem::take(&mut sink.lock().cookies);
+        let mut seen = std::collections::BTreeMap::<u32, usize>::new();
+        for c in &cookies {
+            *seen.entry(*c).or_default() += 1;
+        }
+        let twice: Vec<u32> = seen
+            .iter()
+            .filter(|(&c, &n)| if c == 1000 { n != 200 } else { n != 1 })
+            .map(|(&c, _)| c)
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "cookies relayed more or less than once: {twice:?}"
+        );
+        assert_eq!(cookies.len(), 128 + 200);
+        assert!(fd.groups.is_empty());
+        // The full read, EINVAL, the larger buffer's read, EAGAIN.
+        assert_eq!(fd.reads, 4);
     }
 }

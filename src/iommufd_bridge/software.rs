@@ -94,7 +94,7 @@ impl HostIommu for SoftwareIommu {
         each: &mut dyn FnMut(usize, Result<bool>),
     ) {
         match self.fault.as_mut() {
-            Some(f) => self.response_writes += write_page_responses(f, responses, each),
+            Some(f) => self.response_writes += write_page_responses(f, responses, each).writes,
             None => {
                 for i in 0..responses.len() {
                     each(i, Err(super::BridgeError::Unsupported("no fault queue")));

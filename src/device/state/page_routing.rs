@@ -8,7 +8,8 @@ use super::*;
 impl IommuState {
     /// Write the kernel's responses to the host's fault queue, up to 64 in
     /// one write. A group the kernel had completed itself (a detach raced
-    /// the record) counts as the kernel's.
+    /// the record) counts as the kernel's. (Called back only for responses
+    /// not taken.)
     pub(crate) fn respond_host_faults(&mut self, rs: &[Response]) {
         let mut pairs = [page_response(0, 0); 64];
         for chunk in rs.chunks(pairs.len()) {
@@ -78,11 +79,17 @@ impl IommuState {
 
     /// PAGE_RESP: the driver answers one outstanding group.
     pub fn page_resp(&mut self, req: &PageResp) -> Result<(), RequestError> {
-        if !self.endpoints.contains_key(&req.endpoint) {
-            return Err(RequestError::NoEndpoint(req.endpoint));
+        // A group outstanding names a live endpoint (hot-unplug forgets its
+        // groups): the endpoint map is asked only when none is.
+        if let Err(e) = self
+            .pages
+            .driver_response(req.endpoint, req.pasid, req.group, req.code)
+        {
+            if !self.endpoints.contains_key(&req.endpoint) {
+                return Err(RequestError::NoEndpoint(req.endpoint));
+            }
+            return Err(e.into());
         }
-        self.pages
-            .driver_response(req.endpoint, req.pasid, req.group, req.code)?;
         // Written with the others of this request pass at its end
         // (`FaultRelay::flush`: one write() per 64, or the io_uring),
         // before the used ring's interrupt and before any detach of the

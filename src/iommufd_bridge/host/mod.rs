@@ -534,7 +534,8 @@ impl<D: HostDevice> HostIommu for IommufdHost<D> {
     }
 
     fn page_response(&mut self, response: PageResponse) -> Result<bool> {
-        let mut out = Ok(false);
+        // Not called back: taken.
+        let mut out = Ok(true);
         self.page_responses(&[response], &mut |_, r| out = r);
         out
     }
