@@ -21,7 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, Level};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -86,6 +86,12 @@ pub enum Watched {
     /// The vIOMMU's vEVENTQ: `events_readable`.
     KernelEvents,
 }
+
+/// How long reads of the kernel's fault FD pause after one failed for a
+/// reason that may pass (its cookie allocation: ENOMEM, EBUSY): the FD is
+/// level-triggered, and retrying at once would spin the eventq worker while
+/// the condition lasts. At most 100 retries a second, logged rate-limited.
+pub(crate) const READ_PAUSE: Duration = Duration::from_millis(10);
 
 /// Registers an FD with the eventq worker's epoll (`true`), or removes it
 /// (`false`).
@@ -232,6 +238,7 @@ impl FaultRelay {
             self.drop_stale_events(&queue);
         }
         self.set_registrar(None);
+        self.timer.lock().cancel_pause();
     }
 
     /// After the guest's groups were completed and flushed, with the
@@ -583,8 +590,66 @@ impl FaultRelay {
                 None
             }
             Err(e) => {
-                limited!(Level::Warn, "Kernel fault FD: {e}");
+                self.pause_kernel_reads(&e);
                 None
+            }
+        }
+    }
+
+    /// A read of the kernel's fault FD failed (not "empty", not "too
+    /// large"): stop reading it for `READ_PAUSE` rather than be woken again
+    /// at once by the level-triggered FD, or stop for good. `timer_fired`
+    /// resumes. Takes the fault FD, registrar or ring, then timer locks.
+    fn pause_kernel_reads(&self, e: &io::Error) {
+        limited!(
+            Level::Warn,
+            "fault queue: read: {e}; reads paused for {} ms",
+            READ_PAUSE.as_millis()
+        );
+        let kf = self.kernel_faults.lock();
+        let Some(f) = kf.as_ref() else {
+            return;
+        };
+        // The ring's guard released before the registrar's is taken.
+        let in_ring = self
+            .ring
+            .lock()
+            .as_mut()
+            .map(|ring| ring.stop(SourceId::Kernel));
+        if in_ring.is_none() {
+            if let Some(reg) = self.registrar.lock().as_ref() {
+                if let Err(e) = reg(f.as_raw_fd(), Watched::KernelFaults, false) {
+                    limited!(Level::Warn, "fault queue: cannot pause its watch: {e}");
+                }
+            }
+        }
+        drop(kf);
+        let now = Instant::now();
+        self.timer.lock().pause(now, now + READ_PAUSE);
+    }
+
+    /// A pause of the kernel fault FD's reads ended: read it again. Takes
+    /// the fault FD, then the ring or the registrar lock.
+    fn resume_kernel_reads(&self) {
+        let kf = self.kernel_faults.lock();
+        let Some(f) = kf.as_ref() else {
+            return;
+        };
+        let fd = f.as_raw_fd();
+        // Posted by the eventq worker's next pass.
+        let in_ring = self
+            .ring
+            .lock()
+            .as_mut()
+            .map(|ring| ring.set_source(SourceId::Kernel, fd));
+        if in_ring.is_some() {
+            drop(kf);
+            self.kick();
+            return;
+        }
+        if let Some(reg) = self.registrar.lock().as_ref() {
+            if let Err(e) = reg(fd, Watched::KernelFaults, true) {
+                limited!(Level::Error, "fault queue: cannot poll it again: {e}");
             }
         }
     }
@@ -624,13 +689,18 @@ impl FaultRelay {
     /// The page-response timer fired: the device completes the groups the
     /// driver has not answered in time.
     pub fn timer_fired<G: FaultSink>(&self, session: &Ranked<G>) {
+        if self.timer.lock().pause_ended(Instant::now()) {
+            self.resume_kernel_reads();
+        }
         let mut s = session.lock();
         let mut timer = self.timer.lock();
         timer.fired();
+        let now = Instant::now();
         let Some(timeout) = s.pages().timeout() else {
+            // Armed again only for a pause that has not ended.
+            timer.rearm(now, None, Duration::ZERO);
             return;
         };
-        let now = Instant::now();
         let next = s.pages().expire(now);
         drop(timer);
         self.flush(&mut *s);
@@ -882,11 +952,17 @@ mod tests {
     struct KernelLikeFd {
         groups: std::collections::VecDeque<Vec<FaultRecord>>,
         reads: usize,
+        /// Errors the next reads return first (the kernel's cookie
+        /// allocation: ENOMEM, EBUSY).
+        errors: Vec<i32>,
     }
 
     impl io::Read for KernelLikeFd {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             self.reads += 1;
+            if let Some(e) = self.errors.pop() {
+                return Err(io::Error::from_raw_os_error(e));
+            }
             if self.groups.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -944,7 +1020,11 @@ mod tests {
         let mut groups: std::collections::VecDeque<Vec<FaultRecord>> =
             (1..=128).map(|c| vec![record(c, true)]).collect();
         groups.push_back((0..200).map(|i| record(1000, i == 199)).collect());
-        let mut fd = KernelLikeFd { groups, reads: 0 };
+        let mut fd = KernelLikeFd {
+            groups,
+            reads: 0,
+            errors: Vec::new(),
+        };
         relay.read_and_relay(&sink, SourceId::Kernel, |groups, buf| {
             Some(groups.read(&mut fd, buf))
         });
@@ -966,5 +1046,80 @@ mod tests {
         assert!(fd.groups.is_empty());
         // The full read, EINVAL, the larger buffer's read, EAGAIN.
         assert_eq!(fd.reads, 4);
+    }
+    /// A kernel read that fails for a reason that may pass (its cookie
+    /// allocation: ENOMEM) must not spin the eventq worker on the
+    /// level-triggered FD: the watch is removed, and restored by the timer
+    /// after `READ_PAUSE`, when the group is read and relayed. Before, the
+    /// error was logged and the FD left watched: woken again at once.
+    #[test]
+    fn a_failed_kernel_read_pauses_the_watch_and_the_timer_restores_it() {
+        let (events, _keep) = UnixStream::pair().unwrap();
+        let relay = FaultRelay::new(16).unwrap();
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        relay.set_registrar(Some(Box::new(move |fd, w, on| {
+            seen.lock().unwrap().push((fd, w, on));
+            Ok(())
+        })));
+        let (fault_fd, _peer) = UnixStream::pair().unwrap();
+        let raw = fault_fd.as_raw_fd();
+        *relay.kernel_faults.lock() = Some(File::from(OwnedFd::from(fault_fd)));
+        let sink = Ranked::new(
+            Rank::Session,
+            Sink {
+                pages: PageRequests::new(4),
+                endpoints: vec![5],
+                events: File::from(OwnedFd::from(events)),
+                faults: None,
+                accepted: 0,
+                cookies: Vec::new(),
+            },
+        );
+        let mut fd = KernelLikeFd {
+            groups: [vec![FaultRecord {
+                flags: super::super::pages::PGFAULT_F_LAST_PAGE,
+                dev_id: 5,
+                cookie: 7,
+                ..FaultRecord::default()
+            }]]
+            .into(),
+            reads: 0,
+            errors: vec![libc::ENOMEM],
+        };
+        let read = |relay: &FaultRelay, fd: &mut KernelLikeFd| {
+            relay.read_and_relay(&sink, SourceId::Kernel, |groups, buf| {
+                Some(groups.read(fd, buf))
+            })
+        };
+        read(&relay, &mut fd);
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [(raw, Watched::KernelFaults, false)],
+            "after ENOMEM the fault FD is no longer watched"
+        );
+        assert!(sink.lock().cookies.is_empty());
+        // Too early: the pause holds.
+        relay.timer_fired(&sink);
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            1,
+            "watched again before the pause ended"
+        );
+        std::thread::sleep(READ_PAUSE + Duration::from_millis(5));
+        relay.timer_fired(&sink);
+        assert_eq!(
+            calls.lock().unwrap()[1..],
+            [(raw, Watched::KernelFaults, true)],
+            "the timer restores the watch"
+        );
+        read(&relay, &mut fd);
+        assert_eq!(
+            sink.lock().cookies,
+            [7],
+            "the group is relayed after the pause"
+        );
+        // ENOMEM, then the group (a short read: nothing more to read).
+        assert_eq!(fd.reads, 2);
     }
 }

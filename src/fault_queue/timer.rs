@@ -9,6 +9,9 @@
 //! about eight times per timeout period however many groups come and go. A
 //! group therefore ends between `timeout` and `timeout * 9 / 8` after it
 //! was raised.
+//!
+//! It also ends a pause of the kernel fault FD's reads (`relay::READ_PAUSE`):
+//! it fires no later than the pause's end, whatever the groups need.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,6 +24,8 @@ pub struct PageTimer {
     fd: TimerFd,
     /// When it fires next (None: disarmed).
     armed: Option<Instant>,
+    /// Until when reads of the kernel's fault FD are paused (None: not).
+    pause_until: Option<Instant>,
 }
 
 impl PageTimer {
@@ -33,7 +38,11 @@ impl PageTimer {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(PageTimer { fd, armed: None })
+        Ok(PageTimer {
+            fd,
+            armed: None,
+            pause_until: None,
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -62,7 +71,37 @@ impl PageTimer {
         self.set(now, at);
     }
 
+    /// Pause the kernel fault FD's reads until `until`; the timer fires by
+    /// then.
+    pub fn pause(&mut self, now: Instant, until: Instant) {
+        self.pause_until = Some(until);
+        if self.armed.is_none_or(|a| a > until) {
+            self.set(now, Some(until));
+        }
+    }
+
+    /// Has a pause ended by `now`? True once per pause.
+    pub fn pause_ended(&mut self, now: Instant) -> bool {
+        match self.pause_until {
+            Some(until) if until <= now => {
+                self.pause_until = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The connection's fault FD is gone: no pause to end.
+    pub fn cancel_pause(&mut self) {
+        self.pause_until = None;
+    }
+
     fn set(&mut self, now: Instant, at: Option<Instant>) {
+        // A pending pause's end comes first.
+        let at = match (at, self.pause_until) {
+            (Some(a), Some(p)) => Some(a.min(p)),
+            (a, p) => a.or(p),
+        };
         if self.armed == at {
             return;
         }

@@ -122,6 +122,10 @@ impl FaultRelay {
                 // reader takes it (the cold path), then the ring reads on.
                 self.source_readable(session, SourceId::Kernel);
             }
+            Err(_) if d.source == SourceId::Kernel => {
+                // ENOMEM, EBUSY (the kernel's cookie allocation): may pass.
+                self.pause_kernel_reads(&io::Error::from_raw_os_error(-d.result));
+            }
             Err(_) => {
                 limited!(
                     Level::Error,
