@@ -93,10 +93,13 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// How long polling stays off after the host was seen crowded (more
-/// runnable threads than CPUs): long enough that a host that stays crowded
-/// costs one read of /proc/loadavg per 20 ms, short enough that polling is
-/// back soon after the load goes.
-pub const CROWDED_OFF: Duration = Duration::from_millis(20);
+/// runnable threads than CPUs): a host that stays crowded costs at most one
+/// read of /proc/loadavg per millisecond and never a spin (the window's
+/// first read cuts it). Longer cost the polling gain where the count is
+/// often crowded for an instant: 20 ms left a quiet guest tier's polled
+/// MAPs at 36.9 us against 34.5 unpolled (93% of windows cut), 1 ms at
+/// 15.9 (spec-notes/benchmarks.md).
+pub const CROWDED_OFF: Duration = Duration::from_millis(1);
 
 /// While a window polls, how often it reads the run queues again: a thread
 /// that became runnable meanwhile waits at most this long for the poller's
