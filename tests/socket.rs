@@ -1490,6 +1490,41 @@ fn adaptive_polling_opens_for_back_to_back_requests_and_closes_for_sporadic_ones
 /// its time to other threads, idle windows, or a window cut because the
 /// host had more runnable threads than CPUs. A loaded host gives any of
 /// them, and the tests about polling accept a back-off where it does.
+/// Two busy threads per host core, stopped and joined when dropped: a host
+/// with no free CPU for the polling tests.
+struct Hogs {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..2 * cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Hogs { stop, threads }
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn backoffs(s: &Value) -> u64 {
     [
         "requestq_poll_stalls",
@@ -1618,16 +1653,17 @@ fn a_ring_stopped_while_polling_is_left_alone() {
         );
     }
     // The window is open now: the worker polls for 300 ms after each request
-    // (and has finished its writes after the last one by the time we look).
+    // (unless it is cut meanwhile: a crowded host, a stall; it may then
+    // write the ring until the stop, which is its right).
     std::thread::sleep(Duration::from_millis(50));
+    let base = f.get_vring_base(0).unwrap();
+    // Stopped: from here on the ring is the frontend's alone.
     let q = f.requestq();
     let before = (
         q.device_used_idx().unwrap(),
         q.used_flags().unwrap(),
         q.avail_event().unwrap(),
     );
-    let base = f.get_vring_base(0).unwrap();
-    let q = f.requestq();
     // Posted after the stop, never kicked: a poller that ignored the stop
     // would serve it.
     let (r, w) = wire::map(1, 0x80_0000, 0x80_0fff, 0x80_0000, RW);
@@ -2068,25 +2104,12 @@ fn the_vhost_user_thread_is_narrowed_before_its_first_message() {
 /// mechanism is asserted (stalls counted, requests kicked), not a timing.
 #[test]
 fn polling_backs_off_when_the_host_is_contended() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use std::time::Instant;
     let b = backend(&["--poll-us", "5000"]);
     let mut f = connect(&b);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     f.requestq().set_spin(true);
-    let stop = Arc::new(AtomicBool::new(false));
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let hogs: Vec<_> = (0..2 * cores)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        })
-        .collect();
+    let hogs = Hogs::start();
     // A driver pausing 20 us between requests (well inside the window, but
     // long enough for the worker's pass to end, so the window opens and the
     // worker polls) until the worker is seen descheduled while polling. How
@@ -2127,10 +2150,7 @@ fn polling_backs_off_when_the_host_is_contended() {
         i += 1;
     }
     let kicks = f.requestq().stats().kicks - k0;
-    stop.store(true, Ordering::Relaxed);
-    for h in hogs {
-        h.join().unwrap();
-    }
+    drop(hogs);
     let s = control(&b).stats().unwrap();
     eprintln!(
         "contended polling: {stalls} stalls after {i} pairs, {kicks} of the next 40 requests kicked, \
@@ -2153,26 +2173,13 @@ fn polling_backs_off_when_the_host_is_contended() {
 /// takes a CPU from anyone; the requests are served by kicks.
 #[test]
 fn polling_stays_off_while_the_host_has_no_free_cpu() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let b = backend(&["--poll-us", "5000"]);
     let mut f = connect(&b);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     f.requestq().set_spin(true);
     let s = control(&b).stats().unwrap();
     assert_eq!(s["poll_gate"], "run-queues", "{s}");
-    let stop = Arc::new(AtomicBool::new(false));
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let hogs: Vec<_> = (0..2 * cores)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        })
-        .collect();
+    let hogs = Hogs::start();
     for i in 0..200u64 {
         let iova = 0x10_0000 + i * 0x1000;
         assert_eq!(
@@ -2181,10 +2188,7 @@ fn polling_stays_off_while_the_host_has_no_free_cpu() {
         );
         assert_eq!(status(&mut f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
     }
-    stop.store(true, Ordering::Relaxed);
-    for h in hogs {
-        h.join().unwrap();
-    }
+    drop(hogs);
     let s = control(&b).stats().unwrap();
     let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k}: {s}"));
     eprintln!(

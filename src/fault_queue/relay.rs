@@ -744,6 +744,24 @@ mod tests {
         cookies: Vec<u32>,
     }
 
+    impl Sink {
+        /// A guest with `endpoints`, its vEVENTQ `events` and fault FD
+        /// `faults` (sockets standing in for them).
+        fn new(endpoints: &[u32], events: UnixStream, faults: Option<UnixStream>) -> Ranked<Sink> {
+            Ranked::new(
+                Rank::Session,
+                Sink {
+                    pages: PageRequests::new(4),
+                    endpoints: endpoints.to_vec(),
+                    events: File::from(OwnedFd::from(events)),
+                    faults: faults.map(|f| File::from(OwnedFd::from(f))),
+                    accepted: 0,
+                    cookies: Vec::new(),
+                },
+            )
+        }
+    }
+
     impl FaultSink for Sink {
         fn pages(&mut self) -> &mut PageRequests {
             &mut self.pages
@@ -785,17 +803,7 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let relay = FaultRelay::new(16).unwrap();
         relay.set_registrar(Some(Box::new(|_, _, _| Ok(()))));
-        let sink = Ranked::new(
-            Rank::Session,
-            Sink {
-                pages: PageRequests::new(4),
-                endpoints: vec![5, 6],
-                events: File::from(OwnedFd::from(ours)),
-                faults: None,
-                accepted: 0,
-                cookies: Vec::new(),
-            },
-        );
+        let sink = Sink::new(&[5, 6], ours, None);
         relay.watch(&*sink.lock());
         (relay, sink, theirs)
     }
@@ -909,17 +917,7 @@ mod tests {
         events.set_nonblocking(true).unwrap();
         let relay = FaultRelay::new(16).unwrap();
         relay.set_registrar(Some(Box::new(|_, _, _| Ok(()))));
-        let sink = Ranked::new(
-            Rank::Session,
-            Sink {
-                pages: PageRequests::new(4),
-                endpoints: vec![5],
-                events: File::from(OwnedFd::from(events)),
-                faults: Some(File::from(OwnedFd::from(ours))),
-                accepted: 0,
-                cookies: Vec::new(),
-            },
-        );
+        let sink = Sink::new(&[5], events, Some(ours));
         relay.watch(&*sink.lock());
         let mut b = Vec::new();
         for cookie in 0..64u32 {
@@ -995,17 +993,7 @@ mod tests {
     fn a_group_too_large_for_the_buffer_does_not_relay_the_previous_read_again() {
         let (events, _keep) = UnixStream::pair().unwrap();
         let relay = FaultRelay::new(16).unwrap();
-        let sink = Ranked::new(
-            Rank::Session,
-            Sink {
-                pages: PageRequests::new(4),
-                endpoints: vec![5],
-                events: File::from(OwnedFd::from(events)),
-                faults: None,
-                accepted: 0,
-                cookies: Vec::new(),
-            },
-        );
+        let sink = Sink::new(&[5], events, None);
         let record = |cookie, last| FaultRecord {
             flags: if last {
                 super::super::pages::PGFAULT_F_LAST_PAGE
@@ -1065,17 +1053,7 @@ mod tests {
         let (fault_fd, _peer) = UnixStream::pair().unwrap();
         let raw = fault_fd.as_raw_fd();
         *relay.kernel_faults.lock() = Some(File::from(OwnedFd::from(fault_fd)));
-        let sink = Ranked::new(
-            Rank::Session,
-            Sink {
-                pages: PageRequests::new(4),
-                endpoints: vec![5],
-                events: File::from(OwnedFd::from(events)),
-                faults: None,
-                accepted: 0,
-                cookies: Vec::new(),
-            },
-        );
+        let sink = Sink::new(&[5], events, None);
         let mut fd = KernelLikeFd {
             groups: [vec![FaultRecord {
                 flags: super::super::pages::PGFAULT_F_LAST_PAGE,
