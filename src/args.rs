@@ -44,6 +44,8 @@ pub enum ArgsError {
     EmptyPageSizeMask,
     #[error("--{0} must be at least 1")]
     ZeroBound(&'static str),
+    #[error("--max-page-requests {0}: at most 65536 (a group's id is 16 bits)")]
+    TooManyPageRequests(usize),
     #[error("one of --socket-path or --socket-fd is required")]
     NoSocket,
     #[error("--control-group {0:?}: no such group")]
@@ -244,7 +246,8 @@ pub struct Args {
     pub poll_ignore_load: bool,
 
     /// Most page-request groups outstanding (delivered to the driver or
-    /// waiting for an eventq buffer); beyond: completed with FAILURE.
+    /// waiting for an eventq buffer; at most 65536, a group's id being 16
+    /// bits); beyond: completed with FAILURE.
     #[arg(long, default_value_t = 512)]
     pub max_page_requests: usize,
 
@@ -665,6 +668,11 @@ impl Args {
                 return Err(ArgsError::ZeroBound(name));
             }
         }
+        // One 16-bit id per outstanding group (fault_queue::pages): a larger
+        // bound could not be met, and is refused rather than cut silently.
+        if self.max_page_requests > 1 << 16 {
+            return Err(ArgsError::TooManyPageRequests(self.max_page_requests));
+        }
         let (at, pr) = (
             parse_feature_bit(&self.attach_table_bit)?,
             parse_feature_bit(&self.page_request_bit)?,
@@ -798,6 +806,12 @@ mod tests {
         assert_eq!(
             with(&["--max-endpoints", "0"]).unwrap_err(),
             ArgsError::ZeroBound("max-endpoints")
+        );
+        // Group ids are 16 bits, one per outstanding group.
+        assert!(with(&["--max-page-requests", "65536"]).is_ok());
+        assert_eq!(
+            with(&["--max-page-requests", "65537"]).unwrap_err(),
+            ArgsError::TooManyPageRequests(65537)
         );
     }
 
