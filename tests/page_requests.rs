@@ -542,19 +542,24 @@ fn auto_fault_io_falls_back_to_epoll_where_io_uring_is_refused() {
     );
 }
 
+/// The `--fault-io` modes this host can run, as (name, through the ring);
+/// io-uring says SKIPPED, loudly, where the host makes no io_uring.
+fn fault_io_modes() -> Vec<(&'static str, bool)> {
+    let mut modes = vec![("epoll", false)];
+    match support::process::io_uring_unavailable() {
+        None => modes.push(("io-uring", true)),
+        Some(why) => eprintln!("!! io-uring mode SKIPPED: this host makes no io_uring ({why})"),
+    }
+    modes
+}
+
 /// `--fault-io`: the mode in force is printed at start-up and in `stats`;
 /// with the ring, page requests are read through it (posted reads) in
 /// every connection, whoever posted the read (an earlier connection's
 /// eventq worker, gone now, or this one's).
 #[test]
 fn both_fault_io_modes_relay_every_page_request_once_across_connections() {
-    for (mode, ring) in [("epoll", false), ("io-uring", true)] {
-        if ring {
-            if let Some(why) = support::process::io_uring_unavailable() {
-                eprintln!("!! io-uring mode SKIPPED: this host makes no io_uring ({why})");
-                continue;
-            }
-        }
+    for (mode, ring) in fault_io_modes() {
         let b = backend(&["--fault-io", mode]);
         for round in 0..2u64 {
             let mut g = Guest::new(&b);
@@ -605,13 +610,7 @@ fn both_fault_io_modes_relay_every_page_request_once_across_connections() {
 #[test]
 fn the_test_fault_socket_is_served_like_the_kernels_fault_fd() {
     use support::fault_socket::{Answer, FaultSocketListener, PageFault};
-    for (mode, ring) in [("epoll", false), ("io-uring", true)] {
-        if ring {
-            if let Some(why) = support::process::io_uring_unavailable() {
-                eprintln!("!! io-uring mode SKIPPED: this host makes no io_uring ({why})");
-                continue;
-            }
-        }
+    for (mode, ring) in fault_io_modes() {
         let l = FaultSocketListener::new().unwrap();
         let [opt, path] = l.args();
         let b = backend(&[opt.as_str(), path.as_str(), "--fault-io", mode]);

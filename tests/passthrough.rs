@@ -461,10 +461,9 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
     use support::edu::{all, note, page_with, pattern, KernelLog, BUF_SIZE, XFER};
-    use support::wire::{self, S_OK};
+    use support::wire;
 
     const EP: u32 = 0x20;
-    const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
     /// Guest pages (the frontend's memfd) before the DMA.
     const FILL: u8 = 0x5a;
     /// The stand-in's RAM (QEMU's guest RAM, IOVA = GPA in its IOAS).
@@ -602,24 +601,9 @@ fn readme_launcher_dma_follows_our_tables_before_and_after_a_reset() {
     let mem = std::sync::Arc::new(support::GuestMem::with_regions(&[(0, RAM)]).unwrap());
     let mut f =
         support::Frontend::connect(&socket, mem, Default::default()).expect("frontend connects");
-    fn ok<R: AsRef<[u8]>>(f: &mut support::Frontend, req: (R, u32), what: &str) {
-        assert_eq!(f.request_status(&req).expect("answered"), S_OK, "{what}");
-    }
-    ok(&mut f, wire::attach(1, EP, 0, 0), "ATTACH");
-    let base = f.mem.alloc(5 * 0x1000, 0x1000).unwrap();
-    f.mem.fill(base, 5 * 0x1000, FILL).unwrap();
-    let p: Vec<u64> = (0..5).map(|i| base + i * 0x1000).collect();
+    let ok = support::edu::request_ok;
+    let p = support::edu::attach_and_map_two(&mut f, EP, IOVA_A, IOVA_B, FILL);
     let page = |f: &support::Frontend, gpa: u64| f.mem.read_vec(gpa, BUF_SIZE).unwrap();
-    ok(
-        &mut f,
-        wire::map(1, IOVA_A, IOVA_A + 0xfff, p[0], RW),
-        "MAP A",
-    );
-    ok(
-        &mut f,
-        wire::map(1, IOVA_B, IOVA_B + 0xfff, p[1], RW),
-        "MAP B",
-    );
     let copy = |ask: &mut dyn FnMut(&str) -> String| {
         for cmd in [
             format!("read {IOVA_A:#x} 0 {XFER}"),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::edu::{all, note, page_with, pattern, EduDevice, KernelLog, BUF_SIZE, XFER};
-use support::wire::{self, S_OK};
+use support::wire;
 
 /// A QMP connection: commands one at a time, events kept as they come.
 struct Qmp {
@@ -336,7 +336,6 @@ fn system_reset(qmp: &mut Qmp, launched: &Launched) {
 #[test]
 #[ignore = "needs QEMU 11 and an edu with a reset: run by tests/vm/kernel-tier.sh's nested boot"]
 fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
-    const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
     const FILL: u8 = 0x5a;
     const QFILL: u8 = 0xa5;
     const RAM: usize = 64 << 20;
@@ -429,24 +428,9 @@ fn readme_launcher_with_qemu11_dma_follows_our_tables_across_system_reset() {
     let mem = Arc::new(support::GuestMem::with_regions(&[(0, 16 << 20)]).unwrap());
     let mut f =
         support::Frontend::connect(&socket, mem, Default::default()).expect("frontend connects");
-    fn ok<R: AsRef<[u8]>>(f: &mut support::Frontend, req: (R, u32), what: &str) {
-        assert_eq!(f.request_status(&req).expect("answered"), S_OK, "{what}");
-    }
-    ok(&mut f, wire::attach(1, EP, 0, 0), "ATTACH");
-    let base = f.mem.alloc(5 * 0x1000, 0x1000).unwrap();
-    f.mem.fill(base, 5 * 0x1000, FILL).unwrap();
-    let p: Vec<u64> = (0..5).map(|i| base + i * 0x1000).collect();
+    let ok = support::edu::request_ok;
+    let p = support::edu::attach_and_map_two(&mut f, EP, IOVA_A, IOVA_B, FILL);
     let page = |f: &support::Frontend, gpa: u64| f.mem.read_vec(gpa, BUF_SIZE).unwrap();
-    ok(
-        &mut f,
-        wire::map(1, IOVA_A, IOVA_A + 0xfff, p[0], RW),
-        "MAP A",
-    );
-    ok(
-        &mut f,
-        wire::map(1, IOVA_B, IOVA_B + 0xfff, p[1], RW),
-        "MAP B",
-    );
 
     // The guest's driver of the edu: QEMU's own open cdev (fd 4 from the
     // launcher), BAR0 mapped, bus mastering on.

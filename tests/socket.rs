@@ -1537,6 +1537,16 @@ fn backoffs(s: &Value) -> u64 {
     .sum()
 }
 
+/// `n` MAP+UNMAP pairs in domain 1, each request sent as soon as the last
+/// was answered.
+fn back_to_back_pairs(f: &mut Frontend, n: u64) {
+    for i in 0..n {
+        let iova = 0x10_0000 + i * 0x1000;
+        assert_eq!(status(f, wire::map(1, iova, iova + 0xfff, iova, RW)), S_OK);
+        assert_eq!(status(f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
+    }
+}
+
 /// The control socket's `poll` op turns polling on and off at run time, as
 /// `--poll-us` would have: back-to-back requests are served by polling
 /// after it (unless the host is contended: then a stall shows the window
@@ -1547,13 +1557,7 @@ fn the_control_socket_turns_polling_on_and_off() {
     let mut f = connect(&b);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     f.requestq().set_spin(true);
-    let pairs = |f: &mut Frontend| {
-        for i in 0..200 {
-            let iova = 0x10_0000 + i * 0x1000;
-            assert_eq!(status(f, wire::map(1, iova, iova + 0xfff, iova, RW)), S_OK);
-            assert_eq!(status(f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
-        }
-    };
+    let pairs = |f: &mut Frontend| back_to_back_pairs(f, 200);
     let polled = |s: &serde_json::Value| s["requestq_served_by_polling"].as_u64().unwrap();
     pairs(&mut f);
     let s = control(&b).stats().unwrap();
@@ -1597,13 +1601,7 @@ fn turning_polling_off_ends_an_open_window() {
     let mut f = connect(&b);
     assert_eq!(status(&mut f, wire::attach(1, EP, 0, 0)), S_OK);
     f.requestq().set_spin(true);
-    let pairs = |f: &mut Frontend| {
-        for i in 0..100 {
-            let iova = 0x10_0000 + i * 0x1000;
-            assert_eq!(status(f, wire::map(1, iova, iova + 0xfff, iova, RW)), S_OK);
-            assert_eq!(status(f, wire::unmap(1, iova, iova + 0xfff)), S_OK);
-        }
-    };
+    let pairs = |f: &mut Frontend| back_to_back_pairs(f, 100);
     // Until a window serves most of 200 requests (a loaded host has the
     // worker descheduled, and polling backs off for a while: try again).
     let mut polling_kicks = u64::MAX;

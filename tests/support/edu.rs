@@ -357,6 +357,38 @@ impl DmaRig {
     }
 }
 
+/// Send `req` through `f` and assert that it is answered OK (`what`
+/// names it in the failure).
+pub fn request_ok<R: AsRef<[u8]>>(f: &mut Frontend, req: (R, u32), what: &str) {
+    assert_eq!(
+        f.request_status(&req).expect("answered"),
+        super::wire::S_OK,
+        "{what}"
+    );
+}
+
+/// The handover tests' start (tests/passthrough.rs, passthrough_qemu.rs):
+/// endpoint `ep` attached to domain 1, five guest pages allocated and
+/// filled with `fill`, the first mapped read-write at `iova_a` and the
+/// second at `iova_b`. Returns the five pages' guest addresses.
+pub fn attach_and_map_two(
+    f: &mut Frontend,
+    ep: u32,
+    iova_a: u64,
+    iova_b: u64,
+    fill: u8,
+) -> Vec<u64> {
+    use super::wire;
+    const RW: u32 = wire::MAP_F_READ | wire::MAP_F_WRITE;
+    request_ok(f, wire::attach(1, ep, 0, 0), "ATTACH");
+    let base = f.mem.alloc(5 * 0x1000, 0x1000).unwrap();
+    f.mem.fill(base, 5 * 0x1000, fill).unwrap();
+    let p: Vec<u64> = (0..5).map(|i| base + i * 0x1000).collect();
+    request_ok(f, wire::map(1, iova_a, iova_a + 0xfff, p[0], RW), "MAP A");
+    request_ok(f, wire::map(1, iova_b, iova_b + 0xfff, p[1], RW), "MAP B");
+    p
+}
+
 /// 4 KiB that no other seed and no fill byte produces.
 pub fn pattern(seed: u8) -> Vec<u8> {
     (0..BUF_SIZE)

@@ -112,21 +112,26 @@ fn fault_io_from_env(args: &mut Vec<String>) {
     }
 }
 
+/// `--socket-path DIR/vhost.sock --control-socket DIR/control.sock`, then
+/// `extra`.
+fn socket_args(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--socket-path".into(),
+        dir.join("vhost.sock").display().to_string(),
+        "--control-socket".into(),
+        dir.join("control.sock").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 impl BackendProcess {
     /// Start the binary with `--socket-path DIR/vhost.sock --control-socket
     /// DIR/control.sock` followed by `extra` (`{dir}` in an argument is
     /// replaced by the temp dir), and wait for the vhost-user socket.
     pub fn spawn(extra: &[&str]) -> Result<Self> {
         let dir = fresh_temp_dir("backend")?;
-        let socket = dir.join("vhost.sock");
-        let control = dir.join("control.sock");
-        let mut args: Vec<String> = vec![
-            "--socket-path".into(),
-            socket.display().to_string(),
-            "--control-socket".into(),
-            control.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut args = socket_args(&dir, extra);
         fault_io_from_env(&mut args);
         let mut p = Self::spawn_in(dir, &args, false)?;
         p.wait_for_socket(Duration::from_secs(10))?;
@@ -137,13 +142,7 @@ impl BackendProcess {
     /// `RUST_LOG`, whatever the test runs with): what an operator sees.
     pub fn spawn_default_log(extra: &[&str]) -> Result<Self> {
         let dir = fresh_temp_dir("backend")?;
-        let mut args: Vec<String> = vec![
-            "--socket-path".into(),
-            dir.join("vhost.sock").display().to_string(),
-            "--control-socket".into(),
-            dir.join("control.sock").display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut args = socket_args(&dir, extra);
         fault_io_from_env(&mut args);
         let mut p = Self::spawn_in(dir, &args, true)?;
         p.wait_for_socket(Duration::from_secs(10))?;
@@ -183,13 +182,7 @@ impl BackendProcess {
     /// under it).
     pub fn spawn_denying(extra: &[&str], denied: &[i64]) -> Result<Self> {
         let dir = fresh_temp_dir("backend")?;
-        let mut args: Vec<String> = vec![
-            "--socket-path".into(),
-            dir.join("vhost.sock").display().to_string(),
-            "--control-socket".into(),
-            dir.join("control.sock").display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = socket_args(&dir, extra);
         let filter = deny_filter(denied)?;
         let mut p = Self::spawn_filtered(&binary(), dir, &args, false, Some(filter))?;
         p.wait_for_socket(Duration::from_secs(10))?;
