@@ -53,7 +53,7 @@ impl IommuBackend {
         let mut popped: [Option<DescriptorChain<&CachedMemory>>; POP_AHEAD] =
             std::array::from_fn(|_| None);
         let (mut next, mut end) = (0, 0);
-        let mut used_ring = UsedWriter::new(vr.get_queue());
+        let mut used_ring = UsedWriter::new(vr.get_queue(), &view);
         let result = (|| -> Result<(), virtio_queue::Error> {
             let mut popped_since_enable = true;
             // The avail ring is checked once per pass and again after it

@@ -338,7 +338,7 @@ impl IommuBackend {
         // Used entries written straight into the ring, the index stored
         // once per batch popped (virtio-queue's `add_used` writes through
         // the generic path and stores the index for every entry).
-        let mut used_ring = UsedWriter::new(vr.get_queue());
+        let mut used_ring = UsedWriter::new(vr.get_queue(), &view);
         let result = (|| -> Result<(), virtio_queue::Error> {
             loop {
                 vr.get_queue_mut().disable_notification(&view)?;
@@ -483,7 +483,7 @@ type Deferred<M> = Vec<DeferredInvalidate<M>>;
 fn flush_invalidates<M>(
     s: &mut Session,
     deferred: &mut Deferred<M>,
-    used_ring: &mut UsedWriter,
+    used_ring: &mut UsedWriter<'_>,
     q: &Queue,
     mem: &CachedMemory<'_>,
 ) -> Result<(), virtio_queue::Error>
@@ -501,7 +501,7 @@ where
 fn flush_deferred<M>(
     s: &mut Session,
     deferred: &mut Deferred<M>,
-    used_ring: &mut UsedWriter,
+    used_ring: &mut UsedWriter<'_>,
     q: &Queue,
     mem: &CachedMemory<'_>,
 ) -> Result<(), virtio_queue::Error>
