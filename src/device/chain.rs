@@ -9,7 +9,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
 use crate::device::error::ChainError;
-use crate::device::mem_view::OneRegion;
+use crate::device::mem_view::{copy_in, copy_out, OneRegion};
 use crate::wire::MAX_READABLE;
 
 /// Writable buffers remembered by `gather`, so that the reply is written
@@ -183,7 +183,7 @@ fn writable_range<G: OneRegion + ?Sized>(mem: &G, addr: GuestAddress, len: usize
 /// Copy guest memory at `addr` into `buf`.
 fn read_at<G: OneRegion + ?Sized>(mem: &G, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ()> {
     if let Some(slice) = mem.slice_in_one_region(addr, buf.len()) {
-        slice.copy_to(buf);
+        copy_out(&slice, buf);
         return Ok(());
     }
     mem.read_slice(buf, addr).map_err(|_| ())
@@ -195,7 +195,7 @@ fn write_at<G: OneRegion + ?Sized>(
     data: &[u8],
 ) -> Result<(), ChainError> {
     if let Some(slice) = mem.slice_in_one_region(addr, data.len()) {
-        slice.copy_from(data);
+        copy_in(&slice, data);
         return Ok(());
     }
     mem.write_slice(data, addr)
