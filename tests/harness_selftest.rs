@@ -708,6 +708,53 @@ fn control_client_roundtrip() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The cost benches tell a backend thread's role from the functions it
+/// ran. A control client's `serve_client` is inlined into its thread's
+/// closure in release builds (only what it calls shows): such a thread was
+/// counted as `other`, and the request cost, which leaves the control
+/// clients (the marks' and the idle checks' queries) out, counted it.
+#[test]
+fn cost_roles_from_what_a_thread_ran() {
+    use support::cost::{Profile, Role};
+    let ran = |fns: &[&str]| Profile {
+        by_fn: fns.iter().map(|f| ((*f).to_string(), 1)).collect(),
+        total: fns.len() as u64,
+    };
+    let backend = "<vhost_device_iommu::device::backend::IommuBackend as \
+                   vhost_user_backend::backend::VhostUserBackend>::handle_event";
+    let reqq = "vhost_device_iommu::device::backend::requestq::serve_requestq";
+    let cases = [
+        (ran(&[backend, reqq]), Role::RequestQueue),
+        (
+            ran(&[
+                backend,
+                "vhost_device_iommu::fault_queue::relay::FaultRelay::relay",
+            ]),
+            Role::EventQueue,
+        ),
+        (
+            ran(&["vhost_device_iommu::control::serve_client"]),
+            Role::ControlClient,
+        ),
+        // serve_client inlined: what it called names the thread.
+        (
+            ran(&[
+                "std::sys::backtrace::__rust_begin_short_backtrace",
+                "vhost_device_iommu::control::ops::stats",
+            ]),
+            Role::ControlClient,
+        ),
+        (
+            ran(&["<vhost_device_iommu::control::Deadlined as std::io::Read>::read"]),
+            Role::ControlClient,
+        ),
+        (ran(&["vhost_device_iommu::server::run"]), Role::Other),
+    ];
+    for (p, want) in cases {
+        assert_eq!(p.role(), want, "{:?}", p.by_fn.keys().collect::<Vec<_>>());
+    }
+}
+
 #[test]
 fn proc_helpers() {
     let pid = std::process::id();

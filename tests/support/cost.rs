@@ -326,16 +326,26 @@ impl Profile {
         self.by_fn.keys().any(|f| f.contains(pat))
     }
 
-    /// The thread's role, from what it ran.
-    fn role(&self) -> Role {
-        if self.ran("control::serve_client") {
-            Role::ControlClient
-        } else if self.ran("VhostUserBackend>::handle_event") {
+    /// The thread's role, from what it ran (a queue worker first: only
+    /// they run `handle_event`). A control client's `serve_client` may be
+    /// inlined into its thread's closure: what it calls (`control::ops::`,
+    /// the `Deadlined` stream) names it then.
+    pub fn role(&self) -> Role {
+        if self.ran("VhostUserBackend>::handle_event") {
             if self.ran("backend::requestq::") {
                 Role::RequestQueue
             } else {
                 Role::EventQueue
             }
+        } else if [
+            "control::serve_client",
+            "control::ops::",
+            "control::Deadlined",
+        ]
+        .iter()
+        .any(|f| self.ran(f))
+        {
+            Role::ControlClient
         } else {
             Role::Other
         }
