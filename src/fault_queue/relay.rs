@@ -1100,4 +1100,73 @@ mod tests {
         // ENOMEM, then the group (a short read: nothing more to read).
         assert_eq!(fd.reads, 2);
     }
+
+    /// The same pause on the io_uring path: a kernel read completing with
+    /// ENOMEM stops the ring's reads of the fault FD (a group written
+    /// meanwhile stays unread through the worker's passes), the timer
+    /// posts them again after `READ_PAUSE`, and the group is relayed.
+    /// Before the pause the ring stopped reading the FD for good.
+    #[test]
+    fn a_failed_kernel_read_through_the_ring_pauses_it_and_the_timer_restores_it() {
+        let (events, _keep) = UnixStream::pair().unwrap();
+        let relay = FaultRelay::new(16).unwrap();
+        if let Err(e) = relay.set_fault_io(FaultIo::IoUring) {
+            eprintln!("SKIPPED: no io_uring here: {e}");
+            return;
+        }
+        let (fault_fd, mut kernel) = UnixStream::pair().unwrap();
+        let raw = fault_fd.as_raw_fd();
+        uring::set_nonblocking(raw).unwrap();
+        *relay.kernel_faults.lock() = Some(File::from(OwnedFd::from(fault_fd)));
+        relay
+            .ring
+            .lock()
+            .as_mut()
+            .unwrap()
+            .set_source(SourceId::Kernel, raw);
+        let sink = Sink::new(&[5], events, None);
+        // The read the kernel failed (its cookie allocation), as the ring
+        // hands it over.
+        let paused = Instant::now();
+        relay.relay_ring_read(
+            &sink,
+            &ReadDone {
+                source: SourceId::Kernel,
+                result: -libc::ENOMEM,
+                buf: vec![0; PGFAULT_LEN].into_boxed_slice(),
+            },
+        );
+        let rec = FaultRecord {
+            flags: super::super::pages::PGFAULT_F_LAST_PAGE,
+            dev_id: 5,
+            cookie: 7,
+            ..FaultRecord::default()
+        };
+        kernel.write_all(&rec.encode()).unwrap();
+        // Too early: the pause holds (unless this thread was held up past
+        // it; only the timer resumes, so the passes below are checked in
+        // any case).
+        if paused.elapsed() < READ_PAUSE / 2 {
+            relay.timer_fired(&sink);
+        }
+        // The eventq worker's passes during the pause read nothing.
+        for _ in 0..3 {
+            relay.ring_ready(&sink);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(sink.lock().cookies.is_empty(), "read during the pause");
+        std::thread::sleep(READ_PAUSE + Duration::from_millis(5));
+        relay.timer_fired(&sink);
+        // The next passes post the read; it completes with the group.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.lock().cookies.is_empty() && Instant::now() < deadline {
+            relay.ring_ready(&sink);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            sink.lock().cookies,
+            [7],
+            "the group is relayed after the pause"
+        );
+    }
 }
