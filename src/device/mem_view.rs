@@ -133,13 +133,13 @@ impl<'a> GuestMemory for CachedMemory<'a> {
     }
 }
 
-// VolatileSlice's `copy_to` and `copy_from` spend ~30 instructions around
-// a copy of a few dozen bytes (an out-of-line call; sizes up to 8 copied a
-// unit at a time by alignment), a fifth of what a request or a relayed
-// fault copies costs (spec-notes/benchmarks.md). The device copies a
+// VolatileSlice's `copy_to` and `copy_from` add ~30 instructions to each
+// copy (an out-of-line call; up to 8 bytes, a unit at a time by
+// alignment): ~16 per request, ~30 per relayed fault
+// (spec-notes/benchmarks.md, "Cuts, fifth round"). The device copies a
 // request out once and decodes its own copy, and the driver reads a reply
-// only after the used index, so neither needs more than one plain copy,
-// which is what vm-memory itself does for more than 8 bytes.
+// only after the used index, so one plain copy is enough: what vm-memory
+// itself does for more than 8 bytes.
 
 /// Copy the start of `slice` into `buf` (as many bytes as both have).
 pub(crate) fn copy_out(slice: &VolatileSlice<'_>, buf: &mut [u8]) -> usize {

@@ -161,7 +161,7 @@ impl<'m> UsedWriter<'m> {
 
     /// Show the driver the entries added so far (the used index, Release:
     /// after them).
-    pub(super) fn flush<M: OneRegion>(
+    pub(super) fn flush<M: vm_memory::GuestMemory>(
         &mut self,
         q: &mut Queue,
         mem: &M,
@@ -180,7 +180,7 @@ impl<'m> UsedWriter<'m> {
 
     /// Publish the pass's entries and say whether the driver asked to be
     /// interrupted.
-    pub(super) fn publish<M: OneRegion>(
+    pub(super) fn publish<M: vm_memory::GuestMemory>(
         &mut self,
         q: &mut Queue,
         mem: &M,
